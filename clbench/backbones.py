@@ -1,0 +1,161 @@
+"""timm ViT backbones, pretrained-weight resolution, per-task linear heads and on-device preprocessing."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from clbench.errors import ClbenchError
+
+# Tiny ViTs for CPU suites and tests: real timm VisionTransformer instances, small enough for 2 cores.
+TINY = {
+    "vit_tiny_clbench": dict(patch_size=4, embed_dim=64, depth=4, num_heads=4, mlp_ratio=2.0),
+    "vit_micro_clbench": dict(patch_size=4, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0),
+}
+
+
+class CLModel(nn.Module):
+    """A backbone returning pooled features plus one linear head per task.
+
+    ``forward(x)`` returns the concatenated logits of every head (class-incremental prediction);
+    ``forward(x, head=t)`` returns task t's logits only (training loss, task-incremental prediction).
+    ``preprocess`` turns a raw batch (uint8 or float in [0, 1], N x C x H x W) into the backbone's input on
+    the batch's device: resize, channel repeat, normalisation.
+    """
+
+    def __init__(self, backbone: nn.Module, image_size: int, in_chans: int, mean, std) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.heads = nn.ModuleList()
+        self.image_size, self.in_chans = image_size, in_chans
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+
+    @property
+    def feature_dim(self) -> int:
+        return self.backbone.num_features
+
+    def add_head(self, num_classes: int) -> nn.Linear:
+        head = nn.Linear(self.feature_dim, num_classes).to(self.mean.device)
+        self.heads.append(head)
+        return head
+
+    def preprocess(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float()
+        if x.dtype != torch.uint8 and x.max() > 1.5:  # uint8 values already cast above
+            x = x / 255.0
+        if x.shape[1] != self.in_chans:
+            if x.shape[1] == 1:
+                x = x.expand(-1, self.in_chans, -1, -1)
+            elif self.in_chans == 1:
+                x = x.mean(1, keepdim=True)
+        if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
+            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", antialias=True,
+                              align_corners=False)
+        return (x - self.mean) / self.std
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone(x)
+
+    def forward(self, x: torch.Tensor, head: int | None = None) -> torch.Tensor:
+        f = self.features(x)
+        if head is not None:
+            return self.heads[head](f)
+        return torch.cat([h(f) for h in self.heads], -1)
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _pretrained_available(name: str) -> None:
+    """Fail fast, with one clear line, when pretrained weights can neither be found in the cache nor fetched."""
+    import timm
+    from huggingface_hub import try_to_load_from_cache
+
+    cfg = timm.models.get_pretrained_cfg(name)
+    hub_id = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
+    if not hub_id:
+        return  # weights hosted elsewhere: let timm report
+    hub_id = hub_id.split("@")[0]
+    for fname in ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin"):
+        if isinstance(try_to_load_from_cache(hub_id, fname), str):
+            return
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+    if offline or not _hub_reachable():
+        raise ClbenchError(
+            f"backbone.name: pretrained weights for '{name}' (hub repo {hub_id}) are not in the Hugging Face cache "
+            "and the hub cannot be reached; run once on a connected machine or set backbone.checkpoint to a local "
+            "weights file")
+
+
+def build_model(name: str, image_size: int, pretrained: bool, checkpoint: str | Path | None,
+                in_chans: int | None = None, drop_path_rate: float = 0.0) -> CLModel:
+    """Create the backbone (timm) with pooled-feature output and wrap it in a :class:`CLModel`."""
+    import timm
+    from timm.models.vision_transformer import VisionTransformer
+
+    if name in TINY:
+        chans = in_chans or 1
+        backbone = VisionTransformer(img_size=image_size, in_chans=chans, num_classes=0, class_token=True,
+                                     global_pool="token", drop_path_rate=drop_path_rate, **TINY[name])
+        mean, std = [0.5] * chans, [0.5] * chans
+        if pretrained and checkpoint is None:
+            from clbench.pretrain import tiny_checkpoint
+
+            checkpoint = tiny_checkpoint(name, image_size, chans)
+    else:
+        if name not in timm.list_models(pretrained=False) and name.split(".")[0] not in timm.list_models():
+            close = timm.list_models(f"*{name.split('_')[0]}*")[:8]
+            raise ClbenchError(f"backbone.name: unknown timm model '{name}'; close matches: {close}")
+        use_hub = pretrained and checkpoint is None
+        if use_hub:
+            _pretrained_available(name)
+        kwargs = dict(num_classes=0, drop_path_rate=drop_path_rate)
+        if in_chans:
+            kwargs["in_chans"] = in_chans
+        try:
+            backbone = timm.create_model(name, pretrained=use_hub, img_size=image_size, **kwargs)
+        except TypeError:
+            backbone = timm.create_model(name, pretrained=use_hub, **kwargs)
+        cfg = backbone.pretrained_cfg or {}
+        chans = backbone.patch_embed.proj.in_channels if hasattr(backbone, "patch_embed") else 3
+        mean, std = list(cfg.get("mean", [0.5] * chans)), list(cfg.get("std", [0.5] * chans))
+    if checkpoint is not None:
+        load_backbone_weights(backbone, checkpoint)
+    return CLModel(backbone, image_size, chans, mean, std)
+
+
+def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:
+    """Load a state dict saved with ``torch.save`` (or a .safetensors file) with safe loading only."""
+    path = Path(path)
+    if not path.is_file():
+        raise ClbenchError(f"backbone.checkpoint: file not found: {path}; give an existing weights file")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is the user's to fix
+        raise ClbenchError(f"backbone.checkpoint: cannot read {path} as weights ({type(exc).__name__}); "
+                           "give a torch state dict or a .safetensors file") from None
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise ClbenchError(f"backbone.checkpoint: {path} does not hold a state dict")
+    state = {k: v for k, v in state.items() if not k.startswith("head.")}
+    missing, unexpected = backbone.load_state_dict(state, strict=False)
+    if unexpected or [m for m in missing if not m.startswith("head")]:
+        raise ClbenchError(f"backbone.checkpoint: {path} does not match the backbone "
+                           f"(missing {list(missing)[:3]}, unexpected {list(unexpected)[:3]})")

@@ -1,0 +1,130 @@
+"""The ``clbench`` command line: thin typer wrappers over importable functions.
+
+Every user error is a :class:`ClbenchError`; it prints one line on stderr and exits with code 1.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from clbench.errors import ClbenchError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="clbench: continual low-rank adaptation benchmark")
+
+
+def _fail(msg: str) -> None:
+    typer.echo(f"error: {msg}", err=True)
+    raise typer.Exit(1)
+
+
+def _progress(msg: str) -> None:
+    typer.echo(msg, err=True)
+
+
+@app.command()
+def run(
+    suite: Path = typer.Argument(..., help="suite YAML file"),
+    method: list[str] = typer.Option([], "--method", "-m", help="run only these methods (label or name)"),
+    seed: list[int] = typer.Option([], "--seed", "-s", help="run only these seeds"),
+    set_: list[str] = typer.Option([], "--set", help="override a suite key: key.path=value"),
+    plugins_dir: list[str] = typer.Option([], "--plugins-dir", help="load method plugins from this folder"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="validate and print the plan, train nothing"),
+) -> None:
+    """Train every method of SUITE through its stream and log everything to MLflow."""
+    from clbench.runner import run_suite
+    from clbench.suite import load_suite
+
+    try:
+        s = load_suite(suite, set_)
+        records = run_suite(s, str(suite), methods=method or None, seeds=seed or None,
+                            plugins_dirs=plugins_dir, progress=_progress, dry_run=dry_run)
+    except ClbenchError as exc:
+        _fail(str(exc))
+    except KeyboardInterrupt:
+        _fail("interrupted; runs marked KILLED")
+    if records:
+        typer.echo(f"{'method':<24} {'seed':>4} {'status':<9} {'final/acc':>9} {'forgetting':>10}")
+        for r in records:
+            acc = r.metrics.get("final/acc", float("nan"))
+            fgt = r.metrics.get("final/forgetting", float("nan"))
+            typer.echo(f"{r.method:<24} {r.seed:>4} {r.status:<9} {acc:>9.2f} {fgt:>10.2f}")
+        if any(r.status != "FINISHED" for r in records):
+            raise typer.Exit(1)
+
+
+@app.command()
+def methods(
+    pattern: Optional[str] = typer.Argument(None, help="substring or exact method name"),
+    params: bool = typer.Option(False, "--params", help="show every param with its default and description"),
+    plugins_dir: list[str] = typer.Option([], "--plugins-dir"),
+) -> None:
+    """List the registered methods (and their params)."""
+    from clbench.registry import discover
+
+    try:
+        reg = discover(plugins_dir, strict=False)
+    except ClbenchError as exc:
+        _fail(str(exc))
+    names = sorted(reg.methods)
+    if pattern:
+        names = [n for n in names if pattern in n] or ([reg.get(pattern).name] if pattern in reg.aliases else [])
+    for n in names:
+        info = reg.methods[n]
+        aliases = getattr(info.cls, "aliases", ())
+        typer.echo(f"{n}{' (' + ', '.join(aliases) + ')' if aliases else ''}  [{info.source}]")
+        if getattr(info.cls, "paper", ""):
+            typer.echo(f"    paper: {info.cls.paper}")
+        if params or (pattern and len(names) == 1):
+            for fname, field in info.cls.Params.model_fields.items():
+                default = field.get_default(call_default_factory=True)
+                typer.echo(f"    {fname} = {default!r}: {field.description or ''}")
+    for err in reg.errors:
+        typer.echo(f"error: {err}", err=True)
+    if not names and pattern:
+        _fail(f"no method matches '{pattern}'")
+
+
+@app.command()
+def plugins(plugins_dir: list[str] = typer.Option([], "--plugins-dir")) -> None:
+    """List the plugin sources (built-in, entry points, plugin folders) and what each registered."""
+    from clbench.registry import discover
+
+    reg = discover(plugins_dir, strict=False)
+    for source, prov in reg.sources:
+        names = [n for n, i in reg.methods.items() if i.source == source]
+        typer.echo(f"{source}: {', '.join(names) or '(no methods)'}  {prov.get('kind', '')}")
+    for err in reg.errors:
+        typer.echo(f"error: {err}", err=True)
+
+
+@app.command()
+def ui(
+    host: str = typer.Option("127.0.0.1", help="bind address (loopback by default)"),
+    port: int = typer.Option(5000),
+    backend_store_uri: Optional[str] = typer.Option(None, help="default: MLFLOW_TRACKING_URI or sqlite:///mlflow.db"),
+) -> None:
+    """Open MLflow's UI on the same store `clbench run` writes to."""
+    uri = backend_store_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+    if uri.startswith("http"):
+        _fail(f"tracking: {uri} is already a server; open it in a browser")
+    typer.echo(f"MLflow UI for {uri} on http://{host}:{port}", err=True)
+    os.execvp(sys.executable, [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
+                               "--host", host, "--port", str(port), "--workers", "1"])
+
+
+def main() -> None:
+    try:
+        app()
+    except ClbenchError as exc:  # safety net: commands map their own errors
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,40 @@
+"""The frozen per-task context handed to every hook: what a method may know about the run and the task."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import torch
+
+
+@dataclass(frozen=True)
+class TaskContext:
+    """Read-only facts about the current task.
+
+    ``loader(batch_size=None, fraction=1.0, shuffle=False)`` yields ``(x, y)`` batches of this task's training
+    data on ``device``, preprocessed for the backbone, with ``y`` the label *within the task* (0..n-1), which is
+    what the current head predicts. ``fraction`` takes a uniformly spaced subset (deterministic).
+    """
+
+    task: int
+    num_tasks: int
+    classes: tuple[int, ...]
+    seen_classes: tuple[int, ...]
+    device: torch.device
+    seed: int
+    loader: Callable[..., Iterator[tuple[torch.Tensor, torch.Tensor]]]
+    epochs: int = 1
+    lr: float = 1e-3
+    batch_size: int = 64
+    steps_per_epoch: int = 0
+    autocast: Callable[[], Any] = field(default=None)  # type: ignore[assignment]
+
+    @property
+    def class_offset(self) -> int:
+        """Index of this task's first logit in the concatenated heads."""
+        return len(self.seen_classes) - len(self.classes)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)

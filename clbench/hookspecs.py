@@ -1,0 +1,115 @@
+"""The whole plugin contract of clbench: every hook a method may implement, typed and documented.
+
+Two pluggy managers use this file (see ``clbench.registry``):
+
+* the *discovery* manager calls :func:`register_methods` on every plugin module once, so the module can
+  ``register(MethodClass)``;
+* the *per-run* manager holds the one method instance of a run (plus read-only probes) and the training loop
+  (``clbench/loop.py``) calls the lifecycle hooks below, in this order::
+
+      configure_model                                    once, before the first task
+      for each task:
+          before_task                                    new head exists, optimizer not built yet
+          param_groups                                   optimizer is built from the first non-None result
+          for each step:
+              loss_terms                                 after the forward pass, summed into the loss
+              before_optimizer_step                      after backward (gradient projection)
+              after_optimizer_step                       after the step (retraction)
+          after_task                                     adapters still separate
+          merge_task                                     fold the update into the weights
+          task_updates                                   this task's low-rank update per adapted layer
+          (evaluation on every seen task)
+
+Hook names and arguments are public and never renamed; they may gain arguments, and an implementation
+takes only the arguments it needs (pluggy passes by name). Hooks return data; none mutates loop state.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable
+
+import pluggy
+
+if TYPE_CHECKING:
+    import torch
+
+    from clbench.context import TaskContext
+    from clbench.lora import LowRank
+
+PROJECT = "clbench"
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+class DiscoverySpec:
+    """Hooks of the global discovery manager (called once per plugin module)."""
+
+    @hookspec
+    def register_methods(self, register: Callable[[type], None]) -> None:
+        """Call ``register(MethodClass)`` for every method this plugin module provides."""
+
+
+class MethodSpec:
+    """Lifecycle hooks of one run; implemented as methods on the method instance."""
+
+    @hookspec(firstresult=True)
+    def configure_model(self, model: "torch.nn.Module", ctx: "TaskContext") -> "torch.nn.Module | None":
+        """Once, before the first task: inject adapters (``clbench.lora.inject``), freeze what must stay frozen.
+
+        Return a replacement model or None to keep ``model`` (modified in place). First non-None result wins.
+        """
+
+    @hookspec
+    def before_task(self, model: "torch.nn.Module", ctx: "TaskContext") -> None:
+        """Each task, before the optimizer is built. The new task's (untrained) head already exists and
+        ``ctx.loader()`` iterates this task's training data: design projections, initialise new adapters."""
+
+    @hookspec(firstresult=True)
+    def param_groups(self, model: "torch.nn.Module", ctx: "TaskContext") -> "list[dict[str, Any]] | None":
+        """When the optimizer is built: the parameter groups of the method's trainable parameters.
+
+        Groups are torch optimizer groups and may carry extra keys (e.g. ``"name"``) for the method's own
+        step hooks. The loop appends the current task's head as its own group; do not include heads.
+        Return None to let the loop train every ``requires_grad`` parameter outside the heads.
+        """
+
+    @hookspec
+    def loss_terms(
+        self, model: "torch.nn.Module", batch: "tuple[torch.Tensor, torch.Tensor]", logits: "torch.Tensor",
+        ctx: "TaskContext",
+    ) -> "dict[str, torch.Tensor] | None":
+        """Each step after the forward pass: extra scalar loss terms by name; they are added to the task's
+        cross-entropy and logged as ``train/<name>``. ``logits`` are the current task's head outputs."""
+
+    @hookspec
+    def before_optimizer_step(self, model: "torch.nn.Module", ctx: "TaskContext") -> None:
+        """After backward, before ``optimizer.step()``: project or rescale gradients in place."""
+
+    @hookspec
+    def after_optimizer_step(self, model: "torch.nn.Module", ctx: "TaskContext") -> None:
+        """After ``optimizer.step()``: retractions, re-orthonormalisation of factors."""
+
+    @hookspec
+    def after_task(self, model: "torch.nn.Module", ctx: "TaskContext") -> None:
+        """End of the task, adapters still separate: store subspaces, memories, statistics."""
+
+    @hookspec
+    def merge_task(self, model: "torch.nn.Module", ctx: "TaskContext") -> None:
+        """After ``after_task``, before evaluation: fold this task's update into the base weights if the
+        method merges."""
+
+    @hookspec(firstresult=True)
+    def task_updates(self, model: "torch.nn.Module", ctx: "TaskContext") -> "dict[str, LowRank] | None":
+        """After the task: this task's update of every adapted layer as low-rank factors
+        (``LowRank(B, A)`` with delta W = B @ A), keyed by the adapted layer's name. Used for spectra."""
+
+    @hookspec(firstresult=True)
+    def method_state(self, ctx: "TaskContext") -> "dict[str, Any] | None":
+        """After a finished task, for the checkpoint: the method's own state (tensors, numbers, lists) that
+        is not stored in the model's parameters (subspaces, memories). Must be ``torch.load(weights_only=True)``
+        loadable."""
+
+    @hookspec
+    def load_method_state(self, model: "torch.nn.Module", state: "dict[str, Any]", ctx: "TaskContext") -> None:
+        """On resume, after ``configure_model``: restore what :func:`method_state` returned and rebuild any
+        adapter structure (branches per finished task) so that the checkpointed model state dict loads."""

@@ -1,0 +1,272 @@
+"""The common training loop: one file, read top to bottom, every hook call visible.
+
+Protocol (DESIGN.md section 4): class-incremental stream, one linear head per task, cross-entropy on the
+current task's logits only, no rehearsal; after every task the model is evaluated on every seen task, both
+class-incremental (argmax over all seen classes) and task-incremental (argmax within the true task's head).
+
+The loop owns all state that is not a method's own: the optimizer, step counters, the accuracy matrices.
+It reports each finished task to ``on_task`` (the runner forwards it to the tracker); hooks never see the
+tracker. On CUDA it runs bf16 autocast, pinned host memory and non-blocking copies, and reads the loss back
+only every ``log_every`` steps, so there is no per-step host-device synchronisation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import resource
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from clbench.backbones import CLModel
+from clbench.context import TaskContext
+from clbench.metrics import empty_matrix
+from clbench.streams import Stream, TaskData
+from clbench.suite import TrainConfig
+
+
+@dataclass
+class TaskResult:
+    """What the loop reports after each task (the tracker turns it into MLflow metrics)."""
+
+    task: int
+    R: np.ndarray  # CIL accuracy matrix so far (rows 0..task filled)
+    R_til: np.ndarray
+    sizes: np.ndarray  # test-set size of every task
+    train_seconds: float
+    eval_seconds: float
+    images: int
+    loss: float
+    loss_terms: dict[str, float]
+    updates: dict[str, Any] | None  # task_updates' result (layer -> LowRank)
+    trainable_params: int = 0
+    hook_seconds: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class LoopState:
+    """Everything needed to continue a run after task ``next_task - 1`` (for checkpoints)."""
+
+    next_task: int = 0
+    R: np.ndarray | None = None
+    R_til: np.ndarray | None = None
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def autocast_for(device: torch.device, precision: str) -> Callable[[], Any]:
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    if use_bf16:
+        return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
+def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, device: torch.device, model: CLModel,
+            shuffle: bool, generator: torch.Generator | None = None, fraction: float = 1.0,
+            limit: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Batches from in-memory uint8 tensors, moved to the device and preprocessed there."""
+    n = len(x)
+    if fraction < 1.0:  # a uniformly spaced subset, deterministic
+        idx = torch.linspace(0, n - 1, max(1, int(round(fraction * n)))).round().long()
+    else:
+        idx = torch.arange(n)
+    if shuffle:
+        idx = idx[torch.randperm(len(idx), generator=generator)]
+    pin = device.type == "cuda"
+    for b, start in enumerate(range(0, len(idx), batch_size)):
+        if limit is not None and b >= limit:
+            break
+        sel = idx[start:start + batch_size]
+        xb, yb = x[sel], y[sel]
+        if pin:
+            xb, yb = xb.pin_memory(), yb.pin_memory()
+        xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
+        with torch.no_grad():
+            xb = model.preprocess(xb)
+        yield xb, yb
+
+
+def make_optimizer(cfg: TrainConfig, groups: list[dict]) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    return rss / 1024 if sys.platform != "darwin" else rss / 2**20
+
+
+@torch.inference_mode()
+def evaluate(model: CLModel, stream: Stream, upto: int, cfg: TrainConfig, device: torch.device,
+             autocast) -> tuple[np.ndarray, np.ndarray]:
+    """CIL and TIL accuracy (percent) on the test sets of tasks 0..upto."""
+    model.eval()
+    offsets = np.cumsum([0] + [len(t.classes) for t in stream.tasks])
+    n_seen = int(offsets[upto + 1])
+    cil, til = np.zeros(upto + 1), np.zeros(upto + 1)
+    for j in range(upto + 1):
+        task = stream.tasks[j]
+        lo, hi = int(offsets[j]), int(offsets[j + 1])
+        correct = torch.zeros(2, dtype=torch.long, device=device)
+        for xb, yb in batches(task.test_x, task.test_y, cfg.eval_batch_size, device, model, shuffle=False):
+            with autocast():
+                logits = model(xb)[:, :n_seen]
+            correct[0] += (logits.argmax(1) == yb).sum()
+            correct[1] += (logits[:, lo:hi].argmax(1) + lo == yb).sum()
+        c = correct.cpu().numpy()
+        cil[j], til[j] = 100.0 * c[0] / len(task.test_y), 100.0 * c[1] / len(task.test_y)
+    return cil, til
+
+
+def run_stream(model: CLModel, stream: Stream, pm, cfg: TrainConfig, seed: int, device: torch.device,
+               on_task: Callable[[TaskResult], None] = lambda r: None,
+               progress: Callable[[str], None] = lambda s: None,
+               state: LoopState | None = None,
+               after_report: Callable[[int, CLModel, LoopState], None] = lambda t, m, s: None) -> LoopState:
+    """Train ``model`` through ``stream`` with the method registered in ``pm``; return the final state."""
+    hook = pm.hook
+    T = len(stream.tasks)
+    autocast = autocast_for(device, cfg.precision)
+    state = state or LoopState()
+    if state.R is None:
+        state.R, state.R_til = empty_matrix(T), empty_matrix(T)
+    sizes = np.array([len(t.test_y) for t in stream.tasks])
+    offsets = np.cumsum([0] + [len(t.classes) for t in stream.tasks])
+
+    def context(t: int) -> TaskContext:
+        task: TaskData = stream.tasks[t]
+        steps = math.ceil(len(task.train_y) / cfg.batch_size)
+        if cfg.max_steps_per_epoch:
+            steps = min(steps, cfg.max_steps_per_epoch)
+        local_y = task.train_y - int(offsets[t])
+
+        def loader(batch_size: int | None = None, fraction: float = 1.0, shuffle: bool = False,
+                   generator: torch.Generator | None = None):
+            return batches(task.train_x, local_y, batch_size or cfg.batch_size, device, model, shuffle,
+                           generator, fraction)
+
+        return TaskContext(task=t, num_tasks=T, classes=task.classes,
+                           seen_classes=tuple(range(int(offsets[t + 1]))), device=device, seed=seed,
+                           loader=loader, epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size,
+                           steps_per_epoch=steps, autocast=autocast)
+
+    # -- phase 0: the method configures the model once (adapters, freezing) --------------------------
+    torch.manual_seed(seed)
+    replaced = hook.configure_model(model=model, ctx=context(0))
+    model = replaced if replaced is not None else model
+    model.to(device)
+    if cfg.compile and device.type == "cuda":
+        model.backbone = torch.compile(model.backbone)
+
+    for t in range(state.next_task, T):
+        task = stream.tasks[t]
+        timings: dict[str, float] = {}
+        # -- phase 1: the new task's head (old heads frozen); seeded so resumed runs match ----------
+        torch.manual_seed(seed * 100_003 + t)
+        for h in model.heads:
+            h.requires_grad_(False)
+        while len(model.heads) <= t:
+            model.add_head(len(stream.tasks[len(model.heads)].classes))
+        head = model.heads[t]
+        head.requires_grad_(True)
+        ctx = context(t)
+
+        # -- phase 2: the method prepares the task (projections, new adapters) ---------------------
+        tic = time.perf_counter()
+        hook.before_task(model=model, ctx=ctx)
+        timings["before_task"] = time.perf_counter() - tic
+
+        # -- phase 3: the optimizer over the method's groups plus the current head -----------------
+        groups = hook.param_groups(model=model, ctx=ctx)
+        if groups is None:
+            head_ids = {id(p) for h in model.heads for p in h.parameters()}
+            params = [p for p in model.parameters() if p.requires_grad and id(p) not in head_ids]
+            groups = [{"params": params, "name": "adapters"}] if params else []
+        groups = [*groups, {"params": list(head.parameters()), "name": "head"}]
+        optimizer = make_optimizer(cfg, groups)
+        trainable = sum(p.numel() for g in optimizer.param_groups for p in g["params"])
+        total_steps = ctx.steps_per_epoch * cfg.epochs
+        scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, total_steps))
+                     if cfg.schedule == "cosine" else None)
+
+        # -- phase 4: train on the task ------------------------------------------------------------
+        model.train()
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + t)
+        step, images = 0, 0
+        loss_sum = torch.zeros((), device=device)
+        term_sums: dict[str, torch.Tensor] = {}
+        tic = time.perf_counter()
+        for epoch in range(cfg.epochs):
+            window_t, window_n = time.perf_counter(), 0
+            local_y = task.train_y - int(offsets[t])
+            for xb, yb in batches(task.train_x, local_y, cfg.batch_size, device, model, shuffle=True,
+                                  generator=gen, limit=cfg.max_steps_per_epoch):
+                with autocast():
+                    logits = model(xb, head=t)
+                loss = F.cross_entropy(logits.float(), yb)
+                total = loss
+                for terms in hook.loss_terms(model=model, batch=(xb, yb), logits=logits, ctx=ctx):
+                    for name, value in (terms or {}).items():
+                        total = total + value
+                        term_sums[name] = term_sums.get(name, 0) + value.detach().float()
+                optimizer.zero_grad(set_to_none=True)
+                total.backward()
+                hook.before_optimizer_step(model=model, ctx=ctx)
+                optimizer.step()
+                hook.after_optimizer_step(model=model, ctx=ctx)
+                if scheduler is not None:
+                    scheduler.step()
+                loss_sum += loss.detach()
+                step += 1
+                images += len(yb)
+                window_n += len(yb)
+                if step % cfg.log_every == 0:  # the only host synchronisation of the step loop
+                    rate = window_n / max(1e-9, time.perf_counter() - window_t)
+                    progress(f"task {t + 1}/{T} epoch {epoch + 1}/{cfg.epochs} step {step} "
+                             f"loss {loss.item():.4f} {rate:.0f} img/s")
+                    window_t, window_n = time.perf_counter(), 0
+        mean_loss = float(loss_sum.item() / max(1, step))
+        if not math.isfinite(mean_loss):
+            raise FloatingPointError(f"non-finite training loss on task {t}")
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        train_seconds = time.perf_counter() - tic
+
+        # -- phase 5: the method closes the task: memories, merging, the task's update ---------------
+        model.eval()
+        tic = time.perf_counter()
+        hook.after_task(model=model, ctx=ctx)
+        timings["after_task"] = time.perf_counter() - tic
+        tic = time.perf_counter()
+        hook.merge_task(model=model, ctx=ctx)
+        timings["merge_task"] = time.perf_counter() - tic
+        updates = hook.task_updates(model=model, ctx=ctx)
+
+        # -- phase 6: evaluate every seen task (CIL and TIL) ---------------------------------------
+        tic = time.perf_counter()
+        cil, til = evaluate(model, stream, t, cfg, device, autocast)
+        eval_seconds = time.perf_counter() - tic
+        state.R[t, : t + 1], state.R_til[t, : t + 1] = cil, til
+        state.next_task = t + 1
+        progress(f"task {t + 1}/{T} done: acc {np.average(cil, weights=sizes[: t + 1]):.2f} "
+                 f"(til {np.average(til, weights=sizes[: t + 1]):.2f}) train {train_seconds:.1f}s")
+        on_task(TaskResult(t, state.R.copy(), state.R_til.copy(), sizes, train_seconds, eval_seconds, images,
+                           mean_loss, {k: float(v.item() / max(1, step)) for k, v in term_sums.items()},
+                           updates, trainable, timings))
+        after_report(t, model, state)
+    return state

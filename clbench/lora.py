@@ -1,0 +1,224 @@
+"""The shared low-rank adapter: branches ``scale * B diag(gain) A`` attached to linear maps of a timm ViT.
+
+Vocabulary used by every method plugin:
+
+* a **site** (:class:`LoRASite`) is one adapted linear map: a whole ``nn.Linear`` (``proj``, ``fc1``,
+  ``fc2``) or one of the q/k/v slices of timm's fused ``qkv`` projection. Sites are named like
+  ``blocks.3.attn.k`` and hold any number of **branches**;
+* a **branch** (:class:`LoRABranch`) computes ``scale * B diag(gain) A x`` with ``A`` (r x d_in, the
+  down-projection) and ``B`` (d_out x r, the up-projection); ``gain`` is optional (a learnable scalar or
+  vector, as in EBLoRA);
+* :class:`LowRank` is a factored update ``delta W = B @ A`` handed to the spectra code.
+
+Merging a branch adds its dense update into the frozen base weight (slice) and removes the branch, so
+evaluation after merging runs at the bare backbone's cost.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+from torch import nn
+
+ATTN_SLICES = ("q", "k", "v")
+TARGETS = ("q", "k", "v", "qkv", "proj", "fc1", "fc2")
+
+
+@dataclass(frozen=True)
+class LowRank:
+    """A factored update ``delta W = B @ A``; B is (d_out x r), A is (r x d_in). Scales live in B."""
+
+    B: torch.Tensor
+    A: torch.Tensor
+
+    @property
+    def rank(self) -> int:
+        return self.A.shape[0]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.B.shape[0], self.A.shape[1])
+
+    def dense(self) -> torch.Tensor:
+        return self.B @ self.A
+
+    def __sub__(self, other: "LowRank") -> "LowRank":
+        """``B1 A1 - B0 A0 = [B1, -B0] [A1; A0]`` as factors of rank r1 + r0."""
+        return LowRank(torch.cat([self.B, -other.B], 1), torch.cat([self.A, other.A], 0))
+
+    @staticmethod
+    def sum(parts: Iterable["LowRank"]) -> "LowRank | None":
+        """Sum of factored updates as one factored update (ranks add)."""
+        parts = list(parts)
+        if not parts:
+            return None
+        return LowRank(torch.cat([p.B for p in parts], 1), torch.cat([p.A for p in parts], 0))
+
+
+class LoRABranch(nn.Module):
+    """``delta(x) = scale * B diag(gain) A x``.
+
+    Default initialisation is LoRA's (Hu et al.; PEFT): A Kaiming-uniform with a = sqrt(5), B zero, so the
+    branch starts as the identity update. ``gain`` is None (no gain), ``"scalar"`` (shape (1,)) or
+    ``"vector"`` (shape (r,)); it starts at ``gain_init``.
+    """
+
+    def __init__(
+        self, d_in: int, d_out: int, rank: int, scale: float = 1.0, gain: str | None = None,
+        gain_init: float = 1.0, dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.rank, self.scale = rank, float(scale)
+        self.A = nn.Parameter(torch.empty(rank, d_in))
+        self.B = nn.Parameter(torch.zeros(d_out, rank))
+        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
+        if gain is None:
+            self.gain = None
+        else:
+            self.gain = nn.Parameter(torch.full((1,) if gain == "scalar" else (rank,), float(gain_init)))
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def effective_B(self) -> torch.Tensor:
+        """B with the scale and gain folded in, so that delta W = effective_B() @ A."""
+        B = self.B * self.scale
+        return B * self.gain if self.gain is not None else B
+
+    def lowrank(self) -> LowRank:
+        return LowRank(self.effective_B().detach().float(), self.A.detach().float())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.dropout(x) @ self.A.t()
+        if self.gain is not None:
+            h = h * self.gain
+        return (h @ self.B.t()) * self.scale
+
+
+class LoRASite(nn.Module):
+    """One adapted linear map with its branches; ``merge`` folds branches into the base weight slice."""
+
+    def __init__(self, name: str, d_in: int, d_out: int, owner: "AdaptedLinear", rows: slice) -> None:
+        super().__init__()
+        self.name, self.d_in, self.d_out, self.rows = name, d_in, d_out, rows
+        self.branches = nn.ModuleList()
+        object.__setattr__(self, "_owner", owner)  # not a submodule: avoids a cycle in the module tree
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The frozen base weight of this site (a view into the fused weight for q/k/v)."""
+        return self._owner.base.weight[self.rows]
+
+    def add_branch(self, rank: int, **kwargs) -> LoRABranch:
+        w = self._owner.base.weight
+        branch = LoRABranch(self.d_in, self.d_out, rank, **kwargs).to(device=w.device)
+        self.branches.append(branch)
+        return branch
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.branches[0](x)
+        for b in self.branches[1:]:
+            out = out + b(x)
+        return out
+
+    def update(self) -> LowRank | None:
+        """The sum of all live branches as one factored update."""
+        return LowRank.sum(b.lowrank() for b in self.branches)
+
+    @torch.no_grad()
+    def merge(self, indices: Iterable[int] | None = None) -> None:
+        """Add the chosen branches (default: all) into the base weight and remove them."""
+        chosen = set(range(len(self.branches)) if indices is None else indices)
+        w = self._owner.base.weight
+        for i in sorted(chosen):
+            b = self.branches[i]
+            w[self.rows] += (b.effective_B().float() @ b.A.float()).to(w.dtype)
+        self.branches = nn.ModuleList(b for i, b in enumerate(self.branches) if i not in chosen)
+
+
+class AdaptedLinear(nn.Module):
+    """A frozen ``nn.Linear`` plus sites over row ranges of its output."""
+
+    def __init__(self, base: nn.Linear) -> None:
+        super().__init__()
+        self.base = base
+        self.sites = nn.ModuleDict()
+
+    def add_site(self, key: str, name: str, rows: slice) -> LoRASite:
+        if key not in self.sites:
+            d_out = len(range(*rows.indices(self.base.out_features)))
+            self.sites[key] = LoRASite(name, self.base.in_features, d_out, self, rows)
+        return self.sites[key]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        live = [s for s in self.sites.values() if len(s.branches)]
+        if not live:
+            return y
+        if len(live) == 1 and live[0].d_out == self.base.out_features:
+            return y + live[0](x)
+        parts, cursor = [], 0
+        for site in sorted(live, key=lambda s: s.rows.start or 0):
+            start, stop = site.rows.start or 0, site.rows.stop
+            if start > cursor:
+                parts.append(y[..., cursor:start])
+            parts.append(y[..., start:stop] + site(x))
+            cursor = stop
+        if cursor < y.shape[-1]:
+            parts.append(y[..., cursor:])
+        return torch.cat(parts, -1)
+
+
+def _adapted(parent: nn.Module, attr: str) -> AdaptedLinear:
+    layer = getattr(parent, attr)
+    if isinstance(layer, AdaptedLinear):
+        return layer
+    if not isinstance(layer, nn.Linear):
+        raise TypeError(f"{attr} is {type(layer).__name__}, not nn.Linear")
+    wrapped = AdaptedLinear(layer)
+    setattr(parent, attr, wrapped)
+    return wrapped
+
+
+def inject(backbone: nn.Module, targets: Iterable[str], blocks: Iterable[int] | None = None) -> dict[str, LoRASite]:
+    """Wrap the target linear maps of every (chosen) transformer block of a timm ViT; return the sites.
+
+    ``targets`` names: ``q``, ``k``, ``v`` (slices of the fused qkv), ``qkv`` (the whole fused map), ``proj``,
+    ``fc1``, ``fc2``. The base weights are frozen. Calling it again returns the existing sites.
+    """
+    targets = list(targets)
+    unknown = [t for t in targets if t not in TARGETS]
+    if unknown:
+        raise ValueError(f"unknown LoRA target(s) {unknown}; choose from {list(TARGETS)}")
+    chosen = set(range(len(backbone.blocks))) if blocks is None else set(blocks)
+    sites: dict[str, LoRASite] = {}
+    for i, block in enumerate(backbone.blocks):
+        if i not in chosen:
+            continue
+        for t in targets:
+            if t in ATTN_SLICES or t == "qkv":
+                lin = _adapted(block.attn, "qkv")
+                d = lin.base.out_features // 3
+                rows = slice(0, 3 * d) if t == "qkv" else slice(ATTN_SLICES.index(t) * d, (ATTN_SLICES.index(t) + 1) * d)
+                name = f"blocks.{i}.attn.{t}"
+            elif t == "proj":
+                lin, rows, name = _adapted(block.attn, "proj"), slice(0, None), f"blocks.{i}.attn.proj"
+            else:
+                lin, rows, name = _adapted(block.mlp, t), slice(0, None), f"blocks.{i}.mlp.{t}"
+            if rows.stop is None:
+                rows = slice(0, lin.base.out_features)
+            sites[name] = lin.add_site(t, name, rows)
+    for p in backbone.parameters():
+        p.requires_grad_(False)
+    return sites
+
+
+def find_sites(module: nn.Module) -> dict[str, LoRASite]:
+    """All sites inside ``module``, by name."""
+    return {m.name: m for m in module.modules() if isinstance(m, LoRASite)}
+
+
+def merge_all(module: nn.Module) -> None:
+    for site in find_sites(module).values():
+        site.merge()

@@ -1,0 +1,197 @@
+"""Plugin discovery (built-ins, the ``clbench`` entry-point group, plugin directories) and per-run managers.
+
+Discovery runs once, explicitly (nothing happens at import). Each plugin module implements
+``register_methods(register)``; the registry validates every registered class (a lowercase ``name``, a
+pydantic ``Params``, hook implementations that match ``hookspecs.MethodSpec``) and refuses a name that two
+sources register, naming both. The built-in methods in ``plugins/`` are found through the same entry-point
+group as third-party packages; they are simply loaded first.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import importlib
+import importlib.util
+import inspect
+import sys
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Any, Iterable
+
+import pluggy
+from pydantic import BaseModel
+
+from clbench import hookspecs
+from clbench.errors import ClbenchError
+
+BUILTIN_PACKAGE = "clbench_plugins"
+HOOK_NAMES = {n for n in dir(hookspecs.MethodSpec) if not n.startswith("_")}
+
+
+class _DiscoveryManager(pluggy.PluginManager):
+    """Accepts a plain ``register_methods`` function (no decorator needed in plugin modules)."""
+
+    def parse_hookimpl_opts(self, plugin, name):
+        opts = super().parse_hookimpl_opts(plugin, name)
+        if opts is None and name == "register_methods" and callable(getattr(plugin, name, None)):
+            opts = {}
+        return opts
+
+
+@dataclass
+class MethodInfo:
+    name: str
+    cls: type
+    source: str  # human readable: where it came from
+    provenance: dict[str, str] = field(default_factory=dict)
+
+
+class Registry:
+    def __init__(self) -> None:
+        self.methods: dict[str, MethodInfo] = {}
+        self.aliases: dict[str, str] = {}
+        self.errors: list[str] = []
+        self.sources: list[tuple[str, dict[str, str]]] = []
+        self._pm = _DiscoveryManager(hookspecs.PROJECT)
+        self._pm.add_hookspecs(hookspecs.DiscoverySpec)
+
+    # -- loading ---------------------------------------------------------------------------------
+    def add_module(self, module: Any, source: str, provenance: dict[str, str]) -> None:
+        """Call the module's ``register_methods`` and validate every class it registers."""
+        if not hasattr(module, "register_methods"):
+            raise ClbenchError(f"plugin {source}: defines no register_methods(register) function")
+        registered: list[type] = []
+        self._pm.register(module, name=f"{source}:{id(module)}")
+        try:
+            self._pm.check_pending()
+            self._pm.hook.register_methods(register=registered.append)
+        except ClbenchError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - plugin code may raise anything
+            raise ClbenchError(f"plugin {source}: register_methods failed: {type(exc).__name__}: {exc}") from None
+        finally:
+            self._pm.unregister(module)
+        for cls in registered:
+            self._add_class(cls, source, provenance)
+        self.sources.append((source, provenance))
+
+    def _add_class(self, cls: type, source: str, provenance: dict[str, str]) -> None:
+        name = getattr(cls, "name", None)
+        if not isinstance(name, str) or not name or name != name.lower() or not name.replace("_", "").replace(
+                "-", "").isalnum():
+            raise ClbenchError(f"plugin {source}: {cls.__qualname__}.name must be a lowercase identifier, got {name!r}")
+        params = getattr(cls, "Params", None)
+        if not (inspect.isclass(params) and issubclass(params, BaseModel)):
+            raise ClbenchError(f"plugin {source}: method '{name}' needs a pydantic Params model")
+        validate_hooks(cls, f"plugin {source}: method '{name}'")
+        for key in (name, *getattr(cls, "aliases", ())):
+            owner = self.methods.get(key) or self.methods.get(self.aliases.get(key, ""))
+            if owner is not None:
+                raise ClbenchError(f"method name '{key}' is registered twice: by {owner.source} and by {source}; "
+                                   "rename one of them")
+        self.methods[name] = MethodInfo(name, cls, source, {**provenance, "class": cls.__qualname__})
+        for alias in getattr(cls, "aliases", ()):
+            self.aliases[alias] = name
+
+    def load_entry_points(self, strict: bool = True) -> None:
+        eps = list(entry_points(group=hookspecs.PROJECT))
+        eps.sort(key=lambda ep: (not ep.value.startswith(BUILTIN_PACKAGE), ep.name))  # built-ins first
+        for ep in eps:
+            dist = getattr(ep, "dist", None)
+            prov = {"kind": "builtin" if ep.value.startswith(BUILTIN_PACKAGE) else "entry_point",
+                    "entry_point": f"{ep.name} = {ep.value}",
+                    "distribution": dist.name if dist else "", "version": dist.version if dist else ""}
+            source = f"entry point '{ep.name} = {ep.value}'" + (f" ({dist.name} {dist.version})" if dist else "")
+            self._guard(strict, lambda: self.add_module(_import_entry_point(ep, source), source, prov))
+
+    def load_dir(self, directory: str | Path, strict: bool = True) -> None:
+        d = Path(directory)
+        if not d.is_dir():
+            raise ClbenchError(f"plugins_dir: {d} is not a directory")
+        for path in sorted(d.glob("*.py")):
+            if path.name.startswith("_"):
+                continue
+            digest = hashlib.sha256(path.read_bytes()).hexdigest()
+            prov = {"kind": "file", "path": str(path), "sha256": digest}
+            source = f"file {path}"
+            self._guard(strict, lambda p=path, s=source, pv=prov: self.add_module(_import_file(p, s), s, pv))
+
+    def _guard(self, strict: bool, action) -> None:
+        try:
+            action()
+        except ClbenchError as exc:
+            if strict:
+                raise
+            self.errors.append(str(exc))
+
+    # -- lookup ----------------------------------------------------------------------------------
+    def get(self, name: str) -> MethodInfo:
+        key = self.aliases.get(name, name)
+        if key in self.methods:
+            return self.methods[key]
+        known = sorted(self.methods) + sorted(self.aliases)
+        close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
+        hint = f"; did you mean {', '.join(close)}?" if close else f"; known methods: {', '.join(sorted(self.methods))}"
+        raise ClbenchError(f"unknown method '{name}'{hint}")
+
+
+def _import_entry_point(ep, source: str):
+    try:
+        return ep.load()
+    except Exception as exc:  # noqa: BLE001
+        raise ClbenchError(f"plugin {source}: cannot be imported: {type(exc).__name__}: {exc}") from None
+
+
+def _import_file(path: Path, source: str):
+    mod_name = f"clbench_dir_plugin_{path.stem}_{hashlib.sha1(str(path).encode()).hexdigest()[:8]}"
+    spec = importlib.util.spec_from_file_location(mod_name, path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        sys.modules[mod_name] = module
+        spec.loader.exec_module(module)
+    except Exception as exc:  # noqa: BLE001
+        sys.modules.pop(mod_name, None)
+        raise ClbenchError(f"plugin {source}: cannot be imported: {type(exc).__name__}: {exc}") from None
+    return module
+
+
+def validate_hooks(cls: type, where: str) -> None:
+    """Fail loudly on misspelled or mis-declared hooks: every ``@hookimpl`` must name a hook of the spec with
+    known arguments, and a method named like a hook must carry ``@hookimpl``."""
+    pm = pluggy.PluginManager(hookspecs.PROJECT)
+    pm.add_hookspecs(hookspecs.MethodSpec)
+    try:
+        pm.register(cls, name="validate")
+        pm.check_pending()
+    except pluggy.PluginValidationError as exc:
+        raise ClbenchError(f"{where}: {exc}") from None
+    for attr, value in vars(cls).items():
+        if attr in HOOK_NAMES and callable(value) and not hasattr(value, f"{hookspecs.PROJECT}_impl"):
+            raise ClbenchError(f"{where}: '{attr}' looks like a hook but lacks the @hookimpl decorator")
+        close = difflib.get_close_matches(attr, HOOK_NAMES, n=1, cutoff=0.85)
+        if callable(value) and close and attr not in HOOK_NAMES and attr.startswith(("before_", "after_", "merge_",
+                                                                                        "loss_", "task_", "param_")):
+            raise ClbenchError(f"{where}: '{attr}' is not a hook; did you mean '{close[0]}'?")
+
+
+def discover(plugins_dirs: Iterable[str | Path] = (), strict: bool = True) -> Registry:
+    """Built-ins and entry points, then every module of each plugins directory."""
+    reg = Registry()
+    reg.load_entry_points(strict=strict)
+    for d in plugins_dirs:
+        if d:
+            reg.load_dir(d, strict=strict)
+    return reg
+
+
+def run_manager(method: Any, probes: Iterable[Any] = ()) -> pluggy.PluginManager:
+    """The per-run manager: the one method instance of the run plus read-only probes."""
+    pm = pluggy.PluginManager(hookspecs.PROJECT)
+    pm.add_hookspecs(hookspecs.MethodSpec)
+    pm.register(method, name=f"method:{getattr(method, 'name', type(method).__name__)}")
+    for i, probe in enumerate(probes):
+        pm.register(probe, name=f"probe:{i}")
+    pm.check_pending()
+    return pm

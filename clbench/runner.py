@@ -1,0 +1,290 @@
+"""Runs a suite: for every seed and method, build the stream, model and method, run the loop, log to MLflow.
+
+This is the glue between the pieces of DESIGN.md section 1; it owns the MLflow layout (one parent run per
+invocation, one child per (method, seed)) and the artifacts of every run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import yaml
+from pydantic import ValidationError
+
+import clbench
+from clbench.errors import ClbenchError
+from clbench.suite import Suite, format_validation_error
+
+PACKAGES = ("torch", "torchvision", "timm", "avalanche-lib", "mlflow", "pluggy", "pydantic", "numpy")
+
+
+@dataclass
+class RunRecord:
+    method: str
+    seed: int
+    run_id: str
+    status: str
+    metrics: dict[str, float] = field(default_factory=dict)
+    R: np.ndarray | None = None
+
+
+@dataclass
+class PlannedRun:
+    label: str
+    info: Any  # registry.MethodInfo
+    params: Any  # validated Params instance
+    entry_index: int
+
+
+def git_sha() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(clbench.__file__).parent)
+        return out.stdout.strip() or None if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def package_versions() -> dict[str, str]:
+    out = {"python": platform.python_version(), "clbench": clbench.__version__}
+    for p in PACKAGES:
+        try:
+            out[p] = version(p)
+        except PackageNotFoundError:
+            out[p] = "not installed"
+    return out
+
+
+def plan_runs(suite: Suite, source: str, registry, methods: list[str] | None) -> list[PlannedRun]:
+    """Resolve every method entry against the registry and validate its params (one clear line on error)."""
+    planned = []
+    for i, entry in enumerate(suite.methods):
+        if methods and entry.display not in methods and entry.name not in methods:
+            continue
+        try:
+            info = registry.get(entry.name)
+        except ClbenchError as exc:
+            raise ClbenchError(f"{source}: methods.{i}.name: {exc}") from None
+        try:
+            params = info.cls.Params(**entry.params)
+        except ValidationError as err:
+            raise ClbenchError(format_validation_error(source, err, prefix=f"methods.{i}.params.")) from None
+        planned.append(PlannedRun(entry.display, info, params, i))
+    if methods:
+        known = {p.label for p in planned} | {suite.methods[p.entry_index].name for p in planned}
+        missing = [m for m in methods if m not in known]
+        if missing:
+            raise ClbenchError(f"--method {missing[0]}: not in the suite {source}; suite methods: "
+                               f"{', '.join(m.display for m in suite.methods)}")
+    return planned
+
+
+def run_suite(suite: Suite, source: str, *, methods: list[str] | None = None, seeds: list[int] | None = None,
+              plugins_dirs: list[str] = (), tracker=None, progress: Callable[[str], None] = print,
+              dry_run: bool = False) -> list[RunRecord]:
+    from clbench.registry import discover
+    from clbench.tracking import make_tracker
+
+    registry = discover([d for d in [suite.plugins_dir, *plugins_dirs] if d])
+    planned = plan_runs(suite, source, registry, methods)
+    seeds = seeds or suite.seeds
+    if dry_run:
+        for run in planned:
+            for seed in seeds:
+                progress(f"would run {run.label} ({run.info.source}) seed {seed}: {run.params.model_dump()}")
+        return []
+    tracker = tracker or make_tracker(suite.tracking.experiment or suite.name, suite.tracking.uri)
+    suite_yaml = yaml.safe_dump(suite.model_dump(mode="json"), sort_keys=False)
+    base_tags = {"clbench.suite": suite.name, "clbench.suite_hash": suite.protocol_hash(),
+                 "clbench.version": clbench.__version__}
+    sha = git_sha()
+    if sha:
+        base_tags["clbench.git_sha"] = sha
+    parent = tracker.start_run(f"{suite.name}", {**base_tags, "clbench.role": "parent"},
+                               {k: v for k, v in suite.model_dump(mode="json").items() if k != "methods"})
+    records: list[RunRecord] = []
+    status = "FINISHED"
+    try:
+        streams: dict[int, Any] = {}
+        for seed in seeds:
+            for run in planned:
+                if seed not in streams:
+                    from clbench.streams import build_stream
+
+                    progress(f"building stream {suite.stream.name} ({suite.stream.num_tasks} tasks) seed {seed}")
+                    streams[seed] = build_stream(suite.stream, seed)
+                records.append(run_one(suite, run, seed, streams[seed], tracker, parent, base_tags, suite_yaml,
+                                       progress))
+        _suite_evidence(tracker, parent, records)
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        tracker.end_run(parent, status)
+    return records
+
+
+def run_one(suite: Suite, run: PlannedRun, seed: int, stream, tracker, parent: str, base_tags: dict[str, str],
+            suite_yaml: str, progress: Callable[[str], None]) -> RunRecord:
+    import torch
+
+    from clbench.backbones import build_model
+    from clbench.loop import TaskResult, peak_memory_mb, resolve_device, run_stream
+    from clbench.metrics import summary
+    from clbench.registry import run_manager
+    from clbench.spectra import SpectraTracker
+
+    cfg = suite.train_for(suite.methods[run.entry_index])
+    device = resolve_device(cfg.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ClbenchError(f"train.device: {cfg.device} requested but CUDA is not available; use auto or cpu")
+    tags = {**base_tags, "clbench.method": run.label, "clbench.method_name": run.info.name,
+            "clbench.seed": str(seed), "clbench.device": _device_name(device), "clbench.role": "child",
+            "clbench.plugin_source": run.info.source}
+    params = {"method": {"name": run.info.name, "label": run.label, "params": run.params.model_dump(mode="json")},
+              "seed": seed, "stream": suite.stream.model_dump(mode="json"),
+              "backbone": suite.backbone.model_dump(mode="json"), "train": cfg.model_dump(mode="json")}
+    run_id = tracker.start_run(f"{run.label}-s{seed}", tags, params, parent=parent)
+    say = lambda msg: progress(f"[{run.label} seed {seed}] {msg}")  # noqa: E731
+    torch.manual_seed(seed)
+    model = build_model(suite.backbone.name, suite.backbone.image_size, suite.backbone.pretrained,
+                        suite.backbone.checkpoint, suite.backbone.in_chans, suite.backbone.drop_path_rate)
+    method = run.info.cls(run.params)
+    pm = run_manager(method)
+    spectra = SpectraTracker()
+    totals = {"train_seconds": 0.0, "images": 0, "trainable": 0, "hooks": 0.0}
+    spectra_rows: list[dict[str, float]] = []
+
+    def on_task(res: TaskResult) -> None:
+        t = res.task
+        m = {"eval/acc": float(np.average(res.R[t, : t + 1], weights=res.sizes[: t + 1])),
+             "eval/acc_til": float(np.average(res.R_til[t, : t + 1], weights=res.sizes[: t + 1])),
+             "train/loss": res.loss, "cost/task_train_seconds": res.train_seconds,
+             "cost/task_eval_seconds": res.eval_seconds}
+        m.update({f"eval/acc/task_{j:02d}": float(res.R[t, j]) for j in range(t + 1)})
+        m.update({f"train/{k}": v for k, v in res.loss_terms.items()})
+        for hook_name, secs in res.hook_seconds.items():
+            m[f"cost/hook_seconds/{hook_name}"] = secs
+        if res.updates:
+            tic = time.perf_counter()
+            row = spectra.add_task(res.updates)
+            row_time = time.perf_counter() - tic
+            m.update(row)
+            m["cost/spectra_seconds"] = row_time
+            spectra_rows.append(row)
+        tracker.log_metrics(run_id, m, step=t)
+        tracker.flush(run_id)
+        totals["train_seconds"] += res.train_seconds
+        totals["images"] += res.images
+        totals["trainable"] = max(totals["trainable"], res.trainable_params)
+        totals["hooks"] += sum(res.hook_seconds.values())
+
+    status, record = "FINISHED", None
+    try:
+        state = run_stream(model, stream, pm, cfg, seed, device, on_task=on_task, progress=say)
+        R, R_til = state.R, state.R_til
+        sizes = np.array([len(t.test_y) for t in stream.tasks])
+        final = summary(R, R_til, sizes)
+        final.update({"cost/train_seconds": totals["train_seconds"],
+                      "cost/img_per_s": totals["images"] / max(1e-9, totals["train_seconds"]),
+                      "cost/peak_mem_mb": peak_memory_mb(device),
+                      "cost/trainable_params": float(totals["trainable"]),
+                      "cost/hook_share": totals["hooks"] / max(1e-9, totals["train_seconds"])})
+        if spectra_rows:
+            t1 = [r["spectra/top1_share"] for r in spectra_rows if "spectra/top1_share" in r]
+            if t1:
+                final["spectra/mean_top1_share"] = float(np.mean(t1))
+        tracker.log_metrics(run_id, final, step=len(stream.tasks) - 1)
+        _write_artifacts(tracker, run_id, run, seed, R, R_til, spectra, suite_yaml, stream)
+        say(f"final acc {final['final/acc']:.2f} forgetting {final['final/forgetting']:.2f} "
+            f"({totals['train_seconds']:.1f}s training)")
+        record = RunRecord(run.label, seed, run_id, status, final, R)
+    except FloatingPointError as exc:
+        status = "FAILED"
+        say(f"FAILED: {exc}; the suite's other runs go on")
+        tracker.set_tags(run_id, {"clbench.error": str(exc)})
+        record = RunRecord(run.label, seed, run_id, status)
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    except BaseException:
+        status = "FAILED"
+        raise
+    finally:
+        tracker.end_run(run_id, status)
+    return record
+
+
+def _device_name(device) -> str:
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()})"
+
+
+def _write_artifacts(tracker, run_id: str, run: PlannedRun, seed: int, R, R_til, spectra, suite_yaml: str,
+                     stream) -> None:
+    from clbench import plots
+    from clbench.metrics import per_task_forgetting
+
+    with tempfile.TemporaryDirectory() as tmp:
+        d = Path(tmp)
+        (d / "suite.yaml").write_text(suite_yaml)
+        np.savetxt(d / "acc_matrix.csv", R, delimiter=",", fmt="%.4f")
+        np.savetxt(d / "acc_matrix_til.csv", R_til, delimiter=",", fmt="%.4f")
+        plots.accuracy_heatmap(R, d / "acc_matrix.png", f"{run.label} seed {seed}: CIL accuracy R[i, j]")
+        (d / "provenance.json").write_text(json.dumps(
+            {"method": run.info.name, "label": run.label, "source": run.info.source, **run.info.provenance,
+             "class_order": stream.class_order}, indent=2))
+        (d / "packages.json").write_text(json.dumps(package_versions(), indent=2))
+        if spectra.task_values:
+            arrays = spectra.arrays()
+            np.savez_compressed(d / "spectra.npz", **arrays)
+            plots.spectrum_heatmap(arrays["task_sv"], list(arrays["layers"]), d / "spectra.png",
+                                   f"{run.label} seed {seed}")
+            T = R.shape[0]
+            if T > 1:
+                f = per_task_forgetting(R)
+                later = [float(np.nanmean([np.nanmean(arrays["layer_metrics"][i, :, 0]) for i in range(j + 1, T)]))
+                         for j in range(T - 1)]
+                plots.scatter(later, f, [f"task {j}" for j in range(T - 1)], d / "forgetting_vs_imbalance.png",
+                              "mean top1_share of later tasks' updates", "forgetting of task j (points)",
+                              f"{run.label} seed {seed}")
+        tracker.log_artifacts(run_id, d)
+
+
+def _suite_evidence(tracker, parent: str, records: list[RunRecord]) -> None:
+    """Spearman correlation between spectral imbalance and forgetting across the suite's finished runs."""
+    from clbench import plots
+
+    done = [r for r in records if r.status == "FINISHED" and "spectra/mean_top1_share" in r.metrics]
+    tracker.log_metrics(parent, {"suite/runs_finished": float(len([r for r in records if r.status == "FINISHED"])),
+                                 "suite/runs_failed": float(len([r for r in records if r.status != "FINISHED"]))})
+    if len(done) < 3:
+        tracker.flush(parent)
+        return
+    from scipy.stats import spearmanr
+
+    x = [r.metrics["spectra/mean_top1_share"] for r in done]
+    y = [r.metrics["final/forgetting"] for r in done]
+    rho = spearmanr(x, y).statistic
+    if rho is not None and not math.isnan(rho):
+        tracker.log_metrics(parent, {"suite/spearman_imbalance_forgetting": float(rho)})
+    tracker.flush(parent)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "imbalance_vs_forgetting.png"
+        plots.scatter(x, y, [f"{r.method}/s{r.seed}" for r in done], path, "mean top1_share of task updates",
+                      "final/forgetting", f"Spearman rho = {rho:.3f} over {len(done)} runs")
+        tracker.log_artifacts(parent, path.parent)
+
