@@ -133,10 +133,10 @@ def _digits() -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(x), torch.from_numpy(d.target.astype(np.int64))
 
 
-def synthetic_tensors(num_classes: int, per_class: int, size: int = 16, seed: int = 0, noise: float = 0.35):
-    """Each class is a smooth random prototype image; samples are prototype plus noise, as uint8."""
+def synthetic_tensors(num_classes: int, per_class: int, size: int = 16, seed: int = 0, noise: float = 0.25):
+    """Each class is a random binary 4x4 block pattern (dark/bright, smoothed); samples add noise; uint8."""
     g = torch.Generator().manual_seed(1000 + seed)
-    protos = torch.rand(num_classes, 1, size // 4, size // 4, generator=g)
+    protos = 0.2 + 0.6 * (torch.rand(num_classes, 1, 4, 4, generator=g) > 0.5).float()
     protos = torch.nn.functional.interpolate(protos, size=(size, size), mode="bilinear", align_corners=False)
     y = torch.arange(num_classes).repeat_interleave(per_class)
     x = protos[y] + noise * torch.randn(len(y), 1, size, size, generator=g)

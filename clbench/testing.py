@@ -1,0 +1,57 @@
+"""Small, fast building blocks for tests, benchmarks and plugin authors: a synthetic stream, a micro ViT and
+a one-call run of a method through the real loop (no MLflow)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from clbench.backbones import CLModel, build_model
+from clbench.loop import LoopState, TaskResult, run_stream
+from clbench.registry import run_manager
+from clbench.streams import Stream, build_stream
+from clbench.suite import StreamConfig, TrainConfig
+
+
+def tiny_stream(num_tasks: int = 2, num_classes: int = 4, samples_per_class: int = 24, seed: int = 0) -> Stream:
+    """A synthetic stream through the same Avalanche path as the real ones."""
+    cfg = StreamConfig(name="synthetic", num_tasks=num_tasks, num_classes=num_classes,
+                       samples_per_class=samples_per_class)
+    return build_stream(cfg, seed)
+
+
+def tiny_model(name: str = "vit_micro_clbench", image_size: int = 16, seed: int = 0) -> CLModel:
+    """A randomly initialised tiny ViT (real timm VisionTransformer)."""
+    torch.manual_seed(seed)
+    return build_model(name, image_size, pretrained=False, checkpoint=None)
+
+
+def tiny_train(**overrides: Any) -> TrainConfig:
+    base = dict(epochs=1, batch_size=16, lr=5e-3, optimizer="adam", device="cpu", log_every=1000)
+    return TrainConfig(**{**base, **overrides})
+
+
+@dataclass
+class TinyRun:
+    model: CLModel
+    method: Any
+    state: LoopState
+    results: list[TaskResult] = field(default_factory=list)
+
+    @property
+    def R(self) -> np.ndarray:
+        return self.state.R
+
+
+def run_method(method: Any, stream: Stream | None = None, model: CLModel | None = None, seed: int = 0,
+               **train: Any) -> TinyRun:
+    """Run ``method`` (an instance) through ``stream`` on CPU with the real loop and hooks."""
+    stream = stream or tiny_stream(seed=seed)
+    model = model or tiny_model(seed=seed)
+    results: list[TaskResult] = []
+    state = run_stream(model, stream, run_manager(method), tiny_train(**train), seed, torch.device("cpu"),
+                       on_task=results.append)
+    return TinyRun(model, method, state, results)

@@ -1,0 +1,5 @@
+"""The olora method plugin (work in progress: registers nothing yet)."""
+
+
+def register_methods(register):
+    return None
