@@ -1,5 +1,408 @@
-"""The inflora method plugin (work in progress: registers nothing yet)."""
+"""InfLoRA: interference-free low-rank adaptation for continual learning, as the ``inflora`` method plugin.
+
+Paper: Yan-Shuo Liang and Wu-Jun Li, "InfLoRA: Interference-Free Low-Rank Adaptation for Continual
+Learning", CVPR 2024 (arXiv 2404.00228). Official code: github.com/liangyanshuo/InfLoRA (``methods/inflora.py``,
+``models/vit_inflora.py``). Specification: METHODS.md section 2.
+
+Naming (the paper's letters, which the official code swaps, mapped onto ``clbench.lora``):
+
+======================  =========================  ===========================  ===========================
+paper                   role                       official code                clbench ``LoRABranch``
+======================  =========================  ===========================  ===========================
+``B_t`` (r x d_in)      designed, frozen down-     ``lora_A_k/v[t]``            ``branch.A``
+                        projection
+``A_t`` (d_out x r)     trained up-projection,     ``lora_B_k/v[t]``            ``branch.B``
+                        zero init
+======================  =========================  ===========================  ===========================
+
+so the task's update is ``delta W_t = A_t B_t`` = ``branch.B @ branch.A`` (branch scale 1, no gain).
+
+Per task t (0-based, T tasks):
+
+1. ``before_task``: stream the task's training data through the current model and accumulate, at every
+   adapted linear map, the uncentred covariance of its input ``C = (1/N_tok) sum x x^T`` (d x d, never the
+   N x d feature matrix; float64 by default whatever the compute dtype). Project it with the DualGPM memory of
+   that input (``C - M M^T C`` for a "remove" basis M, ``Mbar Mbar^T C`` for a "retain" basis Mbar of the
+   complement) and set ``B_t = U[:, :r]^T / sqrt(3)`` from its SVD. Sites reading the same input (q, k and v
+   of a block read the fused qkv input) share ``B_t``, as the official k/v do. A new branch per site holds
+   ``B_t`` frozen and a zero ``A_t``; only the ``A_t`` of this task train (``param_groups``).
+2. ``after_task``: recollect the covariance with the trained model and update the memory with DualGPM at
+   threshold ``eps_t = lambda_b + (lambda_e - lambda_b) t / T``; a "remove" basis with more than d/2 columns is
+   replaced by its complement ("retain"), as in the official ``update_DualGPM``.
+3. ``merge_task`` (``merge: true``, the default): the finished branch is folded into the frozen base weight.
+   The official code keeps every task's branch and sums them; merging is output-identical (up to float
+   rounding) and makes later tasks and evaluation run at the bare backbone's cost. ``merge: false`` keeps the
+   branches, exactly as the official model does.
+
+Presets (``preset`` fills rank / lambda_b / lambda_e not given explicitly) and the suite ``train`` section
+that reproduces each official config (``train`` lives in the suite, not in the method's params):
+
+============  ===================================  =====================================================
+preset        method params                        suite ``train``
+============  ===================================  =====================================================
+cifar100      rank 10, lambda_b 0.95, lambda_e 1   optimizer adam, lr 5.0e-4, schedule cosine, epochs 20,
+(default)                                          batch_size 128, weight_decay 0   (10 x 10 classes)
+imagenet_r    rank 10, lambda_b 0.98, lambda_e 1   optimizer adam, lr 5.0e-4, schedule cosine, epochs 50,
+                                                   batch_size 128, weight_decay 0   (5/10/20 tasks)
+domainnet     rank 30, lambda_b 0.95, lambda_e 1   optimizer sgd, momentum 0.9, lr 5.0e-3, schedule cosine,
+                                                   epochs 5, batch_size 128, weight_decay 0   (5 tasks)
+============  ===================================  =====================================================
+
+Deviations from the official code, each deliberate:
+
+* The first task's memory when the kept rank k reaches d/2: the official code stores the *kept* basis
+  ``U[:, :k]`` labelled "retain" (and then trips its own ``assert`` that a retain basis has <= d/2 columns);
+  here the complement ``U[:, k:]`` is stored, which is what "retain" means everywhere else in that code.
+  With ViT-B features the branch is never taken (k << 384), so results there are unaffected.
+* A guard after the SVD: ``B_t`` is multiplied by the complement projector of the memory. This is a no-op
+  (to float rounding) whenever the projected covariance has rank >= r, the official regime; when it has
+  rank < r the official code keeps arbitrary singular vectors of zero singular values, which may point into
+  the protected subspace, and the guard removes that component so interference-freeness holds exactly.
+* The memory, projections and SVDs are in float64 on the CPU (the official code mixes float32 torch and
+  float64 numpy); the official energy criterion on the singular values of the covariance (eigenvalues
+  squared) is kept, with the total energy taken as ``||C||_F^2`` (equal to the sum of squared singular values).
+* Covariance is accumulated as a running sum in ``cov_dtype`` on the compute device (float64 default) and
+  divided by the token count at the end; the official code keeps a running float32 mean on the CPU.
+* Training-loop differences are the harness's, not this plugin's: the loop's cosine schedule steps per
+  optimizer step (official ``CosineSchedule`` per epoch), the model is in ``train()`` while training (the
+  official code keeps ``eval()``; identical for a ViT without dropout / drop-path), and the official
+  per-epoch k-means of features (``clustering``, unused by InfLoRA's prediction) is not reproduced.
+* Targets are configurable (default k and v of every block, as official); q/k/v/qkv sites of a block share
+  one memory and one ``B_t`` because they share the input; proj/fc1/fc2 get their own.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from torch import nn
+
+from clbench.errors import ClbenchError
+from clbench.hookspecs import hookimpl
+from clbench.lora import AdaptedLinear, LoRABranch, LoRASite, LowRank, inject
+from clbench.method import Method
+
+PRESETS: dict[str, dict[str, float]] = {
+    "cifar100": {"rank": 10, "lambda_b": 0.95, "lambda_e": 1.0},  # configs/cifar100_inflora.json
+    "imagenet_r": {"rank": 10, "lambda_b": 0.98, "lambda_e": 1.0},  # configs/mimg{5,10,20}_inflora.json
+    "domainnet": {"rank": 30, "lambda_b": 0.95, "lambda_e": 1.0},  # configs/domainnet_inflora.json
+}
+REMOVE, RETAIN = "remove", "retain"
+
+
+# ----------------------------------------------------------------------------------------------------
+# DualGPM memory (pure functions on float64 CPU tensors; tested directly)
+# ----------------------------------------------------------------------------------------------------
+
+@dataclass
+class Memory:
+    """The protected input subspace of one adapted input.
+
+    ``kind == "remove"``: ``basis`` (d x k, orthonormal) spans the protected subspace M.
+    ``kind == "retain"``: ``basis`` spans its orthogonal complement Mbar (the still-free directions).
+    """
+
+    basis: torch.Tensor
+    kind: str
+
+    @property
+    def dim(self) -> int:
+        return self.basis.shape[0]
+
+    def free_projector(self) -> torch.Tensor:
+        """Projector onto the free directions (the complement of the protected subspace)."""
+        P = self.basis @ self.basis.t()
+        return torch.eye(self.dim, dtype=P.dtype) - P if self.kind == REMOVE else P
+
+    def project(self, C: torch.Tensor) -> torch.Tensor:
+        """``C - M M^T C`` (remove) or ``Mbar Mbar^T C`` (retain): the part of C outside the protected space."""
+        MtC = self.basis.t() @ C
+        return C - self.basis @ MtC if self.kind == REMOVE else self.basis @ MtC
+
+    def protected_basis(self) -> torch.Tensor:
+        """An orthonormal basis of the protected subspace, whatever the representation."""
+        return self.basis if self.kind == REMOVE else _complement(self.basis)
+
+    def captured_energy(self, C: torch.Tensor) -> float:
+        """Share of ``||C||_F^2`` inside the protected subspace (the DualGPM criterion)."""
+        total = float(C.pow(2).sum())
+        return 1.0 - float(self.project(C).pow(2).sum()) / total if total > 0 else 1.0
+
+
+def threshold(t: int, num_tasks: int, lambda_b: float, lambda_e: float) -> float:
+    """``eps_t = lambda_b + (lambda_e - lambda_b) * t / T`` with t the 0-based index of the finished task."""
+    return lambda_b + (lambda_e - lambda_b) * t / num_tasks
+
+
+def _complement(basis: torch.Tensor) -> torch.Tensor:
+    U, _, _ = torch.linalg.svd(basis, full_matrices=True)
+    return U[:, basis.shape[1]:]
+
+
+def design_down_projection(C: torch.Tensor, memory: Memory | None, rank: int,
+                           scale: float = 1 / math.sqrt(3)) -> torch.Tensor:
+    """The paper's ``B_t`` (rank x d): top-``rank`` left singular vectors of the projected covariance, scaled."""
+    C = C.double()
+    C_hat = C if memory is None else memory.project(C)
+    U, _, _ = torch.linalg.svd(C_hat, full_matrices=False)
+    B = U[:, :rank].t()
+    if memory is not None:  # guard (module docstring): a no-op unless C_hat has rank < r
+        B = B @ memory.free_projector()
+    return B * scale
+
+
+def dualgpm_update(memory: Memory | None, C: torch.Tensor, eps: float) -> Memory:
+    """One DualGPM step of the official ``update_DualGPM`` on the covariance C of the finished task."""
+    C = C.double()
+    d = C.shape[0]
+    total = float(C.pow(2).sum())
+    if memory is None:
+        U, S, _ = torch.linalg.svd(C, full_matrices=False)
+        ratio = S.pow(2) / total
+        k = int((torch.cumsum(ratio, 0) < eps).sum())  # official: no "+1", so the prefix stays below eps
+        k = max(k, 1)
+        memory = Memory(U[:, :k], REMOVE) if k < d / 2 else Memory(U[:, k:], RETAIN)
+    elif memory.kind == REMOVE:
+        C_hat = memory.project(C)
+        U, S, _ = torch.linalg.svd(C_hat, full_matrices=False)
+        ratio = (S.pow(2) / total).tolist()
+        acc = (total - float(C_hat.pow(2).sum())) / total
+        r = 0
+        for s2 in ratio:
+            if acc >= eps:
+                break
+            acc += s2
+            r += 1
+        if r:
+            memory = Memory(torch.cat([memory.basis, U[:, :r]], 1)[:, :d], REMOVE)
+    else:
+        C_hat = memory.project(C)
+        U, S, _ = torch.linalg.svd(C_hat, full_matrices=False)
+        ratio = (S.pow(2) / total).tolist()
+        acc = float(C_hat.pow(2).sum()) / total
+        r = 0
+        for s2 in ratio:
+            if acc < 1 - eps:
+                break
+            acc -= s2
+            r += 1
+        if r:
+            Ur = U[:, :r]
+            left = memory.basis - Ur @ (Ur.t() @ memory.basis)
+            Ui, _, _ = torch.linalg.svd(left, full_matrices=True)
+            memory = Memory(Ui[:, : memory.basis.shape[1] - r], RETAIN)
+    if memory.kind == REMOVE and memory.basis.shape[1] > d / 2:
+        memory = Memory(_complement(memory.basis), RETAIN)
+    return memory
+
+
+# ----------------------------------------------------------------------------------------------------
+# Streaming covariance of the adapted layers' inputs
+# ----------------------------------------------------------------------------------------------------
+
+class CovarianceCollector:
+    """Forward hooks that accumulate ``sum x x^T`` and the token count of each module's input (d x d each)."""
+
+    def __init__(self, modules: dict[str, nn.Module], dtype: torch.dtype = torch.float64) -> None:
+        self.modules, self.dtype = modules, dtype
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = {}
+        self._handles: list[Any] = []
+
+    def _hook(self, key: str):
+        def hook(module: nn.Module, inputs: tuple, output: Any) -> None:
+            x = inputs[0].detach()
+            x = x.reshape(-1, x.shape[-1])
+            with torch.autocast(device_type=x.device.type, enabled=False):
+                x = x.to(self.dtype)
+                xtx = x.t() @ x
+            if key in self.sums:
+                self.sums[key] += xtx
+            else:
+                self.sums[key] = xtx
+            self.counts[key] = self.counts.get(key, 0) + x.shape[0]
+        return hook
+
+    def __enter__(self) -> "CovarianceCollector":
+        self._handles = [m.register_forward_hook(self._hook(k)) for k, m in self.modules.items()]
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def covariances(self) -> dict[str, torch.Tensor]:
+        """``C = (1/N_tok) sum x x^T`` per module, float64 on the CPU."""
+        return {k: (s / max(1, self.counts[k])).double().cpu() for k, s in self.sums.items()}
+
+
+# ----------------------------------------------------------------------------------------------------
+# The method
+# ----------------------------------------------------------------------------------------------------
+
+class InfLoRAParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    preset: Literal["cifar100", "imagenet_r", "domainnet"] | None = Field(
+        None, description="official config whose rank/lambda_b/lambda_e fill the params not given explicitly")
+    rank: int = Field(10, ge=1, description="rank r of each task's branch (official: 10; DomainNet 30)")
+    lambda_b: float = Field(0.95, gt=0, le=1, description="DualGPM threshold at the first task ('lamb'; "
+                                                          "0.95 CIFAR-100/DomainNet, 0.98 ImageNet-R)")
+    lambda_e: float = Field(1.0, gt=0, le=1, description="DualGPM threshold approached at the last task ('lame')")
+    targets: list[str] = Field(["k", "v"], min_length=1, description="adapted maps: q, k, v, qkv, proj, fc1, fc2")
+    blocks: list[int] | None = Field(None, description="adapted transformer blocks (default: all)")
+    down_scale: float = Field(1 / math.sqrt(3), gt=0, description="scale of the designed down-projection B_t "
+                                                                  "(official 1/sqrt(3))")
+    cov_dtype: Literal["float64", "float32"] = Field("float64", description="covariance accumulation dtype")
+    cov_fraction: float = Field(1.0, gt=0, le=1, description="share of the task's training data (uniformly "
+                                                             "spaced) used for the covariances; official: all")
+    merge: bool = Field(True, description="fold each finished task's branch into the base weights "
+                                          "(output-identical to keeping it, as the official code does)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _preset(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("preset") is not None:
+            preset = PRESETS.get(data["preset"])
+            if preset is not None:
+                data = {**preset, **data}
+        return data
+
+    @model_validator(mode="after")
+    def _order(self) -> "InfLoRAParams":
+        if self.lambda_e < self.lambda_b:
+            raise ValueError(f"lambda_e ({self.lambda_e}) must be >= lambda_b ({self.lambda_b})")
+        return self
+
+
+class InfLoRA(Method):
+    name = "inflora"
+    paper = "Liang & Li, InfLoRA: Interference-Free Low-Rank Adaptation for Continual Learning, CVPR 2024"
+    code = "github.com/liangyanshuo/InfLoRA"
+    Params = InfLoRAParams
+
+    def __init__(self, params=None) -> None:
+        super().__init__(params)
+        self.sites: dict[str, LoRASite] = {}
+        self.inputs: dict[str, AdaptedLinear] = {}  # input key -> the module whose input is collected
+        self.site_input: dict[str, str] = {}  # site name -> input key
+        self.memory: dict[str, Memory] = {}
+        self.down: dict[str, torch.Tensor] = {}  # input key -> this task's B_t (for tests and inspection)
+        self.tasks_done = 0
+        self.cost: list[dict[str, float]] = []  # per task: seconds of covariance, design and memory update
+        self._task_update: dict[str, LowRank] = {}
+
+    # -- structure ---------------------------------------------------------------------------------
+    @hookimpl
+    def configure_model(self, model, ctx):
+        p = self.params
+        try:
+            self.sites = inject(model.backbone, p.targets, p.blocks)
+        except ValueError as exc:
+            raise ClbenchError(f"inflora: {exc}") from None
+        names = {id(m): n for n, m in model.backbone.named_modules()}
+        self.inputs, self.site_input = {}, {}
+        for name, site in self.sites.items():
+            owner = site._owner
+            key = names[id(owner)]
+            self.inputs[key] = owner
+            self.site_input[name] = key
+
+    def _add_branches(self, down: dict[str, torch.Tensor] | None) -> None:
+        """A new branch on every site: ``A`` = the paper's B_t (frozen), ``B`` = the paper's A_t (zero)."""
+        for name, site in self.sites.items():
+            for old in site.branches:
+                old.requires_grad_(False)
+            branch: LoRABranch = site.add_branch(self.params.rank, scale=1.0)
+            if down is not None:
+                with torch.no_grad():
+                    branch.A.copy_(down[self.site_input[name]].to(branch.A))
+            branch.A.requires_grad_(False)
+
+    @torch.no_grad()
+    def collect(self, model, ctx) -> dict[str, torch.Tensor]:
+        """Covariance of every adapted input over this task's training data with the current model."""
+        was_training = model.training
+        model.eval()
+        backbone = getattr(model.backbone, "_orig_mod", model.backbone)  # hooks bypass torch.compile
+        dtype = torch.float64 if self.params.cov_dtype == "float64" else torch.float32
+        autocast = ctx.autocast if ctx.autocast is not None else None
+        with CovarianceCollector(self.inputs, dtype) as coll:
+            for xb, _ in ctx.loader(fraction=self.params.cov_fraction):
+                if autocast is not None:
+                    with autocast():
+                        backbone(xb)
+                else:
+                    backbone(xb)
+        model.train(was_training)
+        if not coll.sums:
+            raise ClbenchError(f"inflora: task {ctx.task} has no training data to collect covariances from")
+        return coll.covariances()
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+    @hookimpl
+    def before_task(self, model, ctx):
+        tic = time.perf_counter()
+        covs = self.collect(model, ctx)
+        t_cov = time.perf_counter() - tic
+        tic = time.perf_counter()
+        self.down = {k: design_down_projection(C, self.memory.get(k), self.params.rank, self.params.down_scale)
+                     .float() for k, C in covs.items()}
+        self._add_branches(self.down)
+        self.cost.append({"cov_before": t_cov, "design": time.perf_counter() - tic})
+
+    @hookimpl
+    def param_groups(self, model, ctx):
+        # only the current task's up-projections (the paper's A_t) train; the loop adds the head
+        return [{"params": [s.branches[-1].B for s in self.sites.values()], "name": "inflora_A_t"}]
+
+    @hookimpl
+    def after_task(self, model, ctx):
+        self._task_update = {n: s.branches[-1].lowrank() for n, s in self.sites.items()}
+        tic = time.perf_counter()
+        covs = self.collect(model, ctx)
+        t_cov = time.perf_counter() - tic
+        tic = time.perf_counter()
+        eps = threshold(ctx.task, ctx.num_tasks, self.params.lambda_b, self.params.lambda_e)
+        for key, C in covs.items():
+            self.memory[key] = dualgpm_update(self.memory.get(key), C, eps)
+        self.tasks_done = ctx.task + 1
+        if self.cost:
+            self.cost[-1].update({"cov_after": t_cov, "memory_update": time.perf_counter() - tic})
+
+    @hookimpl
+    def merge_task(self, model, ctx):
+        if self.params.merge:
+            for site in self.sites.values():
+                site.merge()
+
+    @hookimpl
+    def task_updates(self, model, ctx):
+        return self._task_update
+
+    # -- checkpoints -------------------------------------------------------------------------------
+    @hookimpl
+    def method_state(self, ctx):
+        return {"tasks_done": self.tasks_done,
+                "layers": list(self.memory),
+                "kinds": [m.kind for m in self.memory.values()],
+                "bases": [m.basis.clone() for m in self.memory.values()]}
+
+    @hookimpl
+    def load_method_state(self, model, state, ctx):
+        self.memory = {k: Memory(b.double().cpu(), kind)
+                       for k, kind, b in zip(state["layers"], state["kinds"], state["bases"])}
+        self.tasks_done = int(state.get("tasks_done", ctx.task))
+        if not self.params.merge:  # the checkpointed model holds one frozen branch per finished task
+            for site in self.sites.values():
+                while len(site.branches) < ctx.task:
+                    site.add_branch(self.params.rank, scale=1.0).requires_grad_(False)
 
 
 def register_methods(register):
-    return None
+    register(InfLoRA)
