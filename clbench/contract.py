@@ -1,0 +1,241 @@
+"""The method contract as reusable checks: what every registered method must satisfy, whoever wrote it.
+
+``tests/test_contract.py`` runs these checks on every method in the registry (as timm tests every registered
+model); a plugin package calls :func:`check_method` from its own tests, and ``clbench new-method`` generates a
+test that does. Each check raises :class:`ContractError` with a message naming the method and what broke.
+
+The frozen-weights check accounts for merging: a method may fold its adapters into the base weights
+(``merge_task``), so base weights legitimately change. What must hold is that the *effective* weight of every
+adapted site (base rows + live branches) changes across task t by exactly the dense form of the update the
+method reports for task t (``task_updates``), and that every other pre-trained parameter, including the rows
+of a fused ``qkv`` weight no site covers, is bit-for-bit unchanged. A method that silently writes into the
+base weights, or reports an update that is not what it did, fails. Methods that set ``trains_backbone`` are
+exempt from this check only.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ValidationError
+
+from clbench.errors import ClbenchError
+from clbench.lora import AdaptedLinear, LowRank, find_sites
+from clbench.streams import Stream
+
+
+class ContractError(AssertionError):
+    """A method breaks the plugin contract (raised as an assertion so pytest reports it as a failure)."""
+
+
+def _fail(cls: type, msg: str) -> None:
+    raise ContractError(f"method '{getattr(cls, 'name', cls.__qualname__)}': {msg}")
+
+
+@dataclass
+class ContractRun:
+    """A two-task run of one method with what the checks need: per-task results and effective weights."""
+
+    method: Any
+    R: np.ndarray
+    R_til: np.ndarray
+    results: list = field(default_factory=list)  # clbench.loop.TaskResult per task
+    initial: dict[int, torch.Tensor] = field(default_factory=dict)  # id(param) -> pre-trained value
+    params: dict[int, tuple[str, torch.nn.Parameter]] = field(default_factory=dict)  # id -> (name, param)
+    effective: list[dict[str, torch.Tensor]] = field(default_factory=list)  # per task: site -> weight
+    sites: dict[str, Any] = field(default_factory=dict)  # site name -> LoRASite (after the run)
+
+
+def contract_stream(seed: int = 0, num_tasks: int = 2) -> Stream:
+    """The synthetic stream of the contract: 2 classes per task, 16 training images per class."""
+    from clbench.testing import tiny_stream
+
+    return tiny_stream(num_tasks=num_tasks, num_classes=2 * num_tasks, samples_per_class=16, seed=seed)
+
+
+def _site_weight(site) -> torch.Tensor:
+    """The effective weight of a site: its base rows plus every live branch."""
+    w = site.weight.detach().float().clone()
+    upd = site.update()
+    return w if upd is None else w + upd.dense()
+
+
+def contract_run(cls: type, params: BaseModel | dict[str, Any] | None = None, stream: Stream | None = None,
+                 seed: int = 0, max_steps: int = 2) -> ContractRun:
+    """Run ``cls`` (default params unless given) through a two-task stream on the tiny ViT, on CPU."""
+    from clbench.loop import run_stream
+    from clbench.registry import run_manager
+    from clbench.testing import tiny_model, tiny_train
+
+    stream = stream or contract_stream(seed)
+    model = tiny_model(seed=seed)
+    # Parameters are tracked by identity: injection wraps the same nn.Linear, so the objects survive it.
+    named = dict(model.backbone.named_parameters())
+    run = ContractRun(method=cls(params), R=np.empty(0), R_til=np.empty(0))
+    run.params = {id(p): (n, p) for n, p in named.items()}
+    run.initial = {id(p): p.detach().clone() for p in named.values()}
+
+    def snapshot(t: int, m, state) -> None:
+        run.sites = find_sites(m.backbone)
+        run.effective.append({n: _site_weight(s) for n, s in run.sites.items()})
+
+    state = run_stream(model, stream, run_manager(run.method), tiny_train(max_steps_per_epoch=max_steps), seed,
+                       torch.device("cpu"), on_task=run.results.append, after_report=snapshot)
+    run.R, run.R_til = state.R, state.R_til
+    return run
+
+
+def check_registration(cls: type) -> None:
+    """Name, params and hooks: what the registry and ``clbench methods NAME --params`` rely on."""
+    from clbench.registry import validate_hooks
+
+    name = getattr(cls, "name", "")
+    if not isinstance(name, str) or not name or name != name.lower():
+        _fail(cls, f"name must be a non-empty lowercase string, got {name!r}")
+    try:
+        validate_hooks(cls, f"method '{name}'")
+    except ClbenchError as exc:
+        raise ContractError(str(exc)) from None
+    P = cls.Params
+    try:
+        defaults = P()
+    except ValidationError as exc:
+        _fail(cls, f"Params() must construct from defaults (the paper's settings): {exc.errors()[0]['msg']}")
+    undocumented = [f for f, info in P.model_fields.items() if not (info.description or "").strip()]
+    if undocumented:
+        _fail(cls, f"Params fields without a description (shown by `clbench methods {name}`): {undocumented}")
+    try:
+        P(**{**defaults.model_dump(), "no_such_param_xyz": 1})
+    except ValidationError:
+        pass
+    else:
+        _fail(cls, "Params accepts unknown keys; set model_config = ConfigDict(extra='forbid') so a typo in "
+                   "a suite fails")
+    cls(defaults)  # the constructor the runner uses
+
+
+def check_run(run: ContractRun) -> None:
+    """Finite losses, well-formed evaluation and task updates, frozen weights (see the module docstring)."""
+    cls = type(run.method)
+    T = len(run.results)
+    if T < 2:
+        _fail(cls, f"expected 2 finished tasks, got {T}")
+    for res in run.results:
+        if not math.isfinite(res.loss):
+            _fail(cls, f"non-finite training loss on task {res.task}: {res.loss}")
+        bad = {k: v for k, v in res.loss_terms.items() if not math.isfinite(v)}
+        if bad:
+            _fail(cls, f"non-finite loss terms on task {res.task}: {bad}")
+    _check_matrices(cls, run.R, run.R_til)
+    for res in run.results:
+        _check_updates(cls, res.task, res.updates, run.sites)
+    if not getattr(cls, "trains_backbone", False):
+        _check_frozen(cls, run)
+
+
+def _check_matrices(cls: type, R: np.ndarray, R_til: np.ndarray) -> None:
+    T = R.shape[0]
+    for label, M in (("R", R), ("R_til", R_til)):
+        if M.shape != (T, T):
+            _fail(cls, f"{label} has shape {M.shape}, expected {(T, T)}")
+        lower = M[np.tril_indices(T)]
+        if not np.all(np.isfinite(lower)) or lower.min() < 0 or lower.max() > 100:
+            _fail(cls, f"{label} must hold percentages in [0, 100] on and below the diagonal: {M.tolist()}")
+        if not np.all(np.isnan(M[np.triu_indices(T, 1)])):
+            _fail(cls, f"{label} must be NaN above the diagonal (task j not yet seen after task i): {M.tolist()}")
+    # A correct class-incremental argmax is also correct within the true task's head.
+    if np.any(R_til[np.tril_indices(T)] < R[np.tril_indices(T)]):
+        _fail(cls, f"task-incremental accuracy below class-incremental accuracy: R={R.tolist()} "
+                   f"R_til={R_til.tolist()}")
+
+
+def _check_updates(cls: type, task: int, updates: Any, sites: dict[str, Any]) -> None:
+    if updates is None:
+        return  # a method without low-rank updates (no spectra for it)
+    if not isinstance(updates, dict):
+        _fail(cls, f"task_updates on task {task} must return dict[str, LowRank], got {type(updates).__name__}")
+    for key, lr in updates.items():
+        if key not in sites:
+            _fail(cls, f"task_updates on task {task}: '{key}' is not an adapted site; sites: {sorted(sites)[:6]}")
+        if not isinstance(lr, LowRank):
+            _fail(cls, f"task_updates on task {task}: '{key}' is {type(lr).__name__}, not clbench.lora.LowRank")
+        site = sites[key]
+        r = lr.A.shape[0]
+        if lr.A.ndim != 2 or lr.B.ndim != 2 or lr.B.shape[1] != r or lr.shape != (site.d_out, site.d_in):
+            _fail(cls, f"task_updates on task {task}: '{key}' has B {tuple(lr.B.shape)}, A {tuple(lr.A.shape)}; "
+                       f"expected B (d_out={site.d_out}, r) and A (r, d_in={site.d_in})")
+        if not (torch.isfinite(lr.A).all() and torch.isfinite(lr.B).all()):
+            _fail(cls, f"task_updates on task {task}: '{key}' has non-finite factors")
+
+
+def _check_frozen(cls: type, run: ContractRun) -> None:
+    covered: dict[int, list] = {}  # id(base weight) -> sites over its rows
+    for site in run.sites.values():
+        covered.setdefault(id(site._owner.base.weight), []).append(site)
+    for pid, (pname, p) in run.params.items():
+        before, after = run.initial[pid], p.detach()
+        if pid not in covered:
+            if not torch.equal(before, after):
+                _fail(cls, f"pre-trained parameter '{pname}' changed although the method does not train the "
+                           "backbone (set trains_backbone = True if it should)")
+            continue
+        mask = torch.ones(before.shape[0], dtype=torch.bool)
+        for site in covered[pid]:
+            mask[site.rows] = False
+        if not torch.equal(before[mask], after[mask]):
+            _fail(cls, f"rows of '{pname}' outside every adapted site changed")
+    # Adapted sites: effective weight change across each task == that task's reported update.
+    for t, res in enumerate(run.results):
+        for name, site in run.sites.items():
+            prev = (run.effective[t - 1].get(name) if t else None)
+            if prev is None:
+                prev = run.initial[id(site._owner.base.weight)][site.rows].float()
+            delta = run.effective[t][name] - prev
+            upd = (res.updates or {}).get(name)
+            reported = upd.dense() if upd is not None else torch.zeros_like(delta)
+            # float32 rounding of w + B A is ~1e-7 of the weight's magnitude; anything real is far larger.
+            scale = max(1.0, float(run.effective[t][name].abs().max()))
+            err = float((delta - reported).abs().max())
+            if err > 1e-5 * scale:
+                _fail(cls, f"task {t}, site '{name}': the effective weight changed by something other than the "
+                           f"reported task update (max abs difference {err:.3g}); task_updates must return what "
+                           "the task changed, and base weights may change only by merging that update")
+
+
+def check_determinism(cls: type, first: ContractRun, params: BaseModel | dict[str, Any] | None = None,
+                      stream: Stream | None = None, seed: int = 0) -> None:
+    """A second run with the same seed gives identical accuracy matrices (CPU)."""
+    second = contract_run(cls, params, stream=stream, seed=seed)
+    for label, a, b in (("R", first.R, second.R), ("R_til", first.R_til, second.R_til)):
+        if not np.array_equal(a, b, equal_nan=True):
+            _fail(cls, f"two CPU runs with seed {seed} give different {label}: {a.tolist()} vs {b.tolist()}; "
+                       "derive all randomness from torch's seeded RNG")
+
+
+def check_method(cls: type, params: BaseModel | dict[str, Any] | None = None, seed: int = 0) -> ContractRun:
+    """The whole contract for one method class; returns the first run for further, method-specific checks."""
+    check_registration(cls)
+    stream = contract_stream(seed)
+    run = contract_run(cls, params, stream=stream, seed=seed)
+    check_run(run)
+    check_determinism(cls, run, params, stream=stream, seed=seed)
+    return run
+
+
+def load_plugin_file(path: str | Path):
+    """A registry holding only the methods of one plugin file (validated as ``--plugins-dir`` would)."""
+    import hashlib
+
+    from clbench.registry import Registry, _import_file
+
+    path = Path(path).resolve()
+    source = f"file {path}"
+    reg = Registry()
+    prov = {"kind": "file", "path": str(path), "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+    reg.add_module(_import_file(path, source), source, prov)
+    return reg

@@ -1,0 +1,144 @@
+"""The plugin contract, run on every registered method (as timm tests every registered model).
+
+The registry is discovered at collection time, so a method that a built-in module or an installed plugin
+package registers is covered without editing this file. Per method: registration (name, documented params
+that reject typos, hooks that match the spec), a two-task run on the tiny ViT (finite losses, well-formed
+accuracy matrices and task updates, pre-trained weights unchanged except by merging the reported updates)
+and determinism on CPU. The checks live in ``clbench.contract`` so plugin packages can run them too; the
+second half of this file proves those checks fail on methods that break the contract.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+from clbench import contract
+from clbench.hookspecs import hookimpl
+from clbench.registry import discover
+
+REGISTRY = discover(strict=False)
+METHODS = sorted(REGISTRY.methods)
+
+
+@functools.cache
+def _stream():
+    return contract.contract_stream(seed=0)
+
+
+@functools.cache
+def _run(name: str) -> contract.ContractRun:
+    return contract.contract_run(REGISTRY.methods[name].cls, stream=_stream(), seed=0)
+
+
+def test_registry_loads_cleanly():
+    assert REGISTRY.errors == []
+    assert "lora" in METHODS
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_registration(name):
+    cls = REGISTRY.methods[name].cls
+    contract.check_registration(cls)
+    assert cls.paper.strip(), f"{name}: cite the paper in the class attribute 'paper'"
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_two_tasks_on_tiny_vit(name):
+    run = _run(name)
+    contract.check_run(run)
+    assert [r.task for r in run.results] == [0, 1]
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_deterministic_on_cpu(name):
+    contract.check_determinism(REGISTRY.methods[name].cls, _run(name), stream=_stream(), seed=0)
+
+
+# -- the contract's checks must be able to fail -------------------------------------------------------------
+
+def _lora():
+    return REGISTRY.methods["lora"].cls
+
+
+def test_merging_method_passes_frozen_check():
+    # IncLoRA merges each task's branch into the base weights: legitimate, the contract must accept it.
+    run = contract.contract_run(_lora(), {"fresh_per_task": True}, stream=_stream())
+    site = next(iter(run.sites.values()))
+    base = site._owner.base.weight
+    assert not torch.equal(base, run.initial[id(base)]), "IncLoRA should have merged into the base weight"
+    contract.check_run(run)
+
+
+def test_write_into_frozen_weight_fails():
+    class Sneaky(_lora()):
+        name = "sneaky"
+
+        @hookimpl
+        def after_task(self, model, ctx):
+            super().after_task(model, ctx)
+            with torch.no_grad():
+                model.backbone.blocks[0].mlp.fc1.weight.add_(1e-3)
+
+    with pytest.raises(contract.ContractError, match=r"blocks\.0\.mlp\.fc1\.weight.*changed"):
+        contract.check_run(contract.contract_run(Sneaky, stream=_stream()))
+
+
+def test_unreported_merge_fails():
+    class Silent(_lora()):
+        name = "silent"
+
+        @hookimpl
+        def task_updates(self, model, ctx):
+            return {n: u for i, (n, u) in enumerate(self._task_update.items()) if i}  # drops the first site
+
+    with pytest.raises(contract.ContractError, match="other than the reported task update"):
+        contract.check_run(contract.contract_run(Silent, {"fresh_per_task": True}, stream=_stream()))
+
+
+def test_malformed_update_fails():
+    class Truncated(_lora()):
+        name = "truncated"
+
+        @hookimpl
+        def task_updates(self, model, ctx):
+            return {n: type(u)(u.B[:-1], u.A) for n, u in self._task_update.items()}  # one row short
+
+    with pytest.raises(contract.ContractError, match="expected B"):
+        contract.check_run(contract.contract_run(Truncated, stream=_stream()))
+
+
+def test_nondeterminism_fails():
+    calls = []
+
+    class Drifting(_lora()):
+        name = "drifting"
+
+        @hookimpl
+        def configure_model(self, model, ctx):
+            super().configure_model(model, ctx)
+            calls.append(1)  # a different perturbation per run: state leaking between runs
+            g = torch.Generator().manual_seed(len(calls))
+            with torch.no_grad():
+                for site in self.sites.values():
+                    site.branches[0].B.normal_(0, 0.3, generator=g)
+
+    first = contract.contract_run(Drifting, stream=_stream())
+    with pytest.raises(contract.ContractError, match="different R"):
+        contract.check_determinism(Drifting, first, stream=_stream())
+
+
+def test_params_accepting_typos_fail():
+    from pydantic import BaseModel, Field
+
+    class Loose(BaseModel):
+        rank: int = Field(4, description="rank")
+
+    class Lax(_lora()):
+        name = "lax"
+        Params = Loose
+
+    with pytest.raises(contract.ContractError, match="extra='forbid'"):
+        contract.check_registration(Lax)
