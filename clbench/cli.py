@@ -104,6 +104,38 @@ def plugins(plugins_dir: list[str] = typer.Option([], "--plugins-dir")) -> None:
 
 
 @app.command()
+def leaderboard(
+    suite: Optional[str] = typer.Argument(None, help="suite file, experiment or suite name; default: every "
+                                                     "clbench experiment"),
+    sort: str = typer.Option("final/acc", "--sort", help="metric key or short name (acc, forgetting, train_s, "
+                                                         "...) or method; best first"),
+    format_: str = typer.Option("table", "--format", "-f", help="table, markdown, csv, json or html"),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="write to this file instead of stdout"),
+    tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri",
+                                               help="default: the suite's tracking.uri, MLFLOW_TRACKING_URI or "
+                                                    "sqlite:///mlflow.db"),
+) -> None:
+    """Compare methods: aggregate the finished seeds of every method per suite hash (reads MLflow only)."""
+    from clbench.leaderboard import FORMATS, build, render
+
+    try:
+        if format_ not in FORMATS:
+            raise ClbenchError(f"--format {format_}: choose from {', '.join(FORMATS)}")
+        groups = build(suite, tracking_uri, sort)
+        text = render(groups, format_, title=f"clbench leaderboard: {suite}" if suite else "clbench leaderboard")
+        if output:
+            try:
+                output.write_text(text)
+            except OSError as exc:
+                raise ClbenchError(f"--output {output}: cannot write ({exc.strerror})") from None
+            typer.echo(f"wrote {output}", err=True)
+        else:
+            typer.echo(text)
+    except ClbenchError as exc:
+        _fail(str(exc))
+
+
+@app.command()
 def ui(
     host: str = typer.Option("127.0.0.1", help="bind address (loopback by default)"),
     port: int = typer.Option(5000),

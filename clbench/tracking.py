@@ -121,3 +121,72 @@ class MlflowTracker:
 
 def make_tracker(experiment: str, uri: str | None) -> MlflowTracker:
     return MlflowTracker(experiment, uri or os.environ.get("MLFLOW_TRACKING_URI") or None)
+
+
+# --- Reading (the leaderboard's only door into MLflow; it never writes) -------------------------------------
+
+CHILD_FILTER = "tags.`clbench.role` = 'child'"
+HISTORY_KEYS = ("eval/acc", "spectra/top1_share", "spectra/overlap")
+
+
+def resolve_read_uri(uri: str | None) -> str:
+    """The store to read: ``uri``, else ``$MLFLOW_TRACKING_URI``, else MLflow's own default.
+
+    A sqlite store that does not exist is an error here: opening it would create an empty database, and reading
+    must never write.
+    """
+    import mlflow
+
+    resolved = uri or os.environ.get("MLFLOW_TRACKING_URI") or mlflow.get_tracking_uri()
+    if resolved.startswith("sqlite:///"):
+        path = Path(resolved.removeprefix("sqlite:///"))
+        if str(path) != ":memory:" and not path.exists():
+            raise ClbenchError(f"tracking: no MLflow store at {resolved} ({path} does not exist); run "
+                               "`clbench run SUITE` here first or set MLFLOW_TRACKING_URI")
+    return resolved
+
+
+def read_runs(experiment: str | None = None, uri: str | None = None,
+              history: tuple[str, ...] = HISTORY_KEYS) -> list[dict[str, Any]]:
+    """Every clbench child run (active, not deleted) of ``experiment`` (all experiments when None), as plain dicts.
+
+    Each dict has run_id, run_name, experiment, status, start_time (ms), end_time, tags, params, metrics (last
+    value per key) and history (key -> list of (step, value) sorted by step, for the keys in ``history``).
+    """
+    from mlflow.tracking import MlflowClient
+
+    resolved = resolve_read_uri(uri)
+    try:
+        client = MlflowClient(tracking_uri=resolved)
+        experiments = client.search_experiments()
+    except Exception as exc:  # noqa: BLE001 - any failure here means "cannot use this store"
+        msg = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise ClbenchError(f"tracking: cannot read the MLflow tracking store at {resolved} ({msg}); start the "
+                           "server or fix MLFLOW_TRACKING_URI") from None
+    names = {e.experiment_id: e.name for e in experiments}
+    if experiment is not None:
+        ids = [i for i, n in names.items() if n == experiment]
+        if not ids:
+            raise ClbenchError(f"leaderboard: no MLflow experiment '{experiment}' in {resolved}; experiments: "
+                               f"{', '.join(sorted(names.values())) or '(none)'}")
+    else:
+        ids = list(names)
+    out: list[dict[str, Any]] = []
+    token = None
+    while ids:
+        page = client.search_runs(ids, filter_string=CHILD_FILTER, max_results=1000, page_token=token)
+        for run in page:
+            info, data = run.info, run.data
+            hist = {}
+            for key in history:
+                if key in data.metrics:
+                    points = client.get_metric_history(info.run_id, key)
+                    hist[key] = sorted((int(m.step), float(m.value)) for m in points)
+            out.append({"run_id": info.run_id, "run_name": info.run_name, "experiment": names[info.experiment_id],
+                        "status": info.status, "start_time": info.start_time, "end_time": info.end_time,
+                        "tags": dict(data.tags), "params": dict(data.params), "metrics": dict(data.metrics),
+                        "history": hist})
+        token = page.token
+        if not token:
+            break
+    return out

@@ -1,0 +1,382 @@
+"""The leaderboard: aggregates clbench child runs over seeds and renders them as text, Markdown, CSV or JSON.
+
+Pure functions on plain run dicts (the shape of :func:`clbench.tracking.read_runs`); only :func:`load_runs`
+touches MLflow, through ``clbench.tracking``, and only to read. The rules:
+
+* Runs are grouped by (experiment, suite hash): runs of different protocols are never compared.
+* Inside a group one row per method label (and per distinct method/train params under that label, so an edited
+  suite never silently mixes configurations); the seeds of a row are aggregated as mean, sample standard
+  deviation (ddof=1, None for a single seed) and n.
+* Only FINISHED runs are averaged. FAILED, KILLED and RUNNING runs are listed as such, never averaged in.
+* A seed run twice with the same protocol and params counts once: the latest finished run is used, earlier ones
+  are listed as superseded (otherwise a rerun would inflate n and shrink the standard deviation).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+from clbench.errors import ClbenchError
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    key: str
+    short: str
+    higher_is_better: bool
+    fmt: str
+    show_std: bool = True
+
+
+METRICS: tuple[MetricSpec, ...] = (
+    MetricSpec("final/acc", "acc", True, ".2f"),
+    MetricSpec("final/avg_acc", "avg_acc", True, ".2f"),
+    MetricSpec("final/forgetting", "forgetting", False, ".2f"),
+    MetricSpec("final/bwt", "bwt", True, ".2f"),
+    MetricSpec("final/acc_til", "acc_til", True, ".2f"),
+    MetricSpec("spectra/top1_share", "top1_share", False, ".3f"),
+    MetricSpec("spectra/overlap", "overlap", False, ".3f"),
+    MetricSpec("cost/train_seconds", "train_s", False, ".1f", show_std=False),
+    MetricSpec("cost/img_per_s", "img_per_s", True, ".0f", show_std=False),
+    MetricSpec("cost/peak_mem_mb", "peak_mem_mb", False, ".0f", show_std=False),
+    MetricSpec("cost/trainable_params", "params", False, ".0f", show_std=False),
+)
+METRIC_KEYS = tuple(m.key for m in METRICS)
+SPEC = {m.key: m for m in METRICS}
+PROVENANCE_TAGS = {"version": "clbench.version", "git_sha": "clbench.git_sha", "device": "clbench.device"}
+FORMATS = ("table", "markdown", "csv", "json", "html")
+
+
+@dataclass
+class Stat:
+    mean: float | None
+    std: float | None
+    n: int
+
+
+@dataclass
+class Row:
+    method: str
+    method_name: str
+    params_id: str
+    n: int
+    seeds: list[int]
+    metrics: dict[str, Stat]
+    provenance: dict[str, list[str]]
+    runs: list[dict[str, Any]] = field(default_factory=list)  # per finished seed: run_id, seed, values, curve
+    curve: list[Stat] = field(default_factory=list)  # eval/acc after task i, over seeds
+    superseded: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Group:
+    experiment: str
+    suites: list[str]
+    suite_hash: str
+    rows: list[Row]
+    unfinished: list[dict[str, Any]]
+    sort_key: str = "final/acc"
+
+
+# --- per-run values ------------------------------------------------------------------------------------------
+
+def _finite(v: Any) -> float | None:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) else None
+
+
+def _history_mean(run: dict[str, Any], key: str) -> float | None:
+    vals = [v for _, v in run.get("history", {}).get(key, []) if _finite(v) is not None]
+    return sum(vals) / len(vals) if vals else None
+
+
+def run_value(run: dict[str, Any], key: str) -> float | None:
+    """The value of one leaderboard metric for one run (None when the run lacks it).
+
+    ``spectra/top1_share`` and ``spectra/overlap`` are means over tasks: MLflow's plain metric value is only the
+    last task's, so they come from ``spectra/mean_top1_share`` or the metric history.
+    """
+    metrics = run.get("metrics", {})
+    if key == "spectra/top1_share":
+        v = _finite(metrics.get("spectra/mean_top1_share"))
+        return v if v is not None else _history_mean(run, key)
+    if key == "spectra/overlap":
+        return _history_mean(run, key)
+    return _finite(metrics.get(key))
+
+
+def stat(values: Iterable[float | None]) -> Stat:
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return Stat(None, None, 0)
+    mean = sum(vals) / len(vals)
+    std = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else None
+    return Stat(mean, std, len(vals))
+
+
+def params_id(run: dict[str, Any]) -> str:
+    """Fingerprint of what a run's method did: its method params and its (possibly overridden) train config."""
+    items = sorted((k, v) for k, v in run.get("params", {}).items() if k.startswith(("method.", "train.")))
+    return hashlib.sha256(json.dumps(items).encode()).hexdigest()[:8]
+
+
+def _seed(run: dict[str, Any]) -> int | None:
+    raw = run["tags"].get("clbench.seed", run.get("params", {}).get("seed"))
+    try:
+        return int(raw)
+    except (TypeError, ValueError):
+        return None
+
+
+# --- aggregation ---------------------------------------------------------------------------------------------
+
+def aggregate(runs: list[dict[str, Any]], sort: str = "final/acc") -> list[Group]:
+    """Group child runs by (experiment, suite hash), then by method; aggregate each method's finished seeds."""
+    sort = resolve_sort_key(sort)
+    by_group: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for run in runs:
+        key = (run["experiment"], run["tags"].get("clbench.suite_hash", "unknown"))
+        by_group.setdefault(key, []).append(run)
+    groups = []
+    for (experiment, suite_hash), members in by_group.items():
+        groups.append(_group(experiment, suite_hash, members, sort))
+    latest = {id(g): max((r["start_time"] or 0) for r in by_group[(g.experiment, g.suite_hash)]) for g in groups}
+    groups.sort(key=lambda g: (g.experiment, -latest[id(g)]))
+    return groups
+
+
+def _group(experiment: str, suite_hash: str, runs: list[dict[str, Any]], sort: str) -> Group:
+    by_row: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for run in runs:
+        label = run["tags"].get("clbench.method") or run["tags"].get("clbench.method_name") or "?"
+        by_row.setdefault((label, params_id(run)), []).append(run)
+    ids_per_label: dict[str, int] = {}
+    for label, _ in by_row:
+        ids_per_label[label] = ids_per_label.get(label, 0) + 1
+    rows, unfinished = [], []
+    for (label, pid), members in by_row.items():
+        name = label if ids_per_label[label] == 1 else f"{label} [{pid}]"
+        members.sort(key=lambda r: r["start_time"] or 0, reverse=True)
+        chosen: dict[int | None, dict[str, Any]] = {}
+        superseded = []
+        for run in members:
+            if run["status"] != "FINISHED":
+                unfinished.append({"method": name, "seed": _seed(run), "status": run["status"],
+                                   "run_id": run["run_id"], "run_name": run.get("run_name")})
+            elif _seed(run) in chosen:
+                superseded.append(run["run_id"])
+            else:
+                chosen[_seed(run)] = run
+        done = sorted(chosen.values(), key=lambda r: (_seed(r) is None, _seed(r) or 0))
+        rows.append(_row(name, members[0], pid, done, superseded))
+    unfinished.sort(key=lambda u: (u["method"], u["seed"] if u["seed"] is not None else -1, u["run_id"]))
+    suites = sorted({r["tags"].get("clbench.suite", "?") for r in runs})
+    return Group(experiment, suites, suite_hash, sort_rows(rows, sort), unfinished, sort)
+
+
+def _row(name: str, any_run: dict[str, Any], pid: str, done: list[dict[str, Any]], superseded: list[str]) -> Row:
+    per_run = []
+    for run in done:
+        curve = [v for _, v in run.get("history", {}).get("eval/acc", [])]
+        per_run.append({"run_id": run["run_id"], "seed": _seed(run),
+                        "values": {k: run_value(run, k) for k in METRIC_KEYS}, "curve": curve})
+    steps = max((len(r["curve"]) for r in per_run), default=0)
+    curve = [stat(_finite(r["curve"][i]) for r in per_run if i < len(r["curve"])) for i in range(steps)]
+    prov = {name_: sorted({r["tags"][tag] for r in done if r["tags"].get(tag)})
+            for name_, tag in PROVENANCE_TAGS.items()}
+    return Row(method=name, method_name=any_run["tags"].get("clbench.method_name", name), params_id=pid,
+               n=len(done), seeds=[s for s in (_seed(r) for r in done) if s is not None],
+               metrics={k: stat(r["values"][k] for r in per_run) for k in METRIC_KEYS},
+               provenance=prov, runs=per_run, curve=curve, superseded=superseded)
+
+
+def resolve_sort_key(key: str) -> str:
+    """A full metric key, its short name (``acc``, ``forgetting``, ``train_s``...) or ``method``."""
+    if key in SPEC or key == "method":
+        return key
+    for m in METRICS:
+        if key in (m.short, m.key.split("/")[-1]):
+            return m.key
+    raise ClbenchError(f"--sort {key}: unknown key; choose from method, "
+                       + ", ".join(f"{m.key} ({m.short})" for m in METRICS))
+
+
+def sort_rows(rows: list[Row], key: str) -> list[Row]:
+    """Best first in the key's own direction (higher accuracy, lower forgetting or cost); missing values last."""
+    key = resolve_sort_key(key)
+    if key == "method":
+        return sorted(rows, key=lambda r: r.method)
+
+    def order(row: Row):
+        mean = row.metrics[key].mean
+        if mean is None:
+            return (1, 0.0, row.method)
+        return (0, -mean if SPEC[key].higher_is_better else mean, row.method)
+
+    return sorted(rows, key=order)
+
+
+def load_runs(target: str | None, uri: str | None = None) -> list[dict[str, Any]]:
+    """Runs for ``clbench leaderboard [SUITE]``: a suite file, an experiment name, a suite name, or everything."""
+    from clbench.tracking import read_runs
+
+    if target is None:
+        runs = read_runs(None, uri)
+        if not runs:
+            raise ClbenchError("leaderboard: no clbench runs in the tracking store; run `clbench run SUITE` first")
+        return runs
+    path = Path(target)
+    if path.suffix in (".yaml", ".yml") or path.is_file():
+        from clbench.suite import load_suite
+
+        suite = load_suite(path)
+        experiment = suite.tracking.experiment or suite.name
+        runs = read_runs(experiment, uri or suite.tracking.uri)
+        if not runs:
+            raise ClbenchError(f"leaderboard: experiment '{experiment}' has no clbench runs; run "
+                               f"`clbench run {target}` first")
+        return runs
+    try:
+        runs = read_runs(target, uri)
+    except ClbenchError as exc:  # not an experiment name: maybe a suite name logged under another experiment
+        runs = [r for r in read_runs(None, uri) if r["tags"].get("clbench.suite") == target]
+        if not runs:
+            raise exc from None
+    if not runs:
+        raise ClbenchError(f"leaderboard: experiment '{target}' has no clbench runs")
+    return runs
+
+
+def build(target: str | None, uri: str | None = None, sort: str = "final/acc") -> list[Group]:
+    return aggregate(load_runs(target, uri), resolve_sort_key(sort))
+
+
+# --- rendering -----------------------------------------------------------------------------------------------
+
+def fmt_stat(s: Stat, spec: MetricSpec, std: bool = True) -> str:
+    if s.mean is None:
+        return "-"
+    text = format(s.mean, spec.fmt)
+    if std and spec.show_std and s.std is not None:
+        text += " ± " + format(s.std, spec.fmt)
+    return text
+
+
+def group_title(g: Group) -> str:
+    return f"suite {', '.join(g.suites)} · suite hash {g.suite_hash} · experiment {g.experiment}"
+
+
+def provenance_lines(g: Group) -> list[str]:
+    """One line per distinct provenance, naming the methods it applies to."""
+    seen: dict[str, list[str]] = {}
+    for row in g.rows:
+        p = row.provenance
+        line = (f"clbench {', '.join(p['version']) or '?'} · git {', '.join(s[:10] for s in p['git_sha']) or '?'}"
+                f" · device {', '.join(p['device']) or '?'}")
+        seen.setdefault(line, []).append(row.method)
+    if len(seen) == 1:
+        return [f"provenance: {next(iter(seen))}"]
+    return [f"provenance ({', '.join(methods)}): {line}" for line, methods in seen.items()]
+
+
+def note_lines(g: Group) -> list[str]:
+    lines = [f"not averaged in: {u['method']} seed {u['seed']} {u['status']} (run {u['run_id'][:8]})"
+             for u in g.unfinished]
+    lines += [f"superseded by a later run of the same seed: {row.method} run {rid[:8]}"
+              for row in g.rows for rid in row.superseded]
+    return lines
+
+
+def table_cells(g: Group) -> tuple[list[str], list[list[str]]]:
+    header = ["#", "method", "n", *[m.short for m in METRICS]]
+    body = [[str(i + 1), row.method, str(row.n), *[fmt_stat(row.metrics[m.key], m) for m in METRICS]]
+            for i, row in enumerate(g.rows)]
+    return header, body
+
+
+def render_table(groups: list[Group]) -> str:
+    out = []
+    for g in groups:
+        header, body = table_cells(g)
+        widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
+        line = lambda cells: "  ".join(c.ljust(w) if i == 1 else c.rjust(w)  # noqa: E731
+                                       for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+        out += [group_title(g) + f" · sorted by {g.sort_key}", line(header), line(["-" * w for w in widths])]
+        out += [line(r) for r in body]
+        out += provenance_lines(g) + note_lines(g) + [""]
+    return "\n".join(out)
+
+
+def _md_escape(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def render_markdown(groups: list[Group]) -> str:
+    out = []
+    for g in groups:
+        header, body = table_cells(g)
+        out += [f"### {_md_escape(group_title(g))}", "", f"Sorted by `{g.sort_key}`; mean ± std over seeds.", ""]
+        out.append("| " + " | ".join(header) + " |")
+        out.append("|" + "|".join("---:" if i != 1 else ":---" for i in range(len(header))) + "|")
+        out += ["| " + " | ".join(_md_escape(c) for c in r) + " |" for r in body]
+        out += [""] + [f"- {_md_escape(x)}" for x in provenance_lines(g) + note_lines(g)] + [""]
+    return "\n".join(out)
+
+
+def csv_header() -> list[str]:
+    cols = ["experiment", "suite", "suite_hash", "rank", "method", "method_name", "params_id", "n", "seeds"]
+    for m in METRICS:
+        cols += [f"{m.key}_mean", f"{m.key}_std", f"{m.key}_n"]
+    return cols + ["clbench_version", "git_sha", "device", "not_averaged"]
+
+
+def render_csv(groups: list[Group]) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(csv_header())
+    for g in groups:
+        for i, row in enumerate(g.rows):
+            cells: list[Any] = [g.experiment, ";".join(g.suites), g.suite_hash, i + 1, row.method, row.method_name,
+                                row.params_id, row.n, ";".join(map(str, row.seeds))]
+            for m in METRICS:
+                s = row.metrics[m.key]
+                cells += ["" if s.mean is None else repr(s.mean), "" if s.std is None else repr(s.std), s.n]
+            bad = [f"seed {u['seed']} {u['status']} {u['run_id']}" for u in g.unfinished if u["method"] == row.method]
+            cells += [";".join(row.provenance[k]) for k in PROVENANCE_TAGS] + [";".join(bad)]
+            w.writerow(cells)
+    return buf.getvalue()
+
+
+def to_dict(groups: list[Group]) -> dict[str, Any]:
+    return {"metrics": list(METRIC_KEYS), "std": "sample standard deviation over seeds (ddof=1)",
+            "groups": [asdict(g) for g in groups]}
+
+
+def render_json(groups: list[Group]) -> str:
+    return json.dumps(to_dict(groups), indent=2, allow_nan=False)
+
+
+def render(groups: list[Group], fmt: str, title: str = "clbench leaderboard") -> str:
+    if fmt == "table":
+        return render_table(groups)
+    if fmt == "markdown":
+        return render_markdown(groups)
+    if fmt == "csv":
+        return render_csv(groups)
+    if fmt == "json":
+        return render_json(groups)
+    if fmt == "html":
+        from clbench.report import render_html
+
+        return render_html(groups, title)
+    raise ClbenchError(f"--format {fmt}: choose from {', '.join(FORMATS)}")

@@ -1,0 +1,207 @@
+"""The HTML leaderboard report: one self-contained file (inline CSS, plots as base64 PNGs, no scripts).
+
+Per suite-hash group: the leaderboard table, accuracy versus cost with the Pareto front, spectral imbalance
+versus forgetting over every finished run (the EBLoRA claim, DESIGN.md), and each method's accuracy curve over
+tasks. ``log_report`` puts it on a suite's parent run at the end of ``clbench run``.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from clbench.leaderboard import (METRICS, Group, Row, aggregate, fmt_stat, group_title, note_lines,
+                                 provenance_lines)
+
+CSS = """
+body{font-family:system-ui,sans-serif;margin:24px;color:#222}
+table{border-collapse:collapse;font-size:13px;margin:8px 0}
+th,td{border:1px solid #ccc;padding:3px 7px;text-align:right;white-space:nowrap}
+td.m,th.m{text-align:left}
+th{background:#f3f3f3}
+.scroll{overflow-x:auto}
+.plots{display:flex;flex-wrap:wrap;gap:12px}
+.plots figure{margin:0}
+figcaption{font-size:12px;color:#555;max-width:520px}
+ul{font-size:13px}
+"""
+
+
+def _plt():
+    from clbench.plots import _plt as plots_plt
+
+    return plots_plt()
+
+
+def _png(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    _plt().close(fig)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of the points no other point dominates (lower or equal cost and higher or equal accuracy,
+    strictly better in one), sorted by cost."""
+    front = []
+    for i, (c, a) in enumerate(points):
+        dominated = any((c2 <= c and a2 >= a) and (c2 < c or a2 > a) for j, (c2, a2) in enumerate(points) if j != i)
+        if not dominated:
+            front.append(i)
+    return sorted(front, key=lambda i: points[i])
+
+
+def _colors(rows: list[Row]) -> dict[str, Any]:
+    cmap = _plt().get_cmap("tab10")
+    return {row.method: cmap(i % 10) for i, row in enumerate(rows)}
+
+
+def plot_pareto(g: Group) -> str | None:
+    plt = _plt()
+    costs = [("cost/train_seconds", "training time (s)"), ("cost/trainable_params", "trainable parameters")]
+    colors = _colors(g.rows)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    drawn = False
+    for ax, (ckey, clabel) in zip(axes, costs):
+        rows = [r for r in g.rows if r.metrics[ckey].mean is not None and r.metrics["final/acc"].mean is not None]
+        pts = [(r.metrics[ckey].mean, r.metrics["final/acc"].mean) for r in rows]
+        for r, (c, a) in zip(rows, pts):
+            ax.errorbar(c, a, yerr=r.metrics["final/acc"].std or 0, fmt="o", color=colors[r.method], capsize=3)
+            ax.annotate(r.method, (c, a), fontsize=8, xytext=(4, 4), textcoords="offset points")
+        front = pareto_front(pts)
+        if front:
+            drawn = True
+            ax.step([pts[i][0] for i in front], [pts[i][1] for i in front], where="post", color="k", alpha=0.4,
+                    linestyle="--", label="Pareto front")
+            ax.legend(fontsize=8, loc="lower right")
+        if pts and min(p[0] for p in pts) > 0 and max(p[0] for p in pts) / min(p[0] for p in pts) > 50:
+            ax.set_xscale("log")
+        ax.set_xlabel(clabel)
+        ax.set_ylabel("final/acc (%)")
+        ax.grid(alpha=0.3)
+    fig.suptitle("accuracy vs cost (mean ± std over seeds)", fontsize=10)
+    fig.tight_layout()
+    if not drawn:
+        plt.close(fig)
+        return None
+    return _png(fig)
+
+
+def plot_imbalance_forgetting(g: Group) -> str | None:
+    plt = _plt()
+    colors = _colors(g.rows)
+    xs, ys = [], []
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for row in g.rows:
+        pts = [(r["values"]["spectra/top1_share"], r["values"]["final/forgetting"]) for r in row.runs]
+        pts = [p for p in pts if p[0] is not None and p[1] is not None]
+        if pts:
+            ax.scatter([p[0] for p in pts], [p[1] for p in pts], color=colors[row.method], label=row.method)
+            xs += [p[0] for p in pts]
+            ys += [p[1] for p in pts]
+    if not xs:
+        plt.close(fig)
+        return None
+    title = f"{len(xs)} finished runs"
+    if len(xs) >= 3 and len(set(xs)) > 1 and len(set(ys)) > 1:
+        from scipy.stats import spearmanr
+
+        title = f"Spearman rho = {spearmanr(xs, ys).statistic:.3f} over " + title
+    ax.set_xlabel("spectral imbalance: top1_share, mean over tasks")
+    ax.set_ylabel("final/forgetting (points)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def plot_curves(g: Group) -> str | None:
+    plt = _plt()
+    colors = _colors(g.rows)
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    drawn = False
+    for row in g.rows:
+        pts = [(i + 1, s.mean, s.std or 0.0) for i, s in enumerate(row.curve) if s.mean is not None]
+        if not pts:
+            continue
+        drawn = True
+        x, m, sd = zip(*pts)
+        ax.plot(x, m, marker="o", color=colors[row.method], label=f"{row.method} (n={row.n})")
+        ax.fill_between(x, [a - b for a, b in zip(m, sd)], [a + b for a, b in zip(m, sd)],
+                        color=colors[row.method], alpha=0.15)
+    if not drawn:
+        plt.close(fig)
+        return None
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("after training task")
+    ax.set_ylabel("eval/acc: CIL accuracy on seen tasks (%)")
+    ax.set_title("accuracy over tasks (mean ± std over seeds)", fontsize=9)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return _png(fig)
+
+
+PLOTS = (
+    ("pareto", plot_pareto, "Final CIL accuracy against training time and trainable parameters; the dashed line "
+                            "joins the methods no other method beats on both."),
+    ("imbalance", plot_imbalance_forgetting, "Each point is one finished run: the mean share of the top singular "
+                                             "value in its task updates against its forgetting."),
+    ("curves", plot_curves, "Accuracy over all seen tasks after each task."),
+)
+
+
+def _table_html(g: Group) -> str:
+    e = html.escape
+    head = "".join(f'<th{" class=m" if i == 1 else ""}>{e(h)}</th>'
+                   for i, h in enumerate(["#", "method", "n", *[m.key for m in METRICS]]))
+    body = []
+    for i, row in enumerate(g.rows):
+        cells = [str(i + 1), row.method, str(row.n), *[fmt_stat(row.metrics[m.key], m) for m in METRICS]]
+        body.append("<tr>" + "".join(f'<td{" class=m" if j == 1 else ""}>{e(c)}</td>' for j, c in enumerate(cells))
+                    + "</tr>")
+    return (f'<div class="scroll"><table class="leaderboard"><thead><tr>{head}</tr></thead>'
+            f'<tbody>{"".join(body)}</tbody></table></div>')
+
+
+def render_html(groups: list[Group], title: str = "clbench leaderboard") -> str:
+    e = html.escape
+    parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{e(title)}</title><style>{CSS}</style>"
+             f"</head><body><h1>{e(title)}</h1>",
+             "<p>Mean ± sample standard deviation over seeds; only finished runs are averaged; runs of different "
+             "suite hashes (protocols) are never mixed.</p>"]
+    for k, g in enumerate(groups):
+        parts.append(f"<section id='group-{k}'><h2>{e(group_title(g))}</h2>")
+        parts.append(f"<p>sorted by <code>{e(g.sort_key)}</code></p>{_table_html(g)}")
+        parts.append("<ul>" + "".join(f"<li>{e(x)}</li>" for x in provenance_lines(g) + note_lines(g)) + "</ul>")
+        parts.append("<div class='plots'>")
+        for name, fn, caption in PLOTS:
+            png = fn(g)
+            if png:
+                parts.append(f"<figure><img class='plot' id='{name}-{k}' alt='{name}' "
+                             f"src='data:image/png;base64,{png}'><figcaption>{e(caption)}</figcaption></figure>")
+        parts.append("</div></section>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def log_report(tracker, parent: str, experiment: str, suite_hash: str, title: str | None = None) -> bool:
+    """Write the leaderboard of one suite hash in ``experiment`` as ``leaderboard.html`` on the parent run."""
+    from clbench.tracking import read_runs
+
+    runs = [r for r in read_runs(experiment, tracker.uri) if r["tags"].get("clbench.suite_hash") == suite_hash]
+    if not runs:
+        return False
+    groups = aggregate(runs)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "leaderboard.html"
+        path.write_text(render_html(groups, title or f"clbench leaderboard: {experiment}"))
+        tracker.log_artifacts(parent, tmp)
+    return True
