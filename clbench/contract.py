@@ -25,7 +25,7 @@ import torch
 from pydantic import BaseModel, ValidationError
 
 from clbench.errors import ClbenchError
-from clbench.lora import AdaptedLinear, LowRank, find_sites
+from clbench.lora import LowRank, find_sites
 from clbench.streams import Stream
 
 
