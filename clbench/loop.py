@@ -73,8 +73,10 @@ def autocast_for(device: torch.device, precision: str) -> Callable[[], Any]:
 
 def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, device: torch.device, model: CLModel,
             shuffle: bool, generator: torch.Generator | None = None, fraction: float = 1.0,
-            limit: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Batches from in-memory uint8 tensors, moved to the device and preprocessed there."""
+            limit: int | None = None, augment: Callable | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Batches from in-memory uint8 tensors, moved to the device and preprocessed there.
+
+    ``augment(x, size, generator)`` (the stream's training augmentation) runs on the device before preprocess."""
     n = len(x)
     if fraction < 1.0:  # a uniformly spaced subset, deterministic
         idx = torch.linspace(0, n - 1, max(1, int(round(fraction * n)))).round().long()
@@ -92,6 +94,8 @@ def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, device: torch.dev
             xb, yb = xb.pin_memory(), yb.pin_memory()
         xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
         with torch.no_grad():
+            if augment is not None:
+                xb = augment(xb, model.image_size, generator)
             xb = model.preprocess(xb)
         yield xb, yb
 
@@ -215,7 +219,7 @@ def run_stream(model: CLModel, stream: Stream, pm, cfg: TrainConfig, seed: int, 
             window_t, window_n = time.perf_counter(), 0
             local_y = task.train_y - int(offsets[t])
             for xb, yb in batches(task.train_x, local_y, cfg.batch_size, device, model, shuffle=True,
-                                  generator=gen, limit=cfg.max_steps_per_epoch):
+                                  generator=gen, limit=cfg.max_steps_per_epoch, augment=stream.augment):
                 with autocast():
                     logits = model(xb, head=t)
                 loss = F.cross_entropy(logits.float(), yb)

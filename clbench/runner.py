@@ -151,6 +151,7 @@ def run_one(suite: Suite, run: PlannedRun, seed: int, stream, tracker, parent: s
     tags = {**base_tags, "clbench.method": run.label, "clbench.method_name": run.info.name,
             "clbench.seed": str(seed), "clbench.device": _device_name(device), "clbench.role": "child",
             "clbench.plugin_source": run.info.source}
+    tags.update({f"clbench.stream.{k}": str(v) for k, v in getattr(stream, "meta", {}).items()})  # split_sha256, ...
     params = {"method": {"name": run.info.name, "label": run.label, "params": run.params.model_dump(mode="json")},
               "seed": seed, "stream": suite.stream.model_dump(mode="json"),
               "backbone": suite.backbone.model_dump(mode="json"), "train": cfg.model_dump(mode="json")}

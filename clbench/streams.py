@@ -13,6 +13,13 @@ Streams:
   ``class_incremental_benchmark``; a fixed 400/100 per-class train/test split.
 * ``digits``: scikit-learn's 1,797 8x8 handwritten digits, same path.
 * ``synthetic``: class prototypes plus noise, for tests; generated from the seed.
+* ``imagenet_r`` (200 classes) and ``domainnet`` (345 classes, six domains pooled): image folders plus pinned
+  class lists and split files (``clbench.datasets``), decoded once into a uint8 memmap cache
+  (``clbench.imagecache``); a task's images are an ``IndexedImages`` view that reads only the rows a batch uses.
+
+Real image streams carry a device augmentation (``Stream.augment``: random resized crop + flip, as InfLoRA)
+that the loop applies to training batches only, and record the checksum of the split they used in
+``Stream.meta["split_sha256"]`` (the runner logs ``Stream.meta`` as tags).
 
 Only this module imports Avalanche's benchmark API, and only inside functions (its import costs seconds).
 """
@@ -21,21 +28,24 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 
 from clbench.errors import ClbenchError
+from clbench.imagecache import IndexedImages
 
-STREAMS = ("split_cifar100", "mnist5k", "digits", "synthetic")
+STREAMS = ("split_cifar100", "mnist5k", "digits", "synthetic", "imagenet_r", "domainnet")
+AUGMENTED = ("split_cifar100", "imagenet_r", "domainnet")  # streams whose protocol trains with RRC + flip
 
 
 @dataclass
 class TaskData:
     classes: tuple[int, ...]  # remapped (contiguous) labels of this task
-    train_x: torch.Tensor
+    train_x: torch.Tensor | IndexedImages  # uint8 N x C x H x W (or a lazy view of a memmap)
     train_y: torch.Tensor
-    test_x: torch.Tensor
+    test_x: torch.Tensor | IndexedImages
     test_y: torch.Tensor
 
 
@@ -44,7 +54,9 @@ class Stream:
     name: str
     tasks: list[TaskData]
     class_order: list[int]  # original class ids in stream order
-    meta: dict = field(default_factory=dict)
+    meta: dict = field(default_factory=dict)  # strings worth a tag: split_sha256, split_source, ...
+    # applied by the loop to training batches on the device: (uint8 batch, output size, generator) -> float [0, 1]
+    augment: Callable[[torch.Tensor, int, torch.Generator | None], torch.Tensor] | None = None
 
     @property
     def num_classes(self) -> int:
@@ -147,7 +159,9 @@ def build_stream(cfg, seed: int) -> Stream:
     """``cfg`` is a ``clbench.suite.StreamConfig``; the class order comes from ``seed`` unless fixed."""
     name = cfg.name
     if name == "split_cifar100":
-        return _split_cifar100(cfg, seed)
+        return _with_augment(_split_cifar100(cfg, seed), cfg)
+    if name in ("imagenet_r", "domainnet"):
+        return _with_augment(_image_stream(cfg, seed), cfg)
     if name == "mnist5k":
         x, y = _mnist5k()
         tr, te = _fixed_split(y.numpy(), test_per_class=100)
@@ -162,22 +176,43 @@ def build_stream(cfg, seed: int) -> Stream:
     num_classes = int(y.max()) + 1
     order = class_order_for(num_classes, seed, cfg.shuffle_classes, cfg.class_order)
     tr, te = torch.from_numpy(tr), torch.from_numpy(te)
-    return _from_tensors(name, x[tr], y[tr], x[te], y[te], cfg.num_tasks, order)
+    return _with_augment(_from_tensors(name, x[tr], y[tr], x[te], y[te], cfg.num_tasks, order), cfg)
+
+
+def _with_augment(stream: Stream, cfg) -> Stream:
+    kind = getattr(cfg, "augment", "none")
+    if kind == "auto":
+        kind = "rrc_flip" if cfg.name in AUGMENTED else "none"
+    if kind != "none":
+        from clbench.augment import AUGMENTS
+
+        stream.augment = AUGMENTS[kind]
+    stream.meta["augment"] = kind
+    return stream
+
+
+def data_root(cfg) -> Path:
+    from clbench.paths import data_dir
+
+    return Path(cfg.root).expanduser() if cfg.root else data_dir()
 
 
 def _split_cifar100(cfg, seed: int) -> Stream:
+    import socket
+
     from torchvision import transforms
 
-    root = Path(cfg.root).expanduser() if cfg.root else None
-    if root is None:
-        from clbench.paths import data_dir
-
-        root = data_dir() / "cifar100"
+    root = data_root(cfg)
+    if cfg.root is None or (root / "cifar100" / "cifar-100-python").is_dir():
+        root = root / "cifar100"
     _split_tasks(100, cfg.num_tasks)
     order = class_order_for(100, seed, cfg.shuffle_classes, cfg.class_order)
+    split_sha = _check_cifar100(root, cfg.download)
     from avalanche.benchmarks.classic import SplitCIFAR100
 
     to_uint8 = transforms.PILToTensor()
+    old_timeout = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(30)  # a download over a dead network fails instead of hanging
     try:
         bm = SplitCIFAR100(n_experiences=cfg.num_tasks, fixed_class_order=order, dataset_root=str(root),
                            train_transform=to_uint8, eval_transform=to_uint8)
@@ -186,4 +221,113 @@ def _split_cifar100(cfg, seed: int) -> Stream:
             f"stream.root: CIFAR-100 is not under {root} and could not be downloaded ({type(exc).__name__}); "
             "connect to the internet once, or put cifar-100-python/ there, or set stream.root / CLBENCH_DATA"
         ) from None
-    return _materialise("split_cifar100", bm.train_stream, bm.test_stream, order)
+    finally:
+        socket.setdefaulttimeout(old_timeout)
+    stream = _materialise("split_cifar100", bm.train_stream, bm.test_stream, order)
+    if split_sha is None:  # downloaded just now: torchvision verified the archive's md5
+        split_sha = _check_cifar100(root, False)
+    stream.meta.update(split_sha256=split_sha, split_source="official:cifar-100-python")
+    return stream
+
+
+def _check_cifar100(root: Path, allow_download: bool) -> str | None:
+    """Verify an existing ``cifar-100-python`` against torchvision's md5s; return the split checksum.
+
+    None when the folder is absent and a download may fetch it. The checksum is the sha256 of the verified
+    ``<file> <md5>`` lines of the official train and test files (the split is the dataset's own).
+    """
+    import hashlib
+
+    from torchvision.datasets import CIFAR100
+
+    from clbench.datasets.download import file_digest
+
+    folder = root / CIFAR100.base_folder
+    if not folder.is_dir():
+        if allow_download:
+            return None
+        raise ClbenchError(f"stream.root: CIFAR-100 not found under {root} (no {CIFAR100.base_folder}/) and "
+                           "stream.download is false; put cifar-100-python/ there or allow the download")
+    lines = []
+    for name, md5 in [*CIFAR100.train_list, *CIFAR100.test_list, (CIFAR100.meta["filename"], CIFAR100.meta["md5"])]:
+        path = folder / name
+        if not path.is_file():
+            raise ClbenchError(f"stream.root: {path} is missing; delete {folder} and download CIFAR-100 again")
+        got = file_digest(path)
+        if got != md5:
+            raise ClbenchError(f"stream.root: {path} has md5 {got}, expected {md5} (corrupt); delete {folder} and "
+                               "download CIFAR-100 again")
+        lines.append(f"{name} {md5}\n")
+    return hashlib.sha256("".join(lines).encode()).hexdigest()
+
+
+def _image_stream(cfg, seed: int) -> Stream:
+    """ImageNet-R / DomainNet: pinned split -> decode-once memmap cache -> Avalanche class-incremental stream."""
+    from clbench import imagecache
+    from clbench.datasets.splitfiles import pinned_sums
+
+    root = data_root(cfg)
+    if cfg.name == "imagenet_r":
+        from clbench.datasets import imagenet_r
+
+        folder, split, classes = imagenet_r.load(root, cfg.download)
+    else:
+        from clbench.datasets import domainnet
+
+        folder, split, classes = domainnet.load(root)
+    num_classes = len(classes)
+    _split_tasks(num_classes, cfg.num_tasks)
+    order = class_order_for(num_classes, seed, cfg.shuffle_classes, cfg.class_order)
+    sha = split.sha256
+    say = lambda msg: print(msg, flush=True)  # noqa: E731 - decoding a real dataset takes minutes
+    train_size = int(round(cfg.resolution * 256 / 224))  # room for random resized crops to resolution
+    xtr, _ = imagecache.load_or_build(cfg.name, "train", [folder / p for p, _ in split.train], train_size,
+                                      "center", sha, cfg.cache, progress=say)
+    xte, _ = imagecache.load_or_build(cfg.name, "test", [folder / p for p, _ in split.test], cfg.resolution,
+                                      "resize_center", sha, cfg.cache, progress=say)
+    ytr = torch.tensor([y for _, y in split.train], dtype=torch.long)
+    yte = torch.tensor([y for _, y in split.test], dtype=torch.long)
+    stream = _from_index(cfg.name, xtr, ytr, xte, yte, cfg.num_tasks, order)
+    stream.meta.update(split_sha256=sha, split_source=split.source,
+                       classes_sha256=pinned_sums()[f"{cfg.name}_classes.txt"])
+    return stream
+
+
+def _from_index(name: str, xtr: np.ndarray, ytr: torch.Tensor, xte: np.ndarray, yte: torch.Tensor,
+                num_tasks: int, order: list[int]) -> Stream:
+    """Avalanche's generic class-incremental API over sample indices; images stay in the (memmapped) arrays."""
+    from avalanche.benchmarks.scenarios import class_incremental_benchmark
+    from avalanche.benchmarks.utils import _make_taskaware_classification_dataset
+    from torch.utils.data import TensorDataset
+
+    bases = {}
+    for split, y in (("train", ytr), ("test", yte)):
+        base = TensorDataset(torch.arange(len(y)), y)
+        bases[split] = base
+        bases[split + "_ds"] = _make_taskaware_classification_dataset(base, task_labels=0, targets=y.tolist())
+    bm = class_incremental_benchmark({"train": bases["train_ds"], "test": bases["test_ds"]}, class_order=order,
+                                     num_experiences=num_tasks)
+    position = torch.empty(len(order), dtype=torch.long)
+    position[torch.tensor(order)] = torch.arange(len(order))
+    tasks = []
+    for tr, te in zip(bm.train_stream, bm.test_stream):
+        classes = sorted(int(position[c]) for c in tr.classes_in_this_experience)
+        parts = []
+        for exp, x, y, base in ((tr, xtr, ytr, bases["train"]), (te, xte, yte, bases["test"])):
+            idx = _experience_indices(exp.dataset, base)
+            parts += [IndexedImages(x, idx), position[y[torch.from_numpy(idx)]]]
+        tasks.append(TaskData(tuple(classes), *parts))
+    return Stream(name, tasks, order)
+
+
+def _experience_indices(dataset, base) -> np.ndarray:
+    """Row indices of an experience's samples in the base dataset, in the experience's order."""
+    flat = getattr(dataset, "_flat_data", None)
+    datasets = getattr(flat, "_datasets", None)
+    if datasets is not None and len(datasets) == 1 and datasets[0] is base and flat._indices is not None:
+        idx = np.fromiter(flat._indices, dtype=np.int64, count=len(dataset))
+        probe = np.linspace(0, len(idx) - 1, min(len(idx), 8)).astype(int)  # internals changed? check a few
+        if all(int(dataset[int(i)][0]) == idx[i] for i in probe):
+            return idx
+    loader = torch.utils.data.DataLoader(dataset, batch_size=4096, shuffle=False, num_workers=0)
+    return torch.cat([batch[0] for batch in loader]).numpy().astype(np.int64)

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from clbench.errors import ClbenchError
 
-STREAM_NAMES = ("split_cifar100", "mnist5k", "digits", "synthetic")
+STREAM_NAMES = ("split_cifar100", "mnist5k", "digits", "synthetic", "imagenet_r", "domainnet")
 
 
 class Strict(BaseModel):
@@ -32,6 +32,13 @@ class StreamConfig(Strict):
     root: str | None = Field(None, description="data root (default: $CLBENCH_DATA or the cache folder)")
     num_classes: int | None = Field(None, ge=2, description="synthetic stream only: number of classes")
     samples_per_class: int = Field(60, ge=1, description="synthetic stream only: training samples per class")
+    resolution: int = Field(224, ge=8, le=1024, description="imagenet_r/domainnet: cached test image size "
+                            "(Resize(r*256/224)+CenterCrop(r)); training images are cached at r*256/224")
+    augment: Literal["auto", "none", "rrc_flip"] = Field(
+        "auto", description="training augmentation on the device; auto = rrc_flip (random resized crop + flip, "
+                            "as InfLoRA) for split_cifar100/imagenet_r/domainnet, none otherwise")
+    cache: bool = Field(True, description="imagenet_r/domainnet: decode once into a uint8 memmap in the cache folder")
+    download: bool = Field(True, description="download missing data where the hosting allows (CIFAR-100, ImageNet-R)")
 
     @field_validator("name")
     @classmethod
