@@ -285,3 +285,16 @@ def test_real_suites_validate(suite):
 def test_no_machine_paths_in_cache_keys():
     key = imagecache.cache_key("imagenet_r", "train", 256, "center", "ab" * 32)
     assert os.sep not in key and key.endswith("abababababababab")
+
+
+def test_make_splits_reproduces_the_shipped_class_lists(imagenet_r_root, domainnet_root, tmp_path):
+    from clbench.splits.make_splits import main
+
+    out = tmp_path / "splits"
+    main(["imagenet_r", "--root", str(imagenet_r_root), "--out", str(out)])
+    main(["domainnet", "--root", str(domainnet_root), "--out", str(out)])
+    shipped = splitfiles.pinned_sums()
+    made = splitfiles.pinned_sums(out)
+    for name in ("imagenet_r_classes.txt", "domainnet_classes.txt"):
+        assert made[name] == shipped[name]  # the listings regenerate the pinned class files byte for byte
+    assert splitfiles.pinned_split("imagenet_r", out).sha256 == made["imagenet_r_split.tsv.gz"]
