@@ -46,9 +46,8 @@ class CLModel(nn.Module):
         return head
 
     def preprocess(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.float()
-        if x.dtype != torch.uint8 and x.max() > 1.5:  # uint8 values already cast above
-            x = x / 255.0
+        # decided by dtype, never by value: a value test would synchronise the device every batch
+        x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
         if x.shape[1] != self.in_chans:
             if x.shape[1] == 1:
                 x = x.expand(-1, self.in_chans, -1, -1)
