@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import random
 import resource
 import sys
 import time
@@ -25,7 +26,9 @@ import torch
 import torch.nn.functional as F
 
 from clbench.backbones import CLModel
+from clbench.checkpoint import kill_point, set_rng_state
 from clbench.context import TaskContext
+from clbench.errors import ClbenchError
 from clbench.metrics import empty_matrix
 from clbench.streams import Stream, TaskData
 from clbench.suite import TrainConfig
@@ -51,11 +54,20 @@ class TaskResult:
 
 @dataclass
 class LoopState:
-    """Everything needed to continue a run after task ``next_task - 1`` (for checkpoints)."""
+    """Everything needed to continue a run after task ``next_task - 1`` (for checkpoints).
+
+    After each task the loop fills ``method_state`` (the method's ``method_state`` hook). To resume, pass a
+    state with ``next_task > 0`` and ``model_state`` (the model's state dict after that task): the loop calls
+    ``configure_model``, rebuilds the finished tasks' heads, calls ``load_method_state`` (which rebuilds the
+    method's adapter structure) and loads ``model_state`` strictly, then continues at ``next_task``.
+    """
 
     next_task: int = 0
     R: np.ndarray | None = None
     R_til: np.ndarray | None = None
+    method_state: dict[str, Any] | None = None
+    model_state: dict[str, Any] | None = None  # only on resume; dropped once loaded
+    rng: dict[str, Any] | None = None  # only on resume: RNG states at the checkpoint
 
 
 def resolve_device(name: str) -> torch.device:
@@ -132,6 +144,7 @@ def evaluate(model: CLModel, stream: Stream, upto: int, cfg: TrainConfig, device
                 logits = model(xb)[:, :n_seen]
             correct[0] += (logits.argmax(1) == yb).sum()
             correct[1] += (logits[:, lo:hi].argmax(1) + lo == yb).sum()
+        kill_point("eval", upto)
         c = correct.cpu().numpy()
         cil[j], til[j] = 100.0 * c[0] / len(task.test_y), 100.0 * c[1] / len(task.test_y)
     return cil, til
@@ -174,6 +187,23 @@ def run_stream(model: CLModel, stream: Stream, pm, cfg: TrainConfig, seed: int, 
     replaced = hook.configure_model(model=model, ctx=context(0))
     model = replaced if replaced is not None else model
     model.to(device)
+
+    # -- phase 0b (resume only): rebuild the finished tasks' structure, then load the checkpoint -----
+    if state.next_task > 0 and state.model_state is not None:
+        while len(model.heads) < state.next_task:
+            model.add_head(len(stream.tasks[len(model.heads)].classes))
+        hook.load_method_state(model=model, state=state.method_state or {}, ctx=context(state.next_task - 1))
+        try:
+            model.load_state_dict(state.model_state)
+        except RuntimeError as exc:
+            lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+            detail = lines[1] if len(lines) > 1 else lines[0] if lines else type(exc).__name__
+            raise ClbenchError(f"checkpoint: the saved model does not match the model rebuilt for task "
+                               f"{state.next_task} ({detail[:200]}); the method's load_method_state must rebuild "
+                               "its adapters; or run again with --restart") from None
+        state.model_state = None
+        set_rng_state(state.rng)
+        state.rng = None
     if cfg.compile and device.type == "cuda":
         model.backbone = torch.compile(model.backbone)
 
@@ -182,6 +212,8 @@ def run_stream(model: CLModel, stream: Stream, pm, cfg: TrainConfig, seed: int, 
         timings: dict[str, float] = {}
         # -- phase 1: the new task's head (old heads frozen); seeded so resumed runs match ----------
         torch.manual_seed(seed * 100_003 + t)
+        np.random.seed((seed * 100_003 + t) % 2**32)  # for methods that draw from numpy or random
+        random.seed(seed * 100_003 + t)
         for h in model.heads:
             h.requires_grad_(False)
         while len(model.heads) <= t:
@@ -233,6 +265,8 @@ def run_stream(model: CLModel, stream: Stream, pm, cfg: TrainConfig, seed: int, 
                 hook.before_optimizer_step(model=model, ctx=ctx)
                 optimizer.step()
                 hook.after_optimizer_step(model=model, ctx=ctx)
+                if step == 0:
+                    kill_point("train", t)
                 if scheduler is not None:
                     scheduler.step()
                 loss_sum += loss.detach()
@@ -267,6 +301,7 @@ def run_stream(model: CLModel, stream: Stream, pm, cfg: TrainConfig, seed: int, 
         eval_seconds = time.perf_counter() - tic
         state.R[t, : t + 1], state.R_til[t, : t + 1] = cil, til
         state.next_task = t + 1
+        state.method_state = hook.method_state(ctx=ctx)
         progress(f"task {t + 1}/{T} done: acc {np.average(cil, weights=sizes[: t + 1]):.2f} "
                  f"(til {np.average(til, weights=sizes[: t + 1]):.2f}) train {train_seconds:.1f}s")
         on_task(TaskResult(t, state.R.copy(), state.R_til.copy(), sizes, train_seconds, eval_seconds, images,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import platform
+import re
 import subprocess
 import tempfile
 import time
@@ -22,6 +23,7 @@ import yaml
 from pydantic import ValidationError
 
 import clbench
+from clbench import checkpoint
 from clbench.errors import ClbenchError
 from clbench.suite import Suite, format_validation_error
 
@@ -91,7 +93,9 @@ def plan_runs(suite: Suite, source: str, registry, methods: list[str] | None) ->
 
 def run_suite(suite: Suite, source: str, *, methods: list[str] | None = None, seeds: list[int] | None = None,
               plugins_dirs: list[str] = (), tracker=None, progress: Callable[[str], None] = print,
-              dry_run: bool = False) -> list[RunRecord]:
+              dry_run: bool = False, restart: bool = False, checkpoint_dir: str | None = None) -> list[RunRecord]:
+    """Run every planned (method, seed); resume unfinished ones from their checkpoints, skip finished ones
+    (``restart=True`` forgets both and starts fresh runs)."""
     from clbench.registry import discover
     from clbench.tracking import make_tracker
 
@@ -103,43 +107,111 @@ def run_suite(suite: Suite, source: str, *, methods: list[str] | None = None, se
             for seed in seeds:
                 progress(f"would run {run.label} ({run.info.source}) seed {seed}: {run.params.model_dump()}")
         return []
-    tracker = tracker or make_tracker(suite.tracking.experiment or suite.name, suite.tracking.uri)
+    experiment = suite.tracking.experiment or suite.name
+    tracker = tracker or make_tracker(experiment, suite.tracking.uri)
+    sdir = checkpoint.suite_dir(checkpoint_dir, suite.protocol_hash(), suite.name, experiment, tracker.uri)
+    stores = {(run.label, seed): checkpoint.RunStore(sdir / f"{_safe(run.label)}-s{seed}", run_key(suite, run, seed))
+              for seed in seeds for run in planned}
+    if restart:
+        for store in stores.values():
+            store.clear()
+        (sdir / "parent.json").unlink(missing_ok=True)
+    finished = {k: _finished_record(k, st, tracker) for k, st in stores.items()}
+    if all(finished.values()):
+        progress(f"every selected run of {suite.name} is already finished (checkpoints in {sdir}); "
+                 "use --restart to run them again")
+        return [r for r in finished.values() if r is not None]
     suite_yaml = yaml.safe_dump(suite.model_dump(mode="json"), sort_keys=False)
     base_tags = {"clbench.suite": suite.name, "clbench.suite_hash": suite.protocol_hash(),
                  "clbench.version": clbench.__version__}
     sha = git_sha()
     if sha:
         base_tags["clbench.git_sha"] = sha
-    parent = tracker.start_run(f"{suite.name}", {**base_tags, "clbench.role": "parent"},
-                               {k: v for k, v in suite.model_dump(mode="json").items() if k != "methods"})
+    parent = _parent_run(tracker, sdir, suite, base_tags, progress)
     records: list[RunRecord] = []
     status = "FINISHED"
     try:
         streams: dict[int, Any] = {}
         for seed in seeds:
             for run in planned:
-                if seed not in streams:
-                    from clbench.streams import build_stream
+                done = finished[(run.label, seed)]
+                if done is not None:
+                    progress(f"[{run.label} seed {seed}] already finished (MLflow run {done.run_id}); skipped")
+                    records.append(done)
+                    continue
+                store = stores[(run.label, seed)]
+                if not store.lock():
+                    progress(f"[{run.label} seed {seed}] another clbench process is running it now "
+                             f"(lock in {store.dir}); skipped")
+                    records.append(RunRecord(run.label, seed, "", "BUSY"))
+                    continue
+                try:
+                    if seed not in streams:
+                        from clbench.streams import build_stream
 
-                    progress(f"building stream {suite.stream.name} ({suite.stream.num_tasks} tasks) seed {seed}")
-                    streams[seed] = build_stream(suite.stream, seed)
-                records.append(run_one(suite, run, seed, streams[seed], tracker, parent, base_tags, suite_yaml,
-                                       progress))
+                        progress(f"building stream {suite.stream.name} ({suite.stream.num_tasks} tasks) seed {seed}")
+                        streams[seed] = build_stream(suite.stream, seed)
+                    records.append(run_one(suite, run, seed, streams[seed], tracker, parent, base_tags,
+                                           suite_yaml, progress, store))
+                finally:
+                    store.unlock()
         _suite_evidence(tracker, parent, records)
+        _leaderboard_report(tracker, parent, suite, progress)
     except KeyboardInterrupt:
         status = "KILLED"
+        raise
+    except BaseException:
+        status = "FAILED"
         raise
     finally:
         tracker.end_run(parent, status)
     return records
 
 
+def _safe(label: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.\-]", "_", label)
+
+
+def run_key(suite: Suite, run: PlannedRun, seed: int) -> str:
+    """What must be equal for a checkpoint to continue a run: method, params, training settings, seed, data."""
+    cfg = suite.train_for(suite.methods[run.entry_index])
+    return checkpoint.digest({"method": run.info.name, "params": run.params.model_dump(mode="json"),
+                              "train": cfg.model_dump(mode="json"), "seed": seed, "protocol": suite.protocol_hash()})
+
+
+def _finished_record(key: tuple[str, int], store: checkpoint.RunStore, tracker) -> RunRecord | None:
+    info = store.done()
+    if info is None or tracker.run_status(info["run_id"]) != "FINISHED":
+        return None
+    R = np.array(info["R"], dtype=float)
+    return RunRecord(key[0], key[1], info["run_id"], "FINISHED", info["metrics"], R)
+
+
+def _parent_run(tracker, sdir: Path, suite: Suite, base_tags: dict[str, str], progress) -> str:
+    """The parent run of this suite: the interrupted invocation's one when there is one (no duplicate runs)."""
+    previous = checkpoint.read_json(sdir / "parent.json") or {}
+    run_id = previous.get("run_id")
+    if isinstance(run_id, str) and tracker.run_status(run_id) is not None:
+        tracker.reopen_run(run_id)
+        progress(f"continuing suite run {run_id} ({sdir})")
+        return run_id
+    parent = tracker.start_run(f"{suite.name}", {**base_tags, "clbench.role": "parent"},
+                               {k: v for k, v in suite.model_dump(mode="json").items() if k != "methods"})
+    checkpoint.write_json(sdir / "parent.json", {"run_id": parent})
+    return parent
+
+
 def run_one(suite: Suite, run: PlannedRun, seed: int, stream, tracker, parent: str, base_tags: dict[str, str],
-            suite_yaml: str, progress: Callable[[str], None]) -> RunRecord:
+            suite_yaml: str, progress: Callable[[str], None], store: checkpoint.RunStore | None = None) -> RunRecord:
+    """Train one (method, seed), continuing from ``store``'s checkpoint when it holds one of this exact run.
+
+    Per task: the loop finishes the task, the checkpoint is written (atomically), then the task's metrics are
+    logged; a resumed run logs the checkpoint's last task's metrics only if MLflow does not have them yet.
+    """
     import torch
 
     from clbench.backbones import build_model
-    from clbench.loop import TaskResult, peak_memory_mb, resolve_device, run_stream
+    from clbench.loop import LoopState, TaskResult, peak_memory_mb, resolve_device, run_stream
     from clbench.metrics import summary
     from clbench.registry import run_manager
     from clbench.spectra import SpectraTracker
@@ -155,8 +227,10 @@ def run_one(suite: Suite, run: PlannedRun, seed: int, stream, tracker, parent: s
     params = {"method": {"name": run.info.name, "label": run.label, "params": run.params.model_dump(mode="json")},
               "seed": seed, "stream": suite.stream.model_dump(mode="json"),
               "backbone": suite.backbone.model_dump(mode="json"), "train": cfg.model_dump(mode="json")}
-    run_id = tracker.start_run(f"{run.label}-s{seed}", tags, params, parent=parent)
     say = lambda msg: progress(f"[{run.label} seed {seed}] {msg}")  # noqa: E731
+    T = len(stream.tasks)
+    ck = store.load() if store is not None else None
+    # The model is built before any MLflow run exists, so missing weights leave no FAILED run behind.
     torch.manual_seed(seed)
     model = build_model(suite.backbone.name, suite.backbone.image_size, suite.backbone.pretrained,
                         suite.backbone.checkpoint, suite.backbone.in_chans, suite.backbone.drop_path_rate)
@@ -165,6 +239,26 @@ def run_one(suite: Suite, run: PlannedRun, seed: int, stream, tracker, parent: s
     spectra = SpectraTracker()
     totals = {"train_seconds": 0.0, "images": 0, "trainable": 0, "hooks": 0.0}
     spectra_rows: list[dict[str, float]] = []
+    state = LoopState()
+    run_id = None
+    if ck is not None:
+        if tracker.run_status(ck["run_id"]) is None:
+            say(f"the checkpoint's MLflow run {ck['run_id']} is not in {tracker.uri}; starting afresh")
+        else:
+            run_id = ck["run_id"]
+            tracker.reopen_run(run_id)
+            say(f"resuming MLflow run {run_id} after task {ck['next_task']}/{T}")
+            state = LoopState(next_task=int(ck["next_task"]), R=ck["R"].numpy(), R_til=ck["R_til"].numpy(),
+                              method_state=ck["method"], model_state=ck["model"], rng=ck["rng"])
+            checkpoint.load_spectra_state(spectra, ck["spectra"])
+            spectra_rows = [dict(r) for r in ck["spectra_rows"]]
+            totals.update(ck["totals"])
+            pending = ck.get("pending")
+            if pending:  # killed between the checkpoint and MLflow: log that task now, unless it got there
+                _log_task_once(tracker, run_id, pending["metrics"], int(pending["task"]))
+    if run_id is None:
+        run_id = tracker.start_run(f"{run.label}-s{seed}", tags, params, parent=parent)
+    last: dict[str, Any] = {}
 
     def on_task(res: TaskResult) -> None:
         t = res.task
@@ -183,16 +277,30 @@ def run_one(suite: Suite, run: PlannedRun, seed: int, stream, tracker, parent: s
             m.update(row)
             m["cost/spectra_seconds"] = row_time
             spectra_rows.append(row)
-        tracker.log_metrics(run_id, m, step=t)
-        tracker.flush(run_id)
         totals["train_seconds"] += res.train_seconds
         totals["images"] += res.images
         totals["trainable"] = max(totals["trainable"], res.trainable_params)
         totals["hooks"] += sum(res.hook_seconds.values())
+        last["pending"] = {"task": t, "metrics": m}
 
-    status, record = "FINISHED", None
+    def after_report(t: int, trained, st: LoopState) -> None:
+        pending = last.pop("pending")
+        if store is not None:
+            store.save({"next_task": st.next_task, "R": torch.from_numpy(st.R.copy()),
+                        "R_til": torch.from_numpy(st.R_til.copy()),
+                        # torch.compile wraps the backbone; checkpoints keep the plain names
+                        "model": {k.replace("_orig_mod.", ""): v for k, v in trained.state_dict().items()},
+                        "method": st.method_state, "rng": checkpoint.rng_state(), "run_id": run_id,
+                        "spectra": checkpoint.spectra_state(spectra), "spectra_rows": spectra_rows,
+                        "totals": dict(totals), "pending": pending}, t)
+        tracker.log_metrics(run_id, pending["metrics"], step=t)
+        tracker.flush(run_id)
+        checkpoint.kill_point("log", t)
+
+    status, record, ended = "FINISHED", None, False
     try:
-        state = run_stream(model, stream, pm, cfg, seed, device, on_task=on_task, progress=say)
+        state = run_stream(model, stream, pm, cfg, seed, device, on_task=on_task, progress=say, state=state,
+                           after_report=after_report)
         R, R_til = state.R, state.R_til
         sizes = np.array([len(t.test_y) for t in stream.tasks])
         final = summary(R, R_til, sizes)
@@ -205,25 +313,41 @@ def run_one(suite: Suite, run: PlannedRun, seed: int, stream, tracker, parent: s
             t1 = [r["spectra/top1_share"] for r in spectra_rows if "spectra/top1_share" in r]
             if t1:
                 final["spectra/mean_top1_share"] = float(np.mean(t1))
-        tracker.log_metrics(run_id, final, step=len(stream.tasks) - 1)
+        if T - 1 not in tracker.logged_steps(run_id, "final/acc"):
+            tracker.log_metrics(run_id, final, step=T - 1)
         _write_artifacts(tracker, run_id, run, seed, R, R_til, spectra, suite_yaml, stream)
         say(f"final acc {final['final/acc']:.2f} forgetting {final['final/forgetting']:.2f} "
             f"({totals['train_seconds']:.1f}s training)")
         record = RunRecord(run.label, seed, run_id, status, final, R)
+        tracker.end_run(run_id, status)
+        ended = True
+        if store is not None:
+            store.mark_done(run_id, final, R)
     except FloatingPointError as exc:
         status = "FAILED"
-        say(f"FAILED: {exc}; the suite's other runs go on")
+        say(f"FAILED: {exc}; its finished tasks stay logged and checkpointed; the suite's other runs go on")
         tracker.set_tags(run_id, {"clbench.error": str(exc)})
         record = RunRecord(run.label, seed, run_id, status)
     except KeyboardInterrupt:
         status = "KILLED"
         raise
-    except BaseException:
+    except BaseException as exc:
         status = "FAILED"
+        if isinstance(exc, ClbenchError):
+            tracker.set_tags(run_id, {"clbench.error": str(exc)[:5000]})
         raise
     finally:
-        tracker.end_run(run_id, status)
+        if not ended:
+            tracker.end_run(run_id, status)
     return record
+
+
+def _log_task_once(tracker, run_id: str, metrics: dict[str, float], task: int) -> None:
+    """Log a task's metrics unless MLflow already has them (one task's metrics go in one ``log_batch``,
+    which the store writes all or nothing, so ``eval/acc`` at that step stands for the whole batch)."""
+    if task not in tracker.logged_steps(run_id, "eval/acc"):
+        tracker.log_metrics(run_id, metrics, step=task)
+        tracker.flush(run_id)
 
 
 def _device_name(device) -> str:
@@ -263,6 +387,20 @@ def _write_artifacts(tracker, run_id: str, run: PlannedRun, seed: int, R, R_til,
                               "mean top1_share of later tasks' updates", "forgetting of task j (points)",
                               f"{run.label} seed {seed}")
         tracker.log_artifacts(run_id, d)
+
+
+def _leaderboard_report(tracker, parent: str, suite: Suite, progress: Callable[[str], None]) -> None:
+    """This protocol's leaderboard in the suite's experiment as ``leaderboard.html`` on the parent run; guarded,
+    because a failing report must never fail or lose the runs already logged."""
+    if not hasattr(tracker, "client"):  # a null or test tracker stores nothing to read back
+        return
+    try:
+        from clbench.report import log_report
+
+        log_report(tracker, parent, suite.tracking.experiment or suite.name, suite.protocol_hash(),
+                   title=f"clbench leaderboard: {suite.name}")
+    except Exception as exc:  # noqa: BLE001
+        progress(f"leaderboard report not written ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})")
 
 
 def _suite_evidence(tracker, parent: str, records: list[RunRecord]) -> None:

@@ -18,6 +18,7 @@ PEFT/T5 defaults; no LoRA dropout by default (the ViT protocols use none).
 from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
 
 from clbench.hookspecs import hookimpl
 from clbench.lora import LowRank, inject
@@ -85,8 +86,11 @@ class NaiveLoRA(Method):
 
     @hookimpl
     def load_method_state(self, model, state, ctx):
-        # IncLoRA keeps exactly one live branch; SeqLoRA's single branch already exists: nothing to rebuild.
-        return None
+        # SeqLoRA's single branch already exists after configure_model. IncLoRA merged (and so removed) every
+        # finished task's branch; before_task adds the next one, so no branch may be live at the checkpoint.
+        if self.params.fresh_per_task:
+            for site in self.sites.values():
+                site.branches = nn.ModuleList()
 
 
 def register_methods(register):

@@ -1,0 +1,242 @@
+"""Resumable runs: atomic per-task checkpoints, finished-run markers, and the crash-test hook.
+
+A benchmark run is hours of accelerator time, so after every finished task the runner writes everything
+needed to continue (model state dict, the method's own state, RNG states, accuracy matrices, spectra so far,
+the MLflow run id, the task's metrics not yet confirmed in MLflow) to ``checkpoint.pt``: a temporary file,
+fsync, then an atomic rename, so a crash at any moment leaves either the previous or the new checkpoint.
+
+Layout (``root`` = ``--checkpoint-dir`` or ``<cache>/runs``)::
+
+    root/<suite key>/parent.json                 the parent MLflow run of this suite (reused on resume)
+    root/<suite key>/<label>-s<seed>/checkpoint.pt
+    root/<suite key>/<label>-s<seed>/done.json   written after the run finished (final metrics, run id)
+    root/<suite key>/<label>-s<seed>/lock        held while a process trains this (method, seed)
+
+The suite key hashes the protocol, the suite name, the experiment and the tracking URI; each checkpoint also
+stores a run key (suite key, method name, resolved params and training settings, seed), so a checkpoint is
+only ever resumed by the exact same run. Checkpoints load with ``torch.load(weights_only=True)`` only.
+
+Test hook: ``CLBENCH_TEST_KILL_AT=<point>:<task>[:INT]`` makes the process kill itself with SIGKILL (or
+SIGINT with ``:INT``) the first time it reaches the named point of that task: ``train`` (after the first
+optimizer step), ``eval`` (after the first evaluated test set), ``checkpoint`` (temporary file written, not
+yet renamed), ``log`` (the task's metrics written to MLflow, before anything else). Unset, it costs nothing.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import random
+import signal
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from clbench.errors import ClbenchError
+
+FORMAT = "clbench-checkpoint"
+VERSION = 1
+KILL_ENV = "CLBENCH_TEST_KILL_AT"
+
+
+def kill_point(point: str, task: int) -> None:
+    """Crash-test hook (see the module docstring); a no-op unless ``CLBENCH_TEST_KILL_AT`` names this point."""
+    spec = os.environ.get(KILL_ENV)
+    if not spec:
+        return
+    parts = spec.split(":")
+    if parts[:2] == [point, str(task)]:
+        sig = signal.SIGINT if parts[2:] == ["INT"] else signal.SIGKILL
+        if sig == signal.SIGINT:
+            os.environ.pop(KILL_ENV)  # one interrupt, not one per later point
+        os.kill(os.getpid(), sig)
+
+
+def digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def default_root() -> Path:
+    from clbench.paths import cache_dir
+
+    return cache_dir() / "runs"
+
+
+def suite_dir(root: str | Path | None, protocol_hash: str, name: str, experiment: str, tracking_uri: str) -> Path:
+    """The folder of a suite's runs; the name stays readable, the hash keeps different suites apart."""
+    key = digest({"protocol": protocol_hash, "name": name, "experiment": experiment, "uri": tracking_uri})
+    base = Path(root).expanduser() if root else default_root()
+    return base / f"{name}-{key[:12]}"
+
+
+# -- RNG state as weights_only-loadable values --------------------------------------------------------
+def rng_state() -> dict[str, Any]:
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos),
+                                                       int(has_gauss), float(cached)],
+             "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any] | None) -> None:
+    if not state:
+        return
+    torch.set_rng_state(state["torch"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# -- spectra tracker state (np arrays -> tensors so weights_only can load them) ----------------------
+def spectra_state(tracker) -> dict[str, Any]:
+    def rows(rs):
+        return [{k: torch.from_numpy(np.asarray(v)) for k, v in r.items()} for r in rs]
+
+    return {"layers": list(tracker.layers), "task_values": rows(tracker.task_values),
+            "cum_values": rows(tracker.cum_values),
+            "cumulative": {k: [u.B, u.A] for k, u in tracker.cumulative.items()},
+            "bases": dict(tracker.bases), "layer_metrics": tracker.layer_metrics}
+
+
+def load_spectra_state(tracker, state: dict[str, Any]) -> None:
+    from clbench.lora import LowRank
+
+    def rows(rs):
+        return [{k: v.numpy() for k, v in r.items()} for r in rs]
+
+    tracker.layers = list(state["layers"])
+    tracker.task_values = rows(state["task_values"])
+    tracker.cum_values = rows(state["cum_values"])
+    tracker.cumulative = {k: LowRank(b, a) for k, (b, a) in state["cumulative"].items()}
+    tracker.bases = dict(state["bases"])
+    tracker.layer_metrics = [dict(m) for m in state["layer_metrics"]]
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, write, task: int = -1) -> None:
+    """Write through ``write(file)`` into a temporary sibling, fsync it, then rename it over ``path``."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    kill_point("checkpoint", task)
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+class RunStore:
+    """The checkpoint folder of one (method, seed): load, save, done marker, lock."""
+
+    def __init__(self, directory: Path, run_key: str) -> None:
+        self.dir = Path(directory)
+        self.key = run_key
+        self.path = self.dir / "checkpoint.pt"
+        self.done_path = self.dir / "done.json"
+        self._lock_fd: int | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    def lock(self) -> bool:
+        """Take the run's lock (False when another process is training this run right now)."""
+        import fcntl
+
+        self.dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.dir / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                return False
+            raise
+        self._lock_fd = fd
+        return True
+
+    def unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing releases the flock
+            self._lock_fd = None
+
+    def clear(self) -> None:
+        """Forget this run (``--restart``): the checkpoint, the done marker and stale temporary files."""
+        for p in [self.path, self.done_path, *self.dir.glob(".checkpoint.pt.tmp-*")]:
+            p.unlink(missing_ok=True)
+
+    # -- checkpoint ------------------------------------------------------------------------------
+    def load(self) -> dict[str, Any] | None:
+        """The checkpoint of this exact run, or None (none yet, or one of a different configuration).
+
+        An unreadable or foreign file is the user's to resolve: one clear line, never a silent restart.
+        """
+        for stale in self.dir.glob(".checkpoint.pt.tmp-*"):  # a crash while writing: the rename never happened
+            stale.unlink(missing_ok=True)
+        if not self.path.exists():
+            return None
+        try:
+            ck = torch.load(self.path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same advice
+            raise ClbenchError(f"checkpoint {self.path}: cannot be read ({type(exc).__name__}); delete it or run "
+                               "again with --restart") from None
+        if not isinstance(ck, dict) or ck.get("format") != FORMAT:
+            raise ClbenchError(f"checkpoint {self.path}: not a clbench checkpoint; delete it or run again with "
+                               "--restart")
+        if ck.get("version") != VERSION:
+            raise ClbenchError(f"checkpoint {self.path}: written by checkpoint format {ck.get('version')}, this "
+                               f"clbench reads {VERSION}; run again with --restart")
+        if ck.get("key") != self.key:
+            return None
+        return ck
+
+    def save(self, payload: dict[str, Any], task: int) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        data = {"format": FORMAT, "version": VERSION, "key": self.key, **payload}
+        atomic_write(self.path, lambda f: torch.save(data, f), task)
+
+    # -- finished runs ---------------------------------------------------------------------------
+    def done(self) -> dict[str, Any] | None:
+        if not self.done_path.exists():
+            return None
+        try:
+            info = json.loads(self.done_path.read_text())
+        except (OSError, ValueError):
+            return None
+        return info if isinstance(info, dict) and info.get("key") == self.key else None
+
+    def mark_done(self, run_id: str, metrics: dict[str, float], R: np.ndarray) -> None:
+        blob = json.dumps({"key": self.key, "run_id": run_id, "metrics": metrics, "R": R.tolist()}).encode()
+        atomic_write(self.done_path, lambda f: f.write(blob))
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    blob = json.dumps(data).encode()
+    atomic_write(path, lambda f: f.write(blob))
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
