@@ -7,14 +7,81 @@ value: on sqlite 1,000 single calls take seconds, one batch a tenth of a second)
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from clbench.errors import ClbenchError
 
 PARENT_TAG = "mlflow.parentRunId"
+LOCK_RETRIES = 8  # sqlite allows one writer at a time; a concurrent `clbench run` may hold the lock briefly
+
+
+class _Retrying:
+    """Wraps an ``MlflowClient``: retries a call that failed with sqlite's "database is locked" (two
+    ``clbench run`` processes sharing one sqlite store) with a growing pause, then gives up."""
+
+    def __init__(self, client: Any) -> None:
+        self._client = client
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._client, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            for attempt in range(LOCK_RETRIES + 1):
+                try:
+                    return attr(*args, **kwargs)
+                except Exception as exc:  # noqa: BLE001 - only lock contention is retried
+                    if attempt == LOCK_RETRIES or "database is locked" not in str(exc):
+                        raise
+                    time.sleep(0.2 * 2 ** min(attempt, 4))
+            raise AssertionError("unreachable")
+
+        return call
+
+
+@contextlib.contextmanager
+def _store_init_lock(uri: str) -> Iterator[None]:
+    """Serialise opening a sqlite store across processes: MLflow creates and migrates the tables of a new
+    database on first open, and two processes doing that at once fail with "table ... already exists"."""
+    if not uri.startswith("sqlite:///") or uri.endswith(":memory:"):
+        yield
+        return
+    import fcntl
+    import hashlib
+
+    from clbench.paths import cache_dir
+
+    locks = cache_dir() / "locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    path = locks / f"mlflow-{hashlib.sha256(uri.encode()).hexdigest()[:16]}.lock"
+    with open(path, "a") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def probe_http(uri: str, timeout: float = 3.0) -> None:
+    """Fail at once, with one line, when an http(s) tracking server does not accept connections (MLflow's own
+    client would retry with backoff for minutes)."""
+    import socket
+    from urllib.parse import urlparse
+
+    parsed = urlparse(uri)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        return
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        socket.create_connection((parsed.hostname, port), timeout=timeout).close()
+    except OSError as exc:
+        raise ClbenchError(f"tracking: cannot reach the MLflow tracking server at {uri} ({exc.strerror or exc}); "
+                           "start the server or fix MLFLOW_TRACKING_URI / tracking.uri") from None
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
@@ -55,6 +122,15 @@ class NullTracker:
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
         pass
 
+    def run_status(self, run_id: str) -> str | None:
+        return None  # nothing is stored, so nothing can be resumed into
+
+    def reopen_run(self, run_id: str) -> None:
+        pass
+
+    def logged_steps(self, run_id: str, key: str) -> set[int]:
+        return set()
+
 
 class MlflowTracker:
     """Batched MLflow logging through ``MlflowClient``."""
@@ -66,15 +142,55 @@ class MlflowTracker:
         if uri:
             mlflow.set_tracking_uri(uri)
         self.uri = mlflow.get_tracking_uri()
-        self.client = MlflowClient(tracking_uri=self.uri)
+        probe_http(self.uri)
         self._buffers: dict[str, list] = {}
+        fast = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+        saved = {k: os.environ.get(k) for k in fast}
         try:
-            exp = self.client.get_experiment_by_name(experiment)
-            self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
+            os.environ.update(fast)  # the first request answers "is the store usable" quickly
+            with _store_init_lock(self.uri):
+                self.client = _Retrying(MlflowClient(tracking_uri=self.uri))
+                self.experiment_id = self._experiment(experiment)
         except Exception as exc:  # noqa: BLE001 - any failure here means "cannot use this store"
             msg = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
             raise ClbenchError(f"tracking: cannot reach the MLflow tracking store at {self.uri} ({msg}); start the "
                                "server or fix MLFLOW_TRACKING_URI / tracking.uri") from None
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+    def _experiment(self, name: str) -> str:
+        exp = self.client.get_experiment_by_name(name)
+        if exp:
+            return exp.experiment_id
+        try:
+            return self.client.create_experiment(name)
+        except Exception:  # another process created it between our lookup and create
+            exp = self.client.get_experiment_by_name(name)
+            if exp is None:
+                raise
+            return exp.experiment_id
+
+    def run_status(self, run_id: str) -> str | None:
+        """The run's status (RUNNING, FINISHED, FAILED, KILLED), or None if it does not exist or is deleted."""
+        try:
+            run = self.client.get_run(run_id)
+        except Exception:  # noqa: BLE001 - unknown id
+            return None
+        if run.info.lifecycle_stage != "active" or run.info.experiment_id != self.experiment_id:
+            return None
+        return run.info.status
+
+    def reopen_run(self, run_id: str) -> None:
+        """Mark a resumed run RUNNING again (its metrics and params stay)."""
+        self.client.update_run(run_id, status="RUNNING")
+
+    def logged_steps(self, run_id: str, key: str) -> set[int]:
+        """The steps at which ``key`` was logged (to never log a task's metrics twice after a crash)."""
+        return {int(m.step) for m in self.client.get_metric_history(run_id, key)}
 
     def start_run(self, name: str, tags: dict[str, str], params: dict[str, Any], parent: str | None = None) -> str:
         from mlflow.utils.mlflow_tags import MLFLOW_RUN_NAME
