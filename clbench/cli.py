@@ -35,19 +35,26 @@ def run(
     set_: list[str] = typer.Option([], "--set", help="override a suite key: key.path=value"),
     plugins_dir: list[str] = typer.Option([], "--plugins-dir", help="load method plugins from this folder"),
     dry_run: bool = typer.Option(False, "--dry-run", help="validate and print the plan, train nothing"),
+    restart: bool = typer.Option(False, "--restart", help="ignore checkpoints and finished runs: start fresh runs"),
+    checkpoint_dir: Optional[str] = typer.Option(None, "--checkpoint-dir",
+                                                 help="where run checkpoints live (default: <cache>/runs)"),
 ) -> None:
-    """Train every method of SUITE through its stream and log everything to MLflow."""
+    """Train every method of SUITE through its stream and log everything to MLflow.
+
+    After every task a checkpoint is written; running the same command again after a crash or Ctrl-C
+    continues each unfinished (method, seed) in its MLflow run and skips finished ones."""
     from clbench.runner import run_suite
     from clbench.suite import load_suite
 
     try:
         s = load_suite(suite, set_)
         records = run_suite(s, str(suite), methods=method or None, seeds=seed or None,
-                            plugins_dirs=plugins_dir, progress=_progress, dry_run=dry_run)
+                            plugins_dirs=plugins_dir, progress=_progress, dry_run=dry_run, restart=restart,
+                            checkpoint_dir=checkpoint_dir)
     except ClbenchError as exc:
         _fail(str(exc))
     except KeyboardInterrupt:
-        _fail("interrupted; runs marked KILLED")
+        _fail("interrupted; runs marked KILLED; run the same command again to resume from the last finished task")
     if records:
         typer.echo(f"{'method':<24} {'seed':>4} {'status':<9} {'final/acc':>9} {'forgetting':>10}")
         for r in records:
