@@ -166,7 +166,9 @@ def validate_hooks(cls: type, where: str) -> None:
         pm.register(cls, name="validate")
         pm.check_pending()
     except pluggy.PluginValidationError as exc:
-        raise ClbenchError(f"{where}: {exc}") from None
+        # pluggy's message spans several lines; the CLI promises one line per error.
+        one_line = "; ".join(ln.strip() for ln in str(exc).splitlines() if ln.strip())
+        raise ClbenchError(f"{where}: {one_line}") from None
     for attr, value in vars(cls).items():
         if attr in HOOK_NAMES and callable(value) and not hasattr(value, f"{hookspecs.PROJECT}_impl"):
             raise ClbenchError(f"{where}: '{attr}' looks like a hook but lacks the @hookimpl decorator")

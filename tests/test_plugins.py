@@ -1,0 +1,268 @@
+"""Plugin discovery from the outside: an installed package (entry point), a plugins folder, and every way a
+plugin can be broken (import error, unknown or misspelled hook, duplicate name): one clear error naming the
+plugin and its source, while ``clbench methods`` still lists the others. Runs record which plugin produced
+them (distribution and version, or file path and content hash).
+
+The example package ``examples/clbench-l2pull`` is built into a real wheel once per session (pip, no network,
+no build isolation) and unpacked into a temporary site folder put on ``sys.path``: importlib.metadata then
+sees its dist-info and entry point exactly as after ``pip install``, without touching the shared venv.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+import zipfile
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from clbench.cli import app
+from clbench.errors import ClbenchError
+from clbench.registry import discover
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "clbench-l2pull"
+
+
+@pytest.fixture(scope="session")
+def l2pull_site(tmp_path_factory) -> Path:
+    """The example package, built as a wheel and unpacked into a site folder (what pip install does)."""
+    work = tmp_path_factory.mktemp("l2pull-build")
+    src = work / "src"
+    shutil.copytree(EXAMPLE, src, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
+    out = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
+                          "-q", "-w", str(work / "dist"), str(src)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    (wheel,) = (work / "dist").glob("clbench_l2pull-*.whl")
+    site = work / "site"
+    zipfile.ZipFile(wheel).extractall(site)
+    return site
+
+
+def _forget(prefix: str) -> None:
+    for mod in [m for m in sys.modules if m.startswith(prefix)]:
+        del sys.modules[mod]
+
+
+@pytest.fixture
+def l2pull(l2pull_site, monkeypatch):
+    """clbench-l2pull 'installed' for this test only."""
+    monkeypatch.syspath_prepend(str(l2pull_site))
+    yield l2pull_site
+    _forget("clbench_l2pull")
+
+
+def _dist_info(site: Path, dist: str, version: str, entry_points: str) -> None:
+    """A minimal installed distribution: METADATA plus entry_points.txt."""
+    d = site / f"{dist.replace('-', '_')}-{version}.dist-info"
+    d.mkdir(parents=True)
+    (d / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n")
+    (d / "entry_points.txt").write_text(entry_points)
+
+
+def _plugin(folder: Path, name: str, body: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.py"
+    path.write_text(textwrap.dedent(body))
+    importlib.invalidate_caches()
+    return path
+
+
+GOOD = """
+    from clbench_plugins.lora import NaiveLoRA
+
+    class DirLoRA(NaiveLoRA):
+        name = "dirlora"
+        aliases = ()
+        paper = "a folder plugin for tests"
+
+    def register_methods(register):
+        register(DirLoRA)
+"""
+
+HEADER = """
+    from clbench.hookspecs import hookimpl
+    from clbench.method import Method
+
+    class Bad(Method):
+        name = "bad"
+"""
+
+FOOTER = """
+    def register_methods(register):
+        register(Bad)
+"""
+
+
+# -- an installed package ---------------------------------------------------------------------------------
+
+def test_entry_point_package_is_discovered_with_its_distribution(l2pull):
+    reg = discover()
+    info = reg.get("l2pull")
+    assert info.cls.__module__ == "clbench_l2pull"
+    assert info.provenance["kind"] == "entry_point"
+    assert (info.provenance["distribution"], info.provenance["version"]) == ("clbench-l2pull", "0.1.0")
+    assert "clbench-l2pull 0.1.0" in info.source and "lora" in reg.methods
+
+
+def test_cli_lists_the_package_and_its_params(l2pull):
+    res = CliRunner().invoke(app, ["methods"])
+    assert res.exit_code == 0, res.output
+    assert "l2pull" in res.output and "lora" in res.output
+    res = CliRunner().invoke(app, ["methods", "l2pull", "--params"])
+    assert res.exit_code == 0, res.output
+    assert "strength = 1.0: lambda of the L2 pull" in res.output
+
+
+def test_example_package_own_tests_pass(l2pull):
+    """The tests the example package ships (contract + l2pull's properties) pass against this clbench."""
+    spec = importlib.util.spec_from_file_location("_l2pull_tests", EXAMPLE / "tests" / "test_l2pull.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    names = [n for n in dir(mod) if n.startswith("test_")]
+    assert {"test_contract", "test_the_pull_keeps_factors_near_the_previous_task"} <= set(names)
+    for n in names:
+        getattr(mod, n)()
+
+
+# -- a plugins folder -------------------------------------------------------------------------------------
+
+def test_plugins_dir_is_discovered_with_path_and_hash(tmp_path):
+    path = _plugin(tmp_path / "plugs", "dirlora", GOOD)
+    info = discover([tmp_path / "plugs"]).get("dirlora")
+    assert info.provenance["kind"] == "file"
+    assert info.provenance["path"] == str(path)
+    assert info.provenance["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_files_starting_with_underscore_are_not_plugins(tmp_path):
+    _plugin(tmp_path / "plugs", "_helpers", "raise RuntimeError('must not be imported')\n")
+    _plugin(tmp_path / "plugs", "dirlora", GOOD)
+    reg = discover([tmp_path / "plugs"])
+    assert reg.errors == [] and "dirlora" in reg.methods
+
+
+# -- broken plugins: one clear error, the others still listed --------------------------------------------
+
+def test_duplicate_name_names_both_sources(tmp_path):
+    _plugin(tmp_path / "plugs", "dup", GOOD.replace('name = "dirlora"', 'name = "lora"'))
+    with pytest.raises(ClbenchError) as err:
+        discover([tmp_path / "plugs"])
+    msg = str(err.value)
+    assert "'lora' is registered twice" in msg
+    assert "entry point 'lora = clbench_plugins.lora'" in msg and f"file {tmp_path / 'plugs' / 'dup.py'}" in msg
+
+
+def test_duplicate_alias_is_refused(tmp_path):
+    # Subclassing lora inherits its alias 'seqlora': a clash the author may not see.
+    _plugin(tmp_path / "plugs", "alias", GOOD.replace("aliases = ()", ""))
+    with pytest.raises(ClbenchError, match="'seqlora' is registered twice"):
+        discover([tmp_path / "plugs"])
+
+
+@pytest.mark.parametrize("hook, expected", [
+    ("    @hookimpl\n    def before_tsak(self, model, ctx):\n        pass\n", "unknown hook 'before_tsak'"),
+    ("    def after_taks(self, model, ctx):\n        pass\n", "did you mean 'after_task'"),
+    ("    def merge_task(self, model, ctx):\n        pass\n", "'merge_task' looks like a hook but lacks the @hookimpl"),
+    ("    @hookimpl\n    def loss_terms(self, model, logitz):\n        pass\n", "logitz"),
+])
+def test_misdeclared_hook_fails_naming_plugin_and_hook(tmp_path, hook, expected):
+    path = tmp_path / "plugs" / "bad.py"
+    path.parent.mkdir()
+    path.write_text(textwrap.dedent(HEADER) + hook + textwrap.dedent(FOOTER))
+    with pytest.raises(ClbenchError) as err:
+        discover([path.parent])
+    msg = str(err.value)
+    assert expected in msg and f"file {path}" in msg and "method 'bad'" in msg
+    assert "\n" not in msg
+
+
+def test_broken_import_in_plugins_dir_is_one_line_and_others_still_listed(tmp_path, l2pull):
+    _plugin(tmp_path / "plugs", "broken", "import no_such_module_xyz\n")
+    _plugin(tmp_path / "plugs", "dirlora", GOOD)
+    with pytest.raises(ClbenchError, match=r"broken\.py: cannot be imported: ModuleNotFoundError"):
+        discover([tmp_path / "plugs"])
+    res = CliRunner().invoke(app, ["methods", "--plugins-dir", str(tmp_path / "plugs")])
+    assert res.exit_code == 0, res.output
+    listed = res.stdout
+    assert all(n in listed for n in ("lora", "l2pull", "dirlora"))
+    errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "broken.py: cannot be imported" in errors[0] and "no_such_module_xyz" in errors[0]
+
+
+def test_broken_entry_point_names_its_distribution(tmp_path, monkeypatch):
+    site = tmp_path / "site"
+    _dist_info(site, "clbench-broken", "0.0.1", "[clbench]\nbroken = clbench_broken_xyz\n")
+    monkeypatch.syspath_prepend(str(site))
+    with pytest.raises(ClbenchError) as err:
+        discover()
+    assert "entry point 'broken = clbench_broken_xyz' (clbench-broken 0.0.1): cannot be imported" in str(err.value)
+    reg = discover(strict=False)
+    assert "lora" in reg.methods and len(reg.errors) == 1
+    res = CliRunner().invoke(app, ["plugins"])
+    assert res.exit_code == 0 and "clbench_plugins.lora" in res.stdout and "clbench-broken" in res.stderr
+
+
+def test_run_with_a_broken_plugins_dir_fails_with_one_line(tmp_path, mlflow_uri, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _plugin(tmp_path / "plugs", "broken", "import no_such_module_xyz\n")
+    suite = _suite(tmp_path, [{"name": "lora", "params": {"rank": 2}}], plugins_dir="plugs")
+    res = CliRunner().invoke(app, ["run", str(suite)])
+    assert res.exit_code == 1
+    assert res.stderr.strip().count("\n") == 0 and "broken.py: cannot be imported" in res.stderr
+
+
+# -- a suite run records its plugin's provenance ----------------------------------------------------------
+
+def _suite(folder: Path, methods: list[dict], plugins_dir: str | None = None) -> Path:
+    import yaml
+
+    data = {"name": "plugins", "seeds": [0],
+            "stream": {"name": "synthetic", "num_tasks": 2, "num_classes": 4, "samples_per_class": 8},
+            "backbone": {"name": "vit_micro_clbench", "image_size": 16, "pretrained": False},
+            "train": {"epochs": 1, "batch_size": 16, "device": "cpu", "max_steps_per_epoch": 1},
+            "methods": methods, "tracking": {"experiment": "plugins"}}
+    if plugins_dir:
+        data["plugins_dir"] = plugins_dir
+    path = folder / "suite.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def test_suite_runs_external_and_folder_plugins_and_records_provenance(tmp_path, mlflow_uri, monkeypatch, l2pull):
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.chdir(tmp_path)  # MLflow's local artifact root is relative to the working directory
+    plugin = _plugin(tmp_path / "plugs", "dirlora", GOOD)
+    suite = _suite(tmp_path, [{"name": "l2pull", "params": {"rank": 2, "strength": 0.5}},
+                              {"name": "dirlora", "params": {"rank": 2}}], plugins_dir="plugs")
+    res = CliRunner().invoke(app, ["run", str(suite)])
+    assert res.exit_code == 0, res.output
+    client = MlflowClient(mlflow_uri)
+    exp = client.get_experiment_by_name("plugins")
+    runs = {r.data.tags["clbench.method"]: r for r in client.search_runs([exp.experiment_id])
+            if r.data.tags.get("clbench.role") == "child"}
+    assert set(runs) == {"l2pull", "dirlora"}
+    for r in runs.values():
+        assert r.info.status == "FINISHED" and "final/acc" in r.data.metrics
+
+    ep = runs["l2pull"]
+    assert "clbench-l2pull 0.1.0" in ep.data.tags["clbench.plugin_source"]
+    prov = json.loads(Path(client.download_artifacts(ep.info.run_id, "provenance.json", str(tmp_path))).read_text())
+    assert (prov["method"], prov["distribution"], prov["version"]) == ("l2pull", "clbench-l2pull", "0.1.0")
+    assert prov["entry_point"] == "l2pull = clbench_l2pull"
+    assert ep.data.params["method.params.strength"] == "0.5"
+
+    fd = runs["dirlora"]
+    assert fd.data.tags["clbench.plugin_source"] == f"file {plugin}"
+    out = tmp_path / "dl"
+    out.mkdir()
+    prov = json.loads(Path(client.download_artifacts(fd.info.run_id, "provenance.json", str(out))).read_text())
+    assert prov["kind"] == "file" and prov["path"] == str(plugin)
+    assert prov["sha256"] == hashlib.sha256(plugin.read_bytes()).hexdigest()
