@@ -110,6 +110,25 @@ def plugins(plugins_dir: list[str] = typer.Option([], "--plugins-dir")) -> None:
         typer.echo(f"error: {err}", err=True)
 
 
+@app.command("new-method")
+def new_method(
+    name: str = typer.Argument(..., help="the method's registry name (a lowercase identifier)"),
+    dir_: Path = typer.Option(Path("."), "--dir", help="folder of the plugin module (use it as --plugins-dir)"),
+    tests_dir: Optional[Path] = typer.Option(None, "--tests-dir",
+                                             help="folder of the test file (default DIR/tests)"),
+) -> None:
+    """Scaffold a method plugin DIR/NAME.py and its test file; both pass as generated (see CONTRIBUTING.md)."""
+    from clbench.scaffold import new_method as scaffold
+
+    try:
+        plugin, test = scaffold(name, dir_, tests_dir)
+    except ClbenchError as exc:
+        _fail(str(exc))
+    typer.echo(f"wrote {plugin}\nwrote {test}")
+    typer.echo(f"next: fill in the TODOs, run `pytest {test}`, then `clbench methods {name} --plugins-dir {dir_}`",
+               err=True)
+
+
 @app.command()
 def leaderboard(
     suite: Optional[str] = typer.Argument(None, help="suite file, experiment or suite name; default: every "

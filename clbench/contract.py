@@ -65,8 +65,13 @@ def _site_weight(site) -> torch.Tensor:
     return w if upd is None else w + upd.dense()
 
 
-def contract_run(cls: type, params: BaseModel | dict[str, Any] | None = None, stream: Stream | None = None,
-                 seed: int = 0, max_steps: int = 2) -> ContractRun:
+def contract_run(
+    cls: type,
+    params: BaseModel | dict[str, Any] | None = None,
+    stream: Stream | None = None,
+    seed: int = 0,
+    max_steps: int = 2,
+) -> ContractRun:
     """Run ``cls`` (default params unless given) through a two-task stream on the tiny ViT, on CPU."""
     from clbench.loop import run_stream
     from clbench.registry import run_manager
@@ -84,8 +89,16 @@ def contract_run(cls: type, params: BaseModel | dict[str, Any] | None = None, st
         run.sites = find_sites(m.backbone)
         run.effective.append({n: _site_weight(s) for n, s in run.sites.items()})
 
-    state = run_stream(model, stream, run_manager(run.method), tiny_train(max_steps_per_epoch=max_steps), seed,
-                       torch.device("cpu"), on_task=run.results.append, after_report=snapshot)
+    state = run_stream(
+        model,
+        stream,
+        run_manager(run.method),
+        tiny_train(max_steps_per_epoch=max_steps),
+        seed,
+        torch.device("cpu"),
+        on_task=run.results.append,
+        after_report=snapshot,
+    )
     run.R, run.R_til = state.R, state.R_til
     return run
 
@@ -114,8 +127,11 @@ def check_registration(cls: type) -> None:
     except ValidationError:
         pass
     else:
-        _fail(cls, "Params accepts unknown keys; set model_config = ConfigDict(extra='forbid') so a typo in "
-                   "a suite fails")
+        _fail(
+            cls,
+            "Params accepts unknown keys; set model_config = ConfigDict(extra='forbid') so a typo in "
+            "a suite fails",
+        )
     cls(defaults)  # the constructor the runner uses
 
 
@@ -147,28 +163,44 @@ def _check_matrices(cls: type, R: np.ndarray, R_til: np.ndarray) -> None:
         if not np.all(np.isfinite(lower)) or lower.min() < 0 or lower.max() > 100:
             _fail(cls, f"{label} must hold percentages in [0, 100] on and below the diagonal: {M.tolist()}")
         if not np.all(np.isnan(M[np.triu_indices(T, 1)])):
-            _fail(cls, f"{label} must be NaN above the diagonal (task j not yet seen after task i): {M.tolist()}")
+            _fail(
+                cls,
+                f"{label} must be NaN above the diagonal (task j not yet seen after task i): {M.tolist()}",
+            )
     # A correct class-incremental argmax is also correct within the true task's head.
     if np.any(R_til[np.tril_indices(T)] < R[np.tril_indices(T)]):
-        _fail(cls, f"task-incremental accuracy below class-incremental accuracy: R={R.tolist()} "
-                   f"R_til={R_til.tolist()}")
+        _fail(
+            cls,
+            f"task-incremental accuracy below class-incremental accuracy: R={R.tolist()} "
+            f"R_til={R_til.tolist()}",
+        )
 
 
 def _check_updates(cls: type, task: int, updates: Any, sites: dict[str, Any]) -> None:
     if updates is None:
         return  # a method without low-rank updates (no spectra for it)
     if not isinstance(updates, dict):
-        _fail(cls, f"task_updates on task {task} must return dict[str, LowRank], got {type(updates).__name__}")
+        _fail(
+            cls, f"task_updates on task {task} must return dict[str, LowRank], got {type(updates).__name__}"
+        )
     for key, lr in updates.items():
         if key not in sites:
-            _fail(cls, f"task_updates on task {task}: '{key}' is not an adapted site; sites: {sorted(sites)[:6]}")
+            _fail(
+                cls,
+                f"task_updates on task {task}: '{key}' is not an adapted site; sites: {sorted(sites)[:6]}",
+            )
         if not isinstance(lr, LowRank):
-            _fail(cls, f"task_updates on task {task}: '{key}' is {type(lr).__name__}, not clbench.lora.LowRank")
+            _fail(
+                cls, f"task_updates on task {task}: '{key}' is {type(lr).__name__}, not clbench.lora.LowRank"
+            )
         site = sites[key]
         r = lr.A.shape[0]
         if lr.A.ndim != 2 or lr.B.ndim != 2 or lr.B.shape[1] != r or lr.shape != (site.d_out, site.d_in):
-            _fail(cls, f"task_updates on task {task}: '{key}' has B {tuple(lr.B.shape)}, A {tuple(lr.A.shape)}; "
-                       f"expected B (d_out={site.d_out}, r) and A (r, d_in={site.d_in})")
+            _fail(
+                cls,
+                f"task_updates on task {task}: '{key}' has B {tuple(lr.B.shape)}, A {tuple(lr.A.shape)}; "
+                f"expected B (d_out={site.d_out}, r) and A (r, d_in={site.d_in})",
+            )
         if not (torch.isfinite(lr.A).all() and torch.isfinite(lr.B).all()):
             _fail(cls, f"task_updates on task {task}: '{key}' has non-finite factors")
 
@@ -181,8 +213,11 @@ def _check_frozen(cls: type, run: ContractRun) -> None:
         before, after = run.initial[pid], p.detach()
         if pid not in covered:
             if not torch.equal(before, after):
-                _fail(cls, f"pre-trained parameter '{pname}' changed although the method does not train the "
-                           "backbone (set trains_backbone = True if it should)")
+                _fail(
+                    cls,
+                    f"pre-trained parameter '{pname}' changed although the method does not train the "
+                    "backbone (set trains_backbone = True if it should)",
+                )
             continue
         mask = torch.ones(before.shape[0], dtype=torch.bool)
         for site in covered[pid]:
@@ -192,7 +227,7 @@ def _check_frozen(cls: type, run: ContractRun) -> None:
     # Adapted sites: effective weight change across each task == that task's reported update.
     for t, res in enumerate(run.results):
         for name, site in run.sites.items():
-            prev = (run.effective[t - 1].get(name) if t else None)
+            prev = run.effective[t - 1].get(name) if t else None
             if prev is None:
                 prev = run.initial[id(site._owner.base.weight)][site.rows].float()
             delta = run.effective[t][name] - prev
@@ -202,19 +237,30 @@ def _check_frozen(cls: type, run: ContractRun) -> None:
             scale = max(1.0, float(run.effective[t][name].abs().max()))
             err = float((delta - reported).abs().max())
             if err > 1e-5 * scale:
-                _fail(cls, f"task {t}, site '{name}': the effective weight changed by something other than the "
-                           f"reported task update (max abs difference {err:.3g}); task_updates must return what "
-                           "the task changed, and base weights may change only by merging that update")
+                _fail(
+                    cls,
+                    f"task {t}, site '{name}': the effective weight changed by something other than the "
+                    f"reported task update (max abs difference {err:.3g}); task_updates must return what "
+                    "the task changed, and base weights may change only by merging that update",
+                )
 
 
-def check_determinism(cls: type, first: ContractRun, params: BaseModel | dict[str, Any] | None = None,
-                      stream: Stream | None = None, seed: int = 0) -> None:
+def check_determinism(
+    cls: type,
+    first: ContractRun,
+    params: BaseModel | dict[str, Any] | None = None,
+    stream: Stream | None = None,
+    seed: int = 0,
+) -> None:
     """A second run with the same seed gives identical accuracy matrices (CPU)."""
     second = contract_run(cls, params, stream=stream, seed=seed)
     for label, a, b in (("R", first.R, second.R), ("R_til", first.R_til, second.R_til)):
         if not np.array_equal(a, b, equal_nan=True):
-            _fail(cls, f"two CPU runs with seed {seed} give different {label}: {a.tolist()} vs {b.tolist()}; "
-                       "derive all randomness from torch's seeded RNG")
+            _fail(
+                cls,
+                f"two CPU runs with seed {seed} give different {label}: {a.tolist()} vs {b.tolist()}; "
+                "derive all randomness from torch's seeded RNG",
+            )
 
 
 def check_method(cls: type, params: BaseModel | dict[str, Any] | None = None, seed: int = 0) -> ContractRun:

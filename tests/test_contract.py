@@ -59,6 +59,7 @@ def test_deterministic_on_cpu(name):
 
 # -- the contract's checks must be able to fail -------------------------------------------------------------
 
+
 def _lora():
     return REGISTRY.methods["lora"].cls
 

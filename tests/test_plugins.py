@@ -36,8 +36,24 @@ def l2pull_site(tmp_path_factory) -> Path:
     work = tmp_path_factory.mktemp("l2pull-build")
     src = work / "src"
     shutil.copytree(EXAMPLE, src, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
-    out = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
-                          "-q", "-w", str(work / "dist"), str(src)], capture_output=True, text=True)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "-q",
+            "-w",
+            str(work / "dist"),
+            str(src),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     (wheel,) = (work / "dist").glob("clbench_l2pull-*.whl")
     site = work / "site"
@@ -102,6 +118,7 @@ FOOTER = """
 
 # -- an installed package ---------------------------------------------------------------------------------
 
+
 def test_entry_point_package_is_discovered_with_its_distribution(l2pull):
     reg = discover()
     info = reg.get("l2pull")
@@ -133,6 +150,7 @@ def test_example_package_own_tests_pass(l2pull):
 
 # -- a plugins folder -------------------------------------------------------------------------------------
 
+
 def test_plugins_dir_is_discovered_with_path_and_hash(tmp_path):
     path = _plugin(tmp_path / "plugs", "dirlora", GOOD)
     info = discover([tmp_path / "plugs"]).get("dirlora")
@@ -150,13 +168,16 @@ def test_files_starting_with_underscore_are_not_plugins(tmp_path):
 
 # -- broken plugins: one clear error, the others still listed --------------------------------------------
 
+
 def test_duplicate_name_names_both_sources(tmp_path):
     _plugin(tmp_path / "plugs", "dup", GOOD.replace('name = "dirlora"', 'name = "lora"'))
     with pytest.raises(ClbenchError) as err:
         discover([tmp_path / "plugs"])
     msg = str(err.value)
     assert "'lora' is registered twice" in msg
-    assert "entry point 'lora = clbench_plugins.lora'" in msg and f"file {tmp_path / 'plugs' / 'dup.py'}" in msg
+    assert (
+        "entry point 'lora = clbench_plugins.lora'" in msg and f"file {tmp_path / 'plugs' / 'dup.py'}" in msg
+    )
 
 
 def test_duplicate_alias_is_refused(tmp_path):
@@ -166,12 +187,21 @@ def test_duplicate_alias_is_refused(tmp_path):
         discover([tmp_path / "plugs"])
 
 
-@pytest.mark.parametrize("hook, expected", [
-    ("    @hookimpl\n    def before_tsak(self, model, ctx):\n        pass\n", "unknown hook 'before_tsak'"),
-    ("    def after_taks(self, model, ctx):\n        pass\n", "did you mean 'after_task'"),
-    ("    def merge_task(self, model, ctx):\n        pass\n", "'merge_task' looks like a hook but lacks the @hookimpl"),
-    ("    @hookimpl\n    def loss_terms(self, model, logitz):\n        pass\n", "logitz"),
-])
+@pytest.mark.parametrize(
+    "hook, expected",
+    [
+        (
+            "    @hookimpl\n    def before_tsak(self, model, ctx):\n        pass\n",
+            "unknown hook 'before_tsak'",
+        ),
+        ("    def after_taks(self, model, ctx):\n        pass\n", "did you mean 'after_task'"),
+        (
+            "    def merge_task(self, model, ctx):\n        pass\n",
+            "'merge_task' looks like a hook but lacks the @hookimpl",
+        ),
+        ("    @hookimpl\n    def loss_terms(self, model, logitz):\n        pass\n", "logitz"),
+    ],
+)
 def test_misdeclared_hook_fails_naming_plugin_and_hook(tmp_path, hook, expected):
     path = tmp_path / "plugs" / "bad.py"
     path.parent.mkdir()
@@ -193,7 +223,11 @@ def test_broken_import_in_plugins_dir_is_one_line_and_others_still_listed(tmp_pa
     listed = res.stdout
     assert all(n in listed for n in ("lora", "l2pull", "dirlora"))
     errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "broken.py: cannot be imported" in errors[0] and "no_such_module_xyz" in errors[0]
+    assert (
+        len(errors) == 1
+        and "broken.py: cannot be imported" in errors[0]
+        and "no_such_module_xyz" in errors[0]
+    )
 
 
 def test_broken_entry_point_names_its_distribution(tmp_path, monkeypatch):
@@ -202,7 +236,9 @@ def test_broken_entry_point_names_its_distribution(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(site))
     with pytest.raises(ClbenchError) as err:
         discover()
-    assert "entry point 'broken = clbench_broken_xyz' (clbench-broken 0.0.1): cannot be imported" in str(err.value)
+    assert "entry point 'broken = clbench_broken_xyz' (clbench-broken 0.0.1): cannot be imported" in str(
+        err.value
+    )
     reg = discover(strict=False)
     assert "lora" in reg.methods and len(reg.errors) == 1
     res = CliRunner().invoke(app, ["plugins"])
@@ -220,14 +256,19 @@ def test_run_with_a_broken_plugins_dir_fails_with_one_line(tmp_path, mlflow_uri,
 
 # -- a suite run records its plugin's provenance ----------------------------------------------------------
 
+
 def _suite(folder: Path, methods: list[dict], plugins_dir: str | None = None) -> Path:
     import yaml
 
-    data = {"name": "plugins", "seeds": [0],
-            "stream": {"name": "synthetic", "num_tasks": 2, "num_classes": 4, "samples_per_class": 8},
-            "backbone": {"name": "vit_micro_clbench", "image_size": 16, "pretrained": False},
-            "train": {"epochs": 1, "batch_size": 16, "device": "cpu", "max_steps_per_epoch": 1},
-            "methods": methods, "tracking": {"experiment": "plugins"}}
+    data = {
+        "name": "plugins",
+        "seeds": [0],
+        "stream": {"name": "synthetic", "num_tasks": 2, "num_classes": 4, "samples_per_class": 8},
+        "backbone": {"name": "vit_micro_clbench", "image_size": 16, "pretrained": False},
+        "train": {"epochs": 1, "batch_size": 16, "device": "cpu", "max_steps_per_epoch": 1},
+        "methods": methods,
+        "tracking": {"experiment": "plugins"},
+    }
     if plugins_dir:
         data["plugins_dir"] = plugins_dir
     path = folder / "suite.yaml"
@@ -235,26 +276,39 @@ def _suite(folder: Path, methods: list[dict], plugins_dir: str | None = None) ->
     return path
 
 
-def test_suite_runs_external_and_folder_plugins_and_records_provenance(tmp_path, mlflow_uri, monkeypatch, l2pull):
+def test_suite_runs_external_and_folder_plugins_and_records_provenance(
+    tmp_path, mlflow_uri, monkeypatch, l2pull
+):
     from mlflow.tracking import MlflowClient
 
     monkeypatch.chdir(tmp_path)  # MLflow's local artifact root is relative to the working directory
     plugin = _plugin(tmp_path / "plugs", "dirlora", GOOD)
-    suite = _suite(tmp_path, [{"name": "l2pull", "params": {"rank": 2, "strength": 0.5}},
-                              {"name": "dirlora", "params": {"rank": 2}}], plugins_dir="plugs")
+    suite = _suite(
+        tmp_path,
+        [
+            {"name": "l2pull", "params": {"rank": 2, "strength": 0.5}},
+            {"name": "dirlora", "params": {"rank": 2}},
+        ],
+        plugins_dir="plugs",
+    )
     res = CliRunner().invoke(app, ["run", str(suite)])
     assert res.exit_code == 0, res.output
     client = MlflowClient(mlflow_uri)
     exp = client.get_experiment_by_name("plugins")
-    runs = {r.data.tags["clbench.method"]: r for r in client.search_runs([exp.experiment_id])
-            if r.data.tags.get("clbench.role") == "child"}
+    runs = {
+        r.data.tags["clbench.method"]: r
+        for r in client.search_runs([exp.experiment_id])
+        if r.data.tags.get("clbench.role") == "child"
+    }
     assert set(runs) == {"l2pull", "dirlora"}
     for r in runs.values():
         assert r.info.status == "FINISHED" and "final/acc" in r.data.metrics
 
     ep = runs["l2pull"]
     assert "clbench-l2pull 0.1.0" in ep.data.tags["clbench.plugin_source"]
-    prov = json.loads(Path(client.download_artifacts(ep.info.run_id, "provenance.json", str(tmp_path))).read_text())
+    prov = json.loads(
+        Path(client.download_artifacts(ep.info.run_id, "provenance.json", str(tmp_path))).read_text()
+    )
     assert (prov["method"], prov["distribution"], prov["version"]) == ("l2pull", "clbench-l2pull", "0.1.0")
     assert prov["entry_point"] == "l2pull = clbench_l2pull"
     assert ep.data.params["method.params.strength"] == "0.5"
@@ -263,6 +317,8 @@ def test_suite_runs_external_and_folder_plugins_and_records_provenance(tmp_path,
     assert fd.data.tags["clbench.plugin_source"] == f"file {plugin}"
     out = tmp_path / "dl"
     out.mkdir()
-    prov = json.loads(Path(client.download_artifacts(fd.info.run_id, "provenance.json", str(out))).read_text())
+    prov = json.loads(
+        Path(client.download_artifacts(fd.info.run_id, "provenance.json", str(out))).read_text()
+    )
     assert prov["kind"] == "file" and prov["path"] == str(plugin)
     assert prov["sha256"] == hashlib.sha256(plugin.read_bytes()).hexdigest()

@@ -30,9 +30,11 @@ from clbench.method import Method
 class L2PullParams(BaseModel):
     model_config = ConfigDict(extra="forbid")  # a typo in a suite's params must fail, not be ignored
     rank: int = Field(10, ge=1, description="LoRA rank r")
-    alpha: float | None = Field(None, gt=0, description="LoRA scaling alpha (delta W = alpha/r B A); default r")
-    targets: list[str] = Field(["q", "v"], min_length=1, description="adapted maps: q, k, v, qkv, proj, fc1, fc2")
-    strength: float = Field(1.0, ge=0, description="lambda of the L2 pull towards the previous task's factors")
+    alpha: float | None = Field(None, gt=0, description="LoRA scaling (delta W = alpha/r B A); default r")
+    targets: list[str] = Field(["q", "v"], min_length=1,
+                               description="adapted maps: q, k, v, qkv, proj, fc1, fc2")
+    strength: float = Field(1.0, ge=0,
+                            description="lambda of the L2 pull towards the previous task's factors")
 
 
 class L2Pull(Method):
@@ -66,7 +68,8 @@ class L2Pull(Method):
 
     @hookimpl
     def param_groups(self, model, ctx):
-        return [{"params": [q for s in self.sites.values() for q in s.branches[0].parameters()], "name": "lora"}]
+        live = [q for s in self.sites.values() for q in s.branches[0].parameters()]
+        return [{"params": live, "name": "lora"}]
 
     @hookimpl
     def loss_terms(self, model, batch, logits, ctx):

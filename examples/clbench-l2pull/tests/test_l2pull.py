@@ -32,16 +32,24 @@ def test_penalty_is_strength_times_squared_distance():
 
 
 def test_no_pull_on_the_first_task_and_a_positive_pull_after():
-    run = run_method(L2Pull({"rank": 2}), tiny_stream(samples_per_class=8), batch_size=8,
-                     max_steps_per_epoch=2)  # two steps: the second one has moved off the anchor
+    run = run_method(
+        L2Pull({"rank": 2}), tiny_stream(samples_per_class=8), batch_size=8, max_steps_per_epoch=2
+    )  # two steps: the second one has moved off the anchor
     assert "l2pull" not in run.results[0].loss_terms
     assert run.results[1].loss_terms["l2pull"] > 0
 
 
 def _drift(strength: float) -> float:
     """Frobenius norm of the task-1 update after several plain SGD steps."""
-    run = run_method(L2Pull({"rank": 4, "strength": strength}), tiny_stream(samples_per_class=24),
-                     optimizer="sgd", momentum=0.0, lr=0.05, batch_size=8, max_steps_per_epoch=6)
+    run = run_method(
+        L2Pull({"rank": 4, "strength": strength}),
+        tiny_stream(samples_per_class=24),
+        optimizer="sgd",
+        momentum=0.0,
+        lr=0.05,
+        batch_size=8,
+        max_steps_per_epoch=6,
+    )
     return sum(float(u.dense().norm()) for u in run.results[1].updates.values())
 
 

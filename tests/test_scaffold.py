@@ -1,0 +1,83 @@
+"""``clbench new-method``: the generated plugin and test pass as generated, the plugin is discoverable from
+its folder, and bad names or existing files give one clear error."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from clbench import contract
+from clbench.cli import app
+from clbench.errors import ClbenchError
+from clbench.scaffold import new_method
+
+
+def test_generated_plugin_and_test_pass_as_generated(tmp_path):
+    res = CliRunner().invoke(app, ["new-method", "my_pull", "--dir", str(tmp_path / "plugs")])
+    assert res.exit_code == 0, res.output
+    plugin, test = tmp_path / "plugs" / "my_pull.py", tmp_path / "plugs" / "tests" / "test_my_pull.py"
+    assert f"wrote {plugin}" in res.stdout and f"wrote {test}" in res.stdout
+    # The generated test file, run by pytest exactly as the contributor would run it.
+    out = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(test)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
+    assert "2 passed" in out.stdout
+    # The plugin folder works as --plugins-dir; the tests/ subfolder is not mistaken for plugins.
+    res = CliRunner().invoke(
+        app, ["methods", "my_pull", "--params", "--plugins-dir", str(tmp_path / "plugs")]
+    )
+    assert res.exit_code == 0, res.output
+    assert "my_pull" in res.stdout and "rank = 4: LoRA rank r" in res.stdout and "error" not in res.stderr
+
+
+def test_generated_plugin_leaves_todos_and_cites_nothing_yet(tmp_path):
+    plugin, _ = new_method("other_method", tmp_path)
+    text = plugin.read_text()
+    assert "class OtherMethod(Method)" in text and 'name = "other_method"' in text
+    assert text.count("TODO") >= 4  # summary, paper, code, deviations: what review will ask for
+    cls = contract.load_plugin_file(plugin).get("other_method").cls
+    contract.check_registration(cls)
+
+
+def test_separate_tests_dir_points_back_to_the_plugin(tmp_path):
+    plugin, test = new_method("sep", tmp_path / "src" / "plugs", tests_dir=tmp_path / "tests")
+    assert test == tmp_path / "tests" / "test_sep.py"
+    assert '"../src/plugs/sep.py"' in test.read_text()
+    assert (test.parent / "../src/plugs/sep.py").resolve() == plugin.resolve()
+
+
+@pytest.mark.parametrize(
+    "name, match",
+    [
+        ("My-Method", "lowercase Python identifier"),
+        ("2fast", "lowercase Python identifier"),
+        ("class", "lowercase Python identifier"),
+        ("lora", r"a method 'lora' already exists \(entry point 'lora = clbench_plugins\.lora'"),
+        ("seqlora", "a method 'lora' already exists"),
+    ],
+)
+def test_bad_names_are_refused(tmp_path, name, match):
+    with pytest.raises(ClbenchError, match=match):
+        new_method(name, tmp_path)
+    assert not list(tmp_path.iterdir())
+
+
+def test_never_overwrites(tmp_path):
+    new_method("mine", tmp_path)
+    before = (tmp_path / "mine.py").read_text()
+    (tmp_path / "mine.py").write_text(before + "# my edits\n")
+    res = CliRunner().invoke(app, ["new-method", "mine", "--dir", str(tmp_path)])
+    assert res.exit_code == 1
+    assert (
+        res.stderr.strip() == f"error: new-method mine: {tmp_path / 'mine.py'} already exists; remove it or "
+        "choose another --dir"
+    )
+    assert (tmp_path / "mine.py").read_text().endswith("# my edits\n")
