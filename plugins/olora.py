@@ -7,7 +7,10 @@ Official code: github.com/cmnfriend/O-LoRA (``src/peft/tuners/lora.py``, ``src/u
 The rule (METHODS.md section 3), per adapted layer and task t:
 
 * a fresh LoRA branch ``(alpha / r) B_t A_t`` (A Kaiming-uniform, B zero) is trained; the branches of tasks
-  0..t-1 stay in the forward pass as frozen low-rank branches (not merged), so the model needs no task id;
+  0..t-1 stay in the forward pass as frozen low-rank branches (not merged), so the model needs no task id.
+  As in the official code, they are stored as one frozen branch of rank ``r * t`` whose A and B are the
+  row / column concatenations of the earlier tasks' factors (``merge_task`` appends the finished task's
+  factors), so a step at task 10 runs two branches per site, not ten;
 * loss = task loss + ``lambda1 * sum_layers || A_prev A_t^T ||_1`` (entrywise L1 of the inner products between
   the rows of all earlier tasks' down-projections ``A_prev`` and the new one) + ``lambda2 * sum ||theta||_F``
   over the new A and B of every layer (unsquared Frobenius norms). The two terms are logged as
@@ -26,9 +29,8 @@ Deviations from the official code:
 
 * ``dropout`` defaults to 0 (official: ``lora_dropout = 0.1``) so that the training settings match the naive
   LoRA baseline of the ViT suites (the ViT continual-LoRA protocols use no LoRA dropout);
-* the earlier tasks' factors are kept as one frozen branch per task rather than concatenated into one
-  ``lora_A``/``lora_B`` of rank ``r_sum``; the forward pass and the loss are identical (the concatenation is
-  only a storage format), and per-task branches give each task's update for the spectra;
+* with dropout > 0 the frozen branch and the new one draw separate dropout masks (the official code applies one
+  ``lora_dropout`` to the input of both); at the default dropout 0 this changes nothing;
 * ``merge_frozen: true`` (off by default, a speed option the official code does not have) folds each finished
   task's branch into the frozen base weight; the earlier A's are kept in the method state so the
   orthogonality term is unchanged, and outputs are identical up to float rounding;
@@ -162,6 +164,22 @@ class OLoRA(Method):
     def merge_task(self, model, ctx):
         if self.params.merge_frozen:
             self.merge_frozen()
+        else:
+            self.concatenate_frozen()
+
+    def concatenate_frozen(self) -> None:
+        """Replace a site's frozen branches by one frozen branch of their concatenated factors (same output)."""
+        for site in self.sites.values():
+            if len(site.branches) < 2:
+                continue
+            parts = list(site.branches)
+            joined = LoRABranch(site.d_in, site.d_out, sum(b.rank for b in parts), scale=self.scale,
+                                dropout=self.params.dropout).to(parts[0].A.device)
+            with torch.no_grad():
+                joined.A.copy_(torch.cat([b.A for b in parts], 0))
+                joined.B.copy_(torch.cat([b.B for b in parts], 1))
+            joined.requires_grad_(False)
+            site.branches = torch.nn.ModuleList([joined])
 
     def merge_frozen(self) -> None:
         """Fold every frozen branch into its site's base weight (the old A's stay in ``old_A``)."""
@@ -193,11 +211,10 @@ class OLoRA(Method):
         device = next(model.parameters()).device
         self.old_A = {n: A.to(device) for n, A in state["old_A"].items() if n in self.sites}
         self.tasks_done = int(state["tasks_done"])
-        if not self.params.merge_frozen:
-            # One frozen branch per finished task so the checkpointed state dict's branch keys exist.
+        if not self.params.merge_frozen and self.tasks_done and not any(len(s.branches) for s in self.sites.values()):
+            # The frozen branch of the finished tasks (rank r * tasks) so the checkpointed state dict loads.
             for site in self.sites.values():
-                while len(site.branches) < self.tasks_done:
-                    site.add_branch(self.params.rank, scale=self.scale, dropout=self.params.dropout)
+                site.add_branch(self.params.rank * self.tasks_done, scale=self.scale, dropout=self.params.dropout)
             self._freeze_all()
 
 

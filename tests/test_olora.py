@@ -54,13 +54,18 @@ def test_loss_terms_equal_hand_computation(merge):
                     "merge_frozen": merge})
     method.configure_model(model=model, ctx=_ctx(0))
     history: dict[str, list[np.ndarray]] = {n: [] for n in method.sites}
+    x = torch.rand(4, model.in_chans, 16, 16, generator=gen)
     for t in range(2):
         method.before_task(model=model, ctx=_ctx(t))
         _randomise(method, gen)
         for n, b in method._new.items():
             history[n].append(b.A.detach().double().numpy().copy())
         method.after_task(model=model, ctx=_ctx(t))
-        method.merge_task(model=model, ctx=_ctx(t))
+        with torch.no_grad():  # concatenating (or merging) the frozen branches keeps the function
+            before = model.features(x)
+            method.merge_task(model=model, ctx=_ctx(t))
+            assert torch.allclose(model.features(x), before, rtol=1e-4, atol=1e-4)
+        assert sum(len(s.branches) for s in method.sites.values()) == (0 if merge else len(method.sites))
     method.before_task(model=model, ctx=_ctx(2))
     _randomise(method, gen)
     terms = method.loss_terms(model=model, batch=None, logits=None, ctx=_ctx(2))
@@ -117,24 +122,28 @@ def test_old_branches_get_no_gradient_and_do_not_change():
     later = [(old, new) for t, old, new in method.seen if t > 0]
     assert later and all(old and not any(old) for old, _ in later)
     assert all(all(new) for _, new in later)
+    r = 4
     for site_name, site in method.sites.items():
-        assert len(site.branches) == 3
-        for t, b in enumerate(site.branches):
-            assert not any(p.requires_grad for p in b.parameters())
-            now = torch.cat([b.A.detach().flatten(), b.B.detach().flatten()])
+        # The finished tasks live on as one frozen branch of their concatenated factors (official layout).
+        (frozen,) = site.branches
+        assert frozen.rank == 3 * r and not any(p.requires_grad for p in frozen.parameters())
+        for t in range(3):
+            now = torch.cat([frozen.A[t * r:(t + 1) * r].flatten(), frozen.B[:, t * r:(t + 1) * r].flatten()])
             assert torch.equal(now, method.snapshots[t][site_name])
+            assert torch.equal(method.old_A[site_name][t * r:(t + 1) * r], frozen.A[t * r:(t + 1) * r])
     # task_updates reports exactly this task's branch.
     for t, res in enumerate(run.results):
         for n, u in res.updates.items():
-            b = method.sites[n].branches[t]
-            assert torch.allclose(u.dense(), b.scale * b.B.detach() @ b.A.detach())
+            b = method.sites[n].branches[0]
+            A, B = b.A[t * r:(t + 1) * r].detach(), b.B[:, t * r:(t + 1) * r].detach()
+            assert torch.allclose(u.dense(), b.scale * B @ A)
 
 
-def _mean_overlap(method: OLoRA) -> tuple[float, float]:
+def _mean_overlap(method: OLoRA, r: int) -> tuple[float, float]:
     """(subspace overlap, entrywise L1 of A_0 A_1^T), each averaged over sites, after two tasks."""
     ovs, l1s = [], []
-    for site in method.sites.values():
-        A0, A1 = site.branches[0].A.detach(), site.branches[1].A.detach()
+    for A in method.old_A.values():
+        A0, A1 = A[:r], A[r:2 * r]
         ovs.append(_row_space_overlap(A1, A0))
         l1s.append(float((A0 @ A1.t()).abs().sum()))
     return float(np.mean(ovs)), float(np.mean(l1s))
@@ -144,11 +153,11 @@ def test_lambda1_reduces_overlap_with_old_subspaces():
     stream = tiny_stream(num_tasks=2, num_classes=4, samples_per_class=32)
     with_orth = OLoRA({"rank": 4, "lambda1": 0.5})
     without = OLoRA({"rank": 4, "lambda1": 0.0})
-    run_method(with_orth, stream=stream, epochs=4)
-    run_method(without, stream=stream, epochs=4)
-    ov_o, l1_o = _mean_overlap(with_orth)
-    ov_n, l1_n = _mean_overlap(without)
-    assert ov_o < ov_n
+    run_method(with_orth, stream=stream, epochs=2)
+    run_method(without, stream=stream, epochs=2)
+    ov_o, l1_o = _mean_overlap(with_orth, 4)
+    ov_n, l1_n = _mean_overlap(without, 4)
+    assert ov_o < 0.5 * ov_n  # measured: about 0.03 vs 0.16 (1 epoch: 0.09 vs 0.16)
     assert l1_o < l1_n
 
 
