@@ -79,8 +79,10 @@ def methods(
     except ClbenchError as exc:
         _fail(str(exc))
     names = sorted(reg.methods)
-    if pattern:
-        names = [n for n in names if pattern in n] or ([reg.get(pattern).name] if pattern in reg.aliases else [])
+    if pattern in reg.methods or pattern in reg.aliases:  # an exact name wins over substrings (lora vs olora)
+        names = [reg.get(pattern).name]
+    elif pattern:
+        names = [n for n in names if pattern in n]
     for n in names:
         info = reg.methods[n]
         aliases = getattr(info.cls, "aliases", ())

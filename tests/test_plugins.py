@@ -306,3 +306,11 @@ def test_suite_runs_external_and_folder_plugins_and_records_provenance(
     )
     assert prov["kind"] == "file" and prov["path"] == str(plugin)
     assert prov["sha256"] == hashlib.sha256(plugin.read_bytes()).hexdigest()
+
+
+def test_exact_name_shows_only_that_method(l2pull):
+    # 'lora' is a substring of olora, inflora, eblora and l2pull's description; the exact name must win.
+    res = CliRunner().invoke(app, ["methods", "lora", "--params"])
+    assert res.exit_code == 0, res.output
+    headers = [line.split()[0] for line in res.stdout.splitlines() if not line.startswith(" ")]
+    assert headers == ["lora"] and "fresh_per_task = False" in res.stdout
