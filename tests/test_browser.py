@@ -1,0 +1,188 @@
+"""In a real browser: MLflow's own UI shows clbench's child runs and their final/acc values (no clbench needed
+to compare), and the HTML report renders with its plots. Needs headless Chromium (Debian package ``chromium``)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from html.parser import HTMLParser
+from pathlib import Path
+from urllib.parse import quote
+
+import pytest
+
+from test_leaderboard import HASH_A, RUNS, make_store
+
+CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
+pytestmark = [pytest.mark.browser,
+              pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium not installed "
+                                                          "(apt-get install chromium); .ci/run installs it")]
+RUN_NAME = re.compile(r"\b(?:lora|olora|inflora|eblora)-s\d\b")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def dump_dom(url: str, width: int = 1920) -> str:
+    """The DOM after Chromium has run the page's scripts (virtual time lets the React app fetch and render)."""
+    with tempfile.TemporaryDirectory() as profile:
+        out = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                              "--no-first-run", "--disable-background-networking", "--disable-component-update",
+                              "--disable-sync", f"--user-data-dir={profile}", f"--window-size={width},1600",
+                              "--virtual-time-budget=20000", "--dump-dom", url],
+                             capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout
+
+
+class CompareTable(HTMLParser):
+    """Reads MLflow's compare-runs page: the run names row, and the metric grids (virtualised: absolutely
+    positioned cells, names in one grid and values in the next, rows aligned by their ``top``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: list[str] = []
+        self.grids: list[list[tuple[int, int, str]]] = []
+        self._stack: list[tuple[str, tuple[int, int] | None]] = []
+        self._row_head = ""
+        self._in_name_row = False
+        self._text: list[str] = []
+        self._cell: tuple[int, int] | None = None
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if "ReactVirtualized__Grid__innerScrollContainer" in (a.get("class") or ""):
+            self.grids.append([])
+        style = a.get("style") or ""
+        pos = None
+        if tag == "div" and "position: absolute" in style and self.grids:
+            top, left = re.search(r"top: (-?\d+)px", style), re.search(r"left: (-?\d+)px", style)
+            if top and left:
+                pos = (int(top.group(1)), int(left.group(1)))
+                self._cell, self._text = pos, []
+        if tag == "th":
+            self._text = []
+        if tag == "tr":
+            self._row_head, self._in_name_row = "", False
+        if tag == "td" and self._in_name_row:
+            self._text = []
+        self._stack.append((tag, pos))
+
+    def handle_endtag(self, tag):
+        while self._stack:
+            t, pos = self._stack.pop()
+            if pos is not None and self._cell == pos:
+                self.grids[-1].append((pos[0], pos[1], "".join(self._text).strip()))
+                self._cell = None
+            if t == "th" and self._row_head == "":
+                self._row_head = "".join(self._text).strip()
+                self._in_name_row = self._row_head == "Run Name:"
+            if t == "td" and self._in_name_row:
+                self.names.append("".join(self._text).strip())
+            if t == tag:
+                break
+
+    def handle_data(self, data):
+        self._text.append(data)
+
+    def metric_row(self, key: str) -> list[str]:
+        for i, grid in enumerate(self.grids[:-1]):
+            tops = [top for top, _, text in grid if text == key]
+            if tops:
+                return [text for top, left, text in sorted(self.grids[i + 1], key=lambda c: c[1]) if top == tops[0]]
+        return []
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("ui")
+    port = free_port()
+    log = open(folder / "ui.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri",
+                             f"sqlite:///{folder / 'mlflow.db'}", "--host", "127.0.0.1", "--port", str(port),
+                             "--workers", "1"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(url + "/health", timeout=2).read()
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail("MLflow UI did not start:\n" + (folder / "ui.log").read_text()[-2000:])
+                time.sleep(0.5)
+        # The runs go in through the server's REST API, exactly as `clbench run` logs against a server.
+        exps = make_store(url, folder / "artifacts")
+        yield url, exps, folder
+    finally:
+        # The server runs in its own process group (uvicorn spawns workers): end all of it, and only it.
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=5)
+        except ProcessLookupError:
+            pass
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+        log.close()
+
+
+def test_mlflow_runs_table_sorted_by_final_acc_is_the_leaderboard(server):
+    url, exps, _ = server
+    dom = dump_dom(f"{url}/#/experiments/{exps['bench']}/runs?orderByKey=metrics.%60final%2Facc%60&orderByAsc=false")
+    shown = RUN_NAME.findall(dom)
+    ordered = [shown[0]] + [b for a, b in zip(shown, shown[1:]) if a != b]
+    finals = sorted(((r[7][0], f"{r[2]}-s{r[4]}") for r in RUNS if r[0] == "bench" and r[7]), reverse=True)
+    assert ordered[:8] == [name for _, name in finals[:8]], ordered
+
+
+def test_mlflow_compare_page_shows_final_acc_of_every_run(server):
+    from mlflow.tracking import MlflowClient
+
+    url, exps, _ = server
+    runs = MlflowClient(tracking_uri=url).search_runs(
+        [exps["bench"]], f"tags.`clbench.role` = 'child' and tags.`clbench.suite_hash` = '{HASH_A}' "
+                         "and attributes.status = 'FINISHED'")
+    ids = quote(json.dumps([r.info.run_id for r in runs]))
+    page = CompareTable()
+    page.feed(dump_dom(f"{url}/#/compare-runs?runs={ids}&experiments={quote(json.dumps([exps['bench']]))}",
+                       width=2800))
+    values = page.metric_row("final/acc")
+    assert len(page.names) == len(runs) == 9 and len(values) == 9, (page.names, values)
+    shown = sorted((name, float(v)) for name, v in zip(page.names, values))
+    expected = sorted((f"{r[2]}-s{r[4]}", float(r[7][0])) for r in RUNS
+                      if r[1] == HASH_A and r[5] == "FINISHED")
+    assert shown == expected
+
+
+PROBE = ("<script>window.addEventListener('load', () => document.body.setAttribute('data-images', "
+         "[...document.images].map(i => i.naturalWidth + 'x' + i.naturalHeight).join(',')))</script>")
+
+
+def test_html_report_renders_with_its_plots(server):
+    from clbench import leaderboard as lb
+
+    url, _, folder = server
+    html_text = lb.render(lb.build("bench", url), "html")
+    page = folder / "report.html"
+    # The report has no scripts; the probe only reads back what Chromium decoded.
+    page.write_text(html_text.replace("</body>", PROBE + "</body>"))
+    dom = dump_dom(page.as_uri())
+    sizes = re.search(r'data-images="([^"]*)"', dom)
+    assert sizes, "the probe did not run"
+    dims = [tuple(map(int, s.split("x"))) for s in sizes.group(1).split(",") if s]
+    assert len(dims) == 6 and all(w > 200 and h > 200 for w, h in dims), dims
+    assert "72.00 ± 2.00" in dom and "inflora seed 2 FAILED" in dom
