@@ -3,8 +3,10 @@ its folder, and bad names or existing files give one clear error."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -81,3 +83,15 @@ def test_never_overwrites(tmp_path):
         "choose another --dir"
     )
     assert (tmp_path / "mine.py").read_text().endswith("# my edits\n")
+
+
+def test_contributing_tutorial_matches_the_example_package():
+    """Every code block of the tutorial (section 2) is copied verbatim from the example plugin."""
+    root = Path(__file__).resolve().parents[1]
+    guide = (root / "CONTRIBUTING.md").read_text()
+    tutorial = guide[guide.index("## 2. Tutorial") : guide.index("## 3. The hooks")]
+    blocks = re.findall(r"```python\n(.*?)```", tutorial, flags=re.S)
+    example = (root / "examples" / "clbench-l2pull" / "clbench_l2pull.py").read_text()
+    assert len(blocks) >= 8
+    for block in blocks:
+        assert block in example, block
