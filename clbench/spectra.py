@@ -112,16 +112,17 @@ class SpectraTracker:
             self.layers = sorted(updates)
         values, cvalues, per_layer = {}, {}, {}
         for name, u in sorted(updates.items()):
-            s = singular_values(u).cpu().numpy()
+            _, _, S, Vh, Qa = _core(u)  # one factorisation gives the spectrum and the input subspace
+            s = S.cpu().numpy()
             values[name] = s
-            basis = input_basis(u)
+            k = int((S > REL_TOL * S[0]).sum()) if S.numel() and S[0] > 0 else 0
+            basis = Qa @ Vh[:k].t()
             prev = self.bases.get(name)
             ov = overlap(basis, prev) if prev is not None else float("nan")
             self.bases[name] = extend_basis(prev, basis)
             cum = self.cumulative.get(name)
-            cum = u if cum is None else LowRank.sum([cum, u])
-            self.cumulative[name] = _compress(cum)
-            cvalues[name] = singular_values(self.cumulative[name]).cpu().numpy()
+            self.cumulative[name], cs = _compress(u if cum is None else LowRank.sum([cum, u]))
+            cvalues[name] = cs.cpu().numpy()
             per_layer[name] = {"top1_share": top1_share(s), "eff_rank": eff_rank(s), "stable_rank": stable_rank(s),
                                "overlap": ov, "norm": float(np.sqrt((s ** 2).sum()))}
         self.task_values.append(values)
@@ -154,10 +155,11 @@ class SpectraTracker:
                 "cumulative_sv": stack(self.cum_values), "layer_metrics": lm, "layer_metric_names": np.array(keys)}
 
 
-def _compress(u: LowRank) -> LowRank:
-    """Re-factor B A to its exact rank (<= min(d_out, d_in)) so cumulative factors stay small."""
+def _compress(u: LowRank) -> tuple[LowRank, torch.Tensor]:
+    """Re-factor B A to its exact rank (<= min(d_out, d_in)) so cumulative factors stay small; also return
+    the singular values."""
     Qb, U, S, Vh, Qa = _core(u)
     keep = int((S > REL_TOL * S[0]).sum()) if S.numel() and S[0] > 0 else 0
     B = (Qb @ U[:, :keep]) * S[:keep]
     A = (Qa @ Vh[:keep].t()).t()
-    return LowRank(B.to(u.B.dtype), A.to(u.A.dtype))
+    return LowRank(B.to(u.B.dtype), A.to(u.A.dtype)), S
