@@ -45,7 +45,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from clbench.errors import ClbenchError
 from clbench.hookspecs import hookimpl
@@ -66,6 +66,13 @@ class OLoRAParams(BaseModel):
         0.0, description="weight of the unsquared Frobenius norms of the new A and B; a number or one per task")
     merge_frozen: bool = Field(False, description="fold each finished task's branch into the base weights "
                                                   "(faster; the old A's are kept for the orthogonality term)")
+
+    @field_validator("lambda1", "lambda2")
+    @classmethod
+    def _non_negative(cls, v: float | list[float]) -> float | list[float]:
+        if min(v if isinstance(v, list) else [v], default=0.0) < 0:
+            raise ValueError("must be >= 0 (a negative weight would reward overlap)")
+        return v
 
 
 def _per_task(value: float | list[float], task: int) -> float:

@@ -219,3 +219,10 @@ def test_method_state_rebuilds_branches_for_a_checkpointed_model(merge):
 def test_per_task_lambda_list_must_cover_the_stream():
     with pytest.raises(ClbenchError, match="lambda1"):
         run_method(OLoRA({"lambda1": [0.0, 0.5]}), stream=tiny_stream(num_tasks=3, num_classes=6))
+
+
+def test_negative_lambda_is_rejected():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="lambda1"):
+        OLoRA.Params(lambda1=[0.5, -1.0])
