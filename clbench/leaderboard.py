@@ -19,9 +19,10 @@ import hashlib
 import io
 import json
 import math
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from clbench.errors import ClbenchError
 
@@ -116,7 +117,8 @@ def run_value(run: dict[str, Any], key: str) -> float | None:
 
 
 def stat(values: Iterable[float | None]) -> Stat:
-    vals = [v for v in values if v is not None]
+    """Mean, sample standard deviation (ddof=1; None for one value) and count of the finite values."""
+    vals = [f for f in (_finite(v) for v in values) if f is not None]
     if not vals:
         return Stat(None, None, 0)
     mean = sum(vals) / len(vals)
@@ -309,8 +311,11 @@ def render_table(groups: list[Group]) -> str:
     for g in groups:
         header, body = table_cells(g)
         widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
-        line = lambda cells: "  ".join(c.ljust(w) if i == 1 else c.rjust(w)  # noqa: E731
-                                       for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+
+        def line(cells: list[str], widths: list[int] = widths) -> str:
+            return "  ".join(c.ljust(w) if i == 1 else c.rjust(w)
+                             for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+
         out += [group_title(g) + f" · sorted by {g.sort_key}", line(header), line(["-" * w for w in widths])]
         out += [line(r) for r in body]
         out += provenance_lines(g) + note_lines(g) + [""]

@@ -14,8 +14,16 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from clbench.leaderboard import (METRICS, Group, Row, aggregate, fmt_stat, group_title, note_lines,
-                                 provenance_lines)
+from clbench.leaderboard import (
+    METRICS,
+    Group,
+    Row,
+    aggregate,
+    fmt_stat,
+    group_title,
+    note_lines,
+    provenance_lines,
+)
 
 CSS = """
 body{font-family:system-ui,sans-serif;margin:24px;color:#222}
@@ -150,10 +158,10 @@ def plot_curves(g: Group) -> str | None:
 
 
 PLOTS = (
-    ("pareto", plot_pareto, "Final CIL accuracy against training time and trainable parameters; the dashed line "
-                            "joins the methods no other method beats on both."),
-    ("imbalance", plot_imbalance_forgetting, "Each point is one finished run: the mean share of the top singular "
-                                             "value in its task updates against its forgetting."),
+    ("pareto", plot_pareto, ("Final CIL accuracy against training time and trainable parameters; the dashed "
+                             "line joins the methods no other method beats on both.")),
+    ("imbalance", plot_imbalance_forgetting, ("Each point is one finished run: the mean share of the top singular "
+                                              "value in its task updates against its forgetting.")),
     ("curves", plot_curves, "Accuracy over all seen tasks after each task."),
 )
 
@@ -173,10 +181,10 @@ def _table_html(g: Group) -> str:
 
 def render_html(groups: list[Group], title: str = "clbench leaderboard") -> str:
     e = html.escape
-    parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{e(title)}</title><style>{CSS}</style>"
-             f"</head><body><h1>{e(title)}</h1>",
-             "<p>Mean ± sample standard deviation over seeds; only finished runs are averaged; runs of different "
-             "suite hashes (protocols) are never mixed.</p>"]
+    parts = [(f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{e(title)}</title><style>{CSS}</style>"
+              f"</head><body><h1>{e(title)}</h1>"),
+             ("<p>Mean ± sample standard deviation over seeds; only finished runs are averaged; runs of different "
+              "suite hashes (protocols) are never mixed.</p>")]
     for k, g in enumerate(groups):
         parts.append(f"<section id='group-{k}'><h2>{e(group_title(g))}</h2>")
         parts.append(f"<p>sorted by <code>{e(g.sort_key)}</code></p>{_table_html(g)}")

@@ -3,6 +3,7 @@ to compare), and the HTML report renders with its plots. Needs headless Chromium
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -19,7 +20,6 @@ from pathlib import Path
 from urllib.parse import quote
 
 import pytest
-
 from test_leaderboard import HASH_A, RUNS, make_store
 
 CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
@@ -42,7 +42,7 @@ def dump_dom(url: str, width: int = 1920) -> str:
                               "--no-first-run", "--disable-background-networking", "--disable-component-update",
                               "--disable-sync", f"--user-data-dir={profile}", f"--window-size={width},1600",
                               "--virtual-time-budget=20000", "--dump-dom", url],
-                             capture_output=True, text=True, timeout=60)
+                             capture_output=True, text=True, timeout=60, check=False)
     assert out.returncode == 0, out.stderr[-2000:]
     return out.stdout
 
@@ -109,7 +109,7 @@ class CompareTable(HTMLParser):
 def server(tmp_path_factory):
     folder = tmp_path_factory.mktemp("ui")
     port = free_port()
-    log = open(folder / "ui.log", "w")
+    log = (folder / "ui.log").open("w")  # held open for the server's whole life, closed below
     proc = subprocess.Popen([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri",
                              f"sqlite:///{folder / 'mlflow.db'}", "--host", "127.0.0.1", "--port", str(port),
                              "--workers", "1"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -144,7 +144,7 @@ def test_mlflow_runs_table_sorted_by_final_acc_is_the_leaderboard(server):
     url, exps, _ = server
     dom = dump_dom(f"{url}/#/experiments/{exps['bench']}/runs?orderByKey=metrics.%60final%2Facc%60&orderByAsc=false")
     shown = RUN_NAME.findall(dom)
-    ordered = [shown[0]] + [b for a, b in zip(shown, shown[1:]) if a != b]
+    ordered = [shown[0]] + [b for a, b in itertools.pairwise(shown) if a != b]
     finals = sorted(((r[7][0], f"{r[2]}-s{r[4]}") for r in RUNS if r[0] == "bench" and r[7]), reverse=True)
     assert ordered[:8] == [name for _, name in finals[:8]], ordered
 
