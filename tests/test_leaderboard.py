@@ -346,3 +346,24 @@ def test_stat_single_seed_has_no_std():
     assert lb.stat([5.0]) == lb.Stat(5.0, None, 1)
     assert lb.stat([None, float("nan")]) == lb.Stat(None, None, 0)
     assert lb.stat([1.0, None, 3.0]) == lb.Stat(2.0, math.sqrt(2.0), 2)
+
+
+def test_a_failing_report_never_fails_the_suite_run(tmp_path):
+    from clbench.runner import _leaderboard_report
+    from clbench.suite import load_suite
+
+    suite_file = tmp_path / "s.yaml"
+    suite_file.write_text("name: s\nstream: {name: synthetic, num_tasks: 2, num_classes: 4}\n"
+                          "backbone: {name: vit_micro_clbench, pretrained: false, image_size: 16}\n"
+                          "methods: [{name: lora}]\n")
+
+    class Tracker:  # looks like the MLflow tracker, but its store is gone
+        client = object()
+        uri = f"sqlite:///{tmp_path / 'gone.db'}"
+
+        def log_artifacts(self, *args):
+            raise AssertionError("nothing to log")
+
+    messages: list[str] = []
+    _leaderboard_report(Tracker(), "parent", load_suite(suite_file), messages.append)
+    assert len(messages) == 1 and "leaderboard report not written" in messages[0] and "gone.db" in messages[0]
