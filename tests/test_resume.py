@@ -1,0 +1,154 @@
+"""Resume after any crash: SIGKILL (and Ctrl-C) at named points of a tiny suite, then `clbench run` again.
+
+One chain of `clbench run` processes, each killed at a different point through the ``CLBENCH_TEST_KILL_AT``
+hook (clbench/checkpoint.py), the last one left to finish; compared with an uninterrupted in-process run of
+the same suite. Subprocesses are few on purpose: each costs seconds of imports.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from clbench import checkpoint
+from clbench.cli import app
+from clbench.errors import ClbenchError
+from clbench.runner import run_suite
+from clbench.suite import load_suite
+from clbench.tracking import MlflowTracker
+
+SUITE = """\
+name: {name}
+seeds: [0]
+stream: {{name: synthetic, num_tasks: 3, num_classes: 6, samples_per_class: 16}}
+backbone: {{name: vit_micro_clbench, image_size: 16, pretrained: false}}
+train: {{epochs: 1, batch_size: 16, lr: 5.0e-3, max_steps_per_epoch: 2, device: cpu, log_every: 1000}}
+methods:
+  - {{name: lora, params: {{rank: 2}}}}
+  - {{name: lora, label: inclora, params: {{rank: 2, fresh_per_task: true}}}}
+tracking: {{experiment: {name}}}
+"""
+LABELS = ("lora", "inclora")
+T = 3
+
+
+def write_suite(folder: Path, name: str = "resume") -> Path:
+    path = folder / f"{name}.yaml"
+    path.write_text(SUITE.format(name=name))
+    return path
+
+
+def runs_of(uri: str, experiment: str) -> list:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(experiment)
+    return client.search_runs([exp.experiment_id], max_results=100) if exp else []
+
+
+def children(uri: str, experiment: str) -> dict:
+    return {r.data.tags["clbench.method"]: r for r in runs_of(uri, experiment)
+            if r.data.tags.get("clbench.role") == "child"}
+
+
+def history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
+    from mlflow.tracking import MlflowClient
+
+    return sorted((m.step, m.value) for m in MlflowClient(tracking_uri=uri).get_metric_history(run_id, key))
+
+
+def start_run(suite: Path, ckdir: Path, uri: str, kill: str | None) -> subprocess.Popen:
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}  # explicit: mlflow.set_tracking_uri rewrites os.environ
+    env.pop(checkpoint.KILL_ENV, None)
+    if kill:
+        env[checkpoint.KILL_ENV] = kill
+    return subprocess.Popen([sys.executable, "-m", "clbench.cli", "run", str(suite), "--checkpoint-dir", str(ckdir)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def clbench_run(suite: Path, ckdir: Path, uri: str, kill: str | None) -> subprocess.CompletedProcess:
+    proc = start_run(suite, ckdir, uri, kill)
+    out, err = proc.communicate(timeout=600)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def test_killed_at_every_point_resumes_to_identical_metrics(tmp_path, mlflow_uri):
+    suite_path = write_suite(tmp_path)
+    ckdir = tmp_path / "ck"
+
+    # The reference: an uninterrupted `clbench run` of the same suite into another store, alongside the first
+    # interrupted one. (A process, like the others: an in-process run differed in the last bit of a float64
+    # spectrum, from the process's numerical environment, not from resuming.)
+    ref_uri = f"sqlite:///{tmp_path / 'reference.db'}"
+    reference = start_run(suite_path, tmp_path / "ref-ck", ref_uri, None)
+
+    # Ctrl-C during lora's task 1: run and suite KILLED, task 0 checkpointed.
+    p = clbench_run(suite_path, ckdir, mlflow_uri, "train:1:INT")
+    _, ref_err = reference.communicate(timeout=600)
+    assert reference.returncode == 0, ref_err[-3000:]
+    ref_children = children(ref_uri, "resume")
+    assert p.returncode == 1, p.stderr
+    assert "interrupted" in p.stderr.splitlines()[-1] and "Traceback" not in p.stderr
+    killed = children(mlflow_uri, "resume")
+    assert killed["lora"].info.status == "KILLED"
+    [parent] = [r for r in runs_of(mlflow_uri, "resume") if r.data.tags.get("clbench.role") == "parent"]
+    assert parent.info.status == "KILLED"
+    sdir = next(ckdir.iterdir())
+    ck = torch.load(sdir / "lora-s0" / "checkpoint.pt", weights_only=True)
+    assert ck["next_task"] == 1 and ck["run_id"] == killed["lora"].info.run_id
+
+    # SIGKILL while writing lora's task-1 checkpoint, mid-evaluation of task 2, right after inclora's task-1
+    # metrics reached MLflow (its checkpoint already written); the last run finishes.
+    for point in ("checkpoint:1", "eval:2", "log:1"):
+        p = clbench_run(suite_path, ckdir, mlflow_uri, point)
+        assert p.returncode == -signal.SIGKILL, (point, p.stderr[-2000:])
+    p = clbench_run(suite_path, ckdir, mlflow_uri, None)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "resuming MLflow run" in p.stderr
+    assert not list(sdir.glob("*/.checkpoint.pt.tmp-*"))  # the half-written checkpoint was discarded
+
+    runs = runs_of(mlflow_uri, "resume")
+    assert len(runs) == 3, [r.data.tags.get("mlflow.runName") for r in runs]  # one parent, two children
+    got = children(mlflow_uri, "resume")
+    for label in LABELS:
+        run, want = got[label], ref_children[label]
+        assert run.info.status == "FINISHED"
+        for key in [k for k in want.data.metrics if k.startswith(("eval/", "spectra/", "train/loss"))]:
+            h = history(mlflow_uri, run.info.run_id, key)
+            steps = [s for s, _ in h]
+            assert steps == sorted(set(steps)), f"{label} {key}: duplicate steps {steps}"  # no duplicates
+            assert h == history(ref_uri, want.info.run_id, key), f"{label} {key}"  # no lost task, same values
+        assert [s for s, _ in history(mlflow_uri, run.info.run_id, "eval/acc")] == list(range(T))
+        for key, value in want.data.metrics.items():
+            if key.startswith(("final/", "spectra/mean")):
+                assert run.data.metrics[key] == value, f"{label} {key}"
+                assert len(history(mlflow_uri, run.info.run_id, key)) == 1
+
+    # Finished runs are skipped: no new MLflow run.
+    records = run_suite(load_suite(suite_path), str(suite_path), tracker=MlflowTracker("resume", mlflow_uri),
+                        progress=lambda s: None, checkpoint_dir=str(ckdir))
+    assert [r.run_id for r in records] == [got[label].info.run_id for label in LABELS]
+    assert [r.status for r in records] == ["FINISHED", "FINISHED"]
+    assert records[0].metrics["final/acc"] == ref_children["lora"].data.metrics["final/acc"]
+    assert len(runs_of(mlflow_uri, "resume")) == 3
+
+    # --restart forces a fresh run (a new parent and a new child), with the same accuracies.
+    res = CliRunner().invoke(app, ["run", str(suite_path), "--checkpoint-dir", str(ckdir), "--restart",
+                                   "--method", "inclora", "--set", f"tracking.uri={mlflow_uri}"])
+    assert res.exit_code == 0, res.output
+    assert len(runs_of(mlflow_uri, "resume")) == 5
+    [fresh] = [r for r in runs_of(mlflow_uri, "resume") if r.data.tags.get("clbench.role") == "child"
+               and r.info.run_id not in {got[label].info.run_id for label in LABELS}]
+    assert fresh.info.status == "FINISHED"
+    assert (history(mlflow_uri, fresh.info.run_id, "eval/acc")
+            == history(ref_uri, ref_children["inclora"].info.run_id, "eval/acc"))
