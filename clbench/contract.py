@@ -208,6 +208,9 @@ def _check_updates(cls: type, task: int, updates: Any, sites: dict[str, Any]) ->
 def _check_frozen(cls: type, run: ContractRun) -> None:
     covered: dict[int, list] = {}  # id(base weight) -> sites over its rows
     for site in run.sites.values():
+        if id(site._owner.base.weight) not in run.initial:
+            _fail(cls, f"site '{site.name}': its base weight is no longer the pre-trained parameter "
+                       "(replaced rather than updated in place), so its frozen rows cannot be checked")
         covered.setdefault(id(site._owner.base.weight), []).append(site)
     for pid, (pname, p) in run.params.items():
         before, after = run.initial[pid], p.detach()
