@@ -72,7 +72,10 @@ class NaiveLoRA(Method):
 
     @hookimpl
     def after_task(self, model, ctx):
-        self._task_update = {n: s.update() - self._before[n] for n, s in self.sites.items()}
+        if self.params.fresh_per_task:  # the task's own branch is its update (no zero half of rank r)
+            self._task_update = {n: s.branches[-1].lowrank() for n, s in self.sites.items()}
+        else:
+            self._task_update = {n: s.update() - self._before[n] for n, s in self.sites.items()}
 
     @hookimpl
     def merge_task(self, model, ctx):
