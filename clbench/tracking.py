@@ -167,7 +167,8 @@ class MlflowTracker:
         if exp:
             return exp.experiment_id
         try:
-            return self.client.create_experiment(name)
+            # MLflow 3 opens an experiment on its GenAI overview unless told it holds training runs
+            return self.client.create_experiment(name, tags={"mlflow.experimentKind": "custom_model_development"})
         except Exception:  # another process created it between our lookup and create
             exp = self.client.get_experiment_by_name(name)
             if exp is None:
