@@ -1,0 +1,1 @@
+"""A plugin module without register_methods (the bad-input corpus expects one clear line)."""

@@ -1,0 +1,83 @@
+"""Every bad input a user can give is one clear line on stderr and exit code 1, never a traceback.
+
+The corpus is ``tests/bad_suites/*.yaml``: each file's first line is ``# expect: <fragment of the error>``;
+an optional ``# setup: garbage-checkpoint | foreign-checkpoint`` line plants a bad file where the run's
+checkpoint goes. Runs in-process through typer's CliRunner (no subprocess start-up per case).
+Also the safety defaults: YAML with safe_load (a python tag is an error, not code), ``clbench ui`` on loopback.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from clbench import checkpoint
+from clbench.cli import app
+from clbench.suite import load_suite
+
+CORPUS = Path(__file__).parent / "bad_suites"
+CASES = sorted(CORPUS.glob("*.yaml"))
+
+
+def header(path: Path, key: str) -> str | None:
+    for line in path.read_text().splitlines()[:2]:
+        if line.startswith(f"# {key}:"):
+            return line.split(":", 1)[1].strip()
+    return None
+
+
+def test_corpus_is_large_and_every_case_says_what_it_expects():
+    assert len(CASES) >= 30
+    assert all(header(p, "expect") for p in CASES), [p.name for p in CASES if not header(p, "expect")]
+
+
+def plant_checkpoint(suite_path: Path, ckdir: Path, uri: str, kind: str) -> None:
+    from clbench.runner import plan_runs, run_key
+    from clbench.registry import discover
+
+    suite = load_suite(suite_path)
+    [run] = plan_runs(suite, str(suite_path), discover([]), None)
+    sdir = checkpoint.suite_dir(str(ckdir), suite.protocol_hash(), suite.name, suite.tracking.experiment or suite.name,
+                                uri)
+    target = sdir / f"{run.label}-s0" / "checkpoint.pt"
+    target.parent.mkdir(parents=True)
+    if kind == "garbage-checkpoint":
+        target.write_bytes(b"\x80\x04 truncated")
+    else:  # a real torch file, but someone else's
+        torch.save({"state_dict": {"w": torch.zeros(2)}, "run_key": run_key(suite, run, 0)}, target)
+
+
+@pytest.mark.parametrize("path", CASES, ids=[p.stem for p in CASES])
+def test_bad_suite_is_one_clear_line(path, tmp_path, mlflow_uri, monkeypatch):
+    expect = header(path, "expect")
+    ckdir = tmp_path / "ck"
+    setup = header(path, "setup")
+    if setup:
+        plant_checkpoint(path, ckdir, mlflow_uri, setup)
+    monkeypatch.chdir(tmp_path)  # nothing a case does lands in the repository
+    res = CliRunner().invoke(app, ["run", str(path), "--checkpoint-dir", str(ckdir)])
+    assert res.exit_code == 1, (res.exit_code, res.output, res.exception)
+    assert not isinstance(res.exception, Exception) or isinstance(res.exception, SystemExit), repr(res.exception)
+    stderr = res.stderr
+    assert "Traceback" not in stderr and "Traceback" not in res.stdout
+    errors = [ln for ln in stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1, stderr
+    assert stderr.rstrip().splitlines()[-1] == errors[0]  # the error is the last word
+    assert expect in errors[0], f"expected {expect!r} in {errors[0]!r}"
+    assert path.name in errors[0] or any(k in errors[0] for k in ("stream.", "backbone.", "plugin", "checkpoint",
+                                                                   "methods.", "train.")), errors[0]
+
+
+def test_ui_binds_to_loopback_unless_told(monkeypatch):
+    calls = []
+    monkeypatch.setattr(os, "execvp", lambda prog, args: calls.append(args))
+    res = CliRunner().invoke(app, ["ui", "--backend-store-uri", "sqlite:///x.db"])
+    assert res.exit_code == 0, res.output
+    args = calls[0]
+    assert args[args.index("--host") + 1] == "127.0.0.1"
+    CliRunner().invoke(app, ["ui", "--host", "0.0.0.0", "--backend-store-uri", "sqlite:///x.db"])
+    assert calls[1][calls[1].index("--host") + 1] == "0.0.0.0"
