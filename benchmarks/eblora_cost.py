@@ -23,12 +23,12 @@ import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import torch
+import torch.nn.functional as F
+from clbench_plugins.eblora import EBLoRA
 
-from clbench.backbones import build_model  # noqa: E402
-from clbench.context import TaskContext  # noqa: E402
-from clbench_plugins.eblora import EBLoRA  # noqa: E402
+from clbench.backbones import build_model
+from clbench.context import TaskContext
 
 
 def _ctx() -> TaskContext:

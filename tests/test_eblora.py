@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as Fn
+from clbench_plugins.eblora import EBLoRA, gpm_update, gradient_svd_init
 
 from clbench.context import TaskContext
 from clbench.errors import ClbenchError
@@ -17,7 +18,6 @@ from clbench.hookspecs import hookimpl
 from clbench.registry import discover
 from clbench.spectra import singular_values
 from clbench.testing import run_method, tiny_model, tiny_stream
-from clbench_plugins.eblora import EBLoRA, gpm_update, gradient_svd_init
 
 FAST = {"rank": 4, "grad_fraction": 0.5, "probe_steps": 20}
 
@@ -181,7 +181,7 @@ def test_gpm_update_keeps_the_energy_threshold_and_extends_f():
     G1 = torch.randn(d_out, d_out, generator=g) @ torch.diag(spectrum) @ torch.randn(d_out, d_in, generator=g)
     F1, kept1 = gpm_update(G1, None, 0.99)
     M1 = G1.t().double()
-    energy = lambda F, M: float((F.double().t() @ M).pow(2).sum() / M.pow(2).sum())  # noqa: E731
+    energy = lambda F, M: float((F.double().t() @ M).pow(2).sum() / M.pow(2).sum())
     assert kept1 >= 0.99 and energy(F1, M1) == pytest.approx(kept1)
     assert energy(F1[:, :-1], M1) < 0.99, "the smallest k reaching the threshold"
     G2 = torch.randn(d_out, d_out, generator=g) @ torch.diag(spectrum) @ torch.randn(d_out, d_in, generator=g)
