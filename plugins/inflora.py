@@ -58,9 +58,12 @@ Deviations from the official code, each deliberate:
   (to float rounding) whenever the projected covariance has rank >= r, the official regime; when it has
   rank < r the official code keeps arbitrary singular vectors of zero singular values, which may point into
   the protected subspace, and the guard removes that component so interference-freeness holds exactly.
-* The memory, projections and SVDs are in float64 on the CPU (the official code mixes float32 torch and
-  float64 numpy); the official energy criterion on the singular values of the covariance (eigenvalues
-  squared) is kept, with the total energy taken as ``||C||_F^2`` (equal to the sum of squared singular values).
+* The memory, projections and decompositions are in float64 on the CPU (the official code runs float32
+  torch / numpy SVDs). The left singular vectors and squared singular values of a (projected) covariance
+  ``C_hat`` are taken from the symmetric eigendecomposition of ``C_hat C_hat^T`` (of C itself when
+  unprojected), which yields the same vectors and sigma^2 as the official SVD at about half the cost; the
+  official energy criterion on the singular values of the covariance (eigenvalues squared) is kept, with
+  the total energy taken as ``||C||_F^2`` (equal to the sum of squared singular values).
 * Covariance is accumulated as a running sum in ``cov_dtype`` on the compute device (float64 default) and
   divided by the token count at the end; the official code keeps a running float32 mean on the CPU.
 * Training-loop differences are the harness's, not this plugin's: the loop's cosine schedule steps per
@@ -140,16 +143,33 @@ def threshold(t: int, num_tasks: int, lambda_b: float, lambda_e: float) -> float
 
 
 def _complement(basis: torch.Tensor) -> torch.Tensor:
-    U, _, _ = torch.linalg.svd(basis, full_matrices=True)
-    return U[:, basis.shape[1]:]
+    """Orthonormal basis of the orthogonal complement of span(basis) (eigenvalue-0 vectors of the projector;
+    the official full SVD's trailing left singular vectors span the same space, the gap of 1 keeps it exact)."""
+    _, vecs = torch.linalg.eigh(basis @ basis.t())
+    return vecs[:, : basis.shape[0] - basis.shape[1]]
+
+
+def _left_singular(M: torch.Tensor, symmetric: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left singular vectors (d x d) and squared singular values of a d x d matrix, descending.
+
+    Computed as eigenvectors of ``M M^T`` (or of M itself when it is symmetric PSD, the unprojected
+    covariance): the same vectors and sigma^2 as the official SVD, about twice as fast at d = 768."""
+    if symmetric:
+        vals, vecs = torch.linalg.eigh((M + M.t()) / 2)
+        s2 = vals.pow(2)
+    else:
+        G = M @ M.t()
+        vals, vecs = torch.linalg.eigh((G + G.t()) / 2)
+        s2 = vals.clamp_min(0)
+    order = torch.argsort(s2, descending=True, stable=True)
+    return vecs[:, order], s2[order]
 
 
 def design_down_projection(C: torch.Tensor, memory: Memory | None, rank: int,
                            scale: float = 1 / math.sqrt(3)) -> torch.Tensor:
     """The paper's ``B_t`` (rank x d): top-``rank`` left singular vectors of the projected covariance, scaled."""
     C = C.double()
-    C_hat = C if memory is None else memory.project(C)
-    U, _, _ = torch.linalg.svd(C_hat, full_matrices=False)
+    U, _ = _left_singular(C, symmetric=True) if memory is None else _left_singular(memory.project(C))
     B = U[:, :rank].t()
     if memory is not None:  # guard (module docstring): a no-op unless C_hat has rank < r
         B = B @ memory.free_projector()
@@ -162,15 +182,15 @@ def dualgpm_update(memory: Memory | None, C: torch.Tensor, eps: float) -> Memory
     d = C.shape[0]
     total = float(C.pow(2).sum())
     if memory is None:
-        U, S, _ = torch.linalg.svd(C, full_matrices=False)
-        ratio = S.pow(2) / total
+        U, s2 = _left_singular(C, symmetric=True)
+        ratio = s2 / total
         k = int((torch.cumsum(ratio, 0) < eps).sum())  # official: no "+1", so the prefix stays below eps
         k = max(k, 1)
         memory = Memory(U[:, :k], REMOVE) if k < d / 2 else Memory(U[:, k:], RETAIN)
     elif memory.kind == REMOVE:
         C_hat = memory.project(C)
-        U, S, _ = torch.linalg.svd(C_hat, full_matrices=False)
-        ratio = (S.pow(2) / total).tolist()
+        U, s2 = _left_singular(C_hat)
+        ratio = (s2 / total).tolist()
         acc = (total - float(C_hat.pow(2).sum())) / total
         r = 0
         for s2 in ratio:
@@ -182,8 +202,8 @@ def dualgpm_update(memory: Memory | None, C: torch.Tensor, eps: float) -> Memory
             memory = Memory(torch.cat([memory.basis, U[:, :r]], 1)[:, :d], REMOVE)
     else:
         C_hat = memory.project(C)
-        U, S, _ = torch.linalg.svd(C_hat, full_matrices=False)
-        ratio = (S.pow(2) / total).tolist()
+        U, s2 = _left_singular(C_hat)
+        ratio = (s2 / total).tolist()
         acc = float(C_hat.pow(2).sum()) / total
         r = 0
         for s2 in ratio:
@@ -194,7 +214,7 @@ def dualgpm_update(memory: Memory | None, C: torch.Tensor, eps: float) -> Memory
         if r:
             Ur = U[:, :r]
             left = memory.basis - Ur @ (Ur.t() @ memory.basis)
-            Ui, _, _ = torch.linalg.svd(left, full_matrices=True)
+            Ui, _, _ = torch.linalg.svd(left, full_matrices=False)  # official: full; same leading columns
             memory = Memory(Ui[:, : memory.basis.shape[1] - r], RETAIN)
     if memory.kind == REMOVE and memory.basis.shape[1] > d / 2:
         memory = Memory(_complement(memory.basis), RETAIN)
