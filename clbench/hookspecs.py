@@ -112,4 +112,8 @@ class MethodSpec:
     @hookspec
     def load_method_state(self, model: "torch.nn.Module", state: "dict[str, Any]", ctx: "TaskContext") -> None:
         """On resume, after ``configure_model``: restore what :func:`method_state` returned and rebuild any
-        adapter structure (branches per finished task) so that the checkpointed model state dict loads."""
+        adapter structure (branches per finished task) so that the checkpointed model state dict loads.
+
+        ``ctx`` is the context of the last finished task (the one ``method_state`` was called with); the
+        finished tasks' heads already exist. The model's parameters are then loaded strictly from the
+        checkpoint, so create modules of the right shapes here; their values do not matter."""
