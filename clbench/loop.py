@@ -83,6 +83,17 @@ def autocast_for(device: torch.device, precision: str) -> Callable[[], Any]:
     return contextlib.nullcontext
 
 
+def _take(x: torch.Tensor, sel: torch.Tensor | slice, pin: bool) -> torch.Tensor:
+    """Rows ``sel`` of ``x`` on the host; with ``pin``, gathered straight into page-locked memory (one copy, not
+    a gather and then a pinning copy), so the device copy can run asynchronously."""
+    if not pin:
+        return x[sel]
+    if isinstance(x, torch.Tensor) and isinstance(sel, torch.Tensor):
+        out = torch.empty((len(sel), *x.shape[1:]), dtype=x.dtype, pin_memory=True)
+        return torch.index_select(x, 0, sel, out=out)
+    return x[sel].pin_memory()
+
+
 def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, device: torch.device, model: CLModel,
             shuffle: bool, generator: torch.Generator | None = None, fraction: float = 1.0,
             limit: int | None = None, augment: Callable | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -97,13 +108,12 @@ def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, device: torch.dev
     if shuffle:
         idx = idx[torch.randperm(len(idx), generator=generator)]
     pin = device.type == "cuda"
+    in_order = fraction >= 1.0 and not shuffle  # evaluation: plain slices, no gather copy
     for b, start in enumerate(range(0, len(idx), batch_size)):
         if limit is not None and b >= limit:
             break
-        sel = idx[start:start + batch_size]
-        xb, yb = x[sel], y[sel]
-        if pin:
-            xb, yb = xb.pin_memory(), yb.pin_memory()
+        sel = slice(start, start + batch_size) if in_order else idx[start:start + batch_size]
+        xb, yb = _take(x, sel, pin), _take(y, sel, pin)
         xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
         with torch.no_grad():
             if augment is not None:
