@@ -53,20 +53,23 @@ from clbench.suite import TrainConfig
 
 # -- shared building blocks (also imported by gpu_check.py) -----------------------------------------------------
 
-def synthetic_stream(num_tasks: int, classes_per_task: int, train_per_task: int, test_per_task: int,
+def synthetic_stream(num_tasks: int, classes_per_task: int, train_per_task: int | list[int], test_per_task: int,
                      chans: int, size: int, seed: int = 0) -> Stream:
-    """Random uint8 images with balanced labels, built directly (no Avalanche): timing needs shapes, not content."""
+    """Random uint8 images with balanced labels, built directly (no Avalanche): timing needs shapes, not content.
+    Images are drawn from a pool of 256 random ones, so large streams (224 px) are built at memcpy speed."""
     g = torch.Generator().manual_seed(seed)
+    pool = torch.randint(0, 256, (256, chans, size, size), dtype=torch.uint8, generator=g)
+    sizes = train_per_task if isinstance(train_per_task, list) else [train_per_task] * num_tasks
     tasks = []
     for t in range(num_tasks):
         classes = tuple(range(t * classes_per_task, (t + 1) * classes_per_task))
 
         def part(n: int) -> tuple[torch.Tensor, torch.Tensor]:
-            x = torch.randint(0, 256, (n, chans, size, size), dtype=torch.uint8, generator=g)
+            x = pool[torch.randint(0, len(pool), (n,), generator=g)]
             y = torch.arange(n) % classes_per_task + classes[0]
             return x, y
 
-        (trx, trY), (tex, teY) = part(train_per_task), part(test_per_task)
+        (trx, trY), (tex, teY) = part(sizes[t]), part(test_per_task)
         tasks.append(TaskData(classes, trx, trY, tex, teY))
     return Stream("bench", tasks, list(range(num_tasks * classes_per_task)))
 
