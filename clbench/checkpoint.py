@@ -121,6 +121,23 @@ def load_spectra_state(tracker, state: dict[str, Any]) -> None:
     tracker.layer_metrics = [dict(m) for m in state["layer_metrics"]]
 
 
+def check_loadable(obj: Any, what: str) -> None:
+    """Fail now, not at the resume after a crash, when ``obj`` would not load with ``weights_only=True``
+    (numpy arrays, custom classes): only tensors, numbers, strings, None and lists/tuples/dicts of them."""
+    import io
+
+    buf = io.BytesIO()
+    try:
+        torch.save(obj, buf)
+        buf.seek(0)
+        torch.load(buf, weights_only=True)
+    except Exception as exc:  # noqa: BLE001
+        lines = [ln.strip() for ln in str(exc).splitlines() if "GLOBAL" in ln or "Unsupported" in ln]
+        detail = lines[0][:160] if lines else type(exc).__name__
+        raise ClbenchError(f"{what} cannot be checkpointed safely ({detail}); return only tensors, numbers, "
+                           "strings and lists/dicts of them") from None
+
+
 def _fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)

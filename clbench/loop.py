@@ -289,8 +289,11 @@ def run_stream(model: CLModel, stream: Stream, pm, cfg: TrainConfig, seed: int, 
                              f"loss {loss.item():.4f} {rate:.0f} img/s")
                     window_t, window_n = time.perf_counter(), 0
         mean_loss = float(loss_sum.item() / max(1, step))
-        if not math.isfinite(mean_loss):
-            raise FloatingPointError(f"non-finite training loss on task {t}")
+        term_means = {k: float(v.item() / max(1, step)) for k, v in term_sums.items()}
+        bad = [k for k, v in {"cross-entropy": mean_loss, **term_means}.items() if not math.isfinite(v)]
+        if bad:  # a diverged run: its finished tasks are kept, this one is not
+            raise FloatingPointError(f"non-finite training loss on task {t} ({', '.join(bad)}); lower train.lr "
+                                     "or check the method's loss terms")
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         train_seconds = time.perf_counter() - tic
@@ -315,7 +318,7 @@ def run_stream(model: CLModel, stream: Stream, pm, cfg: TrainConfig, seed: int, 
         progress(f"task {t + 1}/{T} done: acc {np.average(cil, weights=sizes[: t + 1]):.2f} "
                  f"(til {np.average(til, weights=sizes[: t + 1]):.2f}) train {train_seconds:.1f}s")
         on_task(TaskResult(t, state.R.copy(), state.R_til.copy(), sizes, train_seconds, eval_seconds, images,
-                           mean_loss, {k: float(v.item() / max(1, step)) for k, v in term_sums.items()},
+                           mean_loss, term_means,
                            updates, trainable, timings))
         after_report(t, model, state)
     return state

@@ -286,6 +286,7 @@ def run_one(suite: Suite, run: PlannedRun, seed: int, stream, tracker, parent: s
     def after_report(t: int, trained, st: LoopState) -> None:
         pending = last.pop("pending")
         if store is not None:
+            checkpoint.check_loadable(st.method_state, f"method '{run.info.name}': method_state()")
             store.save({"next_task": st.next_task, "R": torch.from_numpy(st.R.copy()),
                         "R_til": torch.from_numpy(st.R_til.copy()),
                         # torch.compile wraps the backbone; checkpoints keep the plain names

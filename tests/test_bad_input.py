@@ -36,8 +36,8 @@ def test_corpus_is_large_and_every_case_says_what_it_expects():
 
 
 def plant_checkpoint(suite_path: Path, ckdir: Path, uri: str, kind: str) -> None:
-    from clbench.runner import plan_runs, run_key
     from clbench.registry import discover
+    from clbench.runner import plan_runs, run_key
 
     suite = load_suite(suite_path)
     [run] = plan_runs(suite, str(suite_path), discover([]), None)

@@ -34,7 +34,7 @@ def test_two_processes_share_one_sqlite_store(tmp_path, mlflow_uri):
         procs.append(subprocess.Popen([sys.executable, "-m", "clbench.cli", "run", str(path)], env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     for p in procs:
-        out, err = p.communicate(timeout=600)
+        _out, err = p.communicate(timeout=600)
         assert p.returncode == 0, err[-3000:]
         assert "Traceback" not in err
 

@@ -152,3 +152,146 @@ def test_killed_at_every_point_resumes_to_identical_metrics(tmp_path, mlflow_uri
     assert fresh.info.status == "FINISHED"
     assert (history(mlflow_uri, fresh.info.run_id, "eval/acc")
             == history(ref_uri, ref_children["inclora"].info.run_id, "eval/acc"))
+
+
+NAN_PLUGIN = """
+\"\"\"A test method: naive LoRA whose loss turns NaN on task 1.\"\"\"
+import torch
+from clbench.hookspecs import hookimpl
+from clbench_plugins.lora import NaiveLoRA
+
+
+class NanLoRA(NaiveLoRA):
+    name = "nanlora"
+    aliases = ()
+
+    @hookimpl
+    def loss_terms(self, model, batch, logits, ctx):
+        return {"boom": logits.sum() * float("nan")} if ctx.task == 1 else {}
+
+
+def register_methods(register):
+    register(NanLoRA)
+"""
+
+
+def test_nonfinite_loss_fails_that_run_keeps_its_work_and_the_suite_goes_on(tmp_path, mlflow_uri):
+    (tmp_path / "plugins").mkdir()
+    (tmp_path / "plugins" / "nanlora.py").write_text(NAN_PLUGIN)
+    text = SUITE.format(name="nan").replace("  - {name: lora, label: inclora, params: {rank: 2, fresh_per_task: true}}",
+                                            "  - {name: nanlora, params: {rank: 2}}")
+    suite_path = tmp_path / "nan.yaml"
+    suite_path.write_text(text + "plugins_dir: plugins\n")
+    lines: list[str] = []
+    records = run_suite(load_suite(suite_path), str(suite_path), tracker=MlflowTracker("nan", mlflow_uri),
+                        progress=lines.append, checkpoint_dir=str(tmp_path / "ck"))
+    assert [(r.method, r.status) for r in records] == [("lora", "FINISHED"), ("nanlora", "FAILED")]
+    assert any("FAILED: non-finite training loss on task 1" in ln for ln in lines), lines
+    got = children(mlflow_uri, "nan")
+    assert got["nanlora"].info.status == "FAILED"
+    assert "non-finite" in got["nanlora"].data.tags["clbench.error"]
+    assert got["lora"].info.status == "FINISHED"
+    # Nothing computed is lost: task 0's metrics stay in MLflow and its checkpoint stays on disk.
+    assert [s for s, _ in history(mlflow_uri, got["nanlora"].info.run_id, "eval/acc")] == [0]
+    [ck_path] = (tmp_path / "ck").glob("*/nanlora-s0/checkpoint.pt")
+    assert torch.load(ck_path, weights_only=True)["next_task"] == 1
+
+
+def test_unreachable_tracking_server_fails_fast_with_one_line(tmp_path):
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    suite_path = write_suite(tmp_path, "unreachable")
+    res = CliRunner().invoke(app, ["run", str(suite_path), "--set", f"tracking.uri=http://127.0.0.1:{port}"])
+    assert res.exit_code == 1
+    err = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert len(err) == 1 and f"http://127.0.0.1:{port}" in err[0] and "cannot reach" in err[0], res.stderr
+    assert "building stream" not in res.stderr  # detected before any data or training
+
+
+class _Evil:
+    def __reduce__(self):
+        return (Path.touch, (Path(os.environ["CLBENCH_CACHE"]) / "pwned",))
+
+
+def test_checkpoints_load_weights_only_and_foreign_files_give_one_line(tmp_path):
+    store = checkpoint.RunStore(tmp_path / "run", "key")
+    store.dir.mkdir()
+    store.path.write_bytes(pickle.dumps({"format": checkpoint.FORMAT, "x": _Evil()}))
+    with pytest.raises(ClbenchError, match="cannot be read .*--restart"):
+        store.load()
+    assert not (Path(os.environ["CLBENCH_CACHE"]) / "pwned").exists()  # the pickle's payload never ran
+    torch.save({"state_dict": {}}, store.path)
+    with pytest.raises(ClbenchError, match="not a clbench checkpoint"):
+        store.load()
+    store.save({"next_task": 1, "R": torch.zeros(2)}, task=0)
+    assert store.load()["next_task"] == 1
+    assert checkpoint.RunStore(store.dir, "another run").load() is None  # a different run never resumes it
+    assert not list(store.dir.glob(".checkpoint.pt.tmp-*"))
+
+
+def test_method_state_that_would_not_load_is_refused_when_saved():
+    checkpoint.check_loadable({"basis": torch.eye(2), "n": [1, 2.5, "x", None]}, "ok")
+    with pytest.raises(ClbenchError, match="method 'x': method_state.. cannot be checkpointed"):
+        checkpoint.check_loadable({"basis": np.eye(2)}, "method 'x': method_state()")
+
+
+def test_rng_state_roundtrip():
+    state = checkpoint.rng_state()
+    a = (torch.rand(3), np.random.rand(3))
+    checkpoint.set_rng_state(state)
+    b = (torch.rand(3), np.random.rand(3))
+    assert torch.equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+
+
+def _registered() -> list[str]:
+    from clbench.registry import discover
+
+    return sorted(discover([], strict=False).methods)
+
+
+@pytest.mark.parametrize("name", _registered())
+def test_every_method_resumes_bit_exactly_through_a_checkpoint(name, tmp_path):
+    """Full 3-task run vs. a run stopped after task 1, checkpointed to disk (weights_only) and resumed with a
+    fresh model and method instance: identical accuracy matrices and final model state."""
+    import copy
+
+    from clbench.loop import LoopState, run_stream
+    from clbench.registry import discover, run_manager
+    from clbench.testing import tiny_model, tiny_stream, tiny_train
+
+    cls = discover([], strict=False).get(name).cls
+    stream = tiny_stream(num_tasks=3, num_classes=6, samples_per_class=8)
+    cfg = tiny_train(max_steps_per_epoch=2)
+    cpu = torch.device("cpu")
+
+    def fresh():
+        return tiny_model(seed=0), cls()
+
+    model, method = fresh()
+    full = run_stream(model, stream, run_manager(method), cfg, 0, cpu)
+    store = checkpoint.RunStore(tmp_path, "k")
+
+    class Stop(Exception):
+        pass
+
+    def save_and_stop(t, m, st):
+        if t == 1:
+            store.save({"next_task": st.next_task, "R": torch.from_numpy(st.R.copy()),
+                        "R_til": torch.from_numpy(st.R_til.copy()), "model": copy.deepcopy(m.state_dict()),
+                        "method": st.method_state, "rng": checkpoint.rng_state()}, t)
+            raise Stop
+
+    m2, meth2 = fresh()
+    with pytest.raises(Stop):
+        run_stream(m2, stream, run_manager(meth2), cfg, 0, cpu, after_report=save_and_stop)
+    ck = store.load()
+    m3, meth3 = fresh()
+    state = LoopState(next_task=ck["next_task"], R=ck["R"].numpy(), R_til=ck["R_til"].numpy(),
+                      method_state=ck["method"], model_state=ck["model"], rng=ck["rng"])
+    resumed = run_stream(m3, stream, run_manager(meth3), cfg, 0, cpu, state=state)
+    assert np.array_equal(full.R, resumed.R, equal_nan=True)
+    assert np.array_equal(full.R_til, resumed.R_til, equal_nan=True)
+    want, got = model.state_dict(), m3.state_dict()
+    assert sorted(want) == sorted(got)
+    assert all(torch.equal(want[k], got[k]) for k in want), [k for k in want if not torch.equal(want[k], got[k])][:5]
