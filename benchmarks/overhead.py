@@ -20,12 +20,16 @@ medians over ``--repeats``; the machine's load average is printed first because 
     (``SpectraTracker.add_task``, logged as ``cost/spectra_seconds``) as a share of the same training time.
     Per-step hook work (loss terms, gradient projection, retraction) is inside the training time: see (c).
 
+Timing on the CPU device defaults to one torch thread and process CPU time (``--clock cpu``): on a shared,
+oversubscribed machine two OpenMP threads stall each other at random and wall time mostly measures the
+neighbours; CPU time of one thread measures the work. On CUDA the clock is wall time with synchronisation.
+
 Default setting = the quickstart's: ``vit_tiny_clbench`` at 16 px, one channel, batch 64, 1,000 training
 images per task, 4 epochs (64 steps per task) for (c)/(d); (a) times ``--steps`` steps of one task.
 
 Usage: python benchmarks/overhead.py [--backbone vit_tiny_clbench] [--image-size 16] [--batch-size 64]
        [--steps 40] [--repeats 7] [--tasks 3] [--epochs 4] [--train-per-task 1000] [--device cpu]
-       [--threads N] [--only a,b,c,d] [--methods lora,inflora,...]
+       [--threads 1] [--clock auto|cpu|wall] [--only a,b,c,d] [--methods lora,inflora,...]
 Not part of the test suite: timings only, printed as ``name=value`` lines at the end.
 """
 
@@ -36,12 +40,14 @@ import copy
 import os
 import statistics
 import time
+import types
 from typing import Any, Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+import clbench.loop as loop_module
 from clbench.backbones import CLModel, build_model
 from clbench.loop import TaskResult, autocast_for, evaluate, run_stream
 from clbench.lora import inject, merge_all
@@ -52,6 +58,19 @@ from clbench.suite import TrainConfig
 
 
 # -- shared building blocks (also imported by gpu_check.py) -----------------------------------------------------
+
+now: Callable[[], float] = time.perf_counter
+
+
+def use_clock(kind: str) -> None:
+    """``wall`` (perf_counter) or ``cpu`` (this process's CPU time, for the loop's own timers too).
+
+    On a shared CPU, other processes' work inflates wall time at random; CPU time counts only the work this
+    process does (with one torch thread it is the step's work), so ratios of CPU times are far steadier.
+    Meaningless for CUDA, where the host waits for the device."""
+    global now
+    now = time.process_time if kind == "cpu" else time.perf_counter
+    loop_module.time = types.SimpleNamespace(perf_counter=now)  # the loop's train/eval/hook timers
 
 def synthetic_stream(num_tasks: int, classes_per_task: int, train_per_task: int | list[int], test_per_task: int,
                      chans: int, size: int, seed: int = 0) -> Stream:
@@ -95,9 +114,9 @@ def clbench_run(template: CLModel, stream: Stream, method: Any, cfg: TrainConfig
     def on_task(res: TaskResult) -> None:
         results.append(res)
         if res.updates:
-            tic = time.perf_counter()
+            tic = now()
             spectra.add_task(res.updates)
-            spectra_s.append(time.perf_counter() - tic)
+            spectra_s.append(now() - tic)
 
     pm = run_manager(method)
     captured: dict[str, CLModel] = {}
@@ -120,7 +139,7 @@ def bare_train(model: CLModel, x: torch.Tensor, y: torch.Tensor, batch_size: int
     pin = device.type == "cuda"
     n = 0
     sync(device)
-    tic = time.perf_counter()
+    tic = now()
     for b in range(steps):
         sel = idx[b * batch_size:(b + 1) * batch_size]
         xb, yb = x[sel], y[sel]
@@ -138,7 +157,7 @@ def bare_train(model: CLModel, x: torch.Tensor, y: torch.Tensor, batch_size: int
         n += len(yb)
     loss.item()  # the clbench loop reads the mean loss back once at the end of a task, so does this one
     sync(device)
-    return time.perf_counter() - tic, n
+    return now() - tic, n
 
 
 @torch.inference_mode()
@@ -151,7 +170,7 @@ def bare_eval(backbone: torch.nn.Module, heads: torch.nn.ModuleList, preprocess:
     offsets = np.cumsum([0] + [len(t.classes) for t in stream.tasks])
     n = 0
     sync(device)
-    tic = time.perf_counter()
+    tic = now()
     for j, task in enumerate(stream.tasks):
         lo, hi = int(offsets[j]), int(offsets[j + 1])
         correct = torch.zeros(2, dtype=torch.long, device=device)
@@ -168,7 +187,7 @@ def bare_eval(backbone: torch.nn.Module, heads: torch.nn.ModuleList, preprocess:
             correct[1] += (logits[:, lo:hi].argmax(1) + lo == yb).sum()
             n += len(yb)
         correct.cpu()
-    return time.perf_counter() - tic, n
+    return now() - tic, n
 
 
 def load_line() -> str:
@@ -241,10 +260,10 @@ def measure_eval(template: CLModel, args, device: torch.device) -> dict[str, flo
     def run_cl(model: CLModel) -> Callable[[], float]:
         def f() -> float:
             sync(device)
-            tic = time.perf_counter()
+            tic = now()
             evaluate(model, stream, T - 1, cfg, device, autocast)
             sync(device)
-            return (time.perf_counter() - tic) / n_imgs
+            return (now() - tic) / n_imgs
         return f
 
     def run_bare() -> float:
@@ -331,16 +350,19 @@ def main() -> None:
     ap.add_argument("--methods", default=None, help="comma list (default: every registered method)")
     ap.add_argument("--only", default="a,b,c,d")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default on CPU: 1, see --clock)")
+    ap.add_argument("--clock", choices=("auto", "cpu", "wall"), default="auto",
+                    help="auto: process CPU time on the CPU device, wall time on CUDA")
     args = ap.parse_args()
     args.methods = args.methods.split(",") if args.methods else None
-    if args.threads:
-        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if args.threads or device.type == "cpu":
+        torch.set_num_threads(args.threads or 1)
     torch.manual_seed(0)
     template = build_model(args.backbone, args.image_size, pretrained=False, checkpoint=None)
     parts = set(args.only.split(","))
     load_before = load_line()
+    use_clock(args.clock if args.clock != "auto" else ("cpu" if device.type == "cpu" else "wall"))
     tic = time.perf_counter()
     out: dict[str, Any] = {}
     if "a" in parts:
@@ -352,6 +374,7 @@ def main() -> None:
     out.update({"backbone": args.backbone, "image_size": args.image_size, "batch_size": args.batch_size,
                 "device": str(device), "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
                 "loadavg_before": load_before, "loadavg_after": load_line(),
+                "clock": "cpu" if now is time.process_time else "wall",
                 "bench_seconds": time.perf_counter() - tic})
     for k, v in out.items():
         print(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}")
