@@ -19,7 +19,8 @@ allocator, compilation with ``--compile``); figures come from task 1:
   switched on only while those hooks run.
 
 Targets (one H200, issue 11): lora training >= 5,000 img/s, evaluation >= 12,000 img/s.
-Exit codes: 0 done (targets are reported, not enforced), 2 CUDA missing, 3 clbench not importable.
+Exit codes: 0 done (targets are reported, not enforced), 1 unknown method, 2 CUDA missing, 3 clbench not
+importable.
 ``--smoke`` runs the same code path on the CPU with ``vit_micro_clbench`` at 16 px in seconds (a test of the
 script, not a measurement).
 """
@@ -218,6 +219,18 @@ def main() -> int:
               f"{torch.__version__}, built for CUDA {torch.version.cuda}); run it on a machine with an NVIDIA GPU, "
               "or pass --smoke for the CPU code-path test")
         return 2
+    from clbench.errors import ClbenchError
+    from clbench.registry import discover
+
+    names = [m.strip() for m in args.methods.split(",") if m.strip()]
+    registry = discover()
+    try:
+        for name in names:
+            if name != "bare":
+                registry.get(name)
+    except ClbenchError as exc:
+        print(f"gpu_check: --methods: {exc}")
+        return 1
     device = "cpu (smoke)" if args.smoke else torch.cuda.get_device_name(0)
     fwd, bwd = vit_flops(12, 768, 3072, 197, 196, 768)
     print(f"gpu_check: {device}; torch {torch.__version__}; {args.model} at {args.image_size} px; "
@@ -232,7 +245,7 @@ def main() -> int:
                     "test_per_task", "log_every", "peak_tflops")]
     passthrough += ["--smoke"] * args.smoke + ["--compile"] * args.compile
     rows: dict[str, dict] = {}
-    for name in [m.strip() for m in args.methods.split(",") if m.strip()]:
+    for name in names:
         tic = time.perf_counter()
         cmd = [sys.executable, str(Path(__file__).resolve()), "--child", name, *passthrough]
         try:
