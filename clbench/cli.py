@@ -38,19 +38,32 @@ def run(
     restart: bool = typer.Option(False, "--restart", help="ignore checkpoints and finished runs: start fresh runs"),
     checkpoint_dir: Optional[str] = typer.Option(None, "--checkpoint-dir",
                                                  help="where run checkpoints live (default: <cache>/runs)"),
+    executor: str = typer.Option("local", "--executor", help="local (one run after the other, here) or ray "
+                                                             "(each (method, seed) a Ray task; pip install "
+                                                             "'clbench[ray]')"),
+    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (default: start a local "
+                                                                  "one); with --executor ray"),
+    ray_gpus_per_run: Optional[float] = typer.Option(None, "--ray-gpus-per-run",
+                                                     help="GPUs per Ray task (default: 1 if the cluster has GPUs)"),
+    ray_cpus_per_run: float = typer.Option(1.0, "--ray-cpus-per-run", help="CPUs per Ray task"),
+    ray_max_retries: int = typer.Option(3, "--ray-max-retries",
+                                        help="times Ray retries a run whose worker died (it resumes from its "
+                                             "checkpoint; the checkpoint dir must be shared by the nodes)"),
 ) -> None:
     """Train every method of SUITE through its stream and log everything to MLflow.
 
     After every task a checkpoint is written; running the same command again after a crash or Ctrl-C
     continues each unfinished (method, seed) in its MLflow run and skips finished ones."""
+    from clbench.executors import make_executor
     from clbench.runner import run_suite
     from clbench.suite import load_suite
 
     try:
         s = load_suite(suite, set_)
+        ex = make_executor(executor, address, ray_gpus_per_run, ray_cpus_per_run, ray_max_retries)
         records = run_suite(s, str(suite), methods=method or None, seeds=seed or None,
                             plugins_dirs=plugins_dir, progress=_progress, dry_run=dry_run, restart=restart,
-                            checkpoint_dir=checkpoint_dir)
+                            checkpoint_dir=checkpoint_dir, executor=ex)
     except ClbenchError as exc:
         _fail(str(exc))
     except KeyboardInterrupt:

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from clbench import distributed
 from clbench.backbones import CLModel
 from clbench.checkpoint import kill_point, set_rng_state
 from clbench.context import TaskContext
@@ -96,10 +97,13 @@ def _take(x: torch.Tensor, sel: torch.Tensor | slice, pin: bool) -> torch.Tensor
 
 def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, device: torch.device, model: CLModel,
             shuffle: bool, generator: torch.Generator | None = None, fraction: float = 1.0,
-            limit: int | None = None, augment: Callable | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+            limit: int | None = None, augment: Callable | None = None,
+            shard: tuple[int, int] | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Batches from in-memory uint8 tensors, moved to the device and preprocessed there.
 
-    ``augment(x, size, generator)`` (the stream's training augmentation) runs on the device before preprocess."""
+    ``augment(x, size, generator)`` (the stream's training augmentation) runs on the device before preprocess.
+    ``shard=(rank, world)`` (torchrun, clbench.distributed) yields this rank's rows of every global batch, possibly
+    empty."""
     n = len(x)
     if fraction < 1.0:  # a uniformly spaced subset, deterministic
         idx = torch.linspace(0, n - 1, max(1, int(round(fraction * n)))).round().long()
@@ -107,12 +111,18 @@ def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, device: torch.dev
         idx = torch.arange(n)
     if shuffle:
         idx = idx[torch.randperm(len(idx), generator=generator)]
+    if shard is not None and augment is not None and generator is not None:  # [distributed] same shuffles
+        aug_seed = int(torch.randint(2**62, (1,), generator=generator)) + shard[0]  # on every rank, own crops
+        generator = torch.Generator().manual_seed(aug_seed)
     pin = device.type == "cuda"
     in_order = fraction >= 1.0 and not shuffle  # evaluation: plain slices, no gather copy
     for b, start in enumerate(range(0, len(idx), batch_size)):
         if limit is not None and b >= limit:
             break
         sel = slice(start, start + batch_size) if in_order else idx[start:start + batch_size]
+        if shard is not None:  # [distributed] rows rank, rank + world, ... of the global batch
+            sel = (slice(start + shard[0], min(start + batch_size, len(idx)), shard[1]) if in_order
+                   else sel[shard[0]::shard[1]])
         xb, yb = _take(x, sel, pin), _take(y, sel, pin)
         xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
         with torch.no_grad():
@@ -149,13 +159,16 @@ def evaluate(model: CLModel, stream: Stream, upto: int, cfg: TrainConfig, device
         task = stream.tasks[j]
         lo, hi = int(offsets[j]), int(offsets[j + 1])
         correct = torch.zeros(2, dtype=torch.long, device=device)
-        for xb, yb in batches(task.test_x, task.test_y, cfg.eval_batch_size, device, model, shuffle=False):
+        for xb, yb in batches(task.test_x, task.test_y, cfg.eval_batch_size, device, model, shuffle=False,
+                              shard=distributed.shard()):
+            if len(yb) == 0:
+                continue
             with autocast():
                 logits = model(xb)[:, :n_seen]
             correct[0] += (logits.argmax(1) == yb).sum()
             correct[1] += (logits[:, lo:hi].argmax(1) + lo == yb).sum()
         kill_point("eval", upto)
-        c = correct.cpu().numpy()
+        c = distributed.all_reduce_sum(correct).cpu().numpy()  # [distributed] counts of every rank's shard
         cil[j], til[j] = 100.0 * c[0] / len(task.test_y), 100.0 * c[1] / len(task.test_y)
     return cil, til
 
@@ -169,7 +182,8 @@ def run_stream(model: CLModel, stream: Stream, pm, cfg: TrainConfig, seed: int, 
     hook = pm.hook
     T = len(stream.tasks)
     autocast = autocast_for(device, cfg.precision)
-    state = state or LoopState()
+    state = distributed.broadcast(state or LoopState())  # [distributed] every rank starts from rank 0's state
+    shard = distributed.shard()
     if state.R is None:
         state.R, state.R_til = empty_matrix(T), empty_matrix(T)
     sizes = np.array([len(t.test_y) for t in stream.tasks])
@@ -261,17 +275,23 @@ def run_stream(model: CLModel, stream: Stream, pm, cfg: TrainConfig, seed: int, 
             window_t, window_n = time.perf_counter(), 0
             local_y = task.train_y - int(offsets[t])
             for xb, yb in batches(task.train_x, local_y, cfg.batch_size, device, model, shuffle=True,
-                                  generator=gen, limit=cfg.max_steps_per_epoch, augment=stream.augment):
-                with autocast():
-                    logits = model(xb, head=t)
-                loss = F.cross_entropy(logits.float(), yb)
-                total = loss
-                for terms in hook.loss_terms(model=model, batch=(xb, yb), logits=logits, ctx=ctx):
-                    for name, value in (terms or {}).items():
-                        total = total + value
-                        term_sums[name] = term_sums.get(name, 0) + value.detach().float()
+                                  generator=gen, limit=cfg.max_steps_per_epoch, augment=stream.augment,
+                                  shard=shard):
                 optimizer.zero_grad(set_to_none=True)
-                total.backward()
+                loss = None
+                if len(yb):  # [distributed] a rank's share of a short last batch may be empty
+                    with autocast():
+                        logits = model(xb, head=t)
+                    loss = F.cross_entropy(logits.float(), yb)
+                    total = loss
+                    for terms in hook.loss_terms(model=model, batch=(xb, yb), logits=logits, ctx=ctx):
+                        for name, value in (terms or {}).items():
+                            total = total + value
+                            term_sums[name] = term_sums.get(name, 0) + value.detach().float()
+                    total.backward()
+                if shard is not None:  # [distributed] every rank gets the whole batch's gradient and mean loss
+                    n_global, loss = distributed.reduce_gradients(
+                        [p for g in optimizer.param_groups for p in g["params"]], len(yb), loss)
                 hook.before_optimizer_step(model=model, ctx=ctx)
                 optimizer.step()
                 hook.after_optimizer_step(model=model, ctx=ctx)
@@ -281,8 +301,9 @@ def run_stream(model: CLModel, stream: Stream, pm, cfg: TrainConfig, seed: int, 
                     scheduler.step()
                 loss_sum += loss.detach()
                 step += 1
-                images += len(yb)
-                window_n += len(yb)
+                n_seen = n_global if shard is not None else len(yb)
+                images += n_seen
+                window_n += n_seen
                 if step % cfg.log_every == 0:  # the only host synchronisation of the step loop
                     rate = window_n / max(1e-9, time.perf_counter() - window_t)
                     progress(f"task {t + 1}/{T} epoch {epoch + 1}/{cfg.epochs} step {step} "
@@ -305,6 +326,7 @@ def run_stream(model: CLModel, stream: Stream, pm, cfg: TrainConfig, seed: int, 
         timings["after_task"] = time.perf_counter() - tic
         tic = time.perf_counter()
         hook.merge_task(model=model, ctx=ctx)
+        distributed.sync_model(model)  # [distributed] rank 0's weights everywhere: no drift across tasks
         timings["merge_task"] = time.perf_counter() - tic
         updates = hook.task_updates(model=model, ctx=ctx)
 

@@ -93,9 +93,16 @@ def plan_runs(suite: Suite, source: str, registry, methods: list[str] | None) ->
 
 def run_suite(suite: Suite, source: str, *, methods: list[str] | None = None, seeds: list[int] | None = None,
               plugins_dirs: list[str] = (), tracker=None, progress: Callable[[str], None] = print,
-              dry_run: bool = False, restart: bool = False, checkpoint_dir: str | None = None) -> list[RunRecord]:
+              dry_run: bool = False, restart: bool = False, checkpoint_dir: str | None = None,
+              executor=None) -> list[RunRecord]:
     """Run every planned (method, seed); resume unfinished ones from their checkpoints, skip finished ones
-    (``restart=True`` forgets both and starts fresh runs)."""
+    (``restart=True`` forgets both and starts fresh runs).
+
+    ``executor`` (clbench.executors) runs the unfinished ones: the default trains them here, one after the
+    other; ``RayExecutor`` submits each as a task to a Ray cluster. Under torchrun, ranks above 0 follow rank 0
+    (clbench.distributed): the same runs, nothing logged or checkpointed."""
+    from clbench import distributed
+    from clbench.executors import LocalExecutor
     from clbench.registry import discover
     from clbench.tracking import make_tracker
 
@@ -108,6 +115,8 @@ def run_suite(suite: Suite, source: str, *, methods: list[str] | None = None, se
                 progress(f"would run {run.label} ({run.info.source}) seed {seed}: {run.params.model_dump()}")
         return []
     experiment = suite.tracking.experiment or suite.name
+    if distributed.is_follower():  # torchrun rank > 0: rank 0 decides, logs and checkpoints
+        return distributed.follow(suite, source, planned, seeds, registry)
     tracker = tracker or make_tracker(experiment, suite.tracking.uri)
     sdir = checkpoint.suite_dir(checkpoint_dir, suite.protocol_hash(), suite.name, experiment, tracker.uri)
     stores = {(run.label, seed): checkpoint.RunStore(sdir / f"{_safe(run.label)}-s{seed}", run_key(suite, run, seed))
@@ -117,6 +126,7 @@ def run_suite(suite: Suite, source: str, *, methods: list[str] | None = None, se
             store.clear()
         (sdir / "parent.json").unlink(missing_ok=True)
     finished = {k: _finished_record(k, st, tracker) for k, st in stores.items()}
+    distributed.announce({k for k, v in finished.items() if v is not None})
     if all(finished.values()):
         progress(f"every selected run of {suite.name} is already finished (checkpoints in {sdir}); "
                  "use --restart to run them again")
@@ -131,30 +141,19 @@ def run_suite(suite: Suite, source: str, *, methods: list[str] | None = None, se
     records: list[RunRecord] = []
     status = "FINISHED"
     try:
-        streams: dict[int, Any] = {}
+        jobs: list[RunJob] = []
         for seed in seeds:
             for run in planned:
                 done = finished[(run.label, seed)]
                 if done is not None:
                     progress(f"[{run.label} seed {seed}] already finished (MLflow run {done.run_id}); skipped")
-                    records.append(done)
                     continue
-                store = stores[(run.label, seed)]
-                if not store.lock():
-                    progress(f"[{run.label} seed {seed}] another clbench process is running it now "
-                             f"(lock in {store.dir}); skipped")
-                    records.append(RunRecord(run.label, seed, "", "BUSY"))
-                    continue
-                try:
-                    if seed not in streams:
-                        from clbench.streams import build_stream
-
-                        progress(f"building stream {suite.stream.name} ({suite.stream.num_tasks} tasks) seed {seed}")
-                        streams[seed] = build_stream(suite.stream, seed)
-                    records.append(run_one(suite, run, seed, streams[seed], tracker, parent, base_tags,
-                                           suite_yaml, progress, store))
-                finally:
-                    store.unlock()
+                jobs.append(RunJob(suite, source, run.label, seed, list(plugins_dirs), tracker.uri, experiment,
+                                   parent, base_tags, suite_yaml, str(stores[(run.label, seed)].dir.absolute()),
+                                   stores[(run.label, seed)].key))
+        ran = (executor or LocalExecutor()).run(jobs, tracker=tracker, planned=planned, progress=progress)
+        by_key = {(r.method, r.seed): r for r in ran}
+        records = [finished[(run.label, seed)] or by_key[(run.label, seed)] for seed in seeds for run in planned]
         _suite_evidence(tracker, parent, records)
         _leaderboard_report(tracker, parent, suite, progress)
     except KeyboardInterrupt:
@@ -166,6 +165,63 @@ def run_suite(suite: Suite, source: str, *, methods: list[str] | None = None, se
     finally:
         tracker.end_run(parent, status)
     return records
+
+
+@dataclass
+class RunJob:
+    """One (method, seed) as plain picklable data: everything another process (a Ray worker on another
+    machine) needs to train it and log it into the driver's parent MLflow run, rebuilding registry, stream,
+    model and tracker itself. Paths in it are absolute."""
+
+    suite: Suite
+    source: str
+    label: str
+    seed: int
+    plugins_dirs: list[str]
+    tracking_uri: str
+    experiment: str
+    parent: str
+    base_tags: dict[str, str]
+    suite_yaml: str
+    store_dir: str
+    store_key: str
+
+
+def execute_job(job: RunJob, *, tracker=None, planned: PlannedRun | None = None, streams: dict | None = None,
+                progress: Callable[[str], None] = print) -> RunRecord:
+    """Train one (method, seed) under its checkpoint lock, resuming from its checkpoint when there is one.
+
+    The unit of work of every executor; callable in any process. ``tracker``, ``planned`` and ``streams`` (a
+    cache of built streams, keyed by seed and stream settings) are reused when the caller has them.
+    """
+    from clbench.streams import build_stream
+
+    if planned is None:
+        from clbench.registry import discover
+
+        registry = discover([d for d in [job.suite.plugins_dir, *job.plugins_dirs] if d])
+        [planned] = [p for p in plan_runs(job.suite, job.source, registry, [job.label]) if p.label == job.label]
+    if tracker is None:
+        from clbench.tracking import make_tracker
+
+        tracker = make_tracker(job.experiment, job.tracking_uri)
+    from clbench import distributed
+
+    store = checkpoint.RunStore(Path(job.store_dir), job.store_key)
+    if not distributed.announce(store.lock()):  # under torchrun, the other ranks follow this decision
+        progress(f"[{job.label} seed {job.seed}] another clbench process is running it now "
+                 f"(lock in {store.dir}); skipped")
+        return RunRecord(job.label, job.seed, "", "BUSY")
+    try:
+        streams = {} if streams is None else streams
+        key = (job.seed, json.dumps(job.suite.stream.model_dump(mode="json"), sort_keys=True))
+        if key not in streams:
+            progress(f"building stream {job.suite.stream.name} ({job.suite.stream.num_tasks} tasks) seed {job.seed}")
+            streams[key] = build_stream(job.suite.stream, job.seed)
+        return run_one(job.suite, planned, job.seed, streams[key], tracker, job.parent, job.base_tags,
+                       job.suite_yaml, progress, store)
+    finally:
+        store.unlock()
 
 
 def _safe(label: str) -> str:
