@@ -95,9 +95,9 @@ def test_killed_at_every_point_resumes_to_identical_metrics(tmp_path, mlflow_uri
     # Ctrl-C during lora's task 1: run and suite KILLED, task 0 checkpointed.
     p = clbench_run(suite_path, ckdir, mlflow_uri, "train:1:INT")
     _, ref_err = reference.communicate(timeout=600)
-    assert reference.returncode == 0, ref_err[-3000:]
+    assert reference.returncode == 0, ref_err[-6000:]
     ref_children = children(ref_uri, "resume")
-    assert p.returncode == 1, p.stderr
+    assert p.returncode == 1, p.stderr[-6000:]
     assert "interrupted" in p.stderr.splitlines()[-1] and "Traceback" not in p.stderr
     killed = children(mlflow_uri, "resume")
     assert killed["lora"].info.status == "KILLED"
@@ -111,9 +111,9 @@ def test_killed_at_every_point_resumes_to_identical_metrics(tmp_path, mlflow_uri
     # metrics reached MLflow (its checkpoint already written); the last run finishes.
     for point in ("checkpoint:1", "eval:2", "log:1"):
         p = clbench_run(suite_path, ckdir, mlflow_uri, point)
-        assert p.returncode == -signal.SIGKILL, (point, p.stderr[-2000:])
+        assert p.returncode == -signal.SIGKILL, (point, p.stderr[-6000:])
     p = clbench_run(suite_path, ckdir, mlflow_uri, None)
-    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.returncode == 0, p.stderr[-6000:]
     assert "resuming MLflow run" in p.stderr
     assert not list(sdir.glob("*/.checkpoint.pt.tmp-*"))  # the half-written checkpoint was discarded
 
