@@ -101,6 +101,7 @@ tracking: {experiment: ddp}
 """
 
 
+@pytest.mark.slow  # two `clbench run` processes under torchrun plus one in-process reference run
 def test_torchrun_clbench_run_logs_once_from_rank_zero(tmp_path, mlflow_uri):
     from mlflow.tracking import MlflowClient
 

@@ -83,6 +83,7 @@ def children(uri: str, experiment: str) -> dict:
                   if r.data.tags.get("clbench.role") == "child"}
 
 
+@pytest.mark.slow  # ~75 s on 2 shared cores: Ray start-up and two worker processes importing torch
 def test_ray_grid_with_a_killed_worker_matches_the_local_executor(ray_cluster, tmp_path):
     from mlflow.tracking import MlflowClient
 
