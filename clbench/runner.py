@@ -276,6 +276,9 @@ def run_one(suite: Suite, run: PlannedRun, seed: int, stream, tracker, parent: s
     device = resolve_device(cfg.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ClbenchError(f"train.device: {cfg.device} requested but CUDA is not available; use auto or cpu")
+    if device.type == "cpu" and cfg.cpu_threads:
+        # a tiny ViT's per-step kernels are too small to split: two threads wait on each other
+        torch.set_num_threads(cfg.cpu_threads)
     tags = {**base_tags, "clbench.method": run.label, "clbench.method_name": run.info.name,
             "clbench.seed": str(seed), "clbench.device": _device_name(device), "clbench.role": "child",
             "clbench.plugin_source": run.info.source}

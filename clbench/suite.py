@@ -72,6 +72,8 @@ class TrainConfig(Strict):
     compile: bool = Field(False, description="torch.compile the backbone (CUDA)")
     log_every: int = Field(25, ge=1, description="read the loss back from the device every N steps")
     max_steps_per_epoch: int | None = Field(None, ge=1, description="cap steps per epoch (smoke tests)")
+    cpu_threads: int | None = Field(None, ge=1, le=512, description="torch threads when training on the CPU "
+                                    "(default: torch's choice; tiny models run fastest on 1)")
 
 
 class MethodEntry(Strict):

@@ -7,6 +7,9 @@ import os
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Tiny test models: one thread is faster than two on 2 cores (the kernels are too small to split), and
+# subprocesses (`clbench run` in the resume, concurrency and scale-out tests) inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
 
 
