@@ -104,7 +104,7 @@ class Registry:
                     "entry_point": f"{ep.name} = {ep.value}",
                     "distribution": dist.name if dist else "", "version": dist.version if dist else ""}
             source = f"entry point '{ep.name} = {ep.value}'" + (f" ({dist.name} {dist.version})" if dist else "")
-            self._guard(strict, lambda: self.add_module(_import_entry_point(ep, source), source, prov))
+            self._guard(strict, lambda e=ep, s=source, pv=prov: self.add_module(_import_entry_point(e, s), s, pv))
 
     def load_dir(self, directory: str | Path, strict: bool = True) -> None:
         d = Path(directory)

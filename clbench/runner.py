@@ -70,8 +70,10 @@ def package_versions() -> dict[str, str]:
 def plan_runs(suite: Suite, source: str, registry, methods: list[str] | None) -> list[PlannedRun]:
     """Resolve every method entry against the registry and validate its params (one clear line on error)."""
     planned = []
+    labels = {e.display for e in suite.methods}
     for i, entry in enumerate(suite.methods):
-        if methods and entry.display not in methods and entry.name not in methods:
+        # `--method X` picks the entry labelled X; a method name that is no label picks all its entries
+        if methods and entry.display not in methods and not (entry.name in methods and entry.name not in labels):
             continue
         try:
             info = registry.get(entry.name)

@@ -74,6 +74,10 @@ def test_dry_run_trains_nothing(suite_file, mlflow_uri, tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     assert "would run inclora" in result.output
     assert "would run lora " not in result.output
+    # a label picks that entry only, even when another entry shares its method name
+    result = CliRunner().invoke(app, ["run", str(suite_file), "--dry-run", "--method", "lora"])
+    assert result.exit_code == 0, result.output
+    assert "would run lora " in result.output and "would run inclora" not in result.output
 
 
 def test_same_seed_gives_identical_matrices(suite_file, mlflow_uri, tmp_path, monkeypatch):
