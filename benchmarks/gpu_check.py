@@ -207,10 +207,10 @@ def main() -> int:
         return 0
 
     try:
+        import clbench_plugins  # noqa: F401
         import torch
 
         import clbench  # noqa: F401
-        import clbench_plugins  # noqa: F401
     except ImportError as exc:
         print(f"gpu_check: cannot import clbench ({exc}); install the repository first: pip install -e .")
         return 3

@@ -27,13 +27,13 @@ import time
 from pathlib import Path
 
 import torch
+from clbench_plugins.inflora import InfLoRA, design_down_projection, dualgpm_update
 
 from clbench.backbones import build_model
 from clbench.loop import TaskResult, resolve_device, run_stream
 from clbench.registry import run_manager
 from clbench.streams import build_stream
 from clbench.suite import load_suite
-from clbench_plugins.inflora import InfLoRA, design_down_projection, dualgpm_update
 
 DEFAULT_SUITE = Path(__file__).resolve().parents[1] / "suites" / "quickstart.yaml"
 

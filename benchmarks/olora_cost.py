@@ -28,11 +28,11 @@ import time
 
 import torch
 import torch.nn.functional as F
+from clbench_plugins.olora import OLoRA
 
 from clbench.backbones import build_model
 from clbench.context import TaskContext
 from clbench.registry import run_manager
-from clbench_plugins.olora import OLoRA
 
 
 def _ctx(task: int, num_tasks: int, device: torch.device) -> TaskContext:

@@ -41,7 +41,8 @@ import os
 import statistics
 import time
 import types
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -55,7 +56,6 @@ from clbench.registry import discover, run_manager
 from clbench.spectra import SpectraTracker
 from clbench.streams import Stream, TaskData
 from clbench.suite import TrainConfig
-
 
 # -- shared building blocks (also imported by gpu_check.py) -----------------------------------------------------
 
@@ -83,9 +83,9 @@ def synthetic_stream(num_tasks: int, classes_per_task: int, train_per_task: int 
     for t in range(num_tasks):
         classes = tuple(range(t * classes_per_task, (t + 1) * classes_per_task))
 
-        def part(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        def part(n: int, first: int = classes[0]) -> tuple[torch.Tensor, torch.Tensor]:
             x = pool[torch.randint(0, len(pool), (n,), generator=g)]
-            y = torch.arange(n) % classes_per_task + classes[0]
+            y = torch.arange(n) % classes_per_task + first
             return x, y
 
         (trx, trY), (tex, teY) = part(sizes[t]), part(test_per_task)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -36,14 +35,14 @@ def run(
     plugins_dir: list[str] = typer.Option([], "--plugins-dir", help="load method plugins from this folder"),
     dry_run: bool = typer.Option(False, "--dry-run", help="validate and print the plan, train nothing"),
     restart: bool = typer.Option(False, "--restart", help="ignore checkpoints and finished runs: start fresh runs"),
-    checkpoint_dir: Optional[str] = typer.Option(None, "--checkpoint-dir",
+    checkpoint_dir: str | None = typer.Option(None, "--checkpoint-dir",
                                                  help="where run checkpoints live (default: <cache>/runs)"),
     executor: str = typer.Option("local", "--executor", help="local (one run after the other, here) or ray "
                                                              "(each (method, seed) a Ray task; pip install "
                                                              "'clbench[ray]')"),
-    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (default: start a local "
+    address: str | None = typer.Option(None, "--address", help="Ray cluster address (default: start a local "
                                                                   "one); with --executor ray"),
-    ray_gpus_per_run: Optional[float] = typer.Option(None, "--ray-gpus-per-run",
+    ray_gpus_per_run: float | None = typer.Option(None, "--ray-gpus-per-run",
                                                      help="GPUs per Ray task (default: 1 if the cluster has GPUs)"),
     ray_cpus_per_run: float = typer.Option(1.0, "--ray-cpus-per-run", help="CPUs per Ray task"),
     ray_max_retries: int = typer.Option(3, "--ray-max-retries",
@@ -80,7 +79,7 @@ def run(
 
 @app.command()
 def methods(
-    pattern: Optional[str] = typer.Argument(None, help="substring or exact method name"),
+    pattern: str | None = typer.Argument(None, help="substring or exact method name"),
     params: bool = typer.Option(False, "--params", help="show every param with its default and description"),
     plugins_dir: list[str] = typer.Option([], "--plugins-dir"),
 ) -> None:
@@ -129,7 +128,7 @@ def plugins(plugins_dir: list[str] = typer.Option([], "--plugins-dir")) -> None:
 def new_method(
     name: str = typer.Argument(..., help="the method's registry name (a lowercase identifier)"),
     dir_: Path = typer.Option(Path("."), "--dir", help="folder of the plugin module (use it as --plugins-dir)"),
-    tests_dir: Optional[Path] = typer.Option(None, "--tests-dir",
+    tests_dir: Path | None = typer.Option(None, "--tests-dir",
                                              help="folder of the test file (default DIR/tests)"),
 ) -> None:
     """Scaffold a method plugin DIR/NAME.py and its test file; both pass as generated (see CONTRIBUTING.md)."""
@@ -146,13 +145,13 @@ def new_method(
 
 @app.command()
 def leaderboard(
-    suite: Optional[str] = typer.Argument(None, help="suite file, experiment or suite name; default: every "
+    suite: str | None = typer.Argument(None, help="suite file, experiment or suite name; default: every "
                                                      "clbench experiment"),
     sort: str = typer.Option("final/acc", "--sort", help="metric key or short name (acc, forgetting, train_s, "
                                                          "...) or method; best first"),
     format_: str = typer.Option("table", "--format", "-f", help="table, markdown, csv, json or html"),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="write to this file instead of stdout"),
-    tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri",
+    output: Path | None = typer.Option(None, "--output", "-o", help="write to this file instead of stdout"),
+    tracking_uri: str | None = typer.Option(None, "--tracking-uri",
                                                help="default: the suite's tracking.uri, MLFLOW_TRACKING_URI or "
                                                     "sqlite:///mlflow.db"),
 ) -> None:
@@ -180,7 +179,7 @@ def leaderboard(
 def ui(
     host: str = typer.Option("127.0.0.1", help="bind address (loopback by default)"),
     port: int = typer.Option(5000),
-    backend_store_uri: Optional[str] = typer.Option(None, help="default: MLFLOW_TRACKING_URI or sqlite:///mlflow.db"),
+    backend_store_uri: str | None = typer.Option(None, help="default: MLFLOW_TRACKING_URI or sqlite:///mlflow.db"),
 ) -> None:
     """Open MLflow's UI on the same store `clbench run` writes to."""
     uri = backend_store_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"

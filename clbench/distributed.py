@@ -31,7 +31,8 @@ model parameters and buffers are broadcast to all ranks, which removes any drift
 from __future__ import annotations
 
 import os
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from clbench.errors import ClbenchError
 from clbench.runner import PlannedRun, RunJob, RunRecord, execute_job

@@ -26,7 +26,8 @@ takes only the arguments it needs (pluggy passes by name). Hooks return data; no
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import pluggy
 
@@ -53,19 +54,19 @@ class MethodSpec:
     """Lifecycle hooks of one run; implemented as methods on the method instance."""
 
     @hookspec(firstresult=True)
-    def configure_model(self, model: "torch.nn.Module", ctx: "TaskContext") -> "torch.nn.Module | None":
+    def configure_model(self, model: torch.nn.Module, ctx: TaskContext) -> torch.nn.Module | None:
         """Once, before the first task: inject adapters (``clbench.lora.inject``), freeze what must stay frozen.
 
         Return a replacement model or None to keep ``model`` (modified in place). First non-None result wins.
         """
 
     @hookspec
-    def before_task(self, model: "torch.nn.Module", ctx: "TaskContext") -> None:
+    def before_task(self, model: torch.nn.Module, ctx: TaskContext) -> None:
         """Each task, before the optimizer is built. The new task's (untrained) head already exists and
         ``ctx.loader()`` iterates this task's training data: design projections, initialise new adapters."""
 
     @hookspec(firstresult=True)
-    def param_groups(self, model: "torch.nn.Module", ctx: "TaskContext") -> "list[dict[str, Any]] | None":
+    def param_groups(self, model: torch.nn.Module, ctx: TaskContext) -> list[dict[str, Any]] | None:
         """When the optimizer is built: the parameter groups of the method's trainable parameters.
 
         Groups are torch optimizer groups and may carry extra keys (e.g. ``"name"``) for the method's own
@@ -75,42 +76,42 @@ class MethodSpec:
 
     @hookspec
     def loss_terms(
-        self, model: "torch.nn.Module", batch: "tuple[torch.Tensor, torch.Tensor]", logits: "torch.Tensor",
-        ctx: "TaskContext",
-    ) -> "dict[str, torch.Tensor] | None":
+        self, model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor], logits: torch.Tensor,
+        ctx: TaskContext,
+    ) -> dict[str, torch.Tensor] | None:
         """Each step after the forward pass: extra scalar loss terms by name; they are added to the task's
         cross-entropy and logged as ``train/<name>``. ``logits`` are the current task's head outputs."""
 
     @hookspec
-    def before_optimizer_step(self, model: "torch.nn.Module", ctx: "TaskContext") -> None:
+    def before_optimizer_step(self, model: torch.nn.Module, ctx: TaskContext) -> None:
         """After backward, before ``optimizer.step()``: project or rescale gradients in place."""
 
     @hookspec
-    def after_optimizer_step(self, model: "torch.nn.Module", ctx: "TaskContext") -> None:
+    def after_optimizer_step(self, model: torch.nn.Module, ctx: TaskContext) -> None:
         """After ``optimizer.step()``: retractions, re-orthonormalisation of factors."""
 
     @hookspec
-    def after_task(self, model: "torch.nn.Module", ctx: "TaskContext") -> None:
+    def after_task(self, model: torch.nn.Module, ctx: TaskContext) -> None:
         """End of the task, adapters still separate: store subspaces, memories, statistics."""
 
     @hookspec
-    def merge_task(self, model: "torch.nn.Module", ctx: "TaskContext") -> None:
+    def merge_task(self, model: torch.nn.Module, ctx: TaskContext) -> None:
         """After ``after_task``, before evaluation: fold this task's update into the base weights if the
         method merges."""
 
     @hookspec(firstresult=True)
-    def task_updates(self, model: "torch.nn.Module", ctx: "TaskContext") -> "dict[str, LowRank] | None":
+    def task_updates(self, model: torch.nn.Module, ctx: TaskContext) -> dict[str, LowRank] | None:
         """After the task: this task's update of every adapted layer as low-rank factors
         (``LowRank(B, A)`` with delta W = B @ A), keyed by the adapted layer's name. Used for spectra."""
 
     @hookspec(firstresult=True)
-    def method_state(self, ctx: "TaskContext") -> "dict[str, Any] | None":
+    def method_state(self, ctx: TaskContext) -> dict[str, Any] | None:
         """After a finished task, for the checkpoint: the method's own state (tensors, numbers, lists) that
         is not stored in the model's parameters (subspaces, memories). Must be ``torch.load(weights_only=True)``
         loadable."""
 
     @hookspec
-    def load_method_state(self, model: "torch.nn.Module", state: "dict[str, Any]", ctx: "TaskContext") -> None:
+    def load_method_state(self, model: torch.nn.Module, state: dict[str, Any], ctx: TaskContext) -> None:
         """On resume, after ``configure_model``: restore what :func:`method_state` returned and rebuild any
         adapter structure (branches per finished task) so that the checkpointed model state dict loads.
 

@@ -17,8 +17,8 @@ evaluation after merging runs at the bare backbone's cost.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 import torch
 from torch import nn
@@ -45,12 +45,12 @@ class LowRank:
     def dense(self) -> torch.Tensor:
         return self.B @ self.A
 
-    def __sub__(self, other: "LowRank") -> "LowRank":
+    def __sub__(self, other: LowRank) -> LowRank:
         """``B1 A1 - B0 A0 = [B1, -B0] [A1; A0]`` as factors of rank r1 + r0."""
         return LowRank(torch.cat([self.B, -other.B], 1), torch.cat([self.A, other.A], 0))
 
     @staticmethod
-    def sum(parts: Iterable["LowRank"]) -> "LowRank | None":
+    def sum(parts: Iterable[LowRank]) -> LowRank | None:
         """Sum of factored updates as one factored update (ranks add)."""
         parts = list(parts)
         if not parts:
@@ -99,7 +99,7 @@ class LoRABranch(nn.Module):
 class LoRASite(nn.Module):
     """One adapted linear map with its branches; ``merge`` folds branches into the base weight slice."""
 
-    def __init__(self, name: str, d_in: int, d_out: int, owner: "AdaptedLinear", rows: slice) -> None:
+    def __init__(self, name: str, d_in: int, d_out: int, owner: AdaptedLinear, rows: slice) -> None:
         super().__init__()
         self.name, self.d_in, self.d_out, self.rows = name, d_in, d_out, rows
         self.branches = nn.ModuleList()

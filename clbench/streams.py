@@ -26,9 +26,9 @@ Only this module imports Avalanche's benchmark API, and only inside functions (i
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch

@@ -103,7 +103,7 @@ class Suite(Strict):
     plugins_dir: str | None = None
 
     @model_validator(mode="after")
-    def _unique_labels(self) -> "Suite":
+    def _unique_labels(self) -> Suite:
         labels = [m.display for m in self.methods]
         dup = sorted({x for x in labels if labels.count(x) > 1})
         if dup:

@@ -248,7 +248,7 @@ class CovarianceCollector:
             self.counts[key] = self.counts.get(key, 0) + x.shape[0]
         return hook
 
-    def __enter__(self) -> "CovarianceCollector":
+    def __enter__(self) -> CovarianceCollector:
         self._handles = [m.register_forward_hook(self._hook(k)) for k, m in self.modules.items()]
         return self
 
@@ -294,7 +294,7 @@ class InfLoRAParams(BaseModel):
         return data
 
     @model_validator(mode="after")
-    def _order(self) -> "InfLoRAParams":
+    def _order(self) -> InfLoRAParams:
         if self.lambda_e < self.lambda_b:
             raise ValueError(f"lambda_e ({self.lambda_e}) must be >= lambda_b ({self.lambda_b})")
         return self

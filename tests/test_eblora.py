@@ -181,7 +181,10 @@ def test_gpm_update_keeps_the_energy_threshold_and_extends_f():
     G1 = torch.randn(d_out, d_out, generator=g) @ torch.diag(spectrum) @ torch.randn(d_out, d_in, generator=g)
     F1, kept1 = gpm_update(G1, None, 0.99)
     M1 = G1.t().double()
-    energy = lambda F, M: float((F.double().t() @ M).pow(2).sum() / M.pow(2).sum())
+
+    def energy(F, M):
+        return float((F.double().t() @ M).pow(2).sum() / M.pow(2).sum())
+
     assert kept1 >= 0.99 and energy(F1, M1) == pytest.approx(kept1)
     assert energy(F1[:, :-1], M1) < 0.99, "the smallest k reaching the threshold"
     G2 = torch.randn(d_out, d_out, generator=g) @ torch.diag(spectrum) @ torch.randn(d_out, d_in, generator=g)

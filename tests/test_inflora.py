@@ -11,13 +11,6 @@ import math
 import numpy as np
 import pytest
 import torch
-
-from clbench.context import TaskContext
-from clbench.hookspecs import hookimpl
-from clbench.lora import AdaptedLinear
-from clbench.loop import LoopState, run_stream
-from clbench.registry import discover, run_manager
-from clbench.testing import tiny_model, tiny_stream, tiny_train
 from clbench_plugins.inflora import (
     REMOVE,
     RETAIN,
@@ -28,6 +21,13 @@ from clbench_plugins.inflora import (
     dualgpm_update,
     threshold,
 )
+
+from clbench.context import TaskContext
+from clbench.hookspecs import hookimpl
+from clbench.loop import LoopState, run_stream
+from clbench.lora import AdaptedLinear
+from clbench.registry import discover, run_manager
+from clbench.testing import tiny_model, tiny_stream, tiny_train
 
 RANK = 4
 S3 = 1 / math.sqrt(3)

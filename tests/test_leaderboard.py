@@ -67,7 +67,7 @@ def make_store(uri: str, artifacts: Path) -> dict[str, str]:
                                tags={"clbench.role": "parent", "clbench.suite_hash": HASH_A})
     client.log_batch(parent.info.run_id, metrics=[Metric("final/acc", 1.0, T0, 0)])  # parents are not rows
     client.set_terminated(parent.info.run_id, "FINISHED")
-    for k, (exp, h, label, rank, seed, status, offset, final, hist) in enumerate(RUNS):
+    for exp, h, label, rank, seed, status, offset, final, hist in RUNS:
         t = T0 + offset * 1000
         tags = {"clbench.suite": exp, "clbench.suite_hash": h, "clbench.method": label,
                 "clbench.method_name": label, "clbench.seed": str(seed), "clbench.version": "0.1.0",

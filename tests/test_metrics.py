@@ -3,8 +3,15 @@
 import numpy as np
 import pytest
 
-from clbench.metrics import (accuracy_after, average_incremental_accuracy, backward_transfer, empty_matrix,
-                             forgetting, per_task_forgetting, summary)
+from clbench.metrics import (
+    accuracy_after,
+    average_incremental_accuracy,
+    backward_transfer,
+    empty_matrix,
+    forgetting,
+    per_task_forgetting,
+    summary,
+)
 
 NAN = np.nan
 R3 = np.array([[90.0, NAN, NAN],

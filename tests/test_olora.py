@@ -8,13 +8,13 @@ import io
 import numpy as np
 import pytest
 import torch
+from clbench_plugins.olora import OLoRA
 
 from clbench.context import TaskContext
 from clbench.errors import ClbenchError
 from clbench.hookspecs import hookimpl
 from clbench.spectra import overlap
 from clbench.testing import run_method, tiny_model, tiny_stream
-from clbench_plugins.olora import OLoRA
 
 
 def _ctx(task: int, num_tasks: int = 3) -> TaskContext:
@@ -199,7 +199,7 @@ def test_method_state_rebuilds_branches_for_a_checkpointed_model(merge):
     fresh = OLoRA({"rank": 4, "merge_frozen": merge})
     fresh.configure_model(model=fresh_model, ctx=_ctx(0))
     fresh.load_method_state(model=fresh_model, state=ckpt["method"], ctx=_ctx(3, 4))
-    for t in range(3):
+    for _ in range(3):
         fresh_model.add_head(2)
     fresh_model.load_state_dict(ckpt["model"], strict=True)
     x = run.model.preprocess(stream.tasks[1].test_x[:4])

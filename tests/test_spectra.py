@@ -7,8 +7,16 @@ import pytest
 import torch
 
 from clbench.lora import LowRank
-from clbench.spectra import (SpectraTracker, eff_rank, extend_basis, input_basis, overlap, singular_values,
-                             stable_rank, top1_share)
+from clbench.spectra import (
+    SpectraTracker,
+    eff_rank,
+    extend_basis,
+    input_basis,
+    overlap,
+    singular_values,
+    stable_rank,
+    top1_share,
+)
 
 
 def _rand(d_out, d_in, r, seed, rank=None):
