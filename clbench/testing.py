@@ -15,6 +15,23 @@ from clbench.registry import run_manager
 from clbench.streams import Stream, build_stream
 from clbench.suite import StreamConfig, TrainConfig
 
+TINY_SUITE_YAML = """\
+name: {name}
+seeds: [0]
+stream: {{name: synthetic, num_tasks: 3, num_classes: 6, samples_per_class: 16}}
+backbone: {{name: vit_micro_clbench, image_size: 16, pretrained: false}}
+train: {{epochs: 1, batch_size: 16, lr: 5.0e-3, max_steps_per_epoch: 2, device: cpu, log_every: 1000}}
+methods:
+  - {{name: lora, params: {{rank: 2}}}}
+  - {{name: lora, label: inclora, params: {{rank: 2, fresh_per_task: true}}}}
+tracking: {{experiment: {experiment}}}
+"""
+
+
+def tiny_suite_yaml(name: str, experiment: str | None = None) -> str:
+    """A 3-task, 2-method suite on the synthetic stream that a `clbench run` process finishes in seconds."""
+    return TINY_SUITE_YAML.format(name=name, experiment=experiment or name)
+
 
 def tiny_stream(num_tasks: int = 2, num_classes: int = 4, samples_per_class: int = 24, seed: int = 0) -> Stream:
     """A synthetic stream through the same Avalanche path as the real ones."""

@@ -10,17 +10,7 @@ import os
 import subprocess
 import sys
 
-SUITE = """\
-name: {name}
-seeds: [0]
-stream: {{name: synthetic, num_tasks: 3, num_classes: 6, samples_per_class: 16}}
-backbone: {{name: vit_micro_clbench, image_size: 16, pretrained: false}}
-train: {{epochs: 1, batch_size: 16, lr: 5.0e-3, max_steps_per_epoch: 2, device: cpu, log_every: 1000}}
-methods:
-  - {{name: lora, params: {{rank: 2}}}}
-  - {{name: lora, label: inclora, params: {{rank: 2, fresh_per_task: true}}}}
-tracking: {{experiment: shared}}
-"""
+from clbench.testing import tiny_suite_yaml
 
 
 def test_two_processes_share_one_sqlite_store(tmp_path, mlflow_uri):
@@ -29,7 +19,7 @@ def test_two_processes_share_one_sqlite_store(tmp_path, mlflow_uri):
     procs = []
     for name in ("alpha", "beta"):
         path = tmp_path / f"{name}.yaml"
-        path.write_text(SUITE.format(name=name))
+        path.write_text(tiny_suite_yaml(name, "shared"))
         env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_uri}
         procs.append(subprocess.Popen([sys.executable, "-m", "clbench.cli", "run", str(path)], env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))

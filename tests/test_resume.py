@@ -25,26 +25,16 @@ from clbench.cli import app
 from clbench.errors import ClbenchError
 from clbench.runner import run_suite
 from clbench.suite import load_suite
+from clbench.testing import tiny_suite_yaml
 from clbench.tracking import MlflowTracker
 
-SUITE = """\
-name: {name}
-seeds: [0]
-stream: {{name: synthetic, num_tasks: 3, num_classes: 6, samples_per_class: 16}}
-backbone: {{name: vit_micro_clbench, image_size: 16, pretrained: false}}
-train: {{epochs: 1, batch_size: 16, lr: 5.0e-3, max_steps_per_epoch: 2, device: cpu, log_every: 1000}}
-methods:
-  - {{name: lora, params: {{rank: 2}}}}
-  - {{name: lora, label: inclora, params: {{rank: 2, fresh_per_task: true}}}}
-tracking: {{experiment: {name}}}
-"""
 LABELS = ("lora", "inclora")
 T = 3
 
 
 def write_suite(folder: Path, name: str = "resume") -> Path:
     path = folder / f"{name}.yaml"
-    path.write_text(SUITE.format(name=name))
+    path.write_text(tiny_suite_yaml(name))
     return path
 
 
@@ -178,7 +168,7 @@ def register_methods(register):
 def test_nonfinite_loss_fails_that_run_keeps_its_work_and_the_suite_goes_on(tmp_path, mlflow_uri):
     (tmp_path / "plugins").mkdir()
     (tmp_path / "plugins" / "nanlora.py").write_text(NAN_PLUGIN)
-    text = SUITE.format(name="nan").replace("  - {name: lora, label: inclora, params: {rank: 2, fresh_per_task: true}}",
+    text = tiny_suite_yaml("nan").replace("  - {name: lora, label: inclora, params: {rank: 2, fresh_per_task: true}}",
                                             "  - {name: nanlora, params: {rank: 2}}")
     suite_path = tmp_path / "nan.yaml"
     suite_path.write_text(text + "plugins_dir: plugins\n")
