@@ -247,14 +247,15 @@ def cd_diagram(ranking: Ranking, path: str | Path, title: str | None = None) -> 
     first_row = 0.9 + 0.35 * n_clq  # room below the axis for the clique bars
     rows = max(len(left), len(right))
     width = max((x_hi - x_lo) / u, 6.0)
-    height = 1.6 + 0.32 * (first_row + step * rows)
+    height = 1.6 + 0.32 * (first_row + step * rows) + (0.2 if title else 0.0)
     fig = Figure(figsize=(width, height))
     FigureCanvasAgg(fig)
     ax = fig.add_axes((0.0, 0.0, 1.0, 1.0))
     ax.set_axis_off()
     pad = (width - (x_hi - x_lo) / u) / 2 * u  # centre the drawing when the minimum width applies
     ax.set_xlim(x_lo - pad, x_hi + pad)
-    ax.set_ylim(first_row + step * rows + 0.5, -2.3 if ranking.cd is not None else -1.2)  # y grows downward
+    top = (-2.3 if ranking.cd is not None else -1.2) - (0.6 if title else 0.0)
+    ax.set_ylim(first_row + step * rows + 0.5, top)  # y grows downward
     ink = "black"
     # axis of average ranks with integer ticks and half ticks
     ax.plot([1, k], [0, 0], color=ink, lw=1.2)
@@ -293,8 +294,7 @@ def cd_diagram(ranking: Ranking, path: str | Path, title: str | None = None) -> 
     ax.text(x_lo - pad + 0.15 * u, first_row + step * rows + 0.3, "; ".join(notes), ha="left", va="bottom",
             fontsize=8, color="#444444")
     if title:
-        ax.text(x_lo - pad + 0.15 * u, -2.25 if ranking.cd is not None else -1.15, title, ha="left", va="top",
-                fontsize=11, weight="bold")
+        ax.text(x_lo - pad + 0.15 * u, top + 0.1, title, ha="left", va="top", fontsize=11, weight="bold")
     out = Path(path)
     fig.savefig(out, dpi=120)
     return out
