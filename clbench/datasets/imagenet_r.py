@@ -4,13 +4,14 @@ Layout under the data root: ``imagenet-r/<wnid>/<file>`` (what ``imagenet-r.tar`
 downloaded when missing and checked against its md5. The class list (200 wnids, sorted = ImageFolder order,
 the class ids InfLoRA uses) is pinned in ``clbench/splits/imagenet_r_classes.txt``.
 
-Train/test split. ImageNet-R ships no split. InfLoRA's code reads pre-split ``train/`` and ``test/`` folders
-prepared "following LAE" (an 80/20 split whose lists are hosted outside the official repositories); those lists
-were not available to pin here. clbench therefore uses a documented deterministic 80/20 rule over the
-dataset's own listing: within each class, files are ranked by ``sha256("<wnid>/<file name>")`` and the first
-``round(0.2 * n)`` go to test, the rest to train (both then sorted by class id and name). A pinned
-``imagenet_r_split.tsv.gz`` (made by ``python -m clbench.splits.make_splits imagenet_r``), when present, takes
-precedence over the rule; either way the run records the split's sha256.
+Train/test split. ImageNet-R ships no split. The default is the shipped ``imagenet_r_split.tsv.gz``: the 80/20
+lists of the InfLoRA repository (``utils/splits/imagenet-r_{train,test}.yaml``, 24,000 + 6,000 images, in the
+order of CODA-Prompt's lists), converted by ``python -m clbench.splits.make_splits imagenet_r --from-inflora-yaml DIR``
+with labels re-expressed in our (sorted-wnid) class ids. Fallback, used only when no split file is shipped (an
+installation without it, or a test's splits folder): a documented deterministic 80/20 rule over the dataset's
+own listing: within each class, files are ranked by ``sha256("<wnid>/<file name>")`` and the first
+``round(0.2 * n)`` go to test, the rest to train (both then sorted by class id and name). Either way the run
+records the split's sha256 and source.
 """
 
 from __future__ import annotations
@@ -83,7 +84,7 @@ def derive_split(files: dict[str, list[str]], classes: list[str]) -> Split:
 
 
 def load(root: Path, allow_download: bool) -> tuple[Path, Split, list[str]]:
-    """``(image folder, split, class names)``; the split is pinned if shipped, else derived by the rule."""
+    """``(image folder, split, class names)``; the split is the shipped one (InfLoRA's lists), else the rule."""
     classes = class_list("imagenet_r")
     folder = locate(root, allow_download)
     split = pinned_split("imagenet_r")
@@ -93,5 +94,5 @@ def load(root: Path, allow_download: bool) -> tuple[Path, Split, list[str]]:
         for rel, _ in split.train + split.test:
             if not (folder / rel).is_file():
                 raise ClbenchError(f"stream.root: {folder / rel} (listed in the pinned split) is missing; "
-                                   "re-extract imagenet-r.tar")
+                                   "re-extract imagenet-r.tar (the split lists all of its 30,000 images)")
     return folder, split, classes
