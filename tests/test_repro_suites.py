@@ -63,3 +63,12 @@ def test_domainnet_suite_marks_the_official_optimizer_and_memory():
     todo = _todo_block(REPRO / "inflora-domainnet-5.yaml")
     assert todo["train"] == {"schedule": "multistep", "milestones": [4], "gamma": 0.1, "head_lr": 1.0e-2}
     assert todo["methods.inflora.params"]["memory"] == "gpm"
+
+
+@pytest.mark.parametrize("name", ["vit.yaml", "vit-imagenet-r.yaml", "vit-domainnet.yaml"])
+def test_comparison_suites_adapt_the_same_maps_at_the_same_rank(name):
+    path = REPRO.parent / name
+    planned = plan_runs(load_suite(path), path, discover([]), None)
+    adapted = {(p.label, tuple(p.params.targets), p.params.rank) for p in planned}
+    assert len({(t, r) for _, t, r in adapted}) == 1, f"{name}: entries differ in targets or rank: {adapted}"
+    assert {t for _, t, _ in adapted} == {("k", "v")}
