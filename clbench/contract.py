@@ -208,10 +208,10 @@ def _check_updates(cls: type, task: int, updates: Any, sites: dict[str, Any]) ->
 def _check_frozen(cls: type, run: ContractRun) -> None:
     covered: dict[int, list] = {}  # id(base weight) -> sites over its rows
     for site in run.sites.values():
-        if id(site._owner.base.weight) not in run.initial:
+        if id(site.base_weight) not in run.initial:
             _fail(cls, f"site '{site.name}': its base weight is no longer the pre-trained parameter "
                        "(replaced rather than updated in place), so its frozen rows cannot be checked")
-        covered.setdefault(id(site._owner.base.weight), []).append(site)
+        covered.setdefault(id(site.base_weight), []).append(site)
     for pid, (pname, p) in run.params.items():
         before, after = run.initial[pid], p.detach()
         if pid not in covered:
@@ -232,7 +232,7 @@ def _check_frozen(cls: type, run: ContractRun) -> None:
         for name, site in run.sites.items():
             prev = run.effective[t - 1].get(name) if t else None
             if prev is None:
-                prev = run.initial[id(site._owner.base.weight)][site.rows].float()
+                prev = run.initial[id(site.base_weight)][site.rows].float()
             delta = run.effective[t][name] - prev
             upd = (res.updates or {}).get(name)
             reported = upd.dense() if upd is not None else torch.zeros_like(delta)

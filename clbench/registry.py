@@ -190,10 +190,15 @@ def discover(plugins_dirs: Iterable[str | Path] = (), strict: bool = True) -> Re
 
 
 def run_manager(method: Any, probes: Iterable[Any] = ()) -> pluggy.PluginManager:
-    """The per-run manager: the one method instance of the run plus read-only probes."""
+    """The per-run manager: the one method instance of the run, the harness's default ``task_updates``
+    (:class:`clbench.lora.TaskUpdateProbe`, called last: a method's own non-None result wins) and read-only
+    probes."""
+    from clbench.lora import TaskUpdateProbe  # torch: loaded only when a run is set up
+
     pm = pluggy.PluginManager(hookspecs.PROJECT)
     pm.add_hookspecs(hookspecs.MethodSpec)
     pm.register(method, name=f"method:{getattr(method, 'name', type(method).__name__)}")
+    pm.register(TaskUpdateProbe(), name="harness:task_updates")
     for i, probe in enumerate(probes):
         pm.register(probe, name=f"probe:{i}")
     pm.check_pending()
