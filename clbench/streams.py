@@ -35,8 +35,8 @@ import torch
 
 from clbench.errors import ClbenchError
 from clbench.imagecache import IndexedImages
+from clbench.suite import STREAM_NAMES as STREAMS  # one list: the suite validates names against it
 
-STREAMS = ("split_cifar100", "mnist5k", "digits", "synthetic", "imagenet_r", "domainnet")
 AUGMENTED = ("split_cifar100", "imagenet_r", "domainnet")  # streams whose protocol trains with RRC + flip
 
 
