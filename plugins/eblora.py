@@ -5,7 +5,7 @@ Paper: Hao Gu, Mao-Lin Luo, Zi-Hao Zhou, Han-Chen Zhang, Min-Ling Zhang, Tong We
 Forgetting in Low-Rank Continual Adaptation", ICML 2026, arXiv 2602.00722. Official code:
 github.com/haodotgu/EBLoRA (LLaVA-1.5; ``llava/peft/tuners/lora.py``, ``llava/train/riemannian_adam.py``,
 ``llava/train/stiefel.py``, ``llava/train/extract_gradients.py``, ``llava/train/train.py``,
-``llava/train/llava_trainer.py``, ``scripts/Train_UCIT/train_all.sh``). docs/METHODS.md, "eblora", has the spec.
+``llava/train/llava_trainer.py``, ``scripts/Train_UCIT/train_all.sh``). docs/METHODS.md section 2, "eblora", has the spec.
 
 The rule, per task t and adapted site (a linear map W of d_out x d_in):
 
@@ -31,7 +31,7 @@ The rule, per task t and adapted site (a linear map W of d_out x d_in):
   The task's update reported for spectra is the new branch; the harness computes it
   (``clbench.lora.TaskUpdateProbe``).
 
-ViT reconstruction (no ViT code exists; docs/METHODS.md, "eblora"):
+ViT reconstruction (no ViT code exists; docs/METHODS.md section 2):
 
 * sites: q and v slices of timm's fused qkv in every block (the InfLoRA / SD-LoRA protocol; official: all
   linear maps of LLaMA); r = 16, alpha = 2r and s_init = 0 as in the official UCIT scripts;

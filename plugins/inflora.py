@@ -2,7 +2,7 @@
 
 Paper: Yan-Shuo Liang and Wu-Jun Li, "InfLoRA: Interference-Free Low-Rank Adaptation for Continual
 Learning", CVPR 2024 (arXiv 2404.00228). Official code: github.com/liangyanshuo/InfLoRA (``methods/inflora.py``,
-``models/vit_inflora.py``). Specification: docs/METHODS.md, "inflora".
+``models/vit_inflora.py``). Specification: docs/METHODS.md section 3, "inflora".
 
 Naming (the paper's letters, which the official code swaps, mapped onto ``clbench.lora``):
 

@@ -2,7 +2,7 @@
 
 * ``lora`` (default): one LoRA per adapted layer, trained through all tasks with no constraint. This is the
   SeqLoRA baseline of O-LoRA (Wang et al., EMNLP Findings 2023, arXiv 2310.14152; github.com/cmnfriend/O-LoRA:
-  the same code with lambda1 = lambda2 = 0 and a single LoRA) applied to a ViT (docs/METHODS.md, "lora").
+  the same code with lambda1 = lambda2 = 0 and a single LoRA) applied to a ViT (docs/METHODS.md section 5, "lora").
 * ``fresh_per_task: true`` (IncLoRA): a new LoRA per task, merged into the base weights after the task.
 
 LoRA itself: Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models", ICLR 2022

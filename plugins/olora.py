@@ -4,7 +4,7 @@ Paper: Xiao Wang, Tianze Chen, Qiming Ge, Han Xia, Rong Bao, Rui Zheng, Qi Zhang
 "Orthogonal Subspace Learning for Language Model Continual Learning", EMNLP 2023 Findings, arXiv 2310.14152.
 Official code: github.com/cmnfriend/O-LoRA (``src/peft/tuners/lora.py``, ``src/uie_trainer_lora.py``), NLP only.
 
-The rule (docs/METHODS.md, "olora"), per adapted layer and task t:
+The rule (docs/METHODS.md section 4, "olora"), per adapted layer and task t:
 
 * a fresh LoRA branch ``(alpha / r) B_t A_t`` (A Kaiming-uniform, B zero) is trained; the branches of tasks
   0..t-1 stay in the forward pass as frozen low-rank branches (not merged), so the model needs no task id.
