@@ -19,6 +19,7 @@ PEFT/T5 defaults; no LoRA dropout by default (the ViT protocols use none).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from pydantic import Field
@@ -86,5 +87,5 @@ class NaiveLoRA(Method):
                 site.branches = nn.ModuleList()
 
 
-def register_methods(register: Any) -> None:
+def register_methods(register: Callable[[type], None]) -> None:
     register(NaiveLoRA)
