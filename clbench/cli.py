@@ -84,6 +84,7 @@ def methods(
     plugins_dir: list[str] = typer.Option([], "--plugins-dir"),
 ) -> None:
     """List the registered methods (and their params)."""
+    from clbench.method import describe_params
     from clbench.registry import discover
 
     try:
@@ -102,9 +103,8 @@ def methods(
         if getattr(info.cls, "paper", ""):
             typer.echo(f"    paper: {info.cls.paper}")
         if params or (pattern and len(names) == 1):
-            for fname, field in info.cls.Params.model_fields.items():
-                default = field.get_default(call_default_factory=True)
-                typer.echo(f"    {fname} = {default!r}: {field.description or ''}")
+            for fname, _, default, description in describe_params(info.cls.Params):
+                typer.echo(f"    {fname} = {default!r}: {description}")
     for err in reg.errors:
         typer.echo(f"error: {err}", err=True)
     if not names and pattern:

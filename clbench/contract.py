@@ -26,6 +26,7 @@ from pydantic import BaseModel, ValidationError
 
 from clbench.errors import ClbenchError
 from clbench.lora import LowRank, find_sites
+from clbench.method import NAME_RULE, valid_method_name
 from clbench.streams import Stream
 
 
@@ -108,8 +109,8 @@ def check_registration(cls: type) -> None:
     from clbench.registry import validate_hooks
 
     name = getattr(cls, "name", "")
-    if not isinstance(name, str) or not name or name != name.lower():
-        _fail(cls, f"name must be a non-empty lowercase string, got {name!r}")
+    if not valid_method_name(name):
+        _fail(cls, f"name must be {NAME_RULE}; got {name!r}")
     try:
         validate_hooks(cls, f"method '{name}'")
     except ClbenchError as exc:
@@ -208,10 +209,10 @@ def _check_updates(cls: type, task: int, updates: Any, sites: dict[str, Any]) ->
 def _check_frozen(cls: type, run: ContractRun) -> None:
     covered: dict[int, list] = {}  # id(base weight) -> sites over its rows
     for site in run.sites.values():
-        if id(site._owner.base.weight) not in run.initial:
+        if id(site.base_weight) not in run.initial:
             _fail(cls, f"site '{site.name}': its base weight is no longer the pre-trained parameter "
                        "(replaced rather than updated in place), so its frozen rows cannot be checked")
-        covered.setdefault(id(site._owner.base.weight), []).append(site)
+        covered.setdefault(id(site.base_weight), []).append(site)
     for pid, (pname, p) in run.params.items():
         before, after = run.initial[pid], p.detach()
         if pid not in covered:
@@ -232,7 +233,7 @@ def _check_frozen(cls: type, run: ContractRun) -> None:
         for name, site in run.sites.items():
             prev = run.effective[t - 1].get(name) if t else None
             if prev is None:
-                prev = run.initial[id(site._owner.base.weight)][site.rows].float()
+                prev = run.initial[id(site.base_weight)][site.rows].float()
             delta = run.effective[t][name] - prev
             upd = (res.updates or {}).get(name)
             reported = upd.dense() if upd is not None else torch.zeros_like(delta)
@@ -278,13 +279,8 @@ def check_method(cls: type, params: BaseModel | dict[str, Any] | None = None, se
 
 def load_plugin_file(path: str | Path):
     """A registry holding only the methods of one plugin file (validated as ``--plugins-dir`` would)."""
-    import hashlib
+    from clbench.registry import Registry
 
-    from clbench.registry import Registry, _import_file
-
-    path = Path(path).resolve()
-    source = f"file {path}"
     reg = Registry()
-    prov = {"kind": "file", "path": str(path), "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
-    reg.add_module(_import_file(path, source), source, prov)
+    reg.add_file(Path(path).resolve())
     return reg

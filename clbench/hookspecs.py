@@ -4,10 +4,12 @@ Two pluggy managers use this file (see ``clbench.registry``):
 
 * the *discovery* manager calls :func:`register_methods` on every plugin module once, so the module can
   ``register(MethodClass)``;
-* the *per-run* manager holds the one method instance of a run (plus read-only probes) and the training loop
+* the *per-run* manager holds the one method instance of a run, the harness's default ``task_updates``
+  (``clbench.lora.TaskUpdateProbe``, called last) and read-only probes; the training loop
   (``clbench/loop.py``) calls the lifecycle hooks below, in this order::
 
       configure_model                                    once, before the first task
+      load_method_state                                  on resume only, before the checkpointed weights load
       for each task:
           before_task                                    new head exists, optimizer not built yet
           param_groups                                   optimizer is built from the first non-None result
@@ -19,6 +21,10 @@ Two pluggy managers use this file (see ``clbench.registry``):
           merge_task                                     fold the update into the weights
           task_updates                                   this task's low-rank update per adapted layer
           (evaluation on every seen task)
+          method_state                                   the method's own state, for the checkpoint
+
+Hooks marked ``firstresult`` call their implementations one after the other and stop at the first that
+returns something other than None; that result wins. The others call every implementation.
 
 Hook names and arguments are public and never renamed; they may gain arguments, and an implementation
 takes only the arguments it needs (pluggy passes by name). Hooks return data; none mutates loop state.
@@ -72,6 +78,7 @@ class MethodSpec:
         Groups are torch optimizer groups and may carry extra keys (e.g. ``"name"``) for the method's own
         step hooks. The loop appends the current task's head as its own group; do not include heads.
         Return None to let the loop train every ``requires_grad`` parameter outside the heads.
+        First non-None result wins.
         """
 
     @hookspec
@@ -102,13 +109,18 @@ class MethodSpec:
     @hookspec(firstresult=True)
     def task_updates(self, model: torch.nn.Module, ctx: TaskContext) -> dict[str, LowRank] | None:
         """After the task: this task's update of every adapted layer as low-rank factors
-        (``LowRank(B, A)`` with delta W = B @ A), keyed by the adapted layer's name. Used for spectra."""
+        (``LowRank(B, A)`` with delta W = B @ A), keyed by the adapted layer's name. Used for spectra.
+
+        First non-None result wins. The harness's own implementation (``clbench.lora.TaskUpdateProbe``) is
+        called last: a method that does not implement this hook, or returns None, gets the change of its
+        sites' branches across the task (taken after ``after_task``, before ``merge_task``). Return ``{}``
+        to report no update."""
 
     @hookspec(firstresult=True)
     def method_state(self, ctx: TaskContext) -> dict[str, Any] | None:
         """After a finished task, for the checkpoint: the method's own state (tensors, numbers, lists) that
         is not stored in the model's parameters (subspaces, memories). Must be ``torch.load(weights_only=True)``
-        loadable."""
+        loadable. First non-None result wins."""
 
     @hookspec
     def load_method_state(self, model: torch.nn.Module, state: dict[str, Any], ctx: TaskContext) -> None:

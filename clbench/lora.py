@@ -8,7 +8,11 @@ Vocabulary used by every method plugin:
 * a **branch** (:class:`LoRABranch`) computes ``scale * B diag(gain) A x`` with ``A`` (r x d_in, the
   down-projection) and ``B`` (d_out x r, the up-projection); ``gain`` is optional (a learnable scalar or
   vector, as in EBLoRA);
-* :class:`LowRank` is a factored update ``delta W = B @ A`` handed to the spectra code.
+* :class:`LowRank` is a factored update ``delta W = B @ A`` handed to the spectra code;
+* :class:`AdapterParams` / :class:`LoRAParams` are the params every adapter method shares (rank, targets,
+  blocks; alpha, dropout), so a typo in a suite's ``targets`` fails validation with one line;
+* :class:`TaskUpdateProbe` is the harness's default ``task_updates``: the change of every site's branches
+  across the task, so a method need not compute its own update to report spectra.
 
 Merging a branch adds its dense update into the frozen base weight (slice) and removes the branch, so
 evaluation after merging runs at the bare backbone's cost.
@@ -19,12 +23,17 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any, Literal, get_args
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from clbench.hookspecs import hookimpl
+
 ATTN_SLICES = ("q", "k", "v")
-TARGETS = ("q", "k", "v", "qkv", "proj", "fc1", "fc2")
+Target = Literal["q", "k", "v", "qkv", "proj", "fc1", "fc2"]
+TARGETS: tuple[str, ...] = get_args(Target)
 
 
 @dataclass(frozen=True)
@@ -87,7 +96,9 @@ class LoRABranch(nn.Module):
         return B * self.gain if self.gain is not None else B
 
     def lowrank(self) -> LowRank:
-        return LowRank(self.effective_B().detach().float(), self.A.detach().float())
+        """The branch's update as float factors: a snapshot, not a view of the parameters (``A.float()`` of a
+        float32 A would be the parameter itself, and the optimizer would change it later)."""
+        return LowRank(self.effective_B().detach().float(), self.A.detach().float().clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.dropout(x) @ self.A.t()
@@ -106,12 +117,22 @@ class LoRASite(nn.Module):
         object.__setattr__(self, "_owner", owner)  # not a submodule: avoids a cycle in the module tree
 
     @property
+    def owner(self) -> AdaptedLinear:
+        """The wrapped linear map this site is a row range of (the q, k and v sites of a block share one)."""
+        return self._owner
+
+    @property
+    def base_weight(self) -> nn.Parameter:
+        """The whole frozen pre-trained weight parameter the site's rows live in (the fused qkv for q/k/v)."""
+        return self._owner.base.weight
+
+    @property
     def weight(self) -> torch.Tensor:
         """The frozen base weight of this site (a view into the fused weight for q/k/v)."""
-        return self._owner.base.weight[self.rows]
+        return self.base_weight[self.rows]
 
-    def add_branch(self, rank: int, **kwargs) -> LoRABranch:
-        w = self._owner.base.weight
+    def add_branch(self, rank: int, **kwargs: Any) -> LoRABranch:
+        w = self.base_weight
         branch = LoRABranch(self.d_in, self.d_out, rank, **kwargs).to(device=w.device)
         self.branches.append(branch)
         return branch
@@ -130,7 +151,7 @@ class LoRASite(nn.Module):
     def merge(self, indices: Iterable[int] | None = None) -> None:
         """Add the chosen branches (default: all) into the base weight and remove them."""
         chosen = set(range(len(self.branches)) if indices is None else indices)
-        w = self._owner.base.weight
+        w = self.base_weight
         for i in sorted(chosen):
             b = self.branches[i]
             w[self.rows] += (b.effective_B().float() @ b.A.float()).to(w.dtype)
@@ -222,3 +243,71 @@ def find_sites(module: nn.Module) -> dict[str, LoRASite]:
 def merge_all(module: nn.Module) -> None:
     for site in find_sites(module).values():
         site.merge()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Shared params and the default task update
+# ----------------------------------------------------------------------------------------------------
+
+class AdapterParams(BaseModel):
+    """Params of every method that adapts ``clbench.lora`` sites; subclasses redeclare a field only to change
+    its default or description (docs/METHODS.md gives each method's defaults and where they come from)."""
+
+    model_config = ConfigDict(extra="forbid")  # a typo in a suite's params must fail, not be ignored
+    rank: int = Field(10, ge=1, description="LoRA rank r")
+    targets: list[Target] = Field(["q", "v"], min_length=1, description="adapted maps: " + ", ".join(TARGETS))
+    blocks: list[int] | None = Field(None, description="adapted transformer blocks (default: all)")
+
+
+class LoRAParams(AdapterParams):
+    """:class:`AdapterParams` plus LoRA's scaling and dropout: ``delta W = (alpha / r) B A``."""
+
+    alpha: float | None = Field(None, gt=0, description="scaling alpha (delta W = alpha/r B A); default alpha = r")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the LoRA branch input")
+
+    @property
+    def scale(self) -> float:
+        """``alpha / r`` (1 when alpha is not set)."""
+        return (self.alpha or self.rank) / self.rank
+
+
+class TaskUpdateProbe:
+    """The harness's ``task_updates`` for methods that do not implement it (registered by
+    ``clbench.registry.run_manager``, last in line, so a method's own non-None result wins).
+
+    At ``before_task`` (before the method's own, which may add branches) it records every site's branches and
+    their factors; at ``after_task`` (after the method's own, before ``merge_task``) a site's update is the sum
+    over its live branches of ``now - before`` for a branch that existed and changed, and ``now`` for a branch
+    added during the task; unchanged branches contribute nothing and sites without change are left out. For
+    one trained branch this is ``[B_t, -B_(t-1)] [A_t; A_(t-1)]``, the change of B A across the task. A
+    method that merges or replaces branches before ``merge_task`` must report its own update.
+    """
+
+    def __init__(self) -> None:
+        self._before: dict[str, list[tuple[LoRABranch, LowRank]]] = {}
+        self._updates: dict[str, LowRank] = {}
+
+    @hookimpl(tryfirst=True)
+    def before_task(self, model: nn.Module) -> None:
+        self._before = {n: [(b, b.lowrank()) for b in s.branches] for n, s in find_sites(model).items()}
+        self._updates = {}
+
+    @hookimpl(trylast=True)
+    def after_task(self, model: nn.Module) -> None:
+        self._updates = {}
+        for name, site in find_sites(model).items():
+            before = {id(b): low for b, low in self._before.get(name, [])}
+            parts = []
+            for branch in site.branches:
+                now, old = branch.lowrank(), before.get(id(branch))
+                if old is None:
+                    parts.append(now)
+                elif not (torch.equal(now.B, old.B) and torch.equal(now.A, old.A)):
+                    parts.append(now - old)
+            if parts:
+                self._updates[name] = LowRank.sum(parts)
+
+    @hookimpl(trylast=True)
+    def task_updates(self) -> dict[str, LowRank] | None:
+        return self._updates or None
+

@@ -6,9 +6,20 @@ validates params and the ``describe_params`` used by ``clbench methods NAME --pa
 
 from __future__ import annotations
 
+import re
 from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict
+
+# The one rule for method names (registry, contract test, `clbench new-method`): what a suite, the CLI and
+# MLflow tags can carry without quoting. The scaffold writes the module file with '-' replaced by '_'.
+NAME_PATTERN = re.compile(r"[a-z][a-z0-9_-]*")
+NAME_RULE = "lowercase letters, digits, '_' and '-', starting with a letter (e.g. l2pull, my_lora, my-lora)"
+
+
+def valid_method_name(name: object) -> bool:
+    """Whether ``name`` follows :data:`NAME_RULE`."""
+    return isinstance(name, str) and NAME_PATTERN.fullmatch(name) is not None
 
 
 class NoParams(BaseModel):
@@ -16,7 +27,7 @@ class NoParams(BaseModel):
 
 
 class Method:
-    """Base for method plugins. Set ``name`` (lowercase), ``Params`` (defaults = the paper's settings),
+    """Base for method plugins. Set ``name`` (see :data:`NAME_RULE`), ``Params`` (defaults = the paper's settings),
     optional ``aliases``, ``paper`` and ``code`` (citations), and ``trains_backbone`` if the method
     changes pre-trained weights by gradient (merging adapters does not count)."""
 
@@ -34,9 +45,15 @@ class Method:
 
     @classmethod
     def describe_params(cls) -> list[tuple[str, str, Any, str]]:
-        """(name, type, default, description) for every param."""
-        rows = []
-        for fname, field in cls.Params.model_fields.items():
-            ann = getattr(field.annotation, "__name__", str(field.annotation))
-            rows.append((fname, ann, field.get_default(call_default_factory=True), field.description or ""))
-        return rows
+        """(name, type, default, description) for every param (``clbench methods NAME --params``)."""
+        return describe_params(cls.Params)
+
+
+def describe_params(params: type[BaseModel]) -> list[tuple[str, str, Any, str]]:
+    """(name, type, default, description) for every field of a params model; works for any registered
+    method, whether or not it subclasses :class:`Method`."""
+    rows = []
+    for fname, field in params.model_fields.items():
+        ann = getattr(field.annotation, "__name__", str(field.annotation))
+        rows.append((fname, ann, field.get_default(call_default_factory=True), field.description or ""))
+    return rows

@@ -1,7 +1,7 @@
 """Pure functions on the accuracy matrix (continual-learning metrics). Accuracies are percentages.
 
 ``R[i, j]`` is the accuracy on task j's test set after training task i (j <= i); entries above the
-diagonal are NaN. Definitions follow METHODS.md section 4.3 (PILOT/InfLoRA/SD-LoRA code).
+diagonal are NaN. Definitions: docs/METHODS.md section 1 (PILOT/InfLoRA/SD-LoRA code).
 """
 
 from __future__ import annotations

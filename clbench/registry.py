@@ -26,6 +26,7 @@ from pydantic import BaseModel
 
 from clbench import hookspecs
 from clbench.errors import ClbenchError
+from clbench.method import NAME_RULE, valid_method_name
 
 BUILTIN_PACKAGE = "clbench_plugins"
 HOOK_NAMES = {n for n in dir(hookspecs.MethodSpec) if not n.startswith("_")}
@@ -80,9 +81,8 @@ class Registry:
 
     def _add_class(self, cls: type, source: str, provenance: dict[str, str]) -> None:
         name = getattr(cls, "name", None)
-        if not isinstance(name, str) or not name or name != name.lower() or not name.replace("_", "").replace(
-                "-", "").isalnum():
-            raise ClbenchError(f"plugin {source}: {cls.__qualname__}.name must be a lowercase identifier, got {name!r}")
+        if not valid_method_name(name):
+            raise ClbenchError(f"plugin {source}: {cls.__qualname__}.name must be {NAME_RULE}; got {name!r}")
         params = getattr(cls, "Params", None)
         if not (inspect.isclass(params) and issubclass(params, BaseModel)):
             raise ClbenchError(f"plugin {source}: method '{name}' needs a pydantic Params model")
@@ -112,12 +112,14 @@ class Registry:
         if not d.is_dir():
             raise ClbenchError(f"plugins_dir: {d} is not a directory")
         for path in sorted(d.glob("*.py")):
-            if path.name.startswith("_"):
-                continue
-            digest = hashlib.sha256(path.read_bytes()).hexdigest()
-            prov = {"kind": "file", "path": str(path), "sha256": digest}
-            source = f"file {path}"
-            self._guard(strict, lambda p=path, s=source, pv=prov: self.add_module(_import_file(p, s), s, pv))
+            if not path.name.startswith("_"):
+                self._guard(strict, lambda p=path: self.add_file(p))
+
+    def add_file(self, path: Path) -> None:
+        """Import one plugin file and register its methods, with its path and content hash as provenance."""
+        source = f"file {path}"
+        prov = {"kind": "file", "path": str(path), "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+        self.add_module(_import_file(path, source), source, prov)
 
     def _guard(self, strict: bool, action) -> None:
         try:
@@ -190,10 +192,15 @@ def discover(plugins_dirs: Iterable[str | Path] = (), strict: bool = True) -> Re
 
 
 def run_manager(method: Any, probes: Iterable[Any] = ()) -> pluggy.PluginManager:
-    """The per-run manager: the one method instance of the run plus read-only probes."""
+    """The per-run manager: the one method instance of the run, the harness's default ``task_updates``
+    (:class:`clbench.lora.TaskUpdateProbe`, called last: a method's own non-None result wins) and read-only
+    probes."""
+    from clbench.lora import TaskUpdateProbe  # torch: loaded only when a run is set up
+
     pm = pluggy.PluginManager(hookspecs.PROJECT)
     pm.add_hookspecs(hookspecs.MethodSpec)
     pm.register(method, name=f"method:{getattr(method, 'name', type(method).__name__)}")
+    pm.register(TaskUpdateProbe(), name="harness:task_updates")
     for i, probe in enumerate(probes):
         pm.register(probe, name=f"probe:{i}")
     pm.check_pending()

@@ -1,21 +1,18 @@
 """``clbench new-method NAME``: write a working method plugin and its test file, ready to be edited.
 
-The generated plugin is a plain sequential LoRA with every hook a method usually needs, each with a comment
-saying when it runs; the generated test runs the full contract (``clbench.contract.check_method``) plus one
+The generated plugin is a plain sequential LoRA in two hooks (``configure_model`` and ``loss_terms``) plus
+``register_methods``: the loop trains the branches and clbench reports each task's update for spectra; the generated test runs the full contract (``clbench.contract.check_method``) plus one
 property test to replace with the property that makes the new method what it is. Both pass as generated, so
 a contributor starts from green and changes one thing at a time (CONTRIBUTING.md walks through it).
 """
 
 from __future__ import annotations
 
-import keyword
 import os
-import re
 from pathlib import Path
 
 from clbench.errors import ClbenchError
-
-NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
+from clbench.method import NAME_RULE, valid_method_name
 
 PLUGIN = '''"""{name}: TODO one line saying what the method does and why it should forget less.
 
@@ -28,21 +25,22 @@ Deviations from the official code (every deliberate difference, or "none"):
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from collections.abc import Callable
 
-from clbench.hookspecs import hookimpl
-from clbench.lora import LowRank, inject
-from clbench.method import Method
+import torch
+from pydantic import Field
+from torch import nn
+
+from clbench import LoRAParams, Method, TaskContext, hookimpl, inject
 
 
-class {cls}Params(BaseModel):
+class {cls}Params(LoRAParams):
+    # rank, alpha, targets, blocks and dropout come from LoRAParams; redeclare one only to change its default.
     # Defaults are the paper's settings; each description is shown by `clbench methods {name} --params`.
     # A suite sets them in methods: [{{name: {name}, params: {{rank: 8}}}}]; on the command line
-    # --set methods.{name}.params.rank=8 overrides them.
-    model_config = ConfigDict(extra="forbid")  # a typo in a suite's params must fail, not be ignored
+    # --set methods.0.params.rank=8 overrides them. A typo in a suite's params fails with one line.
     rank: int = Field(4, ge=1, description="LoRA rank r")
-    targets: list[str] = Field(["q", "v"], min_length=1,
-                               description="adapted maps: q, k, v, qkv, proj, fc1, fc2")
+    strength: float = Field(0.0, ge=0, description="TODO weight of the method's loss term")
 
 
 class {cls}(Method):
@@ -52,47 +50,25 @@ class {cls}(Method):
     trains_backbone = False  # True only if the method changes pre-trained weights by gradient
     Params = {cls}Params
 
-    def __init__(self, params=None) -> None:
-        super().__init__(params)
-        self.sites = {{}}  # adapted layer name -> clbench.lora.LoRASite
-        self._before: dict[str, LowRank] = {{}}
-        self._update: dict[str, LowRank] = {{}}
+    # Two hooks are enough: the loop trains every parameter that requires grad (the branches; inject freezes
+    # the backbone) and clbench reports each task's update (the change of B A) for spectra. Add before_task,
+    # param_groups, after_task, merge_task or task_updates (CONTRIBUTING.md section 3) when the method needs them.
 
     @hookimpl
-    def configure_model(self, model, ctx):
+    def configure_model(self, model: nn.Module, ctx: TaskContext) -> None:
         """Once, before the first task: add adapters (inject freezes the backbone)."""
-        self.sites = inject(model.backbone, self.params.targets)
-        for site in self.sites.values():
-            site.add_branch(self.params.rank)
+        p = self.params
+        for site in inject(model.backbone, p.targets, p.blocks).values():
+            site.add_branch(p.rank, scale=p.scale, dropout=p.dropout)
 
     @hookimpl
-    def before_task(self, model, ctx):
-        """Each task, before the optimizer exists: remember the adapters, to report the task's update."""
-        self._before = {{n: s.update() for n, s in self.sites.items()}}
-
-    @hookimpl
-    def param_groups(self, model, ctx):
-        """What the optimizer trains (the loop adds the current task's head itself)."""
-        live = [p for s in self.sites.values() for p in s.branches[-1].parameters()]
-        return [{{"params": live, "name": "lora"}}]
-
-    @hookimpl
-    def loss_terms(self, model, batch, logits, ctx):
+    def loss_terms(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], logits: torch.Tensor,
+                   ctx: TaskContext) -> dict[str, torch.Tensor] | None:
         """Each step: extra loss terms by name (logged as train/<name>). TODO: the method's regulariser."""
-        return {{}}
-
-    @hookimpl
-    def after_task(self, model, ctx):
-        """End of the task, adapters still separate: this task's update is the change of B A."""
-        self._update = {{n: s.update() - self._before[n] for n, s in self.sites.items()}}
-
-    @hookimpl
-    def task_updates(self, model, ctx):
-        """This task's update per adapted layer as factors; clbench measures its spectrum."""
-        return self._update
+        return None
 
 
-def register_methods(register):
+def register_methods(register: Callable[[type], None]) -> None:
     register({cls})
 '''
 
@@ -129,20 +105,24 @@ def test_update_rank_is_bounded():
 
 
 def _class_name(name: str) -> str:
-    return "".join(part.capitalize() for part in name.split("_") if part) or "Method"
+    return "".join(part.capitalize() for part in module_name(name).split("_") if part) or "Method"
+
+
+def module_name(name: str) -> str:
+    """The file / module name of method ``name`` (a '-' is not allowed in a Python module name)."""
+    return name.replace("-", "_")
 
 
 def check_name(name: str) -> None:
-    if not NAME_RE.match(name) or keyword.iskeyword(name):
-        raise ClbenchError(f"new-method {name}: a method name must be a lowercase Python identifier "
-                           "(letters, digits, underscores, starting with a letter), e.g. l2pull or my_lora")
+    if not valid_method_name(name):
+        raise ClbenchError(f"new-method {name}: a method name must be {NAME_RULE}")
 
 
 def new_method(name: str, directory: str | Path = ".", tests_dir: str | Path | None = None,
                check_registry: bool = True) -> list[Path]:
     """Write ``DIR/NAME.py`` and ``TESTS/test_NAME.py`` (default TESTS = DIR/tests); return both paths.
 
-    Refuses names that are not identifiers or already registered, and never overwrites a file.
+    Refuses names that break the method-name rule or are already registered, and never overwrites a file.
     """
     check_name(name)
     if check_registry:
@@ -155,7 +135,7 @@ def new_method(name: str, directory: str | Path = ".", tests_dir: str | Path | N
                                "choose another name")
     directory = Path(directory)
     tests = Path(tests_dir) if tests_dir is not None else directory / "tests"
-    plugin, test = directory / f"{name}.py", tests / f"test_{name}.py"
+    plugin, test = directory / f"{module_name(name)}.py", tests / f"test_{module_name(name)}.py"
     for path in (plugin, test):
         if path.exists():
             raise ClbenchError(f"new-method {name}: {path} already exists; remove it or choose another --dir")

@@ -43,13 +43,15 @@ def singular_values(u: LowRank) -> torch.Tensor:
     return torch.linalg.svdvals(Rb @ Ra.t())
 
 
+def significant(S: torch.Tensor, rel_tol: float = REL_TOL) -> int:
+    """How many singular values (descending) are above ``rel_tol * s1``: the numerical rank."""
+    return int((S > rel_tol * S[0]).sum()) if S.numel() and S[0] > 0 else 0
+
+
 def input_basis(u: LowRank, rel_tol: float = REL_TOL) -> torch.Tensor:
     """Orthonormal basis (d_in x k) of the update's row space, significant directions only."""
     _, _, S, Vh, Qa = _core(u)
-    if S.numel() == 0 or S[0] <= 0:
-        return Qa[:, :0]
-    k = int((S > rel_tol * S[0]).sum())
-    return Qa @ Vh[:k].t()
+    return Qa @ Vh[: significant(S, rel_tol)].t()
 
 
 def top1_share(s: torch.Tensor | np.ndarray) -> float:
@@ -115,8 +117,7 @@ class SpectraTracker:
             _, _, S, Vh, Qa = _core(u)  # one factorisation gives the spectrum and the input subspace
             s = S.cpu().numpy()
             values[name] = s
-            k = int((S > REL_TOL * S[0]).sum()) if S.numel() and S[0] > 0 else 0
-            basis = Qa @ Vh[:k].t()
+            basis = Qa @ Vh[: significant(S)].t()
             prev = self.bases.get(name)
             ov = overlap(basis, prev) if prev is not None else float("nan")
             self.bases[name] = extend_basis(prev, basis)
@@ -159,7 +160,7 @@ def _compress(u: LowRank) -> tuple[LowRank, torch.Tensor]:
     """Re-factor B A to its exact rank (<= min(d_out, d_in)) so cumulative factors stay small; also return
     the singular values."""
     Qb, U, S, Vh, Qa = _core(u)
-    keep = int((S > REL_TOL * S[0]).sum()) if S.numel() and S[0] > 0 else 0
+    keep = significant(S)
     B = (Qb @ U[:, :keep]) * S[:keep]
     A = (Qa @ Vh[:keep].t()).t()
     return LowRank(B.to(u.B.dtype), A.to(u.A.dtype)), S

@@ -29,14 +29,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from clbench.errors import ClbenchError
 from clbench.imagecache import IndexedImages
+from clbench.suite import STREAM_NAMES as STREAMS  # one list: the suite validates names against it
 
-STREAMS = ("split_cifar100", "mnist5k", "digits", "synthetic", "imagenet_r", "domainnet")
 AUGMENTED = ("split_cifar100", "imagenet_r", "domainnet")  # streams whose protocol trains with RRC + flip
 
 
@@ -79,18 +80,22 @@ def _split_tasks(num_classes: int, num_tasks: int, where: str = "stream.num_task
                            f"choose a divisor of {num_classes}")
 
 
-def _from_tensors(name: str, xtr, ytr, xte, yte, num_tasks: int, order: list[int]) -> Stream:
-    """Build the stream through Avalanche's generic class-incremental API, then materialise tensors."""
-    from avalanche.benchmarks.scenarios import class_incremental_benchmark
-    from avalanche.benchmarks.utils import _make_taskaware_classification_dataset
-    from torch.utils.data import TensorDataset
+def load_avalanche() -> None:
+    """Import Avalanche's benchmark package now. Under torchrun this must happen before the process group
+    exists (Avalanche creates loggers at import and refuses to on ranks > 0 afterwards); the caller that joins
+    the group calls this first, so that ``clbench.distributed`` need not import Avalanche itself."""
+    import avalanche.benchmarks  # noqa: F401
 
-    num_classes = len(order)
-    _split_tasks(num_classes, num_tasks)
-    train = _make_taskaware_classification_dataset(TensorDataset(xtr, ytr), task_labels=0, targets=ytr.tolist())
-    test = _make_taskaware_classification_dataset(TensorDataset(xte, yte), task_labels=0, targets=yte.tolist())
-    bm = class_incremental_benchmark({"train": train, "test": test}, class_order=order, num_experiences=num_tasks)
-    return _materialise(name, bm.train_stream, bm.test_stream, order)
+
+def _from_tensors(name: str, xtr, ytr, xte, yte, num_tasks: int, order: list[int]) -> Stream:
+    """A stream over in-memory images (uint8, or floats in [0, 1] stored as uint8)."""
+    _split_tasks(len(order), num_tasks)
+    return _build_tasks(name, _as_uint8(xtr), ytr, _as_uint8(xte), yte, num_tasks, order,
+                        take=lambda x, idx: x[torch.from_numpy(idx)])
+
+
+def _as_uint8(x: torch.Tensor) -> torch.Tensor:
+    return x if x.dtype == torch.uint8 else (x.float().clamp(0, 1) * 255).round().to(torch.uint8)
 
 
 def _materialise(name: str, train_stream, test_stream, order: list[int]) -> Stream:
@@ -202,12 +207,12 @@ def _split_cifar100(cfg, seed: int) -> Stream:
 
     from torchvision import transforms
 
-    root = data_root(cfg)
-    if cfg.root is None or (root / "cifar100" / "cifar-100-python").is_dir():
-        root = root / "cifar100"
+    from clbench.datasets import cifar100
+
+    root = cifar100.folder(data_root(cfg), explicit_root=cfg.root is not None)
     _split_tasks(100, cfg.num_tasks)
     order = class_order_for(100, seed, cfg.shuffle_classes, cfg.class_order)
-    split_sha = _check_cifar100(root, cfg.download)
+    split_sha = cifar100.verify(root, cfg.download)
     from avalanche.benchmarks.classic import SplitCIFAR100
 
     to_uint8 = transforms.PILToTensor()
@@ -225,40 +230,9 @@ def _split_cifar100(cfg, seed: int) -> Stream:
         socket.setdefaulttimeout(old_timeout)
     stream = _materialise("split_cifar100", bm.train_stream, bm.test_stream, order)
     if split_sha is None:  # downloaded just now: torchvision verified the archive's md5
-        split_sha = _check_cifar100(root, False)
+        split_sha = cifar100.verify(root, False)
     stream.meta.update(split_sha256=split_sha, split_source="official:cifar-100-python")
     return stream
-
-
-def _check_cifar100(root: Path, allow_download: bool) -> str | None:
-    """Verify an existing ``cifar-100-python`` against torchvision's md5s; return the split checksum.
-
-    None when the folder is absent and a download may fetch it. The checksum is the sha256 of the verified
-    ``<file> <md5>`` lines of the official train and test files (the split is the dataset's own).
-    """
-    import hashlib
-
-    from torchvision.datasets import CIFAR100
-
-    from clbench.datasets.download import file_digest
-
-    folder = root / CIFAR100.base_folder
-    if not folder.is_dir():
-        if allow_download:
-            return None
-        raise ClbenchError(f"stream.root: CIFAR-100 not found under {root} (no {CIFAR100.base_folder}/) and "
-                           "stream.download is false; put cifar-100-python/ there or allow the download")
-    lines = []
-    for name, md5 in [*CIFAR100.train_list, *CIFAR100.test_list, (CIFAR100.meta["filename"], CIFAR100.meta["md5"])]:
-        path = folder / name
-        if not path.is_file():
-            raise ClbenchError(f"stream.root: {path} is missing; delete {folder} and download CIFAR-100 again")
-        got = file_digest(path)
-        if got != md5:
-            raise ClbenchError(f"stream.root: {path} has md5 {got}, expected {md5} (corrupt); delete {folder} and "
-                               "download CIFAR-100 again")
-        lines.append(f"{name} {md5}\n")
-    return hashlib.sha256("".join(lines).encode()).hexdigest()
 
 
 def _image_stream(cfg, seed: int) -> Stream:
@@ -295,18 +269,29 @@ def _image_stream(cfg, seed: int) -> Stream:
 
 def _from_index(name: str, xtr: np.ndarray, ytr: torch.Tensor, xte: np.ndarray, yte: torch.Tensor,
                 num_tasks: int, order: list[int]) -> Stream:
-    """Avalanche's generic class-incremental API over sample indices; images stay in the (memmapped) arrays."""
-    from avalanche.benchmarks.scenarios import class_incremental_benchmark
-    from avalanche.benchmarks.utils import _make_taskaware_classification_dataset
-    from torch.utils.data import TensorDataset
+    """A stream over (memmapped) image arrays; a task holds lazy views, images stay where they are."""
+    return _build_tasks(name, xtr, ytr, xte, yte, num_tasks, order, take=IndexedImages)
 
-    bases = {}
-    for split, y in (("train", ytr), ("test", yte)):
-        base = TensorDataset(torch.arange(len(y)), y)
-        bases[split] = base
-        bases[split + "_ds"] = _make_taskaware_classification_dataset(base, task_labels=0, targets=y.tolist())
-    bm = class_incremental_benchmark({"train": bases["train_ds"], "test": bases["test_ds"]}, class_order=order,
-                                     num_experiences=num_tasks)
+
+class _Rows(torch.utils.data.TensorDataset):
+    """(row index, label) pairs with the ``targets`` that Avalanche's public ``as_classification_dataset`` reads."""
+
+    def __init__(self, y: torch.Tensor) -> None:
+        super().__init__(torch.arange(len(y)), y)
+        self.targets = y.tolist()
+
+
+def _build_tasks(name: str, xtr, ytr: torch.Tensor, xte, yte: torch.Tensor, num_tasks: int, order: list[int],
+                 take: Callable[[Any, np.ndarray], Any]) -> Stream:
+    """The one TaskData builder: Avalanche's class-incremental split of the sample rows (public API:
+    ``as_classification_dataset``, ``class_incremental_benchmark``), then ``take(x, rows)`` per task and split.
+    Labels are remapped so that class ``order[k]`` becomes ``k``."""
+    from avalanche.benchmarks.scenarios import class_incremental_benchmark
+    from avalanche.benchmarks.utils.utils import as_classification_dataset
+
+    bases = {"train": _Rows(ytr), "test": _Rows(yte)}
+    bm = class_incremental_benchmark({k: as_classification_dataset(b) for k, b in bases.items()},
+                                     class_order=order, num_experiences=num_tasks)
     position = torch.empty(len(order), dtype=torch.long)
     position[torch.tensor(order)] = torch.arange(len(order))
     tasks = []
@@ -315,13 +300,17 @@ def _from_index(name: str, xtr: np.ndarray, ytr: torch.Tensor, xte: np.ndarray, 
         parts = []
         for exp, x, y, base in ((tr, xtr, ytr, bases["train"]), (te, xte, yte, bases["test"])):
             idx = _experience_indices(exp.dataset, base)
-            parts += [IndexedImages(x, idx), position[y[torch.from_numpy(idx)]]]
+            parts += [take(x, idx), position[y[torch.from_numpy(idx)]]]
         tasks.append(TaskData(tuple(classes), *parts))
     return Stream(name, tasks, order)
 
 
 def _experience_indices(dataset, base) -> np.ndarray:
-    """Row indices of an experience's samples in the base dataset, in the experience's order."""
+    """Row indices of an experience's samples in the base dataset, in the experience's order.
+
+    Avalanche 0.6 has no public accessor for a subset's indices; the fast path reads the private
+    ``_flat_data._datasets`` / ``_indices`` and checks a few rows against the public item access, falling back
+    to iterating the experience (public, slower) if the internals differ."""
     flat = getattr(dataset, "_flat_data", None)
     datasets = getattr(flat, "_datasets", None)
     if datasets is not None and len(datasets) == 1 and datasets[0] is base and flat._indices is not None:

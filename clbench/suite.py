@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from clbench.errors import ClbenchError
 
+# The streams clbench can build (clbench.streams.build_stream has one branch per name).
 STREAM_NAMES = ("split_cifar100", "mnist5k", "digits", "synthetic", "imagenet_r", "domainnet")
 
 

@@ -5,7 +5,7 @@ Paper: Hao Gu, Mao-Lin Luo, Zi-Hao Zhou, Han-Chen Zhang, Min-Ling Zhang, Tong We
 Forgetting in Low-Rank Continual Adaptation", ICML 2026, arXiv 2602.00722. Official code:
 github.com/haodotgu/EBLoRA (LLaVA-1.5; ``llava/peft/tuners/lora.py``, ``llava/train/riemannian_adam.py``,
 ``llava/train/stiefel.py``, ``llava/train/extract_gradients.py``, ``llava/train/train.py``,
-``llava/train/llava_trainer.py``, ``scripts/Train_UCIT/train_all.sh``). METHODS.md section 1 has the spec.
+``llava/train/llava_trainer.py``, ``scripts/Train_UCIT/train_all.sh``). docs/METHODS.md section 2, "eblora", has the spec.
 
 The rule, per task t and adapted site (a linear map W of d_out x d_in):
 
@@ -24,12 +24,14 @@ The rule, per task t and adapted site (a linear map W of d_out x d_in):
   ``sqrt(grad_scaling / r)``, projected (``- F F^T delta`` for A, then ``delta - X_old delta^T X_old``) and
   retracted, ``X <- polar(X_old + delta)`` (for A after projecting ``X_old + delta`` away from F), with
   ``polar(M) = U V^T`` of the thin SVD.
-* ``after_task``: the task's update is recorded (for spectra), then F is extended GPM-style on the task's
+* ``after_task``: F is extended GPM-style on the task's
   gradient ``M = G^T``: on the first task the leading left singular vectors keeping ``energy`` (0.99) of
   ``||M||^2``; later, the leading left singular vectors of the residual ``M - F F^T M`` until the captured share
   reaches ``energy``. ``merge_task`` folds the branch into the base weight (official: ``merge_and_unload``).
+  The task's update reported for spectra is the new branch; the harness computes it
+  (``clbench.lora.TaskUpdateProbe``).
 
-ViT reconstruction (no ViT code exists; METHODS.md 1.3):
+ViT reconstruction (no ViT code exists; docs/METHODS.md section 2):
 
 * sites: q and v slices of timm's fused qkv in every block (the InfLoRA / SD-LoRA protocol; official: all
   linear maps of LLaMA); r = 16, alpha = 2r and s_init = 0 as in the official UCIT scripts;
@@ -78,25 +80,22 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as Fn
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
+from torch import nn
 
-from clbench.errors import ClbenchError
-from clbench.hookspecs import hookimpl
-from clbench.lora import LoRABranch, LoRASite, LowRank, inject
-from clbench.method import Method
+from clbench import ClbenchError, LoRAParams, LoRASite, Method, TaskContext, hookimpl, inject
+from clbench.lora import LoRABranch
 
 
-class EBLoRAParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class EBLoRAParams(LoRAParams):
     rank: int = Field(16, ge=1, description="rank r of each task's update (official UCIT: 16)")
     alpha: float | None = Field(None, gt=0, description="LoRA alpha, update scaled by alpha / r (default 2r, official)")
-    targets: list[str] = Field(["q", "v"], min_length=1, description="adapted maps: q, k, v, qkv, proj, fc1, fc2")
-    blocks: list[int] | None = Field(None, description="adapted transformer blocks (default: all)")
     dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the branch input (official 0.05)")
     gain: Literal["scalar", "vector"] = Field("scalar", description="scalar s (EBLoRA) or a learnable diagonal S "
                                                                     "(StelLA-like ablation)")
@@ -237,7 +236,7 @@ class EBLoRA(Method):
     code = "github.com/haodotgu/EBLoRA"
     Params = EBLoRAParams
 
-    def __init__(self, params=None) -> None:
+    def __init__(self, params: EBLoRAParams | dict[str, Any] | None = None) -> None:
         super().__init__(params)
         self.sites: dict[str, LoRASite] = {}
         self.F: dict[str, torch.Tensor] = {}  # site -> d_in x k basis of earlier tasks' gradient subspace
@@ -248,7 +247,6 @@ class EBLoRA(Method):
         self._groups: list[_StiefelGroup] = []
         self._x_old: list[torch.Tensor] = []
         self._pre_grads: dict[str, torch.Tensor] = {}
-        self._task_update: dict[str, LowRank] = {}
 
     @property
     def scale(self) -> float:
@@ -269,7 +267,7 @@ class EBLoRA(Method):
     # -- hooks ---------------------------------------------------------------------------------------------
 
     @hookimpl
-    def configure_model(self, model, ctx):
+    def configure_model(self, model: nn.Module, ctx: TaskContext) -> None:
         self.sites = inject(model.backbone, self.params.targets, self.params.blocks)
         self.depth = len(model.backbone.blocks)
         self.width = int(getattr(model.backbone, "embed_dim", 0) or model.backbone.num_features)
@@ -279,7 +277,7 @@ class EBLoRA(Method):
                                    f"of site {name}; lower params.rank")
 
     @hookimpl
-    def before_task(self, model, ctx):
+    def before_task(self, model: nn.Module, ctx: TaskContext) -> None:
         p = self.params
         need_post = p.use_f and p.subspace_gradient == "post"
         grads = None
@@ -304,7 +302,7 @@ class EBLoRA(Method):
         self._build_groups()
 
     @hookimpl
-    def param_groups(self, model, ctx):
+    def param_groups(self, model: nn.Module, ctx: TaskContext) -> list[dict[str, Any]]:
         wd = self.params.weight_decay
         live = list(self._live.values())
         return [{"params": [b.B for b in live], "name": "eblora_U", "lora_tag": "U", "weight_decay": wd},
@@ -313,7 +311,7 @@ class EBLoRA(Method):
 
     @hookimpl
     @torch.no_grad()
-    def before_optimizer_step(self, model, ctx):
+    def before_optimizer_step(self, model: nn.Module, ctx: TaskContext) -> None:
         """Official ``pre_step``: remember X, turn the Euclidean gradient into the Riemannian one."""
         self._x_old = []
         for g in self._groups:
@@ -323,7 +321,7 @@ class EBLoRA(Method):
 
     @hookimpl
     @torch.no_grad()
-    def after_optimizer_step(self, model, ctx):
+    def after_optimizer_step(self, model: nn.Module, ctx: TaskContext) -> None:
         """Official ``post_step``: rescale, project and retract the optimizer's change of every frame."""
         c = self.rescale
         for g, X0 in zip(self._groups, self._x_old):
@@ -333,8 +331,7 @@ class EBLoRA(Method):
         self._x_old = []
 
     @hookimpl
-    def after_task(self, model, ctx):
-        self._task_update = {n: b.lowrank() for n, b in self._live.items()}
+    def after_task(self, model: nn.Module, ctx: TaskContext) -> None:
         if not self.params.use_f:
             return
         grads = self._pre_grads or self.mean_gradients(model, ctx, model.heads[ctx.task])
@@ -344,22 +341,19 @@ class EBLoRA(Method):
         self._pre_grads = {}
 
     @hookimpl
-    def merge_task(self, model, ctx):
+    def merge_task(self, model: nn.Module, ctx: TaskContext) -> None:
         for site in self.sites.values():
             site.merge()
         self._live, self._groups = {}, []
 
-    @hookimpl
-    def task_updates(self, model, ctx):
-        return self._task_update
 
     @hookimpl
-    def method_state(self, ctx):
+    def method_state(self, ctx: TaskContext) -> dict[str, Any]:
         return {"F": {n: f.detach().cpu() for n, f in self.F.items()},
                 "kept_energy": dict(self.kept_energy)}
 
     @hookimpl
-    def load_method_state(self, model, state, ctx):
+    def load_method_state(self, model: nn.Module, state: dict[str, Any], ctx: TaskContext) -> None:
         # Every finished task is merged into the base weights, so no branch must be rebuilt: only F returns.
         device = next(iter(self.sites.values())).weight.device if self.sites else torch.device("cpu")
         self.F = {n: f.to(device) for n, f in state.get("F", {}).items()}
@@ -418,8 +412,8 @@ class EBLoRA(Method):
         evaluated in eval mode, and the base weights' ``requires_grad`` is restored afterwards."""
         owners: list[Any] = []
         for site in self.sites.values():
-            if all(o is not site._owner for o in owners):
-                owners.append(site._owner)
+            if all(o is not site.owner for o in owners):
+                owners.append(site.owner)
         weights = [o.base.weight for o in owners]
         flags = [w.requires_grad for w in weights]
         sums = [torch.zeros_like(w, dtype=torch.float32) for w in weights]
@@ -441,8 +435,8 @@ class EBLoRA(Method):
                 w.requires_grad_(f)
             model.train(was_training)
         index = {id(o): i for i, o in enumerate(owners)}
-        return {name: sums[index[id(site._owner)]][site.rows] / max(1, n) for name, site in self.sites.items()}
+        return {name: sums[index[id(site.owner)]][site.rows] / max(1, n) for name, site in self.sites.items()}
 
 
-def register_methods(register):
+def register_methods(register: Callable[[type], None]) -> None:
     register(EBLoRA)

@@ -2,7 +2,7 @@
 
 Paper: Yan-Shuo Liang and Wu-Jun Li, "InfLoRA: Interference-Free Low-Rank Adaptation for Continual
 Learning", CVPR 2024 (arXiv 2404.00228). Official code: github.com/liangyanshuo/InfLoRA (``methods/inflora.py``,
-``models/vit_inflora.py``). Specification: METHODS.md section 2.
+``models/vit_inflora.py``). Specification: docs/METHODS.md section 3, "inflora".
 
 Naming (the paper's letters, which the official code swaps, mapped onto ``clbench.lora``):
 
@@ -29,6 +29,8 @@ Per task t (0-based, T tasks):
 2. ``after_task``: recollect the covariance with the trained model and update the memory with DualGPM at
    threshold ``eps_t = lambda_b + (lambda_e - lambda_b) t / T``; a "remove" basis with more than d/2 columns is
    replaced by its complement ("retain"), as in the official ``update_DualGPM``.
+   The task's update reported for spectra is its branch ``A_t B_t``; the harness computes it
+   (``clbench.lora.TaskUpdateProbe``: the branch is new, earlier ones are merged or frozen).
 3. ``merge_task`` (``merge: true``, the default): the finished branch is folded into the frozen base weight.
    The official code keeps every task's branch and sums them; merging is output-identical (up to float
    rounding) and makes later tasks and evaluation run at the bare backbone's cost. ``merge: false`` keeps the
@@ -78,17 +80,16 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 from torch import nn
 
-from clbench.errors import ClbenchError
-from clbench.hookspecs import hookimpl
-from clbench.lora import AdaptedLinear, LoRABranch, LoRASite, LowRank, inject
-from clbench.method import Method
+from clbench import AdapterParams, ClbenchError, LoRASite, Method, TaskContext, hookimpl, inject
+from clbench.lora import TARGETS, AdaptedLinear, LoRABranch, Target
 
 PRESETS: dict[str, dict[str, float]] = {
     "cifar100": {"rank": 10, "lambda_b": 0.95, "lambda_e": 1.0},  # configs/cifar100_inflora.json
@@ -266,16 +267,14 @@ class CovarianceCollector:
 # The method
 # ----------------------------------------------------------------------------------------------------
 
-class InfLoRAParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class InfLoRAParams(AdapterParams):
     preset: Literal["cifar100", "imagenet_r", "domainnet"] | None = Field(
         None, description="official config whose rank/lambda_b/lambda_e fill the params not given explicitly")
     rank: int = Field(10, ge=1, description="rank r of each task's branch (official: 10; DomainNet 30)")
     lambda_b: float = Field(0.95, gt=0, le=1, description="DualGPM threshold at the first task ('lamb'; "
                                                           "0.95 CIFAR-100/DomainNet, 0.98 ImageNet-R)")
     lambda_e: float = Field(1.0, gt=0, le=1, description="DualGPM threshold approached at the last task ('lame')")
-    targets: list[str] = Field(["k", "v"], min_length=1, description="adapted maps: q, k, v, qkv, proj, fc1, fc2")
-    blocks: list[int] | None = Field(None, description="adapted transformer blocks (default: all)")
+    targets: list[Target] = Field(["k", "v"], min_length=1, description="adapted maps: " + ", ".join(TARGETS))
     down_scale: float = Field(1 / math.sqrt(3), gt=0, description="scale of the designed down-projection B_t "
                                                                   "(official 1/sqrt(3))")
     cov_dtype: Literal["float64", "float32"] = Field("float64", description="covariance accumulation dtype")
@@ -306,7 +305,7 @@ class InfLoRA(Method):
     code = "github.com/liangyanshuo/InfLoRA"
     Params = InfLoRAParams
 
-    def __init__(self, params=None) -> None:
+    def __init__(self, params: InfLoRAParams | dict[str, Any] | None = None) -> None:
         super().__init__(params)
         self.sites: dict[str, LoRASite] = {}
         self.inputs: dict[str, AdaptedLinear] = {}  # input key -> the module whose input is collected
@@ -315,11 +314,10 @@ class InfLoRA(Method):
         self.down: dict[str, torch.Tensor] = {}  # input key -> this task's B_t (for tests and inspection)
         self.tasks_done = 0
         self.cost: list[dict[str, float]] = []  # per task: seconds of covariance, design and memory update
-        self._task_update: dict[str, LowRank] = {}
 
     # -- structure ---------------------------------------------------------------------------------
     @hookimpl
-    def configure_model(self, model, ctx):
+    def configure_model(self, model: nn.Module, ctx: TaskContext) -> None:
         p = self.params
         try:
             self.sites = inject(model.backbone, p.targets, p.blocks)
@@ -328,7 +326,7 @@ class InfLoRA(Method):
         names = {id(m): n for n, m in model.backbone.named_modules()}
         self.inputs, self.site_input = {}, {}
         for name, site in self.sites.items():
-            owner = site._owner
+            owner = site.owner
             key = names[id(owner)]
             self.inputs[key] = owner
             self.site_input[name] = key
@@ -366,7 +364,7 @@ class InfLoRA(Method):
 
     # -- lifecycle ---------------------------------------------------------------------------------
     @hookimpl
-    def before_task(self, model, ctx):
+    def before_task(self, model: nn.Module, ctx: TaskContext) -> None:
         tic = time.perf_counter()
         covs = self.collect(model, ctx)
         t_cov = time.perf_counter() - tic
@@ -377,13 +375,12 @@ class InfLoRA(Method):
         self.cost.append({"cov_before": t_cov, "design": time.perf_counter() - tic})
 
     @hookimpl
-    def param_groups(self, model, ctx):
+    def param_groups(self, model: nn.Module, ctx: TaskContext) -> list[dict[str, Any]]:
         # only the current task's up-projections (the paper's A_t) train; the loop adds the head
         return [{"params": [s.branches[-1].B for s in self.sites.values()], "name": "inflora_A_t"}]
 
     @hookimpl
-    def after_task(self, model, ctx):
-        self._task_update = {n: s.branches[-1].lowrank() for n, s in self.sites.items()}
+    def after_task(self, model: nn.Module, ctx: TaskContext) -> None:
         tic = time.perf_counter()
         covs = self.collect(model, ctx)
         t_cov = time.perf_counter() - tic
@@ -396,25 +393,22 @@ class InfLoRA(Method):
             self.cost[-1].update({"cov_after": t_cov, "memory_update": time.perf_counter() - tic})
 
     @hookimpl
-    def merge_task(self, model, ctx):
+    def merge_task(self, model: nn.Module, ctx: TaskContext) -> None:
         if self.params.merge:
             for site in self.sites.values():
                 site.merge()
 
-    @hookimpl
-    def task_updates(self, model, ctx):
-        return self._task_update
 
     # -- checkpoints -------------------------------------------------------------------------------
     @hookimpl
-    def method_state(self, ctx):
+    def method_state(self, ctx: TaskContext) -> dict[str, Any]:
         return {"tasks_done": self.tasks_done,
                 "layers": list(self.memory),
                 "kinds": [m.kind for m in self.memory.values()],
                 "bases": [m.basis.clone() for m in self.memory.values()]}
 
     @hookimpl
-    def load_method_state(self, model, state, ctx):
+    def load_method_state(self, model: nn.Module, state: dict[str, Any], ctx: TaskContext) -> None:
         self.memory = {k: Memory(b.double().cpu(), kind)
                        for k, kind, b in zip(state["layers"], state["kinds"], state["bases"])}
         self.tasks_done = int(state.get("tasks_done", ctx.task))
@@ -424,5 +418,5 @@ class InfLoRA(Method):
                     site.add_branch(self.params.rank, scale=1.0).requires_grad_(False)
 
 
-def register_methods(register):
+def register_methods(register: Callable[[type], None]) -> None:
     register(InfLoRA)

@@ -4,7 +4,7 @@ Paper: Xiao Wang, Tianze Chen, Qiming Ge, Han Xia, Rong Bao, Rui Zheng, Qi Zhang
 "Orthogonal Subspace Learning for Language Model Continual Learning", EMNLP 2023 Findings, arXiv 2310.14152.
 Official code: github.com/cmnfriend/O-LoRA (``src/peft/tuners/lora.py``, ``src/uie_trainer_lora.py``), NLP only.
 
-The rule (METHODS.md section 3), per adapted layer and task t:
+The rule (docs/METHODS.md section 4, "olora"), per adapted layer and task t:
 
 * a fresh LoRA branch ``(alpha / r) B_t A_t`` (A Kaiming-uniform, B zero) is trained; the branches of tasks
   0..t-1 stay in the forward pass as frozen low-rank branches (not merged), so the model needs no task id.
@@ -15,6 +15,9 @@ The rule (METHODS.md section 3), per adapted layer and task t:
   the rows of all earlier tasks' down-projections ``A_prev`` and the new one) + ``lambda2 * sum ||theta||_F``
   over the new A and B of every layer (unsquared Frobenius norms). The two terms are logged as
   ``train/olora_orth`` and ``train/olora_l2`` (already multiplied by their lambdas, as they enter the loss).
+
+The task's update reported for spectra is its new branch ``(alpha / r) B_t A_t``; the harness computes it
+(``clbench.lora.TaskUpdateProbe``: the frozen earlier branches do not change during the task).
 
 ViT-specific choices (there is no official ViT version):
 
@@ -42,23 +45,20 @@ Deviations from the official code:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
+from torch import nn
 
-from clbench.errors import ClbenchError
-from clbench.hookspecs import hookimpl
-from clbench.lora import LoRABranch, LoRASite, LowRank, inject
-from clbench.method import Method
+from clbench import ClbenchError, LoRAParams, LoRASite, Method, TaskContext, hookimpl, inject
+from clbench.lora import LoRABranch
 
 
-class OLoRAParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class OLoRAParams(LoRAParams):
     rank: int = Field(8, ge=1, description="rank r of each task's LoRA")
     alpha: float = Field(32.0, gt=0, description="LoRA alpha; every branch is scaled by alpha / r")
-    targets: list[str] = Field(["q", "v"], min_length=1, description="adapted maps: q, k, v, qkv, proj, fc1, fc2")
-    blocks: list[int] | None = Field(None, description="adapted transformer blocks (default: all)")
     dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the LoRA branch input (official: 0.1)")
     lambda1: float | list[float] = Field(
         0.5, description="weight of the orthogonality term sum |A_prev A_t^T|; a number or one value per task")
@@ -85,7 +85,7 @@ class OLoRA(Method):
     code = "github.com/cmnfriend/O-LoRA"
     Params = OLoRAParams
 
-    def __init__(self, params=None) -> None:
+    def __init__(self, params: OLoRAParams | dict[str, Any] | None = None) -> None:
         super().__init__(params)
         self.sites: dict[str, LoRASite] = {}
         # Per site: the down-projections of every finished task, (r_sum x d_in), kept apart from the model so
@@ -94,12 +94,11 @@ class OLoRA(Method):
         self.tasks_done = 0
         self._new: dict[str, LoRABranch] = {}
         self._groups: list[tuple[list[str], torch.Tensor]] = []  # (site names, stacked old A's) per shape
-        self._task_update: dict[str, LowRank] = {}
 
     # -- structure --------------------------------------------------------------------------------
     @property
     def scale(self) -> float:
-        return self.params.alpha / self.params.rank
+        return self.params.scale
 
     def _add_branches(self) -> dict[str, LoRABranch]:
         p = self.params
@@ -123,7 +122,7 @@ class OLoRA(Method):
 
     # -- hooks ------------------------------------------------------------------------------------
     @hookimpl
-    def configure_model(self, model, ctx):
+    def configure_model(self, model: nn.Module, ctx: TaskContext) -> None:
         for key in ("lambda1", "lambda2"):
             value = getattr(self.params, key)
             if isinstance(value, list) and len(value) < ctx.num_tasks:
@@ -132,17 +131,18 @@ class OLoRA(Method):
         self.sites = inject(model.backbone, self.params.targets, self.params.blocks)
 
     @hookimpl
-    def before_task(self, model, ctx):
+    def before_task(self, model: nn.Module, ctx: TaskContext) -> None:
         self._freeze_all()
         self._new = self._add_branches()
         self._build_groups()
 
     @hookimpl
-    def param_groups(self, model, ctx):
+    def param_groups(self, model: nn.Module, ctx: TaskContext) -> list[dict[str, Any]]:
         return [{"params": [p for b in self._new.values() for p in b.parameters()], "name": "olora"}]
 
     @hookimpl
-    def loss_terms(self, model, batch, logits, ctx):
+    def loss_terms(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], logits: torch.Tensor,
+                   ctx: TaskContext) -> dict[str, torch.Tensor] | None:
         terms: dict[str, torch.Tensor] = {}
         lam1, lam2 = _per_task(self.params.lambda1, ctx.task), _per_task(self.params.lambda2, ctx.task)
         if lam1 != 0 and self._groups:
@@ -159,16 +159,15 @@ class OLoRA(Method):
         return torch.bmm(prev, new.transpose(1, 2)).abs().sum()
 
     @hookimpl
-    def after_task(self, model, ctx):
+    def after_task(self, model: nn.Module, ctx: TaskContext) -> None:
         self._freeze_all()
-        self._task_update = {n: b.lowrank() for n, b in self._new.items()}
         for n, b in self._new.items():
             A = b.A.detach().clone()
             self.old_A[n] = A if n not in self.old_A else torch.cat([self.old_A[n], A], 0)
         self.tasks_done = ctx.task + 1
 
     @hookimpl
-    def merge_task(self, model, ctx):
+    def merge_task(self, model: nn.Module, ctx: TaskContext) -> None:
         if self.params.merge_frozen:
             self.merge_frozen()
         else:
@@ -194,17 +193,14 @@ class OLoRA(Method):
             frozen = [i for i, b in enumerate(site.branches) if not any(p.requires_grad for p in b.parameters())]
             site.merge(frozen)
 
-    @hookimpl
-    def task_updates(self, model, ctx):
-        return self._task_update
 
     @hookimpl
-    def method_state(self, ctx):
+    def method_state(self, ctx: TaskContext) -> dict[str, Any]:
         return {"old_A": {n: A.cpu() for n, A in self.old_A.items()}, "tasks_done": self.tasks_done,
                 "merged": self.params.merge_frozen}
 
     @hookimpl
-    def load_method_state(self, model, state, ctx):
+    def load_method_state(self, model: nn.Module, state: dict[str, Any], ctx: TaskContext) -> None:
         if not self.sites:
             self.sites = inject(model.backbone, self.params.targets, self.params.blocks)
         if bool(state["merged"]) != self.params.merge_frozen:
@@ -225,5 +221,5 @@ class OLoRA(Method):
             self._freeze_all()
 
 
-def register_methods(register: Any) -> None:
+def register_methods(register: Callable[[type], None]) -> None:
     register(OLoRA)

@@ -68,7 +68,7 @@ def test_merging_method_passes_frozen_check():
     # IncLoRA merges each task's branch into the base weights: legitimate, the contract must accept it.
     run = contract.contract_run(_lora(), {"fresh_per_task": True}, stream=_stream())
     site = next(iter(run.sites.values()))
-    base = site._owner.base.weight
+    base = site.base_weight
     assert not torch.equal(base, run.initial[id(base)]), "IncLoRA should have merged into the base weight"
     contract.check_run(run)
 
@@ -79,7 +79,6 @@ def test_write_into_frozen_weight_fails():
 
         @hookimpl
         def after_task(self, model, ctx):
-            super().after_task(model, ctx)
             with torch.no_grad():
                 model.backbone.blocks[0].mlp.fc1.weight.add_(1e-3)
 
@@ -93,7 +92,8 @@ def test_unreported_merge_fails():
 
         @hookimpl
         def task_updates(self, model, ctx):
-            return {n: u for i, (n, u) in enumerate(self._task_update.items()) if i}  # drops the first site
+            own = super().task_updates(model, ctx)
+            return {n: u for i, (n, u) in enumerate(own.items()) if i}  # drops the first site
 
     with pytest.raises(contract.ContractError, match="other than the reported task update"):
         contract.check_run(contract.contract_run(Silent, {"fresh_per_task": True}, stream=_stream()))
@@ -105,10 +105,11 @@ def test_malformed_update_fails():
 
         @hookimpl
         def task_updates(self, model, ctx):
-            return {n: type(u)(u.B[:-1], u.A) for n, u in self._task_update.items()}  # one row short
+            own = super().task_updates(model, ctx)
+            return {n: type(u)(u.B[:-1], u.A) for n, u in own.items()}  # one row short
 
     with pytest.raises(contract.ContractError, match="expected B"):
-        contract.check_run(contract.contract_run(Truncated, stream=_stream()))
+        contract.check_run(contract.contract_run(Truncated, {"fresh_per_task": True}, stream=_stream()))
 
 
 def test_nondeterminism_fails():

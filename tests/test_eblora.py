@@ -130,7 +130,7 @@ def test_gradient_svd_init_equals_dense_reference_on_a_small_layer():
         @hookimpl
         def before_task(self, model, ctx):
             if ctx.task == 1:
-                weights = {n: s._owner.base.weight for n, s in self.sites.items()}
+                weights = {n: s.base_weight for n, s in self.sites.items()}
                 for w in weights.values():
                     w.requires_grad_(True)
                 xs, ys = zip(*ctx.loader(fraction=self.params.grad_fraction))

@@ -40,10 +40,10 @@ import signal
 from pathlib import Path
 
 from clbench.hookspecs import hookimpl
-from clbench_plugins.lora import LoRAParams, NaiveLoRA
+from clbench_plugins.lora import NaiveLoRA, NaiveLoRAParams
 
 
-class KillParams(LoRAParams):
+class KillParams(NaiveLoRAParams):
     marker: str = ""
 
 

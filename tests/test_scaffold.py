@@ -59,9 +59,9 @@ def test_separate_tests_dir_points_back_to_the_plugin(tmp_path):
 @pytest.mark.parametrize(
     "name, match",
     [
-        ("My-Method", "lowercase Python identifier"),
-        ("2fast", "lowercase Python identifier"),
-        ("class", "lowercase Python identifier"),
+        ("My-Method", "lowercase letters, digits"),
+        ("2fast", "lowercase letters, digits"),
+        ("my method", "lowercase letters, digits"),
         ("lora", r"a method 'lora' already exists \(entry point 'lora = clbench_plugins\.lora'"),
         ("seqlora", "a method 'lora' already exists"),
     ],
@@ -95,3 +95,18 @@ def test_contributing_tutorial_matches_the_example_package():
     assert len(blocks) >= 8
     for block in blocks:
         assert block in example, block
+
+
+def test_generated_plugin_is_two_hooks_and_still_reports_spectra(tmp_path):
+    """The simplest method is two hooks plus register_methods; clbench computes its task updates."""
+    from clbench.registry import HOOK_NAMES
+    from clbench.testing import run_method, tiny_stream
+
+    plugin, test = new_method("two-hooks", tmp_path)  # '-' is allowed in names, not in module names
+    assert (plugin.name, test.name) == ("two_hooks.py", "test_two_hooks.py")
+    cls = contract.load_plugin_file(plugin).get("two-hooks").cls
+    hooks = sorted(h for h in HOOK_NAMES if hasattr(getattr(cls, h, None), "clbench_impl"))
+    assert hooks == ["configure_model", "loss_terms"]
+    run = run_method(cls({"rank": 2}), tiny_stream(samples_per_class=8), batch_size=8, max_steps_per_epoch=2)
+    for res in run.results:
+        assert res.updates and all(u.rank == 4 for u in res.updates.values())  # [B_t, -B_(t-1)] [A_t; A_(t-1)]

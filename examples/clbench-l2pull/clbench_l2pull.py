@@ -19,20 +19,18 @@ Deviations:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
+from torch import nn
 
-from clbench.hookspecs import hookimpl
-from clbench.lora import LowRank, inject
-from clbench.method import Method
+from clbench import LoRAParams, LoRASite, Method, TaskContext, hookimpl, inject
 
 
-class L2PullParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")  # a typo in a suite's params must fail, not be ignored
-    rank: int = Field(10, ge=1, description="LoRA rank r")
-    alpha: float | None = Field(None, gt=0, description="LoRA scaling (delta W = alpha/r B A); default r")
-    targets: list[str] = Field(["q", "v"], min_length=1,
-                               description="adapted maps: q, k, v, qkv, proj, fc1, fc2")
+class L2PullParams(LoRAParams):
+    # rank, alpha, targets, blocks and dropout come from clbench's LoRAParams (a typo in targets fails the suite)
     strength: float = Field(1.0, ge=0,
                             description="lambda of the L2 pull towards the previous task's factors")
 
@@ -44,49 +42,36 @@ class L2Pull(Method):
     code = "github.com/microsoft/LoRA (LoRA); no official code for the combination"
     Params = L2PullParams
 
-    def __init__(self, params=None) -> None:
+    def __init__(self, params: L2PullParams | dict[str, Any] | None = None) -> None:
         super().__init__(params)
-        self.sites = {}
-        self._anchor: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
-        self._before: dict[str, LowRank] = {}
-        self._update: dict[str, LowRank] = {}
+        self.sites: dict[str, LoRASite] = {}
+        self._anchor: list[tuple[nn.Parameter, torch.Tensor]] = []
 
     @hookimpl
-    def configure_model(self, model, ctx):
-        # inject() freezes the whole backbone; the one branch per site is all that trains.
+    def configure_model(self, model: nn.Module, ctx: TaskContext) -> None:
+        # inject() freezes the whole backbone; the one branch per site is all that trains, so no
+        # param_groups hook is needed (the loop trains every requires_grad parameter outside the heads).
         p = self.params
-        self.sites = inject(model.backbone, p.targets)
+        self.sites = inject(model.backbone, p.targets, p.blocks)
         for site in self.sites.values():
-            site.add_branch(p.rank, scale=(p.alpha or p.rank) / p.rank)
+            site.add_branch(p.rank, scale=p.scale, dropout=p.dropout)
 
     @hookimpl
-    def before_task(self, model, ctx):
+    def before_task(self, model: nn.Module, ctx: TaskContext) -> None:
         # The anchor is the factors' value when this task begins, i.e. at the end of the previous task.
         factors = [q for s in self.sites.values() for q in (s.branches[0].A, s.branches[0].B)]
         self._anchor = [(q, q.detach().clone()) for q in factors] if ctx.task > 0 else []
-        self._before = {n: s.update() for n, s in self.sites.items()}
 
     @hookimpl
-    def param_groups(self, model, ctx):
-        live = [q for s in self.sites.values() for q in s.branches[0].parameters()]
-        return [{"params": live, "name": "lora"}]
-
-    @hookimpl
-    def loss_terms(self, model, batch, logits, ctx):
+    def loss_terms(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], logits: torch.Tensor,
+                   ctx: TaskContext) -> dict[str, torch.Tensor] | None:
         if not self._anchor or self.params.strength == 0:
             return None  # nothing to pull towards on the first task
         pull = sum((q - q0).pow(2).sum() for q, q0 in self._anchor)
         return {"l2pull": self.params.strength * pull}
 
-    @hookimpl
-    def after_task(self, model, ctx):
-        # The task's update is the change of B A across the task, as factors [B_t, -B_{t-1}] [A_t; A_{t-1}].
-        self._update = {n: s.update() - self._before[n] for n, s in self.sites.items()}
-
-    @hookimpl
-    def task_updates(self, model, ctx):
-        return self._update
+    # No task_updates: clbench reports the change of B A across each task (its default), as for `lora`.
 
 
-def register_methods(register):
+def register_methods(register: Callable[[type], None]) -> None:
     register(L2Pull)
