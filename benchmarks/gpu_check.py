@@ -153,7 +153,7 @@ def run_child(args) -> dict:
     pm.add_hookcall_monitoring(before, after)
     results = []
 
-    def on_task(res) -> None:
+    def on_task(res, state, model) -> None:
         results.append(res)
         if res.task == 0:
             recorded.clear()

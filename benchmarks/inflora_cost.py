@@ -81,7 +81,8 @@ def main() -> None:
                         suite.backbone.checkpoint, suite.backbone.in_chans, suite.backbone.drop_path_rate)
     method = InfLoRA({"rank": args.rank})
     results: list[TaskResult] = []
-    run_stream(model, stream, run_manager(method), cfg, args.seed, device, on_task=results.append)
+    run_stream(model, stream, run_manager(method), cfg, args.seed, device,
+               on_task=lambda res, state, model: results.append(res))
 
     print(f"suite={suite.name}")
     print(f"backbone={suite.backbone.name}")

@@ -40,7 +40,6 @@ import copy
 import os
 import statistics
 import time
-import types
 from collections.abc import Callable
 from typing import Any
 
@@ -48,7 +47,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import clbench.loop as loop_module
 from clbench.backbones import CLModel, build_model
 from clbench.loop import TaskResult, autocast_for, evaluate, run_stream
 from clbench.lora import inject, merge_all
@@ -69,8 +67,7 @@ def use_clock(kind: str) -> None:
     process does (with one torch thread it is the step's work), so ratios of CPU times are far steadier.
     Meaningless for CUDA, where the host waits for the device."""
     global now
-    now = time.process_time if kind == "cpu" else time.perf_counter
-    loop_module.time = types.SimpleNamespace(perf_counter=now)  # the loop's train/eval/hook timers
+    now = time.process_time if kind == "cpu" else time.perf_counter  # passed to run_stream as its clock
 
 def synthetic_stream(num_tasks: int, classes_per_task: int, train_per_task: int | list[int], test_per_task: int,
                      chans: int, size: int, seed: int = 0) -> Stream:
@@ -106,22 +103,22 @@ def sync(device: torch.device) -> None:
 def clbench_run(template: CLModel, stream: Stream, method: Any, cfg: TrainConfig,
                 device: torch.device) -> tuple[list[TaskResult], list[float], CLModel]:
     """One run of ``method`` through the real loop on a fresh copy of ``template``; also times the runner's
-    spectra step per task (as ``clbench.runner`` does after each task)."""
+    spectra step per task (as ``clbench.recorder`` does after each task)."""
     model = copy.deepcopy(template)
     results: list[TaskResult] = []
     spectra, spectra_s = SpectraTracker(), []
+    captured: dict[str, CLModel] = {}
 
-    def on_task(res: TaskResult) -> None:
+    def on_task(res: TaskResult, state, trained: CLModel) -> None:
         results.append(res)
+        captured["model"] = trained
         if res.updates:
             tic = now()
             spectra.add_task(res.updates)
             spectra_s.append(now() - tic)
 
     pm = run_manager(method)
-    captured: dict[str, CLModel] = {}
-    run_stream(model, stream, pm, cfg, 0, device, on_task=on_task,
-               after_report=lambda t, m, s: captured.__setitem__("model", m))
+    run_stream(model, stream, pm, cfg, 0, device, on_task=on_task, clock=now)
     return results, spectra_s, captured.get("model", model)
 
 

@@ -11,12 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from clbench.errors import ClbenchError
-
-# Tiny ViTs for CPU suites and tests: real timm VisionTransformer instances, small enough for 2 cores.
-TINY = {
-    "vit_tiny_clbench": dict(patch_size=4, embed_dim=64, depth=4, num_heads=4, mlp_ratio=2.0),
-    "vit_micro_clbench": dict(patch_size=4, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0),
-}
+from clbench.pretrain import TINY, tiny_checkpoint
 
 
 class CLModel(nn.Module):
@@ -109,8 +104,6 @@ def build_model(name: str, image_size: int, pretrained: bool, checkpoint: str | 
                                      global_pool="token", drop_path_rate=drop_path_rate, **TINY[name])
         mean, std = [0.5] * chans, [0.5] * chans
         if pretrained and checkpoint is None:
-            from clbench.pretrain import tiny_checkpoint
-
             checkpoint = tiny_checkpoint(name, image_size, chans)
     else:
         if name not in timm.list_models(pretrained=False) and name.split(".")[0] not in timm.list_models():

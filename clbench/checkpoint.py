@@ -1,4 +1,4 @@
-"""Resumable runs: atomic per-task checkpoints, finished-run markers, and the crash-test hook.
+"""Resumable runs: atomic per-task checkpoints and finished-run markers.
 
 A benchmark run is hours of accelerator time, so after every finished task the runner writes everything
 needed to continue (model state dict, the method's own state, RNG states, accuracy matrices, spectra so far,
@@ -16,10 +16,8 @@ The suite key hashes the protocol, the suite name, the experiment and the tracki
 stores a run key (suite key, method name, resolved params and training settings, seed), so a checkpoint is
 only ever resumed by the exact same run. Checkpoints load with ``torch.load(weights_only=True)`` only.
 
-Test hook: ``CLBENCH_TEST_KILL_AT=<point>:<task>[:INT]`` makes the process kill itself with SIGKILL (or
-SIGINT with ``:INT``) the first time it reaches the named point of that task: ``train`` (after the first
-optimizer step), ``eval`` (after the first evaluated test set), ``checkpoint`` (temporary file written, not
-yet renamed), ``log`` (the task's metrics written to MLflow, before anything else). Unset, it costs nothing.
+Crash tests (tests/test_resume.py) kill ``clbench run`` processes at named points from the test side, by
+wrapping functions of this module, the loop and the recorder; nothing here knows about them.
 """
 
 from __future__ import annotations
@@ -29,7 +27,6 @@ import hashlib
 import json
 import os
 import random
-import signal
 from pathlib import Path
 from typing import Any
 
@@ -40,22 +37,6 @@ from clbench.errors import ClbenchError
 
 FORMAT = "clbench-checkpoint"
 VERSION = 1
-KILL_ENV = "CLBENCH_TEST_KILL_AT"
-
-
-def kill_point(point: str, task: int) -> None:
-    """Crash-test hook (see the module docstring); a no-op unless ``CLBENCH_TEST_KILL_AT`` names this point."""
-    spec = os.environ.get(KILL_ENV)
-    if not spec:
-        return
-    parts = spec.split(":")
-    if parts[:2] == [point, str(task)]:
-        sig = signal.SIGINT if parts[2:] == ["INT"] else signal.SIGKILL
-        if sig == signal.SIGINT:
-            os.environ.pop(KILL_ENV)  # one interrupt, not one per later point
-        os.kill(os.getpid(), sig)
-
-
 def digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -151,14 +132,23 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: Path, write, task: int = -1) -> None:
-    """Write through ``write(file)`` into a temporary sibling, fsync it, then rename it over ``path``."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
+def temporary_path(path: Path) -> Path:
+    """The temporary sibling ``atomic_write`` writes before renaming (``RunStore.load`` removes stale ones)."""
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def write_synced(path: Path, write) -> None:
+    """Write through ``write(file)`` into ``path`` and fsync it."""
+    with open(path, "wb") as f:
         write(f)
         f.flush()
         os.fsync(f.fileno())
-    kill_point("checkpoint", task)
+
+
+def atomic_write(path: Path, write) -> None:
+    """Write through ``write(file)`` into a temporary sibling, fsync it, then rename it over ``path``."""
+    tmp = temporary_path(path)
+    write_synced(tmp, write)
     os.replace(tmp, path)
     _fsync_dir(path.parent)
 
@@ -225,10 +215,11 @@ class RunStore:
             return None
         return ck
 
-    def save(self, payload: dict[str, Any], task: int) -> None:
+    def save(self, payload: dict[str, Any]) -> None:
+        """Checkpoint ``payload`` (``next_task``, ``R``, ``model``, ...) atomically."""
         self.dir.mkdir(parents=True, exist_ok=True)
         data = {"format": FORMAT, "version": VERSION, "key": self.key, **payload}
-        atomic_write(self.path, lambda f: torch.save(data, f), task)
+        atomic_write(self.path, lambda f: torch.save(data, f))
 
     # -- finished runs ---------------------------------------------------------------------------
     def done(self) -> dict[str, Any] | None:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import typer
 
+from clbench import keys
 from clbench.errors import ClbenchError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -68,10 +69,10 @@ def run(
     except KeyboardInterrupt:
         _fail("interrupted; runs marked KILLED; run the same command again to resume from the last finished task")
     if records:
-        typer.echo(f"{'method':<24} {'seed':>4} {'status':<9} {'final/acc':>9} {'forgetting':>10}")
+        typer.echo(f"{'method':<24} {'seed':>4} {'status':<9} {keys.FINAL_ACC:>9} {'forgetting':>10}")
         for r in records:
-            acc = r.metrics.get("final/acc", float("nan"))
-            fgt = r.metrics.get("final/forgetting", float("nan"))
+            acc = r.metrics.get(keys.FINAL_ACC, float("nan"))
+            fgt = r.metrics.get(keys.FINAL_FORGETTING, float("nan"))
             typer.echo(f"{r.method:<24} {r.seed:>4} {r.status:<9} {acc:>9.2f} {fgt:>10.2f}")
         if any(r.status != "FINISHED" for r in records):
             raise typer.Exit(1)
@@ -147,16 +148,17 @@ def new_method(
 def leaderboard(
     suite: str | None = typer.Argument(None, help="suite file, experiment or suite name; default: every "
                                                      "clbench experiment"),
-    sort: str = typer.Option("final/acc", "--sort", help="metric key or short name (acc, forgetting, train_s, "
+    sort: str = typer.Option(keys.FINAL_ACC, "--sort", help="metric key or short name (acc, forgetting, train_s, "
                                                          "...) or method; best first"),
     format_: str = typer.Option("table", "--format", "-f", help="table, markdown, csv, json or html"),
     output: Path | None = typer.Option(None, "--output", "-o", help="write to this file instead of stdout"),
     tracking_uri: str | None = typer.Option(None, "--tracking-uri",
                                                help="default: the suite's tracking.uri, MLFLOW_TRACKING_URI or "
-                                                    "sqlite:///mlflow.db"),
+                                                    "MLflow's default (./mlflow.db)"),
 ) -> None:
     """Compare methods: aggregate the finished seeds of every method per suite hash (reads MLflow only)."""
-    from clbench.leaderboard import FORMATS, build, render
+    from clbench.leaderboard import FORMATS, build
+    from clbench.report import render
 
     try:
         if format_ not in FORMATS:
@@ -179,10 +181,13 @@ def leaderboard(
 def ui(
     host: str = typer.Option("127.0.0.1", help="bind address (loopback by default)"),
     port: int = typer.Option(5000),
-    backend_store_uri: str | None = typer.Option(None, help="default: MLFLOW_TRACKING_URI or sqlite:///mlflow.db"),
+    backend_store_uri: str | None = typer.Option(None, help="default: MLFLOW_TRACKING_URI or MLflow's default "
+                                                            "(./mlflow.db)"),
 ) -> None:
     """Open MLflow's UI on the same store `clbench run` writes to."""
-    uri = backend_store_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+    from clbench.tracking import store_uri
+
+    uri = store_uri(backend_store_uri)
     if uri.startswith("http"):
         _fail(f"tracking: {uri} is already a server; open it in a browser")
     typer.echo(f"MLflow UI for {uri} on http://{host}:{port}", err=True)

@@ -86,7 +86,8 @@ def contract_run(
     run.params = {id(p): (n, p) for n, p in named.items()}
     run.initial = {id(p): p.detach().clone() for p in named.values()}
 
-    def snapshot(t: int, m, state) -> None:
+    def on_task(result, state, m) -> None:
+        run.results.append(result)
         run.sites = find_sites(m.backbone)
         run.effective.append({n: _site_weight(s) for n, s in run.sites.items()})
 
@@ -97,8 +98,7 @@ def contract_run(
         tiny_train(max_steps_per_epoch=max_steps),
         seed,
         torch.device("cpu"),
-        on_task=run.results.append,
-        after_report=snapshot,
+        on_task=on_task,
     )
     run.R, run.R_til = state.R, state.R_til
     return run

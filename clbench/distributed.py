@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -72,12 +72,6 @@ def init() -> None:
     dist.init_process_group(backend=os.environ.get("CLBENCH_DIST_BACKEND", backend))
 
 
-def shard() -> tuple[int, int] | None:
-    """(rank, world size) for splitting batches, or None in a single process."""
-    if not active():
-        return None
-    init()
-    return rank(), world_size()
 
 
 def broadcast(obj: Any) -> Any:
@@ -151,22 +145,66 @@ def sync_model(model: torch.nn.Module) -> None:
             dist.broadcast(t.data, src=0)
 
 
-def follow(suite, source: str, planned, seeds: list[int], registry) -> list:
-    """A follower rank's ``run_suite``: the runs rank 0 runs, in the same order, with nothing logged or
-    checkpointed; returns no records (rank 0 reports)."""
-    from clbench.runner import run_one
-    from clbench.streams import build_stream
-    from clbench.tracking import NullTracker
+# --- the loop's view: a communicator object (clbench.loop reads as single-process code) -------------------------
 
-    finished = broadcast(None)
-    if all((run.label, seed) in finished for seed in seeds for run in planned):
-        return []
-    streams: dict[int, Any] = {}
-    for seed in seeds:
-        for run in planned:
-            if (run.label, seed) in finished or not broadcast(None):
-                continue
-            if seed not in streams:
-                streams[seed] = build_stream(suite.stream, seed)
-            run_one(suite, run, seed, streams[seed], NullTracker(), "", {}, "", lambda s: None, None)
-    return []
+class Communicator(Protocol):
+    """What the training loop asks of its process group. ``shard`` is (rank, world size), or None in one process."""
+
+    shard: tuple[int, int] | None
+
+    def broadcast(self, obj: Any) -> Any: ...
+
+    def reduce_gradients(self, params: Sequence[torch.nn.Parameter], n_local: int,
+                         loss: torch.Tensor | None) -> tuple[int, torch.Tensor | None]: ...
+
+    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor: ...
+
+    def sync_model(self, model: torch.nn.Module) -> None: ...
+
+
+class SingleProcess:
+    """One process: every collective is the identity (the loop's default)."""
+
+    shard: tuple[int, int] | None = None
+
+    def broadcast(self, obj: Any) -> Any:
+        return obj
+
+    def reduce_gradients(self, params: Sequence[torch.nn.Parameter], n_local: int,
+                         loss: torch.Tensor | None) -> tuple[int, torch.Tensor | None]:
+        return n_local, loss
+
+    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    def sync_model(self, model: torch.nn.Module) -> None:
+        return None
+
+
+class TorchrunGroup:
+    """The torchrun process group (joined on creation): the module's collectives above."""
+
+    def __init__(self) -> None:
+        init()
+        self.shard: tuple[int, int] | None = (rank(), world_size())
+
+    def broadcast(self, obj: Any) -> Any:
+        return broadcast(obj)
+
+    def reduce_gradients(self, params: Sequence[torch.nn.Parameter], n_local: int,
+                         loss: torch.Tensor | None) -> tuple[int, torch.Tensor | None]:
+        return reduce_gradients(params, n_local, loss)
+
+    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        return all_reduce_sum(t)
+
+    def sync_model(self, model: torch.nn.Module) -> None:
+        sync_model(model)
+
+
+SINGLE_PROCESS = SingleProcess()
+
+
+def communicator() -> Communicator:
+    """This process's communicator: the torchrun group when there is one with more than one process."""
+    return TorchrunGroup() if active() else SINGLE_PROCESS

@@ -1,6 +1,6 @@
 """Where a suite's (method, seed) runs execute: here, one after the other (the default), or on a Ray cluster.
 
-Both take the same list of :class:`clbench.runner.RunJob` (plain, picklable data) and run each through
+Both take the same list of :class:`clbench.plan.RunJob` (plain, picklable data) and run each through
 :func:`clbench.runner.execute_job`, which trains under the run's checkpoint lock and resumes from its last
 finished task. The driver (``run_suite``) has already created the suite's parent MLflow run; every run attaches
 to it by id, so all of a suite's runs land in one MLflow store, whoever trains them.
@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from clbench.errors import ClbenchError
-from clbench.runner import PlannedRun, RunJob, RunRecord, execute_job
+from clbench.plan import PlannedRun, RunJob, RunRecord
+from clbench.runner import execute_job, run_locally
 
 # Forwarded to Ray workers, when set in the driver's environment: where data, caches and weights live and
 # whether the hub may be reached. Tracking credentials are not forwarded: set them on the cluster's nodes.
@@ -33,10 +34,7 @@ class LocalExecutor:
 
     def run(self, jobs: Sequence[RunJob], *, tracker, planned: Sequence[PlannedRun],
             progress: Callable[[str], None]) -> list[RunRecord]:
-        by_label = {p.label: p for p in planned}
-        streams: dict[Any, Any] = {}
-        return [execute_job(job, tracker=tracker, planned=by_label[job.label], streams=streams, progress=progress)
-                for job in jobs]
+        return run_locally(jobs, tracker=tracker, planned=planned, progress=progress)
 
 
 def local_store_path(uri: str) -> str | None:

@@ -1,7 +1,8 @@
 """The leaderboard: aggregates clbench child runs over seeds and renders them as text, Markdown, CSV or JSON.
 
-Pure functions on plain run dicts (the shape of :func:`clbench.tracking.read_runs`); only :func:`load_runs`
-touches MLflow, through ``clbench.tracking``, and only to read. The rules:
+Pure functions on ``clbench.tracking.RunInfo`` records; only :func:`load_runs` touches MLflow, through
+``clbench.tracking``, and only to read. Every column is shown under the MLflow key it reads (``clbench.keys``).
+The rules:
 
 * Runs are grouped by (experiment, suite hash): runs of different protocols are never compared.
 * Inside a group one row per method label (and per distinct method/train params under that label, so an edited
@@ -24,7 +25,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from clbench import keys
 from clbench.errors import ClbenchError
+from clbench.suite import load_suite
+from clbench.tracking import RunInfo, read_runs
 
 
 @dataclass(frozen=True)
@@ -37,21 +41,21 @@ class MetricSpec:
 
 
 METRICS: tuple[MetricSpec, ...] = (
-    MetricSpec("final/acc", "acc", True, ".2f"),
-    MetricSpec("final/avg_acc", "avg_acc", True, ".2f"),
-    MetricSpec("final/forgetting", "forgetting", False, ".2f"),
-    MetricSpec("final/bwt", "bwt", True, ".2f"),
-    MetricSpec("final/acc_til", "acc_til", True, ".2f"),
-    MetricSpec("spectra/top1_share", "top1_share", False, ".3f"),
-    MetricSpec("spectra/overlap", "overlap", False, ".3f"),
-    MetricSpec("cost/train_seconds", "train_s", False, ".1f", show_std=False),
-    MetricSpec("cost/img_per_s", "img_per_s", True, ".0f", show_std=False),
-    MetricSpec("cost/peak_mem_mb", "peak_mem_mb", False, ".0f", show_std=False),
-    MetricSpec("cost/trainable_params", "params", False, ".0f", show_std=False),
+    MetricSpec(keys.FINAL_ACC, "acc", True, ".2f"),
+    MetricSpec(keys.FINAL_AVG_ACC, "avg_acc", True, ".2f"),
+    MetricSpec(keys.FINAL_FORGETTING, "forgetting", False, ".2f"),
+    MetricSpec(keys.FINAL_BWT, "bwt", True, ".2f"),
+    MetricSpec(keys.FINAL_ACC_TIL, "acc_til", True, ".2f"),
+    MetricSpec(keys.SPECTRA_MEAN_TOP1, "mean_top1_share", False, ".3f"),
+    MetricSpec(keys.SPECTRA_MEAN_OVERLAP, "mean_overlap", False, ".3f"),
+    MetricSpec(keys.COST_TRAIN_SECONDS, "train_s", False, ".1f", show_std=False),
+    MetricSpec(keys.COST_IMG_PER_S, "img_per_s", True, ".0f", show_std=False),
+    MetricSpec(keys.COST_PEAK_MEM_MB, "peak_mem_mb", False, ".0f", show_std=False),
+    MetricSpec(keys.COST_TRAINABLE_PARAMS, "params", False, ".0f", show_std=False),
 )
 METRIC_KEYS = tuple(m.key for m in METRICS)
 SPEC = {m.key: m for m in METRICS}
-PROVENANCE_TAGS = {"version": "clbench.version", "git_sha": "clbench.git_sha", "device": "clbench.device"}
+PROVENANCE_TAGS = {"version": keys.VERSION, "git_sha": keys.GIT_SHA, "device": keys.DEVICE}
 FORMATS = ("table", "markdown", "csv", "json", "html")
 
 
@@ -77,13 +81,37 @@ class Row:
 
 
 @dataclass
+class Correlation:
+    """The suite's imbalance-forgetting evidence, one definition for the parent run's metrics and the report's
+    plot: Spearman's rho (and its two-sided p) between ``spectra/mean_top1_share`` (the mean over tasks of the
+    top singular value's share in each task's update, averaged over layers) and ``final/forgetting``, over every
+    finished run of the group the leaderboard averages (the latest finished run per method row and seed) that
+    logged both. ``rho`` is None below 3 runs or when either side is constant."""
+
+    x: list[float]
+    y: list[float]
+    labels: list[str]
+    rho: float | None = None
+    p: float | None = None
+
+    @property
+    def n(self) -> int:
+        return len(self.x)
+
+    def title(self) -> str:
+        runs = f"{self.n} finished runs"
+        return runs if self.rho is None else f"Spearman rho = {self.rho:.3f} (p = {self.p:.3g}) over {runs}"
+
+
+@dataclass
 class Group:
     experiment: str
     suites: list[str]
     suite_hash: str
     rows: list[Row]
     unfinished: list[dict[str, Any]]
-    sort_key: str = "final/acc"
+    sort_key: str = keys.FINAL_ACC
+    imbalance_forgetting: Correlation = field(default_factory=lambda: Correlation([], [], []))
 
 
 # --- per-run values ------------------------------------------------------------------------------------------
@@ -96,24 +124,9 @@ def _finite(v: Any) -> float | None:
     return f if math.isfinite(f) else None
 
 
-def _history_mean(run: dict[str, Any], key: str) -> float | None:
-    vals = [v for _, v in run.get("history", {}).get(key, []) if _finite(v) is not None]
-    return sum(vals) / len(vals) if vals else None
-
-
-def run_value(run: dict[str, Any], key: str) -> float | None:
-    """The value of one leaderboard metric for one run (None when the run lacks it).
-
-    ``spectra/top1_share`` and ``spectra/overlap`` are means over tasks: MLflow's plain metric value is only the
-    last task's, so they come from ``spectra/mean_top1_share`` or the metric history.
-    """
-    metrics = run.get("metrics", {})
-    if key == "spectra/top1_share":
-        v = _finite(metrics.get("spectra/mean_top1_share"))
-        return v if v is not None else _history_mean(run, key)
-    if key == "spectra/overlap":
-        return _history_mean(run, key)
-    return _finite(metrics.get(key))
+def run_value(run: RunInfo, key: str) -> float | None:
+    """The run's last logged value of ``key`` (None when the run lacks it or it is not finite)."""
+    return _finite(run.metrics.get(key))
 
 
 def stat(values: Iterable[float | None]) -> Stat:
@@ -126,14 +139,14 @@ def stat(values: Iterable[float | None]) -> Stat:
     return Stat(mean, std, len(vals))
 
 
-def params_id(run: dict[str, Any]) -> str:
+def params_id(run: RunInfo) -> str:
     """Fingerprint of what a run's method did: its method params and its (possibly overridden) train config."""
-    items = sorted((k, v) for k, v in run.get("params", {}).items() if k.startswith(("method.", "train.")))
+    items = sorted((k, v) for k, v in run.params.items() if k.startswith(("method.", "train.")))
     return hashlib.sha256(json.dumps(items).encode()).hexdigest()[:8]
 
 
-def _seed(run: dict[str, Any]) -> int | None:
-    raw = run["tags"].get("clbench.seed", run.get("params", {}).get("seed"))
+def _seed(run: RunInfo) -> int | None:
+    raw = run.tags.get(keys.SEED, run.params.get("seed"))
     try:
         return int(raw)
     except (TypeError, ValueError):
@@ -142,25 +155,25 @@ def _seed(run: dict[str, Any]) -> int | None:
 
 # --- aggregation ---------------------------------------------------------------------------------------------
 
-def aggregate(runs: list[dict[str, Any]], sort: str = "final/acc") -> list[Group]:
+def aggregate(runs: list[RunInfo], sort: str = keys.FINAL_ACC) -> list[Group]:
     """Group child runs by (experiment, suite hash), then by method; aggregate each method's finished seeds."""
     sort = resolve_sort_key(sort)
-    by_group: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    by_group: dict[tuple[str, str], list[RunInfo]] = {}
     for run in runs:
-        key = (run["experiment"], run["tags"].get("clbench.suite_hash", "unknown"))
+        key = (run.experiment, run.tags.get(keys.SUITE_HASH, "unknown"))
         by_group.setdefault(key, []).append(run)
     groups = []
     for (experiment, suite_hash), members in by_group.items():
         groups.append(_group(experiment, suite_hash, members, sort))
-    latest = {id(g): max((r["start_time"] or 0) for r in by_group[(g.experiment, g.suite_hash)]) for g in groups}
+    latest = {id(g): max((r.start_time or 0) for r in by_group[(g.experiment, g.suite_hash)]) for g in groups}
     groups.sort(key=lambda g: (g.experiment, -latest[id(g)]))
     return groups
 
 
-def _group(experiment: str, suite_hash: str, runs: list[dict[str, Any]], sort: str) -> Group:
-    by_row: dict[tuple[str, str], list[dict[str, Any]]] = {}
+def _group(experiment: str, suite_hash: str, runs: list[RunInfo], sort: str) -> Group:
+    by_row: dict[tuple[str, str], list[RunInfo]] = {}
     for run in runs:
-        label = run["tags"].get("clbench.method") or run["tags"].get("clbench.method_name") or "?"
+        label = run.tags.get(keys.METHOD) or run.tags.get(keys.METHOD_NAME) or "?"
         by_row.setdefault((label, params_id(run)), []).append(run)
     ids_per_label: dict[str, int] = {}
     for label, _ in by_row:
@@ -168,35 +181,50 @@ def _group(experiment: str, suite_hash: str, runs: list[dict[str, Any]], sort: s
     rows, unfinished = [], []
     for (label, pid), members in by_row.items():
         name = label if ids_per_label[label] == 1 else f"{label} [{pid}]"
-        members.sort(key=lambda r: r["start_time"] or 0, reverse=True)
-        chosen: dict[int | None, dict[str, Any]] = {}
+        members.sort(key=lambda r: r.start_time or 0, reverse=True)
+        chosen: dict[int | None, RunInfo] = {}
         superseded = []
         for run in members:
-            if run["status"] != "FINISHED":
-                unfinished.append({"method": name, "seed": _seed(run), "status": run["status"],
-                                   "run_id": run["run_id"], "run_name": run.get("run_name")})
+            if run.status != "FINISHED":
+                unfinished.append({"method": name, "seed": _seed(run), "status": run.status,
+                                   "run_id": run.run_id, "run_name": run.run_name})
             elif _seed(run) in chosen:
-                superseded.append(run["run_id"])
+                superseded.append(run.run_id)
             else:
                 chosen[_seed(run)] = run
         done = sorted(chosen.values(), key=lambda r: (_seed(r) is None, _seed(r) or 0))
         rows.append(_row(name, members[0], pid, done, superseded))
     unfinished.sort(key=lambda u: (u["method"], u["seed"] if u["seed"] is not None else -1, u["run_id"]))
-    suites = sorted({r["tags"].get("clbench.suite", "?") for r in runs})
-    return Group(experiment, suites, suite_hash, sort_rows(rows, sort), unfinished, sort)
+    suites = sorted({r.tags.get(keys.SUITE, "?") for r in runs})
+    rows = sort_rows(rows, sort)
+    return Group(experiment, suites, suite_hash, rows, unfinished, sort, imbalance_forgetting(rows))
 
 
-def _row(name: str, any_run: dict[str, Any], pid: str, done: list[dict[str, Any]], superseded: list[str]) -> Row:
+def imbalance_forgetting(rows: list[Row]) -> Correlation:
+    """Spearman correlation between spectral imbalance and forgetting over the rows' runs (``Correlation``)."""
+    pts = [(r["values"][keys.SPECTRA_MEAN_TOP1], r["values"][keys.FINAL_FORGETTING], f"{row.method}/s{r['seed']}")
+           for row in rows for r in row.runs]
+    pts = [p for p in pts if p[0] is not None and p[1] is not None]
+    ev = Correlation([p[0] for p in pts], [p[1] for p in pts], [p[2] for p in pts])
+    if ev.n >= 3 and len(set(ev.x)) > 1 and len(set(ev.y)) > 1:
+        from scipy.stats import spearmanr
+
+        res = spearmanr(ev.x, ev.y)
+        ev.rho, ev.p = float(res.statistic), float(res.pvalue)
+    return ev
+
+
+def _row(name: str, any_run: RunInfo, pid: str, done: list[RunInfo], superseded: list[str]) -> Row:
     per_run = []
     for run in done:
-        curve = [v for _, v in run.get("history", {}).get("eval/acc", [])]
-        per_run.append({"run_id": run["run_id"], "seed": _seed(run),
+        curve = [v for _, v in run.history.get(keys.EVAL_ACC, [])]
+        per_run.append({"run_id": run.run_id, "seed": _seed(run),
                         "values": {k: run_value(run, k) for k in METRIC_KEYS}, "curve": curve})
     steps = max((len(r["curve"]) for r in per_run), default=0)
     curve = [stat(_finite(r["curve"][i]) for r in per_run if i < len(r["curve"])) for i in range(steps)]
-    prov = {name_: sorted({r["tags"][tag] for r in done if r["tags"].get(tag)})
+    prov = {name_: sorted({r.tags[tag] for r in done if r.tags.get(tag)})
             for name_, tag in PROVENANCE_TAGS.items()}
-    return Row(method=name, method_name=any_run["tags"].get("clbench.method_name", name), params_id=pid,
+    return Row(method=name, method_name=any_run.tags.get(keys.METHOD_NAME, name), params_id=pid,
                n=len(done), seeds=[s for s in (_seed(r) for r in done) if s is not None],
                metrics={k: stat(r["values"][k] for r in per_run) for k in METRIC_KEYS},
                provenance=prov, runs=per_run, curve=curve, superseded=superseded)
@@ -228,10 +256,8 @@ def sort_rows(rows: list[Row], key: str) -> list[Row]:
     return sorted(rows, key=order)
 
 
-def load_runs(target: str | None, uri: str | None = None) -> list[dict[str, Any]]:
+def load_runs(target: str | None, uri: str | None = None) -> list[RunInfo]:
     """Runs for ``clbench leaderboard [SUITE]``: a suite file, an experiment name, a suite name, or everything."""
-    from clbench.tracking import read_runs
-
     if target is None:
         runs = read_runs(None, uri)
         if not runs:
@@ -239,8 +265,6 @@ def load_runs(target: str | None, uri: str | None = None) -> list[dict[str, Any]
         return runs
     path = Path(target)
     if path.suffix in (".yaml", ".yml") or path.is_file():
-        from clbench.suite import load_suite
-
         suite = load_suite(path)
         experiment = suite.tracking.experiment or suite.name
         runs = read_runs(experiment, uri or suite.tracking.uri)
@@ -251,7 +275,7 @@ def load_runs(target: str | None, uri: str | None = None) -> list[dict[str, Any]
     try:
         runs = read_runs(target, uri)
     except ClbenchError as exc:  # not an experiment name: maybe a suite name logged under another experiment
-        runs = [r for r in read_runs(None, uri) if r["tags"].get("clbench.suite") == target]
+        runs = [r for r in read_runs(None, uri) if r.tags.get(keys.SUITE) == target]
         if not runs:
             raise exc from None
     if not runs:
@@ -259,7 +283,7 @@ def load_runs(target: str | None, uri: str | None = None) -> list[dict[str, Any]
     return runs
 
 
-def build(target: str | None, uri: str | None = None, sort: str = "final/acc") -> list[Group]:
+def build(target: str | None, uri: str | None = None, sort: str = keys.FINAL_ACC) -> list[Group]:
     return aggregate(load_runs(target, uri), resolve_sort_key(sort))
 
 
@@ -300,7 +324,7 @@ def note_lines(g: Group) -> list[str]:
 
 
 def table_cells(g: Group) -> tuple[list[str], list[list[str]]]:
-    header = ["#", "method", "n", *[m.short for m in METRICS]]
+    header = ["#", "method", "n", *[m.key for m in METRICS]]  # every column under the MLflow key it reads
     body = [[str(i + 1), row.method, str(row.n), *[fmt_stat(row.metrics[m.key], m) for m in METRICS]]
             for i, row in enumerate(g.rows)]
     return header, body
@@ -371,17 +395,11 @@ def render_json(groups: list[Group]) -> str:
     return json.dumps(to_dict(groups), indent=2, allow_nan=False)
 
 
-def render(groups: list[Group], fmt: str, title: str = "clbench leaderboard") -> str:
-    if fmt == "table":
-        return render_table(groups)
-    if fmt == "markdown":
-        return render_markdown(groups)
-    if fmt == "csv":
-        return render_csv(groups)
-    if fmt == "json":
-        return render_json(groups)
-    if fmt == "html":
-        from clbench.report import render_html
+TEXT_RENDERERS = {"table": render_table, "markdown": render_markdown, "csv": render_csv, "json": render_json}
 
-        return render_html(groups, title)
-    raise ClbenchError(f"--format {fmt}: choose from {', '.join(FORMATS)}")
+
+def render(groups: list[Group], fmt: str) -> str:
+    """The leaderboard in a text format (``clbench.report.render`` adds ``html``)."""
+    if fmt not in TEXT_RENDERERS:
+        raise ClbenchError(f"--format {fmt}: choose from {', '.join(FORMATS)}")
+    return TEXT_RENDERERS[fmt](groups)

@@ -4,10 +4,18 @@ Protocol (DESIGN.md section 4): class-incremental stream, one linear head per ta
 current task's logits only, no rehearsal; after every task the model is evaluated on every seen task, both
 class-incremental (argmax over all seen classes) and task-incremental (argmax within the true task's head).
 
+Read ``run_stream`` first: it is the outline (configure, restore, then per task: head, ``before_task``,
+optimizer, ``train_task``, ``after_task``/``merge_task``, ``evaluate``, report). Every hook call is in this file.
+
 The loop owns all state that is not a method's own: the optimizer, step counters, the accuracy matrices.
-It reports each finished task to ``on_task`` (the runner forwards it to the tracker); hooks never see the
-tracker. On CUDA it runs bf16 autocast, pinned host memory and non-blocking copies, and reads the loss back
-only every ``log_every`` steps, so there is no per-step host-device synchronisation.
+It reports each finished task to one callback, ``on_task(result, state, model)`` (the runner's
+``clbench.recorder.RunRecorder`` checkpoints and logs it); hooks never see the tracker. It reads as
+single-process code: what differs under torchrun (sharded batches, gradient all-reduce, summed evaluation
+counts, rank 0's state and weights) goes through the ``comm`` object (``clbench.distributed``), a no-op by
+default. Timers read ``clock`` (``time.perf_counter`` unless a benchmark passes another).
+
+On CUDA it runs bf16 autocast, pinned host memory and non-blocking copies, and in one process reads the loss
+back only every ``log_every`` steps (under torchrun the gradient all-reduce synchronises every step).
 """
 
 from __future__ import annotations
@@ -26,13 +34,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from clbench import distributed
 from clbench.backbones import CLModel
-from clbench.checkpoint import kill_point, set_rng_state
+from clbench.checkpoint import set_rng_state
 from clbench.context import TaskContext
+from clbench.distributed import SINGLE_PROCESS, Communicator
 from clbench.errors import ClbenchError
-from clbench.metrics import empty_matrix
-from clbench.streams import Stream, TaskData
+from clbench.metrics import accuracy_after, empty_matrix
+from clbench.streams import Stream
 from clbench.suite import TrainConfig
 
 
@@ -148,10 +156,230 @@ def peak_memory_mb(device: torch.device) -> float:
     return rss / 1024 if sys.platform != "darwin" else rss / 2**20
 
 
+OnTask = Callable[[TaskResult, LoopState, CLModel], None]
+
+
+def _ignore(*args: Any) -> None:
+    return None
+
+
+def run_stream(model: CLModel, stream: Stream, pm, cfg: TrainConfig, seed: int, device: torch.device,
+               on_task: OnTask = _ignore, progress: Callable[[str], None] = _ignore,
+               state: LoopState | None = None, comm: Communicator = SINGLE_PROCESS,
+               clock: Callable[[], float] = time.perf_counter) -> LoopState:
+    """Train ``model`` through ``stream`` with the method registered in ``pm``; return the final state.
+
+    After every task, ``on_task(result, state, model)``: the task's figures, the state to checkpoint (everything
+    needed to continue at ``state.next_task``) and the trained model."""
+    hook = pm.hook
+    T = len(stream.tasks)
+    autocast = autocast_for(device, cfg.precision)
+    state = comm.broadcast(state or LoopState())  # every rank starts from rank 0's state (a resumed run)
+    if state.R is None:
+        state.R, state.R_til = empty_matrix(T), empty_matrix(T)
+    sizes = np.array([len(t.test_y) for t in stream.tasks])
+
+    # -- phase 0: the method configures the model once (adapters, freezing); a resumed run is restored --
+    torch.manual_seed(seed)
+    replaced = hook.configure_model(model=model, ctx=task_context(model, stream, 0, cfg, seed, device, autocast))
+    model = replaced if replaced is not None else model
+    model.to(device)
+    if state.next_task > 0 and state.model_state is not None:
+        restore(model, stream, pm, state, task_context(model, stream, state.next_task - 1, cfg, seed, device,
+                                                       autocast))
+    if cfg.compile and device.type == "cuda":
+        model.backbone = torch.compile(model.backbone)
+
+    for t in range(state.next_task, T):
+        # -- phase 1: the new task's head (old heads frozen); seeded so resumed runs match --------------
+        seed_task(seed, t)
+        head = new_head(model, stream, t)
+        ctx = task_context(model, stream, t, cfg, seed, device, autocast)
+        # -- phase 2: the method prepares the task (projections, new adapters) -------------------------
+        tic = clock()
+        hook.before_task(model=model, ctx=ctx)
+        timings = {"before_task": clock() - tic}
+        # -- phase 3: the optimizer over the method's groups plus the current head ----------------------
+        optimizer, scheduler = make_task_optimizer(model, head, hook.param_groups(model=model, ctx=ctx), cfg, ctx)
+        trainable = sum(p.numel() for g in optimizer.param_groups for p in g["params"])
+        # -- phase 4: train on the task ----------------------------------------------------------------
+        trained = train_task(model, stream, pm, ctx, optimizer, scheduler, cfg, comm, clock, progress)
+        # -- phase 5: the method closes the task: memories, merging, the task's update -------------------
+        model.eval()
+        tic = clock()
+        hook.after_task(model=model, ctx=ctx)
+        timings["after_task"] = clock() - tic
+        tic = clock()
+        hook.merge_task(model=model, ctx=ctx)
+        comm.sync_model(model)  # rank 0's weights on every rank: no drift across tasks
+        timings["merge_task"] = clock() - tic
+        updates = hook.task_updates(model=model, ctx=ctx)
+        # -- phase 6: evaluate every seen task (CIL and TIL), then report --------------------------------
+        tic = clock()
+        cil, til = evaluate(model, stream, t, cfg, device, autocast, comm)
+        eval_seconds = clock() - tic
+        state.R[t, : t + 1], state.R_til[t, : t + 1] = cil, til
+        state.next_task = t + 1
+        state.method_state = hook.method_state(ctx=ctx)
+        progress(f"task {t + 1}/{T} done: acc {accuracy_after(state.R, t, sizes):.2f} "
+                 f"(til {accuracy_after(state.R_til, t, sizes):.2f}) train {trained.seconds:.1f}s")
+        on_task(TaskResult(t, state.R.copy(), state.R_til.copy(), sizes, trained.seconds, eval_seconds,
+                           trained.images, trained.loss, trained.loss_terms, updates, trainable, timings),
+                state, model)
+    return state
+
+
+def seed_task(seed: int, t: int) -> None:
+    """Seed every generator a method may draw from at the start of task ``t`` (so a resumed run matches)."""
+    torch.manual_seed(seed * 100_003 + t)
+    np.random.seed((seed * 100_003 + t) % 2**32)
+    random.seed(seed * 100_003 + t)
+
+
+def shuffle_generator(seed: int, t: int) -> torch.Generator:
+    """The generator of task ``t``'s shuffles and augmentation draws (apart from the global ones)."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + t)
+
+
+def task_context(model: CLModel, stream: Stream, t: int, cfg: TrainConfig, seed: int, device: torch.device,
+                 autocast: Callable[[], Any]) -> TaskContext:
+    """The facts handed to every hook of task ``t``; its loader yields the task's data with local labels."""
+    task = stream.tasks[t]
+    T = len(stream.tasks)
+    offsets = np.cumsum([0] + [len(s.classes) for s in stream.tasks])
+    steps = math.ceil(len(task.train_y) / cfg.batch_size)
+    if cfg.max_steps_per_epoch:
+        steps = min(steps, cfg.max_steps_per_epoch)
+    local_y = task.train_y - int(offsets[t])
+
+    def loader(batch_size: int | None = None, fraction: float = 1.0, shuffle: bool = False,
+               generator: torch.Generator | None = None):
+        return batches(task.train_x, local_y, batch_size or cfg.batch_size, device, model, shuffle,
+                       generator, fraction)
+
+    return TaskContext(task=t, num_tasks=T, classes=task.classes,
+                       seen_classes=tuple(range(int(offsets[t + 1]))), device=device, seed=seed,
+                       loader=loader, epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size,
+                       steps_per_epoch=steps, autocast=autocast)
+
+
+def restore(model: CLModel, stream: Stream, pm, state: LoopState, ctx: TaskContext) -> None:
+    """Resume: rebuild the finished tasks' heads, let the method rebuild its structure (``load_method_state``),
+    load the checkpoint's weights strictly and its RNG states; ``ctx`` is the last finished task's."""
+    while len(model.heads) < state.next_task:
+        model.add_head(len(stream.tasks[len(model.heads)].classes))
+    pm.hook.load_method_state(model=model, state=state.method_state or {}, ctx=ctx)
+    try:
+        model.load_state_dict(state.model_state)
+    except RuntimeError as exc:
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        detail = lines[1] if len(lines) > 1 else lines[0] if lines else type(exc).__name__
+        raise ClbenchError(f"checkpoint: the saved model does not match the model rebuilt for task "
+                           f"{state.next_task} ({detail[:200]}); the method's load_method_state must rebuild "
+                           "its adapters; or run again with --restart") from None
+    state.model_state = None
+    set_rng_state(state.rng)
+    state.rng = None
+
+
+def new_head(model: CLModel, stream: Stream, t: int) -> torch.nn.Module:
+    """Task ``t``'s head, trainable; every earlier head frozen."""
+    for h in model.heads:
+        h.requires_grad_(False)
+    while len(model.heads) <= t:
+        model.add_head(len(stream.tasks[len(model.heads)].classes))
+    head = model.heads[t]
+    head.requires_grad_(True)
+    return head
+
+
+def make_task_optimizer(model: CLModel, head: torch.nn.Module, groups: list[dict] | None, cfg: TrainConfig,
+                        ctx: TaskContext) -> tuple[torch.optim.Optimizer, Any]:
+    """The optimizer over the method's parameter groups (by default every trainable non-head parameter) plus
+    the current head, and the learning-rate schedule (None when constant)."""
+    if groups is None:
+        head_ids = {id(p) for h in model.heads for p in h.parameters()}
+        params = [p for p in model.parameters() if p.requires_grad and id(p) not in head_ids]
+        groups = [{"params": params, "name": "adapters"}] if params else []
+    groups = [*groups, {"params": list(head.parameters()), "name": "head"}]
+    optimizer = make_optimizer(cfg, groups)
+    total_steps = ctx.steps_per_epoch * cfg.epochs
+    scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, total_steps))
+                 if cfg.schedule == "cosine" else None)
+    return optimizer, scheduler
+
+
+@dataclass
+class Trained:
+    """What ``train_task`` measured: mean losses over the steps, images seen, training seconds."""
+
+    loss: float
+    loss_terms: dict[str, float]
+    images: int
+    seconds: float
+
+
+def train_task(model: CLModel, stream: Stream, pm, ctx: TaskContext, optimizer: torch.optim.Optimizer, scheduler,
+               cfg: TrainConfig, comm: Communicator, clock: Callable[[], float],
+               progress: Callable[[str], None]) -> Trained:
+    """``cfg.epochs`` epochs over task ``ctx.task``: cross-entropy on its head plus the method's loss terms."""
+    hook, t, device = pm.hook, ctx.task, ctx.device
+    task = stream.tasks[t]
+    local_y = task.train_y - ctx.class_offset
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    model.train()
+    gen = shuffle_generator(ctx.seed, t)
+    step, images = 0, 0
+    loss_sum = torch.zeros((), device=device)
+    term_sums: dict[str, torch.Tensor] = {}
+    tic = clock()
+    for epoch in range(cfg.epochs):
+        window_t, window_n = clock(), 0
+        for xb, yb in batches(task.train_x, local_y, cfg.batch_size, device, model, shuffle=True, generator=gen,
+                              limit=cfg.max_steps_per_epoch, augment=stream.augment, shard=comm.shard):
+            optimizer.zero_grad(set_to_none=True)
+            loss = None
+            if len(yb):  # under torchrun a rank's share of a short last batch may be empty
+                with ctx.autocast():
+                    logits = model(xb, head=t)
+                loss = F.cross_entropy(logits.float(), yb)
+                total = loss
+                for terms in hook.loss_terms(model=model, batch=(xb, yb), logits=logits, ctx=ctx):
+                    for name, value in (terms or {}).items():
+                        total = total + value
+                        term_sums[name] = term_sums.get(name, 0) + value.detach().float()
+                total.backward()
+            # the whole batch's gradient and mean loss on every rank; in one process, as they are
+            n_seen, loss = comm.reduce_gradients(params, len(yb), loss)
+            hook.before_optimizer_step(model=model, ctx=ctx)
+            optimizer.step()
+            hook.after_optimizer_step(model=model, ctx=ctx)
+            if scheduler is not None:
+                scheduler.step()
+            loss_sum += loss.detach()
+            step += 1
+            images += n_seen
+            window_n += n_seen
+            if step % cfg.log_every == 0:  # in one process the step loop's only host synchronisation
+                rate = window_n / max(1e-9, clock() - window_t)
+                progress(f"task {t + 1}/{ctx.num_tasks} epoch {epoch + 1}/{cfg.epochs} step {step} "
+                         f"loss {loss.item():.4f} {rate:.0f} img/s")
+                window_t, window_n = clock(), 0
+    mean_loss = float(loss_sum.item() / max(1, step))
+    term_means = {k: float(v.item() / max(1, step)) for k, v in term_sums.items()}
+    bad = [k for k, v in {"cross-entropy": mean_loss, **term_means}.items() if not math.isfinite(v)]
+    if bad:  # a diverged run: its finished tasks are kept, this one is not
+        raise FloatingPointError(f"non-finite training loss on task {t} ({', '.join(bad)}); lower train.lr "
+                                 "or check the method's loss terms")
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return Trained(mean_loss, term_means, images, clock() - tic)
+
+
 @torch.inference_mode()
 def evaluate(model: CLModel, stream: Stream, upto: int, cfg: TrainConfig, device: torch.device,
-             autocast) -> tuple[np.ndarray, np.ndarray]:
-    """CIL and TIL accuracy (percent) on the test sets of tasks 0..upto."""
+             autocast, comm: Communicator = SINGLE_PROCESS) -> tuple[np.ndarray, np.ndarray]:
+    """CIL and TIL accuracy (percent) on the test sets of tasks 0..upto (each rank counts its shard)."""
     model.eval()
     offsets = np.cumsum([0] + [len(t.classes) for t in stream.tasks])
     n_seen = int(offsets[upto + 1])
@@ -161,187 +389,13 @@ def evaluate(model: CLModel, stream: Stream, upto: int, cfg: TrainConfig, device
         lo, hi = int(offsets[j]), int(offsets[j + 1])
         correct = torch.zeros(2, dtype=torch.long, device=device)
         for xb, yb in batches(task.test_x, task.test_y, cfg.eval_batch_size, device, model, shuffle=False,
-                              shard=distributed.shard()):
+                              shard=comm.shard):
             if len(yb) == 0:
                 continue
             with autocast():
                 logits = model(xb)[:, :n_seen]
             correct[0] += (logits.argmax(1) == yb).sum()
             correct[1] += (logits[:, lo:hi].argmax(1) + lo == yb).sum()
-        kill_point("eval", upto)
-        c = distributed.all_reduce_sum(correct).cpu().numpy()  # [distributed] counts of every rank's shard
+        c = comm.all_reduce_sum(correct).cpu().numpy()
         cil[j], til[j] = 100.0 * c[0] / len(task.test_y), 100.0 * c[1] / len(task.test_y)
     return cil, til
-
-
-def run_stream(model: CLModel, stream: Stream, pm, cfg: TrainConfig, seed: int, device: torch.device,
-               on_task: Callable[[TaskResult], None] = lambda r: None,
-               progress: Callable[[str], None] = lambda s: None,
-               state: LoopState | None = None,
-               after_report: Callable[[int, CLModel, LoopState], None] = lambda t, m, s: None) -> LoopState:
-    """Train ``model`` through ``stream`` with the method registered in ``pm``; return the final state."""
-    hook = pm.hook
-    T = len(stream.tasks)
-    autocast = autocast_for(device, cfg.precision)
-    state = distributed.broadcast(state or LoopState())  # [distributed] every rank starts from rank 0's state
-    shard = distributed.shard()
-    if state.R is None:
-        state.R, state.R_til = empty_matrix(T), empty_matrix(T)
-    sizes = np.array([len(t.test_y) for t in stream.tasks])
-    offsets = np.cumsum([0] + [len(t.classes) for t in stream.tasks])
-
-    def context(t: int) -> TaskContext:
-        task: TaskData = stream.tasks[t]
-        steps = math.ceil(len(task.train_y) / cfg.batch_size)
-        if cfg.max_steps_per_epoch:
-            steps = min(steps, cfg.max_steps_per_epoch)
-        local_y = task.train_y - int(offsets[t])
-
-        def loader(batch_size: int | None = None, fraction: float = 1.0, shuffle: bool = False,
-                   generator: torch.Generator | None = None):
-            return batches(task.train_x, local_y, batch_size or cfg.batch_size, device, model, shuffle,
-                           generator, fraction)
-
-        return TaskContext(task=t, num_tasks=T, classes=task.classes,
-                           seen_classes=tuple(range(int(offsets[t + 1]))), device=device, seed=seed,
-                           loader=loader, epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size,
-                           steps_per_epoch=steps, autocast=autocast)
-
-    # -- phase 0: the method configures the model once (adapters, freezing) --------------------------
-    torch.manual_seed(seed)
-    replaced = hook.configure_model(model=model, ctx=context(0))
-    model = replaced if replaced is not None else model
-    model.to(device)
-
-    # -- phase 0b (resume only): rebuild the finished tasks' structure, then load the checkpoint -----
-    if state.next_task > 0 and state.model_state is not None:
-        while len(model.heads) < state.next_task:
-            model.add_head(len(stream.tasks[len(model.heads)].classes))
-        hook.load_method_state(model=model, state=state.method_state or {}, ctx=context(state.next_task - 1))
-        try:
-            model.load_state_dict(state.model_state)
-        except RuntimeError as exc:
-            lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-            detail = lines[1] if len(lines) > 1 else lines[0] if lines else type(exc).__name__
-            raise ClbenchError(f"checkpoint: the saved model does not match the model rebuilt for task "
-                               f"{state.next_task} ({detail[:200]}); the method's load_method_state must rebuild "
-                               "its adapters; or run again with --restart") from None
-        state.model_state = None
-        set_rng_state(state.rng)
-        state.rng = None
-    if cfg.compile and device.type == "cuda":
-        model.backbone = torch.compile(model.backbone)
-
-    for t in range(state.next_task, T):
-        task = stream.tasks[t]
-        timings: dict[str, float] = {}
-        # -- phase 1: the new task's head (old heads frozen); seeded so resumed runs match ----------
-        torch.manual_seed(seed * 100_003 + t)
-        np.random.seed((seed * 100_003 + t) % 2**32)  # for methods that draw from numpy or random
-        random.seed(seed * 100_003 + t)
-        for h in model.heads:
-            h.requires_grad_(False)
-        while len(model.heads) <= t:
-            model.add_head(len(stream.tasks[len(model.heads)].classes))
-        head = model.heads[t]
-        head.requires_grad_(True)
-        ctx = context(t)
-
-        # -- phase 2: the method prepares the task (projections, new adapters) ---------------------
-        tic = time.perf_counter()
-        hook.before_task(model=model, ctx=ctx)
-        timings["before_task"] = time.perf_counter() - tic
-
-        # -- phase 3: the optimizer over the method's groups plus the current head -----------------
-        groups = hook.param_groups(model=model, ctx=ctx)
-        if groups is None:
-            head_ids = {id(p) for h in model.heads for p in h.parameters()}
-            params = [p for p in model.parameters() if p.requires_grad and id(p) not in head_ids]
-            groups = [{"params": params, "name": "adapters"}] if params else []
-        groups = [*groups, {"params": list(head.parameters()), "name": "head"}]
-        optimizer = make_optimizer(cfg, groups)
-        trainable = sum(p.numel() for g in optimizer.param_groups for p in g["params"])
-        total_steps = ctx.steps_per_epoch * cfg.epochs
-        scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, total_steps))
-                     if cfg.schedule == "cosine" else None)
-
-        # -- phase 4: train on the task ------------------------------------------------------------
-        model.train()
-        gen = torch.Generator().manual_seed(seed * 1_000_003 + t)
-        step, images = 0, 0
-        loss_sum = torch.zeros((), device=device)
-        term_sums: dict[str, torch.Tensor] = {}
-        tic = time.perf_counter()
-        for epoch in range(cfg.epochs):
-            window_t, window_n = time.perf_counter(), 0
-            local_y = task.train_y - int(offsets[t])
-            for xb, yb in batches(task.train_x, local_y, cfg.batch_size, device, model, shuffle=True,
-                                  generator=gen, limit=cfg.max_steps_per_epoch, augment=stream.augment,
-                                  shard=shard):
-                optimizer.zero_grad(set_to_none=True)
-                loss = None
-                if len(yb):  # [distributed] a rank's share of a short last batch may be empty
-                    with autocast():
-                        logits = model(xb, head=t)
-                    loss = F.cross_entropy(logits.float(), yb)
-                    total = loss
-                    for terms in hook.loss_terms(model=model, batch=(xb, yb), logits=logits, ctx=ctx):
-                        for name, value in (terms or {}).items():
-                            total = total + value
-                            term_sums[name] = term_sums.get(name, 0) + value.detach().float()
-                    total.backward()
-                if shard is not None:  # [distributed] every rank gets the whole batch's gradient and mean loss
-                    n_global, loss = distributed.reduce_gradients(
-                        [p for g in optimizer.param_groups for p in g["params"]], len(yb), loss)
-                hook.before_optimizer_step(model=model, ctx=ctx)
-                optimizer.step()
-                hook.after_optimizer_step(model=model, ctx=ctx)
-                if step == 0:
-                    kill_point("train", t)
-                if scheduler is not None:
-                    scheduler.step()
-                loss_sum += loss.detach()
-                step += 1
-                n_seen = n_global if shard is not None else len(yb)
-                images += n_seen
-                window_n += n_seen
-                if step % cfg.log_every == 0:  # the only host synchronisation of the step loop
-                    rate = window_n / max(1e-9, time.perf_counter() - window_t)
-                    progress(f"task {t + 1}/{T} epoch {epoch + 1}/{cfg.epochs} step {step} "
-                             f"loss {loss.item():.4f} {rate:.0f} img/s")
-                    window_t, window_n = time.perf_counter(), 0
-        mean_loss = float(loss_sum.item() / max(1, step))
-        term_means = {k: float(v.item() / max(1, step)) for k, v in term_sums.items()}
-        bad = [k for k, v in {"cross-entropy": mean_loss, **term_means}.items() if not math.isfinite(v)]
-        if bad:  # a diverged run: its finished tasks are kept, this one is not
-            raise FloatingPointError(f"non-finite training loss on task {t} ({', '.join(bad)}); lower train.lr "
-                                     "or check the method's loss terms")
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        train_seconds = time.perf_counter() - tic
-
-        # -- phase 5: the method closes the task: memories, merging, the task's update ---------------
-        model.eval()
-        tic = time.perf_counter()
-        hook.after_task(model=model, ctx=ctx)
-        timings["after_task"] = time.perf_counter() - tic
-        tic = time.perf_counter()
-        hook.merge_task(model=model, ctx=ctx)
-        distributed.sync_model(model)  # [distributed] rank 0's weights everywhere: no drift across tasks
-        timings["merge_task"] = time.perf_counter() - tic
-        updates = hook.task_updates(model=model, ctx=ctx)
-
-        # -- phase 6: evaluate every seen task (CIL and TIL) ---------------------------------------
-        tic = time.perf_counter()
-        cil, til = evaluate(model, stream, t, cfg, device, autocast)
-        eval_seconds = time.perf_counter() - tic
-        state.R[t, : t + 1], state.R_til[t, : t + 1] = cil, til
-        state.next_task = t + 1
-        state.method_state = hook.method_state(ctx=ctx)
-        progress(f"task {t + 1}/{T} done: acc {np.average(cil, weights=sizes[: t + 1]):.2f} "
-                 f"(til {np.average(til, weights=sizes[: t + 1]):.2f}) train {train_seconds:.1f}s")
-        on_task(TaskResult(t, state.R.copy(), state.R_til.copy(), sizes, train_seconds, eval_seconds, images,
-                           mean_loss, term_means,
-                           updates, trainable, timings))
-        after_report(t, model, state)
-    return state

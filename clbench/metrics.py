@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from clbench import keys
+
 
 def empty_matrix(num_tasks: int) -> np.ndarray:
     return np.full((num_tasks, num_tasks), np.nan)
@@ -53,9 +55,9 @@ def summary(R: np.ndarray, R_til: np.ndarray, sizes: np.ndarray | None = None) -
     """The ``final/*`` metrics of a finished run."""
     T = R.shape[0] - 1
     return {
-        "final/acc": accuracy_after(R, T, sizes),
-        "final/avg_acc": average_incremental_accuracy(R, sizes),
-        "final/forgetting": forgetting(R),
-        "final/bwt": backward_transfer(R),
-        "final/acc_til": accuracy_after(R_til, T, sizes),
+        keys.FINAL_ACC: accuracy_after(R, T, sizes),
+        keys.FINAL_AVG_ACC: average_incremental_accuracy(R, sizes),
+        keys.FINAL_FORGETTING: forgetting(R),
+        keys.FINAL_BWT: backward_transfer(R),
+        keys.FINAL_ACC_TIL: accuracy_after(R_til, T, sizes),
     }

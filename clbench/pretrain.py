@@ -17,6 +17,12 @@ from clbench.paths import cache_dir
 
 PRETRAIN_EPOCHS = 40
 
+# Tiny ViTs for CPU suites and tests: real timm VisionTransformer instances, small enough for 2 cores.
+TINY = {
+    "vit_tiny_clbench": dict(patch_size=4, embed_dim=64, depth=4, num_heads=4, mlp_ratio=2.0),
+    "vit_micro_clbench": dict(patch_size=4, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0),
+}
+
 
 def tiny_checkpoint(name: str, image_size: int, in_chans: int, progress=print) -> Path:
     """Path of the cached pretrained weights, pretraining on digits first if they are not cached."""
@@ -35,7 +41,6 @@ def tiny_checkpoint(name: str, image_size: int, in_chans: int, progress=print) -
 def pretrain_on_digits(name: str, image_size: int, in_chans: int, epochs: int = PRETRAIN_EPOCHS) -> dict:
     from timm.models.vision_transformer import VisionTransformer
 
-    from clbench.backbones import TINY
     from clbench.streams import _digits
 
     g = torch.Generator().manual_seed(0)

@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from clbench import keys
 from clbench.leaderboard import (
     METRICS,
     Group,
@@ -24,6 +25,9 @@ from clbench.leaderboard import (
     note_lines,
     provenance_lines,
 )
+from clbench.leaderboard import render as render_text
+from clbench.plots import _plt as plots_plt
+from clbench.tracking import Tracker, read_runs
 
 CSS = """
 body{font-family:system-ui,sans-serif;margin:24px;color:#222}
@@ -40,8 +44,6 @@ ul{font-size:13px}
 
 
 def _plt():
-    from clbench.plots import _plt as plots_plt
-
     return plots_plt()
 
 
@@ -100,28 +102,21 @@ def plot_pareto(g: Group) -> str | None:
 
 
 def plot_imbalance_forgetting(g: Group) -> str | None:
+    """The group's ``Correlation`` (clbench.leaderboard): its points, and its rho in the title, the number the
+    parent run logs as ``suite/spearman_imbalance_forgetting``."""
+    ev = g.imbalance_forgetting
+    if not ev.n:
+        return None
     plt = _plt()
     colors = _colors(g.rows)
-    xs, ys = [], []
     fig, ax = plt.subplots(figsize=(5.5, 4))
     for row in g.rows:
-        pts = [(r["values"]["spectra/top1_share"], r["values"]["final/forgetting"]) for r in row.runs]
-        pts = [p for p in pts if p[0] is not None and p[1] is not None]
+        pts = [(x, y) for x, y, label in zip(ev.x, ev.y, ev.labels) if label.rpartition("/s")[0] == row.method]
         if pts:
             ax.scatter([p[0] for p in pts], [p[1] for p in pts], color=colors[row.method], label=row.method)
-            xs += [p[0] for p in pts]
-            ys += [p[1] for p in pts]
-    if not xs:
-        plt.close(fig)
-        return None
-    title = f"{len(xs)} finished runs"
-    if len(xs) >= 3 and len(set(xs)) > 1 and len(set(ys)) > 1:
-        from scipy.stats import spearmanr
-
-        title = f"Spearman rho = {spearmanr(xs, ys).statistic:.3f} over " + title
-    ax.set_xlabel("spectral imbalance: top1_share, mean over tasks")
-    ax.set_ylabel("final/forgetting (points)")
-    ax.set_title(title, fontsize=9)
+    ax.set_xlabel(f"spectral imbalance: {keys.SPECTRA_MEAN_TOP1}")
+    ax.set_ylabel(f"{keys.FINAL_FORGETTING} (points)")
+    ax.set_title(ev.title(), fontsize=9)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -200,11 +195,15 @@ def render_html(groups: list[Group], title: str = "clbench leaderboard") -> str:
     return "\n".join(parts)
 
 
-def log_report(tracker, parent: str, experiment: str, suite_hash: str, title: str | None = None) -> bool:
-    """Write the leaderboard of one suite hash in ``experiment`` as ``leaderboard.html`` on the parent run."""
-    from clbench.tracking import read_runs
+def render(groups: list[Group], fmt: str, title: str = "clbench leaderboard") -> str:
+    """The leaderboard in any format of ``clbench leaderboard --format`` (html here, the others in
+    ``clbench.leaderboard``)."""
+    return render_html(groups, title) if fmt == "html" else render_text(groups, fmt)
 
-    runs = [r for r in read_runs(experiment, tracker.uri) if r["tags"].get("clbench.suite_hash") == suite_hash]
+
+def log_report(tracker: Tracker, parent: str, experiment: str, suite_hash: str, title: str | None = None) -> bool:
+    """Write the leaderboard of one suite hash in ``experiment`` as ``leaderboard.html`` on the parent run."""
+    runs = [r for r in read_runs(experiment, tracker.uri) if r.tags.get(keys.SUITE_HASH) == suite_hash]
     if not runs:
         return False
     groups = aggregate(runs)

@@ -70,5 +70,5 @@ def run_method(method: Any, stream: Stream | None = None, model: CLModel | None 
     model = model or tiny_model(seed=seed)
     results: list[TaskResult] = []
     state = run_stream(model, stream, run_manager(method), tiny_train(**train), seed, torch.device("cpu"),
-                       on_task=results.append)
+                       on_task=lambda result, state, model: results.append(result))
     return TinyRun(model, method, state, results)

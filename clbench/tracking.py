@@ -11,12 +11,14 @@ import contextlib
 import os
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
+from clbench import keys
 from clbench.errors import ClbenchError
 
-PARENT_TAG = "mlflow.parentRunId"
+PARENT_TAG = keys.PARENT_RUN
 LOCK_RETRIES = 8  # sqlite allows one writer at a time; a concurrent `clbench run` may hold the lock briefly
 
 
@@ -95,6 +97,41 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
         else:
             out[key] = str(v)[:6000]
     return out
+
+
+def store_uri(uri: str | None = None) -> str:
+    """The tracking store to use: ``uri``, else ``$MLFLOW_TRACKING_URI``, else MLflow's own default (``./mlflow.db``,
+    artifacts in ``./mlruns``). The one rule for ``clbench run``, ``clbench leaderboard`` and ``clbench ui``."""
+    import mlflow
+
+    return uri or os.environ.get("MLFLOW_TRACKING_URI") or mlflow.get_tracking_uri()
+
+
+class Tracker(Protocol):
+    """What the runner and recorder need from a tracker (``MlflowTracker``, ``NullTracker``)."""
+
+    uri: str
+
+    def start_run(self, name: str, tags: dict[str, str], params: dict[str, Any],
+                  parent: str | None = None) -> str: ...
+
+    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int = 0) -> None: ...
+
+    def log_params(self, run_id: str, params: dict[str, Any]) -> None: ...
+
+    def set_tags(self, run_id: str, tags: dict[str, str]) -> None: ...
+
+    def log_artifacts(self, run_id: str, folder: str | Path, artifact_path: str | None = None) -> None: ...
+
+    def flush(self, run_id: str | None = None) -> None: ...
+
+    def end_run(self, run_id: str, status: str = "FINISHED") -> None: ...
+
+    def run_status(self, run_id: str) -> str | None: ...
+
+    def reopen_run(self, run_id: str) -> None: ...
+
+    def logged_steps(self, run_id: str, key: str) -> set[int]: ...
 
 
 class NullTracker:
@@ -238,24 +275,39 @@ class MlflowTracker:
 
 
 def make_tracker(experiment: str, uri: str | None) -> MlflowTracker:
-    return MlflowTracker(experiment, uri or os.environ.get("MLFLOW_TRACKING_URI") or None)
+    return MlflowTracker(experiment, store_uri(uri))
 
 
 # --- Reading (the leaderboard's only door into MLflow; it never writes) -------------------------------------
 
-CHILD_FILTER = "tags.`clbench.role` = 'child'"
-HISTORY_KEYS = ("eval/acc", "spectra/top1_share", "spectra/overlap")
+CHILD_FILTER = f"tags.`{keys.ROLE}` = '{keys.ROLE_CHILD}'"
+HISTORY_KEYS = (keys.EVAL_ACC,)
+
+
+@dataclass
+class RunInfo:
+    """One clbench child run as read back from MLflow. ``metrics`` holds each key's last value; ``history``
+    maps a key of ``read_runs(history=...)`` to its (step, value) points sorted by step."""
+
+    run_id: str
+    run_name: str | None
+    experiment: str
+    status: str
+    start_time: int | None  # ms since the epoch
+    end_time: int | None
+    tags: dict[str, str] = field(default_factory=dict)
+    params: dict[str, str] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+    history: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
 
 
 def resolve_read_uri(uri: str | None) -> str:
-    """The store to read: ``uri``, else ``$MLFLOW_TRACKING_URI``, else MLflow's own default.
+    """The store to read (``store_uri``).
 
     A sqlite store that does not exist is an error here: opening it would create an empty database, and reading
     must never write.
     """
-    import mlflow
-
-    resolved = uri or os.environ.get("MLFLOW_TRACKING_URI") or mlflow.get_tracking_uri()
+    resolved = store_uri(uri)
     if resolved.startswith("sqlite:///"):
         path = Path(resolved.removeprefix("sqlite:///"))
         if str(path) != ":memory:" and not path.exists():
@@ -265,12 +317,8 @@ def resolve_read_uri(uri: str | None) -> str:
 
 
 def read_runs(experiment: str | None = None, uri: str | None = None,
-              history: tuple[str, ...] = HISTORY_KEYS) -> list[dict[str, Any]]:
-    """Every clbench child run (active, not deleted) of ``experiment`` (all experiments when None), as plain dicts.
-
-    Each dict has run_id, run_name, experiment, status, start_time (ms), end_time, tags, params, metrics (last
-    value per key) and history (key -> list of (step, value) sorted by step, for the keys in ``history``).
-    """
+              history: tuple[str, ...] = HISTORY_KEYS) -> list[RunInfo]:
+    """Every clbench child run (active, not deleted) of ``experiment`` (all experiments when None)."""
     from mlflow.tracking import MlflowClient
 
     resolved = resolve_read_uri(uri)
@@ -289,7 +337,7 @@ def read_runs(experiment: str | None = None, uri: str | None = None,
                                f"{', '.join(sorted(names.values())) or '(none)'}")
     else:
         ids = list(names)
-    out: list[dict[str, Any]] = []
+    out: list[RunInfo] = []
     token = None
     while ids:
         page = client.search_runs(ids, filter_string=CHILD_FILTER, max_results=1000, page_token=token)
@@ -300,10 +348,8 @@ def read_runs(experiment: str | None = None, uri: str | None = None,
                 if key in data.metrics:
                     points = client.get_metric_history(info.run_id, key)
                     hist[key] = sorted((int(m.step), float(m.value)) for m in points)
-            out.append({"run_id": info.run_id, "run_name": info.run_name, "experiment": names[info.experiment_id],
-                        "status": info.status, "start_time": info.start_time, "end_time": info.end_time,
-                        "tags": dict(data.tags), "params": dict(data.params), "metrics": dict(data.metrics),
-                        "history": hist})
+            out.append(RunInfo(info.run_id, info.run_name, names[info.experiment_id], info.status, info.start_time,
+                               info.end_time, dict(data.tags), dict(data.params), dict(data.metrics), hist))
         token = page.token
         if not token:
             break

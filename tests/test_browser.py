@@ -174,9 +174,10 @@ PROBE = ("<script>window.addEventListener('load', () => document.body.setAttribu
 
 def test_html_report_renders_with_its_plots(server):
     from clbench import leaderboard as lb
+    from clbench.report import render
 
     url, _, folder = server
-    html_text = lb.render(lb.build("bench", url), "html")
+    html_text = render(lb.build("bench", url), "html")
     page = folder / "report.html"
     # The report has no scripts; the probe only reads back what Chromium decoded.
     page.write_text(html_text.replace("</body>", PROBE + "</body>"))

@@ -39,6 +39,7 @@ def _uneven_batch_size(n: int) -> int:
 
 
 def _train(name: str, batch_size: int):
+    from clbench.distributed import communicator
     from clbench.loop import run_stream
     from clbench.registry import discover, run_manager
     from clbench.testing import tiny_model
@@ -46,7 +47,7 @@ def _train(name: str, batch_size: int):
     stream, cfg = _setup(batch_size)
     model = tiny_model(seed=0)
     method = discover([], strict=False).get(name).cls()
-    state = run_stream(model, stream, run_manager(method), cfg, 0, torch.device("cpu"))
+    state = run_stream(model, stream, run_manager(method), cfg, 0, torch.device("cpu"), comm=communicator())
     return state.R, {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 

@@ -226,21 +226,22 @@ def test_resumed_run_matches_an_uninterrupted_one():
     stream, params, cfg = _stream(), {**FAST, "subspace_gradient": "pre"}, tiny_train(batch_size=8)
     saved = {}
 
-    def keep(t, model, state):
-        if t == 0:
+    def keep(res, state, model):
+        ref_results.append(res)
+        if res.task == 0:
             buf = io.BytesIO()
             torch.save({"model": model.state_dict(), "method": state.method_state, "rng": rng_state()}, buf)
             saved["ck"], saved["R"], saved["R_til"] = buf.getvalue(), state.R.copy(), state.R_til.copy()
 
     ref_results = []
     ref = run_stream(tiny_model(), stream, run_manager(EBLoRA(params)), cfg, 0, torch.device("cpu"),
-                     on_task=ref_results.append, after_report=keep)
+                     on_task=keep)
     ck = torch.load(io.BytesIO(saved["ck"]), weights_only=True)
     resumed_results = []
     state = LoopState(next_task=1, R=saved["R"], R_til=saved["R_til"], method_state=ck["method"],
                       model_state=ck["model"], rng=ck["rng"])
     out = run_stream(tiny_model(seed=5), stream, run_manager(EBLoRA(params)), cfg, 0, torch.device("cpu"),
-                     on_task=resumed_results.append, state=state)
+                     on_task=lambda res, s, m: resumed_results.append(res), state=state)
     np.testing.assert_array_equal(out.R, ref.R)
     for name, u in ref_results[-1].updates.items():
         v = resumed_results[-1].updates[name]

@@ -63,7 +63,7 @@ def _run(params: dict, num_tasks: int = 3, snapshot=None):
     method = Recording({"rank": RANK, **params})
     cfg = tiny_train(epochs=2, lr=1e-2)
     state = run_stream(model, stream, run_manager(method), cfg, 0, torch.device("cpu"),
-                       after_report=lambda t, m, s: snapshot and snapshot(t, m, method, s))
+                       on_task=lambda res, s, m: snapshot and snapshot(res.task, m, method, s))
     return stream, model, method, state, cfg
 
 

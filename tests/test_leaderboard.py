@@ -90,8 +90,10 @@ def make_store(uri: str, artifacts: Path) -> dict[str, str]:
             metrics += [Metric("cost/trainable_params", params_count * rank / 4, t, 1),
                         Metric("cost/img_per_s", img_s, t, 1), Metric("cost/peak_mem_mb", 512.0, t, 1),
                         Metric("cost/train_seconds", 10.0 + seed, t, 1)]
-            if label == "lora":  # lora logs the runner's mean; the others only the per-task history
-                metrics.append(Metric("spectra/mean_top1_share", sum(t1_hist) / len(t1_hist), t, 1))
+            # the recorder's means over tasks, under their own keys (the leaderboard reads these, not the history)
+            metrics.append(Metric("spectra/mean_top1_share", sum(t1_hist) / len(t1_hist), t, 1))
+            if ov_hist:
+                metrics.append(Metric("spectra/mean_overlap", sum(ov_hist) / len(ov_hist), t, 1))
         client.log_batch(run.info.run_id, metrics=metrics,
                          params=[Param(key, str(v)) for key, v in params.items()])
         if status != "RUNNING":
@@ -135,15 +137,15 @@ def test_aggregates_equal_hand_computed_values(groups):
     assert (m["final/bwt"].mean, m["final/bwt"].std) == pytest.approx((-12.0, 2.0))
     assert (m["final/acc_til"].mean, m["final/acc_til"].std) == pytest.approx((91.0, math.sqrt(3.0)))
     # top1_share: mean over tasks per run (0.6, 0.7, 0.8), then over seeds
-    assert (m["spectra/top1_share"].mean, m["spectra/top1_share"].std) == pytest.approx((0.7, 0.1))
+    assert (m["spectra/mean_top1_share"].mean, m["spectra/mean_top1_share"].std) == pytest.approx((0.7, 0.1))
     # overlap: one task with an overlap per run here (0.2, 0.4, 0.6)
-    assert (m["spectra/overlap"].mean, m["spectra/overlap"].std) == pytest.approx((0.4, 0.2))
+    assert (m["spectra/mean_overlap"].mean, m["spectra/mean_overlap"].std) == pytest.approx((0.4, 0.2))
     assert (m["cost/train_seconds"].mean, m["cost/train_seconds"].std) == pytest.approx((11.0, 1.0))
     assert m["cost/trainable_params"].mean == 4226.0 and m["cost/trainable_params"].std == 0.0
     assert lora.seeds == [0, 1, 2]
     assert (olora.metrics["final/acc"].mean, olora.metrics["final/acc"].std) == pytest.approx((63.0, 3.0))
-    assert olora.metrics["spectra/top1_share"].mean == pytest.approx(0.3)  # from the history alone
-    assert olora.metrics["spectra/overlap"].mean == pytest.approx(0.1)
+    assert olora.metrics["spectra/mean_top1_share"].mean == pytest.approx(0.3)
+    assert olora.metrics["spectra/mean_overlap"].mean == pytest.approx(0.1)
     # inflora: the failed seed 2 (acc 1, forgetting 99) is not averaged in
     assert inflora.n == 2 and inflora.seeds == [0, 1]
     assert (inflora.metrics["final/acc"].mean, inflora.metrics["final/acc"].std) == pytest.approx(
@@ -231,7 +233,7 @@ def test_markdown_rows_parse(groups):
         assert all(len(r) == len(t[0]) for r in t)
         assert set(t[1][0]) <= set("-:")
     header, rows = tables[1][0], tables[1][2:]
-    acc = header.index("acc")
+    acc = header.index("final/acc")  # every column under the MLflow key it reads
     assert [(r[1], r[acc]) for r in rows] == [("inflora", "82.00 ± 2.83"), ("lora", "72.00 ± 2.00"),
                                               ("olora", "63.00 ± 3.00"), ("eblora", "-")]
 
@@ -261,7 +263,9 @@ def png_images(html_text: str) -> list[bytes]:
 
 
 def test_html_report_is_self_contained_with_plots(groups):
-    text = lb.render(groups, "html")
+    from clbench.report import render
+
+    text = render(groups, "html")
     assert "http://" not in text and "https://" not in text and "<script" not in text
     images = png_images(text)
     # hash A: pareto, imbalance-vs-forgetting, curves; hash B the same (three runs of one method)
@@ -349,7 +353,7 @@ def test_stat_single_seed_has_no_std():
 
 
 def test_a_failing_report_never_fails_the_suite_run(tmp_path):
-    from clbench.runner import _leaderboard_report
+    from clbench.recorder import leaderboard_report
     from clbench.suite import load_suite
 
     suite_file = tmp_path / "s.yaml"
@@ -365,5 +369,5 @@ def test_a_failing_report_never_fails_the_suite_run(tmp_path):
             raise AssertionError("nothing to log")
 
     messages: list[str] = []
-    _leaderboard_report(Tracker(), "parent", load_suite(suite_file), messages.append)
+    leaderboard_report(Tracker(), "parent", load_suite(suite_file), messages.append)
     assert len(messages) == 1 and "leaderboard report not written" in messages[0] and "gone.db" in messages[0]

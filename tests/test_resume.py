@@ -1,8 +1,9 @@
 """Resume after any crash: SIGKILL (and Ctrl-C) at named points of a tiny suite, then `clbench run` again.
 
-One chain of `clbench run` processes, each killed at a different point through the ``CLBENCH_TEST_KILL_AT``
-hook (clbench/checkpoint.py), the last one left to finish; compared with an uninterrupted in-process run of
-the same suite. Subprocesses are few on purpose: each costs seconds of imports.
+One chain of `clbench run` processes, each killed at a different point, the last one left to finish; compared
+with an uninterrupted run of the same suite. The kill is injected from the test side: the child process runs
+``KILLER`` (below), which wraps one function of clbench to kill the process there, then runs the CLI; production
+code knows nothing about it. Subprocesses are few on purpose: each costs seconds of imports.
 """
 
 from __future__ import annotations
@@ -57,13 +58,69 @@ def history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
     return sorted((m.step, m.value) for m in MlflowClient(tracking_uri=uri).get_metric_history(run_id, key))
 
 
+# ``python -c KILLER POINT:TASK[:INT] clbench-args...``: `clbench run` that kills itself with SIGKILL (SIGINT with
+# ``:INT``) the first time it reaches POINT of task TASK: ``train`` (the task's training starts), ``eval`` (the
+# evaluation after the task starts), ``checkpoint`` (the task's checkpoint written to its temporary file, not yet
+# renamed), ``log`` (the task's metrics in MLflow, before anything else).
+KILLER = """
+import os, signal, sys
+from pathlib import Path
+
+from clbench import checkpoint, loop, recorder
+
+point, task, *how = sys.argv[1].split(":")
+task = int(task)
+fired = []
+
+
+def die():
+    fired.append(1)
+    os.kill(os.getpid(), signal.SIGINT if how == ["INT"] else signal.SIGKILL)
+
+
+def at(owner, name, when):
+    original = getattr(owner, name)
+
+    def wrapper(*args, **kwargs):
+        if not fired and when(*args, **kwargs):
+            die()
+        return original(*args, **kwargs)
+
+    setattr(owner, name, wrapper)
+
+
+if point == "train":
+    at(loop, "train_task", lambda model, stream, pm, ctx, *a, **k: ctx.task == task)
+elif point == "eval":
+    at(loop, "evaluate", lambda model, stream, upto, *a, **k: upto == task)
+elif point == "checkpoint":
+    def half_written(store, payload):
+        data = {"format": checkpoint.FORMAT, "version": checkpoint.VERSION, "key": store.key, **payload}
+        checkpoint.write_synced(checkpoint.temporary_path(store.path), lambda f: checkpoint.torch.save(data, f))
+        return True
+
+    at(checkpoint.RunStore, "save", lambda store, payload: payload["next_task"] - 1 == task and half_written(store, payload))
+elif point == "log":
+    original = recorder.RunRecorder.on_task
+
+    def on_task(self, result, state, model):
+        original(self, result, state, model)
+        if not fired and result.task == task:
+            die()
+
+    recorder.RunRecorder.on_task = on_task
+sys.argv = ["clbench", *sys.argv[2:]]
+from clbench.cli import main
+
+main()
+"""
+
+
 def start_run(suite: Path, ckdir: Path, uri: str, kill: str | None) -> subprocess.Popen:
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri}  # explicit: mlflow.set_tracking_uri rewrites os.environ
-    env.pop(checkpoint.KILL_ENV, None)
-    if kill:
-        env[checkpoint.KILL_ENV] = kill
-    return subprocess.Popen([sys.executable, "-m", "clbench.cli", "run", str(suite), "--checkpoint-dir", str(ckdir)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    args = ["run", str(suite), "--checkpoint-dir", str(ckdir)]
+    cmd = [sys.executable, "-c", KILLER, kill, *args] if kill else [sys.executable, "-m", "clbench.cli", *args]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 
 def clbench_run(suite: Path, ckdir: Path, uri: str, kill: str | None) -> subprocess.CompletedProcess:
@@ -214,7 +271,7 @@ def test_checkpoints_load_weights_only_and_foreign_files_give_one_line(tmp_path)
     torch.save({"state_dict": {}}, store.path)
     with pytest.raises(ClbenchError, match="not a clbench checkpoint"):
         store.load()
-    store.save({"next_task": 1, "R": torch.zeros(2)}, task=0)
+    store.save({"next_task": 1, "R": torch.zeros(2)})
     assert store.load()["next_task"] == 1
     assert checkpoint.RunStore(store.dir, "another run").load() is None  # a different run never resumes it
     assert not list(store.dir.glob(".checkpoint.pt.tmp-*"))
@@ -265,16 +322,16 @@ def test_every_method_resumes_bit_exactly_through_a_checkpoint(name, tmp_path):
     class Stop(Exception):
         pass
 
-    def save_and_stop(t, m, st):
-        if t == 1:
+    def save_and_stop(res, st, m):
+        if res.task == 1:
             store.save({"next_task": st.next_task, "R": torch.from_numpy(st.R.copy()),
                         "R_til": torch.from_numpy(st.R_til.copy()), "model": copy.deepcopy(m.state_dict()),
-                        "method": st.method_state, "rng": checkpoint.rng_state()}, t)
+                        "method": st.method_state, "rng": checkpoint.rng_state()})
             raise Stop
 
     m2, meth2 = fresh()
     with pytest.raises(Stop):
-        run_stream(m2, stream, run_manager(meth2), cfg, 0, cpu, after_report=save_and_stop)
+        run_stream(m2, stream, run_manager(meth2), cfg, 0, cpu, on_task=save_and_stop)
     ck = store.load()
     m3, meth3 = fresh()
     state = LoopState(next_task=ck["next_task"], R=ck["R"].numpy(), R_til=ck["R_til"].numpy(),

@@ -1,0 +1,74 @@
+"""Every MLflow tag and metric key clbench writes or reads, in one place (DESIGN.md section 5).
+
+Writers (``clbench.recorder``, ``clbench.runner``, ``clbench.metrics``) and readers (``clbench.tracking``,
+``clbench.leaderboard``, ``clbench.report``, ``clbench.cli``) import these names, so a renamed key cannot drift
+between the run that logs it and the leaderboard that reads it. Layout: one parent run per suite invocation
+(``suite/*``), one child run per (method, seed): per-task metrics at step = task index (``eval/*``,
+``train/*``, ``cost/task_*``, the per-layer ``spectra/*`` of ``clbench.spectra``), final metrics at the last
+step (``final/*``, ``cost/*``, ``spectra/mean_*``).
+"""
+
+from __future__ import annotations
+
+# -- tags -------------------------------------------------------------------------------------------------------
+PARENT_RUN = "mlflow.parentRunId"  # MLflow's own nesting tag
+ROLE = "clbench.role"
+ROLE_PARENT = "parent"
+ROLE_CHILD = "child"
+SUITE = "clbench.suite"
+SUITE_HASH = "clbench.suite_hash"  # the protocol: runs of different hashes are never compared
+VERSION = "clbench.version"
+GIT_SHA = "clbench.git_sha"
+METHOD = "clbench.method"  # the suite's label of the method entry
+METHOD_NAME = "clbench.method_name"  # the registered method name
+SEED = "clbench.seed"
+DEVICE = "clbench.device"
+PLUGIN_SOURCE = "clbench.plugin_source"
+STREAM_PREFIX = "clbench.stream."  # + a stream's meta key (split_sha256, ...)
+ERROR = "clbench.error"
+
+# -- per task (step = task index) -------------------------------------------------------------------------------
+EVAL_ACC = "eval/acc"  # A_t: CIL accuracy over the pooled test samples of tasks 0..t
+EVAL_ACC_TIL = "eval/acc_til"
+TRAIN_LOSS = "train/loss"
+TASK_TRAIN_SECONDS = "cost/task_train_seconds"
+TASK_EVAL_SECONDS = "cost/task_eval_seconds"
+SPECTRA_SECONDS = "cost/spectra_seconds"
+SPECTRA_TOP1 = "spectra/top1_share"  # this task's update (clbench.spectra writes the spectra/* row)
+SPECTRA_OVERLAP = "spectra/overlap"
+
+
+def eval_acc_task(j: int) -> str:
+    """CIL accuracy on task j's test set after the current task (a row of the accuracy matrix)."""
+    return f"eval/acc/task_{j:02d}"
+
+
+def train_term(name: str) -> str:
+    """A method's extra loss term, mean over the task's steps."""
+    return f"train/{name}"
+
+
+def hook_seconds(hook: str) -> str:
+    return f"cost/hook_seconds/{hook}"
+
+
+# -- final (child run, step = last task) ------------------------------------------------------------------------
+FINAL_ACC = "final/acc"
+FINAL_AVG_ACC = "final/avg_acc"
+FINAL_FORGETTING = "final/forgetting"
+FINAL_BWT = "final/bwt"
+FINAL_ACC_TIL = "final/acc_til"
+COST_TRAIN_SECONDS = "cost/train_seconds"
+COST_IMG_PER_S = "cost/img_per_s"
+COST_PEAK_MEM_MB = "cost/peak_mem_mb"
+COST_TRAINABLE_PARAMS = "cost/trainable_params"
+COST_HOOK_SHARE = "cost/hook_share"
+SPECTRA_MEAN_TOP1 = "spectra/mean_top1_share"  # mean over tasks of spectra/top1_share
+SPECTRA_MEAN_OVERLAP = "spectra/mean_overlap"  # mean over tasks of spectra/overlap
+
+# -- suite (parent run) ------------------------------------------------------------------------------------------
+SUITE_RUNS_FINISHED = "suite/runs_finished"
+SUITE_RUNS_FAILED = "suite/runs_failed"
+SUITE_SPEARMAN = "suite/spearman_imbalance_forgetting"
+SUITE_SPEARMAN_P = "suite/spearman_p"
+SUITE_SPEARMAN_N = "suite/spearman_n"

@@ -1,0 +1,234 @@
+"""Recording: what a run leaves behind after every task and at its end (MLflow metrics, checkpoints,
+artifacts), and the suite-level figures on the parent run.
+
+``RunRecorder`` is the loop's single callback (``on_task(result, state, model)``): per task it turns the
+loop's ``TaskResult`` into metrics (``clbench.keys``), adds the task's update to the spectra, writes the
+checkpoint (atomically, with the task's metrics as "pending") and only then logs the metrics, so a crash at any
+moment loses nothing and logs nothing twice. ``finish`` logs the final metrics and the artifacts and marks the
+run done. ``record_suite`` computes the parent run's figures over every finished child run of the protocol.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import clbench
+from clbench import checkpoint, keys, plots
+from clbench.backbones import CLModel
+from clbench.errors import ClbenchError
+from clbench.leaderboard import aggregate
+from clbench.loop import LoopState, TaskResult, peak_memory_mb
+from clbench.metrics import accuracy_after, per_task_forgetting, summary
+from clbench.plan import PlannedRun, RunRecord
+from clbench.report import log_report
+from clbench.spectra import SpectraTracker
+from clbench.suite import Suite
+from clbench.tracking import Tracker, read_runs
+
+PACKAGES = ("torch", "torchvision", "timm", "avalanche-lib", "mlflow", "pluggy", "pydantic", "numpy")
+
+
+def git_sha() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(clbench.__file__).parent)
+        return out.stdout.strip() or None if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def package_versions() -> dict[str, str]:
+    out = {"python": platform.python_version(), "clbench": clbench.__version__}
+    for p in PACKAGES:
+        try:
+            out[p] = version(p)
+        except PackageNotFoundError:
+            out[p] = "not installed"
+    return out
+
+
+def task_metrics(res: TaskResult) -> dict[str, float]:
+    """The MLflow metrics of one finished task (logged at step = task index)."""
+    t = res.task
+    m = {keys.EVAL_ACC: accuracy_after(res.R, t, res.sizes), keys.EVAL_ACC_TIL: accuracy_after(res.R_til, t, res.sizes),
+         keys.TRAIN_LOSS: res.loss, keys.TASK_TRAIN_SECONDS: res.train_seconds,
+         keys.TASK_EVAL_SECONDS: res.eval_seconds}
+    m.update({keys.eval_acc_task(j): float(res.R[t, j]) for j in range(t + 1)})
+    m.update({keys.train_term(k): v for k, v in res.loss_terms.items()})
+    m.update({keys.hook_seconds(h): secs for h, secs in res.hook_seconds.items()})
+    return m
+
+
+@dataclass
+class RunRecorder:
+    """Checkpoints and logs one (method, seed) run, task by task; see the module docstring."""
+
+    tracker: Tracker
+    run_id: str
+    method_name: str
+    store: checkpoint.RunStore | None = None
+    spectra: SpectraTracker = field(default_factory=SpectraTracker)
+    spectra_rows: list[dict[str, float]] = field(default_factory=list)
+    totals: dict[str, float] = field(
+        default_factory=lambda: {"train_seconds": 0.0, "images": 0, "trainable": 0, "hooks": 0.0})
+    ended: bool = False  # the MLflow run was ended FINISHED (nothing left for the caller to end)
+
+    def resume(self, ck: dict[str, Any]) -> None:
+        """Continue from checkpoint ``ck``; log its last task's metrics now if the crash came before MLflow had
+        them (one task's metrics are one ``log_batch``, all or nothing, so ``eval/acc`` stands for the batch)."""
+        checkpoint.load_spectra_state(self.spectra, ck["spectra"])
+        self.spectra_rows = [dict(r) for r in ck["spectra_rows"]]
+        self.totals.update(ck["totals"])
+        pending = ck.get("pending")
+        if pending and int(pending["task"]) not in self.tracker.logged_steps(self.run_id, keys.EVAL_ACC):
+            self.tracker.log_metrics(self.run_id, pending["metrics"], step=int(pending["task"]))
+            self.tracker.flush(self.run_id)
+
+    def on_task(self, res: TaskResult, state: LoopState, model: CLModel) -> None:
+        """The loop's callback: metrics, spectra, checkpoint, then MLflow."""
+        m = task_metrics(res)
+        if res.updates:
+            tic = time.perf_counter()
+            row = self.spectra.add_task(res.updates)
+            m.update(row)
+            m[keys.SPECTRA_SECONDS] = time.perf_counter() - tic
+            self.spectra_rows.append(row)
+        self.totals["train_seconds"] += res.train_seconds
+        self.totals["images"] += res.images
+        self.totals["trainable"] = max(self.totals["trainable"], res.trainable_params)
+        self.totals["hooks"] += sum(res.hook_seconds.values())
+        if self.store is not None:
+            self._checkpoint(res.task, state, model, m)
+        self.tracker.log_metrics(self.run_id, m, step=res.task)
+        self.tracker.flush(self.run_id)
+
+    def _checkpoint(self, t: int, state: LoopState, model: CLModel, metrics: dict[str, float]) -> None:
+        checkpoint.check_loadable(state.method_state, f"method '{self.method_name}': method_state()")
+        self.store.save({"next_task": state.next_task, "R": torch.from_numpy(state.R.copy()),
+                         "R_til": torch.from_numpy(state.R_til.copy()),
+                         # torch.compile wraps the backbone; checkpoints keep the plain names
+                         "model": {k.replace("_orig_mod.", ""): v for k, v in model.state_dict().items()},
+                         "method": state.method_state, "rng": checkpoint.rng_state(), "run_id": self.run_id,
+                         "spectra": checkpoint.spectra_state(self.spectra), "spectra_rows": self.spectra_rows,
+                         "totals": dict(self.totals), "pending": {"task": t, "metrics": metrics}})
+
+    def final_metrics(self, state: LoopState, sizes: np.ndarray, device: torch.device) -> dict[str, float]:
+        """``final/*`` (clbench.metrics), cost totals and the spectra's means over tasks."""
+        final = summary(state.R, state.R_til, sizes)
+        secs = self.totals["train_seconds"]
+        final.update({keys.COST_TRAIN_SECONDS: secs,
+                      keys.COST_IMG_PER_S: self.totals["images"] / max(1e-9, secs),
+                      keys.COST_PEAK_MEM_MB: peak_memory_mb(device),
+                      keys.COST_TRAINABLE_PARAMS: float(self.totals["trainable"]),
+                      keys.COST_HOOK_SHARE: self.totals["hooks"] / max(1e-9, secs)})
+        for per_task, mean_key in ((keys.SPECTRA_TOP1, keys.SPECTRA_MEAN_TOP1),
+                                   (keys.SPECTRA_OVERLAP, keys.SPECTRA_MEAN_OVERLAP)):
+            vals = [r[per_task] for r in self.spectra_rows if per_task in r]
+            if vals:
+                final[mean_key] = float(np.mean(vals))
+        return final
+
+    def finish(self, state: LoopState, sizes: np.ndarray, device: torch.device, run: PlannedRun, seed: int,
+               suite_yaml: str, stream) -> RunRecord:
+        """Log the final metrics (once) and the artifacts, end the MLflow run, mark the checkpoint done."""
+        final = self.final_metrics(state, sizes, device)
+        last = state.R.shape[0] - 1
+        if last not in self.tracker.logged_steps(self.run_id, keys.FINAL_ACC):
+            self.tracker.log_metrics(self.run_id, final, step=last)
+        write_artifacts(self.tracker, self.run_id, run, seed, state.R, state.R_til, self.spectra, suite_yaml,
+                        stream)
+        self.tracker.end_run(self.run_id, "FINISHED")
+        self.ended = True
+        if self.store is not None:
+            self.store.mark_done(self.run_id, final, state.R)
+        return RunRecord(run.label, seed, self.run_id, "FINISHED", final, state.R)
+
+
+def write_artifacts(tracker: Tracker, run_id: str, run: PlannedRun, seed: int, R, R_til, spectra, suite_yaml: str,
+                    stream) -> None:
+    """The run's files: suite, accuracy matrices (CSV and heatmap), provenance, package versions, spectra."""
+    with tempfile.TemporaryDirectory() as tmp:
+        d = Path(tmp)
+        (d / "suite.yaml").write_text(suite_yaml)
+        np.savetxt(d / "acc_matrix.csv", R, delimiter=",", fmt="%.4f")
+        np.savetxt(d / "acc_matrix_til.csv", R_til, delimiter=",", fmt="%.4f")
+        plots.accuracy_heatmap(R, d / "acc_matrix.png", f"{run.label} seed {seed}: CIL accuracy R[i, j]")
+        (d / "provenance.json").write_text(json.dumps(
+            {"method": run.info.name, "label": run.label, "source": run.info.source, **run.info.provenance,
+             "class_order": stream.class_order}, indent=2))
+        (d / "packages.json").write_text(json.dumps(package_versions(), indent=2))
+        if spectra.task_values:
+            arrays = spectra.arrays()
+            np.savez_compressed(d / "spectra.npz", **arrays)
+            plots.spectrum_heatmap(arrays["task_sv"], list(arrays["layers"]), d / "spectra.png",
+                                   f"{run.label} seed {seed}")
+            T = R.shape[0]
+            if T > 1:
+                f = per_task_forgetting(R)
+                later = [float(np.nanmean([np.nanmean(arrays["layer_metrics"][i, :, 0]) for i in range(j + 1, T)]))
+                         for j in range(T - 1)]
+                plots.scatter(later, f, [f"task {j}" for j in range(T - 1)], d / "forgetting_vs_imbalance.png",
+                              "mean top1_share of later tasks' updates", "forgetting of task j (points)",
+                              f"{run.label} seed {seed}")
+        tracker.log_artifacts(run_id, d)
+
+
+def record_suite(tracker: Tracker, parent: str, suite: Suite, records: list[RunRecord],
+                 progress: Callable[[str], None]) -> None:
+    """The parent run's figures over every finished child run of this protocol (suite hash) in the suite's
+    experiment, this invocation's and earlier ones alike: run counts, the imbalance-forgetting Spearman
+    correlation (``clbench.leaderboard.imbalance_forgetting``: one definition, the report plots the same
+    number) and the HTML leaderboard. A store that cannot be read back (a null tracker) gets this
+    invocation's counts only; a failing report never fails the runs already logged."""
+    experiment = suite.tracking.experiment or suite.name
+    try:
+        runs = read_runs(experiment, tracker.uri) if hasattr(tracker, "client") else []
+    except ClbenchError:
+        runs = []
+    runs = [r for r in runs if r.tags.get(keys.SUITE_HASH) == suite.protocol_hash()]
+    if not runs:
+        tracker.log_metrics(parent, {
+            keys.SUITE_RUNS_FINISHED: float(len([r for r in records if r.status == "FINISHED"])),
+            keys.SUITE_RUNS_FAILED: float(len([r for r in records if r.status != "FINISHED"]))})
+        tracker.flush(parent)
+        return
+    [group] = aggregate(runs)
+    ev = group.imbalance_forgetting
+    failed = [u for u in group.unfinished if u["status"] in ("FAILED", "KILLED")]
+    figures = {keys.SUITE_RUNS_FINISHED: float(sum(row.n for row in group.rows)),
+               keys.SUITE_RUNS_FAILED: float(len(failed)), keys.SUITE_SPEARMAN_N: float(ev.n)}
+    if ev.rho is not None:  # at least 3 runs, neither side constant
+        figures.update({keys.SUITE_SPEARMAN: ev.rho, keys.SUITE_SPEARMAN_P: ev.p})
+    tracker.log_metrics(parent, figures)
+    tracker.flush(parent)
+    if ev.rho is not None:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "imbalance_vs_forgetting.png"
+            plots.scatter(ev.x, ev.y, ev.labels, path, f"{keys.SPECTRA_MEAN_TOP1} (spectral imbalance)",
+                          keys.FINAL_FORGETTING, ev.title())
+            tracker.log_artifacts(parent, tmp)
+    leaderboard_report(tracker, parent, suite, progress)
+
+
+def leaderboard_report(tracker: Tracker, parent: str, suite: Suite, progress: Callable[[str], None]) -> None:
+    """This protocol's leaderboard in the suite's experiment as ``leaderboard.html`` on the parent run; guarded,
+    because a failing report must never fail or lose the runs already logged."""
+    if not hasattr(tracker, "client"):  # a null or test tracker stores nothing to read back
+        return
+    try:
+        log_report(tracker, parent, suite.tracking.experiment or suite.name, suite.protocol_hash(),
+                   title=f"clbench leaderboard: {suite.name}")
+    except Exception as exc:  # noqa: BLE001
+        progress(f"leaderboard report not written ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})")
