@@ -5,7 +5,7 @@ Two pluggy managers use this file (see ``clbench.registry``):
 * the *discovery* manager calls :func:`register_methods` on every plugin module once, so the module can
   ``register(MethodClass)``;
 * the *per-run* manager holds the one method instance of a run, the harness's default ``task_updates``
-  (``clbench.lora.TaskUpdateProbe``, called last) and read-only probes; the training loop
+  (``clbench.probes.TaskUpdateProbe``, called last) and read-only probes; the training loop
   (``clbench/loop.py``) calls the lifecycle hooks below, in this order::
 
       configure_model                                    once, before the first task
@@ -111,7 +111,7 @@ class MethodSpec:
         """After the task: this task's update of every adapted layer as low-rank factors
         (``LowRank(B, A)`` with delta W = B @ A), keyed by the adapted layer's name. Used for spectra.
 
-        First non-None result wins. The harness's own implementation (``clbench.lora.TaskUpdateProbe``) is
+        First non-None result wins. The harness's own implementation (``clbench.probes.TaskUpdateProbe``) is
         called last: a method that does not implement this hook, or returns None, gets the change of its
         sites' branches across the task (taken after ``after_task``, before ``merge_task``). Return ``{}``
         to report no update."""

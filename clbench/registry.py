@@ -193,9 +193,9 @@ def discover(plugins_dirs: Iterable[str | Path] = (), strict: bool = True) -> Re
 
 def run_manager(method: Any, probes: Iterable[Any] = ()) -> pluggy.PluginManager:
     """The per-run manager: the one method instance of the run, the harness's default ``task_updates``
-    (:class:`clbench.lora.TaskUpdateProbe`, called last: a method's own non-None result wins) and read-only
+    (:class:`clbench.probes.TaskUpdateProbe`, called last: a method's own non-None result wins) and read-only
     probes."""
-    from clbench.lora import TaskUpdateProbe  # torch: loaded only when a run is set up
+    from clbench.probes import TaskUpdateProbe  # torch: loaded only when a run is set up
 
     pm = pluggy.PluginManager(hookspecs.PROJECT)
     pm.add_hookspecs(hookspecs.MethodSpec)

@@ -29,7 +29,7 @@ The rule, per task t and adapted site (a linear map W of d_out x d_in):
   ``||M||^2``; later, the leading left singular vectors of the residual ``M - F F^T M`` until the captured share
   reaches ``energy``. ``merge_task`` folds the branch into the base weight (official: ``merge_and_unload``).
   The task's update reported for spectra is the new branch; the harness computes it
-  (``clbench.lora.TaskUpdateProbe``).
+  (``clbench.probes.TaskUpdateProbe``).
 
 ViT reconstruction (no ViT code exists; docs/METHODS.md section 2):
 

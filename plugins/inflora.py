@@ -30,7 +30,7 @@ Per task t (0-based, T tasks):
    threshold ``eps_t = lambda_b + (lambda_e - lambda_b) t / T``; a "remove" basis with more than d/2 columns is
    replaced by its complement ("retain"), as in the official ``update_DualGPM``.
    The task's update reported for spectra is its branch ``A_t B_t``; the harness computes it
-   (``clbench.lora.TaskUpdateProbe``: the branch is new, earlier ones are merged or frozen).
+   (``clbench.probes.TaskUpdateProbe``: the branch is new, earlier ones are merged or frozen).
 3. ``merge_task`` (``merge: true``, the default): the finished branch is folded into the frozen base weight.
    The official code keeps every task's branch and sums them; merging is output-identical (up to float
    rounding) and makes later tasks and evaluation run at the bare backbone's cost. ``merge: false`` keeps the

@@ -10,7 +10,7 @@ LoRA itself: Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models", IC
 
 The task update reported for spectra is the change of the factor product across the task,
 ``B_t A_t - B_{t-1} A_{t-1}`` (factors ``[B_t, -B_{t-1}] [A_t; A_{t-1}]``): the harness computes it
-(``clbench.lora.TaskUpdateProbe``). IncLoRA reports its task's own branch instead (rank r, without the zero
+(``clbench.probes.TaskUpdateProbe``). IncLoRA reports its task's own branch instead (rank r, without the zero
 half ``-B_{t-1}`` that the harness would add on the first task, where the branch starts at B = 0).
 
 Deviations: targets default to q and v of every block (InfLoRA/SD-LoRA protocol, r = 10) rather than the
