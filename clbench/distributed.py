@@ -62,8 +62,8 @@ def init() -> None:
 
     if not active() or dist.is_initialized():
         return
-    # Avalanche creates loggers at import and refuses to on ranks > 0 once a process group exists: import it first.
-    import avalanche.benchmarks  # noqa: F401
+    # Avalanche must be imported before this point (it refuses to create loggers on ranks > 0 once a process
+    # group exists): clbench.runner.run_suite calls clbench.streams.load_avalanche() before any collective.
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         backend = "cpu:gloo,cuda:nccl"

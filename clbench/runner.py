@@ -28,7 +28,7 @@ from clbench.loop import LoopState, resolve_device, run_stream
 from clbench.plan import PlannedRun, RunJob, RunRecord, plan_runs, run_key, safe_label
 from clbench.recorder import RunRecorder, git_sha, record_suite
 from clbench.registry import discover, run_manager
-from clbench.streams import build_stream
+from clbench.streams import build_stream, load_avalanche
 from clbench.suite import Suite
 from clbench.tracking import NullTracker, Tracker, make_tracker
 
@@ -54,6 +54,8 @@ def run_suite(suite: Suite, source: str, *, methods: list[str] | None = None, se
                 progress(f"would run {run.label} ({run.info.source}) seed {seed}: {run.params.model_dump()}")
         return []
     experiment = suite.tracking.experiment or suite.name
+    if distributed.active():
+        load_avalanche()  # before the process group exists (clbench.streams.load_avalanche says why)
     if distributed.is_follower():  # torchrun rank > 0: rank 0 decides, logs and checkpoints
         return follow(suite, planned, seeds)
     tracker = tracker or make_tracker(experiment, suite.tracking.uri)
