@@ -311,3 +311,25 @@ def test_variants_resume_bit_exactly(params, tmp_path):
     want, got = model.state_dict(), m3.state_dict()
     assert sorted(want) == sorted(got)
     assert all(torch.equal(want[k], got[k]) for k in want)
+
+
+def test_repro_and_comparison_suites_plan_sdlora():
+    """The official configurations (suites/repro) and the ViT comparisons validate and plan an sdlora run."""
+    from pathlib import Path
+
+    from clbench.registry import discover
+    from clbench.runner import plan_runs
+    from clbench.suite import load_suite
+
+    root = Path(__file__).resolve().parents[1] / "suites"
+    repro = sorted((root / "repro").glob("sdlora-*.yaml"))
+    assert len(repro) == 4
+    registry = discover([])
+    for path in [*repro, root / "vit.yaml", root / "vit-imagenet-r.yaml", root / "vit-domainnet.yaml"]:
+        suite = load_suite(path)
+        planned = plan_runs(suite, str(path), registry, None)
+        assert "sdlora" in [p.info.name for p in planned], path
+        if path.parent.name == "repro":  # the official protocol: SGD, momentum 0.9, constant lr, 20 epochs
+            t = suite.train
+            assert (t.optimizer, t.momentum, t.schedule, t.epochs, t.batch_size, t.weight_decay) == (
+                "sgd", 0.9, "constant", 20, 128, 0.0)
