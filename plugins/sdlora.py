@@ -47,6 +47,26 @@ zero coefficient changes are left out.
 
 Nothing is merged into the base weights: every old magnitude keeps training, so each task's branch stays
 live (a step at task t runs t + 1 branches per site).
+
+Presets per benchmark: the official configs differ only in training settings, never in the method's params
+(rank 10 on q and v, alphas from 0.8 everywhere), so there is no ``preset`` param; the suites in
+``suites/repro/`` hold each official protocol (SGD, momentum 0.9, constant lr, 20 epochs, batch 128, no weight
+decay, the timm ``vit_base_patch16_224.augreg2_in21k_ft_in1k`` backbone, the official class order):
+
+==========================  =======  ======  ==========================================
+suite                       tasks    lr      reference (official log; paper)
+==========================  =======  ======  ==========================================
+sdlora-cifar100             10       8e-3    C100.log; paper Table 6
+sdlora-imagenet-r-5         5        1e-2    InR-T5.log; paper Table 2
+sdlora-imagenet-r-10        10       8e-3    InR-T20.log (10 tasks); paper Table 2
+sdlora-imagenet-r-20        20       1e-2    InR-T10.log (20 tasks); paper Table 2
+==========================  =======  ======  ==========================================
+
+Deviations (details in docs/methods/sdlora.md): SD-LoRA-KD, which has no official code, absorbs ``c_t beta_k``
+rather than the paper's literal ``beta_k`` (function-preserving) as per-site offsets; RR uses the code's 0-based
+task indices; ``normalize: product`` and ``reset_magnitudes: false`` are options beyond the official code; the
+official unused orthogonality loss is not computed; a branch computes ``((x A^T) B^T) (alpha / n)`` where the
+official code computes ``alpha (B (A x)) / n`` (equal up to float rounding).
 """
 
 from __future__ import annotations
@@ -128,8 +148,12 @@ def fit_direction(old: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
         (Bp, Ap, np_), (Bq, Aq, nq) = p, q
         return ((Bp.t() @ Bq) * (Ap @ Aq.t())).sum() / (np_ * nq)
 
-    parts = [tuple(t.detach().double() for t in p) for p in old]
-    new = tuple(t.detach().double() for t in new)
+    def f64(p) -> tuple[torch.Tensor, ...]:
+        B, A, n = p
+        return B.detach().double(), A.detach().double(), torch.as_tensor(n).detach().double().reshape(())
+
+    parts = [f64(p) for p in old]
+    new = f64(new)
     G = torch.stack([torch.stack([inner(p, q) for q in parts]) for p in parts])
     b = torch.stack([inner(p, new) for p in parts])
     beta = torch.linalg.lstsq(G, b[:, None], driver="gelsd").solution[:, 0]

@@ -224,47 +224,57 @@ def test_least_squares_fit_of_a_direction_by_earlier_ones():
 
 
 def test_kd_absorbs_only_fitted_directions_and_keeps_the_update_within_the_bound():
+    """Three tasks by hand: task 1's random pairs are kept; task 2's pair is x B0 A0 + y B1 A1 (+ noise) at half
+    the sites, absorbed there as offsets c_2 beta_k = alpha_2 (x n0, y n1), and random (kept) elsewhere."""
     model = tiny_model()
     method = SDLoRA({"rank": 2, "kd": True, "kd_threshold": 1e-3})
-    method.configure_model(model=model, ctx=_ctx(0))
+    method.configure_model(model=model, ctx=_ctx(0, 3))
     gen = torch.Generator().manual_seed(5)
-    method.before_task(model=model, ctx=_ctx(0))
-    with torch.no_grad():
-        for s in method.sites.values():
-            s.branches[0].B.copy_(torch.randn(s.branches[0].B.shape, generator=gen))
-            method.bank[0].fill_(1.3)
-    method.after_task(model=model, ctx=_ctx(0))
-    after0 = {n: s.update().dense() for n, s in method.sites.items()}
-    method.before_task(model=model, ctx=_ctx(1))
+    totals = []
+    for t in range(2):  # rank-1 directions: B's second column zero
+        method.before_task(model=model, ctx=_ctx(t, 3))
+        with torch.no_grad():
+            for s in method.sites.values():
+                s.branches[t].B.copy_(torch.randn(s.branches[t].B.shape, generator=gen))
+                s.branches[t].B[:, 1] = 0
+        method.after_task(model=model, ctx=_ctx(t, 3))
+        totals.append({n: s.update().dense() for n, s in method.sites.items()})
+    assert method.absorbed == [] and all(len(s.branches) == 2 for s in method.sites.values())
+    method.before_task(model=model, ctx=_ctx(2, 3))
     names = sorted(method.sites)
-    fitted = set(names[::2])
+    fitted, (x, y) = set(names[::2]), (1.5, -2.0)
     with torch.no_grad():
-        method.bank[1].fill_(0.7)
+        method.bank[2].fill_(0.7)
         for n in names:
-            old, new = method.sites[n].branches
-            if n in fitted:  # the new pair spans the old direction: B1 A1 = -3 B0 A0 (+ a tiny perturbation)
-                new.A.copy_(old.A)
-                new.B.copy_(-3 * old.B + 1e-6 * torch.randn(old.B.shape, generator=gen))
+            b0, b1, new = method.sites[n].branches
+            if n in fitted:
+                new.A.copy_(torch.stack([b0.A[0], b1.A[0]]))
+                new.B.copy_(torch.stack([x * b0.B[:, 0], y * b1.B[:, 0]], 1)
+                            + 1e-7 * torch.randn(new.B.shape, generator=gen))
             else:
                 new.B.copy_(torch.randn(new.B.shape, generator=gen))
     before = {n: s.update().dense() for n, s in method.sites.items()}
-    coef = {n: float(method.bank[1]) * float(direction_norm(s.branches[1].B, s.branches[1].A, "factors"))
+    norms = {n: [float(b.norm) for b in s.branches[:2]] for n, s in method.sites.items()}
+    coef = {n: 0.7 * float(direction_norm(s.branches[2].B, s.branches[2].A, "factors"))
             for n, s in method.sites.items()}
-    method.after_task(model=model, ctx=_ctx(1))
-    updates = method.task_updates(model=model, ctx=_ctx(1))
+    method.after_task(model=model, ctx=_ctx(2, 3))
+    updates = method.task_updates(model=model, ctx=_ctx(2, 3))
     assert sorted(a["site"] for a in method.absorbed) == sorted(fitted)
     for n, s in method.sites.items():
         after = s.update().dense()
         if n in fitted:
-            assert [b.task for b in s.branches] == [0]
-            assert float(s.branches[0].offset) == pytest.approx(-coef[n], rel=1e-3)  # c_t beta, beta = -1
+            assert [b.task for b in s.branches] == [0, 1]
+            offsets = [float(b.offset) for b in s.branches]
+            assert offsets == pytest.approx([0.7 * x * norms[n][0], 0.7 * y * norms[n][1]], rel=1e-3)
             residual = next(a["residual"] for a in method.absorbed if a["site"] == n)
+            assert residual <= 1e-3
             assert float((after - before[n]).norm()) <= abs(coef[n]) * residual * 1.01 + 1e-6
         else:
-            assert [b.task for b in s.branches] == [0, 1]
+            assert [b.task for b in s.branches] == [0, 1, 2]
+            assert all(float(b.offset) == 0 for b in s.branches)
             assert torch.equal(after, before[n])
-        # the reported update is still what task 1 changed, absorption included
-        torch.testing.assert_close(updates[n].dense(), after - after0[n], rtol=1e-4, atol=1e-6)
+        # the reported update is still what task 2 changed, absorption included
+        torch.testing.assert_close(updates[n].dense(), after - totals[1][n], rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("params", [
