@@ -246,7 +246,9 @@ class SDLoRA(Method):
         for site in self.sites.values():
             for b in site.branches:
                 if not b.frozen:
-                    b.norm.fill_(float(direction_norm(b.B, b.A, self.params.normalize)))
+                    norm = float(direction_norm(b.B, b.A, self.params.normalize))
+                    # a pair left at zero contributes nothing; dividing it by 0 would make NaNs (as officially)
+                    b.norm.fill_(norm if norm > 0 else 1.0)
                     b.requires_grad_(False)
                     b.A.grad, b.B.grad = None, None
 

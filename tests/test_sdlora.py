@@ -343,3 +343,17 @@ def test_repro_and_comparison_suites_plan_sdlora():
             t = suite.train
             assert (t.optimizer, t.momentum, t.schedule, t.epochs, t.batch_size, t.weight_decay) == (
                 "sgd", 0.9, "constant", 20, 128, 0.0)
+
+
+def test_a_pair_left_at_zero_is_frozen_without_nans():
+    model = tiny_model()
+    method = SDLoRA({"rank": 2})
+    method.configure_model(model=model, ctx=_ctx(0))
+    method.before_task(model=model, ctx=_ctx(0))
+    method.after_task(model=model, ctx=_ctx(0))  # B never trained: still zero
+    method.before_task(model=model, ctx=_ctx(1))
+    for site in method.sites.values():
+        assert float(site.branches[0].norm) == 1.0 and site.branches[0].frozen
+    with torch.no_grad():
+        out = model.backbone(model.preprocess(torch.rand(2, model.in_chans, 16, 16)))
+    assert torch.isfinite(out).all()
