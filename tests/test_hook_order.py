@@ -98,13 +98,13 @@ def test_hook_order_on_resume_and_every_hook_exercised():
     stream, cfg, cpu = tiny_stream(num_tasks=2), tiny_train(max_steps_per_epoch=2), torch.device("cpu")
     saved = {}
 
-    def keep_after_first_task(t, model, state):
-        if t == 0:
+    def keep_after_first_task(result, state, model):
+        if result.task == 0:
             saved.update(model=copy.deepcopy(model.state_dict()), method=state.method_state, rng=rng_state(),
                          R=state.R.copy(), R_til=state.R_til.copy())
 
     first = Recorder()
-    run_stream(tiny_model(), stream, run_manager(first), cfg, 0, cpu, after_report=keep_after_first_task)
+    run_stream(tiny_model(), stream, run_manager(first), cfg, 0, cpu, on_task=keep_after_first_task)
     resumed = Recorder()
     state = LoopState(next_task=1, R=saved["R"], R_til=saved["R_til"], method_state=saved["method"],
                       model_state=saved["model"], rng=saved["rng"])

@@ -63,13 +63,14 @@ def _run(params: dict, num_tasks: int = 4, after=None):
     snaps: list[dict] = []
     results: list = []
 
-    def report(t, m, state):
+    def report(result, state, m):
+        results.append(result)
         snaps.append(_snapshot(method))
         if after is not None:
-            after(t, m, state)
+            after(result.task, m, state)
 
     state = run_stream(model, stream, run_manager(method), tiny_train(max_steps_per_epoch=3), 0, CPU,
-                       on_task=results.append, after_report=report)
+                       on_task=report)
     return {"model": model, "method": method, "snaps": snaps, "results": results, "state": state,
             "stream": stream}
 
@@ -303,15 +304,15 @@ def test_variants_resume_bit_exactly(params, tmp_path):
     class Stop(Exception):
         pass
 
-    def save_and_stop(t, m, st):
-        if t == 1:
+    def save_and_stop(result, st, m):
+        if result.task == 1:
             store.save({"next_task": st.next_task, "R": torch.from_numpy(st.R.copy()),
                         "R_til": torch.from_numpy(st.R_til.copy()), "model": copy.deepcopy(m.state_dict()),
-                        "method": st.method_state, "rng": checkpoint.rng_state()}, t)
+                        "method": st.method_state, "rng": checkpoint.rng_state()})
             raise Stop
 
     with pytest.raises(Stop):
-        run_stream(tiny_model(seed=0), stream, run_manager(SDLoRA(params)), cfg, 0, CPU, after_report=save_and_stop)
+        run_stream(tiny_model(seed=0), stream, run_manager(SDLoRA(params)), cfg, 0, CPU, on_task=save_and_stop)
     ck = store.load()
     m3 = tiny_model(seed=0)
     state = LoopState(next_task=ck["next_task"], R=ck["R"].numpy(), R_til=ck["R_til"].numpy(),
