@@ -62,8 +62,15 @@ def start_run(suite: Path, ckdir: Path, uri: str, kill: str | None) -> subproces
     env.pop(checkpoint.KILL_ENV, None)
     if kill:
         env[checkpoint.KILL_ENV] = kill
+    # A test process started with nohup or `&` from a script inherits an ignored SIGINT, and Python then keeps it
+    # ignored: the child gets the default disposition back, so the Ctrl-C point raises KeyboardInterrupt.
     return subprocess.Popen([sys.executable, "-m", "clbench.cli", "run", str(suite), "--checkpoint-dir", str(ckdir)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=_default_sigint)
+
+
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def clbench_run(suite: Path, ckdir: Path, uri: str, kill: str | None) -> subprocess.CompletedProcess:
