@@ -54,12 +54,16 @@ def run(
     After every task a checkpoint is written; running the same command again after a crash or Ctrl-C
     continues each unfinished (method, seed) in its MLflow run and skips finished ones."""
     from clbench.executors import make_executor
+    from clbench.preflight import preflight
     from clbench.runner import run_suite
     from clbench.suite import load_suite
 
     try:
         s = load_suite(suite, set_)
         ex = make_executor(executor, address, ray_gpus_per_run, ray_cpus_per_run, ray_max_retries)
+        if not dry_run:
+            preflight(s)  # before any MLflow run exists: missing data or weights leave nothing behind
+            _progress(ACC_LEGEND)
         records = run_suite(s, str(suite), methods=method or None, seeds=seed or None,
                             plugins_dirs=plugins_dir, progress=_progress, dry_run=dry_run, restart=restart,
                             checkpoint_dir=checkpoint_dir, executor=ex)
@@ -73,8 +77,32 @@ def run(
             acc = r.metrics.get("final/acc", float("nan"))
             fgt = r.metrics.get("final/forgetting", float("nan"))
             typer.echo(f"{r.method:<24} {r.seed:>4} {r.status:<9} {acc:>9.2f} {fgt:>10.2f}")
+        for line in next_steps(s, suite):
+            typer.echo(line)
         if any(r.status != "FINISHED" for r in records):
             raise typer.Exit(1)
+
+
+ACC_LEGEND = ("acc: class-incremental accuracy (every task's head competes); til: task-incremental accuracy "
+              "(each test image scored by its own task's head only); forgetting: mean drop of each earlier task "
+              "from its best accuracy to its final one (points)")
+
+
+def next_steps(suite, source: Path) -> list[str]:
+    """Where a finished ``clbench run`` wrote, and the two commands that show it."""
+    import mlflow
+
+    uri = suite.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or mlflow.get_tracking_uri()
+    experiment = suite.tracking.experiment or suite.name
+    lines = [f"results: MLflow experiment '{experiment}' in {uri}"]
+    store = f" --tracking-uri {uri}" if suite.tracking.uri else ""
+    lines.append(f"  clbench leaderboard {source}{store}   # methods compared, seeds aggregated")
+    if uri.startswith(("http://", "https://")):
+        lines.append(f"  open {uri} in a browser                 # MLflow UI, runs table sorted by final/acc")
+    else:
+        ui_store = f" --backend-store-uri {uri}" if suite.tracking.uri else ""
+        lines.append(f"  clbench ui{ui_store}   # MLflow UI: the experiment's runs table sorted by final/acc")
+    return lines
 
 
 @app.command()
@@ -182,12 +210,32 @@ def ui(
     backend_store_uri: str | None = typer.Option(None, help="default: MLFLOW_TRACKING_URI or sqlite:///mlflow.db"),
 ) -> None:
     """Open MLflow's UI on the same store `clbench run` writes to."""
+    from clbench.uiview import view_url
+
     uri = backend_store_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
     if uri.startswith("http"):
         _fail(f"tracking: {uri} is already a server; open it in a browser")
-    typer.echo(f"MLflow UI for {uri} on http://{host}:{port}", err=True)
+    base = f"http://{host}:{port}"
+    typer.echo(f"MLflow UI for {uri} on {base}", err=True)
+    for name, exp_id in _ui_views(uri):
+        typer.echo(f"  {name}: {view_url(base, exp_id)}   (leaderboard: runs sorted by final/acc)", err=True)
     os.execvp(sys.executable, [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
                                "--host", host, "--port", str(port), "--workers", "1"])
+
+
+def _ui_views(uri: str) -> list[tuple[str, str]]:
+    """Tag the store's clbench experiments for the UI (see clbench.uiview); nothing for a store not yet created."""
+    from clbench.tracking import ensure_ui_views
+
+    path = uri.removeprefix("sqlite:///") if uri.startswith("sqlite:///") else None
+    if path is not None and not Path(path).exists():
+        typer.echo(f"  no store at {path} yet: run `clbench run SUITE` here first", err=True)
+        return []
+    try:
+        return ensure_ui_views(uri)
+    except ClbenchError as exc:
+        _fail(str(exc))
+    return []
 
 
 def main() -> None:
