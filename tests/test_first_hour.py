@@ -95,3 +95,40 @@ def test_run_on_a_suite_store_names_that_store(tmp_path):
     assert res.exit_code == 0, res.output + res.stderr
     tail = res.stdout.strip().splitlines()[-3:]
     assert uri in tail[0] and f"--tracking-uri {uri}" in tail[1] and f"clbench ui --backend-store-uri {uri}" in tail[2]
+
+
+def test_run_help_keeps_brackets_and_names_values():
+    res = CliRunner().invoke(app, ["run", "--help"], terminal_width=120)
+    assert res.exit_code == 0
+    assert "pip install 'clbench[ray]'" in " ".join(res.output.split())  # no rich markup eating [ray]
+    assert "<bool>" not in res.output and "<list[" not in res.output, res.output
+    assert "--set KEY=VALUE" in res.output and "--method NAME" in res.output
+
+
+def test_flat_spectrum_scatter_has_no_offset_text(tmp_path):
+    """forgetting_vs_imbalance.png of a perfectly balanced method: equal x values must not turn into an axis
+    offset ("1e-8+2.5e-1") drawn over the axis label."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    from clbench import plots
+
+    captured = {}
+    real_close = plt.close
+
+    def keep(fig):
+        captured["fig"] = fig
+        real_close(fig)
+
+    plt.close = keep
+    try:
+        # float noise around an exactly balanced 0.25 (matplotlib alone draws the offset "1e-7+2.5e-1")
+        plots.scatter([0.2500001, 0.2500002, 0.2500003, 0.2500001], [3.0, 5.5, 2.0, 7.0], list("abcd"),
+                      tmp_path / "f.png", "x", "y", "t")
+    finally:
+        plt.close = real_close
+    ax = captured["fig"].axes[0]
+    captured["fig"].canvas.draw()
+    assert ax.xaxis.get_offset_text().get_text() == "" and ax.yaxis.get_offset_text().get_text() == ""
