@@ -4,7 +4,7 @@ MLflow 3 opens an experiment according to its ``mlflow.experimentKind`` tag (Gen
 and restores a runs-table view from a *saved view*: an experiment tag ``mlflow.sharedViewState.<id>`` holding a
 JSON envelope ``{name, createdAt, updatedAt, state}`` whose ``state`` is the JSON of the page's search facets
 (``orderByKey``, ``orderByAsc``, ``searchFilter``, ...) and UI state (``selectedColumns``, ...); the URL
-``#/experiments/<id>?viewStateShareKey=<id>`` opens it, and the view is listed among the experiment's saved
+``#/experiments/<id>/runs?viewStateShareKey=<id>`` opens it, and the view is listed among the experiment's saved
 views. (Read from MLflow 3.x's UI bundle: ``mlflow/server/js``, the shared-view-state hook.) Sorting by a metric
 also un-nests child runs, so every (method, seed) is a row of its own.
 """
@@ -55,4 +55,8 @@ def experiment_tags() -> dict[str, str]:
 
 def view_url(base: str, experiment_id: str) -> str:
     """The UI address of an experiment's leaderboard view (``base`` like ``http://127.0.0.1:5000``)."""
-    return f"{base.rstrip('/')}/#/experiments/{experiment_id}?viewStateShareKey={VIEW_ID}"
+    # The runs tab itself: the experiment's landing redirect keeps only a few URL parameters (not the view key).
+    # workflowType overrides the UI's global GenAI / model-training switch, which otherwise wins over the
+    # experiment's kind tag.
+    return (f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+            f"&viewStateShareKey={VIEW_ID}")
