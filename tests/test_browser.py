@@ -27,6 +27,7 @@ pytestmark = [pytest.mark.browser,
               pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium not installed "
                                                           "(apt-get install chromium); .ci/run installs it")]
 RUN_NAME = re.compile(r"\b(?:lora|olora|inflora|eblora)-s\d\b")
+NAME_CELL = re.compile(r"(?:olora|inflora|eblora|lora)-s\d$")
 
 
 def free_port() -> int:
@@ -206,7 +207,7 @@ def test_clbench_ui_lands_on_the_leaderboard_view(server):
         assert column_key("metrics", key) in grid.headers, grid.headers
     rows = [grid.rows[i] for i in sorted(grid.rows)]
     name_col = "attributes.`Run Name`"
-    names = [RUN_NAME.search(r.get(name_col, "")) for r in rows]
+    names = [NAME_CELL.search(r.get(name_col, "")) for r in rows]  # the cell's text starts with its colour
     children = [(n.group(0), r) for n, r in zip(names, rows) if n]
     assert len(children) == sum(1 for r in RUNS if r[0] == "bench"), [r.get(name_col) for r in rows]
     shown = [float(r[column_key("metrics", "final/acc")]) for _, r in children
