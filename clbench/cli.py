@@ -13,8 +13,9 @@ import typer
 
 from clbench.errors import ClbenchError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
-                  help="clbench: continual low-rank adaptation benchmark")
+# rich_markup_mode=None: plain click help, which keeps brackets ('clbench[ray]') that rich markup would eat
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  rich_markup_mode=None, help="clbench: continual low-rank adaptation benchmark")
 
 
 def _fail(msg: str) -> None:
@@ -29,19 +30,21 @@ def _progress(msg: str) -> None:
 @app.command()
 def run(
     suite: Path = typer.Argument(..., metavar="SUITE", help="suite YAML file"),
-    method: list[str] = typer.Option([], "--method", "-m", metavar="NAME", help="run only these methods (label or name)"),
+    method: list[str] = typer.Option([], "--method", "-m", metavar="NAME",
+                                     help="run only these methods (label or name)"),
     seed: list[int] = typer.Option([], "--seed", "-s", metavar="N", help="run only these seeds"),
     set_: list[str] = typer.Option([], "--set", metavar="KEY=VALUE", help="override a suite key: key.path=value"),
-    plugins_dir: list[str] = typer.Option([], "--plugins-dir", metavar="DIR", help="load method plugins from this folder"),
+    plugins_dir: list[str] = typer.Option([], "--plugins-dir", metavar="DIR",
+                                          help="load method plugins from this folder"),
     dry_run: bool = typer.Option(False, "--dry-run", help="validate and print the plan, train nothing"),
     restart: bool = typer.Option(False, "--restart", help="ignore checkpoints and finished runs: start fresh runs"),
     checkpoint_dir: str | None = typer.Option(None, "--checkpoint-dir", metavar="DIR",
                                                  help="where run checkpoints live (default: <cache>/runs)"),
-    executor: str = typer.Option("local", "--executor", metavar="local|ray", help="local (one run after the other, here) or ray "
-                                                             "(each (method, seed) a Ray task; pip install "
-                                                             "'clbench[ray]')"),
-    address: str | None = typer.Option(None, "--address", metavar="ADDRESS", help="Ray cluster address (default: start a local "
-                                                                  "one); with --executor ray"),
+    executor: str = typer.Option("local", "--executor", metavar="local|ray",
+                                 help="local (one run after the other, here) or ray (each (method, seed) a Ray "
+                                      "task; pip install 'clbench[ray]')"),
+    address: str | None = typer.Option(None, "--address", metavar="ADDRESS",
+                                       help="Ray cluster address (default: start a local one); with --executor ray"),
     ray_gpus_per_run: float | None = typer.Option(None, "--ray-gpus-per-run", metavar="GPUS",
                                                      help="GPUs per Ray task (default: 1 if the cluster has GPUs)"),
     ray_cpus_per_run: float = typer.Option(1.0, "--ray-cpus-per-run", metavar="CPUS", help="CPUs per Ray task"),
