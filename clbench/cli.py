@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import typer
@@ -66,9 +67,9 @@ def run(
         ex = make_executor(executor, address, ray_gpus_per_run, ray_cpus_per_run, ray_max_retries)
         if not dry_run:
             preflight(s)  # before any MLflow run exists: missing data or weights leave nothing behind
-            _progress(ACC_LEGEND)
         records = run_suite(s, str(suite), methods=method or None, seeds=seed or None,
-                            plugins_dirs=plugins_dir, progress=_progress, dry_run=dry_run, restart=restart,
+                            plugins_dirs=plugins_dir, progress=_explaining_progress(), dry_run=dry_run,
+                            restart=restart,
                             checkpoint_dir=checkpoint_dir, executor=ex)
     except ClbenchError as exc:
         _fail(str(exc))
@@ -89,6 +90,20 @@ def run(
 ACC_LEGEND = ("acc: class-incremental accuracy (every task's head competes); til: task-incremental accuracy "
               "(each test image scored by its own task's head only); forgetting: mean drop of each earlier task "
               "from its best accuracy to its final one (points)")
+
+
+def _explaining_progress() -> Callable[[str], None]:
+    """Progress on stderr that explains acc / til / forgetting right before the first line showing them."""
+    shown = False
+
+    def say(msg: str) -> None:
+        nonlocal shown
+        if not shown and "(til " in msg:
+            shown = True
+            _progress(ACC_LEGEND)
+        _progress(msg)
+
+    return say
 
 
 def next_steps(suite, source: Path) -> list[str]:
