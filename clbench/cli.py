@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import typer
@@ -14,8 +15,9 @@ import typer
 from clbench import keys
 from clbench.errors import ClbenchError
 
+# rich_markup_mode=None: plain click help, which keeps brackets ('clbench[ray]') that rich markup would eat
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="clbench: continual low-rank adaptation benchmark")
+                  rich_markup_mode=None, help="clbench: continual low-rank adaptation benchmark")
 
 
 def _fail(msg: str) -> None:
@@ -29,24 +31,26 @@ def _progress(msg: str) -> None:
 
 @app.command()
 def run(
-    suite: Path = typer.Argument(..., help="suite YAML file"),
-    method: list[str] = typer.Option([], "--method", "-m", help="run only these methods (label or name)"),
-    seed: list[int] = typer.Option([], "--seed", "-s", help="run only these seeds"),
-    set_: list[str] = typer.Option([], "--set", help="override a suite key: key.path=value"),
-    plugins_dir: list[str] = typer.Option([], "--plugins-dir", help="load method plugins from this folder"),
+    suite: Path = typer.Argument(..., metavar="SUITE", help="suite YAML file"),
+    method: list[str] = typer.Option([], "--method", "-m", metavar="NAME",
+                                     help="run only these methods (label or name)"),
+    seed: list[int] = typer.Option([], "--seed", "-s", metavar="N", help="run only these seeds"),
+    set_: list[str] = typer.Option([], "--set", metavar="KEY=VALUE", help="override a suite key: key.path=value"),
+    plugins_dir: list[str] = typer.Option([], "--plugins-dir", metavar="DIR",
+                                          help="load method plugins from this folder"),
     dry_run: bool = typer.Option(False, "--dry-run", help="validate and print the plan, train nothing"),
     restart: bool = typer.Option(False, "--restart", help="ignore checkpoints and finished runs: start fresh runs"),
-    checkpoint_dir: str | None = typer.Option(None, "--checkpoint-dir",
+    checkpoint_dir: str | None = typer.Option(None, "--checkpoint-dir", metavar="DIR",
                                                  help="where run checkpoints live (default: <cache>/runs)"),
-    executor: str = typer.Option("local", "--executor", help="local (one run after the other, here) or ray "
-                                                             "(each (method, seed) a Ray task; pip install "
-                                                             "'clbench[ray]')"),
-    address: str | None = typer.Option(None, "--address", help="Ray cluster address (default: start a local "
-                                                                  "one); with --executor ray"),
-    ray_gpus_per_run: float | None = typer.Option(None, "--ray-gpus-per-run",
+    executor: str = typer.Option("local", "--executor", metavar="local|ray",
+                                 help="local (one run after the other, here) or ray (each (method, seed) a Ray "
+                                      "task; pip install 'clbench[ray]')"),
+    address: str | None = typer.Option(None, "--address", metavar="ADDRESS",
+                                       help="Ray cluster address (default: start a local one); with --executor ray"),
+    ray_gpus_per_run: float | None = typer.Option(None, "--ray-gpus-per-run", metavar="GPUS",
                                                      help="GPUs per Ray task (default: 1 if the cluster has GPUs)"),
-    ray_cpus_per_run: float = typer.Option(1.0, "--ray-cpus-per-run", help="CPUs per Ray task"),
-    ray_max_retries: int = typer.Option(3, "--ray-max-retries",
+    ray_cpus_per_run: float = typer.Option(1.0, "--ray-cpus-per-run", metavar="CPUS", help="CPUs per Ray task"),
+    ray_max_retries: int = typer.Option(3, "--ray-max-retries", metavar="N",
                                         help="times Ray retries a run whose worker died (it resumes from its "
                                              "checkpoint; the checkpoint dir must be shared by the nodes)"),
 ) -> None:
@@ -55,14 +59,18 @@ def run(
     After every task a checkpoint is written; running the same command again after a crash or Ctrl-C
     continues each unfinished (method, seed) in its MLflow run and skips finished ones."""
     from clbench.executors import make_executor
+    from clbench.preflight import preflight
     from clbench.runner import run_suite
     from clbench.suite import load_suite
 
     try:
         s = load_suite(suite, set_)
         ex = make_executor(executor, address, ray_gpus_per_run, ray_cpus_per_run, ray_max_retries)
+        if not dry_run:
+            preflight(s)  # before any MLflow run exists: missing data or weights leave nothing behind
         records = run_suite(s, str(suite), methods=method or None, seeds=seed or None,
-                            plugins_dirs=plugins_dir, progress=_progress, dry_run=dry_run, restart=restart,
+                            plugins_dirs=plugins_dir, progress=_explaining_progress(), dry_run=dry_run,
+                            restart=restart,
                             checkpoint_dir=checkpoint_dir, executor=ex)
     except ClbenchError as exc:
         _fail(str(exc))
@@ -74,8 +82,46 @@ def run(
             acc = r.metrics.get(keys.FINAL_ACC, float("nan"))
             fgt = r.metrics.get(keys.FINAL_FORGETTING, float("nan"))
             typer.echo(f"{r.method:<24} {r.seed:>4} {r.status:<9} {acc:>9.2f} {fgt:>10.2f}")
+        for line in next_steps(s, suite):
+            typer.echo(line)
         if any(r.status != "FINISHED" for r in records):
             raise typer.Exit(1)
+
+
+ACC_LEGEND = ("acc: class-incremental accuracy (every task's head competes); til: task-incremental accuracy "
+              "(each test image scored by its own task's head only); forgetting: mean drop of each earlier task "
+              "from its best accuracy to its final one (points)")
+
+
+def _explaining_progress() -> Callable[[str], None]:
+    """Progress on stderr that explains acc / til / forgetting right before the first line showing them."""
+    shown = False
+
+    def say(msg: str) -> None:
+        nonlocal shown
+        if not shown and "(til " in msg:
+            shown = True
+            _progress(ACC_LEGEND)
+        _progress(msg)
+
+    return say
+
+
+def next_steps(suite, source: Path) -> list[str]:
+    """Where a finished ``clbench run`` wrote, and the two commands that show it."""
+    import mlflow
+
+    uri = suite.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or mlflow.get_tracking_uri()
+    experiment = suite.tracking.experiment or suite.name
+    lines = [f"results: MLflow experiment '{experiment}' in {uri}"]
+    store = f" --tracking-uri {uri}" if suite.tracking.uri else ""
+    lines.append(f"  clbench leaderboard {source}{store}   # methods compared, seeds aggregated")
+    if uri.startswith(("http://", "https://")):
+        lines.append(f"  open {uri} in a browser                 # MLflow UI, runs table sorted by final/acc")
+    else:
+        ui_store = f" --backend-store-uri {uri}" if suite.tracking.uri else ""
+        lines.append(f"  clbench ui{ui_store}   # MLflow UI: the experiment's runs table sorted by final/acc")
+    return lines
 
 
 @app.command()
@@ -186,13 +232,32 @@ def ui(
 ) -> None:
     """Open MLflow's UI on the same store `clbench run` writes to."""
     from clbench.tracking import store_uri
+    from clbench.uiview import view_url
 
     uri = store_uri(backend_store_uri)
     if uri.startswith("http"):
         _fail(f"tracking: {uri} is already a server; open it in a browser")
-    typer.echo(f"MLflow UI for {uri} on http://{host}:{port}", err=True)
+    base = f"http://{host}:{port}"
+    typer.echo(f"MLflow UI for {uri} on {base}", err=True)
+    for name, exp_id in _ui_views(uri):
+        typer.echo(f"  {name}: {view_url(base, exp_id)}   (leaderboard: runs sorted by final/acc)", err=True)
     os.execvp(sys.executable, [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
                                "--host", host, "--port", str(port), "--workers", "1"])
+
+
+def _ui_views(uri: str) -> list[tuple[str, str]]:
+    """Tag the store's clbench experiments for the UI (see clbench.uiview); nothing for a store not yet created."""
+    from clbench.tracking import ensure_ui_views
+
+    path = uri.removeprefix("sqlite:///") if uri.startswith("sqlite:///") else None
+    if path is not None and not Path(path).exists():
+        typer.echo(f"  no store at {path} yet: run `clbench run SUITE` here first", err=True)
+        return []
+    try:
+        return ensure_ui_views(uri)
+    except ClbenchError as exc:
+        _fail(str(exc))
+    return []
 
 
 def main() -> None:

@@ -43,7 +43,9 @@ def spectrum_heatmap(task_sv: np.ndarray, layers: list[str], path: Path, title: 
     s2 = np.nan_to_num(task_sv) ** 2
     norm = s2 / np.maximum(s2.sum(-1, keepdims=True), 1e-30)
     K = min(K, 32)
-    fig, axes = plt.subplots(1, T, figsize=(1.2 + 1.4 * T, 1.2 + 0.18 * L), squeeze=False, sharey=True)
+    # constrained layout keeps the figure title clear of the per-task subplot titles
+    fig, axes = plt.subplots(1, T, figsize=(1.2 + 1.4 * T, 1.4 + 0.18 * L), squeeze=False, sharey=True,
+                             layout="constrained")
     for t in range(T):
         ax = axes[0, t]
         im = ax.imshow(norm[t, :, :K], vmin=0, vmax=1, cmap="magma", aspect="auto")
@@ -61,6 +63,14 @@ def scatter(x, y, labels, path: Path, xlabel: str, ylabel: str, title: str) -> N
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5, 4))
     ax.scatter(x, y)
+    # a flat spectrum gives equal x values: matplotlib would label the axis as an offset (e.g. "+1") over the
+    # axis label; plain tick labels and a visible span instead
+    ax.ticklabel_format(axis="both", style="plain", useOffset=False)
+    for values, set_lim in ((x, ax.set_xlim), (y, ax.set_ylim)):
+        finite = [float(v) for v in values if np.isfinite(v)]
+        if finite and max(finite) - min(finite) < 1e-9:
+            pad = max(abs(finite[0]) * 0.05, 0.05)
+            set_lim(finite[0] - pad, finite[0] + pad)
     for xi, yi, lab in zip(x, y, labels):
         ax.annotate(str(lab), (xi, yi), fontsize=7, xytext=(3, 3), textcoords="offset points")
     ax.set_xlabel(xlabel)

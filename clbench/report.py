@@ -87,7 +87,7 @@ def plot_pareto(g: Group) -> str | None:
             drawn = True
             ax.step([pts[i][0] for i in front], [pts[i][1] for i in front], where="post", color="k", alpha=0.4,
                     linestyle="--", label="Pareto front")
-            ax.legend(fontsize=8, loc="lower right")
+            ax.set_title("dashed: Pareto front", fontsize=8)  # a legend box inside the axes hid points
         if pts and min(p[0] for p in pts) > 0 and max(p[0] for p in pts) / min(p[0] for p in pts) > 50:
             ax.set_xscale("log")
         ax.set_xlabel(clabel)

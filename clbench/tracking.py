@@ -205,8 +205,11 @@ class MlflowTracker:
         if exp:
             return exp.experiment_id
         try:
-            # MLflow 3 opens an experiment on its GenAI overview unless told it holds training runs
-            return self.client.create_experiment(name, tags={"mlflow.experimentKind": "custom_model_development"})
+            # MLflow 3 opens an experiment on its GenAI overview unless told it holds training runs; the saved
+            # view makes its runs table the leaderboard (clbench.uiview)
+            from clbench.uiview import experiment_tags
+
+            return self.client.create_experiment(name, tags=experiment_tags())
         except Exception:  # another process created it between our lookup and create
             exp = self.client.get_experiment_by_name(name)
             if exp is None:
@@ -276,6 +279,44 @@ class MlflowTracker:
 
 def make_tracker(experiment: str, uri: str | None) -> MlflowTracker:
     return MlflowTracker(experiment, store_uri(uri))
+
+
+def ensure_ui_views(uri: str) -> list[tuple[str, str]]:
+    """Tag every experiment holding clbench runs for MLflow's UI (training-runs mode, the leaderboard as a saved
+    view; see clbench.uiview), also those created by older clbench versions. Returns (name, id) of each."""
+    from mlflow.tracking import MlflowClient
+
+    from clbench.uiview import KIND, KIND_TAG, VIEW_TAG, experiment_tags
+
+    try:
+        client = MlflowClient(tracking_uri=uri)
+        found = []
+        for exp in client.search_experiments():
+            if not client.search_runs([exp.experiment_id], filter_string="tags.`clbench.role` = 'parent'",
+                                      max_results=1):
+                continue
+            found.append((exp.name, exp.experiment_id))
+            if exp.tags.get(KIND_TAG) != KIND:
+                client.set_experiment_tag(exp.experiment_id, KIND_TAG, KIND)
+            if not _same_view(exp.tags.get(VIEW_TAG)):
+                client.set_experiment_tag(exp.experiment_id, VIEW_TAG, experiment_tags()[VIEW_TAG])
+    except Exception as exc:  # noqa: BLE001 - any failure here means "cannot use this store"
+        msg = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise ClbenchError(f"tracking: cannot use the MLflow tracking store at {uri} ({msg}); fix "
+                           "--backend-store-uri / MLFLOW_TRACKING_URI") from None
+    return found
+
+
+def _same_view(tag_value: str | None) -> bool:
+    """Whether a stored saved view already holds this version's view state (its timestamps may differ)."""
+    import json
+
+    from clbench.uiview import view_state
+
+    try:
+        return json.loads(json.loads(tag_value)["state"]) == view_state()
+    except (ValueError, KeyError, TypeError):
+        return False
 
 
 # --- Reading (the leaderboard's only door into MLflow; it never writes) -------------------------------------

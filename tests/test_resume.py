@@ -120,7 +120,14 @@ def start_run(suite: Path, ckdir: Path, uri: str, kill: str | None) -> subproces
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri}  # explicit: mlflow.set_tracking_uri rewrites os.environ
     args = ["run", str(suite), "--checkpoint-dir", str(ckdir)]
     cmd = [sys.executable, "-c", KILLER, kill, *args] if kill else [sys.executable, "-m", "clbench.cli", *args]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    # A test process started with nohup or `&` from a script inherits an ignored SIGINT, and Python then keeps it
+    # ignored: the child gets the default disposition back, so the Ctrl-C point raises KeyboardInterrupt.
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=_default_sigint)
+
+
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def clbench_run(suite: Path, ckdir: Path, uri: str, kill: str | None) -> subprocess.CompletedProcess:

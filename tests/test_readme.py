@@ -1,0 +1,160 @@
+"""The README's commands work as a new user types them, after the README's own set-up.
+
+The set-up lines must leave the virtual environment active (so that the bare ``clbench`` of every later
+command is on PATH). After them, every command of the README's ``bash`` blocks is classified:
+
+* run as typed, in a shell whose PATH starts with this environment's ``bin`` (what ``. .venv/bin/activate``
+  does), in a working folder holding the README's default store ``mlflow.db`` and a link to ``suites/``:
+  ``clbench leaderboard ...``, ``clbench methods``, ``clbench plugins``, ``clbench new-method ...`` and every
+  ``clbench run ... --dry-run``;
+* run with ``--dry-run`` appended: the training commands (``clbench run SUITE ...``), which validate the suite,
+  the overrides and the plugins and print the plan instead of training for hours;
+* parsed only (options and arguments checked by the CLI's own parser): ``clbench ui`` (a server),
+  ``clbench run --executor ray`` (needs a cluster) and ``torchrun ... -m clbench.cli ...``.
+
+A command of another kind fails the test, so that a new README command gets classified here.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+README = REPO / "README.md"
+BLOCK = re.compile(r"```bash\n(.*?)```", re.S)
+VENV_SETUP = "python3 -m venv .venv"
+ACTIVATE = ([".", ".venv/bin/activate"], ["source", ".venv/bin/activate"])
+
+
+def bash_blocks() -> list[str]:
+    return BLOCK.findall(README.read_text())
+
+
+def setup_lines() -> list[str]:
+    return [ln for b in bash_blocks() for ln in b.splitlines() if ln.startswith(VENV_SETUP)]
+
+
+def later_commands() -> list[list[str]]:
+    """Every command after the set-up, as argv (comments dropped)."""
+    out = []
+    for block in bash_blocks():
+        for line in block.splitlines():
+            if line.startswith(VENV_SETUP) or not line.strip():
+                continue
+            argv = shlex.split(line, comments=True)
+            if argv:
+                out.append(argv)
+    return out
+
+
+def test_setup_lines_activate_the_environment_before_using_it():
+    lines = setup_lines()
+    assert len(lines) >= 2, lines  # the quickstart and the tests (and the CPU-wheels variant)
+    for line in lines:
+        steps = [shlex.split(step) for step in line.split("&&")]
+        assert steps[0] == shlex.split(VENV_SETUP), line
+        assert steps[1] in ACTIVATE, f"the set-up must activate .venv right after creating it: {line}"
+        for step in steps[2:]:
+            assert step[0] in ("pip", "clbench", "python"), f"{step[0]} after the activation: {line}"
+    assert ".venv/bin/" not in README.read_text().replace(".venv/bin/activate", ""), \
+        "the README mixes .venv/bin/X with bare commands; after activation use the bare ones"
+
+
+def classify(argv: list[str]) -> tuple[str, list[str]]:
+    """('run' | 'dry-run' | 'parse' | 'env', the clbench arguments)."""
+    if argv[0] == "export":
+        return "env", argv[1:]
+    if argv[0] == "torchrun":
+        i = argv.index("-m")
+        assert argv[i + 1] == "clbench.cli", argv
+        return "parse", argv[i + 2:]
+    assert argv[0] == "clbench", f"unclassified README command: {shlex.join(argv)}"
+    args = argv[1:]
+    if args[0] in ("leaderboard", "methods", "plugins", "new-method"):
+        return "run", args
+    if args[0] == "run":
+        if "--executor" in args and args[args.index("--executor") + 1] == "ray":
+            return "parse", args
+        return ("run", args) if "--dry-run" in args else ("dry-run", args)
+    if args[0] == "ui":
+        return "parse", args
+    raise AssertionError(f"unclassified README command: {shlex.join(argv)}")
+
+
+def test_every_later_command_is_classified():
+    kinds = [classify(argv)[0] for argv in later_commands()]
+    assert kinds.count("run") >= 5 and "dry-run" in kinds and "parse" in kinds, kinds
+
+
+def _store(folder: Path) -> None:
+    """The README's default store (./mlflow.db) with a finished run of the two suites its commands name."""
+    from clbench.suite import load_suite
+    from clbench.tracking import MlflowTracker
+
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    for suite_file, accs in (("quickstart.yaml", (61.0, 70.5)), ("vit.yaml", (80.0, 85.0))):
+        suite = load_suite(REPO / "suites" / suite_file)
+        tracker = MlflowTracker(suite.tracking.experiment or suite.name, uri)
+        tags = {"clbench.suite": suite.name, "clbench.suite_hash": suite.protocol_hash()}
+        parent = tracker.start_run(suite.name, {**tags, "clbench.role": "parent"}, {})
+        for method, acc in zip(("lora", "inflora"), accs):
+            child = tracker.start_run(f"{method}-s0", {**tags, "clbench.role": "child", "clbench.method": method,
+                                                       "clbench.method_name": method, "clbench.seed": "0"},
+                                      {"seed": 0}, parent=parent)
+            tracker.log_metrics(child, {"final/acc": acc, "final/avg_acc": acc + 5, "final/forgetting": 100 - acc,
+                                        "eval/acc": acc}, step=1)
+            tracker.end_run(child)
+        tracker.end_run(parent)
+
+
+@pytest.mark.slow  # ~50 s of CPU (a dozen `clbench` processes); the parse test below is the cheap cover
+def test_readme_commands_run_as_typed_after_setup(tmp_path):
+    work = tmp_path / "checkout"
+    work.mkdir()
+    (work / "suites").symlink_to(REPO / "suites")
+    _store(work)
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}  # the README's default store
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # what activation does
+    script = []
+    for argv in later_commands():
+        kind, args = classify(argv)
+        if kind == "run":
+            script.append(shlex.join(argv))
+        elif kind == "dry-run":
+            script.append(shlex.join([*argv, "--dry-run"]))
+    # one shell, the commands one after the other, stopping at the first failure (as a user would)
+    echoed = "\n".join(f"echo '$ {c}' >&2\n{c}" for c in script)
+    res = subprocess.run(["bash", "-euo", "pipefail", "-c", echoed], cwd=work, env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert res.returncode == 0, f"{res.stderr[-3000:]}\n{res.stdout[-2000:]}"
+    assert "Traceback" not in res.stderr
+    assert "inflora" in res.stdout and "80.00" in res.stdout  # leaderboards read the store
+    assert "\n|" in res.stdout  # the --format markdown one
+    assert (work / "report.html").read_text().count("<img") >= 1
+    assert (work / "myplugins" / "mymethod.py").is_file()
+    assert res.stderr.count("would run") >= 3  # the dry runs printed their plans
+
+
+@pytest.mark.parametrize("argv", [a for a in later_commands() if classify(a)[0] == "parse"], ids=shlex.join)
+def test_heavy_readme_commands_parse(argv):
+    import click
+    import typer
+
+    from clbench.cli import app
+
+    _, args = classify(argv)
+    command = typer.main.get_command(app)
+    try:
+        with command.make_context("clbench", list(args), resilient_parsing=False) as ctx:
+            sub = command.get_command(ctx, args[0])
+            assert sub is not None, args[0]
+            sub.make_context(args[0], list(args[1:]), parent=ctx)
+    except click.UsageError as exc:
+        pytest.fail(f"{shlex.join(argv)}: {exc}")
