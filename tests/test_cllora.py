@@ -299,27 +299,28 @@ def _shared_drift(r) -> float:
 
 
 def test_distillation_keeps_the_shared_features_closer_to_the_previous_task():
+    # KD only constrains the current head's softmax over the shared blocks, so it slows the drift of the
+    # shared features rather than stopping it; the bound below has a wide margin on this deterministic run
+    # (measured: relative drift 0.154 with KD, 0.194 without)
     common = {"kd_weight": 50.0}
     with_kd = _run(common, snapshots=True, lr=0.2, max_steps_per_epoch=6)
     without = _run({**common, "distillation": False}, snapshots=True, lr=0.2, max_steps_per_epoch=6)
     d_kd, d_free = _shared_drift(with_kd), _shared_drift(without)
-    assert d_free > 0
-    assert d_kd < 0.8 * d_free, (d_kd, d_free)
-    assert with_kd["results"][1].loss_terms["kd"] > 0
+    assert d_free > 0.05  # the shared adapters really moved, so the comparison is not vacuous
+    assert d_kd < 0.9 * d_free, (d_kd, d_free)
+    assert with_kd["results"][1].loss_terms["kd"] > 0 and "kd" not in without["results"][1].loss_terms
 
 
 # -- task-specific adapters: block-weight orthogonality -----------------------------------------------------
 
 def test_orthogonality_term_pushes_block_weights_apart():
-    # with a large weight the term lowers |cos(w_1, w_0)| from its start; without it, it stays near it
-    runs = {ow: _run({"orth_weight": ow, "distillation": False}, snapshots=True, lr=0.5)
-            for ow in (0.0, 50.0)}
-    cos = {}
-    for ow, r in runs.items():
-        w0, w1 = r["model"].block_weights[0].detach(), r["model"].block_weights[1].detach()
-        cos[ow] = float(orthogonality_loss([w0], w1))
-    assert "orth" in runs[50.0]["results"][1].loss_terms and "orth" not in runs[0.0]["results"][1].loss_terms
-    assert cos[50.0] < cos[0.0] - 0.01, cos
+    # the official weight 1e-4 barely moves a 4-step run; a larger one shows the term's direction: it
+    # lowers |cos(w_1, w_0)| (measured 0.83 with weight 5, 0.97 without)
+    runs = {ow: _run({"orth_weight": ow, "distillation": False}, snapshots=True, lr=0.2) for ow in (0.0, 5.0)}
+    cos = {ow: float(orthogonality_loss([r["model"].block_weights[0].detach()],
+                                        r["model"].block_weights[1].detach())) for ow, r in runs.items()}
+    assert "orth" in runs[5.0]["results"][1].loss_terms and "orth" not in runs[0.0]["results"][1].loss_terms
+    assert cos[5.0] < cos[0.0] - 0.05, cos
 
 
 # -- spectra, resume, params ---------------------------------------------------------------------------------
