@@ -16,11 +16,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
-from clbench.errors import ClbenchError
-from clbench.loop import LoopState, run_stream
-from clbench.registry import discover, run_manager
-from clbench.testing import tiny_model, tiny_stream, tiny_train
 from clbench_plugins.cllora import (
     CLLoRA,
     CLLoRAModel,
@@ -32,6 +27,11 @@ from clbench_plugins.cllora import (
     reassignment_weights,
     shared_blocks_features,
 )
+
+from clbench.errors import ClbenchError
+from clbench.loop import LoopState, run_stream
+from clbench.registry import discover, run_manager
+from clbench.testing import tiny_model, tiny_stream, tiny_train
 
 RANK = 4
 T = 3
@@ -326,7 +326,7 @@ def test_orthogonality_term_pushes_block_weights_apart():
 # -- spectra, resume, params ---------------------------------------------------------------------------------
 
 def test_task_updates_are_the_shared_change_and_the_tasks_own_specific_branch(run):
-    snaps, method, model = run["snaps"], run["method"], run["model"]
+    snaps, method = run["snaps"], run["method"]
     for t, s in enumerate(snaps):
         upd = s["updates"]
         assert set(upd) == set(method.shared) | set(method.specific_sites)
@@ -366,3 +366,18 @@ def test_params_and_bad_layouts():
     for bad in ({"shared_blocks": [0], "specific_blocks": [0, 1]}, {"specific_blocks": [7]}):
         with pytest.raises(ClbenchError, match="cllora"):
             CLLoRA(bad).configure_model(tiny_model(), None)
+
+
+@pytest.mark.parametrize("suite", ["repro/cllora-imagenet-r.yaml", "repro/cllora-cifar100.yaml", "vit.yaml",
+                                   "vit-imagenet-r.yaml", "vit-domainnet.yaml"])
+def test_suites_with_cllora_validate(suite):
+    from pathlib import Path
+
+    from clbench.runner import plan_runs
+    from clbench.suite import load_suite
+
+    s = load_suite(Path(__file__).resolve().parents[1] / "suites" / suite)
+    planned = [p for p in plan_runs(s, suite, discover([]), None) if p.info.name == "cllora"]
+    assert len(planned) == 1  # present, and its params validate
+    if suite.startswith("repro/"):
+        assert s.train.optimizer == "sgd" and s.train.momentum == 0.9 and s.train.schedule == "cosine"
