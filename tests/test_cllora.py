@@ -38,9 +38,9 @@ T = 3
 TRAIN = dict(max_steps_per_epoch=4, optimizer="sgd", lr=0.05, momentum=0.9)
 
 
-def _run(params=None, snapshots: bool = False, **train):
-    """A 3-task run on the micro ViT (2 blocks: block 0 shared, block 1 specific) with per-task snapshots."""
-    stream = tiny_stream(num_tasks=T, num_classes=2 * T, samples_per_class=16, seed=0)
+def _run(params=None, snapshots: bool = False, tasks: int = T, **train):
+    """A run (3 tasks unless told) on the micro ViT (block 0 shared, block 1 specific) with per-task snapshots."""
+    stream = tiny_stream(num_tasks=tasks, num_classes=2 * tasks, samples_per_class=16, seed=0)
     method = CLLoRA({"rank": RANK, **(params or {})})
     snaps: list[dict] = []
     results: list = []
@@ -284,39 +284,58 @@ def test_kd_is_neutral_when_student_equals_teacher(run):
         model.eval()
 
 
-def _shared_drift(r) -> float:
-    """Relative change, over task 1, of the shared blocks' features of task 0's test images."""
-    model, method = r["model"], r["method"]
-    s0, s1 = r["snaps"][0]["shared_B"], r["snaps"][1]["shared_B"]
-    x = model.preprocess(r["stream"].tasks[0].test_x)
-    feats = []
+def _train_shared_from_task0(run, use_kd: bool) -> tuple[float, float]:
+    """Start from the end of task 0 (student = teacher), train only the shared B on task 1's cross-entropy
+    (plus KD if asked) with task 1's head frozen at sigma 16; return the KL(teacher || student) of that head's
+    softened outputs on task 0's test images through the shared blocks, and the relative feature drift."""
+    model, method = copy.deepcopy((run["model"], run["method"]))
+    ctx = _ctx(run, 1)
+    for n, b in method.shared.items():
+        b.B.data.copy_(run["snaps"][0]["shared_B"][n])
+        b.teacher_B.copy_(run["snaps"][0]["shared_B"][n])
+    head = model.heads[1]
+    head.sigma.data.fill_(16.0)  # a discriminative head, so its outputs can drift measurably
+    task = run["stream"].tasks[1]
+    x, y = model.preprocess(task.train_x), task.train_y - 2
+    opt = torch.optim.SGD([b.B for b in method.shared.values()], lr=0.5)
+    model.train()
+    for _ in range(20):
+        loss = F.cross_entropy(model(x, head=1), y)
+        if use_kd:
+            loss = loss + method.params.kd_weight * method._kd(model, x, ctx)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    x_old = model.preprocess(run["stream"].tasks[0].test_x)
     with torch.no_grad():
-        for state in (s0, s1):
-            for n, b in method.shared.items():
-                b.B.data.copy_(state[n])
-            feats.append(shared_blocks_features(model.backbone, x, method.shared_block_ids))
-    return float((feats[1] - feats[0]).norm() / feats[0].norm())
+        student = shared_blocks_features(model.backbone, x_old, method.shared_block_ids)
+        for b in method.shared.values():
+            b.use_teacher = True
+        teacher = shared_blocks_features(model.backbone, x_old, method.shared_block_ids)
+        T_ = method.params.kd_temperature
+        kl = F.kl_div(F.log_softmax(head(student) / T_, 1), F.log_softmax(head(teacher) / T_, 1),
+                      log_target=True, reduction="batchmean")
+    return float(kl), float((student - teacher).norm() / teacher.norm())
 
 
-def test_distillation_keeps_the_shared_features_closer_to_the_previous_task():
-    # KD only constrains the current head's softmax over the shared blocks, so it slows the drift of the
-    # shared features rather than stopping it; the bound below has a wide margin on this deterministic run
-    # (measured: relative drift 0.154 with KD, 0.194 without)
-    common = {"kd_weight": 50.0}
-    with_kd = _run(common, snapshots=True, lr=0.2, max_steps_per_epoch=6)
-    without = _run({**common, "distillation": False}, snapshots=True, lr=0.2, max_steps_per_epoch=6)
-    d_kd, d_free = _shared_drift(with_kd), _shared_drift(without)
-    assert d_free > 0.05  # the shared adapters really moved, so the comparison is not vacuous
-    assert d_kd < 0.9 * d_free, (d_kd, d_free)
-    assert with_kd["results"][1].loss_terms["kd"] > 0 and "kd" not in without["results"][1].loss_terms
+def test_distillation_keeps_the_distilled_outputs_close_on_old_images(run):
+    # KD constrains the current head's softened outputs of the shared blocks, not the features themselves:
+    # with it the outputs on task 0's (never trained on) test images stay ~50x closer to the teacher's
+    # (measured KL 0.0027 vs 0.151), while the features drift about as much (0.70 vs 0.61 relative)
+    kl_free, drift_free = _train_shared_from_task0(run, use_kd=False)
+    kl_kd, drift_kd = _train_shared_from_task0(run, use_kd=True)
+    assert kl_free > 0.05 and drift_free > 0.1  # the shared adapters really moved: not vacuous
+    assert kl_kd < 0.1 * kl_free, (kl_kd, kl_free)
+    assert run["results"][1].loss_terms["kd"] > 0
 
 
 # -- task-specific adapters: block-weight orthogonality -----------------------------------------------------
 
 def test_orthogonality_term_pushes_block_weights_apart():
     # the official weight 1e-4 barely moves a 4-step run; a larger one shows the term's direction: it
-    # lowers |cos(w_1, w_0)| (measured 0.83 with weight 5, 0.97 without)
-    runs = {ow: _run({"orth_weight": ow, "distillation": False}, snapshots=True, lr=0.2) for ow in (0.0, 5.0)}
+    # lowers |cos(w_1, w_0)| (measured 0.826 with weight 5, 0.968 without)
+    runs = {ow: _run({"orth_weight": ow, "distillation": False}, tasks=2, lr=0.2) for ow in (0.0, 5.0)}
     cos = {ow: float(orthogonality_loss([r["model"].block_weights[0].detach()],
                                         r["model"].block_weights[1].detach())) for ow, r in runs.items()}
     assert "orth" in runs[5.0]["results"][1].loss_terms and "orth" not in runs[0.0]["results"][1].loss_terms
