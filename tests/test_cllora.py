@@ -342,6 +342,13 @@ def test_orthogonality_term_pushes_block_weights_apart():
     assert cos[5.0] < cos[0.0] - 0.05, cos
 
 
+def test_without_block_weights_every_specific_adapter_has_weight_one():
+    r = _run({"block_weights": False}, tasks=2)
+    for w in r["model"].block_weights:
+        assert not w.requires_grad and torch.equal(w, torch.ones_like(w))
+    assert "orth" not in r["results"][1].loss_terms and "kd" in r["results"][1].loss_terms
+
+
 # -- spectra, resume, params ---------------------------------------------------------------------------------
 
 def test_task_updates_are_the_shared_change_and_the_tasks_own_specific_branch(run):
