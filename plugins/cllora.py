@@ -49,6 +49,9 @@ time; it changes across a task exactly by the reported updates.
 
 from __future__ import annotations
 
+import contextlib
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -215,6 +218,11 @@ class CLLoRAModel(CLModel):
         return torch.cat([h(self.task_features(x, j)) for j, h in enumerate(self.heads)], -1)
 
 
+def _autocast(ctx) -> Any:
+    """The loop's compute-dtype context (bf16 autocast on CUDA), or a no-op."""
+    return ctx.autocast() if ctx.autocast is not None else contextlib.nullcontext()
+
+
 def shared_blocks_features(backbone: nn.Module, x: torch.Tensor, blocks: list[int]) -> torch.Tensor:
     """The official ``forward_general_cls`` path: embeddings, only the given blocks (in order), the final
     norm and the pooled class token of a timm ViT."""
@@ -362,26 +370,18 @@ class CLLoRA(Method):
     def _kd(self, model: CLLoRAModel, x: torch.Tensor, ctx) -> torch.Tensor:
         """KD of the shared blocks' head outputs from the previous task's shared adapters (teacher)."""
         head, blocks = model.heads[ctx.task], self.shared_block_ids
-        autocast = ctx.autocast if ctx.autocast is not None else None
-        with torch.no_grad():
+        with torch.no_grad(), _autocast(ctx):
             for b in self.shared.values():
                 b.use_teacher = True
             try:
-                if autocast is not None:
-                    with autocast():
-                        f_teacher = shared_blocks_features(model.backbone, x, blocks)
-                else:
-                    f_teacher = shared_blocks_features(model.backbone, x, blocks)
+                f_teacher = shared_blocks_features(model.backbone, x, blocks)
             finally:
                 for b in self.shared.values():
                     b.use_teacher = False
         for b in self.shared.values():
             b.grad_rows = reassignment_weights(b.teacher_B) if self.params.gradient_reassignment else None
         try:
-            if autocast is not None:
-                with autocast():
-                    f_student = shared_blocks_features(model.backbone, x, blocks)
-            else:
+            with _autocast(ctx):
                 f_student = shared_blocks_features(model.backbone, x, blocks)
         finally:
             for b in self.shared.values():
@@ -406,12 +406,8 @@ class CLLoRA(Method):
         """Class means (num_classes x d) of this task's training features with its specific adapters."""
         sums = torch.zeros(ctx.num_classes, model.feature_dim, dtype=torch.float64, device=ctx.device)
         counts = torch.zeros(ctx.num_classes, dtype=torch.float64, device=ctx.device)
-        autocast = ctx.autocast if ctx.autocast is not None else None
         for xb, yb in ctx.loader():
-            if autocast is not None:
-                with autocast():
-                    f = model.task_features(xb, ctx.task)
-            else:
+            with _autocast(ctx):
                 f = model.task_features(xb, ctx.task)
             sums.index_add_(0, yb, f.double())
             counts += torch.bincount(yb, minlength=ctx.num_classes).double()
