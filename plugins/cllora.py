@@ -45,6 +45,19 @@ Spectra (``task_updates``): for a shared site, this task's change of its update 
 block weight folded into B). The summed "effective weight" the contract checks is therefore the base
 weight plus the shared update plus every task's weighted specific update, of which inference uses one at a
 time; it changes across a task exactly by the reported updates.
+
+Deviations from the official code (details and reasons: docs/methods/cllora.md):
+
+* one optimizer step per batch on ``grad(CE + orth) + w * grad(KD)``, where the official code steps on the
+  reassigned KD gradient and then again on CE + orth (a second backward through a graph whose weights the
+  first step changed, which newer PyTorch refuses); weight decay of the shared B and the training head is
+  therefore applied once per batch instead of twice;
+* only the prototypes inference reads are computed (the official code also computes unused off-diagonal
+  ones), accumulated in float64;
+* an all-zero teacher B gives reassignment weights 1 instead of a division by zero;
+* task t's specific adapters and block weights are drawn at the start of task t (official: end of t-1);
+* q and v are row slices of timm's fused qkv (official: separate linears); default block halves for any depth;
+* harness: cosine schedule per step (official per epoch), class order and ImageNet-R split, augmentation.
 """
 
 from __future__ import annotations
