@@ -4,7 +4,7 @@ Paper: Jiangpeng He, Zhihao Duan, Fengqing Zhu, "CL-LoRA: Continual Low-Rank Ada
 Class-Incremental Learning", CVPR 2025 (arXiv 2505.24816). Official code: github.com/JiangpengHe/CL-LoRA
 (``models/cllora.py``, ``backbone/vit_cllora.py``, ``utils/inc_net.py::OurNet``, ``backbone/linears.py::
 CosineLinearFeature``). The algorithm in our words, every deviation and the hyperparameter table:
-docs/methods/cllora.md.
+docs/METHODS.md section 7.
 
 Naming. The official ``Adapter_lora`` calls its down-projection ``lora_B`` (r x d) and its up-projection
 ``lora_A`` (d x r); here, as everywhere in ``clbench.lora``, ``branch.A`` (r x d_in) is the down-projection
@@ -46,7 +46,7 @@ block weight folded into B). The summed "effective weight" the contract checks i
 weight plus the shared update plus every task's weighted specific update, of which inference uses one at a
 time; it changes across a task exactly by the reported updates.
 
-Deviations from the official code (details and reasons: docs/methods/cllora.md):
+Deviations from the official code (details and reasons: docs/METHODS.md section 7):
 
 * one optimizer step per batch on ``grad(CE + orth) + w * grad(KD)``, where the official code steps on the
   reassigned KD gradient and then again on CE + orth (a second backward through a graph whose weights the

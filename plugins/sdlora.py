@@ -4,7 +4,7 @@ Paper: Yichen Wu, Hongming Piao, Long-Kai Huang, Renzhen Wang, Wanhua Li, Hanspe
 Ma, Ying Wei, "SD-LoRA: Scalable Decoupled Low-Rank Adaptation for Class Incremental Learning", ICLR 2025
 (arXiv 2501.13198). Official code: github.com/WuYichen-97/SD-Lora-CL (``backbone/lora.py``
 ``_LoRA_qkv_timm_train`` / ``LoRA_ViT_timm``, ``models/sdlora.py``, ``exps/sdlora_*.json``). The algorithm in
-our words, every deviation and the hyperparameter table: docs/methods/sdlora.md.
+our words, every deviation and the hyperparameter table: docs/METHODS.md section 6.
 
 The rule, per adapted site (default the q and v slices of every block's fused qkv, r = 10) while training
 task t (0-based), exactly as the official forward pass:
@@ -62,7 +62,7 @@ sdlora-imagenet-r-10        10       8e-3    InR-T20.log (10 tasks); paper Table
 sdlora-imagenet-r-20        20       1e-2    InR-T10.log (20 tasks); paper Table 2
 ==========================  =======  ======  ==========================================
 
-Deviations (details in docs/methods/sdlora.md): SD-LoRA-KD, which has no official code, absorbs ``c_t beta_k``
+Deviations (details in docs/METHODS.md section 6): SD-LoRA-KD, which has no official code, absorbs ``c_t beta_k``
 rather than the paper's literal ``beta_k`` (function-preserving) as per-site offsets; RR uses the code's 0-based
 task indices; ``normalize: product`` and ``reset_magnitudes: false`` are options beyond the official code; the
 official unused orthogonality loss is not computed; a branch computes ``((x A^T) B^T) (alpha / n)`` where the
