@@ -6,6 +6,7 @@ Every user error is a :class:`ClbenchError`; it prints one line on stderr and ex
 from __future__ import annotations
 
 import os
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -25,8 +26,16 @@ def _fail(msg: str) -> None:
     raise typer.Exit(1)
 
 
+_BANNER = re.compile(r"^run \d+ of \d+: ")
+
+
 def _progress(msg: str) -> None:
-    typer.echo(msg, err=True)
+    if _BANNER.match(msg):  # the overall counter across runs (clbench.runner.run_banner): a rule, with rich
+        from rich.console import Console
+
+        Console(stderr=True, highlight=False).rule(msg, style="cyan")
+    else:
+        typer.echo(msg, err=True)
 
 
 @app.command()

@@ -166,9 +166,10 @@ class RayExecutor:
                                  f"{str(exc).splitlines()[0][:200] if str(exc) else ''}; its checkpoint stays, "
                                  "run the same command again to resume it")
                         rec = RunRecord(job.label, job.seed, "", "FAILED")
+                    done[(job.label, job.seed)] = rec
                     if rec.status != "FAILED":
                         progress(f"[{job.label} seed {job.seed}] {rec.status} on Ray")
-                    done[(job.label, job.seed)] = rec
+                    progress(f"{len(done)} of {len(refs)} runs done")
             except KeyboardInterrupt:
                 for ref in pending:  # a KeyboardInterrupt in each task: the run is marked KILLED, resumable
                     ray.cancel(ref)

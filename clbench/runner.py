@@ -111,11 +111,21 @@ def _skip(done: RunRecord | None, run: PlannedRun, seed: int, progress: Callable
 
 def run_locally(jobs: Sequence[RunJob], *, tracker: Tracker, planned: Sequence[PlannedRun],
                 progress: Callable[[str], None]) -> list[RunRecord]:
-    """Every job in this process, in order, sharing the driver's tracker and built streams."""
+    """Every job in this process, in order, sharing the driver's tracker and built streams; each announced as
+    ``run I of N: LABEL seed S`` (the CLI draws that line as a rule)."""
     by_label = {p.label: p for p in planned}
     streams: dict[Any, Any] = {}
-    return [execute_job(job, tracker=tracker, planned=by_label[job.label], streams=streams, progress=progress)
-            for job in jobs]
+    records = []
+    for i, job in enumerate(jobs, 1):
+        progress(run_banner(i, len(jobs), job))
+        records.append(execute_job(job, tracker=tracker, planned=by_label[job.label], streams=streams,
+                                   progress=progress))
+    return records
+
+
+def run_banner(i: int, n: int, job: RunJob) -> str:
+    """The line that opens run ``i`` of ``n`` (the overall progress counter across a suite's runs)."""
+    return f"run {i} of {n}: {job.label} seed {job.seed}"
 
 
 def execute_job(job: RunJob, *, tracker: Tracker | None = None, planned: PlannedRun | None = None,
