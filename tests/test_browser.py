@@ -266,4 +266,4 @@ def test_html_report_renders_with_its_plots(server):
     assert sizes, "the probe did not run"
     dims = [tuple(map(int, s.split("x"))) for s in sizes.group(1).split(",") if s]
     assert len(dims) == 6 and all(w > 200 and h > 200 for w, h in dims), dims
-    assert "72.00 ± 2.00" in dom and "inflora seed 2 FAILED" in dom
+    assert "72.00 ± 4.97 (3)" in dom and "inflora seed 2 FAILED" in dom
