@@ -207,9 +207,10 @@ def _baseline_html(g: Group) -> str:
         body += f"<tr><td class=m>{e(r.method)}</td>{cells}</tr>"
     return (f"<h3>Paired comparison with {e(g.baseline)}</h3>"
             f"<p class='comparisons'>Difference to <b>{e(g.baseline)}</b> over the seeds both finished: mean ± "
-            f"t 95% half-width (two-sided paired t-test p). {tested} comparisons were made ({len(rows)} methods × "
-            f"{len(specs)} metrics, those with a p-value); {marked} are significant at {ALPHA:g} (highlighted), "
-            f"uncorrected for multiple comparisons: about {ALPHA * tested:.1f} would be by chance alone.</p>"
+            f"t 95% half-width (two-sided paired t-test p). {tested} comparisons were made (the cells with a p-value "
+            f"among {len(rows)} methods × {len(specs)} metrics; a cell needs 2 seeds both finished and a logged "
+            f"value); {marked} are significant at {ALPHA:g} (highlighted), uncorrected for multiple comparisons: "
+            f"about {ALPHA * tested:.1f} would be by chance alone if no method differed.</p>"
             f'<div class="scroll"><table class="vs-baseline"><thead><tr>{head}</tr></thead>'
             f"<tbody>{body}</tbody></table></div>")
 

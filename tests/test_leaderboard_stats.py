@@ -29,9 +29,13 @@ def t_half_width(values: list[float]) -> float:
 
 # --- the quickstart: three seeds of lora and eblora, through the CLI ----------------------------------------
 
+@pytest.mark.slow
 def test_quickstart_json_ci95_and_vs_baseline_equal_scipy(tmp_path, monkeypatch):
     """Reduced quickstart (random backbone, 2 tasks, 3 steps an epoch): `clbench leaderboard quickstart --format
-    json --baseline lora` against scipy's t interval and ttest_rel on the final/acc values MLflow holds."""
+    json --baseline lora` against scipy's t interval and ttest_rel on the final/acc values MLflow holds.
+
+    Slow (six runs: about 50 s of CPU); test_vs_baseline_is_paired_by_seed checks the same against scipy on a
+    hand-written store in seconds."""
     from mlflow.tracking import MlflowClient
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
