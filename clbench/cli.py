@@ -201,10 +201,14 @@ def new_method(
 
 @app.command()
 def leaderboard(
-    suite: str | None = typer.Argument(None, help="suite file, experiment or suite name; default: every "
-                                                     "clbench experiment"),
+    suites: list[str] | None = typer.Argument(None, help="suite files, experiment or suite names (several: ranks "
+                                                         "across them); default: every clbench experiment"),
+    all_: bool = typer.Option(False, "--all", help="every clbench experiment (the default without SUITE), ranked "
+                                                   "across suites"),
     sort: str = typer.Option(keys.FINAL_ACC, "--sort", help="metric key or short name (acc, forgetting, train_s, "
                                                          "...) or method; best first"),
+    baseline: str | None = typer.Option(None, "--baseline", help="method every other method is compared with, "
+                                                                 "paired by seed (difference, ci95, paired t-test)"),
     format_: str = typer.Option("table", "--format", "-f", help="table, markdown, csv, json or html"),
     output: Path | None = typer.Option(None, "--output", "-o", help="write to this file instead of stdout"),
     tracking_uri: str | None = typer.Option(None, "--tracking-uri",
@@ -218,8 +222,12 @@ def leaderboard(
     try:
         if format_ not in FORMATS:
             raise ClbenchError(f"--format {format_}: choose from {', '.join(FORMATS)}")
-        groups = build(suite, tracking_uri, sort)
-        text = render(groups, format_, title=f"clbench leaderboard: {suite}" if suite else "clbench leaderboard")
+        if all_ and suites:
+            raise ClbenchError(f"--all selects every experiment: drop the SUITE arguments ({' '.join(suites)}) "
+                               "or --all")
+        groups = build(list(suites or []), tracking_uri, sort, baseline)
+        title = f"clbench leaderboard: {', '.join(suites)}" if suites else "clbench leaderboard"
+        text = render(groups, format_, title=title)
         if output:
             try:
                 output.write_text(text)

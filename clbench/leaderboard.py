@@ -8,6 +8,11 @@ The rules:
 * Inside a group one row per method label (and per distinct method/train params under that label, so an edited
   suite never silently mixes configurations); the seeds of a row are aggregated as mean, sample standard
   deviation (ddof=1, None for a single seed) and n.
+* Every aggregate carries ``ci95``, the half-width of the Student t 95% interval of the mean over seeds
+  (``clbench.stats.ci95``; None for one seed), shown as ``mean ± ci95 (n)``.
+* ``--baseline NAME`` adds, per row, the difference to that method paired by seed (``clbench.stats.paired``), and
+  several groups (suites) are ranked per suite with the average rank and the Friedman/Nemenyi tests
+  (``rank_suites``).
 * Only FINISHED runs are averaged. FAILED, KILLED and RUNNING runs are listed as such, never averaged in.
 * A seed run twice with the same protocol and params counts once: the latest finished run is used, earlier ones
   are listed as superseded (otherwise a rerun would inflate n and shrink the standard deviation).
@@ -64,6 +69,7 @@ class Stat:
     mean: float | None
     std: float | None
     n: int
+    ci95: float | None = None  # Student t 95% half-width over the n values (None for n < 2)
 
 
 @dataclass
@@ -78,6 +84,8 @@ class Row:
     runs: list[dict[str, Any]] = field(default_factory=list)  # per finished seed: run_id, seed, values, curve
     curve: list[Stat] = field(default_factory=list)  # eval/acc after task i, over seeds
     superseded: list[str] = field(default_factory=list)
+    # metric key -> {diff, ci95, p, n}: this row minus the group's baseline row, paired by seed (None: no baseline)
+    vs_baseline: dict[str, dict[str, float | int | None]] | None = None
 
 
 @dataclass
@@ -112,6 +120,7 @@ class Group:
     unfinished: list[dict[str, Any]]
     sort_key: str = keys.FINAL_ACC
     imbalance_forgetting: Correlation = field(default_factory=lambda: Correlation([], [], []))
+    baseline: str | None = None  # the row every other row's ``vs_baseline`` is paired against
 
 
 # --- per-run values ------------------------------------------------------------------------------------------
@@ -130,13 +139,16 @@ def run_value(run: RunInfo, key: str) -> float | None:
 
 
 def stat(values: Iterable[float | None]) -> Stat:
-    """Mean, sample standard deviation (ddof=1; None for one value) and count of the finite values."""
+    """Mean, sample standard deviation (ddof=1; None for one value), count and t 95% half-width of the finite
+    values."""
+    from clbench.stats import ci95
+
     vals = [f for f in (_finite(v) for v in values) if f is not None]
     if not vals:
         return Stat(None, None, 0)
     mean = sum(vals) / len(vals)
     std = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else None
-    return Stat(mean, std, len(vals))
+    return Stat(mean, std, len(vals), ci95(vals))
 
 
 def params_id(run: RunInfo) -> str:
@@ -155,8 +167,9 @@ def _seed(run: RunInfo) -> int | None:
 
 # --- aggregation ---------------------------------------------------------------------------------------------
 
-def aggregate(runs: list[RunInfo], sort: str = keys.FINAL_ACC) -> list[Group]:
-    """Group child runs by (experiment, suite hash), then by method; aggregate each method's finished seeds."""
+def aggregate(runs: list[RunInfo], sort: str = keys.FINAL_ACC, baseline: str | None = None) -> list[Group]:
+    """Group child runs by (experiment, suite hash), then by method; aggregate each method's finished seeds;
+    with ``baseline``, pair every row with that method's row of its group (``compare_to_baseline``)."""
     sort = resolve_sort_key(sort)
     by_group: dict[tuple[str, str], list[RunInfo]] = {}
     for run in runs:
@@ -167,6 +180,8 @@ def aggregate(runs: list[RunInfo], sort: str = keys.FINAL_ACC) -> list[Group]:
         groups.append(_group(experiment, suite_hash, members, sort))
     latest = {id(g): max((r.start_time or 0) for r in by_group[(g.experiment, g.suite_hash)]) for g in groups}
     groups.sort(key=lambda g: (g.experiment, -latest[id(g)]))
+    if baseline is not None:
+        compare_to_baseline(groups, baseline)
     return groups
 
 
@@ -283,19 +298,192 @@ def load_runs(target: str | None, uri: str | None = None) -> list[RunInfo]:
     return runs
 
 
-def build(target: str | None, uri: str | None = None, sort: str = keys.FINAL_ACC) -> list[Group]:
-    return aggregate(load_runs(target, uri), resolve_sort_key(sort))
+def build(target: str | list[str] | None, uri: str | None = None, sort: str = keys.FINAL_ACC,
+          baseline: str | None = None) -> list[Group]:
+    """The groups of one target, of several (their runs pooled, each run once) or of every experiment (None)."""
+    if isinstance(target, list) and len(target) == 1:
+        target = target[0]
+    if isinstance(target, list) and target:
+        seen: dict[str, RunInfo] = {}
+        for t in target:
+            seen.update((r.run_id, r) for r in load_runs(t, uri))
+        runs = list(seen.values())
+    else:
+        runs = load_runs(target or None, uri)
+    return aggregate(runs, resolve_sort_key(sort), baseline)
+
+
+# --- statistics over seeds and suites (issue 17): paired comparison with a baseline, ranks across suites -------
+
+def _by_seed(row: Row, key: str) -> dict[int | None, float | None]:
+    return {r["seed"]: r["values"][key] for r in row.runs}
+
+
+def compare_to_baseline(groups: list[Group], baseline: str) -> None:
+    """Set every group's ``baseline`` and every other row's ``vs_baseline``: per metric, ``stats.paired`` of the
+    row against the baseline row over the seeds both finished. Groups without that method get no comparison;
+    a baseline no group has is an error."""
+    from clbench.stats import paired
+
+    found = False
+    for g in groups:
+        base = next((r for r in g.rows if r.method == baseline), None)
+        if base is None:
+            continue
+        found, g.baseline = True, baseline
+        for row in g.rows:
+            if row is not base:
+                row.vs_baseline = {k: paired(_by_seed(row, k), _by_seed(base, k)).as_dict() for k in METRIC_KEYS}
+    if not found:
+        methods = sorted({r.method for g in groups for r in g.rows})
+        raise ClbenchError(f"--baseline {baseline}: no such method in the selected runs; choose from "
+                           f"{', '.join(methods) or '(none)'}")
+
+
+def baseline_key(g: Group) -> str:
+    """The metric of the compact comparison column: the sort key (final/acc when sorted by method)."""
+    return keys.FINAL_ACC if g.sort_key == "method" else g.sort_key
+
+
+def fmt_paired(row: Row, baseline: str, spec: MetricSpec) -> str:
+    """``+2.30 ± 1.10 (p=0.02)``: mean paired difference to the baseline, its t half-width and the paired
+    t-test's p; ``baseline`` on the baseline's own row, ``-`` without common seeds."""
+    if row.method == baseline:
+        return "baseline"
+    d = (row.vs_baseline or {}).get(spec.key) or {}
+    if d.get("diff") is None:
+        return "-"
+    text = format(d["diff"], "+" + spec.fmt)
+    if d["ci95"] is not None:
+        text += " ± " + format(d["ci95"], spec.fmt)
+    return text + (f" (p={d['p']:.2g})" if d["p"] is not None else f" (n={d['n']})")
+
+
+@dataclass
+class SuiteRanks:
+    """Methods ranked within every suite (group) by ``metric`` and averaged (``stats.Ranking``): over the groups
+    with at least 2 methods that logged it, for the methods with a value in every one of those groups
+    (Friedman and Nemenyi need complete blocks); what that leaves out is named."""
+
+    metric: str
+    ranking: Any  # clbench.stats.Ranking
+    scores: dict[str, dict[str, float]]  # method -> suite label -> mean over seeds
+    left_out_methods: list[str]
+    left_out_suites: list[str]
+
+    @property
+    def diagram(self) -> bool:
+        """A critical-difference diagram needs at least 3 suites (and the ranking's at least 2 methods)."""
+        return len(self.ranking.suites) >= 3
+
+    def order(self) -> list[int]:
+        return sorted(range(len(self.ranking.methods)), key=lambda i: (self.ranking.avg_rank[i],
+                                                                         self.ranking.methods[i]))
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"metric": self.metric, "higher_is_better": SPEC[self.metric].higher_is_better,
+                "scores": self.scores, **self.ranking.as_dict(),
+                "left_out": {"methods": self.left_out_methods, "suites": self.left_out_suites}}
+
+
+def suite_label(g: Group, groups: list[Group]) -> str:
+    """The group's suite name(s), with its suite hash when another shown group has the same name(s)."""
+    name = ", ".join(g.suites)
+    same = [h for h in groups if ", ".join(h.suites) == name]
+    return name if len(same) == 1 else f"{name} [{g.suite_hash[:8]}]"
+
+
+def rank_suites(groups: list[Group]) -> SuiteRanks | None:
+    """Ranks across the groups by their sort metric (``SuiteRanks``); None with fewer than 2 such groups or
+    fewer than 2 methods common to all of them."""
+    from clbench.stats import complete_block, rank_methods
+
+    if len(groups) < 2:
+        return None
+    metric = baseline_key(groups[0])
+    table: dict[str, dict[str, float]] = {}
+    used, skipped = [], []
+    for g in groups:
+        label = suite_label(g, groups)
+        means = {r.method: r.metrics[metric].mean for r in g.rows if r.metrics[metric].mean is not None}
+        if len(means) < 2:
+            skipped.append(label)
+            continue
+        used.append(label)
+        for method, mean in means.items():
+            table.setdefault(method, {})[label] = mean
+    if len(used) < 2:
+        return None
+    methods, scores = complete_block(table, used)
+    if len(methods) < 2:
+        return None
+    ranking = rank_methods(scores, methods, used, higher_is_better=SPEC[metric].higher_is_better)
+    return SuiteRanks(metric, ranking, {m: table[m] for m in methods},
+                      sorted(m for m in table if m not in methods), skipped)
+
+
+def ranks_notes(r: SuiteRanks) -> list[str]:
+    """The tests under the ranks, in words: Friedman, Iman-Davenport, the Nemenyi CD and its cliques."""
+    rk = r.ranking
+    lines = []
+    if rk.friedman_stat is None:
+        lines.append("Friedman test: undefined (every suite ties every method)")
+    else:
+        f = "inf" if not math.isfinite(rk.iman_davenport_f) else f"{rk.iman_davenport_f:.3g}"
+        lines.append(f"Friedman chi2 = {rk.friedman_stat:.3g} (p = {rk.friedman_p:.3g}); Iman-Davenport F = {f} "
+                     f"(p = {rk.iman_davenport_p:.3g}); {len(rk.methods)} methods over {len(rk.suites)} suites")
+    if rk.cd is not None:
+        groups = "; ".join("{" + ", ".join(rk.methods[i] for i in c) + "}" for c in rk.cliques) or "none"
+        lines.append(f"Nemenyi critical difference (alpha = {rk.alpha:g}) = {rk.cd:.3f}; not significantly "
+                     f"different: {groups}")
+    if r.left_out_methods:
+        lines.append(f"left out (not in every ranked suite): {', '.join(r.left_out_methods)}")
+    if r.left_out_suites:
+        lines.append(f"suites left out (fewer than 2 methods with {r.metric}): {', '.join(r.left_out_suites)}")
+    return lines
+
+
+def ranks_cells(r: SuiteRanks) -> tuple[list[str], list[list[str]]]:
+    """Methods by average rank: their rank in every suite (1 = best, ties averaged), then the average."""
+    rk = r.ranking
+    header = ["method", *rk.suites, "average rank"]
+    body = [[rk.methods[i], *[f"{v:g}" for v in rk.ranks[i]], f"{rk.avg_rank[i]:.2f}"] for i in r.order()]
+    return header, body
+
+
+def render_ranks_table(r: SuiteRanks) -> list[str]:
+    header, body = ranks_cells(r)
+    widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
+
+    def fmt(cells: list[str]) -> str:
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+
+    direction = "higher" if SPEC[r.metric].higher_is_better else "lower"
+    return [f"ranks across suites by {r.metric} ({direction} is better; 1 = best)", fmt(header),
+            fmt(["-" * w for w in widths]), *[fmt(b) for b in body], *ranks_notes(r), ""]
+
+
+def render_ranks_markdown(r: SuiteRanks) -> list[str]:
+    header, body = ranks_cells(r)
+    out = [f"### Ranks across suites by `{r.metric}`", "",
+           "| " + " | ".join(_md_escape(h) for h in header) + " |",
+           "|" + "|".join(":---" if i == 0 else "---:" for i in range(len(header))) + "|"]
+    out += ["| " + " | ".join(_md_escape(c) for c in b) + " |" for b in body]
+    return out + [""] + [f"- {_md_escape(x)}" for x in ranks_notes(r)] + [""]
 
 
 # --- rendering -----------------------------------------------------------------------------------------------
 
 def fmt_stat(s: Stat, spec: MetricSpec, std: bool = True) -> str:
+    """``mean ± ci95 (n)``; ``mean (1)`` for one seed; only the mean when ``std`` is False."""
     if s.mean is None:
         return "-"
     text = format(s.mean, spec.fmt)
-    if std and spec.show_std and s.std is not None:
-        text += " ± " + format(s.std, spec.fmt)
-    return text
+    if not std:
+        return text
+    if s.ci95 is not None:
+        text += " ± " + format(s.ci95, spec.fmt)
+    return f"{text} ({s.n})"
 
 
 def group_title(g: Group) -> str:
@@ -327,6 +515,11 @@ def table_cells(g: Group) -> tuple[list[str], list[list[str]]]:
     header = ["#", "method", "n", *[m.key for m in METRICS]]  # every column under the MLflow key it reads
     body = [[str(i + 1), row.method, str(row.n), *[fmt_stat(row.metrics[m.key], m) for m in METRICS]]
             for i, row in enumerate(g.rows)]
+    if g.baseline is not None:  # the compact paired comparison of the sort metric, after the method's n
+        key = baseline_key(g)
+        header.insert(3, f"{key} vs {g.baseline}")
+        for row, cells in zip(g.rows, body):
+            cells.insert(3, fmt_paired(row, g.baseline, SPEC[key]))
     return header, body
 
 
@@ -340,9 +533,13 @@ def render_table(groups: list[Group]) -> str:
             return "  ".join(c.ljust(w) if i == 1 else c.rjust(w)
                              for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
 
-        out += [group_title(g) + f" · sorted by {g.sort_key}", line(header), line(["-" * w for w in widths])]
+        out += [group_title(g) + f" · sorted by {g.sort_key} · mean ± ci95 (n seeds)", line(header),
+                line(["-" * w for w in widths])]
         out += [line(r) for r in body]
         out += provenance_lines(g) + note_lines(g) + [""]
+    ranks = rank_suites(groups)
+    if ranks is not None:
+        out += render_ranks_table(ranks)
     return "\n".join(out)
 
 
@@ -354,18 +551,23 @@ def render_markdown(groups: list[Group]) -> str:
     out = []
     for g in groups:
         header, body = table_cells(g)
-        out += [f"### {_md_escape(group_title(g))}", "", f"Sorted by `{g.sort_key}`; mean ± std over seeds.", ""]
+        out += [f"### {_md_escape(group_title(g))}", "",
+                f"Sorted by `{g.sort_key}`; mean ± ci95 (n): the Student t 95% interval of the mean over n seeds.",
+                ""]
         out.append("| " + " | ".join(header) + " |")
         out.append("|" + "|".join("---:" if i != 1 else ":---" for i in range(len(header))) + "|")
         out += ["| " + " | ".join(_md_escape(c) for c in r) + " |" for r in body]
         out += [""] + [f"- {_md_escape(x)}" for x in provenance_lines(g) + note_lines(g)] + [""]
+    ranks = rank_suites(groups)
+    if ranks is not None:
+        out += render_ranks_markdown(ranks)
     return "\n".join(out)
 
 
 def csv_header() -> list[str]:
     cols = ["experiment", "suite", "suite_hash", "rank", "method", "method_name", "params_id", "n", "seeds"]
     for m in METRICS:
-        cols += [f"{m.key}_mean", f"{m.key}_std", f"{m.key}_n"]
+        cols += [f"{m.key}_mean", f"{m.key}_std", f"{m.key}_n", f"{m.key}_ci95"]
     return cols + ["clbench_version", "git_sha", "device", "not_averaged"]
 
 
@@ -379,7 +581,8 @@ def render_csv(groups: list[Group]) -> str:
                                 row.params_id, row.n, ";".join(map(str, row.seeds))]
             for m in METRICS:
                 s = row.metrics[m.key]
-                cells += ["" if s.mean is None else repr(s.mean), "" if s.std is None else repr(s.std), s.n]
+                cells += ["" if s.mean is None else repr(s.mean), "" if s.std is None else repr(s.std), s.n,
+                          "" if s.ci95 is None else repr(s.ci95)]
             bad = [f"seed {u['seed']} {u['status']} {u['run_id']}" for u in g.unfinished if u["method"] == row.method]
             cells += [";".join(row.provenance[k]) for k in PROVENANCE_TAGS] + [";".join(bad)]
             w.writerow(cells)
@@ -387,8 +590,30 @@ def render_csv(groups: list[Group]) -> str:
 
 
 def to_dict(groups: list[Group]) -> dict[str, Any]:
-    return {"metrics": list(METRIC_KEYS), "std": "sample standard deviation over seeds (ddof=1)",
-            "groups": [asdict(g) for g in groups]}
+    out = {"metrics": list(METRIC_KEYS), "std": "sample standard deviation over seeds (ddof=1)",
+           "ci95": "half-width of the Student t 95% interval of the mean: t(0.975, n-1) * std / sqrt(n); "
+                   "null for n = 1",
+           "groups": [asdict(g) for g in groups]}
+    if any(g.baseline is not None for g in groups):
+        out["vs_baseline"] = ("rows[i].vs_baseline[metric]: the row minus the baseline row over the seeds both "
+                              "finished; diff = mean paired difference, ci95 = its t half-width, p = two-sided "
+                              "paired t-test (scipy.stats.ttest_rel), n = pairs")
+    ranks = rank_suites(groups)
+    if ranks is not None:
+        out["ranking"] = ranks.as_dict()
+    return _strict(out)
+
+
+def _strict(obj: Any) -> Any:
+    """``obj`` with every non-finite float as None: strict JSON has no Infinity/NaN tokens (an infinite
+    Iman-Davenport F, when every suite ranks the methods identically, is written as null; its p is 0)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _strict(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_strict(v) for v in obj]
+    return obj
 
 
 def render_json(groups: list[Group]) -> str:

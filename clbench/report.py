@@ -2,7 +2,9 @@
 
 Per suite-hash group: the leaderboard table, accuracy versus cost with the Pareto front, spectral imbalance
 versus forgetting over every finished run (the EBLoRA claim, DESIGN.md), and each method's accuracy curve over
-tasks. ``log_report`` puts it on a suite's parent run at the end of ``clbench run``.
+tasks. With a baseline, the paired comparisons with their significance at 0.05 and the number of comparisons;
+over several suites, the ranks per suite, the average rank and the critical-difference diagram.
+``log_report`` puts it on a suite's parent run at the end of ``clbench run``.
 """
 
 from __future__ import annotations
@@ -17,13 +19,20 @@ from typing import Any
 from clbench import keys
 from clbench.leaderboard import (
     METRICS,
+    SPEC,
     Group,
     Row,
+    SuiteRanks,
     aggregate,
-    fmt_stat,
+    baseline_key,
+    fmt_paired,
     group_title,
     note_lines,
     provenance_lines,
+    rank_suites,
+    ranks_cells,
+    ranks_notes,
+    table_cells,
 )
 from clbench.leaderboard import render as render_text
 from clbench.plots import _plt as plots_plt
@@ -40,7 +49,9 @@ th{background:#f3f3f3}
 .plots figure{margin:0}
 figcaption{font-size:12px;color:#555;max-width:520px}
 ul{font-size:13px}
+td.sig{font-weight:bold;background:#fff3c4}
 """
+ALPHA = 0.05  # the significance level the report marks paired differences at
 
 
 def _plt():
@@ -161,29 +172,96 @@ PLOTS = (
 )
 
 
+def _significant(row: Row, key: str) -> bool:
+    p = ((row.vs_baseline or {}).get(key) or {}).get("p")
+    return p is not None and p < ALPHA
+
+
 def _table_html(g: Group) -> str:
     e = html.escape
-    head = "".join(f'<th{" class=m" if i == 1 else ""}>{e(h)}</th>'
-                   for i, h in enumerate(["#", "method", "n", *[m.key for m in METRICS]]))
+    header, body_cells = table_cells(g)
+    head = "".join(f'<th{" class=m" if i == 1 else ""}>{e(h)}</th>' for i, h in enumerate(header))
     body = []
-    for i, row in enumerate(g.rows):
-        cells = [str(i + 1), row.method, str(row.n), *[fmt_stat(row.metrics[m.key], m) for m in METRICS]]
-        body.append("<tr>" + "".join(f'<td{" class=m" if j == 1 else ""}>{e(c)}</td>' for j, c in enumerate(cells))
-                    + "</tr>")
+    for row, cells in zip(g.rows, body_cells):
+        sig = g.baseline is not None and _significant(row, baseline_key(g))
+        css = [" class=m" if j == 1 else (" class=sig" if sig and j == 3 else "") for j in range(len(cells))]
+        body.append("<tr>" + "".join(f"<td{c}>{e(x)}</td>" for c, x in zip(css, cells)) + "</tr>")
     return (f'<div class="scroll"><table class="leaderboard"><thead><tr>{head}</tr></thead>'
             f'<tbody>{"".join(body)}</tbody></table></div>')
+
+
+def _baseline_html(g: Group) -> str:
+    """Every row against the baseline on every seed-dependent metric, paired by seed; the cells with p < 0.05
+    marked, and how many comparisons there were (so the reader can weigh the marks: about 5% of them would be
+    marked by chance if no method differed; no multiplicity correction is applied)."""
+    e = html.escape
+    specs = [m for m in METRICS if m.show_std]  # cost columns are not outcomes of a comparison
+    rows = [r for r in g.rows if r.method != g.baseline]
+    tested = sum(1 for r in rows for m in specs if ((r.vs_baseline or {}).get(m.key) or {}).get("p") is not None)
+    marked = sum(1 for r in rows for m in specs if _significant(r, m.key))
+    head = "<th class=m>method</th>" + "".join(f"<th>{e(m.key)}</th>" for m in specs)
+    body = ""
+    for r in rows:
+        cells = "".join(f"<td{' class=sig' if _significant(r, m.key) else ''}>{e(fmt_paired(r, g.baseline, m))}"
+                        f"</td>" for m in specs)
+        body += f"<tr><td class=m>{e(r.method)}</td>{cells}</tr>"
+    return (f"<h3>Paired comparison with {e(g.baseline)}</h3>"
+            f"<p class='comparisons'>Difference to <b>{e(g.baseline)}</b> over the seeds both finished: mean ± "
+            f"t 95% half-width (two-sided paired t-test p). {tested} comparisons were made (the cells with a p-value "
+            f"among {len(rows)} methods × {len(specs)} metrics; a cell needs 2 seeds both finished and a logged "
+            f"value); {marked} are significant at {ALPHA:g} (highlighted), uncorrected for multiple comparisons: "
+            f"about {ALPHA * tested:.1f} would be by chance alone if no method differed.</p>"
+            f'<div class="scroll"><table class="vs-baseline"><thead><tr>{head}</tr></thead>'
+            f"<tbody>{body}</tbody></table></div>")
+
+
+def _cd_png(ranks: SuiteRanks) -> str:
+    from clbench.stats import cd_diagram
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = cd_diagram(ranks.ranking, Path(tmp) / "cd.png", title=f"average rank by {ranks.metric}")
+        return base64.b64encode(path.read_bytes()).decode("ascii")
+
+
+def _ranks_html(groups: list[Group]) -> str:
+    """Ranks per suite and the average rank over suites; the critical-difference diagram with 3 suites or more."""
+    ranks = rank_suites(groups)
+    if ranks is None:
+        return ""
+    e = html.escape
+    header, body = ranks_cells(ranks)
+    head = "".join(f'<th{" class=m" if i == 0 else ""}>{e(h)}</th>' for i, h in enumerate(header))
+    rows = "".join("<tr>" + "".join(f'<td{" class=m" if i == 0 else ""}>{e(c)}</td>' for i, c in enumerate(b))
+                   + "</tr>" for b in body)
+    better = "higher" if SPEC[ranks.metric].higher_is_better else "lower"
+    parts = [f"<section id='ranks'><h2>Ranks across suites by {e(ranks.metric)}</h2>",
+             f"<p>Each suite ranks the methods by their mean {e(ranks.metric)} ({better} is better; 1 = best, ties "
+             "share the average rank); the last column averages the ranks over the suites.</p>",
+             f'<table class="ranks"><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>',
+             "<ul>" + "".join(f"<li>{e(x)}</li>" for x in ranks_notes(ranks)) + "</ul>"]
+    if ranks.diagram:
+        parts.append(f"<figure><img class='plot' id='cd-diagram' alt='critical difference diagram' "
+                     f"src='data:image/png;base64,{_cd_png(ranks)}'><figcaption>Critical-difference diagram "
+                     "(Demšar 2006): methods hang from their average rank, best on the left; a thick bar joins "
+                     "methods whose average ranks differ by less than the Nemenyi critical difference (CD, drawn "
+                     "above the axis).</figcaption></figure>")
+    return "".join(parts) + "</section>"
 
 
 def render_html(groups: list[Group], title: str = "clbench leaderboard") -> str:
     e = html.escape
     parts = [(f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{e(title)}</title><style>{CSS}</style>"
               f"</head><body><h1>{e(title)}</h1>"),
-             ("<p>Mean ± sample standard deviation over seeds; only finished runs are averaged; runs of different "
-              "suite hashes (protocols) are never mixed.</p>")]
+             ("<p>mean ± ci95 (n): the mean over n seeds and the half-width of its Student t 95% interval "
+              "(no interval for one seed); only finished runs are averaged; runs of different suite hashes "
+              "(protocols) are never mixed.</p>")]
+    parts.append(_ranks_html(groups))  # the summary over suites first, then each suite's own leaderboard
     for k, g in enumerate(groups):
         parts.append(f"<section id='group-{k}'><h2>{e(group_title(g))}</h2>")
         parts.append(f"<p>sorted by <code>{e(g.sort_key)}</code></p>{_table_html(g)}")
         parts.append("<ul>" + "".join(f"<li>{e(x)}</li>" for x in provenance_lines(g) + note_lines(g)) + "</ul>")
+        if g.baseline is not None and len(g.rows) > 1:  # something besides the baseline to compare
+            parts.append(_baseline_html(g))
         parts.append("<div class='plots'>")
         for name, fn, caption in PLOTS:
             png = fn(g)

@@ -266,4 +266,26 @@ def test_html_report_renders_with_its_plots(server):
     assert sizes, "the probe did not run"
     dims = [tuple(map(int, s.split("x"))) for s in sizes.group(1).split(",") if s]
     assert len(dims) == 6 and all(w > 200 and h > 200 for w, h in dims), dims
-    assert "72.00 ± 2.00" in dom and "inflora seed 2 FAILED" in dom
+    assert "72.00 ± 4.97 (3)" in dom and "inflora seed 2 FAILED" in dom
+
+
+def test_html_report_ranks_and_cd_diagram_render(tmp_path):
+    """Three suites sharing three methods: the report (a static file, no server) shows the average ranks and
+    the critical-difference diagram, and Chromium decodes the diagram."""
+    from test_leaderboard_stats import SUITES, write_suites
+
+    from clbench import leaderboard as lb
+    from clbench.report import render
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    write_suites(uri, tmp_path / "artifacts", SUITES)
+    page = tmp_path / "report.html"
+    page.write_text(render(lb.build(["s1", "s2", "s3"], uri), "html").replace("</body>", PROBE + "</body>"))
+    dom = dump_dom(page.as_uri())
+    assert "Ranks across suites by final/acc" in dom and "average rank" in dom
+    cd = re.search(r"<img[^>]*id=\"cd-diagram\"[^>]*>", dom) or re.search(r"<img[^>]*id='cd-diagram'[^>]*>", dom)
+    assert cd, "no critical-difference diagram in the rendered page"
+    sizes = re.search(r'data-images="([^"]*)"', dom)
+    assert sizes, "the probe did not run"
+    dims = [tuple(map(int, s.split("x"))) for s in sizes.group(1).split(",") if s]
+    assert dims and dims[0][0] > 300 and dims[0][1] > 150, dims  # the diagram comes first and was decoded

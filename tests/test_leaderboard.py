@@ -213,8 +213,11 @@ def test_json_parses_and_matches(groups):
     data = json.loads(lb.render(groups, "json"))
     a = next(g for g in data["groups"] if g["suite_hash"] == HASH_A)
     rows = {r["method"]: r for r in a["rows"]}
-    assert rows["olora"]["metrics"]["final/acc"] == pytest.approx({"mean": 63.0, "std": 3.0, "n": 3})
-    assert rows["eblora"]["metrics"]["final/acc"] == {"mean": None, "std": None, "n": 0}
+    # ci95 = t(0.975, 2) * 3 / sqrt(3), t(0.975, 2) = 4.302653 (tables)
+    assert rows["olora"]["metrics"]["final/acc"] == pytest.approx(
+        {"mean": 63.0, "std": 3.0, "n": 3, "ci95": 4.302653 * 3.0 / math.sqrt(3)})
+    assert rows["eblora"]["metrics"]["final/acc"] == {"mean": None, "std": None, "n": 0, "ci95": None}
+    assert "vs_baseline" not in data and rows["olora"]["vs_baseline"] is None
     assert {u["status"] for u in a["unfinished"]} == {"FAILED", "RUNNING"}
     assert [r["seed"] for r in rows["lora"]["runs"]] == [0, 1, 2]
 
@@ -234,8 +237,9 @@ def test_markdown_rows_parse(groups):
         assert set(t[1][0]) <= set("-:")
     header, rows = tables[1][0], tables[1][2:]
     acc = header.index("final/acc")  # every column under the MLflow key it reads
-    assert [(r[1], r[acc]) for r in rows] == [("inflora", "82.00 ± 2.83"), ("lora", "72.00 ± 2.00"),
-                                              ("olora", "63.00 ± 3.00"), ("eblora", "-")]
+    # mean ± t(0.975, n-1) sd / sqrt(n) (n): t(0.975, 1) = 12.7062, t(0.975, 2) = 4.302653
+    assert [(r[1], r[acc]) for r in rows] == [("inflora", "82.00 ± 25.41 (2)"), ("lora", "72.00 ± 4.97 (3)"),
+                                              ("olora", "63.00 ± 7.45 (3)"), ("eblora", "-")]
 
 
 class _Images(HTMLParser):
@@ -272,7 +276,7 @@ def test_html_report_is_self_contained_with_plots(groups):
     assert len(images) == 6 and all(img.startswith(b"\x89PNG") and len(img) > 2000 for img in images)
     p = _Images()
     p.feed(text)
-    assert "72.00 ± 2.00" in p.cells and "inflora" in p.cells
+    assert "72.00 ± 4.97 (3)" in p.cells and "inflora" in p.cells
 
 
 def test_pareto_front():
@@ -347,9 +351,12 @@ def test_a_suite_file_selects_its_experiment(store, tmp_path, monkeypatch):
 
 
 def test_stat_single_seed_has_no_std():
-    assert lb.stat([5.0]) == lb.Stat(5.0, None, 1)
-    assert lb.stat([None, float("nan")]) == lb.Stat(None, None, 0)
-    assert lb.stat([1.0, None, 3.0]) == lb.Stat(2.0, math.sqrt(2.0), 2)
+    assert lb.stat([5.0]) == lb.Stat(5.0, None, 1, None)
+    assert lb.stat([None, float("nan")]) == lb.Stat(None, None, 0, None)
+    two = lb.stat([1.0, None, 3.0])
+    assert (two.mean, two.std, two.n) == (2.0, math.sqrt(2.0), 2)
+    assert two.ci95 == pytest.approx(12.706205 * math.sqrt(2.0) / math.sqrt(2))  # t(0.975, 1) from tables
+    assert lb.fmt_stat(lb.stat([5.0]), lb.SPEC["final/acc"]) == "5.00 (1)"  # no interval for one seed
 
 
 def test_a_failing_report_never_fails_the_suite_run(tmp_path):
