@@ -5,10 +5,12 @@ A buffer of fixed capacity (``per_class`` x the stream's number of classes, 20 p
 the n-th sample seen enters with probability capacity / n, replacing a uniformly chosen slot, so at any time
 the buffer is a uniform sample of everything seen. Each training step draws ``replay_ratio`` x batch-size
 samples uniformly from the buffer (without replacement) and adds them to the step's batch; the loss is the
-mean cross-entropy over the combined batch, current samples on their own head (the protocol) and replayed ones
-over every seen head (``replay_scope: seen``, as ER in Mammoth's class-incremental setting), with every seen
-head training. The trained part is LoRA adapters as the ``lora`` baseline's (``trainable: lora``, default) or
-the whole backbone (``trainable: full``).
+mean cross-entropy over the combined batch, every sample scored over every seen head and every seen head
+training (as ER in Mammoth's class-incremental setting). ``current_scope: task`` keeps the protocol's
+current-head loss for the current task's samples instead (``training_set`` is how ER widens it: the task's own
+samples with scope ``"seen"``), ``replay_scope: task`` scores replayed samples on their own head only. The
+trained part is LoRA adapters as the ``lora`` baseline's (``trainable: lora``, default) or the whole backbone
+(``trainable: full``).
 
 References: Chaudhry et al., "On Tiny Episodic Memories in Continual Learning", arXiv 1902.10486, 2019
 (ER with reservoir sampling); Buzzega et al., "Dark Experience for General Continual Learning", NeurIPS 2020,
@@ -17,9 +19,14 @@ arXiv 2004.07211, github.com/aimagelab/mammoth (``models/er.py``, ``utils/buffer
 Deviations from Mammoth's ER: (1) the buffer is updated at the end of each task, with that task's samples
 presented once in a seeded random order, rather than with every minibatch during training (Mammoth adds each
 batch again in every epoch, so a sample can enter twice); so during task t the buffer holds only tasks < t and
-every replayed sample is an earlier task's. (2) Current-task samples keep the protocol's current-head loss
-(Mammoth scores them over all classes). (3) Images are stored as the stream's uint8 and augmented like the
-batch when replayed; Mammoth stores the non-augmented tensors and augments on replay as well.
+every replayed sample is an earlier task's. (2) The number replayed per step is ``replay_ratio`` x the suite's
+batch size (Mammoth's ``minibatch_size``, default the batch size), also on a task's short last batch. Images are
+stored as the stream's uint8 and augmented like the batch when replayed, as Mammoth augments its stored
+non-augmented images on replay.
+
+Measured on the quickstart (mnist5k, 5 tasks): with ``current_scope: task`` ER's class-incremental accuracy after
+task 2 was no better than sequential LoRA's (52.75 vs 52.50; TIL 91.75): earlier heads are never trained against
+the current task's samples, so they fire on them. Scoring everything over all seen heads is what rehearsal needs.
 """
 
 from __future__ import annotations
@@ -40,6 +47,8 @@ class ERParams(PartParams):
                                                  "number of classes), unless buffer_size is set")
     buffer_size: int | None = Field(None, ge=1, description="total buffer capacity in images (overrides per_class)")
     replay_ratio: float = Field(1.0, gt=0, description="replayed samples per current sample in each batch")
+    current_scope: Literal["seen", "task"] = Field("seen", description="cross-entropy of the current task's samples "
+                                                   "over every seen head (seen) or only their own head (task)")
     replay_scope: Literal["seen", "task"] = Field("seen", description="cross-entropy of replayed samples over every "
                                                   "seen head (seen) or only their own task's head (task)")
     trainable: Literal["lora", "full"] = Field("lora", description="what trains: LoRA adapters (lora) or every "
@@ -70,6 +79,11 @@ class ExperienceReplay(TrainedPart, Method):
         self.configure_part(model, self.params.trainable)
 
     @hookimpl
+    def training_set(self, ctx):
+        # the task's own samples, scored over every seen head (on task 0 that is the protocol's loss)
+        return [ctx.task_samples().with_scope("seen")] if self.params.current_scope == "seen" and ctx.task else None
+
+    @hookimpl
     def before_task(self, model, ctx):
         self.begin_part_task()
         self._draw = torch.Generator().manual_seed(ctx.seed * 7_919 + ctx.task)  # per task: resumes exactly
@@ -77,15 +91,15 @@ class ExperienceReplay(TrainedPart, Method):
     @hookimpl
     def param_groups(self, model, ctx):
         groups = [{"params": self.part_parameters(model), "name": self.params.trainable}]
-        if self.params.replay_scope == "seen" and ctx.task > 0:
+        if "seen" in (self.params.replay_scope, self.params.current_scope) and ctx.task > 0:
             groups.append({"params": seen_heads(model, ctx.task), "name": "seen_heads"})
         return groups
 
     @hookimpl
-    def replay_batch(self, batch, ctx):
+    def replay_batch(self, ctx):
         if not len(self.buf_y):
             return None
-        n = min(len(self.buf_y), max(1, round(self.params.replay_ratio * len(batch[1]))))
+        n = min(len(self.buf_y), max(1, round(self.params.replay_ratio * ctx.batch_size)))
         idx = torch.randperm(len(self.buf_y), generator=self._draw)[:n]
         return Samples(self.buf_x[idx], self.buf_y[idx], self.params.replay_scope)
 

@@ -199,10 +199,13 @@ def test_er_replays_only_earlier_tasks_at_its_ratio_and_reports_its_buffer():
     er = ExperienceReplay({"rank": 2, "replay_ratio": 0.5, "per_class": 3})
     _, results, probe = probed_run(er, stream, batch_size=8, max_steps_per_epoch=3)
     assert 0 not in probe.by_task  # nothing to replay on the first task
+    seen = rehearsal.SCOPES.index("seen")
     for t in (1, 2):
         for y, scope, n_own in probe.by_task[t]:
-            assert len(y) == 4 == n_own // 2 and int(y.max()) < 2 * t  # earlier tasks' classes only
-            assert bool((scope == rehearsal.SCOPES.index("seen")).all())
+            # the task's own 8 samples first (over every seen head: training_set), then 4 replayed ones
+            assert n_own == 0 and len(y) == 12 and bool((scope == seen).all())
+            assert bool(((y[:8] >= 2 * t) & (y[:8] < 2 * t + 2)).all())
+            assert int(y[8:].max()) < 2 * t  # replayed: earlier tasks' classes only
     assert [r.buffer_images for r in results] == [16, 18, 18]  # capacity 3 x 6 classes, filled after task 0
     assert sorted(set(er.buf_y.tolist())) == list(range(6))
 
