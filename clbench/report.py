@@ -16,14 +16,13 @@ from typing import Any
 
 from clbench import keys
 from clbench.leaderboard import (
-    METRICS,
     Group,
     Row,
     aggregate,
-    fmt_stat,
     group_title,
     note_lines,
     provenance_lines,
+    table_cells,
 )
 from clbench.leaderboard import render as render_text
 from clbench.plots import _plt as plots_plt
@@ -34,6 +33,8 @@ body{font-family:system-ui,sans-serif;margin:24px;color:#222}
 table{border-collapse:collapse;font-size:13px;margin:8px 0}
 th,td{border:1px solid #ccc;padding:3px 7px;text-align:right;white-space:nowrap}
 td.m,th.m{text-align:left}
+tr.upper td{background:#eef6ee}
+tr.lower td{background:#f6f0e8}
 th{background:#f3f3f3}
 .scroll{overflow-x:auto}
 .plots{display:flex;flex-wrap:wrap;gap:12px}
@@ -163,13 +164,13 @@ PLOTS = (
 
 def _table_html(g: Group) -> str:
     e = html.escape
-    head = "".join(f'<th{" class=m" if i == 1 else ""}>{e(h)}</th>'
-                   for i, h in enumerate(["#", "method", "n", *[m.key for m in METRICS]]))
+    header, rows = table_cells(g)  # the text table's columns, the bounds' included
+    head = "".join(f'<th{" class=m" if i == 1 else ""}>{e(h)}</th>' for i, h in enumerate(header))
     body = []
-    for i, row in enumerate(g.rows):
-        cells = [str(i + 1), row.method, str(row.n), *[fmt_stat(row.metrics[m.key], m) for m in METRICS]]
-        body.append("<tr>" + "".join(f'<td{" class=m" if j == 1 else ""}>{e(c)}</td>' for j, c in enumerate(cells))
-                    + "</tr>")
+    for row, cells in zip(g.rows, rows):
+        mark = {"upper bound": " class=upper", "lower reference": " class=lower"}.get(row.reference or "", "")
+        body.append(f"<tr{mark}>" + "".join(f'<td{" class=m" if j == 1 else ""}>{e(c)}</td>'
+                                           for j, c in enumerate(cells)) + "</tr>")
     return (f'<div class="scroll"><table class="leaderboard"><thead><tr>{head}</tr></thead>'
             f'<tbody>{"".join(body)}</tbody></table></div>')
 

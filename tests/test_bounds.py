@@ -14,7 +14,8 @@ from clbench_plugins.finetune import Finetune
 from clbench_plugins.frozen import Frozen
 from clbench_plugins.joint import Joint
 
-from clbench import checkpoint, rehearsal
+from clbench import checkpoint, keys, rehearsal
+from clbench import leaderboard as lb
 from clbench.dense import backbone_maps
 from clbench.errors import ClbenchError
 from clbench.hookspecs import hookimpl
@@ -22,6 +23,7 @@ from clbench.loop import LoopState, run_stream
 from clbench.method import Method
 from clbench.registry import run_manager
 from clbench.rehearsal import Samples
+from clbench.report import render_html
 from clbench.testing import run_method, tiny_model, tiny_stream, tiny_train
 
 
@@ -239,3 +241,44 @@ def test_er_resumes_bit_exactly_with_a_non_empty_buffer(tmp_path):
     assert np.array_equal(want.R, got.R, equal_nan=True) and np.array_equal(want.R_til, got.R_til, equal_nan=True)
     assert torch.equal(full.buf_x, resumed.buf_x) and torch.equal(full.buf_y, resumed.buf_y)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in full_model.state_dict().items())
+
+
+# -- leaderboard -----------------------------------------------------------------------------------------------
+
+
+def _row(label: str, name: str, acc: float | None, forgetting: float) -> lb.Row:
+    metrics = {k: lb.Stat(None, None, 0) for k in lb.METRIC_KEYS}
+    metrics[keys.FINAL_ACC] = lb.Stat(acc, None, 0 if acc is None else 1)
+    metrics[keys.FINAL_FORGETTING] = lb.Stat(forgetting, None, 1)
+    prov = {k: [] for k in lb.PROVENANCE_TAGS}
+    return lb.Row(method=label, method_name=name, params_id="p", n=1, seeds=[0], metrics=metrics, provenance=prov)
+
+
+def test_leaderboard_marks_the_bounds_and_each_rows_share_of_the_gap():
+    rows = [_row("joint", "joint", 90.0, 2.0), _row("joint-full", "joint", 80.0, 1.0),
+            _row("finetune", "finetune", 20.0, 80.0), _row("frozen", "frozen", 30.0, 30.0),
+            _row("lora", "lora", 44.0, 50.0), _row("broken", "lora", None, 5.0)]
+    lb.mark_references(rows, keys.FINAL_ACC)
+    roles = {r.method: r.reference for r in rows}
+    assert roles == {"joint": "upper bound", "joint-full": "upper bound", "finetune": "lower reference",
+                     "frozen": "lower reference", "lora": None, "broken": None}
+    # upper = the best joint row (90), lower = the better lower reference (frozen, 30)
+    share = {r.method: r.gap_share for r in rows}
+    assert share["lora"] == pytest.approx((44 - 30) / 60) and share["joint"] == 1.0 and share["frozen"] == 0.0
+    assert share["finetune"] == pytest.approx(-10 / 60) and share["broken"] is None
+    lb.mark_references(rows, keys.FINAL_FORGETTING)  # lower is better: upper = joint-full (1), lower = frozen (30)
+    assert {r.method: r.gap_share for r in rows}["lora"] == pytest.approx((50 - 30) / (1 - 30))
+
+    group = lb.Group("bench", ["s"], "h", lb.sort_rows(rows, keys.FINAL_ACC), [], keys.FINAL_ACC)
+    lb.mark_references(group.rows, keys.FINAL_ACC)
+    header, body = lb.table_cells(group)
+    assert header[-2:] == ["reference", "gap_share"]
+    assert [c[-2:] for c in body if c[1] in ("joint", "lora", "broken")] == [
+        ["upper bound", "1.00"], ["", "0.23"], ["", "-"]]
+    assert any("gap_share" in line and "final/acc" in line for line in lb.note_lines(group))
+    page = render_html([group])
+    assert "<tr class=upper>" in page and page.count("<tr class=lower>") == 2 and ">gap_share</th>" in page
+
+    plain = lb.Group("bench", ["s"], "h", [_row("lora", "lora", 44.0, 50.0)], [], keys.FINAL_ACC)
+    lb.mark_references(plain.rows, keys.FINAL_ACC)
+    assert "gap_share" not in lb.table_cells(plain)[0]  # no bounds ran: the table is unchanged
