@@ -14,7 +14,7 @@ from clbench_plugins.finetune import Finetune
 from clbench_plugins.frozen import Frozen
 from clbench_plugins.joint import Joint
 
-from clbench import checkpoint, keys, rehearsal
+from clbench import checkpoint, contract, keys, rehearsal
 from clbench import leaderboard as lb
 from clbench.dense import backbone_maps
 from clbench.errors import ClbenchError
@@ -282,3 +282,11 @@ def test_leaderboard_marks_the_bounds_and_each_rows_share_of_the_gap():
     plain = lb.Group("bench", ["s"], "h", [_row("lora", "lora", 44.0, 50.0)], [], keys.FINAL_ACC)
     lb.mark_references(plain.rows, keys.FINAL_ACC)
     assert "gap_share" not in lb.table_cells(plain)[0]  # no bounds ran: the table is unchanged
+
+
+@pytest.mark.parametrize("cls", [ExperienceReplay, Joint])
+def test_full_fine_tuning_variants_meet_the_contract(cls):
+    # trainable: full declares trains_backbone on the instance and reports dense changes of the backbone's maps
+    assert cls({"trainable": "full"}).trains_backbone and not cls().trains_backbone
+    run = contract.check_method(cls, {"trainable": "full"})
+    assert set(run.results[1].updates) == set(run.maps)
