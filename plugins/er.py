@@ -46,7 +46,7 @@ class ERParams(PartParams):
     per_class: int = Field(20, ge=1, description="buffer capacity per class of the stream (capacity = per_class x "
                                                  "number of classes), unless buffer_size is set")
     buffer_size: int | None = Field(None, ge=1, description="total buffer capacity in images (overrides per_class)")
-    replay_ratio: float = Field(1.0, gt=0, description="replayed samples per current sample in each batch")
+    replay_ratio: float = Field(1.0, gt=0, description="replayed samples per step, as a multiple of the batch size")
     current_scope: Literal["seen", "task"] = Field("seen", description="cross-entropy of the current task's samples "
                                                    "over every seen head (seen) or only their own head (task)")
     replay_scope: Literal["seen", "task"] = Field("seen", description="cross-entropy of replayed samples over every "
