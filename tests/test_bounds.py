@@ -137,6 +137,50 @@ def test_rehearsal_of_unseen_classes_is_refused():
         run_method(Peeking(), stream=tiny_stream(num_tasks=2, samples_per_class=8), max_steps_per_epoch=1)
 
 
+class LogitMatch(Method):
+    """DER's core written on the extension point alone: replayed samples scored by the method (scope "none")
+    against logits it stored when they entered its buffer, through ``loss_terms``' ``replayed``."""
+
+    name = "logitmatch"
+
+    def __init__(self):
+        super().__init__()
+        self.x, self.y, self.z = None, None, None
+        self.seen_rows: list[tuple[int, torch.Tensor]] = []
+
+    @hookimpl
+    def configure_model(self, model):
+        model.backbone.requires_grad_(True)  # so the replayed samples' logits drift from the stored ones
+
+    @hookimpl
+    def replay_batch(self, ctx):
+        return None if self.x is None else Samples(self.x, self.y, "none")
+
+    @hookimpl
+    def loss_terms(self, replayed, ctx):
+        if replayed is None:
+            return None
+        self.seen_rows.append((replayed.logits.shape[1], replayed.scope.clone()))
+        return {"der": F.mse_loss(replayed.logits[:, : self.z.shape[1]].float(), self.z)}
+
+    @hookimpl
+    def after_task(self, model, ctx):
+        if ctx.task == 0:  # keep four samples of task 0 with the logits the model gives them now
+            data = ctx.task_samples().take(torch.arange(4))
+            with torch.no_grad():
+                self.z = model(model.preprocess(data.x)).float()
+            self.x, self.y = data.x, data.y
+
+
+def test_the_extension_point_carries_der_style_logit_replay():
+    method = LogitMatch()
+    run = run_method(method, stream=tiny_stream(num_tasks=2, samples_per_class=8), batch_size=8)  # 2 steps a task
+    assert run.results[0].loss_terms == {} and run.results[1].loss_terms["der"] > 0
+    # task 1: four replayed rows per step, scored by the method only, with logits over all 4 seen classes
+    none = rehearsal.SCOPES.index("none")
+    assert [(n, s.tolist()) for n, s in method.seen_rows] == [(4, [none] * 4)] * 2
+
+
 # -- joint -----------------------------------------------------------------------------------------------------
 
 
