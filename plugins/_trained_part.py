@@ -3,7 +3,8 @@ backbone (as the ``lora`` baseline), or every backbone parameter (full fine-tuni
 reported for spectra in both cases.
 
 * LoRA: one branch per site, trained through all tasks; the update is the change of ``B A`` across the task,
-  ``[B_t, -B_(t-1)] [A_t; A_(t-1)]`` (as ``clbench_plugins.lora``).
+  ``[B_t, -B_(t-1)] [A_t; A_(t-1)]``, which the harness reports (``clbench.probes.TaskUpdateProbe``), as for
+  ``clbench_plugins.lora``.
 * Full: the update of each block's linear maps (q, k, v rows of qkv, proj, fc1, fc2) is the dense change
   ``W_t - W_(t-1)``, factored by an exact SVD kept to its top ``update_rank`` directions
   (``clbench.dense.factor_change``; ``update_rank: null`` keeps the numerical rank, i.e. the exact change).
@@ -15,24 +16,19 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from torch import nn
 
 from clbench import dense
-from clbench.lora import LowRank, inject
+from clbench.lora import LoRAParams, LowRank, inject
 
 Trainable = Literal["lora", "full"]
 
 
-class PartParams(BaseModel):
-    """The trained part's params (LoRA's as in ``clbench_plugins.lora``, plus the dense update's rank)."""
+class PartParams(LoRAParams):
+    """The trained part's params: clbench's shared LoRA params (used with ``trainable: lora``) plus the rank of
+    the dense update reported with ``trainable: full``."""
 
-    model_config = ConfigDict(extra="forbid")
-    rank: int = Field(10, ge=1, description="LoRA rank r (trainable: lora)")
-    alpha: float | None = Field(None, gt=0, description="LoRA scaling alpha (delta W = alpha/r B A); default alpha = r")
-    targets: list[Literal["q", "k", "v", "qkv", "proj", "fc1", "fc2"]] = Field(
-        ["q", "v"], min_length=1, description="LoRA-adapted maps (trainable: lora)")
-    blocks: list[int] | None = Field(None, description="LoRA-adapted transformer blocks (default: all)")
     update_rank: int | None = Field(64, ge=1, description="trainable: full: each map's dense task change is "
                                     "reported as its top-k SVD factors (null: the exact change, at numerical rank)")
 
@@ -49,14 +45,14 @@ class TrainedPart:
             p = self.params
             self.sites = inject(model.backbone, p.targets, p.blocks)
             for site in self.sites.values():
-                site.add_branch(p.rank, scale=(p.alpha or p.rank) / p.rank)
+                site.add_branch(p.rank, scale=p.scale, dropout=p.dropout)
             self.maps = {}
         else:
             self.sites = {}
             model.backbone.requires_grad_(True)
             self.maps = dense.backbone_maps(model.backbone)
         self._before: dict = {}
-        self._update: dict[str, LowRank] = {}
+        self._update: dict[str, LowRank] | None = None  # None: the harness reports the LoRA change
 
     def part_parameters(self, model: nn.Module) -> list[nn.Parameter]:
         if self._trainable == "lora":
@@ -64,18 +60,16 @@ class TrainedPart:
         return list(model.backbone.parameters())
 
     def begin_part_task(self) -> None:
-        """Remember where the task starts (re-derived from the weights, so a resumed run starts the same)."""
-        if self._trainable == "lora":
-            self._before = {n: s.update() for n, s in self.sites.items()}
-        else:
+        """Full: remember the weights where the task starts (re-read from the model, so a resumed run starts the
+        same)."""
+        if self._trainable == "full":
             self._before = dense.snapshot(self.maps)
 
     def end_part_task(self) -> None:
-        if self._trainable == "lora":
-            self._update = {n: s.update() - self._before[n] for n, s in self.sites.items()}
-        else:
+        """Full: this task's dense change of every map, as factors (``self._update``, for ``task_updates``)."""
+        if self._trainable == "full":
             self._update = dense.task_changes(self.maps, self._before, self.params.update_rank)
-        self._before = {}
+            self._before = {}
 
 
 def seen_heads(model: nn.Module, task: int) -> list[nn.Parameter]:

@@ -21,8 +21,7 @@ from __future__ import annotations
 from clbench_plugins._trained_part import TrainedPart
 from pydantic import BaseModel, ConfigDict, Field
 
-from clbench.hookspecs import hookimpl
-from clbench.method import Method
+from clbench import Method, hookimpl
 
 
 class FinetuneParams(BaseModel):

@@ -14,8 +14,7 @@ reported (nothing in the backbone changes), so its spectra columns stay empty.
 
 from __future__ import annotations
 
-from clbench.hookspecs import hookimpl
-from clbench.method import Method
+from clbench import Method, hookimpl
 
 
 class Frozen(Method):

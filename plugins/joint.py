@@ -28,8 +28,7 @@ from typing import Literal
 from clbench_plugins._trained_part import PartParams, TrainedPart, seen_heads
 from pydantic import Field
 
-from clbench.hookspecs import hookimpl
-from clbench.method import Method
+from clbench import Method, hookimpl
 
 
 class JointParams(PartParams):
