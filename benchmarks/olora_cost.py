@@ -93,7 +93,7 @@ def main() -> None:
         tic = time.perf_counter()
         for _ in range(args.steps):
             loss = F.cross_entropy(model(x, head=0), y)
-            for terms in pm.hook.loss_terms(model=model, batch=(x, y), logits=None, ctx=ctx):
+            for terms in pm.hook.loss_terms(model=model, batch=(x, y), logits=None, ctx=ctx, replayed=None):
                 for v in (terms or {}).values():
                     loss = loss + v
             opt.zero_grad(set_to_none=True)
@@ -107,7 +107,7 @@ def main() -> None:
         _sync(device)
         tic = time.perf_counter()
         for _ in range(args.steps):
-            terms = pm.hook.loss_terms(model=model, batch=(x, y), logits=None, ctx=ctx)
+            terms = pm.hook.loss_terms(model=model, batch=(x, y), logits=None, ctx=ctx, replayed=None)
             sum(v for t in terms for v in t.values()).backward()
         _sync(device)
         return (time.perf_counter() - tic) / args.steps * 1e3

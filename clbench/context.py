@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from clbench.rehearsal import Samples
 
 
 @dataclass(frozen=True)
@@ -16,6 +19,10 @@ class TaskContext:
     ``loader(batch_size=None, fraction=1.0, shuffle=False)`` yields ``(x, y)`` batches of this task's training
     data on ``device``, preprocessed for the backbone, with ``y`` the label *within the task* (0..n-1), which is
     what the current head predicts. ``fraction`` takes a uniformly spaced subset (deterministic).
+
+    ``task_samples(j)`` (j <= ``task``, default this task) is task j's raw training set as
+    ``clbench.rehearsal.Samples`` (uint8 images as stored, stream-wide labels): what a rehearsal method keeps
+    or trains on. Later tasks are refused.
     """
 
     task: int
@@ -30,6 +37,16 @@ class TaskContext:
     batch_size: int = 64
     steps_per_epoch: int = 0
     autocast: Callable[[], Any] = field(default=None)  # type: ignore[assignment]
+    samples_of: Callable[[int], Samples] | None = None
+
+    def task_samples(self, task: int | None = None) -> Samples:
+        """The raw training samples of seen task ``task`` (default: this one), scope ``"task"``."""
+        from clbench.errors import ClbenchError
+
+        j = self.task if task is None else task
+        if not 0 <= j <= self.task or self.samples_of is None:
+            raise ClbenchError(f"task_samples({j}): only tasks 0..{self.task} are seen at task {self.task}")
+        return self.samples_of(j)
 
     @property
     def class_offset(self) -> int:

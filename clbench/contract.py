@@ -9,8 +9,13 @@ The frozen-weights check accounts for merging: a method may fold its adapters in
 adapted site (base rows + live branches) changes across task t by exactly the dense form of the update the
 method reports for task t (``task_updates``), and that every other pre-trained parameter, including the rows
 of a fused ``qkv`` weight no site covers, is bit-for-bit unchanged. A method that silently writes into the
-base weights, or reports an update that is not what it did, fails. Methods that set ``trains_backbone`` are
-exempt from this check only.
+base weights, or reports an update that is not what it did, fails. Methods that set ``trains_backbone`` (on
+the class, or on the instance when it depends on the params) are exempt from this check only; their
+``task_updates`` may also name the backbone's own linear maps (``clbench.dense.backbone_maps``).
+
+Resume: a run stopped after task 0 and resumed from its ``method_state`` (through a ``weights_only`` save and
+load) into a fresh model and method gives the uninterrupted run's accuracy matrices. This is what a rehearsal
+method's buffer needs (it is method state); the loop itself refuses rehearsal samples of unseen classes.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ValidationError
 
+from clbench.dense import backbone_maps
 from clbench.errors import ClbenchError
 from clbench.lora import LowRank, find_sites
 from clbench.method import NAME_RULE, valid_method_name
@@ -50,6 +56,7 @@ class ContractRun:
     params: dict[int, tuple[str, torch.nn.Parameter]] = field(default_factory=dict)  # id -> (name, param)
     effective: list[dict[str, torch.Tensor]] = field(default_factory=list)  # per task: site -> weight
     sites: dict[str, Any] = field(default_factory=dict)  # site name -> LoRASite (after the run)
+    maps: dict[str, tuple[int, int]] = field(default_factory=dict)  # backbone map name -> (d_out, d_in)
 
 
 def contract_stream(seed: int = 0, num_tasks: int = 2) -> Stream:
@@ -89,6 +96,8 @@ def contract_run(
     def on_task(result, state, m) -> None:
         run.results.append(result)
         run.sites = find_sites(m.backbone)
+        run.maps = {n: (len(range(*rows.indices(w.shape[0]))), w.shape[1])
+                    for n, (w, rows) in backbone_maps(m.backbone).items()}
         run.effective.append({n: _site_weight(s) for n, s in run.sites.items()})
 
     state = run_stream(
@@ -149,9 +158,10 @@ def check_run(run: ContractRun) -> None:
         if bad:
             _fail(cls, f"non-finite loss terms on task {res.task}: {bad}")
     _check_matrices(cls, run.R, run.R_til)
+    trains_backbone = bool(getattr(run.method, "trains_backbone", False))
     for res in run.results:
-        _check_updates(cls, res.task, res.updates, run.sites)
-    if not getattr(cls, "trains_backbone", False):
+        _check_updates(cls, res.task, res.updates, run.sites, run.maps if trains_backbone else {})
+    if not trains_backbone:
         _check_frozen(cls, run)
 
 
@@ -177,7 +187,8 @@ def _check_matrices(cls: type, R: np.ndarray, R_til: np.ndarray) -> None:
         )
 
 
-def _check_updates(cls: type, task: int, updates: Any, sites: dict[str, Any]) -> None:
+def _check_updates(cls: type, task: int, updates: Any, sites: dict[str, Any],
+                   maps: dict[str, tuple[int, int]]) -> None:
     if updates is None:
         return  # a method without low-rank updates (no spectra for it)
     if not isinstance(updates, dict):
@@ -185,22 +196,23 @@ def _check_updates(cls: type, task: int, updates: Any, sites: dict[str, Any]) ->
             cls, f"task_updates on task {task} must return dict[str, LowRank], got {type(updates).__name__}"
         )
     for key, lr in updates.items():
-        if key not in sites:
+        if key not in sites and key not in maps:
+            where = "an adapted site or a backbone map" if maps else "an adapted site"
             _fail(
                 cls,
-                f"task_updates on task {task}: '{key}' is not an adapted site; sites: {sorted(sites)[:6]}",
+                f"task_updates on task {task}: '{key}' is not {where}; sites: {sorted(sites or maps)[:6]}",
             )
         if not isinstance(lr, LowRank):
             _fail(
                 cls, f"task_updates on task {task}: '{key}' is {type(lr).__name__}, not clbench.lora.LowRank"
             )
-        site = sites[key]
+        d_out, d_in = (sites[key].d_out, sites[key].d_in) if key in sites else maps[key]
         r = lr.A.shape[0]
-        if lr.A.ndim != 2 or lr.B.ndim != 2 or lr.B.shape[1] != r or lr.shape != (site.d_out, site.d_in):
+        if lr.A.ndim != 2 or lr.B.ndim != 2 or lr.B.shape[1] != r or lr.shape != (d_out, d_in):
             _fail(
                 cls,
                 f"task_updates on task {task}: '{key}' has B {tuple(lr.B.shape)}, A {tuple(lr.A.shape)}; "
-                f"expected B (d_out={site.d_out}, r) and A (r, d_in={site.d_in})",
+                f"expected B (d_out={d_out}, r) and A (r, d_in={d_in})",
             )
         if not (torch.isfinite(lr.A).all() and torch.isfinite(lr.B).all()):
             _fail(cls, f"task_updates on task {task}: '{key}' has non-finite factors")
@@ -267,6 +279,55 @@ def check_determinism(
             )
 
 
+def check_resume(
+    cls: type,
+    first: ContractRun,
+    params: BaseModel | dict[str, Any] | None = None,
+    stream: Stream | None = None,
+    seed: int = 0,
+    max_steps: int = 2,
+) -> None:
+    """Stop after task 0, save the loop state as a checkpoint would (``weights_only``), resume into a fresh model
+    and method instance: the accuracy matrices must equal the uninterrupted run's (``first``)."""
+    import io
+
+    from clbench.checkpoint import rng_state
+    from clbench.loop import LoopState, run_stream
+    from clbench.registry import run_manager
+    from clbench.testing import tiny_model, tiny_train
+
+    stream = stream or contract_stream(seed)
+    cfg, cpu = tiny_train(max_steps_per_epoch=max_steps), torch.device("cpu")
+    saved = io.BytesIO()
+
+    class Stop(Exception):
+        pass
+
+    def save_and_stop(result, st, m) -> None:
+        torch.save({"next_task": st.next_task, "R": torch.from_numpy(st.R.copy()),
+                    "R_til": torch.from_numpy(st.R_til.copy()), "model": m.state_dict(),
+                    "method": st.method_state, "rng": rng_state()}, saved)
+        raise Stop
+
+    try:
+        run_stream(tiny_model(seed=seed), stream, run_manager(cls(params)), cfg, seed, cpu, on_task=save_and_stop)
+    except Stop:
+        pass
+    saved.seek(0)
+    ck = torch.load(saved, weights_only=True)
+    state = LoopState(next_task=ck["next_task"], R=ck["R"].numpy(), R_til=ck["R_til"].numpy(),
+                      method_state=ck["method"], model_state=ck["model"], rng=ck["rng"])
+    resumed = run_stream(tiny_model(seed=seed), stream, run_manager(cls(params)), cfg, seed, cpu, state=state)
+    for label, a, b in (("R", first.R, resumed.R), ("R_til", first.R_til, resumed.R_til)):
+        if not np.array_equal(a, b, equal_nan=True):
+            _fail(
+                cls,
+                f"a run resumed after task 0 gives a different {label} than the uninterrupted run: {b.tolist()} vs "
+                f"{a.tolist()}; method_state / load_method_state must round-trip everything the method keeps "
+                "(buffers, subspaces, branches)",
+            )
+
+
 def check_method(cls: type, params: BaseModel | dict[str, Any] | None = None, seed: int = 0) -> ContractRun:
     """The whole contract for one method class; returns the first run for further, method-specific checks."""
     check_registration(cls)
@@ -274,6 +335,7 @@ def check_method(cls: type, params: BaseModel | dict[str, Any] | None = None, se
     run = contract_run(cls, params, stream=stream, seed=seed)
     check_run(run)
     check_determinism(cls, run, params, stream=stream, seed=seed)
+    check_resume(cls, run, params, stream=stream, seed=seed)
     return run
 
 

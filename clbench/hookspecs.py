@@ -11,20 +11,27 @@ Two pluggy managers use this file (see ``clbench.registry``):
       configure_model                                    once, before the first task
       load_method_state                                  on resume only, before the checkpointed weights load
       for each task:
+          training_set                                   rehearsal: replace the task's training set
           before_task                                    new head exists, optimizer not built yet
           param_groups                                   optimizer is built from the first non-None result
           for each step:
+              replay_batch                               rehearsal: extra samples for this step
               loss_terms                                 after the forward pass, summed into the loss
               before_optimizer_step                      after backward (gradient projection)
               after_optimizer_step                       after the step (retraction)
           after_task                                     adapters still separate
           merge_task                                     fold the update into the weights
           task_updates                                   this task's low-rank update per adapted layer
+          replay_buffer                                  rehearsal: what the method keeps (cost/buffer_images)
           (evaluation on every seen task)
           method_state                                   the method's own state, for the checkpoint
 
 Hooks marked ``firstresult`` call their implementations one after the other and stop at the first that
 returns something other than None; that result wins. The others call every implementation.
+
+Rehearsal (training on samples of earlier tasks) is three hooks around one type, ``clbench.rehearsal.Samples``
+(raw uint8 images, stream-wide labels, and a loss scope per group: the sample's own task's head, every seen
+head, or none), so ER, DER, GDumb or joint training are plugins like any other.
 
 Hook names and arguments are public and never renamed; they may gain arguments, and an implementation
 takes only the arguments it needs (pluggy passes by name). Hooks return data; none mutates loop state.
@@ -42,6 +49,7 @@ if TYPE_CHECKING:
 
     from clbench.context import TaskContext
     from clbench.lora import LowRank
+    from clbench.rehearsal import Replayed, Samples
 
 PROJECT = "clbench"
 hookspec = pluggy.HookspecMarker(PROJECT)
@@ -76,18 +84,39 @@ class MethodSpec:
         """When the optimizer is built: the parameter groups of the method's trainable parameters.
 
         Groups are torch optimizer groups and may carry extra keys (e.g. ``"name"``) for the method's own
-        step hooks. The loop appends the current task's head as its own group; do not include heads.
+        step hooks. The loop appends the current task's head as its own group; do not include it. Earlier
+        tasks' heads are frozen by the loop before ``before_task``; a rehearsal method that trains them (its
+        samples score on every seen head) unfreezes them there and returns them here.
         Return None to let the loop train every ``requires_grad`` parameter outside the heads.
         First non-None result wins.
         """
 
+    @hookspec(firstresult=True)
+    def training_set(self, ctx: TaskContext) -> Samples | list[Samples] | None:
+        """Each task, before ``before_task``: the samples this task trains on instead of its own training set
+        (joint training: ``[ctx.task_samples(j).with_scope("seen") for j in range(ctx.task + 1)]``; GDumb: its
+        buffer). Samples of seen tasks only. The loop shuffles, augments and batches them like the task's own
+        data, and ``ctx.steps_per_epoch`` counts their batches. None keeps the task's own training set."""
+
+    @hookspec
+    def replay_batch(
+        self, model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor], ctx: TaskContext,
+    ) -> Samples | list[Samples] | None:
+        """Each step, before the forward pass: samples of seen tasks to add to this step's batch (ER, DER).
+        ``batch`` is the step's own batch (preprocessed, labels within the task). The added rows are
+        augmented and preprocessed like the batch, go through the same forward pass, and their
+        cross-entropy (per their scope) is averaged with the batch's; ``loss_terms`` sees them as
+        ``replayed``. Draw from a generator seeded from ``ctx.seed`` and ``ctx.task`` so runs resume exactly."""
+
     @hookspec
     def loss_terms(
         self, model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor], logits: torch.Tensor,
-        ctx: TaskContext,
+        ctx: TaskContext, replayed: Replayed | None,
     ) -> dict[str, torch.Tensor] | None:
         """Each step after the forward pass: extra scalar loss terms by name; they are added to the task's
-        cross-entropy and logged as ``train/<name>``. ``logits`` are the current task's head outputs."""
+        cross-entropy and logged as ``train/<name>``. ``logits`` are the current task's head outputs on
+        ``batch``. ``replayed`` holds the rows the rehearsal hooks added (with their logits over every seen
+        class), or None when there are none."""
 
     @hookspec
     def before_optimizer_step(self, model: torch.nn.Module, ctx: TaskContext) -> None:
@@ -115,6 +144,12 @@ class MethodSpec:
         called last: a method that does not implement this hook, or returns None, gets the change of its
         sites' branches across the task (taken after ``after_task``, before ``merge_task``). Return ``{}``
         to report no update."""
+
+    @hookspec(firstresult=True)
+    def replay_buffer(self, ctx: TaskContext) -> Samples | list[Samples] | None:
+        """After ``task_updates``: the samples of seen tasks the method keeps for rehearsal (its buffer; all
+        seen data for joint training). The loop reports their number as ``cost/buffer_images``; a buffer the
+        method owns belongs in ``method_state`` so a resumed run replays the same samples."""
 
     @hookspec(firstresult=True)
     def method_state(self, ctx: TaskContext) -> dict[str, Any] | None:

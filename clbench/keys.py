@@ -63,6 +63,7 @@ COST_IMG_PER_S = "cost/img_per_s"
 COST_PEAK_MEM_MB = "cost/peak_mem_mb"
 COST_TRAINABLE_PARAMS = "cost/trainable_params"
 COST_HOOK_SHARE = "cost/hook_share"
+COST_BUFFER_IMAGES = "cost/buffer_images"  # rehearsal: images the method keeps (per task, and the last as final)
 SPECTRA_MEAN_TOP1 = "spectra/mean_top1_share"  # mean over tasks of spectra/top1_share
 SPECTRA_MEAN_OVERLAP = "spectra/mean_overlap"  # mean over tasks of spectra/overlap
 

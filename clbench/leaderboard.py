@@ -16,6 +16,9 @@ The rules:
 * Only FINISHED runs are averaged. FAILED, KILLED and RUNNING runs are listed as such, never averaged in.
 * A seed run twice with the same protocol and params counts once: the latest finished run is used, earlier ones
   are listed as superseded (otherwise a rerun would inflate n and shrink the standard deviation).
+* Reference bounds (docs/methods/bounds.md) are rows like any other, marked: ``joint`` the upper bound,
+  ``finetune`` and ``frozen`` lower references; when a group has both ends, every row gets its share of the gap
+  between them on the sort metric (:func:`mark_references`).
 """
 
 from __future__ import annotations
@@ -86,6 +89,8 @@ class Row:
     superseded: list[str] = field(default_factory=list)
     # metric key -> {diff, ci95, p, n}: this row minus the group's baseline row, paired by seed (None: no baseline)
     vs_baseline: dict[str, dict[str, float | int | None]] | None = None
+    reference: str | None = None  # "upper bound" / "lower reference" for the bounds' rows
+    gap_share: float | None = None  # (value - lower) / (upper - lower) on the sort metric
 
 
 @dataclass
@@ -212,6 +217,7 @@ def _group(experiment: str, suite_hash: str, runs: list[RunInfo], sort: str) -> 
     unfinished.sort(key=lambda u: (u["method"], u["seed"] if u["seed"] is not None else -1, u["run_id"]))
     suites = sorted({r.tags.get(keys.SUITE, "?") for r in runs})
     rows = sort_rows(rows, sort)
+    mark_references(rows, gap_key(sort))
     return Group(experiment, suites, suite_hash, rows, unfinished, sort, imbalance_forgetting(rows))
 
 
@@ -243,6 +249,38 @@ def _row(name: str, any_run: RunInfo, pid: str, done: list[RunInfo], superseded:
                n=len(done), seeds=[s for s in (_seed(r) for r in done) if s is not None],
                metrics={k: stat(r["values"][k] for r in per_run) for k in METRIC_KEYS},
                provenance=prov, runs=per_run, curve=curve, superseded=superseded)
+
+
+# Registered method names (not labels, so an ablation of joint still counts) -> their role.
+REFERENCES = {"joint": "upper bound", "finetune": "lower reference", "frozen": "lower reference"}
+
+
+def gap_key(sort: str) -> str:
+    """The metric the gap shares are measured on: the sort metric (final/acc when sorted by method)."""
+    return sort if sort in SPEC else keys.FINAL_ACC
+
+
+def mark_references(rows: list[Row], key: str) -> None:
+    """Mark the reference rows and give every row its share of the gap between them on ``key``.
+
+    The upper end is the best ``joint`` row, the lower end the best ``finetune`` / ``frozen`` row (the stronger
+    trivial reference), best in the key's own direction; a row's share is ``(value - lower) / (upper - lower)``:
+    0 at the lower reference, 1 at the upper bound, negative below the lower reference. None for every row when
+    the group lacks either end or they coincide."""
+    for row in rows:
+        row.reference, row.gap_share = REFERENCES.get(row.method_name), None
+    sign = 1.0 if SPEC[key].higher_is_better else -1.0
+
+    def best(role: str) -> float | None:
+        vals = [r.metrics[key].mean for r in rows if r.reference == role and r.metrics[key].mean is not None]
+        return max(vals, key=lambda v: sign * v) if vals else None
+
+    upper, lower = best("upper bound"), best("lower reference")
+    if upper is None or lower is None or upper == lower:
+        return
+    for row in rows:
+        mean = row.metrics[key].mean
+        row.gap_share = None if mean is None else (mean - lower) / (upper - lower)
 
 
 def resolve_sort_key(key: str) -> str:
@@ -508,6 +546,10 @@ def note_lines(g: Group) -> list[str]:
              for u in g.unfinished]
     lines += [f"superseded by a later run of the same seed: {row.method} run {rid[:8]}"
               for row in g.rows for rid in row.superseded]
+    if any(row.gap_share is not None for row in g.rows):
+        lines.append(f"gap_share: a row's share of the gap between the lower reference (the better of finetune and "
+                     f"frozen) and the upper bound (joint) on {gap_key(g.sort_key)}: 0 at the lower reference, 1 at "
+                     "the upper bound")
     return lines
 
 
@@ -520,6 +562,10 @@ def table_cells(g: Group) -> tuple[list[str], list[list[str]]]:
         header.insert(3, f"{key} vs {g.baseline}")
         for row, cells in zip(g.rows, body):
             cells.insert(3, fmt_paired(row, g.baseline, SPEC[key]))
+    if any(row.reference for row in g.rows):  # the bounds' columns, only where bounds ran
+        header += ["reference", "gap_share"]
+        for cells, row in zip(body, g.rows):
+            cells += [row.reference or "", "-" if row.gap_share is None else f"{row.gap_share:.2f}"]
     return header, body
 
 
@@ -568,7 +614,7 @@ def csv_header() -> list[str]:
     cols = ["experiment", "suite", "suite_hash", "rank", "method", "method_name", "params_id", "n", "seeds"]
     for m in METRICS:
         cols += [f"{m.key}_mean", f"{m.key}_std", f"{m.key}_n", f"{m.key}_ci95"]
-    return cols + ["clbench_version", "git_sha", "device", "not_averaged"]
+    return cols + ["clbench_version", "git_sha", "device", "not_averaged", "reference", "gap_share"]
 
 
 def render_csv(groups: list[Group]) -> str:
@@ -585,6 +631,7 @@ def render_csv(groups: list[Group]) -> str:
                           "" if s.ci95 is None else repr(s.ci95)]
             bad = [f"seed {u['seed']} {u['status']} {u['run_id']}" for u in g.unfinished if u["method"] == row.method]
             cells += [";".join(row.provenance[k]) for k in PROVENANCE_TAGS] + [";".join(bad)]
+            cells += [row.reference or "", "" if row.gap_share is None else repr(row.gap_share)]
             w.writerow(cells)
     return buf.getvalue()
 

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from clbench import rehearsal
 from clbench.backbones import CLModel
 from clbench.checkpoint import set_rng_state
 from clbench.context import TaskContext
@@ -60,6 +61,7 @@ class TaskResult:
     updates: dict[str, Any] | None  # task_updates' result (layer -> LowRank)
     trainable_params: int = 0
     hook_seconds: dict[str, float] = field(default_factory=dict)
+    buffer_images: int | None = None  # replay_buffer's size (rehearsal methods)
 
 
 @dataclass
@@ -195,6 +197,10 @@ def run_stream(model: CLModel, stream: Stream, pm, cfg: TrainConfig, seed: int, 
         seed_task(seed, t)
         head = new_head(model, stream, t)
         ctx = task_context(model, stream, t, cfg, seed, device, autocast)
+        # -- phase 1b (rehearsal): the method may replace the task's training set ------------------------
+        train_set = rehearsal.as_list(hook.training_set(ctx=ctx), "training_set") or None
+        if train_set is not None:
+            ctx = task_context(model, stream, t, cfg, seed, device, autocast, sum(len(s) for s in train_set))
         # -- phase 2: the method prepares the task (projections, new adapters) -------------------------
         tic = clock()
         hook.before_task(model=model, ctx=ctx)
@@ -203,7 +209,7 @@ def run_stream(model: CLModel, stream: Stream, pm, cfg: TrainConfig, seed: int, 
         optimizer, scheduler = make_task_optimizer(model, head, hook.param_groups(model=model, ctx=ctx), cfg, ctx)
         trainable = sum(p.numel() for g in optimizer.param_groups for p in g["params"])
         # -- phase 4: train on the task ----------------------------------------------------------------
-        trained = train_task(model, stream, pm, ctx, optimizer, scheduler, cfg, comm, clock, progress)
+        trained = train_task(model, stream, pm, ctx, optimizer, scheduler, cfg, comm, clock, progress, train_set)
         # -- phase 5: the method closes the task: memories, merging, the task's update -------------------
         model.eval()
         tic = clock()
@@ -214,6 +220,8 @@ def run_stream(model: CLModel, stream: Stream, pm, cfg: TrainConfig, seed: int, 
         comm.sync_model(model)  # rank 0's weights on every rank: no drift across tasks
         timings["merge_task"] = clock() - tic
         updates = hook.task_updates(model=model, ctx=ctx)
+        kept = hook.replay_buffer(ctx=ctx)
+        buffer_images = None if kept is None else sum(len(s) for s in rehearsal.as_list(kept, "replay_buffer"))
         # -- phase 6: evaluate every seen task (CIL and TIL), then report --------------------------------
         tic = clock()
         cil, til = evaluate(model, stream, t, cfg, device, autocast, comm)
@@ -224,7 +232,8 @@ def run_stream(model: CLModel, stream: Stream, pm, cfg: TrainConfig, seed: int, 
         progress(f"task {t + 1}/{T} done: acc {accuracy_after(state.R, t, sizes):.2f} "
                  f"(til {accuracy_after(state.R_til, t, sizes):.2f}) train {trained.seconds:.1f}s")
         on_task(TaskResult(t, state.R.copy(), state.R_til.copy(), sizes, trained.seconds, eval_seconds,
-                           trained.images, trained.loss, trained.loss_terms, updates, trainable, timings),
+                           trained.images, trained.loss, trained.loss_terms, updates, trainable, timings,
+                           buffer_images),
                 state, model)
     return state
 
@@ -242,12 +251,13 @@ def shuffle_generator(seed: int, t: int) -> torch.Generator:
 
 
 def task_context(model: CLModel, stream: Stream, t: int, cfg: TrainConfig, seed: int, device: torch.device,
-                 autocast: Callable[[], Any]) -> TaskContext:
-    """The facts handed to every hook of task ``t``; its loader yields the task's data with local labels."""
+                 autocast: Callable[[], Any], train_size: int | None = None) -> TaskContext:
+    """The facts handed to every hook of task ``t``; its loader yields the task's data with local labels.
+    ``train_size``: the size of a training set that replaces the task's own (rehearsal), for the step count."""
     task = stream.tasks[t]
     T = len(stream.tasks)
     offsets = np.cumsum([0] + [len(s.classes) for s in stream.tasks])
-    steps = math.ceil(len(task.train_y) / cfg.batch_size)
+    steps = math.ceil((train_size or len(task.train_y)) / cfg.batch_size)
     if cfg.max_steps_per_epoch:
         steps = min(steps, cfg.max_steps_per_epoch)
     local_y = task.train_y - int(offsets[t])
@@ -260,7 +270,8 @@ def task_context(model: CLModel, stream: Stream, t: int, cfg: TrainConfig, seed:
     return TaskContext(task=t, num_tasks=T, classes=task.classes,
                        seen_classes=tuple(range(int(offsets[t + 1]))), device=device, seed=seed,
                        loader=loader, epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size,
-                       steps_per_epoch=steps, autocast=autocast)
+                       steps_per_epoch=steps, autocast=autocast,
+                       samples_of=lambda j: rehearsal.Samples(stream.tasks[j].train_x, stream.tasks[j].train_y))
 
 
 def restore(model: CLModel, stream: Stream, pm, state: LoopState, ctx: TaskContext) -> None:
@@ -321,36 +332,51 @@ class Trained:
 
 def train_task(model: CLModel, stream: Stream, pm, ctx: TaskContext, optimizer: torch.optim.Optimizer, scheduler,
                cfg: TrainConfig, comm: Communicator, clock: Callable[[], float],
-               progress: Callable[[str], None]) -> Trained:
-    """``cfg.epochs`` epochs over task ``ctx.task``: cross-entropy on its head plus the method's loss terms."""
+               progress: Callable[[str], None], train_set: list[rehearsal.Samples] | None = None) -> Trained:
+    """``cfg.epochs`` epochs over task ``ctx.task``: cross-entropy on its head plus the method's loss terms.
+
+    Rehearsal: ``train_set`` (``training_set``'s samples) replaces the task's own data, ``replay_batch`` adds
+    rows to each step; steps with such rows score every row per its scope (``clbench.rehearsal.Step``)."""
     hook, t, device = pm.hook, ctx.task, ctx.device
     task = stream.tasks[t]
-    local_y = task.train_y - ctx.class_offset
+    if train_set is None:
+        train_x, train_y = task.train_x, task.train_y - ctx.class_offset
+    else:  # rows of (label, scope code); labels of seen classes only
+        train_x, train_y = rehearsal.concat(train_set)
+        rehearsal.check_labels(train_y[:, 0], len(ctx.seen_classes), "training_set")
+    offsets = torch.as_tensor(np.cumsum([0] + [len(s.classes) for s in stream.tasks]), device=device)
     params = [p for g in optimizer.param_groups for p in g["params"]]
     model.train()
     gen = shuffle_generator(ctx.seed, t)
+    replay_gen = torch.Generator().manual_seed(ctx.seed * 1_000_003 + t + 500_009)  # replayed rows' augmentation
     step, images = 0, 0
     loss_sum = torch.zeros((), device=device)
     term_sums: dict[str, torch.Tensor] = {}
     tic = clock()
     for epoch in range(cfg.epochs):
         window_t, window_n = clock(), 0
-        for xb, yb in batches(task.train_x, local_y, cfg.batch_size, device, model, shuffle=True, generator=gen,
+        for xb, yb in batches(train_x, train_y, cfg.batch_size, device, model, shuffle=True, generator=gen,
                               limit=cfg.max_steps_per_epoch, augment=stream.augment, shard=comm.shard):
             optimizer.zero_grad(set_to_none=True)
             loss = None
-            if len(yb):  # under torchrun a rank's share of a short last batch may be empty
-                with ctx.autocast():
-                    logits = model(xb, head=t)
-                loss = F.cross_entropy(logits.float(), yb)
+            rows = rehearsal.Step.of(xb, yb, train_set is not None)
+            rows.add(rehearsal.as_list(hook.replay_batch(model=model, batch=rows.own, ctx=ctx), "replay_batch"),
+                     len(ctx.seen_classes), device, model, stream.augment, replay_gen, comm.shard)
+            if len(rows):  # under torchrun a rank's share of a short last batch may be empty
+                if rows.extra is None:  # the protocol's step: cross-entropy on the current head
+                    with ctx.autocast():
+                        logits = model(xb, head=t)
+                    loss, replayed = F.cross_entropy(logits.float(), yb), None
+                else:  # rehearsal: one pass over own and added rows, every seen head, each row's loss per scope
+                    logits, loss, replayed = rows.forward(model, ctx, offsets)
                 total = loss
-                for terms in hook.loss_terms(model=model, batch=(xb, yb), logits=logits, ctx=ctx):
+                for terms in hook.loss_terms(model=model, batch=rows.own, logits=logits, ctx=ctx, replayed=replayed):
                     for name, value in (terms or {}).items():
                         total = total + value
                         term_sums[name] = term_sums.get(name, 0) + value.detach().float()
                 total.backward()
             # the whole batch's gradient and mean loss on every rank; in one process, as they are
-            n_seen, loss = comm.reduce_gradients(params, len(yb), loss)
+            n_seen, loss = comm.reduce_gradients(params, len(rows), loss)
             hook.before_optimizer_step(model=model, ctx=ctx)
             optimizer.step()
             hook.after_optimizer_step(model=model, ctx=ctx)

@@ -68,6 +68,8 @@ def task_metrics(res: TaskResult) -> dict[str, float]:
     m.update({keys.eval_acc_task(j): float(res.R[t, j]) for j in range(t + 1)})
     m.update({keys.train_term(k): v for k, v in res.loss_terms.items()})
     m.update({keys.hook_seconds(h): secs for h, secs in res.hook_seconds.items()})
+    if res.buffer_images is not None:
+        m[keys.COST_BUFFER_IMAGES] = float(res.buffer_images)
     return m
 
 
@@ -109,6 +111,8 @@ class RunRecorder:
         self.totals["images"] += res.images
         self.totals["trainable"] = max(self.totals["trainable"], res.trainable_params)
         self.totals["hooks"] += sum(res.hook_seconds.values())
+        if res.buffer_images is not None:
+            self.totals["buffer_images"] = float(res.buffer_images)
         if self.store is not None:
             self._checkpoint(res.task, state, model, m)
         self.tracker.log_metrics(self.run_id, m, step=res.task)
@@ -133,6 +137,8 @@ class RunRecorder:
                       keys.COST_PEAK_MEM_MB: peak_memory_mb(device),
                       keys.COST_TRAINABLE_PARAMS: float(self.totals["trainable"]),
                       keys.COST_HOOK_SHARE: self.totals["hooks"] / max(1e-9, secs)})
+        if "buffer_images" in self.totals:
+            final[keys.COST_BUFFER_IMAGES] = self.totals["buffer_images"]
         for per_task, mean_key in ((keys.SPECTRA_TOP1, keys.SPECTRA_MEAN_TOP1),
                                    (keys.SPECTRA_OVERLAP, keys.SPECTRA_MEAN_OVERLAP)):
             vals = [r[per_task] for r in self.spectra_rows if per_task in r]

@@ -43,6 +43,8 @@ body{font-family:system-ui,sans-serif;margin:24px;color:#222}
 table{border-collapse:collapse;font-size:13px;margin:8px 0}
 th,td{border:1px solid #ccc;padding:3px 7px;text-align:right;white-space:nowrap}
 td.m,th.m{text-align:left}
+tr.upper td{background:#eef6ee}
+tr.lower td{background:#f6f0e8}
 th{background:#f3f3f3}
 .scroll{overflow-x:auto}
 .plots{display:flex;flex-wrap:wrap;gap:12px}
@@ -179,13 +181,14 @@ def _significant(row: Row, key: str) -> bool:
 
 def _table_html(g: Group) -> str:
     e = html.escape
-    header, body_cells = table_cells(g)
+    header, body_cells = table_cells(g)  # the text table's columns, the baseline's and the bounds' included
     head = "".join(f'<th{" class=m" if i == 1 else ""}>{e(h)}</th>' for i, h in enumerate(header))
     body = []
     for row, cells in zip(g.rows, body_cells):
         sig = g.baseline is not None and _significant(row, baseline_key(g))
         css = [" class=m" if j == 1 else (" class=sig" if sig and j == 3 else "") for j in range(len(cells))]
-        body.append("<tr>" + "".join(f"<td{c}>{e(x)}</td>" for c, x in zip(css, cells)) + "</tr>")
+        mark = {"upper bound": " class=upper", "lower reference": " class=lower"}.get(row.reference or "", "")
+        body.append(f"<tr{mark}>" + "".join(f"<td{c}>{e(x)}</td>" for c, x in zip(css, cells)) + "</tr>")
     return (f'<div class="scroll"><table class="leaderboard"><thead><tr>{head}</tr></thead>'
             f'<tbody>{"".join(body)}</tbody></table></div>')
 

@@ -144,3 +144,36 @@ def test_params_accepting_typos_fail():
 
     with pytest.raises(contract.ContractError, match="extra='forbid'"):
         contract.check_registration(Lax)
+
+
+def test_rehearsal_buffer_lost_on_resume_fails():
+    # ER whose checkpoint forgets the buffer: the resumed run replays nothing on task 1 and diverges.
+    er = REGISTRY.methods["er"].cls
+
+    class Amnesic(er):
+        name = "amnesic"
+
+        @hookimpl
+        def method_state(self, ctx):
+            return {"seen": self.seen}
+
+    params = {"rank": 2, "replay_ratio": 2.0}
+    contract.check_resume(er, contract.contract_run(er, params, stream=_stream()), params, stream=_stream())
+    with pytest.raises(contract.ContractError, match="resumed after task 0 gives a different R"):
+        contract.check_resume(Amnesic, contract.contract_run(Amnesic, params, stream=_stream()), params,
+                              stream=_stream())
+
+
+def test_backbone_training_method_reports_on_backbone_maps_only():
+    finetune = REGISTRY.methods["finetune"].cls
+
+    class Misnamed(finetune):
+        name = "misnamed"
+
+        @hookimpl
+        def task_updates(self, model, ctx):
+            return {f"x.{n}": u for n, u in self._update.items()}
+
+    contract.check_run(_run("finetune"))  # the dense changes of every block's maps are well formed
+    with pytest.raises(contract.ContractError, match="not an adapted site or a backbone map"):
+        contract.check_run(contract.contract_run(Misnamed, stream=_stream()))

@@ -34,6 +34,10 @@ class Recorder(Method):
             s.add_branch(2)
 
     @hookimpl
+    def training_set(self, ctx):
+        self._log("training_set", ctx)  # None: the task's own data
+
+    @hookimpl
     def before_task(self, model, ctx):
         assert len(model.heads) == ctx.task + 1  # the new head exists before before_task
         self._log("before_task", ctx)
@@ -44,8 +48,14 @@ class Recorder(Method):
         return [{"params": [p for s in self.sites.values() for p in s.parameters()]}]
 
     @hookimpl
-    def loss_terms(self, model, batch, logits, ctx):
+    def replay_batch(self, batch, ctx):
+        self._log("replay_batch", ctx)
+        return ctx.task_samples(0).take(torch.arange(2)) if ctx.task else None  # two task-0 samples on task 1
+
+    @hookimpl
+    def loss_terms(self, model, batch, logits, ctx, replayed):
         self._log("loss_terms", ctx)
+        assert (replayed is not None and len(replayed.y) == 2) == (ctx.task == 1)
         return {"zero": logits.sum() * 0}
 
     @hookimpl
@@ -70,6 +80,10 @@ class Recorder(Method):
         return {n: s.update() for n, s in self.sites.items()}
 
     @hookimpl
+    def replay_buffer(self, ctx):
+        self._log("replay_buffer", ctx)
+
+    @hookimpl
     def method_state(self, ctx):
         self._log("method_state", ctx)
         return {"tasks_done": ctx.task + 1}
@@ -80,9 +94,9 @@ class Recorder(Method):
         assert state == {"tasks_done": ctx.task + 1}  # what method_state returned after that task
 
 
-PER_TASK = ["before_task", "param_groups", "loss_terms", "before_optimizer_step", "after_optimizer_step",
-            "loss_terms", "before_optimizer_step", "after_optimizer_step", "after_task", "merge_task",
-            "task_updates", "method_state"]  # two steps per task: the step triple appears twice
+STEP = ["replay_batch", "loss_terms", "before_optimizer_step", "after_optimizer_step"]
+PER_TASK = ["training_set", "before_task", "param_groups", *STEP, *STEP, "after_task", "merge_task",
+            "task_updates", "replay_buffer", "method_state"]  # two steps per task: the step hooks appear twice
 
 
 def test_hook_order_over_two_tasks():
@@ -113,4 +127,4 @@ def test_hook_order_on_resume_and_every_hook_exercised():
     # The count guard (as tox asserts its hook count): every hook of the spec was called above.
     called = {c.split(":")[0] for c in first.calls + resumed.calls}
     assert called == HOOK_NAMES, sorted(HOOK_NAMES ^ called)
-    assert len(HOOK_NAMES) == 11
+    assert len(HOOK_NAMES) == 14

@@ -1,0 +1,195 @@
+"""Training on samples of earlier tasks: the typed data of the rehearsal hooks and the loop's use of them.
+
+A method that rehearses (experience replay, DER, GDumb, joint training) hands the loop :class:`Samples`: raw
+uint8 images as the stream stores them, their stream-wide labels, and a loss *scope* that says which logits the
+sample's cross-entropy runs over:
+
+* ``"task"``: its own task's head only (the protocol's loss: what every current-task sample gets);
+* ``"seen"``: the concatenated heads of every task seen so far (every seen class competes);
+* ``"none"``: no cross-entropy; the sample is only forwarded, and the method scores it itself in ``loss_terms``
+  through the ``replayed`` argument (DER's logit matching).
+
+Where they come from (``clbench.hookspecs``): ``training_set`` replaces a task's training set (joint training,
+GDumb), ``replay_batch`` adds samples to every step (ER, DER), ``replay_buffer`` reports what the method keeps
+(``cost/buffer_images``). ``TaskContext.task_samples(j)`` gives the raw training samples of a seen task j.
+
+The loop keeps its own single-head path untouched when no method rehearses; :class:`Step` holds a step's rows
+and runs the forward pass and the loss when rehearsal added some.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, Literal, get_args
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from clbench.errors import ClbenchError
+from clbench.imagecache import IndexedImages
+
+Scope = Literal["task", "seen", "none"]
+SCOPES: tuple[str, ...] = get_args(Scope)
+_CODE = {s: i for i, s in enumerate(SCOPES)}
+
+
+@dataclass(frozen=True)
+class Samples:
+    """Labelled training samples a method gives the loop.
+
+    ``x``: uint8 images ``N x C x H x W`` as the stream stores them (a tensor, or the stream's lazy
+    ``IndexedImages`` view); the loop moves them to the device, applies the stream's training augmentation and
+    preprocesses them, exactly as it does the task's own batches. ``y``: long labels in the stream's class order,
+    i.e. the sample's logit in the concatenated heads (task j owns ``ctx.seen_classes`` range of its head).
+    ``scope``: see the module docstring.
+    """
+
+    x: torch.Tensor | IndexedImages
+    y: torch.Tensor
+    scope: Scope = "task"
+
+    def __post_init__(self) -> None:
+        if self.scope not in SCOPES:
+            raise ClbenchError(f"Samples.scope: '{self.scope}' is not one of {list(SCOPES)}")
+        if not isinstance(self.y, torch.Tensor) or self.y.ndim != 1 or self.y.dtype != torch.long:
+            raise ClbenchError("Samples.y: must be a 1-d torch.long tensor of stream-wide labels")
+        if self.x.dtype != torch.uint8 or len(self.x.shape) != 4 or len(self.x) != len(self.y):
+            raise ClbenchError(f"Samples.x: must be uint8 N x C x H x W with N = len(y) = {len(self.y)}, got "
+                               f"{tuple(self.x.shape)} {self.x.dtype}")
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def with_scope(self, scope: Scope) -> Samples:
+        return replace(self, scope=scope)
+
+    def take(self, index: torch.Tensor) -> Samples:
+        """The rows ``index`` (a long tensor), materialised as a tensor."""
+        return Samples(self.x[index], self.y[index], self.scope)
+
+
+@dataclass(frozen=True)
+class Replayed:
+    """The method-supplied rows of one step, after the forward pass (``loss_terms``' ``replayed`` argument).
+
+    ``x`` preprocessed on the device, ``y`` stream-wide labels, ``scope`` one code per row (index into
+    ``SCOPES``), ``logits`` over every seen class (the concatenated heads). Rows come in the order the hooks
+    returned them (with a replaced training set: the set's shuffled batch)."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    scope: torch.Tensor
+    logits: torch.Tensor
+
+
+def concat(parts: Sequence[Samples]) -> tuple[torch.Tensor | IndexedImages, torch.Tensor]:
+    """One image array and a ``(label, scope code)`` table over ``parts``; views of one memory-mapped cache
+    stay one lazy view (joint training over a large stream never loads it whole)."""
+    if not parts:
+        raise ClbenchError("training_set: returned no samples; return None to train on the task's own data")
+    xs = [p.x for p in parts]
+    if all(isinstance(x, IndexedImages) for x in xs) and len({id(x.base) for x in xs}) == 1:
+        x = IndexedImages(xs[0].base, np.concatenate([v.index for v in xs]))
+    else:
+        x = torch.cat([v if isinstance(v, torch.Tensor) else v[torch.arange(len(v))] for v in xs])
+    table = torch.cat([torch.stack([p.y, torch.full_like(p.y, _CODE[p.scope])], 1) for p in parts])
+    return x, table
+
+
+def prepare(parts: Sequence[Samples], n_seen: int, device: torch.device, model, augment: Callable | None,
+            generator: torch.Generator | None, shard: tuple[int, int] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``replay_batch``'s samples as the loop's batches are: on the device, augmented, preprocessed; under
+    torchrun each rank takes its share of the rows. Returns (x, (label, scope code) table)."""
+    x, table = concat(parts)
+    check_labels(table[:, 0], n_seen, "replay_batch")  # on the host: no device synchronisation
+    sel = torch.arange(len(table))
+    if shard is not None:
+        sel = sel[shard[0]::shard[1]]
+    xb = x[sel].to(device, non_blocking=True)
+    with torch.no_grad():
+        if augment is not None:
+            xb = augment(xb, model.image_size, generator)
+        xb = model.preprocess(xb)
+    return xb, table[sel].to(device, non_blocking=True)
+
+
+@dataclass
+class Step:
+    """One training step's rows: the task's own batch (labels within the task) and the rows rehearsal added
+    (images preprocessed on the device, a ``(label, scope code)`` table)."""
+
+    own: tuple[torch.Tensor, torch.Tensor]
+    extra: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @classmethod
+    def of(cls, xb: torch.Tensor, yb: torch.Tensor, replaced: bool) -> Step:
+        """The loader's batch: the task's own rows, or, from a replaced training set, added rows only."""
+        return cls((xb[:0], yb[:0, 0]), (xb, yb)) if replaced else cls((xb, yb))
+
+    def add(self, parts: Sequence[Samples], n_seen: int, device: torch.device, model, augment: Callable | None,
+            generator: torch.Generator | None, shard: tuple[int, int] | None) -> None:
+        """Append ``replay_batch``'s samples (see :func:`prepare`)."""
+        if not parts:
+            return
+        x, table = prepare(parts, n_seen, device, model, augment, generator, shard)
+        self.extra = (x, table) if self.extra is None else (torch.cat([self.extra[0], x]),
+                                                              torch.cat([self.extra[1], table]))
+
+    def __len__(self) -> int:
+        return len(self.own[1]) + (0 if self.extra is None else len(self.extra[1]))
+
+    def forward(self, model, ctx, offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Replayed | None]:
+        """With added rows: (the current head's logits on the own rows, the mean cross-entropy over every scored
+        row, the added rows for ``loss_terms``). One forward pass over all rows and every seen head; the own rows
+        are scored on the current head (the protocol), the added ones per their scope. ``offsets`` (on the
+        device) is the cumulative class count per task."""
+        assert self.extra is not None, "the loop runs the protocol's step itself when nothing was added"
+        lo, n_seen = ctx.class_offset, len(ctx.seen_classes)
+        x, table, n_own = self.extra[0], self.extra[1], len(self.own[1])
+        with ctx.autocast():
+            logits = model(torch.cat([self.own[0], x]) if n_own else x)[:, :n_seen]
+        y = torch.cat([self.own[1] + lo, table[:, 0]])
+        scope = torch.cat([torch.full_like(self.own[1], _CODE["task"]), table[:, 1]])
+        loss = scoped_loss(logits, y, scope, offsets)
+        return logits[:n_own, lo:n_seen], loss, Replayed(x, table[:, 0], table[:, 1], logits[n_own:])
+
+
+def scoped_loss(logits: torch.Tensor, y: torch.Tensor, scope: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over the rows whose scope has one: ``"task"`` rows over their own task's logits,
+    ``"seen"`` rows over all of ``logits`` (every seen class). ``offsets`` is the cumulative class count per task
+    (task j's logits are ``offsets[j]:offsets[j+1]``), on the logits' device."""
+    logits = logits.float()
+    scored = scope != _CODE["none"]
+    if not bool(scored.any()):
+        return logits.sum() * 0.0
+    logits, y, scope = logits[scored], y[scored], scope[scored]
+    task = torch.bucketize(y, offsets[1:], right=True)  # the task that owns each label
+    cols = torch.arange(logits.shape[1], device=logits.device)
+    own = (cols >= offsets[task, None]) & (cols < offsets[task + 1, None])
+    allowed = own | (scope == _CODE["seen"])[:, None]
+    return F.cross_entropy(logits.masked_fill(~allowed, float("-inf")), y)
+
+
+def check_labels(y: torch.Tensor, n_seen: int, hook: str) -> None:
+    """Rehearsal rows may only carry labels of seen classes (no peeking at later tasks); ``y`` on the host."""
+    if len(y) and (int(y.min()) < 0 or int(y.max()) >= n_seen):
+        raise ClbenchError(f"{hook}: a sample's label {int(y.max())} is outside the seen classes 0..{n_seen - 1}; "
+                           "rehearsal may only use samples of tasks seen so far")
+
+
+def as_list(result: Any, hook: str) -> list[Samples]:
+    """A hook's Samples, a list of them, or None, as a flat list (pluggy collects one result per plugin)."""
+    out: list[Samples] = []
+    for item in result if isinstance(result, (list, tuple)) else [result]:
+        if item is None:
+            continue
+        if isinstance(item, (list, tuple)):
+            out += as_list(item, hook)
+        elif isinstance(item, Samples):
+            out.append(item)
+        else:
+            raise ClbenchError(f"{hook}: must return clbench.rehearsal.Samples (or a list of them), got "
+                               f"{type(item).__name__}")
+    return out

@@ -1,0 +1,81 @@
+"""What the reference methods train, shared by ``finetune``, ``joint`` and ``er``: LoRA adapters on the frozen
+backbone (as the ``lora`` baseline), or every backbone parameter (full fine-tuning); and the task's update
+reported for spectra in both cases.
+
+* LoRA: one branch per site, trained through all tasks; the update is the change of ``B A`` across the task,
+  ``[B_t, -B_(t-1)] [A_t; A_(t-1)]``, which the harness reports (``clbench.probes.TaskUpdateProbe``), as for
+  ``clbench_plugins.lora``.
+* Full: the update of each block's linear maps (q, k, v rows of qkv, proj, fc1, fc2) is the dense change
+  ``W_t - W_(t-1)``, factored by an exact SVD kept to its top ``update_rank`` directions
+  (``clbench.dense.factor_change``; ``update_rank: null`` keeps the numerical rank, i.e. the exact change).
+
+Not a plugin module (no entry point): the leading underscore keeps plugin folders from loading it.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+from torch import nn
+
+from clbench import dense
+from clbench.lora import LoRAParams, LowRank, inject
+
+Trainable = Literal["lora", "full"]
+
+
+class PartParams(LoRAParams):
+    """The trained part's params: clbench's shared LoRA params (used with ``trainable: lora``) plus the rank of
+    the dense update reported with ``trainable: full``."""
+
+    update_rank: int | None = Field(64, ge=1, description="trainable: full: each map's dense task change is "
+                                    "reported as its top-k SVD factors (null: the exact change, at numerical rank)")
+
+
+class TrainedPart:
+    """Mixin for a ``clbench.method.Method`` whose ``params`` extend :class:`PartParams`: call
+    :meth:`configure_part`, :meth:`begin_part_task`, :meth:`end_part_task` from the hooks."""
+
+    params: PartParams
+
+    def configure_part(self, model: nn.Module, trainable: Trainable) -> None:
+        self._trainable = trainable
+        if trainable == "lora":
+            p = self.params
+            self.sites = inject(model.backbone, p.targets, p.blocks)
+            for site in self.sites.values():
+                site.add_branch(p.rank, scale=p.scale, dropout=p.dropout)
+            self.maps = {}
+        else:
+            self.sites = {}
+            model.backbone.requires_grad_(True)
+            self.maps = dense.backbone_maps(model.backbone)
+        self._before: dict = {}
+        self._update: dict[str, LowRank] | None = None  # None: the harness reports the LoRA change
+
+    def part_parameters(self, model: nn.Module) -> list[nn.Parameter]:
+        if self._trainable == "lora":
+            return [q for s in self.sites.values() for q in s.branches[0].parameters()]
+        return list(model.backbone.parameters())
+
+    def begin_part_task(self) -> None:
+        """Full: remember the weights where the task starts (re-read from the model, so a resumed run starts the
+        same)."""
+        if self._trainable == "full":
+            self._before = dense.snapshot(self.maps)
+
+    def end_part_task(self) -> None:
+        """Full: this task's dense change of every map, as factors (``self._update``, for ``task_updates``)."""
+        if self._trainable == "full":
+            self._update = dense.task_changes(self.maps, self._before, self.params.update_rank)
+            self._before = {}
+
+
+def seen_heads(model: nn.Module, task: int) -> list[nn.Parameter]:
+    """The earlier tasks' heads, unfrozen: rehearsed samples that score on every seen head train them too
+    (the loop froze them before ``before_task`` and trains the current head itself)."""
+    params = [p for h in list(model.heads)[:task] for p in h.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    return params
