@@ -16,7 +16,7 @@ The rules:
 * Only FINISHED runs are averaged. FAILED, KILLED and RUNNING runs are listed as such, never averaged in.
 * A seed run twice with the same protocol and params counts once: the latest finished run is used, earlier ones
   are listed as superseded (otherwise a rerun would inflate n and shrink the standard deviation).
-* Reference bounds (docs/methods/bounds.md) are rows like any other, marked: ``joint`` the upper bound,
+* Reference bounds (docs/METHODS.md section 8) are rows like any other, marked: ``joint`` the upper bound,
   ``finetune`` and ``frozen`` lower references; when a group has both ends, every row gets its share of the gap
   between them on the sort metric (:func:`mark_references`).
 """
