@@ -53,14 +53,19 @@ class CLModel(nn.Module):
                               align_corners=False)
         return (x - self.mean) / self.std
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
+    def features(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Pooled features of a preprocessed batch. Methods change the forward by overriding this in a
+        subclass (``configure_model`` returns it); an override may return ``(features, aux)``, where ``aux``
+        (name -> tensor) reaches the ``loss_terms`` hook. The features of an image must not depend on the rest
+        of its batch (the contract checks it)."""
         return self.backbone(x)
 
-    def forward(self, x: torch.Tensor, head: int | None = None) -> torch.Tensor:
-        f = self.features(x)
-        if head is not None:
-            return self.heads[head](f)
-        return torch.cat([h(f) for h in self.heads], -1)
+    def forward(self, x: torch.Tensor, head: int | None = None, with_aux: bool = False):
+        """Logits of every head (or of ``head``); with ``with_aux``, ``(logits, aux)``."""
+        out = self.features(x)
+        f, aux = out if isinstance(out, tuple) else (out, {})
+        logits = self.heads[head](f) if head is not None else torch.cat([h(f) for h in self.heads], -1)
+        return (logits, aux) if with_aux else logits
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:

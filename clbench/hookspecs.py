@@ -72,6 +72,11 @@ class MethodSpec:
         """Once, before the first task: inject adapters (``clbench.lora.inject``), freeze what must stay frozen.
 
         Return a replacement model or None to keep ``model`` (modified in place). First non-None result wins.
+        A replacement must be a ``clbench.backbones.CLModel`` subclass around the *same* backbone object
+        (``model.backbone``, not a copy; the loop checks it) and changes the forward by overriding
+        ``features(x)``, which may return ``(features, aux)`` to hand auxiliary tensors to ``loss_terms``.
+        Every parameter it trains must be in ``param_groups`` (or a head), and an image's prediction must not
+        depend on the rest of its batch; the contract checks both.
         """
 
     @hookspec
@@ -111,12 +116,13 @@ class MethodSpec:
     @hookspec
     def loss_terms(
         self, model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor], logits: torch.Tensor,
-        ctx: TaskContext, replayed: Replayed | None,
+        ctx: TaskContext, replayed: Replayed | None, aux: dict[str, torch.Tensor],
     ) -> dict[str, torch.Tensor] | None:
         """Each step after the forward pass: extra scalar loss terms by name; they are added to the task's
         cross-entropy and logged as ``train/<name>``. ``logits`` are the current task's head outputs on
         ``batch``. ``replayed`` holds the rows the rehearsal hooks added (with their logits over every seen
-        class), or None when there are none."""
+        class), or None when there are none. ``aux`` holds what the model's ``features`` returned beside the
+        features (empty for a plain ``CLModel``, and on rehearsal steps)."""
 
     @hookspec
     def before_optimizer_step(self, model: torch.nn.Module, ctx: TaskContext) -> None:
@@ -143,7 +149,9 @@ class MethodSpec:
         First non-None result wins. The harness's own implementation (``clbench.probes.TaskUpdateProbe``) is
         called last: a method that does not implement this hook, or returns None, gets the change of its
         sites' branches across the task (taken after ``after_task``, before ``merge_task``). Return ``{}``
-        to report no update."""
+        to report no update. A method whose class sets ``low_rank_updates = False`` (prompt methods) reports none:
+        it has no sites, so the probe answers None too; its spectra read n/a and the suite's spectra statistics
+        leave it out."""
 
     @hookspec(firstresult=True)
     def replay_buffer(self, ctx: TaskContext) -> Samples | list[Samples] | None:

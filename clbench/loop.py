@@ -165,6 +165,17 @@ def _ignore(*args: Any) -> None:
     return None
 
 
+def check_replacement(model: CLModel, replaced: Any) -> None:
+    """``configure_model``'s replacement must be a CLModel around the very backbone object it was given: the
+    frozen-weight check and the spectra follow that object's parameters, so a copy would escape them."""
+    if not isinstance(replaced, CLModel):
+        raise ClbenchError(f"configure_model returned a {type(replaced).__name__}; a replacement model must be a "
+                           "clbench.backbones.CLModel subclass (override features(x) to change the forward)")
+    if replaced.backbone is not model.backbone:
+        raise ClbenchError("configure_model returned a model around a different backbone object; a replacement "
+                           "must wrap the same backbone (model.backbone), not a copy")
+
+
 def run_stream(model: CLModel, stream: Stream, pm, cfg: TrainConfig, seed: int, device: torch.device,
                on_task: OnTask = _ignore, progress: Callable[[str], None] = _ignore,
                state: LoopState | None = None, comm: Communicator = SINGLE_PROCESS,
@@ -184,7 +195,9 @@ def run_stream(model: CLModel, stream: Stream, pm, cfg: TrainConfig, seed: int, 
     # -- phase 0: the method configures the model once (adapters, freezing); a resumed run is restored --
     torch.manual_seed(seed)
     replaced = hook.configure_model(model=model, ctx=task_context(model, stream, 0, cfg, seed, device, autocast))
-    model = replaced if replaced is not None else model
+    if replaced is not None:
+        check_replacement(model, replaced)
+        model = replaced
     model.to(device)
     if state.next_task > 0 and state.model_state is not None:
         restore(model, stream, pm, state, task_context(model, stream, state.next_task - 1, cfg, seed, device,
@@ -365,12 +378,14 @@ def train_task(model: CLModel, stream: Stream, pm, ctx: TaskContext, optimizer: 
             if len(rows):  # under torchrun a rank's share of a short last batch may be empty
                 if rows.extra is None:  # the protocol's step: cross-entropy on the current head
                     with ctx.autocast():
-                        logits = model(xb, head=t)
+                        logits, aux = model(xb, head=t, with_aux=True)
                     loss, replayed = F.cross_entropy(logits.float(), yb), None
                 else:  # rehearsal: one pass over own and added rows, every seen head, each row's loss per scope
                     logits, loss, replayed = rows.forward(model, ctx, offsets)
+                    aux = {}
                 total = loss
-                for terms in hook.loss_terms(model=model, batch=rows.own, logits=logits, ctx=ctx, replayed=replayed):
+                for terms in hook.loss_terms(model=model, batch=rows.own, logits=logits, ctx=ctx, replayed=replayed,
+                                          aux=aux):
                     for name, value in (terms or {}).items():
                         total = total + value
                         term_sums[name] = term_sums.get(name, 0) + value.detach().float()

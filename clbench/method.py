@@ -29,13 +29,15 @@ class NoParams(BaseModel):
 class Method:
     """Base for method plugins. Set ``name`` (see :data:`NAME_RULE`), ``Params`` (defaults = the paper's settings),
     optional ``aliases``, ``paper`` and ``code`` (citations), and ``trains_backbone`` if the method
-    changes pre-trained weights by gradient (merging adapters does not count)."""
+    changes pre-trained weights by gradient (merging adapters does not count). Set ``low_rank_updates = False``
+    if the method has no low-rank weight update (prompts): ``task_updates`` must then return None."""
 
     name: ClassVar[str] = ""
     aliases: ClassVar[tuple[str, ...]] = ()
     paper: ClassVar[str] = ""
     code: ClassVar[str] = ""
     trains_backbone: ClassVar[bool] = False
+    low_rank_updates: ClassVar[bool] = True
     Params: ClassVar[type[BaseModel]] = NoParams
 
     def __init__(self, params: BaseModel | dict[str, Any] | None = None) -> None:

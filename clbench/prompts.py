@@ -1,0 +1,171 @@
+"""Prompting a frozen timm ViT: the shared machinery of the prompt methods (L2P, DualPrompt, CODA-Prompt).
+
+Beside ``clbench.lora`` (which changes weights), this module changes the *inputs* of attention:
+
+* **prompt tokens** (prompt-tuning, original L2P): learned tokens inserted right after the prefix tokens
+  ([CLS] and any register tokens), before the first block, so every block attends to them;
+* **prefix keys and values** (prefix-tuning, DualPrompt / CODA-Prompt / the L2P++ of the CODA-Prompt code):
+  per block, learned key and value rows concatenated in front of the attention's own keys and values, so the
+  sequence length (and so the output) does not grow;
+* a **query pass**: the same backbone with every prompt switched off, whose pooled [CLS] feature selects or
+  weights the prompts.
+
+Where timm offers a public API, this module uses it: ``forward_features`` / ``forward_head(pre_logits=True)``
+for the passes, a forward hook on ``norm_pre`` (the module timm applies right after the position embedding) for
+the tokens, so the private ``_pos_embed`` is never called. timm has **no** public API to extend the keys and
+values of its ``Attention``; :class:`PrefixAttention` therefore replaces ``blocks[i].attn`` with a module that
+holds the *same* submodules under the *same* names (``qkv``, ``q_norm``, ``k_norm``, ``norm``, ``proj``, ...;
+parameter names and objects unchanged, so LoRA sites and the contract's frozen-weight check still see them) and
+re-implements timm's attention forward, with the prefixes concatenated after the key normalisation (as the
+CODA-Prompt code does).
+
+Prompts are passed per forward through :meth:`PromptSlots.active`, a context manager that switches them on and
+always off again, so a query pass can never see the prompts of another pass.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from clbench.backbones import CLModel
+from clbench.errors import ClbenchError
+
+Prefix = tuple[torch.Tensor, torch.Tensor]  # (keys, values), each (B, L, dim) in the attention's q/k/v space
+
+
+class PrefixAttention(nn.Module):
+    """timm's ``Attention`` with optional prefix keys and values (prefix-tuning).
+
+    Holds the wrapped attention's submodules under their own names, so ``blocks.i.attn.qkv.weight`` stays the
+    same parameter object with the same state-dict key. With no prefix set, the output equals timm's.
+    """
+
+    def __init__(self, attn: nn.Module) -> None:
+        super().__init__()
+        for name in ("qkv", "q_norm", "k_norm", "norm", "proj", "attn_drop", "proj_drop"):
+            if not hasattr(attn, name):
+                raise ClbenchError(f"prompts: the backbone's attention ({type(attn).__name__}) has no '{name}'; "
+                                   "prefix-tuning needs a timm VisionTransformer attention")
+            setattr(self, name, getattr(attn, name))
+        self.gate = getattr(attn, "gate", None)
+        self.num_heads, self.head_dim = attn.num_heads, attn.head_dim
+        self.attn_dim = getattr(attn, "attn_dim", self.num_heads * self.head_dim)
+        self.prefix: Prefix | None = None
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False
+                ) -> torch.Tensor:
+        B, N, _ = x.shape
+        H, hd = self.num_heads, self.head_dim
+        gate = self.gate(x).sigmoid() if self.gate is not None else None
+        q, k, v = self.qkv(x).reshape(B, N, 3, H, hd).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        if self.prefix is not None:
+            if attn_mask is not None or is_causal:
+                raise ClbenchError("prompts: prefix-tuning with an attention mask is not supported")
+            pk, pv = self.prefix
+            k = torch.cat([pk.to(k.dtype).reshape(B, -1, H, hd).transpose(1, 2), k], 2)
+            v = torch.cat([pv.to(v.dtype).reshape(B, -1, H, hd).transpose(1, 2), v], 2)
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
+                                           dropout_p=self.attn_drop.p if self.training else 0.0)
+        x = self.norm(x.transpose(1, 2).reshape(B, N, self.attn_dim))
+        if gate is not None:
+            x = x * gate
+        return self.proj_drop(self.proj(x))
+
+
+class PromptSlots:
+    """The places of one backbone where prompts can go: prefix slots in chosen blocks, tokens after [CLS].
+
+    Create once per backbone (:func:`attach`); pass prompts per forward with :meth:`active`.
+    """
+
+    def __init__(self, backbone: nn.Module, prefix_blocks: list[int], tokens: bool) -> None:
+        blocks = getattr(backbone, "blocks", None)
+        if blocks is None or not hasattr(backbone, "norm_pre"):
+            raise ClbenchError("prompts: the backbone is not a timm VisionTransformer (no blocks / norm_pre)")
+        bad = [i for i in prefix_blocks if not 0 <= i < len(blocks)]
+        if bad:
+            raise ClbenchError(f"prompts: blocks {bad} out of range; the backbone has {len(blocks)} blocks")
+        self.backbone = backbone
+        self.attn: dict[int, PrefixAttention] = {}
+        for i in prefix_blocks:
+            if not isinstance(blocks[i].attn, PrefixAttention):
+                blocks[i].attn = PrefixAttention(blocks[i].attn)
+            self.attn[i] = blocks[i].attn
+        self.tokens: torch.Tensor | None = None
+        self.num_prefix_tokens = int(getattr(backbone, "num_prefix_tokens", 1))
+        if tokens:
+            backbone.norm_pre.register_forward_hook(self._insert_tokens)
+
+    def _insert_tokens(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+        if self.tokens is None:
+            return output
+        n = self.num_prefix_tokens
+        return torch.cat([output[:, :n], self.tokens.to(output.dtype), output[:, n:]], 1)
+
+    @contextlib.contextmanager
+    def active(self, prefixes: dict[int, Prefix] | None = None, tokens: torch.Tensor | None = None
+               ) -> Iterator[None]:
+        """Switch prompts on for the forward passes inside the block; always switched off on exit."""
+        unknown = set(prefixes or {}) - set(self.attn)
+        if unknown:
+            raise ClbenchError(f"prompts: no prefix slot in blocks {sorted(unknown)}")
+        try:
+            for i, p in (prefixes or {}).items():
+                self.attn[i].prefix = p
+            self.tokens = tokens
+            yield
+        finally:
+            for a in self.attn.values():
+                a.prefix = None
+            self.tokens = None
+
+
+def attach(backbone: nn.Module, prefix_blocks: list[int] = (), tokens: bool = False) -> PromptSlots:
+    """Install prefix slots in ``prefix_blocks`` and (with ``tokens``) the token insertion after [CLS]."""
+    return PromptSlots(backbone, list(prefix_blocks), tokens)
+
+
+@torch.no_grad()
+def query(backbone: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The query of the prompt methods: the pooled pre-logit feature ([CLS] after the final norm) of the
+    backbone with prompts off. Call it outside :meth:`PromptSlots.active`."""
+    return backbone.forward_head(backbone.forward_features(x), pre_logits=True)
+
+
+class PromptModel(CLModel):
+    """A :class:`CLModel` around the *same* backbone and heads whose ``features`` runs a query pass, lets the
+    method turn the query into prompts (:meth:`select`), then runs the prompted pass.
+
+    Subclasses hold the method's prompt parameters and implement :meth:`select`. ``task`` is the training task
+    (set by the method in ``before_task``): methods that pick prompts by task identity in training (DualPrompt)
+    use it only while ``self.training``; at evaluation the choice depends on each image's own query only.
+    """
+
+    def __init__(self, base: CLModel, slots: PromptSlots, pool: str = "head") -> None:
+        nn.Module.__init__(self)
+        self.backbone, self.heads = base.backbone, base.heads
+        self.image_size, self.in_chans = base.image_size, base.in_chans
+        self.register_buffer("mean", base.mean, persistent=False)
+        self.register_buffer("std", base.std, persistent=False)
+        self.slots, self.pool = slots, pool
+        self.task = 0
+
+    def select(self, q: torch.Tensor) -> tuple[dict[int, Prefix], torch.Tensor | None, dict[str, torch.Tensor]]:
+        """(prefixes per block, tokens or None, aux values for ``loss_terms``) for queries ``q`` (B x D)."""
+        raise NotImplementedError
+
+    def features(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        q = query(self.backbone, x)
+        prefixes, tokens, aux = self.select(q)
+        with self.slots.active(prefixes, tokens):
+            h = self.backbone.forward_features(x)
+        if self.pool == "prompts":  # original L2P: the mean of the prompt tokens' outputs
+            n = self.slots.num_prefix_tokens
+            return h[:, n:n + tokens.shape[1]].mean(1), aux
+        return self.backbone.forward_head(h, pre_logits=True), aux
