@@ -34,6 +34,7 @@ from torch import nn
 
 from clbench.backbones import CLModel
 from clbench.errors import ClbenchError
+from clbench.hookspecs import hookimpl
 
 Prefix = tuple[torch.Tensor, torch.Tensor]  # (keys, values), each (B, L, dim) in the attention's q/k/v space
 
@@ -126,6 +127,17 @@ class PromptSlots:
             self.tokens = None
 
 
+def fit_blocks(wanted: list[int] | None, official: list[int], depth: int, what: str) -> list[int]:
+    """The blocks to prompt: ``wanted`` if given (each must exist), else the official blocks that the backbone
+    has (a shallower backbone than ViT-B keeps the official blocks below its depth, at least its last block)."""
+    if wanted is not None:
+        bad = [b for b in wanted if not 0 <= b < depth]
+        if bad:
+            raise ClbenchError(f"{what}: blocks {bad} out of range; the backbone has {depth} blocks")
+        return list(wanted)
+    return [b for b in official if b < depth] or [depth - 1]
+
+
 def attach(backbone: nn.Module, prefix_blocks: list[int] = (), tokens: bool = False) -> PromptSlots:
     """Install prefix slots in ``prefix_blocks`` and (with ``tokens``) the token insertion after [CLS]."""
     return PromptSlots(backbone, list(prefix_blocks), tokens)
@@ -169,3 +181,61 @@ class PromptModel(CLModel):
             n = self.slots.num_prefix_tokens
             return h[:, n:n + tokens.shape[1]].mean(1), aux
         return self.backbone.forward_head(h, pre_logits=True), aux
+
+
+def uniform_prompt(*shape: int) -> nn.Parameter:
+    """A prompt or key tensor initialised uniform in [0, 1), as ``tensor_prompt`` of the CODA-Prompt code."""
+    return nn.Parameter(torch.rand(*shape))
+
+
+def cosine(q: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity of every query (B x D) with every key (K x D): B x K."""
+    return F.normalize(q, dim=-1) @ F.normalize(keys, dim=-1).T
+
+
+def split_prefix(p: torch.Tensor) -> Prefix:
+    """A prompt of length L (B x ... x L x D) as prefix keys (first L/2 rows) and values (last L/2), each
+    flattened to B x n x D, as the CODA-Prompt code splits ``Ek = P[..., :L/2, :]``, ``Ev = P[..., L/2:, :]``."""
+    half = p.shape[-2] // 2
+    B, D = p.shape[0], p.shape[-1]
+    return p[..., :half, :].reshape(B, -1, D), p[..., half:, :].reshape(B, -1, D)
+
+
+class PromptMethod:
+    """Hooks shared by the prompt methods (mixed in before ``clbench.method.Method``).
+
+    The backbone is frozen, the method's :class:`PromptModel` (from :meth:`build`) replaces the model, its
+    ``task`` follows the training task, the ``aux`` value ``key_match`` (if any) is the key-query matching
+    loss times ``params.key_weight``, and there is no low-rank weight update (``task_updates`` returns None).
+    Every prompt tensor exists from ``configure_model`` on, so a checkpoint loads without rebuilding."""
+
+    low_rank_updates = False
+    model: PromptModel | None = None
+
+    def build(self, model: CLModel, ctx) -> PromptModel:
+        raise NotImplementedError
+
+    @hookimpl
+    def configure_model(self, model: CLModel, ctx) -> PromptModel:
+        model.backbone.requires_grad_(False)
+        self.model = self.build(model, ctx)
+        return self.model
+
+    @hookimpl
+    def before_task(self, model: PromptModel, ctx) -> None:
+        model.task = ctx.task
+
+    @hookimpl
+    def loss_terms(self, aux: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+        weight = getattr(self.params, "key_weight", 0.0)
+        if "key_match" not in aux or weight == 0:
+            return None
+        return {"key_match": weight * aux["key_match"]}
+
+    @hookimpl
+    def task_updates(self, model, ctx) -> None:
+        return None
+
+    @hookimpl
+    def load_method_state(self, model: PromptModel, state, ctx) -> None:
+        model.task = ctx.task
