@@ -16,6 +16,13 @@ the class, or on the instance when it depends on the params) are exempt from thi
 Resume: a run stopped after task 0 and resumed from its ``method_state`` (through a ``weights_only`` save and
 load) into a fresh model and method gives the uninterrupted run's accuracy matrices. This is what a rehearsal
 method's buffer needs (it is method state); the loop itself refuses rehearsal samples of unseen classes.
+
+Two more holes are closed for methods that replace the model (``configure_model``): every parameter that
+requires grad must be in the method's ``param_groups`` or a head, and no declared parameter may be a copy of a
+pre-trained weight (a deep-copied backbone trained beside the frozen one escapes the frozen-weight check); and
+the predictions of the same test images in a mixed-task batch and in task-pure batches must agree (a
+batch-dependent prediction, such as a test-time batch vote, leaks the task identity). A method that sets
+``low_rank_updates = False`` must report no update.
 """
 
 from __future__ import annotations
@@ -57,6 +64,9 @@ class ContractRun:
     effective: list[dict[str, torch.Tensor]] = field(default_factory=list)  # per task: site -> weight
     sites: dict[str, Any] = field(default_factory=dict)  # site name -> LoRASite (after the run)
     maps: dict[str, tuple[int, int]] = field(default_factory=dict)  # backbone map name -> (d_out, d_in)
+    model: Any = None  # the (possibly replaced) model after the run
+    stream: Any = None
+    trainable_faults: list[str] = field(default_factory=list)  # trainable parameters outside groups and heads
 
 
 def contract_stream(seed: int = 0, num_tasks: int = 2) -> Stream:
@@ -89,21 +99,24 @@ def contract_run(
     model = tiny_model(seed=seed)
     # Parameters are tracked by identity: injection wraps the same nn.Linear, so the objects survive it.
     named = dict(model.backbone.named_parameters())
-    run = ContractRun(method=cls(params), R=np.empty(0), R_til=np.empty(0))
+    run = ContractRun(method=cls(params), R=np.empty(0), R_til=np.empty(0), stream=stream)
     run.params = {id(p): (n, p) for n, p in named.items()}
     run.initial = {id(p): p.detach().clone() for p in named.values()}
 
     def on_task(result, state, m) -> None:
         run.results.append(result)
+        run.model = m
         run.sites = find_sites(m.backbone)
         run.maps = {n: (len(range(*rows.indices(w.shape[0]))), w.shape[1])
                     for n, (w, rows) in backbone_maps(m.backbone).items()}
         run.effective.append({n: _site_weight(s) for n, s in run.sites.items()})
 
+    pm = run_manager(run.method)
+    pm.add_hookcall_monitoring(lambda *a: None, _TrainableProbe(run))
     state = run_stream(
         model,
         stream,
-        run_manager(run.method),
+        pm,
         tiny_train(max_steps_per_epoch=max_steps),
         seed,
         torch.device("cpu"),
@@ -111,6 +124,37 @@ def contract_run(
     )
     run.R, run.R_til = state.R, state.R_til
     return run
+
+
+class _TrainableProbe:
+    """Watches ``param_groups`` (through pluggy's hook-call monitoring, so the loop is untouched) and records
+    trainable parameters that the method did not declare, and declared ones that are copies of pre-trained
+    weights (a deep-copied backbone trained beside the frozen one)."""
+
+    def __init__(self, run: ContractRun) -> None:
+        self.run = run
+
+    def __call__(self, outcome, hook_name: str, hook_impls, kwargs) -> None:
+        if hook_name != "param_groups":
+            return
+        model, groups = kwargs["model"], outcome.get_result()
+        names = {id(p): n for n, p in model.named_parameters()}
+        heads = {id(p) for h in model.heads for p in h.parameters()}
+        if groups is None:  # the loop trains every requires_grad parameter outside the heads
+            declared = {pid for n, p in model.named_parameters() if p.requires_grad for pid in [id(p)]}
+        else:
+            declared = {id(p) for g in groups for p in g["params"]}
+        faults = self.run.trainable_faults
+        for n, p in model.named_parameters():
+            if p.requires_grad and id(p) not in declared and id(p) not in heads:
+                faults.append(f"'{n}' requires grad but is in no parameter group of the method and is no head")
+        pretrained = [v for v in self.run.initial.values() if v.ndim >= 2 and v.float().std() > 0]
+        for pid in declared - heads:
+            if pid in self.run.initial:
+                continue  # a pre-trained parameter itself: the frozen-weight check follows it
+            p = next(q for q in model.parameters() if id(q) == pid)
+            if any(v.shape == p.shape and torch.equal(v, p.detach()) for v in pretrained):
+                faults.append(f"'{names.get(pid, '?')}' is a trained copy of a pre-trained weight")
 
 
 def check_registration(cls: type) -> None:
@@ -160,9 +204,41 @@ def check_run(run: ContractRun) -> None:
     _check_matrices(cls, run.R, run.R_til)
     trains_backbone = bool(getattr(run.method, "trains_backbone", False))
     for res in run.results:
+        if not getattr(cls, "low_rank_updates", True) and res.updates:
+            _fail(cls, f"low_rank_updates = False, but task {res.task} reported updates of {sorted(res.updates)[:3]}; "
+                       "a method without a low-rank update must report none (task_updates None or {})")
         _check_updates(cls, res.task, res.updates, run.sites, run.maps if trains_backbone else {})
     if not trains_backbone:
+        if run.trainable_faults:
+            _fail(cls, f"trainable parameters outside the method's groups and the heads: {run.trainable_faults[0]} "
+                       f"({len(run.trainable_faults)} in all); declare them in param_groups, freeze them, or set "
+                       "trains_backbone = True")
         _check_frozen(cls, run)
+    if run.model is not None:
+        _check_batch_independent(cls, run)
+
+
+def _check_batch_independent(cls: type, run: ContractRun) -> None:
+    """The predictions of the same test images in one mixed-task batch and in task-pure batches must agree:
+    a prediction that depends on the rest of its batch (a test-time batch vote) leaks the task identity, since
+    the protocol evaluates each task in its own batches."""
+    model = run.model
+    tasks = run.stream.tasks
+    n = min(8, *(len(t.test_y) for t in tasks))
+    from clbench.loop import batches
+
+    pure = [next(batches(t.test_x, t.test_y, n, torch.device("cpu"), model, shuffle=False))[0] for t in tasks]
+    order = torch.arange(n * len(tasks)).view(len(tasks), n).T.reshape(-1)  # interleave the tasks
+    with torch.inference_mode():
+        model.eval()
+        alone = torch.cat([model(x) for x in pure])
+        mixed = torch.empty_like(alone)
+        mixed[order] = model(torch.cat(pure)[order])
+    err = float((alone - mixed).abs().max())
+    if err > 1e-4 * max(1.0, float(alone.abs().max())):
+        _fail(cls, f"predictions depend on the rest of the batch: the same test images give logits differing by "
+                   f"{err:.3g} in a mixed-task batch and in task-pure batches; each image's prediction must depend "
+                   "on that image only (no test-time batch statistics or votes, which leak the task identity)")
 
 
 def _check_matrices(cls: type, R: np.ndarray, R_til: np.ndarray) -> None:

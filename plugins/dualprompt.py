@@ -27,7 +27,15 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from clbench.errors import ClbenchError
 from clbench.hookspecs import hookimpl
 from clbench.method import Method
-from clbench.prompts import PromptMethod, PromptModel, attach, cosine, fit_blocks, split_prefix, uniform_prompt
+from clbench.prompts import (
+    PromptMethod,
+    PromptModel,
+    attach,
+    cosine,
+    fit_blocks,
+    split_prefix,
+    uniform_prompt,
+)
 
 
 class DualPromptParams(BaseModel):

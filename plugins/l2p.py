@@ -32,7 +32,15 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from clbench.hookspecs import hookimpl
 from clbench.method import Method
-from clbench.prompts import PromptMethod, PromptModel, attach, cosine, fit_blocks, split_prefix, uniform_prompt
+from clbench.prompts import (
+    PromptMethod,
+    PromptModel,
+    attach,
+    cosine,
+    fit_blocks,
+    split_prefix,
+    uniform_prompt,
+)
 
 PRESETS: dict[str, dict[str, Any]] = {
     # GT-RIPL/CODA-Prompt experiments/*.sh: --learner_name L2P --prompt_param 30 20 -1

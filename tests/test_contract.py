@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from clbench import contract
+from clbench.backbones import CLModel
 from clbench.hookspecs import hookimpl
 from clbench.registry import discover
 
@@ -177,3 +178,101 @@ def test_backbone_training_method_reports_on_backbone_maps_only():
     contract.check_run(_run("finetune"))  # the dense changes of every block's maps are well formed
     with pytest.raises(contract.ContractError, match="not an adapted site or a backbone map"):
         contract.check_run(contract.contract_run(Misnamed, stream=_stream()))
+
+
+# -- replacement models (issue 26): copies of the backbone, batch-dependent predictions, no low-rank update ----
+
+
+def _replacing(model_cls, groups=None, name="replacing"):
+    """A method that freezes the backbone and replaces the model by ``model_cls(model)``."""
+    from clbench.method import Method
+
+    class Replacing(Method):
+        paper = "test"
+        low_rank_updates = False
+
+        @hookimpl
+        def configure_model(self, model, ctx):
+            model.backbone.requires_grad_(False)
+            return model_cls(model)
+
+        @hookimpl
+        def param_groups(self, model, ctx):
+            return groups(model) if groups else None
+
+    Replacing.name = name
+    return Replacing
+
+
+class _Wrapped(CLModel):
+    def __init__(self, base):
+        super().__init__(base.backbone, base.image_size, base.in_chans, base.mean.flatten().tolist(),
+                         base.std.flatten().tolist())
+        self.heads = base.heads
+
+
+class _DeepCopy(_Wrapped):
+    """Fine-tunes a deep copy of the backbone; the frozen original is left untouched."""
+
+    def __init__(self, base):
+        import copy
+
+        super().__init__(base)
+        self.copy = copy.deepcopy(base.backbone).requires_grad_(True)
+
+    def features(self, x):
+        return self.copy(x)
+
+
+def test_deep_copied_trainable_backbone_fails():
+    run = contract.contract_run(_replacing(_DeepCopy), stream=_stream())
+    with pytest.raises(contract.ContractError, match="trained copy of a pre-trained weight"):
+        contract.check_run(run)
+
+
+def test_trainable_parameter_outside_the_groups_fails():
+    only_heads = _replacing(_DeepCopy, groups=lambda m: [])  # declares nothing, yet the copy requires grad
+    with pytest.raises(contract.ContractError, match=r"copy\..*in no parameter group"):
+        contract.check_run(contract.contract_run(only_heads, stream=_stream()))
+
+
+class _BatchCentred(_Wrapped):
+    """Subtracts the batch mean of the features: each prediction depends on the rest of its batch."""
+
+    def features(self, x):
+        f = self.backbone(x)
+        return f - f.mean(0, keepdim=True)
+
+
+def test_batch_dependent_prediction_fails():
+    with pytest.raises(contract.ContractError, match="depend on the rest of the batch"):
+        contract.check_run(contract.contract_run(_replacing(_BatchCentred), stream=_stream()))
+
+
+def test_plain_replacement_passes():
+    contract.check_run(contract.contract_run(_replacing(_Wrapped), stream=_stream()))
+
+
+def test_replacement_around_another_backbone_is_refused():
+    import copy
+
+    from clbench.errors import ClbenchError
+
+    class Other(_Wrapped):
+        def __init__(self, base):
+            super().__init__(base)
+            self.backbone = copy.deepcopy(base.backbone)
+
+    with pytest.raises(ClbenchError, match="same backbone"):
+        contract.contract_run(_replacing(Other), stream=_stream())
+    with pytest.raises(ClbenchError, match="CLModel subclass"):
+        contract.contract_run(_replacing(lambda base: torch.nn.Linear(2, 2)), stream=_stream())
+
+
+def test_low_rank_flag_requires_no_updates():
+    class Claims(_lora()):
+        name = "claims"
+        low_rank_updates = False
+
+    with pytest.raises(contract.ContractError, match="must return None"):
+        contract.check_run(contract.contract_run(Claims, stream=_stream()))
