@@ -24,6 +24,7 @@ METHOD_NAME = "clbench.method_name"  # the registered method name
 SEED = "clbench.seed"
 DEVICE = "clbench.device"
 PLUGIN_SOURCE = "clbench.plugin_source"
+LOW_RANK_UPDATES = "clbench.low_rank_updates"  # "false": the method has no low-rank update (spectra n/a)
 STREAM_PREFIX = "clbench.stream."  # + a stream's meta key (split_sha256, ...)
 ERROR = "clbench.error"
 

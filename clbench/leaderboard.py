@@ -91,6 +91,7 @@ class Row:
     vs_baseline: dict[str, dict[str, float | int | None]] | None = None
     reference: str | None = None  # "upper bound" / "lower reference" for the bounds' rows
     gap_share: float | None = None  # (value - lower) / (upper - lower) on the sort metric
+    low_rank: bool = True  # False: the method has no low-rank update, its spectra columns read n/a
 
 
 @dataclass
@@ -248,7 +249,8 @@ def _row(name: str, any_run: RunInfo, pid: str, done: list[RunInfo], superseded:
     return Row(method=name, method_name=any_run.tags.get(keys.METHOD_NAME, name), params_id=pid,
                n=len(done), seeds=[s for s in (_seed(r) for r in done) if s is not None],
                metrics={k: stat(r["values"][k] for r in per_run) for k in METRIC_KEYS},
-               provenance=prov, runs=per_run, curve=curve, superseded=superseded)
+               provenance=prov, runs=per_run, curve=curve, superseded=superseded,
+               low_rank=any_run.tags.get(keys.LOW_RANK_UPDATES, "true") != "false")
 
 
 # Registered method names (not labels, so an ablation of joint still counts) -> their role.
@@ -524,6 +526,13 @@ def fmt_stat(s: Stat, spec: MetricSpec, std: bool = True) -> str:
     return f"{text} ({s.n})"
 
 
+def fmt_cell(row: Row, spec: MetricSpec) -> str:
+    """A table cell: ``n/a`` for the spectra of a method with no low-rank update (prompt methods)."""
+    if not row.low_rank and spec.key.startswith("spectra/"):
+        return "n/a"
+    return fmt_stat(row.metrics[spec.key], spec)
+
+
 def group_title(g: Group) -> str:
     return f"suite {', '.join(g.suites)} · suite hash {g.suite_hash} · experiment {g.experiment}"
 
@@ -555,7 +564,7 @@ def note_lines(g: Group) -> list[str]:
 
 def table_cells(g: Group) -> tuple[list[str], list[list[str]]]:
     header = ["#", "method", "n", *[m.key for m in METRICS]]  # every column under the MLflow key it reads
-    body = [[str(i + 1), row.method, str(row.n), *[fmt_stat(row.metrics[m.key], m) for m in METRICS]]
+    body = [[str(i + 1), row.method, str(row.n), *[fmt_cell(row, m) for m in METRICS]]
             for i, row in enumerate(g.rows)]
     if g.baseline is not None:  # the compact paired comparison of the sort metric, after the method's n
         key = baseline_key(g)
