@@ -74,3 +74,5 @@ SUITE_RUNS_FAILED = "suite/runs_failed"
 SUITE_SPEARMAN = "suite/spearman_imbalance_forgetting"
 SUITE_SPEARMAN_P = "suite/spearman_p"
 SUITE_SPEARMAN_N = "suite/spearman_n"
+SUITE_SPECTRA_EXCLUDED = "suite/spectra_excluded_runs"  # finished runs the spectra statistics leave out
+SPECTRA_EXCLUDED = "clbench.spectra_excluded"  # parent-run tag: how many runs were left out and why

@@ -217,6 +217,10 @@ def record_suite(tracker: Tracker, parent: str, suite: Suite, records: list[RunR
                keys.SUITE_RUNS_FAILED: float(len(failed)), keys.SUITE_SPEARMAN_N: float(ev.n)}
     if ev.rho is not None:  # at least 3 runs, neither side constant
         figures.update({keys.SUITE_SPEARMAN: ev.rho, keys.SUITE_SPEARMAN_P: ev.p})
+    n_excluded, why = spectra_exclusions(group)
+    figures[keys.SUITE_SPECTRA_EXCLUDED] = float(n_excluded)
+    if n_excluded:  # say why the Spearman covers fewer runs than finished
+        tracker.set_tags(parent, {keys.SPECTRA_EXCLUDED: why})
     tracker.log_metrics(parent, figures)
     tracker.flush(parent)
     if ev.rho is not None:
@@ -226,6 +230,21 @@ def record_suite(tracker: Tracker, parent: str, suite: Suite, records: list[RunR
                           keys.FINAL_FORGETTING, ev.title())
             tracker.log_artifacts(parent, tmp)
     leaderboard_report(tracker, parent, suite, progress)
+
+
+def spectra_exclusions(group) -> tuple[int, str]:
+    """How many finished runs of ``group`` the spectra statistics leave out (no ``spectra/mean_top1_share``),
+    and why, per method: methods without a low-rank update (``low_rank_updates = False``: prompts) report none;
+    any other run without spectra is named as such."""
+    none, missing = [], []
+    for row in group.rows:
+        n = sum(1 for r in row.runs if r["values"].get(keys.SPECTRA_MEAN_TOP1) is None)
+        if n:
+            (none if not row.low_rank else missing).append(f"{row.method} ({n})")
+    parts = ([f"no low-rank update: {', '.join(none)}"] if none else []) + (
+        [f"no spectra logged: {', '.join(missing)}"] if missing else [])
+    total = sum(int(x.rsplit("(", 1)[1].rstrip(")")) for x in none + missing)
+    return total, f"{total} finished runs left out of the spectra statistics; " + "; ".join(parts) if total else ""
 
 
 def leaderboard_report(tracker: Tracker, parent: str, suite: Suite, progress: Callable[[str], None]) -> None:

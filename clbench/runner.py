@@ -255,7 +255,8 @@ def _open_run(suite: Suite, run: PlannedRun, seed: int, stream, tracker: Tracker
                                    method_state=ck["method"], model_state=ck["model"], rng=ck["rng"])
     cfg = suite.train_for(suite.methods[run.entry_index])
     tags = {**base_tags, keys.METHOD: run.label, keys.METHOD_NAME: run.info.name, keys.SEED: str(seed),
-            keys.DEVICE: _device_name(device), keys.ROLE: keys.ROLE_CHILD, keys.PLUGIN_SOURCE: run.info.source}
+            keys.DEVICE: _device_name(device), keys.ROLE: keys.ROLE_CHILD, keys.PLUGIN_SOURCE: run.info.source,
+            keys.LOW_RANK_UPDATES: str(getattr(run.info.cls, "low_rank_updates", True)).lower()}
     tags.update({f"{keys.STREAM_PREFIX}{k}": str(v) for k, v in getattr(stream, "meta", {}).items()})
     params = {"method": {"name": run.info.name, "label": run.label, "params": run.params.model_dump(mode="json")},
               "seed": seed, "stream": suite.stream.model_dump(mode="json"),
