@@ -69,8 +69,10 @@ def test_domainnet_suite_marks_the_official_optimizer_and_memory():
 def test_comparison_suites_adapt_the_same_maps_at_the_same_rank(name):
     path = REPRO.parent / name
     planned = plan_runs(load_suite(path), path, discover([]), None)
-    # the lower reference bounds (finetune, frozen) adapt nothing; every entry that adapts must agree
+    # the lower reference bounds (finetune, frozen) and the prompt methods adapt no weights; every entry that
+    # adapts must agree
     adapted = {(p.label, tuple(p.params.targets), p.params.rank) for p in planned if hasattr(p.params, "targets")}
-    assert {p.info.name for p in planned if not hasattr(p.params, "targets")} <= {"finetune", "frozen"}
+    assert {p.info.name for p in planned if not hasattr(p.params, "targets")} <= {"finetune", "frozen", "l2p",
+                                                                                   "dualprompt", "codaprompt"}
     assert len({(t, r) for _, t, r in adapted}) == 1, f"{name}: entries differ in targets or rank: {adapted}"
     assert {t for _, t, _ in adapted} == {("k", "v")}
