@@ -14,7 +14,7 @@ from clbench.runner import plan_runs
 from clbench.suite import load_suite
 
 REPRO = Path(__file__).resolve().parents[1] / "suites" / "repro"
-SUITES = sorted(p.name for p in REPRO.glob("inflora-*.yaml"))  # the InfLoRA configs; SD-LoRA and CL-LoRA test theirs
+SUITES = sorted(p.name for p in REPRO.glob("inflora-*.yaml"))  # the InfLoRA configs; SD-LoRA, CL-LoRA, prompts test theirs
 
 
 def _todo_block(path: Path) -> dict:
@@ -76,3 +76,12 @@ def test_comparison_suites_adapt_the_same_maps_at_the_same_rank(name):
                                                                                    "dualprompt", "codaprompt"}
     assert len({(t, r) for _, t, r in adapted}) == 1, f"{name}: entries differ in targets or rank: {adapted}"
     assert {t for _, t, _ in adapted} == {("k", "v")}
+
+
+@pytest.mark.parametrize("name", ["prompts-cifar100-10.yaml", "prompts-imagenet-r-10.yaml"])
+def test_prompt_repro_suites_run_the_official_prompt_configurations(name):
+    suite = load_suite(REPRO / name)
+    planned = plan_runs(suite, REPRO / name, discover([]), None)
+    assert [p.info.name for p in planned] == ["l2p", "dualprompt", "codaprompt"]
+    assert suite.train.lr == 1.0e-3 and suite.train.optimizer == "adam" and suite.train.schedule == "cosine"
+    assert _todo_block(REPRO / name)["reference"]["sources"]
