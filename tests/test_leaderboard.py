@@ -378,3 +378,19 @@ def test_a_failing_report_never_fails_the_suite_run(tmp_path):
     messages: list[str] = []
     leaderboard_report(Tracker(), "parent", load_suite(suite_file), messages.append)
     assert len(messages) == 1 and "leaderboard report not written" in messages[0] and "gone.db" in messages[0]
+
+
+def test_spectra_of_a_method_without_low_rank_update_read_na():
+    empty = lb.Stat(None, None, 0)
+    values = {m.key: (lb.Stat(0.5, 0.1, 2) if m.key != "spectra/overlap" else empty) for m in lb.METRICS}
+    kw = dict(method="m", method_name="m", params_id="p", n=2, seeds=[0, 1], metrics=values, provenance={})
+    prompt, lora = lb.Row(**kw, low_rank=False), lb.Row(**kw)
+    for spec in lb.METRICS:
+        if spec.key.startswith("spectra/"):
+            assert lb.fmt_cell(prompt, spec) == "n/a"
+            assert lb.fmt_cell(lora, spec) == lb.fmt_stat(values[spec.key], spec)  # "-" when missing
+        else:
+            assert lb.fmt_cell(prompt, spec) == lb.fmt_stat(values[spec.key], spec)
+    group = lb.Group("e", ["s"], "h", [prompt], [], "final/acc")
+    header, body = lb.table_cells(group)
+    assert body[0][header.index("top1_share")] == "n/a"

@@ -161,3 +161,29 @@ def test_codaprompt_trains_only_the_current_chunk():
     run_method(Spy({"pool_size": 8, "length": 4, "blocks": [0]}), stream, max_steps_per_epoch=2, lr=0.05)
     assert torch.equal(snapshots[0][0], snapshots[1][0])  # task 0's chunk frozen through task 1
     assert not torch.equal(snapshots[0][1], snapshots[1][1])  # task 1's chunk re-initialised and trained
+
+
+def test_parent_run_logs_how_many_runs_the_spectra_statistics_left_out_and_why():
+    from clbench.runner import RunRecord, _suite_evidence
+
+    class Tracker:
+        def __init__(self):
+            self.metrics, self.tags = {}, {}
+
+        def log_metrics(self, run_id, metrics, step=0):
+            self.metrics.update(metrics)
+
+        def set_tags(self, run_id, tags):
+            self.tags.update(tags)
+
+        def flush(self, run_id=None):
+            pass
+
+    records = [RunRecord("lora", 0, "a", "FINISHED", {"spectra/mean_top1_share": 0.5, "final/forgetting": 3.0}),
+               RunRecord("l2p", 0, "b", "FINISHED", {"final/forgetting": 5.0}),
+               RunRecord("dualprompt", 0, "c", "FINISHED", {"final/forgetting": 4.0})]
+    tracker = Tracker()
+    _suite_evidence(tracker, "parent", records)
+    assert tracker.metrics["suite/spectra_excluded_runs"] == 2.0
+    assert "dualprompt, l2p" in tracker.tags["clbench.spectra_excluded"]
+    assert "no low-rank update" in tracker.tags["clbench.spectra_excluded"]
