@@ -274,5 +274,5 @@ def test_low_rank_flag_requires_no_updates():
         name = "claims"
         low_rank_updates = False
 
-    with pytest.raises(contract.ContractError, match="must return None"):
+    with pytest.raises(contract.ContractError, match="must report none"):
         contract.check_run(contract.contract_run(Claims, stream=_stream()))

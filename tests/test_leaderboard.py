@@ -393,4 +393,4 @@ def test_spectra_of_a_method_without_low_rank_update_read_na():
             assert lb.fmt_cell(prompt, spec) == lb.fmt_stat(values[spec.key], spec)
     group = lb.Group("e", ["s"], "h", [prompt], [], "final/acc")
     header, body = lb.table_cells(group)
-    assert body[0][header.index("top1_share")] == "n/a"
+    assert body[0][header.index("spectra/mean_top1_share")] == "n/a"

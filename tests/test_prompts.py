@@ -164,26 +164,18 @@ def test_codaprompt_trains_only_the_current_chunk():
 
 
 def test_parent_run_logs_how_many_runs_the_spectra_statistics_left_out_and_why():
-    from clbench.runner import RunRecord, _suite_evidence
+    from clbench import leaderboard as lb
+    from clbench.recorder import spectra_exclusions
 
-    class Tracker:
-        def __init__(self):
-            self.metrics, self.tags = {}, {}
+    def row(name, low_rank, top1):
+        runs = [{"run_id": f"{name}{s}", "seed": s, "values": {"spectra/mean_top1_share": top1}, "curve": []}
+                for s in (0, 1)]
+        return lb.Row(method=name, method_name=name, params_id="p", n=2, seeds=[0, 1], metrics={},
+                      provenance={}, runs=runs, low_rank=low_rank)
 
-        def log_metrics(self, run_id, metrics, step=0):
-            self.metrics.update(metrics)
-
-        def set_tags(self, run_id, tags):
-            self.tags.update(tags)
-
-        def flush(self, run_id=None):
-            pass
-
-    records = [RunRecord("lora", 0, "a", "FINISHED", {"spectra/mean_top1_share": 0.5, "final/forgetting": 3.0}),
-               RunRecord("l2p", 0, "b", "FINISHED", {"final/forgetting": 5.0}),
-               RunRecord("dualprompt", 0, "c", "FINISHED", {"final/forgetting": 4.0})]
-    tracker = Tracker()
-    _suite_evidence(tracker, "parent", records)
-    assert tracker.metrics["suite/spectra_excluded_runs"] == 2.0
-    assert "dualprompt, l2p" in tracker.tags["clbench.spectra_excluded"]
-    assert "without a low-rank update" in tracker.tags["clbench.spectra_excluded"]
+    group = lb.Group("e", ["s"], "h", [row("lora", True, 0.5), row("l2p", False, None),
+                                       row("dualprompt", False, None)], [], "final/acc")
+    n, why = spectra_exclusions(group)
+    assert n == 4
+    assert "no low-rank update: l2p (2), dualprompt (2)" in why
+    assert spectra_exclusions(lb.Group("e", ["s"], "h", [row("lora", True, 0.5)], [], "final/acc")) == (0, "")
