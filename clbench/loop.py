@@ -165,6 +165,14 @@ def _ignore(*args: Any) -> None:
     return None
 
 
+def forward_with_aux(model: CLModel, x: torch.Tensor, head: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Head ``head``'s logits and the ``aux`` values of ``features`` (``{}`` for a model that overrides
+    ``forward`` itself, as CL-LoRA's does)."""
+    if type(model).forward is CLModel.forward:
+        return model(x, head=head, with_aux=True)
+    return model(x, head=head), {}
+
+
 def check_replacement(model: CLModel, replaced: Any) -> None:
     """``configure_model``'s replacement must be a CLModel around the very backbone object it was given: the
     frozen-weight check and the spectra follow that object's parameters, so a copy would escape them."""
@@ -378,7 +386,7 @@ def train_task(model: CLModel, stream: Stream, pm, ctx: TaskContext, optimizer: 
             if len(rows):  # under torchrun a rank's share of a short last batch may be empty
                 if rows.extra is None:  # the protocol's step: cross-entropy on the current head
                     with ctx.autocast():
-                        logits, aux = model(xb, head=t, with_aux=True)
+                        logits, aux = forward_with_aux(model, xb, t)
                     loss, replayed = F.cross_entropy(logits.float(), yb), None
                 else:  # rehearsal: one pass over own and added rows, every seen head, each row's loss per scope
                     logits, loss, replayed = rows.forward(model, ctx, offsets)
