@@ -7,13 +7,16 @@ fsync, then an atomic rename, so a crash at any moment leaves either the previou
 
 Layout (``root`` = ``--checkpoint-dir`` or ``<cache>/runs``)::
 
-    root/<suite key>/parent.json                 the parent MLflow run of this suite (reused on resume)
-    root/<suite key>/<label>-s<seed>/checkpoint.pt
-    root/<suite key>/<label>-s<seed>/done.json   written after the run finished (final metrics, run id)
-    root/<suite key>/<label>-s<seed>/lock        held while a process trains this (method, seed)
+    root/<suite key>/parent.json               the parent MLflow run of this suite (reused on resume)
+    root/<suite key>/<run folder>/run.json     the run's MLflow run id, written before its training starts
+    root/<suite key>/<run folder>/checkpoint.pt
+    root/<suite key>/<run folder>/done.json    written after the run finished (final metrics, run id)
+    root/<suite key>/<run folder>/lock         held while a process trains this (method, seed)
 
-The suite key hashes the protocol, the suite name, the experiment and the tracking URI; each checkpoint also
-stores a run key (suite key, method name, resolved params and training settings, seed), so a checkpoint is
+The suite key hashes the protocol, the suite name, the experiment and the (absolute) tracking URI. A run folder
+is ``<label>-<digest>-s<seed>``: the readable label, then a digest of the exact label and the run key (method
+name, resolved params, training settings, seed, protocol), so two labels that read alike never share a folder and
+each params' progress keeps its own checkpoint. Each checkpoint also stores the run key, so a checkpoint is
 only ever resumed by the exact same run. Checkpoints load with ``torch.load(weights_only=True)`` only.
 
 Crash tests (tests/test_resume.py) kill ``clbench run`` processes at named points from the test side, by
@@ -25,8 +28,10 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import math
 import os
 import random
+import re
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +42,9 @@ from clbench.errors import ClbenchError
 
 FORMAT = "clbench-checkpoint"
 VERSION = 1
+READABLE = 60  # characters of a suite name or label kept in a folder name (a digest keeps them apart)
+
+
 def digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -51,7 +59,17 @@ def suite_dir(root: str | Path | None, protocol_hash: str, name: str, experiment
     """The folder of a suite's runs; the name stays readable, the hash keeps different suites apart."""
     key = digest({"protocol": protocol_hash, "name": name, "experiment": experiment, "uri": tracking_uri})
     base = Path(root).expanduser() if root else default_root()
-    return base / f"{name}-{key[:12]}"
+    return base / f"{readable(name)}-{key[:12]}"
+
+
+def readable(name: str) -> str:
+    """The readable part of a folder name: letters, digits, ``_.-``; short enough for any file system."""
+    return re.sub(r"[^A-Za-z0-9_.\-]", "_", name)[:READABLE]
+
+
+def run_folder(suite_folder: Path, label: str, run_key: str, seed: int) -> Path:
+    """The folder of one (method, seed): readable label, a digest of the exact label and run key, the seed."""
+    return suite_folder / f"{readable(label)}-{digest({'label': label, 'key': run_key})[:10]}-s{seed}"
 
 
 # -- RNG state as weights_only-loadable values --------------------------------------------------------
@@ -161,6 +179,7 @@ class RunStore:
         self.key = run_key
         self.path = self.dir / "checkpoint.pt"
         self.done_path = self.dir / "done.json"
+        self.run_path = self.dir / "run.json"
         self._lock_fd: int | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -187,8 +206,20 @@ class RunStore:
 
     def clear(self) -> None:
         """Forget this run (``--restart``): the checkpoint, the done marker and stale temporary files."""
-        for p in [self.path, self.done_path, *self.dir.glob(".checkpoint.pt.tmp-*")]:
+        for p in [self.path, self.done_path, self.run_path, *self.dir.glob(".*.tmp-*")]:
             p.unlink(missing_ok=True)
+
+    # -- the MLflow run ---------------------------------------------------------------------------
+    def record_run(self, run_id: str) -> None:
+        """Remember the run's MLflow run id before training starts: a rerun after a kill at any instant
+        (even in the first task, before any checkpoint) continues this run instead of opening another."""
+        write_json(self.run_path, {"key": self.key, "run_id": run_id})
+
+    def recorded_run(self) -> str | None:
+        """The MLflow run id ``record_run`` wrote for this exact run, or None."""
+        info = read_json(self.run_path) or {}
+        run_id = info.get("run_id")
+        return run_id if info.get("key") == self.key and isinstance(run_id, str) else None
 
     # -- checkpoint ------------------------------------------------------------------------------
     def load(self) -> dict[str, Any] | None:
@@ -229,11 +260,22 @@ class RunStore:
             info = json.loads(self.done_path.read_text())
         except (OSError, ValueError):
             return None
-        return info if isinstance(info, dict) and info.get("key") == self.key else None
+        if not isinstance(info, dict) or info.get("key") != self.key:
+            return None
+        info["metrics"] = {k: float("nan") if v is None else v for k, v in (info.get("metrics") or {}).items()}
+        return info
 
     def mark_done(self, run_id: str, metrics: dict[str, float], R: np.ndarray) -> None:
-        blob = json.dumps({"key": self.key, "run_id": run_id, "metrics": metrics, "R": R.tolist()}).encode()
+        """Write ``done.json``: strict JSON, a NaN (an accuracy matrix's unseen cells) written as null."""
+        blob = json.dumps({"key": self.key, "run_id": run_id, "metrics": {k: _finite(v) for k, v in metrics.items()},
+                           "R": [[_finite(v) for v in row] for row in np.asarray(R, dtype=float).tolist()]},
+                          allow_nan=False).encode()
         atomic_write(self.done_path, lambda f: f.write(blob))
+
+
+def _finite(value: float) -> float | None:
+    value = float(value)
+    return value if math.isfinite(value) else None
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:

@@ -17,12 +17,12 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 from clbench.errors import ClbenchError
 from clbench.plan import PlannedRun, RunJob, RunRecord
 from clbench.runner import execute_job, run_locally
+from clbench.tracking import absolute_uri, local_store_path
 
 # Forwarded to Ray workers, when set in the driver's environment: where data, caches and weights live and
 # whether the hub may be reached. Tracking credentials are not forwarded: set them on the cluster's nodes.
@@ -35,26 +35,6 @@ class LocalExecutor:
     def run(self, jobs: Sequence[RunJob], *, tracker, planned: Sequence[PlannedRun],
             progress: Callable[[str], None]) -> list[RunRecord]:
         return run_locally(jobs, tracker=tracker, planned=planned, progress=progress)
-
-
-def local_store_path(uri: str) -> str | None:
-    """The local file behind a tracking URI (sqlite or a file store), or None for a server."""
-    if uri.startswith("sqlite:///"):
-        return uri.removeprefix("sqlite:///")
-    if uri.startswith("file:"):
-        return uri.removeprefix("file://").removeprefix("file:")
-    if "://" not in uri:
-        return uri
-    return None
-
-
-def absolute_uri(uri: str) -> str:
-    """A local store's URI with an absolute path, so a worker with another working directory finds it."""
-    path = local_store_path(uri)
-    if path is None or path == ":memory:" or Path(path).is_absolute():
-        return uri
-    full = Path(path).absolute()
-    return f"sqlite:///{full}" if uri.startswith("sqlite:") else str(full)
 
 
 def check_tracking_for_cluster(uri: str, nodes: int, address: str | None) -> None:

@@ -8,7 +8,7 @@ continue a run; ``RunJob`` is one (method, seed) as picklable data (what an exec
 
 from __future__ import annotations
 
-import re
+import unicodedata
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -79,6 +79,7 @@ def plan_runs(suite: Suite, source: str, registry, methods: list[str] | None) ->
         except ValidationError as err:
             raise ClbenchError(format_validation_error(source, err, prefix=f"methods.{i}.params.")) from None
         planned.append(PlannedRun(entry.display, info, params, i))
+    check_distinct_labels(planned, source)
     if methods:
         known = {p.label for p in planned} | {suite.methods[p.entry_index].name for p in planned}
         missing = [m for m in methods if m not in known]
@@ -89,8 +90,20 @@ def plan_runs(suite: Suite, source: str, registry, methods: list[str] | None) ->
 
 
 def safe_label(label: str) -> str:
-    """A method label as a folder name."""
-    return re.sub(r"[^A-Za-z0-9_.\-]", "_", label)
+    """A method label as the readable part of a folder name (``checkpoint.run_folder`` adds a digest)."""
+    return checkpoint.readable(label)
+
+
+def check_distinct_labels(planned: list[PlannedRun], source: str) -> None:
+    """Refuse labels that differ only in Unicode form or case (``é`` composed or not, ``LoRA``/``lora``): they
+    read as one method in every table and figure, so their runs could not be told apart."""
+    seen: dict[str, str] = {}
+    for run in planned:
+        norm = unicodedata.normalize("NFKC", run.label).casefold()
+        if norm in seen and seen[norm] != run.label:
+            raise ClbenchError(f"{source}: methods: labels {seen[norm]!r} and {run.label!r} cannot be told apart "
+                               "(they differ only in Unicode form or case); give one of them another label")
+        seen[norm] = run.label
 
 
 def run_key(suite: Suite, run: PlannedRun, seed: int) -> str:

@@ -10,9 +10,14 @@ child per (method, seed).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import platform
-from collections.abc import Callable, Sequence
+import signal
+import sys
+import tempfile
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +30,7 @@ from clbench import checkpoint, distributed, keys
 from clbench.backbones import build_model
 from clbench.errors import ClbenchError
 from clbench.loop import LoopState, resolve_device, run_stream
-from clbench.plan import PlannedRun, RunJob, RunRecord, plan_runs, run_key, safe_label
+from clbench.plan import PlannedRun, RunJob, RunRecord, plan_runs, run_key
 from clbench.recorder import RunRecorder, git_sha, record_suite
 from clbench.registry import discover, run_manager
 from clbench.streams import build_stream, load_avalanche
@@ -60,47 +65,141 @@ def run_suite(suite: Suite, source: str, *, methods: list[str] | None = None, se
         return follow(suite, planned, seeds)
     tracker = tracker or make_tracker(experiment, suite.tracking.uri)
     sdir = checkpoint.suite_dir(checkpoint_dir, suite.protocol_hash(), suite.name, experiment, tracker.uri)
-    stores = {(run.label, seed): checkpoint.RunStore(sdir / f"{safe_label(run.label)}-s{seed}",
-                                                     run_key(suite, run, seed))
-              for seed in seeds for run in planned}
+    stores = {(run.label, seed): _store(sdir, suite, run, seed) for seed in seeds for run in planned}
+    _check_folders(sdir, stores.values(), checkpoint_dir)  # before any MLflow run exists
     if restart:
-        for store in stores.values():
-            store.clear()
-        (sdir / "parent.json").unlink(missing_ok=True)
+        _restart(sdir, stores, tracker, progress)
     finished = {k: _finished_record(k, st, tracker) for k, st in stores.items()}
     distributed.announce({k for k, v in finished.items() if v is not None})
-    if all(finished.values()):
-        progress(f"every selected run of {suite.name} is already finished (checkpoints in {sdir}); "
-                 "use --restart to run them again")
-        return [r for r in finished.values() if r is not None]
-    suite_yaml = yaml.safe_dump(suite.model_dump(mode="json"), sort_keys=False)
     base_tags = {keys.SUITE: suite.name, keys.SUITE_HASH: suite.protocol_hash(), keys.VERSION: clbench.__version__}
     sha = git_sha()
     if sha:
         base_tags[keys.GIT_SHA] = sha
-    parent = _parent_run(tracker, sdir, suite, base_tags, progress)
+    with _stop_signals():
+        if all(finished.values()):
+            records = [r for r in finished.values() if r is not None]
+            if not _finish_owed_parent(tracker, sdir, suite, records, progress):
+                progress(f"every selected run of {suite.name} is already finished (checkpoints in {sdir}); "
+                         "use --restart to run them again")
+            return records
+        suite_yaml = yaml.safe_dump(suite.model_dump(mode="json"), sort_keys=False)
+        parent = _parent_run(tracker, sdir, suite, base_tags, progress)
+        with _ending(tracker, parent):
+            jobs = [RunJob(suite, source, run.label, seed, list(plugins_dirs), tracker.uri, experiment, parent,
+                           base_tags, suite_yaml, str(stores[(run.label, seed)].dir.absolute()),
+                           stores[(run.label, seed)].key)
+                    for seed in seeds for run in planned
+                    if not _skip(finished[(run.label, seed)], run, seed, progress)]
+            if executor is None:
+                ran = run_locally(jobs, tracker=tracker, planned=planned, progress=progress)
+            else:
+                ran = executor.run(jobs, tracker=tracker, planned=planned, progress=progress)
+            by_key = {(r.method, r.seed): r for r in ran}
+            records = [finished[(run.label, seed)] or by_key[(run.label, seed)] for seed in seeds for run in planned]
+            record_suite(tracker, parent, suite, records, progress)
+    return records
+
+
+def _store(sdir: Path, suite: Suite, run: PlannedRun, seed: int) -> checkpoint.RunStore:
+    key = run_key(suite, run, seed)
+    return checkpoint.RunStore(checkpoint.run_folder(sdir, run.label, key, seed), key)
+
+
+def error_text(exc: BaseException) -> str:
+    """What the ``clbench.error`` tag of a failed run says."""
+    return (str(exc) or type(exc).__name__)[:5000]
+
+
+@contextlib.contextmanager
+def _ending(tracker: Tracker, run_id: str) -> Iterator[None]:
+    """End ``run_id`` when the block ends: FINISHED, KILLED (Ctrl-C, SIGTERM) or FAILED with the error tagged."""
     status = "FINISHED"
     try:
-        jobs = [RunJob(suite, source, run.label, seed, list(plugins_dirs), tracker.uri, experiment, parent,
-                       base_tags, suite_yaml, str(stores[(run.label, seed)].dir.absolute()),
-                       stores[(run.label, seed)].key)
-                for seed in seeds for run in planned if not _skip(finished[(run.label, seed)], run, seed, progress)]
-        if executor is None:
-            ran = run_locally(jobs, tracker=tracker, planned=planned, progress=progress)
-        else:
-            ran = executor.run(jobs, tracker=tracker, planned=planned, progress=progress)
-        by_key = {(r.method, r.seed): r for r in ran}
-        records = [finished[(run.label, seed)] or by_key[(run.label, seed)] for seed in seeds for run in planned]
-        record_suite(tracker, parent, suite, records, progress)
+        yield
     except KeyboardInterrupt:
         status = "KILLED"
         raise
-    except BaseException:
+    except BaseException as exc:
         status = "FAILED"
+        with contextlib.suppress(Exception):  # the original error matters more than a failed tag
+            tracker.set_tags(run_id, {keys.ERROR: error_text(exc)})
         raise
     finally:
-        tracker.end_run(parent, status)
-    return records
+        tracker.end_run(run_id, status)
+
+
+@contextlib.contextmanager
+def _stop_signals() -> Iterator[None]:
+    """SIGTERM stops a suite like Ctrl-C (its runs end KILLED and resume later); a second Ctrl-C or SIGTERM while
+    the runs are being ended only says so (no traceback, no run left RUNNING half-way through its ending)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    stopping: list[int] = []
+
+    def handler(signum: int, frame: Any) -> None:
+        if stopping:
+            print("clbench: still ending the runs as KILLED; one moment", file=sys.stderr, flush=True)
+            return
+        stopping.append(signum)
+        raise KeyboardInterrupt
+
+    saved = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, previous in saved.items():
+            signal.signal(sig, previous)
+
+
+def _check_folders(sdir: Path, stores: Iterable[checkpoint.RunStore], checkpoint_dir: str | None) -> None:
+    """Every checkpoint folder can be created and written, checked before any MLflow run exists."""
+    for folder in [sdir, *(st.dir for st in stores)]:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check-"):
+                pass
+        except OSError as exc:
+            flag = f"--checkpoint-dir {checkpoint_dir}" if checkpoint_dir else "the checkpoint folder (--checkpoint-dir)"
+            raise ClbenchError(f"{flag}: cannot write {folder} ({exc.strerror or exc}); choose a writable folder "
+                               "with --checkpoint-dir") from None
+
+
+def _restart(sdir: Path, stores: dict[tuple[str, int], checkpoint.RunStore], tracker: Tracker,
+             progress: Callable[[str], None]) -> None:
+    """``--restart``: forget the selected runs. Each run's lock is taken first (a run another process trains
+    now is never deleted under it); a run left RUNNING by a kill is marked KILLED, not abandoned RUNNING."""
+    locked: list[checkpoint.RunStore] = []
+    try:
+        for (label, seed), store in stores.items():
+            if not store.lock():
+                raise ClbenchError(f"--restart: {label} seed {seed} is being trained by another clbench process now "
+                                   f"(lock in {store.dir}); wait for it to end or stop it, then restart")
+            locked.append(store)
+        for store in locked:
+            old = store.recorded_run()
+            if old and tracker.run_status(old) == "RUNNING":
+                tracker.end_run(old, "KILLED")
+                progress(f"--restart: MLflow run {old} marked KILLED")
+            store.clear()
+    finally:
+        for store in locked:
+            store.unlock()
+    (sdir / "parent.json").unlink(missing_ok=True)
+
+
+def _finish_owed_parent(tracker: Tracker, sdir: Path, suite: Suite, records: list[RunRecord],
+                        progress: Callable[[str], None]) -> bool:
+    """Every run is finished but the suite's parent run is not (killed in its last seconds): record its figures
+    and end it. True when there was such a parent."""
+    parent = (checkpoint.read_json(sdir / "parent.json") or {}).get("run_id")
+    if not isinstance(parent, str) or tracker.run_status(parent) in (None, "FINISHED"):
+        return False
+    progress(f"every selected run of {suite.name} is finished; finishing suite run {parent}")
+    tracker.reopen_run(parent)
+    with _ending(tracker, parent):
+        record_suite(tracker, parent, suite, records, progress)
+    return True
 
 
 def _skip(done: RunRecord | None, run: PlannedRun, seed: int, progress: Callable[[str], None]) -> bool:
@@ -192,7 +291,12 @@ def _parent_run(tracker: Tracker, sdir: Path, suite: Suite, base_tags: dict[str,
         return run_id
     parent = tracker.start_run(f"{suite.name}", {**base_tags, keys.ROLE: keys.ROLE_PARENT},
                                {k: v for k, v in suite.model_dump(mode="json").items() if k != "methods"})
-    checkpoint.write_json(sdir / "parent.json", {"run_id": parent})
+    try:
+        checkpoint.write_json(sdir / "parent.json", {"run_id": parent})
+    except BaseException as exc:  # a parent whose id cannot be recorded ends FAILED, not RUNNING
+        tracker.set_tags(parent, {keys.ERROR: error_text(exc)})
+        tracker.end_run(parent, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        raise
     return parent
 
 
@@ -232,8 +336,8 @@ def run_one(suite: Suite, run: PlannedRun, seed: int, stream, tracker: Tracker, 
         status = "KILLED"
         raise
     except BaseException as exc:
-        if isinstance(exc, ClbenchError):
-            tracker.set_tags(recorder.run_id, {keys.ERROR: str(exc)[:5000]})
+        with contextlib.suppress(Exception):  # the original error matters more than a failed tag
+            tracker.set_tags(recorder.run_id, {keys.ERROR: error_text(exc)})
         raise
     finally:
         if not recorder.ended:
@@ -253,6 +357,12 @@ def _open_run(suite: Suite, run: PlannedRun, seed: int, stream, tracker: Tracker
         recorder.resume(ck)
         return recorder, LoopState(next_task=int(ck["next_task"]), R=ck["R"].numpy(), R_til=ck["R_til"].numpy(),
                                    method_state=ck["method"], model_state=ck["model"], rng=ck["rng"])
+    recorded = store.recorded_run() if store is not None and ck is None else None
+    if recorded is not None and tracker.run_status(recorded) not in (None, "FINISHED"):
+        # killed before its first checkpoint: the same MLflow run starts over (no task of it was logged)
+        tracker.reopen_run(recorded)
+        say(f"resuming MLflow run {recorded} from its first task (stopped before any task finished)")
+        return RunRecorder(tracker, recorded, run.info.name, store), LoopState()
     cfg = suite.train_for(suite.methods[run.entry_index])
     tags = {**base_tags, keys.METHOD: run.label, keys.METHOD_NAME: run.info.name, keys.SEED: str(seed),
             keys.DEVICE: _device_name(device), keys.ROLE: keys.ROLE_CHILD, keys.PLUGIN_SOURCE: run.info.source,
@@ -262,7 +372,16 @@ def _open_run(suite: Suite, run: PlannedRun, seed: int, stream, tracker: Tracker
               "seed": seed, "stream": suite.stream.model_dump(mode="json"),
               "backbone": suite.backbone.model_dump(mode="json"), "train": cfg.model_dump(mode="json")}
     run_id = tracker.start_run(f"{run.label}-s{seed}", tags, params, parent=parent)
-    return RunRecorder(tracker, run_id, run.info.name, store), LoopState()
+    recorder = RunRecorder(tracker, run_id, run.info.name, store)
+    if store is not None:
+        try:
+            store.record_run(run_id)  # before training: a rerun after a kill at any instant continues this run
+        except BaseException as exc:
+            tracker.set_tags(run_id, {keys.ERROR: error_text(exc)})
+            tracker.end_run(run_id, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+            raise
+    say(f"starting MLflow run {run_id}" + (f" (checkpoints in {store.dir})" if store is not None else ""))
+    return recorder, LoopState()
 
 
 def _device_name(device: torch.device) -> str:

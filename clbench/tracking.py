@@ -70,6 +70,107 @@ def _store_init_lock(uri: str) -> Iterator[None]:
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
+def local_store_path(uri: str) -> str | None:
+    """The local file behind a tracking URI (sqlite or a file store), or None for a server."""
+    if uri.startswith("sqlite:///"):
+        return uri.removeprefix("sqlite:///")
+    if uri.startswith("file:"):
+        return uri.removeprefix("file://").removeprefix("file:")
+    if "://" not in uri:
+        return uri
+    return None
+
+
+def absolute_uri(uri: str) -> str:
+    """A local store's URI with an absolute path: the key of checkpoints and locks (``sqlite:///mlflow.db`` in two
+    folders is two stores), and what a worker with another working directory must open."""
+    path = local_store_path(uri)
+    if path is None or path == ":memory:" or Path(path).is_absolute():
+        return uri
+    full = Path(path).absolute()
+    return f"sqlite:///{full}" if uri.startswith("sqlite:") else str(full)
+
+
+def _sqlite_file(uri: str) -> Path | None:
+    if not uri.startswith("sqlite:///") or uri.endswith(":memory:"):
+        return None
+    return Path(uri.removeprefix("sqlite:///"))
+
+
+def sqlite_store_state(path: Path) -> tuple[str, int]:
+    """(state, runs) of a sqlite file: ``complete`` (MLflow's latest schema), ``empty`` (no tables),
+    ``half-made`` (tables but not MLflow's latest schema: a creation or migration that was cut short) or
+    ``unreadable``; ``runs`` is how many runs it holds (-1 when unknown)."""
+    import sqlite3
+
+    try:
+        con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    except sqlite3.Error:
+        return "unreadable", -1
+    try:
+        tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        if not tables:
+            return "empty", 0
+        runs = con.execute("SELECT COUNT(*) FROM runs").fetchone()[0] if "runs" in tables else 0
+        version = (con.execute("SELECT version_num FROM alembic_version").fetchall()
+                   if "alembic_version" in tables else [])
+    except sqlite3.Error:
+        return "unreadable", -1
+    finally:
+        con.close()
+    try:
+        from mlflow.store.db.utils import _get_latest_schema_revision
+
+        head = _get_latest_schema_revision()
+    except Exception:  # noqa: BLE001 - MLflow internals moved: judge by the tables alone
+        head = version[0][0] if len(version) == 1 else None
+    return ("complete" if version == [(head,)] else "half-made"), runs
+
+
+def create_sqlite_store(path: Path) -> None:
+    """Make ``path`` a complete MLflow store, all or nothing: MLflow's tables are created in a sibling file, which
+    is then renamed over ``path``. A store that does not exist yet, an empty file and a half-made store holding no
+    run (a kill while MLflow was creating its tables) are (re)built; anything else is left alone. Call it under
+    ``_store_init_lock``."""
+    if path.exists() and path.stat().st_size > 0:
+        state, runs = sqlite_store_state(path)
+        if state != "half-made" or runs != 0:
+            return
+    from mlflow.tracking import MlflowClient
+
+    tmp = path.with_name(f".{path.name}.creating-{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    try:
+        MlflowClient(tracking_uri=f"sqlite:///{tmp}").search_experiments()  # creates and migrates the tables
+        for stale in (f"{path}-journal", f"{path}-wal", f"{path}-shm"):  # belonged to the half-made file
+            Path(stale).unlink(missing_ok=True)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def store_error(uri: str, exc: BaseException, verb: str = "open") -> ClbenchError:
+    """One line for a store that cannot be used; "start the server" only where a server is the cause."""
+    msg = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+    path = _sqlite_file(uri)
+    if uri.startswith(("http://", "https://")):
+        hint = "start the server or fix MLFLOW_TRACKING_URI / tracking.uri"
+    elif path is not None and path.exists() and path.stat().st_size > 0:
+        state, runs = sqlite_store_state(path)
+        if state == "half-made" and runs == 0:
+            hint = (f"{path} is a half-made MLflow store holding no run (its creation was interrupted); "
+                    "`clbench run` rebuilds it, or delete it")
+        elif state in ("half-made", "unreadable"):
+            hint = (f"{path} is not a usable MLflow store ({state}, {runs if runs >= 0 else 'unknown'} runs); "
+                    "restore it from a backup, run `mlflow db upgrade` for an older MLflow's store, or point "
+                    "MLFLOW_TRACKING_URI elsewhere")
+        else:
+            hint = f"check that {path} and its folder are readable and writable, or fix MLFLOW_TRACKING_URI"
+    else:
+        hint = "check the path and its permissions, or fix MLFLOW_TRACKING_URI / tracking.uri"
+    return ClbenchError(f"tracking: cannot {verb} the MLflow tracking store at {uri} ({msg}); {hint}")
+
+
 def probe_http(uri: str, timeout: float = 3.0) -> None:
     """Fail at once, with one line, when an http(s) tracking server does not accept connections (MLflow's own
     client would retry with backoff for minutes)."""
@@ -177,9 +278,8 @@ class MlflowTracker:
         import mlflow
         from mlflow.tracking import MlflowClient
 
-        if uri:
-            mlflow.set_tracking_uri(uri)
-        self.uri = mlflow.get_tracking_uri()
+        self.uri = absolute_uri(uri or mlflow.get_tracking_uri())
+        mlflow.set_tracking_uri(self.uri)
         probe_http(self.uri)
         self._buffers: dict[str, list] = {}
         fast = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
@@ -187,12 +287,15 @@ class MlflowTracker:
         try:
             os.environ.update(fast)  # the first request answers "is the store usable" quickly
             with _store_init_lock(self.uri):
+                sqlite = _sqlite_file(self.uri)
+                if sqlite is not None:
+                    create_sqlite_store(sqlite)
                 self.client = _Retrying(MlflowClient(tracking_uri=self.uri))
                 self.experiment_id = self._experiment(experiment)
+        except ClbenchError:
+            raise
         except Exception as exc:  # noqa: BLE001 - any failure here means "cannot use this store"
-            msg = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
-            raise ClbenchError(f"tracking: cannot reach the MLflow tracking store at {self.uri} ({msg}); start the "
-                               "server or fix MLFLOW_TRACKING_URI / tracking.uri") from None
+            raise store_error(self.uri, exc) from None
         finally:
             for k, v in saved.items():
                 if v is None:
@@ -349,11 +452,17 @@ def resolve_read_uri(uri: str | None) -> str:
     must never write.
     """
     resolved = store_uri(uri)
-    if resolved.startswith("sqlite:///"):
-        path = Path(resolved.removeprefix("sqlite:///"))
-        if str(path) != ":memory:" and not path.exists():
+    path = _sqlite_file(resolved)
+    if path is not None:
+        if not path.exists():
             raise ClbenchError(f"tracking: no MLflow store at {resolved} ({path} does not exist); run "
                                "`clbench run SUITE` here first or set MLFLOW_TRACKING_URI")
+        state, _ = sqlite_store_state(path) if path.is_file() else ("unreadable", -1)
+        if state == "empty":  # MLflow would create its tables in it: reading must not write
+            raise ClbenchError(f"tracking: {path} holds no MLflow store yet (an empty database); run "
+                               "`clbench run SUITE` with it first or set MLFLOW_TRACKING_URI")
+        if state != "complete":
+            raise store_error(resolved, RuntimeError(f"{state} sqlite file"), "read")
     return resolved
 
 
@@ -367,9 +476,7 @@ def read_runs(experiment: str | None = None, uri: str | None = None,
         client = MlflowClient(tracking_uri=resolved)
         experiments = client.search_experiments()
     except Exception as exc:  # noqa: BLE001 - any failure here means "cannot use this store"
-        msg = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
-        raise ClbenchError(f"tracking: cannot read the MLflow tracking store at {resolved} ({msg}); start the "
-                           "server or fix MLFLOW_TRACKING_URI") from None
+        raise store_error(resolved, exc, "read") from None
     names = {e.experiment_id: e.name for e in experiments}
     if experiment is not None:
         ids = [i for i, n in names.items() if n == experiment]
