@@ -283,6 +283,9 @@ def main() -> None:
     except ClbenchError as exc:  # safety net: commands map their own errors
         typer.echo(f"error: {exc}", err=True)
         sys.exit(1)
+    except KeyboardInterrupt:  # a second Ctrl-C while the first one's message is printed: no traceback
+        typer.echo("error: interrupted", err=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -43,7 +43,7 @@ def plant_checkpoint(suite_path: Path, ckdir: Path, uri: str, kind: str) -> None
     [run] = plan_runs(suite, str(suite_path), discover([]), None)
     sdir = checkpoint.suite_dir(str(ckdir), suite.protocol_hash(), suite.name, suite.tracking.experiment or suite.name,
                                 uri)
-    target = sdir / f"{run.label}-s0" / "checkpoint.pt"
+    target = checkpoint.run_folder(sdir, run.label, run_key(suite, run, 0), 0) / "checkpoint.pt"
     target.parent.mkdir(parents=True)
     if kind == "garbage-checkpoint":
         target.write_bytes(b"\x80\x04 truncated")

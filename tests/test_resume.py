@@ -58,15 +58,16 @@ def history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
     return sorted((m.step, m.value) for m in MlflowClient(tracking_uri=uri).get_metric_history(run_id, key))
 
 
-# ``python -c KILLER POINT:TASK[:INT] clbench-args...``: `clbench run` that kills itself with SIGKILL (SIGINT with
-# ``:INT``) the first time it reaches POINT of task TASK: ``train`` (the task's training starts), ``eval`` (the
-# evaluation after the task starts), ``checkpoint`` (the task's checkpoint written to its temporary file, not yet
-# renamed), ``log`` (the task's metrics in MLflow, before anything else).
+# ``python -c KILLER POINT:TASK[:INT|:TERM] clbench-args...``: `clbench run` that kills itself with SIGKILL (SIGINT
+# with ``:INT``, SIGTERM with ``:TERM``) the first time it reaches POINT of task TASK: ``train`` (the task's
+# training starts), ``eval`` (the evaluation after the task starts), ``checkpoint`` (the task's checkpoint written to
+# its temporary file, not yet renamed), ``log`` (the task's metrics in MLflow, before anything else), ``suite``
+# (every run finished, the suite's figures about to be recorded on the parent run: the last seconds; TASK unused).
 KILLER = """
 import os, signal, sys
 from pathlib import Path
 
-from clbench import checkpoint, loop, recorder
+from clbench import checkpoint, loop, recorder, runner
 
 point, task, *how = sys.argv[1].split(":")
 task = int(task)
@@ -75,7 +76,7 @@ fired = []
 
 def die():
     fired.append(1)
-    os.kill(os.getpid(), signal.SIGINT if how == ["INT"] else signal.SIGKILL)
+    os.kill(os.getpid(), {"INT": signal.SIGINT, "TERM": signal.SIGTERM}.get("".join(how), signal.SIGKILL))
 
 
 def at(owner, name, when):
@@ -89,7 +90,9 @@ def at(owner, name, when):
     setattr(owner, name, wrapper)
 
 
-if point == "train":
+if point == "suite":
+    at(runner, "record_suite", lambda *a, **k: True)
+elif point == "train":
     at(loop, "train_task", lambda model, stream, pm, ctx, *a, **k: ctx.task == task)
 elif point == "eval":
     at(loop, "evaluate", lambda model, stream, upto, *a, **k: upto == task)
@@ -146,33 +149,53 @@ def test_killed_at_every_point_resumes_to_identical_metrics(tmp_path, mlflow_uri
     ref_uri = f"sqlite:///{tmp_path / 'reference.db'}"
     reference = start_run(suite_path, tmp_path / "ref-ck", ref_uri, None)
 
-    # Ctrl-C during lora's task 1: run and suite KILLED, task 0 checkpointed.
+    # SIGKILL during lora's first task, before any checkpoint: its child run is left RUNNING, and its id is
+    # already in the run's folder.
+    p = clbench_run(suite_path, ckdir, mlflow_uri, "train:0")
+    assert p.returncode == -signal.SIGKILL, p.stderr[-6000:]
+    first = children(mlflow_uri, "resume")["lora"].info.run_id
+
+    # Ctrl-C during lora's task 1: the same MLflow run was continued from its first task; run and suite KILLED,
+    # task 0 checkpointed.
     p = clbench_run(suite_path, ckdir, mlflow_uri, "train:1:INT")
     _, ref_err = reference.communicate(timeout=600)
     assert reference.returncode == 0, ref_err[-6000:]
     ref_children = children(ref_uri, "resume")
     assert p.returncode == 1, p.stderr[-6000:]
     assert "interrupted" in p.stderr.splitlines()[-1] and "Traceback" not in p.stderr
+    assert f"resuming MLflow run {first} from its first task" in p.stderr
     killed = children(mlflow_uri, "resume")
-    assert killed["lora"].info.status == "KILLED"
+    assert killed["lora"].info.status == "KILLED" and killed["lora"].info.run_id == first
     [parent] = [r for r in runs_of(mlflow_uri, "resume") if r.data.tags.get("clbench.role") == "parent"]
     assert parent.info.status == "KILLED"
     sdir = next(ckdir.iterdir())
-    ck = torch.load(sdir / "lora-s0" / "checkpoint.pt", weights_only=True)
-    assert ck["next_task"] == 1 and ck["run_id"] == killed["lora"].info.run_id
+    [ck_path] = sdir.glob("lora-*-s0/checkpoint.pt")
+    ck = torch.load(ck_path, weights_only=True)
+    assert ck["next_task"] == 1 and ck["run_id"] == first
 
     # SIGKILL while writing lora's task-1 checkpoint, mid-evaluation of task 2, right after inclora's task-1
-    # metrics reached MLflow (its checkpoint already written); the last run finishes.
-    for point in ("checkpoint:1", "eval:2", "log:1"):
+    # metrics reached MLflow (its checkpoint already written); SIGTERM during inclora's last task (handled like
+    # Ctrl-C: KILLED, one line, exit 1); SIGKILL in the last seconds (every run finished, the parent's figures not
+    # yet recorded); the last invocation has nothing left to train and finishes the parent.
+    for point in ("checkpoint:1", "eval:2", "log:1", "train:2:TERM", "suite:0"):
         p = clbench_run(suite_path, ckdir, mlflow_uri, point)
-        assert p.returncode == -signal.SIGKILL, (point, p.stderr[-6000:])
+        if point.endswith("TERM"):
+            assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr[-6000:]
+            assert "resuming MLflow run" in p.stderr
+            assert {r.info.status for r in runs_of(mlflow_uri, "resume")} == {"KILLED", "FINISHED"}
+        else:
+            assert p.returncode == -signal.SIGKILL, (point, p.stderr[-6000:])
     p = clbench_run(suite_path, ckdir, mlflow_uri, None)
     assert p.returncode == 0, p.stderr[-6000:]
-    assert "resuming MLflow run" in p.stderr
+    assert "finishing suite run" in p.stderr
     assert not list(sdir.glob("*/.checkpoint.pt.tmp-*"))  # the half-written checkpoint was discarded
 
     runs = runs_of(mlflow_uri, "resume")
     assert len(runs) == 3, [r.data.tags.get("mlflow.runName") for r in runs]  # one parent, two children
+    assert {r.info.status for r in runs} == {"FINISHED"}, [(r.data.tags.get("mlflow.runName"), r.info.status)
+                                                           for r in runs]
+    [parent] = [r for r in runs if r.data.tags.get("clbench.role") == "parent"]
+    assert parent.data.metrics["suite/runs_finished"] == 2
     got = children(mlflow_uri, "resume")
     for label in LABELS:
         run, want = got[label], ref_children[label]
@@ -247,7 +270,7 @@ def test_nonfinite_loss_fails_that_run_keeps_its_work_and_the_suite_goes_on(tmp_
     assert got["lora"].info.status == "FINISHED"
     # Nothing computed is lost: task 0's metrics stay in MLflow and its checkpoint stays on disk.
     assert [s for s, _ in history(mlflow_uri, got["nanlora"].info.run_id, "eval/acc")] == [0]
-    [ck_path] = (tmp_path / "ck").glob("*/nanlora-s0/checkpoint.pt")
+    [ck_path] = (tmp_path / "ck").glob("*/nanlora-*-s0/checkpoint.pt")
     assert torch.load(ck_path, weights_only=True)["next_task"] == 1
 
 
