@@ -8,18 +8,19 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from clbench import checkpoint, runner
+from clbench import checkpoint, runner, tracking
 from clbench.cli import app
 from clbench.errors import ClbenchError
 from clbench.suite import load_suite
 from clbench.testing import tiny_suite_yaml
-from clbench.tracking import MlflowTracker, sqlite_store_state
+from clbench.tracking import MlflowTracker
 
 ONE_METHOD = "  - {name: lora, label: inclora, params: {rank: 2, fresh_per_task: true}}\n"
 
@@ -56,14 +57,14 @@ def half_made_store(path: Path) -> None:
 def test_half_made_store_without_runs_is_rebuilt_and_leaderboard_never_writes(tmp_path, monkeypatch):
     db = tmp_path / "mlflow.db"
     half_made_store(db)
-    assert sqlite_store_state(db) == ("half-made", 0)
+    assert tracking.sqlite_store_state(db) == ("half-made", 0)
     # reading never repairs (nor writes): one line that says what to do, no "start the server"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
     res = CliRunner().invoke(app, ["leaderboard"])
     assert res.exit_code == 1 and "half-made" in res.stderr and "clbench run" in res.stderr, res.stderr
     assert "start the server" not in res.stderr
     tracker = MlflowTracker("life", f"sqlite:///{db}")  # what `clbench run` opens: rebuilt, then usable
-    assert sqlite_store_state(db)[0] == "complete"
+    assert tracking.sqlite_store_state(db)[0] == "complete"
     tracker.end_run(tracker.start_run("x", {}, {}), "FINISHED")
     assert not list(tmp_path.glob(".mlflow.db.creating-*"))
 
@@ -87,7 +88,7 @@ def test_damaged_store_with_runs_is_left_alone_with_advice(tmp_path):
         MlflowTracker("life", f"sqlite:///{tmp_path}/../{tmp_path.name}/mlflow.db")
     msg = str(err.value)
     assert "1 runs" in msg and "backup" in msg and "start the server" not in msg, msg
-    assert sqlite_store_state(db) == ("half-made", 1)  # nothing was deleted
+    assert tracking.sqlite_store_state(db) == ("half-made", 1)  # nothing was deleted
 
 
 # -- items 2-4: run ids recorded, parents finished, failures end every opened run ------------------------------
@@ -210,3 +211,19 @@ def test_done_marker_is_strict_json(tmp_path):
     json.loads(store.done_path.read_text(), parse_constant=lambda c: pytest.fail(f"{c} in done.json"))
     info = store.done()
     assert np.isnan(info["metrics"]["final/bwt"]) and info["R"] == [[1.0, None]]
+
+
+def test_sigterm_stops_like_ctrl_c_and_a_second_signal_raises_nothing(capsys):
+    import os
+    import signal
+
+    with pytest.raises(KeyboardInterrupt), runner._stop_signals():
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            signal.pthread_kill(threading.main_thread().ident, 0)  # let the handler run here
+        except KeyboardInterrupt:
+            os.kill(os.getpid(), signal.SIGINT)  # while the runs are being ended: a message, no exception
+            signal.pthread_kill(threading.main_thread().ident, 0)
+            raise
+    assert "still ending the runs as KILLED" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # restored
