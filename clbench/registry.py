@@ -181,6 +181,22 @@ def validate_hooks(cls: type, where: str) -> None:
             raise ClbenchError(f"{where}: '{attr}' is not a hook; did you mean '{close[0]}'?")
 
 
+def plugin_dirs(suite_dir: str | None, cli_dirs: Iterable[str | Path], trust_suite: bool,
+                source: str) -> list[str]:
+    """The plugin folders a run may load: every ``--plugins-dir``, and the suite's ``plugins_dir`` only when the
+    user allowed it on the command line (the same folder as a ``--plugins-dir``, or ``--trust-suite-plugins``).
+
+    A suite file is data someone may have sent; loading its folder imports and runs every ``.py`` in it, so it
+    is refused (before anything is imported, ``--dry-run`` included) unless the user said so."""
+    dirs = [str(Path(d).expanduser().resolve()) for d in cli_dirs if d]
+    if suite_dir and str(Path(suite_dir).resolve()) not in dirs:
+        if not trust_suite:
+            raise ClbenchError(f"{source}: plugins_dir {suite_dir} would import and run the Python files in it; "
+                               f"allow it with --plugins-dir {suite_dir} or --trust-suite-plugins")
+        dirs.insert(0, str(Path(suite_dir).resolve()))
+    return list(dict.fromkeys(dirs))  # one folder named twice is loaded once
+
+
 def discover(plugins_dirs: Iterable[str | Path] = (), strict: bool = True) -> Registry:
     """Built-ins and entry points, then every module of each plugins directory."""
     reg = Registry()
