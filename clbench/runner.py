@@ -24,6 +24,7 @@ import clbench
 from clbench import checkpoint, distributed, keys
 from clbench.backbones import build_model
 from clbench.errors import ClbenchError
+from clbench.hookcheck import MethodHookError
 from clbench.loop import LoopState, resolve_device, run_stream
 from clbench.plan import PlannedRun, RunJob, RunRecord, plan_runs, run_key, safe_label
 from clbench.recorder import RunRecorder, git_sha, record_suite
@@ -226,7 +227,9 @@ def run_one(suite: Suite, run: PlannedRun, seed: int, stream, tracker: Tracker, 
         say(f"final acc {record.metrics[keys.FINAL_ACC]:.2f} forgetting {record.metrics[keys.FINAL_FORGETTING]:.2f} "
             f"({recorder.totals['train_seconds']:.1f}s training)")
         return record
-    except FloatingPointError as exc:
+    except (FloatingPointError, MethodHookError) as exc:  # this run's failure, not the suite's
+        if isinstance(exc, MethodHookError):
+            exc = MethodHookError(f"plugin {run.info.source}: {exc}")
         say(f"FAILED: {exc}; its finished tasks stay logged and checkpointed; the suite's other runs go on")
         tracker.set_tags(recorder.run_id, {keys.ERROR: str(exc)})
         return RunRecord(run.label, seed, recorder.run_id, "FAILED")
