@@ -8,13 +8,13 @@ import textwrap
 
 import pytest
 import torch
+from clbench_plugins.lora import NaiveLoRA
 from typer.testing import CliRunner
 
 from clbench.cli import app
 from clbench.hookcheck import MethodHookError
 from clbench.hookspecs import hookimpl
 from clbench.testing import run_method, tiny_stream
-from clbench_plugins.lora import NaiveLoRA
 
 
 class Broken(NaiveLoRA):

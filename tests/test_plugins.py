@@ -348,3 +348,20 @@ def test_exact_name_shows_only_that_method(l2pull):
     assert res.exit_code == 0, res.output
     headers = [line.split()[0] for line in res.stdout.splitlines() if not line.startswith(" ")]
     assert headers == ["lora"] and "fresh_per_task = False" in res.stdout
+
+
+def test_an_unreadable_plugin_file_is_one_line(tmp_path, monkeypatch):
+    from clbench.errors import ClbenchError
+    from clbench.registry import Registry
+
+    path = _plugin(tmp_path / "plugs", "locked", GOOD)
+    real = Path.read_bytes
+
+    def locked(self):
+        if self == path:  # chmod 000 does not stop root, so the refusal is simulated
+            raise PermissionError(13, "Permission denied")
+        return real(self)
+
+    monkeypatch.setattr(Path, "read_bytes", locked)
+    with pytest.raises(ClbenchError, match=r"locked.py: cannot be read \(Permission denied\)"):
+        Registry().load_dir(tmp_path / "plugs")
