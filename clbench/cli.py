@@ -72,9 +72,12 @@ def run(
     from clbench.executors import make_executor
     from clbench.preflight import preflight
     from clbench.runner import run_suite
-    from clbench.suite import load_suite
+    from clbench.suite import SEED_MAX, load_suite
 
     try:
+        bad_seeds = [x for x in seed if not 0 <= x <= SEED_MAX]
+        if bad_seeds:
+            raise ClbenchError(f"--seed {bad_seeds[0]}: a seed must be in 0..{SEED_MAX}")
         s = load_suite(suite, set_)
         ex = make_executor(executor, address, ray_gpus_per_run, ray_cpus_per_run, ray_max_retries)
         if not dry_run:
