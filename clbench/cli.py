@@ -47,6 +47,8 @@ def run(
     set_: list[str] = typer.Option([], "--set", metavar="KEY=VALUE", help="override a suite key: key.path=value"),
     plugins_dir: list[str] = typer.Option([], "--plugins-dir", metavar="DIR",
                                           help="load method plugins from this folder"),
+    trust_suite_plugins: bool = typer.Option(False, "--trust-suite-plugins",
+                                             help="load the suite file's plugins_dir (runs the Python code in it)"),
     dry_run: bool = typer.Option(False, "--dry-run", help="validate and print the plan, train nothing"),
     restart: bool = typer.Option(False, "--restart", help="ignore checkpoints and finished runs: start fresh runs"),
     checkpoint_dir: str | None = typer.Option(None, "--checkpoint-dir", metavar="DIR",
@@ -70,17 +72,20 @@ def run(
     from clbench.executors import make_executor
     from clbench.preflight import preflight
     from clbench.runner import run_suite
-    from clbench.suite import load_suite
+    from clbench.suite import SEED_MAX, load_suite
 
     try:
+        bad_seeds = [x for x in seed if not 0 <= x <= SEED_MAX]
+        if bad_seeds:
+            raise ClbenchError(f"--seed {bad_seeds[0]}: a seed must be in 0..{SEED_MAX}")
         s = load_suite(suite, set_)
         ex = make_executor(executor, address, ray_gpus_per_run, ray_cpus_per_run, ray_max_retries)
         if not dry_run:
             preflight(s)  # before any MLflow run exists: missing data or weights leave nothing behind
         records = run_suite(s, str(suite), methods=method or None, seeds=seed or None,
                             plugins_dirs=plugins_dir, progress=_explaining_progress(), dry_run=dry_run,
-                            restart=restart,
-                            checkpoint_dir=checkpoint_dir, executor=ex)
+                            restart=restart, checkpoint_dir=checkpoint_dir, executor=ex,
+                            trust_suite_plugins=trust_suite_plugins)
     except ClbenchError as exc:
         _fail(str(exc))
     except KeyboardInterrupt:

@@ -40,6 +40,7 @@ from clbench.checkpoint import set_rng_state
 from clbench.context import TaskContext
 from clbench.distributed import SINGLE_PROCESS, Communicator
 from clbench.errors import ClbenchError
+from clbench.hookcheck import checked_hooks
 from clbench.metrics import accuracy_after, empty_matrix
 from clbench.streams import Stream
 from clbench.suite import TrainConfig
@@ -192,7 +193,7 @@ def run_stream(model: CLModel, stream: Stream, pm, cfg: TrainConfig, seed: int, 
 
     After every task, ``on_task(result, state, model)``: the task's figures, the state to checkpoint (everything
     needed to continue at ``state.next_task``) and the trained model."""
-    hook = pm.hook
+    hook = checked_hooks(pm)  # a hook's failure names the method and the hook (clbench.hookcheck)
     T = len(stream.tasks)
     autocast = autocast_for(device, cfg.precision)
     state = comm.broadcast(state or LoopState())  # every rank starts from rank 0's state (a resumed run)
@@ -300,7 +301,7 @@ def restore(model: CLModel, stream: Stream, pm, state: LoopState, ctx: TaskConte
     load the checkpoint's weights strictly and its RNG states; ``ctx`` is the last finished task's."""
     while len(model.heads) < state.next_task:
         model.add_head(len(stream.tasks[len(model.heads)].classes))
-    pm.hook.load_method_state(model=model, state=state.method_state or {}, ctx=ctx)
+    checked_hooks(pm).load_method_state(model=model, state=state.method_state or {}, ctx=ctx)
     try:
         model.load_state_dict(state.model_state)
     except RuntimeError as exc:
@@ -358,7 +359,7 @@ def train_task(model: CLModel, stream: Stream, pm, ctx: TaskContext, optimizer: 
 
     Rehearsal: ``train_set`` (``training_set``'s samples) replaces the task's own data, ``replay_batch`` adds
     rows to each step; steps with such rows score every row per its scope (``clbench.rehearsal.Step``)."""
-    hook, t, device = pm.hook, ctx.task, ctx.device
+    hook, t, device = checked_hooks(pm), ctx.task, ctx.device
     task = stream.tasks[t]
     if train_set is None:
         train_x, train_y = task.train_x, task.train_y - ctx.class_offset

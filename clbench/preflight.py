@@ -74,14 +74,51 @@ def stream_problem(cfg) -> str | None:
     return None
 
 
+# classes of the streams whose class count is fixed (synthetic: its num_classes; domainnet: read from its lists)
+STREAM_CLASSES = {"split_cifar100": 100, "imagenet_r": 200, "digits": 10, "mnist5k": 10}
+
+
+def split_problem(cfg) -> str | None:
+    """None when ``num_tasks`` divides the stream's classes (or the count is only known once loaded)."""
+    classes = (cfg.num_classes or 10) if cfg.name == "synthetic" else STREAM_CLASSES.get(cfg.name)
+    if classes is None or classes % cfg.num_tasks == 0:
+        return None
+    return (f"stream.num_tasks: {cfg.num_tasks} tasks do not divide the {classes} classes evenly; "
+            f"choose a divisor of {classes}")
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """None when ``path`` opens as weights (a torch file or .safetensors), without reading the tensors."""
+    if not path.is_file():
+        return f"backbone.checkpoint: file not found: {path}; give an existing weights file"
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt"):
+                pass
+        else:
+            import torch
+
+            torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is the user's to fix
+        return (f"backbone.checkpoint: cannot read {path} as weights ({type(exc).__name__}); "
+                "give a torch state dict or a .safetensors file")
+    return None
+
+
 def backbone_problem(cfg) -> str | None:
-    """None when the backbone's weights are present (or downloadable now), else what is missing."""
+    """None when the backbone is known and its weights are present (or downloadable now), else what is wrong."""
     from clbench.backbones import TINY
 
+    if cfg.name not in TINY:
+        import timm
+
+        if cfg.name not in timm.list_models() and cfg.name.split(".")[0] not in timm.list_models():
+            close = timm.list_models(f"*{cfg.name.split('_')[0]}*")[:8]
+            return f"backbone.name: unknown timm model '{cfg.name}'; close matches: {close}"
     if cfg.checkpoint is not None:
-        path = Path(cfg.checkpoint)
-        return None if path.is_file() else (f"backbone.checkpoint: file not found: {path}; "
-                                            "give an existing weights file")
+        return checkpoint_problem(Path(cfg.checkpoint))
     if cfg.name in TINY or not cfg.pretrained:
         return None  # the tiny backbones' pretraining runs here, on data shipped in packages
     from clbench.backbones import _pretrained_available
@@ -93,8 +130,27 @@ def backbone_problem(cfg) -> str | None:
     return None
 
 
+def device_problem(suite) -> str | None:
+    """None when every method's ``train.device`` exists in this torch on this machine."""
+    import torch
+
+    for i, entry in enumerate(suite.methods):
+        device = suite.train_for(entry).device
+        where = "train.device" if "device" not in entry.train else f"methods.{i}.train.device"
+        if device.startswith("cuda"):
+            count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            index = int(device.split(":")[1]) if ":" in device else 0
+            if index >= count:
+                have = f"{count} CUDA device(s)" if count else "no CUDA"
+                return f"{where}: {device} requested but this machine has {have}; use auto or cpu"
+        if device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            return f"{where}: mps requested but this torch or machine has no MPS; use auto or cpu"
+    return None
+
+
 def preflight(suite) -> None:
     """Raise one :class:`ClbenchError` naming everything the suite needs but cannot get (data, weights)."""
-    problems = [p for p in (stream_problem(suite.stream), backbone_problem(suite.backbone)) if p]
+    problems = [p for p in (device_problem(suite), split_problem(suite.stream), stream_problem(suite.stream),
+                            backbone_problem(suite.backbone)) if p]
     if problems:
         raise ClbenchError("; ".join(problems) + " (checked before creating any MLflow run)")

@@ -71,7 +71,7 @@ class Registry:
             self._pm.hook.register_methods(register=registered.append)
         except ClbenchError:
             raise
-        except Exception as exc:  # noqa: BLE001 - plugin code may raise anything
+        except (Exception, SystemExit) as exc:  # noqa: BLE001 - plugin code may raise anything, exit included
             raise ClbenchError(f"plugin {source}: register_methods failed: {type(exc).__name__}: {exc}") from None
         finally:
             self._pm.unregister(module)
@@ -80,6 +80,9 @@ class Registry:
         self.sources.append((source, provenance))
 
     def _add_class(self, cls: type, source: str, provenance: dict[str, str]) -> None:
+        if not inspect.isclass(cls):
+            raise ClbenchError(f"plugin {source}: register_methods registered {type(cls).__name__} {cls!r:.60}; "
+                               "register(...) takes a method class")
         name = getattr(cls, "name", None)
         if not valid_method_name(name):
             raise ClbenchError(f"plugin {source}: {cls.__qualname__}.name must be {NAME_RULE}; got {name!r}")
@@ -118,7 +121,15 @@ class Registry:
     def add_file(self, path: Path) -> None:
         """Import one plugin file and register its methods, with its path and content hash as provenance."""
         source = f"file {path}"
-        prov = {"kind": "file", "path": str(path), "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+        if not path.is_file():  # a folder named *.py, or a link to nothing
+            what = "a folder" if path.is_dir() else "a dangling link" if path.is_symlink() else "not a file"
+            raise ClbenchError(f"plugin {source}: is {what}; remove it from the plugins folder or rename it")
+        try:
+            text = path.read_bytes()
+        except OSError as exc:
+            raise ClbenchError(f"plugin {source}: cannot be read ({exc.strerror}); fix its permissions or remove "
+                               "it from the plugins folder") from None
+        prov = {"kind": "file", "path": str(path), "sha256": hashlib.sha256(text).hexdigest()}
         self.add_module(_import_file(path, source), source, prov)
 
     def _guard(self, strict: bool, action) -> None:
@@ -143,7 +154,7 @@ class Registry:
 def _import_entry_point(ep, source: str):
     try:
         return ep.load()
-    except Exception as exc:  # noqa: BLE001
+    except (Exception, SystemExit) as exc:  # noqa: BLE001 - an exit at import is no success
         raise ClbenchError(f"plugin {source}: cannot be imported: {type(exc).__name__}: {exc}") from None
 
 
@@ -154,7 +165,7 @@ def _import_file(path: Path, source: str):
     try:
         sys.modules[mod_name] = module
         spec.loader.exec_module(module)
-    except Exception as exc:  # noqa: BLE001
+    except (Exception, SystemExit) as exc:  # noqa: BLE001 - SystemExit(0) at import must not look like success
         sys.modules.pop(mod_name, None)
         raise ClbenchError(f"plugin {source}: cannot be imported: {type(exc).__name__}: {exc}") from None
     return module
@@ -179,6 +190,22 @@ def validate_hooks(cls: type, where: str) -> None:
         if callable(value) and close and attr not in HOOK_NAMES and attr.startswith(("before_", "after_", "merge_",
                                                                                         "loss_", "task_", "param_")):
             raise ClbenchError(f"{where}: '{attr}' is not a hook; did you mean '{close[0]}'?")
+
+
+def plugin_dirs(suite_dir: str | None, cli_dirs: Iterable[str | Path], trust_suite: bool,
+                source: str) -> list[str]:
+    """The plugin folders a run may load: every ``--plugins-dir``, and the suite's ``plugins_dir`` only when the
+    user allowed it on the command line (the same folder as a ``--plugins-dir``, or ``--trust-suite-plugins``).
+
+    A suite file is data someone may have sent; loading its folder imports and runs every ``.py`` in it, so it
+    is refused (before anything is imported, ``--dry-run`` included) unless the user said so."""
+    dirs = [str(Path(d).expanduser().resolve()) for d in cli_dirs if d]
+    if suite_dir and str(Path(suite_dir).resolve()) not in dirs:
+        if not trust_suite:
+            raise ClbenchError(f"{source}: plugins_dir {suite_dir} would import and run the Python files in it; "
+                               f"allow it with --plugins-dir {suite_dir} or --trust-suite-plugins")
+        dirs.insert(0, str(Path(suite_dir).resolve()))
+    return list(dict.fromkeys(dirs))  # one folder named twice is loaded once
 
 
 def discover(plugins_dirs: Iterable[str | Path] = (), strict: bool = True) -> Registry:

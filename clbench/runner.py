@@ -29,10 +29,11 @@ import clbench
 from clbench import checkpoint, distributed, keys
 from clbench.backbones import build_model
 from clbench.errors import ClbenchError
+from clbench.hookcheck import MethodHookError
 from clbench.loop import LoopState, resolve_device, run_stream
 from clbench.plan import PlannedRun, RunJob, RunRecord, plan_runs, run_key
 from clbench.recorder import RunRecorder, git_sha, record_suite
-from clbench.registry import discover, run_manager
+from clbench.registry import discover, plugin_dirs, run_manager
 from clbench.streams import build_stream, load_avalanche
 from clbench.suite import Suite
 from clbench.tracking import NullTracker, Tracker, make_tracker
@@ -43,14 +44,16 @@ __all__ = ["PlannedRun", "RunJob", "RunRecord", "execute_job", "plan_runs", "run
 def run_suite(suite: Suite, source: str, *, methods: list[str] | None = None, seeds: list[int] | None = None,
               plugins_dirs: list[str] = (), tracker: Tracker | None = None, progress: Callable[[str], None] = print,
               dry_run: bool = False, restart: bool = False, checkpoint_dir: str | None = None,
-              executor=None) -> list[RunRecord]:
+              executor=None, trust_suite_plugins: bool = False) -> list[RunRecord]:
     """Run every planned (method, seed); resume unfinished ones from their checkpoints, skip finished ones
     (``restart=True`` forgets both and starts fresh runs).
 
     ``executor`` (clbench.executors) runs the unfinished ones: the default trains them here, one after the
     other; ``RayExecutor`` submits each as a task to a Ray cluster. Under torchrun, ranks above 0 follow rank 0
-    (clbench.distributed): the same runs, nothing logged or checkpointed."""
-    registry = discover([d for d in [suite.plugins_dir, *plugins_dirs] if d])
+    (clbench.distributed): the same runs, nothing logged or checkpointed. The suite's ``plugins_dir`` is loaded
+    only with ``trust_suite_plugins`` or when ``plugins_dirs`` names it (``clbench.registry.plugin_dirs``)."""
+    plugins_dirs = plugin_dirs(suite.plugins_dir, plugins_dirs, trust_suite_plugins, source)
+    registry = discover(plugins_dirs)
     planned = plan_runs(suite, source, registry, methods)
     seeds = seeds or suite.seeds
     if dry_run:
@@ -235,7 +238,7 @@ def execute_job(job: RunJob, *, tracker: Tracker | None = None, planned: Planned
     cache of built streams, keyed by seed and stream settings) are reused when the caller has them.
     """
     if planned is None:
-        registry = discover([d for d in [job.suite.plugins_dir, *job.plugins_dirs] if d])
+        registry = discover(job.plugins_dirs)  # the driver's allowed folders (run_suite resolved the trust)
         [planned] = [p for p in plan_runs(job.suite, job.source, registry, [job.label]) if p.label == job.label]
     if tracker is None:
         tracker = make_tracker(job.experiment, job.tracking_uri)
@@ -328,7 +331,9 @@ def run_one(suite: Suite, run: PlannedRun, seed: int, stream, tracker: Tracker, 
         say(f"final acc {record.metrics[keys.FINAL_ACC]:.2f} forgetting {record.metrics[keys.FINAL_FORGETTING]:.2f} "
             f"({recorder.totals['train_seconds']:.1f}s training)")
         return record
-    except FloatingPointError as exc:
+    except (FloatingPointError, MethodHookError) as exc:  # this run's failure, not the suite's
+        if isinstance(exc, MethodHookError):
+            exc = MethodHookError(f"plugin {run.info.source}: {exc}")
         say(f"FAILED: {exc}; its finished tasks stay logged and checkpointed; the suite's other runs go on")
         tracker.set_tags(recorder.run_id, {keys.ERROR: str(exc)})
         return RunRecord(run.label, seed, recorder.run_id, "FAILED")

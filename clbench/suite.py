@@ -10,15 +10,29 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from clbench.errors import ClbenchError
 
 # The streams clbench can build (clbench.streams.build_stream has one branch per name).
 STREAM_NAMES = ("split_cifar100", "mnist5k", "digits", "synthetic", "imagenet_r", "domainnet")
+
+
+# numpy and torch take seeds in [0, 2**32 - 1]; strict: YAML 1.1 reads `yes` as True, which is no seed
+SEED_MAX = 2**32 - 1
+Seed = Annotated[StrictInt, Field(ge=0, le=SEED_MAX)]
+MAX_SUITE_BYTES = 1 << 20  # a suite is a page of YAML; a bigger file (or /dev/zero) is not one
 
 
 class Strict(BaseModel):
@@ -95,13 +109,21 @@ class TrackingConfig(Strict):
 
 class Suite(Strict):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
-    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    seeds: list[Seed] = Field(default_factory=lambda: [0], min_length=1)
     stream: StreamConfig
     backbone: BackboneConfig
     train: TrainConfig = Field(default_factory=TrainConfig)
     methods: list[MethodEntry] = Field(min_length=1)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     plugins_dir: str | None = None
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct_seeds(cls, v: list[int]) -> list[int]:
+        dup = sorted({x for x in v if v.count(x) > 1})
+        if dup:
+            raise ValueError(f"seed(s) {dup} listed twice; each seed is one run per method")
+        return v
 
     @model_validator(mode="after")
     def _unique_labels(self) -> Suite:
@@ -167,21 +189,69 @@ def apply_override(data: dict, assignment: str, source: str) -> None:
 def _list_index(node: list, key: str, path: str) -> int:
     if key.isdigit() and int(key) < len(node):
         return int(key)
-    for i, item in enumerate(node):  # methods.<label>.params.x addresses a method entry by label or name
-        if isinstance(item, dict) and key in (item.get("label"), item.get("name")):
+    # methods.<label>.params.x addresses a method entry by its label, or by its name when one entry has it
+    entries = [(i, item) for i, item in enumerate(node) if isinstance(item, dict)]
+    for i, item in entries:
+        if item.get("label") == key:
             return i
+    named = [(i, item) for i, item in entries if item.get("name") == key]
+    if len(named) > 1:
+        labels = [item.get("label") or f"#{i}" for i, item in named]
+        raise ClbenchError(f"--set {path}: {len(named)} entries use '{key}' (labels {labels}); address one by "
+                           f"its label or index, e.g. {path.replace(key, str(named[0][0]), 1)}")
+    if named:
+        return named[0][0]
     raise ClbenchError(f"--set {path}: no list entry '{key}'")
 
 
-def read_yaml(path: Path) -> dict:
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """Safe loading that refuses a key given twice in one mapping (YAML keeps the last, silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if isinstance(key, str) and key in seen:
+                raise ClbenchError(f"duplicate key '{key}' at lines {seen[key]} and {line}; YAML keeps only the "
+                                   "last one: merge them into one")
+            seen[key] = line
+        return super().construct_mapping(node, deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
+                                 lambda loader, node: loader.construct_mapping(node))
+
+
+def _read_text(path: Path) -> str:
+    """The suite file's text: a regular UTF-8 file of at most MAX_SUITE_BYTES."""
     try:
-        text = path.read_text()
+        if path.exists() and not path.is_file():
+            raise ClbenchError(f"{path}: not a regular file; give a suite YAML file")
+        with path.open("rb") as f:
+            raw = f.read(MAX_SUITE_BYTES + 1)
     except FileNotFoundError:
         raise ClbenchError(f"{path}: suite file not found") from None
     except OSError as exc:
         raise ClbenchError(f"{path}: cannot read ({exc.strerror})") from None
+    if len(raw) > MAX_SUITE_BYTES:
+        raise ClbenchError(f"{path}: larger than {MAX_SUITE_BYTES >> 20} MiB; not a suite file")
+    if b"\0" in raw:
+        raise ClbenchError(f"{path}: a binary file (NUL bytes), not a suite YAML file")
     try:
-        data = yaml.safe_load(text)
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise ClbenchError(f"{path}: line {line}: not UTF-8 text (byte 0x{raw[exc.start]:02x}); "
+                           "save the suite as UTF-8") from None
+
+
+def read_yaml(path: Path) -> dict:
+    text = _read_text(path)
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except ClbenchError as exc:
+        raise ClbenchError(f"{path}: {exc}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""

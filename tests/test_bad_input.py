@@ -2,7 +2,8 @@
 
 The corpus is ``tests/bad_suites/*.yaml``: each file's first line is ``# expect: <fragment of the error>``;
 an optional ``# setup: garbage-checkpoint | foreign-checkpoint`` line plants a bad file where the run's
-checkpoint goes. Runs in-process through typer's CliRunner (no subprocess start-up per case).
+checkpoint goes, an optional ``# args: ...`` line adds command-line arguments. No case may leave a run in the
+store (the input is refused before any run exists). Runs in-process through typer's CliRunner (no subprocess start-up per case).
 Also the safety defaults: YAML with safe_load (a python tag is an error, not code), ``clbench ui`` on loopback.
 """
 
@@ -24,7 +25,7 @@ CASES = sorted(CORPUS.glob("*.yaml"))
 
 
 def header(path: Path, key: str) -> str | None:
-    for line in path.read_text().splitlines()[:2]:
+    for line in path.read_bytes().decode("utf-8", "replace").splitlines()[:3]:  # some cases are not UTF-8
         if line.startswith(f"# {key}:"):
             return line.split(":", 1)[1].strip()
     return None
@@ -59,7 +60,8 @@ def test_bad_suite_is_one_clear_line(path, tmp_path, mlflow_uri, monkeypatch):
     if setup:
         plant_checkpoint(path, ckdir, mlflow_uri, setup)
     monkeypatch.chdir(tmp_path)  # nothing a case does lands in the repository
-    res = CliRunner().invoke(app, ["run", str(path), "--checkpoint-dir", str(ckdir)])
+    args = (header(path, "args") or "").split()
+    res = CliRunner().invoke(app, ["run", str(path), "--checkpoint-dir", str(ckdir), *args])
     assert res.exit_code == 1, (res.exit_code, res.output, res.exception)
     assert not isinstance(res.exception, Exception) or isinstance(res.exception, SystemExit), repr(res.exception)
     stderr = res.stderr
@@ -69,7 +71,22 @@ def test_bad_suite_is_one_clear_line(path, tmp_path, mlflow_uri, monkeypatch):
     assert stderr.rstrip().splitlines()[-1] == errors[0]  # the error is the last word
     assert expect in errors[0], f"expected {expect!r} in {errors[0]!r}"
     assert path.name in errors[0] or any(k in errors[0] for k in ("stream.", "backbone.", "plugin", "checkpoint",
-                                                                   "methods.", "train.")), errors[0]
+                                                                   "methods.", "train.", "--seed", "--set")), errors[0]
+    if not setup:  # a planted checkpoint is found after the parent run exists (the run lifecycle's part)
+        assert runs_in(mlflow_uri) == 0, "a bad input left a run in the store"
+
+
+def runs_in(uri: str) -> int:
+    """How many MLflow runs a sqlite store holds (0 when no store was made)."""
+    import sqlite3
+
+    db = Path(uri.removeprefix("sqlite:///"))
+    if not db.exists():
+        return 0
+    with sqlite3.connect(db) as con:
+        if not con.execute("select name from sqlite_master where name='runs'").fetchone():
+            return 0
+        return con.execute("select count(*) from runs").fetchone()[0]
 
 
 def test_ui_binds_to_loopback_unless_told(monkeypatch):
@@ -81,3 +98,11 @@ def test_ui_binds_to_loopback_unless_told(monkeypatch):
     assert args[args.index("--host") + 1] == "127.0.0.1"
     CliRunner().invoke(app, ["ui", "--host", "0.0.0.0", "--backend-store-uri", "sqlite:///x.db"])
     assert calls[1][calls[1].index("--host") + 1] == "0.0.0.0"
+
+
+def test_a_suite_path_that_is_no_file_is_one_line(tmp_path):
+    """/dev/zero never ends (the read filled memory); a folder is no suite either."""
+    for target in ("/dev/zero", str(tmp_path)):
+        res = CliRunner().invoke(app, ["run", target, "--dry-run"])
+        assert res.exit_code == 1, (target, res.output, res.exception)
+        assert res.stderr.strip() == f"error: {target}: not a regular file; give a suite YAML file"

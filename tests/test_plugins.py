@@ -233,9 +233,43 @@ def test_run_with_a_broken_plugins_dir_fails_with_one_line(tmp_path, mlflow_uri,
     monkeypatch.chdir(tmp_path)
     _plugin(tmp_path / "plugs", "broken", "import no_such_module_xyz\n")
     suite = _suite(tmp_path, [{"name": "lora", "params": {"rank": 2}}], plugins_dir="plugs")
-    res = CliRunner().invoke(app, ["run", str(suite)])
+    res = CliRunner().invoke(app, ["run", str(suite), "--trust-suite-plugins"])
     assert res.exit_code == 1
     assert res.stderr.strip().count("\n") == 0 and "broken.py: cannot be imported" in res.stderr
+
+
+MARKER_PLUGIN = """
+from pathlib import Path
+Path(__file__).with_name("ran.txt").write_text("imported")
+from clbench_plugins.lora import NaiveLoRA
+
+class MarkLoRA(NaiveLoRA):
+    name = "marklora"
+    aliases = ()
+
+def register_methods(register):
+    register(MarkLoRA)
+"""
+
+
+def test_suite_plugins_dir_runs_no_code_unless_the_command_line_allows_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _plugin(tmp_path / "plugs", "marker", MARKER_PLUGIN)
+    ran = tmp_path / "plugs" / "ran.txt"
+    suite = _suite(tmp_path, [{"name": "marklora", "params": {"rank": 2}}], plugins_dir="plugs")
+    folder = str((tmp_path / "plugs").resolve())
+    for extra in ([], ["--dry-run"]):  # a dry run imported the folder too
+        res = CliRunner().invoke(app, ["run", str(suite), *extra])
+        assert res.exit_code == 1 and not ran.exists(), res.output
+        [line] = res.stderr.strip().splitlines()
+        assert line.startswith("error:") and folder in line
+        assert f"--plugins-dir {folder}" in line and "--trust-suite-plugins" in line
+    # Allowed on the command line: the flag, or the same folder as --plugins-dir (loaded once, not twice).
+    for allow in (["--trust-suite-plugins"], ["--plugins-dir", str(tmp_path / "plugs")], ["--plugins-dir", "plugs"]):
+        ran.unlink(missing_ok=True)
+        res = CliRunner().invoke(app, ["run", str(suite), "--dry-run", *allow])
+        assert res.exit_code == 0 and ran.exists(), (allow, res.output)
+        assert "would run marklora" in res.stderr + res.stdout
 
 
 # -- a suite run records its plugin's provenance ----------------------------------------------------------
@@ -275,7 +309,7 @@ def test_suite_runs_external_and_folder_plugins_and_records_provenance(
         ],
         plugins_dir="plugs",
     )
-    res = CliRunner().invoke(app, ["run", str(suite)])
+    res = CliRunner().invoke(app, ["run", str(suite), "--trust-suite-plugins"])
     assert res.exit_code == 0, res.output
     client = MlflowClient(mlflow_uri)
     exp = client.get_experiment_by_name("plugins")
@@ -314,3 +348,20 @@ def test_exact_name_shows_only_that_method(l2pull):
     assert res.exit_code == 0, res.output
     headers = [line.split()[0] for line in res.stdout.splitlines() if not line.startswith(" ")]
     assert headers == ["lora"] and "fresh_per_task = False" in res.stdout
+
+
+def test_an_unreadable_plugin_file_is_one_line(tmp_path, monkeypatch):
+    from clbench.errors import ClbenchError
+    from clbench.registry import Registry
+
+    path = _plugin(tmp_path / "plugs", "locked", GOOD)
+    real = Path.read_bytes
+
+    def locked(self):
+        if self == path:  # chmod 000 does not stop root, so the refusal is simulated
+            raise PermissionError(13, "Permission denied")
+        return real(self)
+
+    monkeypatch.setattr(Path, "read_bytes", locked)
+    with pytest.raises(ClbenchError, match=r"locked.py: cannot be read \(Permission denied\)"):
+        Registry().load_dir(tmp_path / "plugs")

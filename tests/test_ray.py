@@ -97,7 +97,8 @@ def test_ray_grid_with_a_killed_worker_matches_the_local_executor(ray_cluster, t
     ray_uri = f"sqlite:///{tmp_path / 'ray.db'}"
     lines: list[str] = []
     records = run_suite(suite, str(path), tracker=MlflowTracker("raysuite", ray_uri), progress=lines.append,
-                        checkpoint_dir=str(tmp_path / "ray-ck"), executor=RayExecutor(cpus_per_run=1))
+                        checkpoint_dir=str(tmp_path / "ray-ck"), executor=RayExecutor(cpus_per_run=1),
+                        trust_suite_plugins=True)
     assert marker.exists(), lines  # a worker was killed
     assert [(r.method, r.seed, r.status) for r in records] == [
         ("lora", 0, "FINISHED"), ("inclora", 0, "FINISHED"), ("lora", 1, "FINISHED"), ("inclora", 1, "FINISHED")]
@@ -105,7 +106,7 @@ def test_ray_grid_with_a_killed_worker_matches_the_local_executor(ray_cluster, t
     # The reference: the default executor, in this process, same suite (the marker exists: nothing is killed).
     local_uri = f"sqlite:///{tmp_path / 'local.db'}"
     local = run_suite(suite, str(path), tracker=MlflowTracker("raysuite", local_uri), progress=lambda s: None,
-                      checkpoint_dir=str(tmp_path / "local-ck"))
+                      checkpoint_dir=str(tmp_path / "local-ck"), trust_suite_plugins=True)
     for got, want in zip(records, local, strict=True):
         assert (got.method, got.seed) == (want.method, want.seed)
         for key in ("final/acc", "final/avg_acc", "final/forgetting", "final/bwt", "final/acc_til"):

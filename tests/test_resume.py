@@ -261,7 +261,7 @@ def test_nonfinite_loss_fails_that_run_keeps_its_work_and_the_suite_goes_on(tmp_
     suite_path.write_text(text + "plugins_dir: plugins\n")
     lines: list[str] = []
     records = run_suite(load_suite(suite_path), str(suite_path), tracker=MlflowTracker("nan", mlflow_uri),
-                        progress=lines.append, checkpoint_dir=str(tmp_path / "ck"))
+                        progress=lines.append, checkpoint_dir=str(tmp_path / "ck"), trust_suite_plugins=True)
     assert [(r.method, r.status) for r in records] == [("lora", "FINISHED"), ("nanlora", "FAILED")]
     assert any("FAILED: non-finite training loss on task 1" in ln for ln in lines), lines
     got = children(mlflow_uri, "nan")

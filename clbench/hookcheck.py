@@ -1,0 +1,145 @@
+"""Method hooks as the loop calls them: what a hook raises or returns wrongly becomes a ``MethodHookError``.
+
+A method plugin is someone else's code. When one of its hooks raises, or returns something the loop cannot use
+(``loss_terms`` a vector or a string, ``param_groups`` a string, ``configure_model`` 42, ``task_updates``
+garbage), the loop would otherwise fail somewhere later with a traceback far from the cause. ``checked_hooks``
+gives the loop the same hook caller with each result checked against the contract of ``clbench.hookspecs``
+right where it is returned; the error names the method, the hook and what was wrong, so the runner can fail that
+run and go on with the suite's other runs. The checks look at types and shapes only (no host synchronisation
+in the step loop).
+"""
+
+from __future__ import annotations
+
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from clbench.errors import ClbenchError
+from clbench.lora import LowRank
+
+# Not a plugin's mistake: the loop's own divergence check (it fails the run itself), memory the machine lacks
+# (the user's interrupt is no Exception and passes anyway).
+PASS_THROUGH = (FloatingPointError, MemoryError, torch.OutOfMemoryError)
+
+
+class MethodHookError(ClbenchError):
+    """A method's hook raised or returned something outside the hook contract: that run fails, the suite goes on."""
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a tensor of shape {tuple(value.shape)} ({value.dtype})"
+    text = repr(value)
+    return f"{type(value).__name__} {text[:60] + '...' if len(text) > 60 else text}"
+
+
+def _check_module(value: Any) -> str | None:
+    if value is None or isinstance(value, torch.nn.Module):
+        return None
+    return f"returned {_describe(value)}; expected a torch.nn.Module or None"
+
+
+def _check_groups(value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, (list, tuple)):
+        return f"returned {_describe(value)}; expected a list of optimizer groups (dicts with 'params') or None"
+    for i, group in enumerate(value):
+        if not isinstance(group, dict) or "params" not in group:
+            return f"group {i} is {_describe(group)}; expected a dict with a 'params' list"
+        params = group["params"]
+        if isinstance(params, (str, bytes, torch.Tensor)) or not isinstance(params, (list, tuple)):
+            return f"group {i}'s 'params' is {_describe(params)}; expected a list of parameters"
+        bad = [p for p in params if not isinstance(p, torch.Tensor)]
+        if bad:
+            return f"group {i}'s 'params' holds {_describe(bad[0])}; expected parameters (tensors)"
+    return None
+
+
+def _check_terms(value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        return f"returned {_describe(value)}; expected a dict of named scalar loss tensors or None"
+    for name, term in value.items():
+        if not isinstance(term, torch.Tensor) or term.numel() != 1 or not term.is_floating_point():
+            return f"term {name!r} is {_describe(term)}; expected a floating-point scalar tensor"
+    return None
+
+
+def _check_updates(value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        return f"returned {_describe(value)}; expected a dict of site name -> LowRank or None"
+    for site, update in value.items():
+        if not isinstance(site, str) or not isinstance(update, LowRank):
+            return f"entry {site!r} is {_describe(update)}; expected site name -> clbench.lora.LowRank"
+    return None
+
+
+def _check_state(value: Any) -> str | None:
+    if value is None or isinstance(value, dict):
+        return None
+    return f"returned {_describe(value)}; expected a dict or None"
+
+
+# first-result hooks return one value; loss_terms returns the list of every implementation's result
+CHECKS: dict[str, Callable[[Any], str | None]] = {
+    "configure_model": _check_module, "param_groups": _check_groups, "task_updates": _check_updates,
+    "method_state": _check_state,
+}
+
+
+def _where(exc: BaseException) -> str:
+    frames = traceback.extract_tb(exc.__traceback__)
+    if not frames:
+        return ""
+    last = frames[-1]
+    return f" (at {Path(last.filename).name}:{last.lineno})"
+
+
+class CheckedHooks:
+    """``pm.hook`` with every method hook's failure turned into a one-line ``MethodHookError``."""
+
+    def __init__(self, pm) -> None:
+        names = [pm.get_name(p) for p in pm.get_plugins()]
+        method = next((n.split(":", 1)[1] for n in names if n and n.startswith("method:")), "?")
+        self.method = method
+        for hook in vars(pm.hook):  # every hook of the spec; those in CHECKS also have their results checked
+            if not hook.startswith("_"):
+                setattr(self, hook, self._wrap(hook, getattr(pm.hook, hook)))
+
+    def _wrap(self, hook: str, caller) -> Callable[..., Any]:
+        check = CHECKS.get(hook)
+
+        def call(**kwargs: Any) -> Any:
+            try:
+                result = caller(**kwargs)
+            except PASS_THROUGH:
+                raise
+            except MethodHookError:
+                raise
+            except ClbenchError as exc:  # the plugin's own clear message (say, a rank the model cannot hold)
+                raise MethodHookError(f"method '{self.method}': hook {hook}: {exc}") from None
+            except Exception as exc:  # noqa: BLE001 - plugin code may raise anything
+                msg = " ".join(str(exc).split())[:300]
+                raise MethodHookError(f"method '{self.method}': hook {hook} raised {type(exc).__name__}: {msg}"
+                                      f"{_where(exc)}") from None
+            problems = ([_check_terms(r) for r in result] if hook == "loss_terms"
+                        else [check(result)] if check else [])
+            problem = next((p for p in problems if p), None)
+            if problem:
+                raise MethodHookError(f"method '{self.method}': hook {hook} {problem}")
+            return result
+
+        return call
+
+
+def checked_hooks(pm) -> CheckedHooks:
+    """The loop's hook caller for the run's plugin manager ``pm`` (``clbench.registry.run_manager``)."""
+    return CheckedHooks(pm)
