@@ -28,6 +28,7 @@ RUNTIME_PREFIX = "clbench.runtime."  # + a runtime setting (device, compile, log
 PLUGIN_SOURCE = "clbench.plugin_source"
 STREAM_PREFIX = "clbench.stream."  # + a stream's meta key (split_sha256, ...)
 ERROR = "clbench.error"
+REFERENCE = "clbench.reference"  # a reproduction suite's reference: block (JSON list), read by the leaderboard
 
 # -- per task (step = task index) -------------------------------------------------------------------------------
 EVAL_ACC = "eval/acc"  # A_t: CIL accuracy over the pooled test samples of tasks 0..t

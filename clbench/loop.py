@@ -265,10 +265,13 @@ def task_context(model: CLModel, stream: Stream, t: int, cfg: TrainConfig, seed:
         steps = min(steps, cfg.max_steps_per_epoch)
     local_y = task.train_y - int(offsets[t])
 
+    passes = [0]  # augmented passes so far: each draws its own crops (the official loader re-draws each epoch)
+
     def loader(batch_size: int | None = None, fraction: float = 1.0, shuffle: bool = False,
                generator: torch.Generator | None = None, augmented: bool = False):
         if augmented and stream.augment is not None and generator is None:  # own draws, not the training ones
-            generator = torch.Generator().manual_seed(seed * 1_000_003 + t + 7_919)
+            passes[0] += 1
+            generator = torch.Generator().manual_seed((seed * 1_000_003 + t) * 31 + passes[0])
         return batches(task.train_x, local_y, batch_size or cfg.batch_size, device, model, shuffle,
                        generator, fraction, augment=stream.augment if augmented else None)
 

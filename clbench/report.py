@@ -174,6 +174,25 @@ def _table_html(g: Group) -> str:
             f'<tbody>{"".join(body)}</tbody></table></div>')
 
 
+def _reference_html(g: Group) -> str:
+    """The reproduction table: published vs measured mean, difference, within tolerance (reference: block)."""
+    if not g.references:
+        return ""
+    e = html.escape
+    head = "".join(f"<th>{h}</th>" for h in ("method", "metric", "published", "measured (n)", "diff", "verdict",
+                                             "source"))
+    body = []
+    for r in g.references:
+        verdict = "-" if r.within is None else (f"within ±{r.tolerance:g}" if r.within else
+                                                f"NOT within ±{r.tolerance:g}")
+        cells = [r.method, r.metric, "not retrieved" if r.reference is None else f"{r.reference:.2f}",
+                 "-" if r.measured is None else f"{r.measured:.2f} ({r.n})",
+                 "-" if r.diff is None else f"{r.diff:+.2f}", verdict, r.source]
+        body.append("<tr>" + "".join(f"<td>{e(c)}</td>" for c in cells) + "</tr>")
+    return (f'<h3>reference</h3><div class="scroll"><table class="reference"><thead><tr>{head}</tr></thead>'
+            f'<tbody>{"".join(body)}</tbody></table></div>')
+
+
 def render_html(groups: list[Group], title: str = "clbench leaderboard") -> str:
     e = html.escape
     parts = [(f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{e(title)}</title><style>{CSS}</style>"
@@ -182,7 +201,7 @@ def render_html(groups: list[Group], title: str = "clbench leaderboard") -> str:
               "suite hashes (protocols) are never mixed.</p>")]
     for k, g in enumerate(groups):
         parts.append(f"<section id='group-{k}'><h2>{e(group_title(g))}</h2>")
-        parts.append(f"<p>sorted by <code>{e(g.sort_key)}</code></p>{_table_html(g)}")
+        parts.append(f"<p>sorted by <code>{e(g.sort_key)}</code></p>{_table_html(g)}{_reference_html(g)}")
         parts.append("<ul>" + "".join(f"<li>{e(x)}</li>" for x in provenance_lines(g) + note_lines(g)) + "</ul>")
         parts.append("<div class='plots'>")
         for name, fn, caption in PLOTS:

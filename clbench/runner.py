@@ -79,6 +79,8 @@ def run_suite(suite: Suite, source: str, *, methods: list[str] | None = None, se
     sha = git_sha()
     if sha:
         base_tags[keys.GIT_SHA] = sha
+    if suite.reference:  # the published numbers travel with the runs, so the leaderboard can show them
+        base_tags[keys.REFERENCE] = json.dumps([r.model_dump(mode="json") for r in suite.reference])
     parent = _parent_run(tracker, sdir, suite, base_tags, progress)
     status = "FINISHED"
     try:

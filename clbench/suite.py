@@ -130,9 +130,11 @@ class TrackingConfig(Strict):
 
 
 class Reference(Strict):
-    """Published numbers a reproduction suite is compared with (``clbench leaderboard`` shows the measured mean
-    next to ``mean``, the difference, and whether it is within ``tolerance`` points)."""
+    """Published numbers of one method entry that a reproduction suite is compared with: ``clbench leaderboard``
+    and the HTML report show the measured mean next to ``mean``, the difference, and whether it is within
+    ``tolerance`` points. A suite may list several (one per method entry, or a paper table and a log file)."""
 
+    method: str | None = Field(None, description="the method entry's label (default: the suite's only entry)")
     source: str = Field(min_length=1, description="where the numbers come from: a paper table, or the official "
                                                   "log file's path in its repository (with the commit)")
     per_seed: dict[int, dict[str, float]] = Field(default_factory=dict, description="seed -> metric -> value, "
@@ -164,7 +166,8 @@ class Suite(Strict):
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     methods: list[MethodEntry] = Field(min_length=1)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
-    reference: Reference | None = Field(None, description="reproduction suites: the published numbers")
+    reference: list[Reference] = Field(default_factory=list, description="reproduction suites: the published "
+                                       "numbers, one block per method entry and source")
     plugins_dir: str | None = None
 
     @model_validator(mode="after")
@@ -173,6 +176,12 @@ class Suite(Strict):
         dup = sorted({x for x in labels if labels.count(x) > 1})
         if dup:
             raise ValueError(f"methods: duplicate method label(s) {dup}; give each entry a distinct 'label'")
+        for ref in self.reference:
+            if ref.method is None and len(labels) == 1:
+                ref.method = labels[0]
+            if ref.method not in labels:
+                raise ValueError(f"reference: method '{ref.method}' is not a method label of this suite "
+                                 f"({labels}); name the entry it refers to")
         return self
 
     def protocol_hash(self) -> str:
