@@ -18,7 +18,13 @@ from clbench import keys
 from clbench import leaderboard as lb
 from clbench.cli import app
 from clbench.errors import ClbenchError
-from clbench.loop import inflora_cosine_factor, make_task_optimizer, multistep_factor, task_context, train_task
+from clbench.loop import (
+    inflora_cosine_factor,
+    make_task_optimizer,
+    multistep_factor,
+    task_context,
+    train_task,
+)
 from clbench.suite import TrainConfig, load_suite
 from clbench.testing import tiny_model, tiny_stream
 
@@ -84,9 +90,10 @@ def test_per_step_cosine_reaches_zero_at_the_last_step():
 
 
 def test_train_task_reports_the_lr_of_each_epoch():
+    from clbench_plugins.lora import NaiveLoRA
+
     from clbench.distributed import SINGLE_PROCESS
     from clbench.registry import run_manager
-    from clbench_plugins.lora import NaiveLoRA
 
     cfg = TrainConfig(epochs=3, batch_size=8, lr=1e-2, schedule="inflora_cosine", max_steps_per_epoch=1)
     model, stream = tiny_model(), tiny_stream(num_tasks=2)
