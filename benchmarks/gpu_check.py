@@ -190,7 +190,7 @@ def main() -> int:
     ap.add_argument("--warmup-steps", type=int, default=None, help="warm-up steps (task 0; default 10)")
     ap.add_argument("--test-per-task", type=int, default=None, help="test images per task (default 4096)")
     ap.add_argument("--log-every", type=int, default=25)
-    ap.add_argument("--compile", action="store_true", help="train.compile: torch.compile the backbone")
+    ap.add_argument("--compile", action="store_true", help="runtime.compile: torch.compile the backbone")
     ap.add_argument("--budget", type=float, default=85.0, help="hard seconds per method (its subprocess)")
     ap.add_argument("--peak-tflops", type=float, default=790.0, help="bf16 dense rate for MFU (H200: 790)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
