@@ -46,7 +46,7 @@ METRICS = ("final/acc", "final/avg_acc", "final/forgetting", "final/bwt", "spect
 TOLERANCE = {"final/acc": 0.5, "final/avg_acc": 0.5, "final/forgetting": 0.5, "final/bwt": 0.5,
              "spectra/top1_share": 0.01, "spectra/mean_top1_share": 0.01}
 # the CPU always: `device: auto` would pick a GPU where there is one, and its kernels give other numbers
-FULL_OVERRIDES = ("train.device=cpu",)
+FULL_OVERRIDES = ("runtime.device=cpu",)
 SLICE_OVERRIDES = (*FULL_OVERRIDES, "backbone.pretrained=false", "train.epochs=1")
 COMMAND = "python benchmarks/golden.py --write  (add --full for the full quickstart)"
 

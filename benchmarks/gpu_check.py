@@ -78,7 +78,7 @@ def run_child(args) -> dict:
     from clbench.backbones import build_model
     from clbench.loop import autocast_for, run_stream
     from clbench.registry import run_manager
-    from clbench.suite import TrainConfig
+    from clbench.suite import RuntimeConfig, TrainConfig
 
     device = torch.device("cpu" if args.smoke else "cuda")
     if device.type == "cuda":
@@ -90,8 +90,9 @@ def run_child(args) -> dict:
     fwd, bwd = model_flops(model)
     bs, steps, warm = args.batch_size, args.steps, args.warmup_steps
     stream = synthetic_stream(2, 10, [bs * warm, bs * steps], args.test_per_task, model.in_chans, args.image_size)
-    cfg = TrainConfig(epochs=1, batch_size=bs, eval_batch_size=args.eval_batch_size, lr=1e-3, optimizer="adam",
-                      device=str(device), precision="auto", compile=args.compile, log_every=args.log_every)
+    cfg = TrainConfig(epochs=1, batch_size=bs, lr=1e-3, optimizer="adam", precision="auto")
+    runtime = RuntimeConfig(device=str(device), compile=args.compile, log_every=args.log_every,
+                            eval_batch_size=args.eval_batch_size)
     autocast = autocast_for(device, cfg.precision)
     out: dict = {"method": args.child, "flops_fwd": fwd, "flops_bwd_act": bwd}
     from timm.layers import use_fused_attn
@@ -163,7 +164,7 @@ def run_child(args) -> dict:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         recorded = caught
-        run_stream(model, stream, pm, cfg, 0, device, on_task=on_task)
+        run_stream(model, stream, pm, cfg, 0, device, on_task=on_task, runtime=runtime)
         n_sync = sum(1 for w in caught if "synchroniz" in str(w.message).lower())
     r = results[-1]
     out["train_img_per_s"] = r.images / r.train_seconds
@@ -189,7 +190,7 @@ def main() -> int:
     ap.add_argument("--warmup-steps", type=int, default=None, help="warm-up steps (task 0; default 10)")
     ap.add_argument("--test-per-task", type=int, default=None, help="test images per task (default 4096)")
     ap.add_argument("--log-every", type=int, default=25)
-    ap.add_argument("--compile", action="store_true", help="train.compile: torch.compile the backbone")
+    ap.add_argument("--compile", action="store_true", help="runtime.compile: torch.compile the backbone")
     ap.add_argument("--budget", type=float, default=85.0, help="hard seconds per method (its subprocess)")
     ap.add_argument("--peak-tflops", type=float, default=790.0, help="bf16 dense rate for MFU (H200: 790)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)

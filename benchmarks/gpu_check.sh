@@ -4,7 +4,7 @@
 # Needs an NVIDIA GPU and no network; at most ~8 minutes (a hard limit per method and for the whole call).
 #   benchmarks/gpu_check.sh                 # the check (exit 2 with a message when CUDA is missing)
 #   benchmarks/gpu_check.sh --smoke         # CPU code-path test with a micro ViT (seconds)
-#   benchmarks/gpu_check.sh --compile --methods lora --budget 300   # train.compile (torch.compile of the backbone;
+#   benchmarks/gpu_check.sh --compile --methods lora --budget 300   # runtime.compile (torch.compile of the backbone;
 #                                           # compilation falls in the 85 s default budget per method, so raise it)
 # Any other option goes to benchmarks/gpu_check.py (--help lists them). Environment: PYTHON (interpreter; default
 # the repository's .venv, else python3), GPU_CHECK_TIMEOUT (seconds for the whole call, default 470).

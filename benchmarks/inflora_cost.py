@@ -62,7 +62,7 @@ def main() -> None:
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     ap.add_argument("--epochs", type=int, default=None, help="override train.epochs")
     ap.add_argument("--rank", type=int, default=4)
-    ap.add_argument("--device", default=None, help="override train.device")
+    ap.add_argument("--device", default=None, help="override runtime.device")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--skip-d768", action="store_true")
     args = ap.parse_args()
@@ -71,10 +71,10 @@ def main() -> None:
     if args.epochs is not None:
         overrides.append(f"train.epochs={args.epochs}")
     if args.device is not None:
-        overrides.append(f"train.device={args.device}")
+        overrides.append(f"runtime.device={args.device}")
     suite = load_suite(args.suite, overrides)
     cfg = suite.train
-    device = resolve_device(cfg.device)
+    device = resolve_device(suite.runtime.device)
     stream = build_stream(suite.stream, args.seed)
     torch.manual_seed(args.seed)
     model = build_model(suite.backbone.name, suite.backbone.image_size, suite.backbone.pretrained,

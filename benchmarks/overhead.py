@@ -53,7 +53,7 @@ from clbench.lora import inject, merge_all
 from clbench.registry import discover, run_manager
 from clbench.spectra import SpectraTracker
 from clbench.streams import Stream, TaskData
-from clbench.suite import TrainConfig
+from clbench.suite import RuntimeConfig, TrainConfig
 
 # -- shared building blocks (also imported by gpu_check.py) -----------------------------------------------------
 
@@ -91,8 +91,12 @@ def synthetic_stream(num_tasks: int, classes_per_task: int, train_per_task: int 
 
 
 def make_cfg(batch_size: int, device: torch.device, epochs: int = 1, steps: int | None = None, **kw: Any) -> TrainConfig:
-    return TrainConfig(epochs=epochs, batch_size=batch_size, lr=1e-3, optimizer="adam", device=str(device),
-                       log_every=10**9, max_steps_per_epoch=steps, **kw)
+    """The protocol of a benchmark run (its runtime, ``RUNTIME``, reads the loss back never)."""
+    return TrainConfig(epochs=epochs, batch_size=batch_size, lr=1e-3, optimizer="adam", max_steps_per_epoch=steps,
+                       **kw)
+
+
+RUNTIME = RuntimeConfig(log_every=10**9)
 
 
 def sync(device: torch.device) -> None:
@@ -118,7 +122,7 @@ def clbench_run(template: CLModel, stream: Stream, method: Any, cfg: TrainConfig
             spectra_s.append(now() - tic)
 
     pm = run_manager(method)
-    run_stream(model, stream, pm, cfg, 0, device, on_task=on_task, clock=now)
+    run_stream(model, stream, pm, cfg, 0, device, on_task=on_task, clock=now, runtime=RUNTIME)
     return results, spectra_s, captured.get("model", model)
 
 
@@ -240,7 +244,7 @@ def measure_overhead(template: CLModel, args, device: torch.device) -> dict[str,
 def measure_eval(template: CLModel, args, device: torch.device) -> dict[str, float]:
     T = args.tasks
     stream = synthetic_stream(T, 2, 2, args.test_per_task, template.in_chans, args.image_size)
-    cfg = make_cfg(args.batch_size, device, eval_batch_size=args.eval_batch_size)
+    cfg = make_cfg(args.batch_size, device)
     autocast = autocast_for(device, cfg.precision)
     bare = copy.deepcopy(template).to(device)  # never wrapped: the plain timm backbone
     for t in stream.tasks:
@@ -258,13 +262,13 @@ def measure_eval(template: CLModel, args, device: torch.device) -> dict[str, flo
         def f() -> float:
             sync(device)
             tic = now()
-            evaluate(model, stream, T - 1, cfg, device, autocast)
+            evaluate(model, stream, T - 1, args.eval_batch_size, device, autocast)
             sync(device)
             return (now() - tic) / n_imgs
         return f
 
     def run_bare() -> float:
-        secs, n = bare_eval(bare.backbone, bare.heads, bare.preprocess, stream, cfg.eval_batch_size, device, autocast)
+        secs, n = bare_eval(bare.backbone, bare.heads, bare.preprocess, stream, args.eval_batch_size, device, autocast)
         return secs / n
 
     fns = {"bare": run_bare, "merged": run_cl(merged), "live": run_cl(live)}

@@ -98,8 +98,11 @@ def _pretrained_available(name: str) -> None:
 
 
 def build_model(name: str, image_size: int, pretrained: bool, checkpoint: str | Path | None,
-                in_chans: int | None = None, drop_path_rate: float = 0.0) -> CLModel:
-    """Create the backbone (timm) with pooled-feature output and wrap it in a :class:`CLModel`."""
+                in_chans: int | None = None, drop_path_rate: float = 0.0, normalize: str = "timm") -> CLModel:
+    """Create the backbone (timm) with pooled-feature output and wrap it in a :class:`CLModel`.
+
+    ``normalize``: "timm" = the model's pretrained mean/std; "none" = inputs stay in [0, 1] (mean 0, std 1), as
+    InfLoRA's official pipeline feeds its ViT (``Normalize(0, 1)``)."""
     import timm
     from timm.models.vision_transformer import VisionTransformer
 
@@ -129,6 +132,8 @@ def build_model(name: str, image_size: int, pretrained: bool, checkpoint: str | 
         mean, std = list(cfg.get("mean", [0.5] * chans)), list(cfg.get("std", [0.5] * chans))
     if checkpoint is not None:
         load_backbone_weights(backbone, checkpoint)
+    if normalize == "none":
+        mean, std = [0.0] * chans, [1.0] * chans
     return CLModel(backbone, image_size, chans, mean, std)
 
 

@@ -16,9 +16,15 @@ if TYPE_CHECKING:
 class TaskContext:
     """Read-only facts about the current task.
 
-    ``loader(batch_size=None, fraction=1.0, shuffle=False)`` yields ``(x, y)`` batches of this task's training
-    data on ``device``, preprocessed for the backbone, with ``y`` the label *within the task* (0..n-1), which is
-    what the current head predicts. ``fraction`` takes a uniformly spaced subset (deterministic).
+    ``loader(batch_size=None, fraction=1.0, shuffle=False, generator=None, augmented=False)`` yields ``(x, y)``
+    batches of this task's training data on ``device``, preprocessed for the backbone, with ``y`` the label
+    *within the task* (0..n-1), which is what the current head predicts. ``fraction`` takes a uniformly spaced
+    subset (deterministic). ``augmented=True`` applies the stream's training augmentation (the random resized
+    crop + flip of ``stream.augment``; a no-op for streams without one), as a method's statistics pass over the
+    *training loader* does in official code (InfLoRA's covariance passes); each augmented call draws its own
+    crops from a generator seeded by (seed, task, call number), so runs and resumed runs repeat them, and the
+    training batches' draws are untouched. The loader never changes the model's train/eval mode: a method sets
+    it (InfLoRA runs its passes in eval mode, as the official code).
 
     ``task_samples(j)`` (j <= ``task``, default this task) is task j's raw training set as
     ``clbench.rehearsal.Samples`` (uint8 images as stored, stream-wide labels): what a rehearsal method keeps

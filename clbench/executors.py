@@ -114,10 +114,10 @@ class RayExecutor:
             cluster_gpus = float(ray.cluster_resources().get("GPU", 0))
             gpus = self.gpus_per_run if self.gpus_per_run is not None else (1.0 if cluster_gpus > 0 else 0.0)
             for job in jobs:
-                device = job.suite.train_for(job.suite.methods[_entry(job)]).device
+                device = job.suite.runtime.device
                 if device.startswith("cuda") and gpus == 0:
-                    raise ClbenchError(f"train.device: {device} but each Ray task gets no GPU (the cluster has "
-                                       f"{cluster_gpus:g}); set --ray-gpus-per-run or train.device=auto")
+                    raise ClbenchError(f"runtime.device: {device} but each Ray task gets no GPU (the cluster has "
+                                       f"{cluster_gpus:g}); set --ray-gpus-per-run or runtime.device=auto")
             env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
             task = ray.remote(_ray_entry).options(num_gpus=gpus, num_cpus=self.cpus_per_run,
                                                   max_retries=self.max_retries, retry_exceptions=False)

@@ -82,7 +82,9 @@ class MethodSpec:
     @hookspec
     def before_task(self, model: torch.nn.Module, ctx: TaskContext) -> None:
         """Each task, before the optimizer is built. The new task's (untrained) head already exists and
-        ``ctx.loader()`` iterates this task's training data: design projections, initialise new adapters."""
+        ``ctx.loader()`` iterates this task's training data (``ctx.loader(augmented=True)``: with the stream's
+        training augmentation, as an official statistics pass over the training loader): design projections,
+        initialise new adapters."""
 
     @hookspec(firstresult=True)
     def param_groups(self, model: torch.nn.Module, ctx: TaskContext) -> list[dict[str, Any]] | None:

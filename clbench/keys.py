@@ -23,15 +23,19 @@ METHOD = "clbench.method"  # the suite's label of the method entry
 METHOD_NAME = "clbench.method_name"  # the registered method name
 SEED = "clbench.seed"
 DEVICE = "clbench.device"
+PRECISION = "clbench.precision"  # the arithmetic that ran (train.precision: auto resolved on the device)
+RUNTIME_PREFIX = "clbench.runtime."  # + a runtime setting (device, compile, log_every, ...): not in the hash
 PLUGIN_SOURCE = "clbench.plugin_source"
 LOW_RANK_UPDATES = "clbench.low_rank_updates"  # "false": the method has no low-rank update (spectra n/a)
 STREAM_PREFIX = "clbench.stream."  # + a stream's meta key (split_sha256, ...)
 ERROR = "clbench.error"
+REFERENCE = "clbench.reference"  # a reproduction suite's reference: block (JSON list), read by the leaderboard
 
 # -- per task (step = task index) -------------------------------------------------------------------------------
 EVAL_ACC = "eval/acc"  # A_t: CIL accuracy over the pooled test samples of tasks 0..t
 EVAL_ACC_TIL = "eval/acc_til"
 TRAIN_LOSS = "train/loss"
+TRAIN_LR = "train/lr"  # the adapter group's lr, once per epoch at step = task * epochs + epoch
 TASK_TRAIN_SECONDS = "cost/task_train_seconds"
 TASK_EVAL_SECONDS = "cost/task_eval_seconds"
 SPECTRA_SECONDS = "cost/spectra_seconds"
@@ -47,6 +51,11 @@ def eval_acc_task(j: int) -> str:
 def train_term(name: str) -> str:
     """A method's extra loss term, mean over the task's steps."""
     return f"train/{name}"
+
+
+def runtime_tag(name: str) -> str:
+    """The tag recording runtime setting ``name`` (suite ``runtime:``, outside the suite hash)."""
+    return RUNTIME_PREFIX + name
 
 
 def hook_seconds(hook: str) -> str:

@@ -19,6 +19,9 @@ The rules:
 * Reference bounds (docs/METHODS.md section 8) are rows like any other, marked: ``joint`` the upper bound,
   ``finetune`` and ``frozen`` lower references; when a group has both ends, every row gets its share of the gap
   between them on the sort metric (:func:`mark_references`).
+* A reproduction suite's ``reference:`` block (logged as the ``clbench.reference`` tag) gives one reference row
+  per (entry, metric): the published mean next to the measured mean, their difference (measured - published)
+  and whether it is within the entry's tolerance; per seed too where the source gives per-seed numbers.
 """
 
 from __future__ import annotations
@@ -118,6 +121,23 @@ class Correlation:
 
 
 @dataclass
+class ReferenceRow:
+    """One published number next to its measurement: ``diff`` = measured mean - reference, ``within`` =
+    |diff| <= tolerance (None when either side is missing). ``per_seed``: seed, reference, measured, diff."""
+
+    method: str
+    metric: str
+    source: str
+    reference: float | None
+    measured: float | None
+    n: int
+    tolerance: float
+    diff: float | None
+    within: bool | None
+    per_seed: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
 class Group:
     experiment: str
     suites: list[str]
@@ -127,6 +147,7 @@ class Group:
     sort_key: str = keys.FINAL_ACC
     imbalance_forgetting: Correlation = field(default_factory=lambda: Correlation([], [], []))
     baseline: str | None = None  # the row every other row's ``vs_baseline`` is paired against
+    references: list[ReferenceRow] = field(default_factory=list)
 
 
 # --- per-run values ------------------------------------------------------------------------------------------
@@ -219,7 +240,43 @@ def _group(experiment: str, suite_hash: str, runs: list[RunInfo], sort: str) -> 
     suites = sorted({r.tags.get(keys.SUITE, "?") for r in runs})
     rows = sort_rows(rows, sort)
     mark_references(rows, gap_key(sort))
-    return Group(experiment, suites, suite_hash, rows, unfinished, sort, imbalance_forgetting(rows))
+    return Group(experiment, suites, suite_hash, rows, unfinished, sort, imbalance_forgetting(rows),
+                 references=reference_rows(rows, runs))
+
+
+def reference_rows(rows: list[Row], runs: list[RunInfo]) -> list[ReferenceRow]:
+    """The reference rows of a group: from the latest run's ``clbench.reference`` tag (the suite's block)."""
+    tagged = sorted((r for r in runs if r.tags.get(keys.REFERENCE)), key=lambda r: r.start_time or 0)
+    if not tagged:
+        return []
+    try:
+        entries = json.loads(tagged[-1].tags[keys.REFERENCE])
+    except ValueError:
+        return []
+    out = []
+    for entry in entries:
+        label = entry.get("method")
+        matches = [row for row in rows if row.method == label or row.method.startswith(f"{label} [")] or [None]
+        for row in matches:
+            for metric, ref in entry.get("mean", {}).items():
+                out.append(_reference_row(row, label, metric, ref, entry))
+    return out
+
+
+def _reference_row(row: Row | None, label: str, metric: str, ref: float | None, entry: dict) -> ReferenceRow:
+    tol = float(entry.get("tolerance", 1.0))
+    measured = row.metrics[metric] if row is not None and metric in row.metrics else Stat(None, None, 0)
+    diff = None if ref is None or measured.mean is None else measured.mean - float(ref)
+    by_seed = {r["seed"]: r["values"].get(metric) for r in (row.runs if row is not None else [])}
+    per_seed = []
+    for seed, values in sorted(entry.get("per_seed", {}).items(), key=lambda kv: int(kv[0])):
+        if metric in values:
+            got = by_seed.get(int(seed))
+            per_seed.append({"seed": int(seed), "reference": values[metric], "measured": got,
+                             "diff": None if got is None else got - values[metric]})
+    return ReferenceRow(row.method if row is not None else label, metric, entry.get("source", "?"),
+                        None if ref is None else float(ref), measured.mean, measured.n, tol, diff,
+                        None if diff is None else abs(diff) <= tol, per_seed)
 
 
 def imbalance_forgetting(rows: list[Row]) -> Correlation:
@@ -246,6 +303,8 @@ def _row(name: str, any_run: RunInfo, pid: str, done: list[RunInfo], superseded:
     curve = [stat(_finite(r["curve"][i]) for r in per_run if i < len(r["curve"])) for i in range(steps)]
     prov = {name_: sorted({r.tags[tag] for r in done if r.tags.get(tag)})
             for name_, tag in PROVENANCE_TAGS.items()}
+    prov["precision"] = sorted({r.tags[keys.PRECISION] for r in done if r.tags.get(keys.PRECISION)})
+    prov["runtime"] = sorted({runtime_text(r) for r in done} - {""})
     return Row(method=name, method_name=any_run.tags.get(keys.METHOD_NAME, name), params_id=pid,
                n=len(done), seeds=[s for s in (_seed(r) for r in done) if s is not None],
                metrics={k: stat(r["values"][k] for r in per_run) for k in METRIC_KEYS},
@@ -537,6 +596,13 @@ def group_title(g: Group) -> str:
     return f"suite {', '.join(g.suites)} · suite hash {g.suite_hash} · experiment {g.experiment}"
 
 
+def runtime_text(run: RunInfo) -> str:
+    """The run's runtime settings (suite ``runtime:``, outside the hash) as ``key=value`` pairs."""
+    pairs = sorted((k.removeprefix(keys.RUNTIME_PREFIX), v) for k, v in run.tags.items()
+                   if k.startswith(keys.RUNTIME_PREFIX))
+    return " ".join(f"{k}={v}" for k, v in pairs)
+
+
 def provenance_lines(g: Group) -> list[str]:
     """One line per distinct provenance, naming the methods it applies to."""
     seen: dict[str, list[str]] = {}
@@ -544,10 +610,32 @@ def provenance_lines(g: Group) -> list[str]:
         p = row.provenance
         line = (f"clbench {', '.join(p['version']) or '?'} · git {', '.join(s[:10] for s in p['git_sha']) or '?'}"
                 f" · device {', '.join(p['device']) or '?'}")
+        if p.get("precision"):
+            line += f" · precision {', '.join(p['precision'])}"
+        if p.get("runtime"):
+            line += f" · runtime {'; '.join(p['runtime'])}"
         seen.setdefault(line, []).append(row.method)
     if len(seen) == 1:
         return [f"provenance: {next(iter(seen))}"]
     return [f"provenance ({', '.join(methods)}): {line}" for line, methods in seen.items()]
+
+
+def reference_lines(g: Group) -> list[str]:
+    """One line per reference row: published vs measured mean, the difference and the verdict."""
+    out = []
+    for r in g.references:
+        head = f"reference {r.method} {r.metric}: "
+        if r.reference is None:
+            out.append(head + f"no published number ({r.source})")
+            continue
+        measured = "no finished run" if r.measured is None else f"measured {r.measured:.2f} (n {r.n})"
+        verdict = "" if r.diff is None else (f", diff {r.diff:+.2f}: " + ("within" if r.within else "NOT within")
+                                             + f" ±{r.tolerance:g}")
+        seeds = "; ".join(f"s{p['seed']} {p['reference']:.2f}"
+                          + ("" if p["diff"] is None else f" ({p['diff']:+.2f})") for p in r.per_seed)
+        out.append(head + f"published {r.reference:.2f} vs {measured}{verdict}"
+                   + (f" [per seed: {seeds}]" if seeds else "") + f" (source: {r.source})")
+    return out
 
 
 def note_lines(g: Group) -> list[str]:
@@ -591,7 +679,7 @@ def render_table(groups: list[Group]) -> str:
         out += [group_title(g) + f" · sorted by {g.sort_key} · mean ± ci95 (n seeds)", line(header),
                 line(["-" * w for w in widths])]
         out += [line(r) for r in body]
-        out += provenance_lines(g) + note_lines(g) + [""]
+        out += reference_lines(g) + provenance_lines(g) + note_lines(g) + [""]
     ranks = rank_suites(groups)
     if ranks is not None:
         out += render_ranks_table(ranks)
@@ -612,7 +700,7 @@ def render_markdown(groups: list[Group]) -> str:
         out.append("| " + " | ".join(header) + " |")
         out.append("|" + "|".join("---:" if i != 1 else ":---" for i in range(len(header))) + "|")
         out += ["| " + " | ".join(_md_escape(c) for c in r) + " |" for r in body]
-        out += [""] + [f"- {_md_escape(x)}" for x in provenance_lines(g) + note_lines(g)] + [""]
+        out += [""] + [f"- {_md_escape(x)}" for x in reference_lines(g) + provenance_lines(g) + note_lines(g)] + [""]
     ranks = rank_suites(groups)
     if ranks is not None:
         out += render_ranks_markdown(ranks)

@@ -43,7 +43,7 @@ from clbench.errors import ClbenchError
 from clbench.hookcheck import checked_hooks
 from clbench.metrics import accuracy_after, empty_matrix
 from clbench.streams import Stream
-from clbench.suite import TrainConfig
+from clbench.suite import RuntimeConfig, TrainConfig
 
 
 @dataclass
@@ -63,6 +63,7 @@ class TaskResult:
     trainable_params: int = 0
     hook_seconds: dict[str, float] = field(default_factory=dict)
     buffer_images: int | None = None  # replay_buffer's size (rehearsal methods)
+    epoch_lrs: list[float] = field(default_factory=list)  # the adapter group's lr in each epoch (train/lr)
 
 
 @dataclass
@@ -87,6 +88,13 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def resolved_precision(precision: str, device: torch.device) -> str:
+    """What ``precision: auto`` means on ``device`` (bf16 autocast on CUDA, fp32 elsewhere)."""
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return precision
 
 
 def autocast_for(device: torch.device, precision: str) -> Callable[[], Any]:
@@ -145,6 +153,7 @@ def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, device: torch.dev
 
 
 def make_optimizer(cfg: TrainConfig, groups: list[dict]) -> torch.optim.Optimizer:
+    """The suite's optimizer at ``train.lr``; a group carrying its own ``lr`` (the head under ``head_lr``) keeps it."""
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "adamw":
@@ -188,11 +197,13 @@ def check_replacement(model: CLModel, replaced: Any) -> None:
 def run_stream(model: CLModel, stream: Stream, pm, cfg: TrainConfig, seed: int, device: torch.device,
                on_task: OnTask = _ignore, progress: Callable[[str], None] = _ignore,
                state: LoopState | None = None, comm: Communicator = SINGLE_PROCESS,
-               clock: Callable[[], float] = time.perf_counter) -> LoopState:
+               clock: Callable[[], float] = time.perf_counter, runtime: RuntimeConfig | None = None) -> LoopState:
     """Train ``model`` through ``stream`` with the method registered in ``pm``; return the final state.
 
-    After every task, ``on_task(result, state, model)``: the task's figures, the state to checkpoint (everything
-    needed to continue at ``state.next_task``) and the trained model."""
+    ``cfg`` is the protocol, ``runtime`` how it executes here (log interval, compile, evaluation batch; the
+    device is ``device``). After every task, ``on_task(result, state, model)``: the task's figures, the state to
+    checkpoint (everything needed to continue at ``state.next_task``) and the trained model."""
+    runtime = runtime or RuntimeConfig()
     hook = checked_hooks(pm)  # a hook's failure names the method and the hook (clbench.hookcheck)
     T = len(stream.tasks)
     autocast = autocast_for(device, cfg.precision)
@@ -211,7 +222,7 @@ def run_stream(model: CLModel, stream: Stream, pm, cfg: TrainConfig, seed: int, 
     if state.next_task > 0 and state.model_state is not None:
         restore(model, stream, pm, state, task_context(model, stream, state.next_task - 1, cfg, seed, device,
                                                        autocast))
-    if cfg.compile and device.type == "cuda":
+    if runtime.compile and device.type == "cuda":
         model.backbone = torch.compile(model.backbone)
 
     for t in range(state.next_task, T):
@@ -231,7 +242,8 @@ def run_stream(model: CLModel, stream: Stream, pm, cfg: TrainConfig, seed: int, 
         optimizer, scheduler = make_task_optimizer(model, head, hook.param_groups(model=model, ctx=ctx), cfg, ctx)
         trainable = sum(p.numel() for g in optimizer.param_groups for p in g["params"])
         # -- phase 4: train on the task ----------------------------------------------------------------
-        trained = train_task(model, stream, pm, ctx, optimizer, scheduler, cfg, comm, clock, progress, train_set)
+        trained = train_task(model, stream, pm, ctx, optimizer, scheduler, cfg, comm, clock, progress, train_set,
+                             runtime.log_every)
         # -- phase 5: the method closes the task: memories, merging, the task's update -------------------
         model.eval()
         tic = clock()
@@ -246,7 +258,7 @@ def run_stream(model: CLModel, stream: Stream, pm, cfg: TrainConfig, seed: int, 
         buffer_images = None if kept is None else sum(len(s) for s in rehearsal.as_list(kept, "replay_buffer"))
         # -- phase 6: evaluate every seen task (CIL and TIL), then report --------------------------------
         tic = clock()
-        cil, til = evaluate(model, stream, t, cfg, device, autocast, comm)
+        cil, til = evaluate(model, stream, t, runtime.eval_batch_size, device, autocast, comm)
         eval_seconds = clock() - tic
         state.R[t, : t + 1], state.R_til[t, : t + 1] = cil, til
         state.next_task = t + 1
@@ -255,7 +267,7 @@ def run_stream(model: CLModel, stream: Stream, pm, cfg: TrainConfig, seed: int, 
                  f"(til {accuracy_after(state.R_til, t, sizes):.2f}) train {trained.seconds:.1f}s")
         on_task(TaskResult(t, state.R.copy(), state.R_til.copy(), sizes, trained.seconds, eval_seconds,
                            trained.images, trained.loss, trained.loss_terms, updates, trainable, timings,
-                           buffer_images),
+                           buffer_images=buffer_images, epoch_lrs=trained.epoch_lrs),
                 state, model)
     return state
 
@@ -284,10 +296,15 @@ def task_context(model: CLModel, stream: Stream, t: int, cfg: TrainConfig, seed:
         steps = min(steps, cfg.max_steps_per_epoch)
     local_y = task.train_y - int(offsets[t])
 
+    passes = [0]  # augmented passes so far: each draws its own crops (the official loader re-draws each epoch)
+
     def loader(batch_size: int | None = None, fraction: float = 1.0, shuffle: bool = False,
-               generator: torch.Generator | None = None):
+               generator: torch.Generator | None = None, augmented: bool = False):
+        if augmented and stream.augment is not None and generator is None:  # own draws, not the training ones
+            passes[0] += 1
+            generator = torch.Generator().manual_seed((seed * 1_000_003 + t) * 31 + passes[0])
         return batches(task.train_x, local_y, batch_size or cfg.batch_size, device, model, shuffle,
-                       generator, fraction)
+                       generator, fraction, augment=stream.augment if augmented else None)
 
     return TaskContext(task=t, num_tasks=T, classes=task.classes,
                        seen_classes=tuple(range(int(offsets[t + 1]))), device=device, seed=seed,
@@ -334,12 +351,76 @@ def make_task_optimizer(model: CLModel, head: torch.nn.Module, groups: list[dict
         head_ids = {id(p) for h in model.heads for p in h.parameters()}
         params = [p for p in model.parameters() if p.requires_grad and id(p) not in head_ids]
         groups = [{"params": params, "name": "adapters"}] if params else []
-    groups = [*groups, {"params": list(head.parameters()), "name": "head"}]
-    optimizer = make_optimizer(cfg, groups)
-    total_steps = ctx.steps_per_epoch * cfg.epochs
-    scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, total_steps))
-                 if cfg.schedule == "cosine" else None)
-    return optimizer, scheduler
+    head_group: dict[str, Any] = {"params": list(head.parameters()), "name": "head"}
+    if cfg.head_lr is not None:
+        head_group["lr"] = cfg.head_lr
+    optimizer = make_optimizer(cfg, [*groups, head_group])
+    return optimizer, make_scheduler(optimizer, cfg, ctx.steps_per_epoch)
+
+
+def inflora_cosine_factor(epoch: int, epochs: int) -> float:
+    """InfLoRA's ``CosineSchedule`` (official ``utils/schedulers.py``), stepped once per epoch: a quarter cosine
+    from 1 at epoch 0 to cos(99 pi / 200) ~ 0.016 at the last epoch (1 throughout when there is one epoch)."""
+    if epochs <= 1:
+        return 1.0
+    return math.cos(99 * math.pi * epoch / (200 * (epochs - 1)))
+
+
+def multistep_factor(epoch: int, milestones: list[int], gamma: float) -> float:
+    """``MultiStepLR`` stepped per epoch: ``gamma`` to the number of milestones reached by ``epoch``."""
+    return gamma ** sum(1 for m in milestones if epoch >= m)
+
+
+@dataclass
+class Schedule:
+    """The learning-rate schedule of one task: ``step()`` after every optimizer step, ``epoch_end()`` after every
+    epoch; every group's lr is its initial lr times the factor (head and adapters alike, as the official
+    schedulers do)."""
+
+    optimizer: torch.optim.Optimizer
+    kind: str
+    epochs: int
+    total_steps: int
+    milestones: list[int]
+    gamma: float
+    steps: int = 0
+    epoch: int = 0
+
+    def __post_init__(self) -> None:
+        self.base = [g["lr"] for g in self.optimizer.param_groups]
+        self._apply()
+
+    def factor(self) -> float:
+        if self.kind == "cosine":  # per step, half cosine to 0 (CosineAnnealingLR's closed form)
+            return 0.5 * (1 + math.cos(math.pi * min(self.steps, self.total_steps) / self.total_steps))
+        if self.kind == "inflora_cosine":
+            return inflora_cosine_factor(self.epoch, self.epochs)
+        if self.kind == "multistep":
+            return multistep_factor(self.epoch, self.milestones, self.gamma)
+        return 1.0
+
+    def _apply(self) -> None:
+        f = self.factor()
+        for g, base in zip(self.optimizer.param_groups, self.base, strict=True):
+            g["lr"] = base * f
+
+    def step(self) -> None:
+        self.steps += 1
+        if self.kind == "cosine":
+            self._apply()
+
+    def epoch_end(self) -> None:
+        self.epoch += 1
+        if self.kind in ("inflora_cosine", "multistep"):
+            self._apply()
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int) -> Schedule | None:
+    """The task's schedule (None when constant: nothing to step)."""
+    if cfg.schedule == "constant":
+        return None
+    return Schedule(optimizer, cfg.schedule, cfg.epochs, max(1, steps_per_epoch * cfg.epochs), list(cfg.milestones),
+                    cfg.gamma)
 
 
 @dataclass
@@ -350,11 +431,13 @@ class Trained:
     loss_terms: dict[str, float]
     images: int
     seconds: float
+    epoch_lrs: list[float] = field(default_factory=list)
 
 
-def train_task(model: CLModel, stream: Stream, pm, ctx: TaskContext, optimizer: torch.optim.Optimizer, scheduler,
-               cfg: TrainConfig, comm: Communicator, clock: Callable[[], float],
-               progress: Callable[[str], None], train_set: list[rehearsal.Samples] | None = None) -> Trained:
+def train_task(model: CLModel, stream: Stream, pm, ctx: TaskContext, optimizer: torch.optim.Optimizer,
+               scheduler: Schedule | None, cfg: TrainConfig, comm: Communicator, clock: Callable[[], float],
+               progress: Callable[[str], None], train_set: list[rehearsal.Samples] | None = None,
+               log_every: int = 25) -> Trained:
     """``cfg.epochs`` epochs over task ``ctx.task``: cross-entropy on its head plus the method's loss terms.
 
     Rehearsal: ``train_set`` (``training_set``'s samples) replaces the task's own data, ``replay_batch`` adds
@@ -375,7 +458,9 @@ def train_task(model: CLModel, stream: Stream, pm, ctx: TaskContext, optimizer: 
     loss_sum = torch.zeros((), device=device)
     term_sums: dict[str, torch.Tensor] = {}
     tic = clock()
+    epoch_lrs = []
     for epoch in range(cfg.epochs):
+        epoch_lrs.append(float(optimizer.param_groups[0]["lr"]))  # the method's first group: the adapters
         window_t, window_n = clock(), 0
         for xb, yb in batches(train_x, train_y, cfg.batch_size, device, model, shuffle=True, generator=gen,
                               limit=cfg.max_steps_per_epoch, augment=stream.augment, shard=comm.shard):
@@ -410,11 +495,13 @@ def train_task(model: CLModel, stream: Stream, pm, ctx: TaskContext, optimizer: 
             step += 1
             images += n_seen
             window_n += n_seen
-            if step % cfg.log_every == 0:  # in one process the step loop's only host synchronisation
+            if step % log_every == 0:  # in one process the step loop's only host synchronisation
                 rate = window_n / max(1e-9, clock() - window_t)
                 progress(f"task {t + 1}/{ctx.num_tasks} epoch {epoch + 1}/{cfg.epochs} step {step} "
                          f"loss {loss.item():.4f} {rate:.0f} img/s")
                 window_t, window_n = clock(), 0
+        if scheduler is not None:
+            scheduler.epoch_end()
     mean_loss = float(loss_sum.item() / max(1, step))
     term_means = {k: float(v.item() / max(1, step)) for k, v in term_sums.items()}
     bad = [k for k, v in {"cross-entropy": mean_loss, **term_means}.items() if not math.isfinite(v)]
@@ -423,11 +510,11 @@ def train_task(model: CLModel, stream: Stream, pm, ctx: TaskContext, optimizer: 
                                  "or check the method's loss terms")
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return Trained(mean_loss, term_means, images, clock() - tic)
+    return Trained(mean_loss, term_means, images, clock() - tic, epoch_lrs)
 
 
 @torch.inference_mode()
-def evaluate(model: CLModel, stream: Stream, upto: int, cfg: TrainConfig, device: torch.device,
+def evaluate(model: CLModel, stream: Stream, upto: int, eval_batch_size: int, device: torch.device,
              autocast, comm: Communicator = SINGLE_PROCESS) -> tuple[np.ndarray, np.ndarray]:
     """CIL and TIL accuracy (percent) on the test sets of tasks 0..upto (each rank counts its shard)."""
     model.eval()
@@ -438,7 +525,7 @@ def evaluate(model: CLModel, stream: Stream, upto: int, cfg: TrainConfig, device
         task = stream.tasks[j]
         lo, hi = int(offsets[j]), int(offsets[j + 1])
         correct = torch.zeros(2, dtype=torch.long, device=device)
-        for xb, yb in batches(task.test_x, task.test_y, cfg.eval_batch_size, device, model, shuffle=False,
+        for xb, yb in batches(task.test_x, task.test_y, eval_batch_size, device, model, shuffle=False,
                               shard=comm.shard):
             if len(yb) == 0:
                 continue

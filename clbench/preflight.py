@@ -131,20 +131,18 @@ def backbone_problem(cfg) -> str | None:
 
 
 def device_problem(suite) -> str | None:
-    """None when every method's ``train.device`` exists in this torch on this machine."""
+    """None when the suite's ``runtime.device`` exists in this torch on this machine."""
     import torch
 
-    for i, entry in enumerate(suite.methods):
-        device = suite.train_for(entry).device
-        where = "train.device" if "device" not in entry.train else f"methods.{i}.train.device"
-        if device.startswith("cuda"):
-            count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-            index = int(device.split(":")[1]) if ":" in device else 0
-            if index >= count:
-                have = f"{count} CUDA device(s)" if count else "no CUDA"
-                return f"{where}: {device} requested but this machine has {have}; use auto or cpu"
-        if device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-            return f"{where}: mps requested but this torch or machine has no MPS; use auto or cpu"
+    device, where = suite.runtime.device, "runtime.device"
+    if device.startswith("cuda"):
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        index = int(device.split(":")[1]) if ":" in device else 0
+        if index >= count:
+            have = f"{count} CUDA device(s)" if count else "no CUDA"
+            return f"{where}: {device} requested but this machine has {have}; use auto or cpu"
+    if device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        return f"{where}: mps requested but this torch or machine has no MPS; use auto or cpu"
     return None
 
 

@@ -59,6 +59,17 @@ def package_versions() -> dict[str, str]:
     return out
 
 
+def epoch_lrs(res: TaskResult) -> dict[int, float]:
+    """``train/lr`` of task ``res.task``: step (task * epochs + epoch) -> the adapter group's lr in that epoch."""
+    E = len(res.epoch_lrs)
+    return {res.task * E + e: lr for e, lr in enumerate(res.epoch_lrs)}
+
+
+def log_lrs(tracker: Tracker, run_id: str, lrs: dict[int, float]) -> None:
+    for step, lr in lrs.items():
+        tracker.log_metrics(run_id, {keys.TRAIN_LR: float(lr)}, step=int(step))
+
+
 def task_metrics(res: TaskResult) -> dict[str, float]:
     """The MLflow metrics of one finished task (logged at step = task index)."""
     t = res.task
@@ -95,6 +106,7 @@ class RunRecorder:
         self.totals.update(ck["totals"])
         pending = ck.get("pending")
         if pending and int(pending["task"]) not in self.tracker.logged_steps(self.run_id, keys.EVAL_ACC):
+            log_lrs(self.tracker, self.run_id, pending.get("lr", {}))
             self.tracker.log_metrics(self.run_id, pending["metrics"], step=int(pending["task"]))
             self.tracker.flush(self.run_id)
 
@@ -113,12 +125,15 @@ class RunRecorder:
         self.totals["hooks"] += sum(res.hook_seconds.values())
         if res.buffer_images is not None:
             self.totals["buffer_images"] = float(res.buffer_images)
+        lrs = epoch_lrs(res)
         if self.store is not None:
-            self._checkpoint(res.task, state, model, m)
+            self._checkpoint(res.task, state, model, m, lrs)
+        log_lrs(self.tracker, self.run_id, lrs)
         self.tracker.log_metrics(self.run_id, m, step=res.task)
         self.tracker.flush(self.run_id)
 
-    def _checkpoint(self, t: int, state: LoopState, model: CLModel, metrics: dict[str, float]) -> None:
+    def _checkpoint(self, t: int, state: LoopState, model: CLModel, metrics: dict[str, float],
+                    lrs: dict[int, float]) -> None:
         checkpoint.check_loadable(state.method_state, f"method '{self.method_name}': method_state()")
         self.store.save({"next_task": state.next_task, "R": torch.from_numpy(state.R.copy()),
                          "R_til": torch.from_numpy(state.R_til.copy()),
@@ -126,7 +141,7 @@ class RunRecorder:
                          "model": {k.replace("_orig_mod.", ""): v for k, v in model.state_dict().items()},
                          "method": state.method_state, "rng": checkpoint.rng_state(), "run_id": self.run_id,
                          "spectra": checkpoint.spectra_state(self.spectra), "spectra_rows": self.spectra_rows,
-                         "totals": dict(self.totals), "pending": {"task": t, "metrics": metrics}})
+                         "totals": dict(self.totals), "pending": {"task": t, "metrics": metrics, "lr": lrs}})
 
     def final_metrics(self, state: LoopState, sizes: np.ndarray, device: torch.device) -> dict[str, float]:
         """``final/*`` (clbench.metrics), cost totals and the spectra's means over tasks."""

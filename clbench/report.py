@@ -249,6 +249,23 @@ def _ranks_html(groups: list[Group]) -> str:
                      "methods whose average ranks differ by less than the Nemenyi critical difference (CD, drawn "
                      "above the axis).</figcaption></figure>")
     return "".join(parts) + "</section>"
+def _reference_html(g: Group) -> str:
+    """The reproduction table: published vs measured mean, difference, within tolerance (reference: block)."""
+    if not g.references:
+        return ""
+    e = html.escape
+    head = "".join(f"<th>{h}</th>" for h in ("method", "metric", "published", "measured (n)", "diff", "verdict",
+                                             "source"))
+    body = []
+    for r in g.references:
+        verdict = "-" if r.within is None else (f"within ±{r.tolerance:g}" if r.within else
+                                                f"NOT within ±{r.tolerance:g}")
+        cells = [r.method, r.metric, "not retrieved" if r.reference is None else f"{r.reference:.2f}",
+                 "-" if r.measured is None else f"{r.measured:.2f} ({r.n})",
+                 "-" if r.diff is None else f"{r.diff:+.2f}", verdict, r.source]
+        body.append("<tr>" + "".join(f"<td>{e(c)}</td>" for c in cells) + "</tr>")
+    return (f'<h3>reference</h3><div class="scroll"><table class="reference"><thead><tr>{head}</tr></thead>'
+            f'<tbody>{"".join(body)}</tbody></table></div>')
 
 
 def render_html(groups: list[Group], title: str = "clbench leaderboard") -> str:
@@ -261,7 +278,7 @@ def render_html(groups: list[Group], title: str = "clbench leaderboard") -> str:
     parts.append(_ranks_html(groups))  # the summary over suites first, then each suite's own leaderboard
     for k, g in enumerate(groups):
         parts.append(f"<section id='group-{k}'><h2>{e(group_title(g))}</h2>")
-        parts.append(f"<p>sorted by <code>{e(g.sort_key)}</code></p>{_table_html(g)}")
+        parts.append(f"<p>sorted by <code>{e(g.sort_key)}</code></p>{_table_html(g)}{_reference_html(g)}")
         parts.append("<ul>" + "".join(f"<li>{e(x)}</li>" for x in provenance_lines(g) + note_lines(g)) + "</ul>")
         if g.baseline is not None and len(g.rows) > 1:  # something besides the baseline to compare
             parts.append(_baseline_html(g))

@@ -30,7 +30,7 @@ from clbench import checkpoint, distributed, keys
 from clbench.backbones import build_model
 from clbench.errors import ClbenchError
 from clbench.hookcheck import MethodHookError
-from clbench.loop import LoopState, resolve_device, run_stream
+from clbench.loop import LoopState, resolve_device, resolved_precision, run_stream
 from clbench.plan import PlannedRun, RunJob, RunRecord, plan_runs, run_key
 from clbench.recorder import RunRecorder, git_sha, record_suite
 from clbench.registry import discover, plugin_dirs, run_manager
@@ -57,6 +57,7 @@ def run_suite(suite: Suite, source: str, *, methods: list[str] | None = None, se
     planned = plan_runs(suite, source, registry, methods)
     seeds = seeds or suite.seeds
     if dry_run:
+        progress(f"suite hash {suite.protocol_hash()}")
         for run in planned:
             for seed in seeds:
                 progress(f"would run {run.label} ({run.info.source}) seed {seed}: {run.params.model_dump()}")
@@ -78,6 +79,8 @@ def run_suite(suite: Suite, source: str, *, methods: list[str] | None = None, se
     sha = git_sha()
     if sha:
         base_tags[keys.GIT_SHA] = sha
+    if suite.reference:  # the published numbers travel with the runs, so the leaderboard can show them
+        base_tags[keys.REFERENCE] = json.dumps([r.model_dump(mode="json") for r in suite.reference])
     with _stop_signals():
         if all(finished.values()):
             records = [r for r in finished.values() if r is not None]
@@ -307,25 +310,26 @@ def run_one(suite: Suite, run: PlannedRun, seed: int, stream, tracker: Tracker, 
             base_tags: dict[str, str], suite_yaml: str, progress: Callable[[str], None],
             store: checkpoint.RunStore | None = None) -> RunRecord:
     """Train one (method, seed), continuing from ``store``'s checkpoint when it holds one of this exact run."""
-    cfg = suite.train_for(suite.methods[run.entry_index])
-    device = resolve_device(cfg.device)
+    cfg, rt = suite.train_for(suite.methods[run.entry_index]), suite.runtime
+    device = resolve_device(rt.device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ClbenchError(f"train.device: {cfg.device} requested but CUDA is not available; use auto or cpu")
-    if device.type == "cpu" and cfg.cpu_threads:
+        raise ClbenchError(f"runtime.device: {rt.device} requested but CUDA is not available; use auto or cpu")
+    if device.type == "cpu" and rt.cpu_threads:
         # a tiny ViT's per-step kernels are too small to split: two threads wait on each other
-        torch.set_num_threads(cfg.cpu_threads)
+        torch.set_num_threads(rt.cpu_threads)
     say = lambda msg: progress(f"[{run.label} seed {seed}] {msg}")  # noqa: E731
     ck = store.load() if store is not None else None
     # The model is built before any MLflow run exists, so missing weights leave no FAILED run behind.
     torch.manual_seed(seed)
     bb = suite.backbone
-    model = build_model(bb.name, bb.image_size, bb.pretrained, bb.checkpoint, bb.in_chans, bb.drop_path_rate)
+    model = build_model(bb.name, bb.image_size, bb.pretrained, bb.checkpoint, bb.in_chans, bb.drop_path_rate,
+                        normalize=bb.normalize)
     pm = run_manager(run.info.cls(run.params))
     recorder, state = _open_run(suite, run, seed, stream, tracker, parent, base_tags, device, store, ck, say)
     status = "FAILED"  # until the run is through the loop
     try:
         state = run_stream(model, stream, pm, cfg, seed, device, on_task=recorder.on_task, progress=say,
-                           state=state, comm=distributed.communicator())
+                           state=state, comm=distributed.communicator(), runtime=rt)
         sizes = np.array([len(t.test_y) for t in stream.tasks])
         record = recorder.finish(state, sizes, device, run, seed, suite_yaml, stream)
         say(f"final acc {record.metrics[keys.FINAL_ACC]:.2f} forgetting {record.metrics[keys.FINAL_FORGETTING]:.2f} "
@@ -371,7 +375,10 @@ def _open_run(suite: Suite, run: PlannedRun, seed: int, stream, tracker: Tracker
     cfg = suite.train_for(suite.methods[run.entry_index])
     tags = {**base_tags, keys.METHOD: run.label, keys.METHOD_NAME: run.info.name, keys.SEED: str(seed),
             keys.DEVICE: _device_name(device), keys.ROLE: keys.ROLE_CHILD, keys.PLUGIN_SOURCE: run.info.source,
-            keys.LOW_RANK_UPDATES: str(getattr(run.info.cls, "low_rank_updates", True)).lower()}
+            keys.LOW_RANK_UPDATES: str(getattr(run.info.cls, "low_rank_updates", True)).lower(),
+            keys.PRECISION: resolved_precision(cfg.precision, device)}
+    # how it ran here (outside the suite hash): tags, shown in the leaderboard's provenance
+    tags.update({keys.runtime_tag(k): str(v) for k, v in suite.runtime.model_dump(mode="json").items()})
     tags.update({f"{keys.STREAM_PREFIX}{k}": str(v) for k, v in getattr(stream, "meta", {}).items()})
     params = {"method": {"name": run.info.name, "label": run.label, "params": run.params.model_dump(mode="json")},
               "seed": seed, "stream": suite.stream.model_dump(mode="json"),

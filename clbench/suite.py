@@ -7,6 +7,7 @@ Relative paths inside a suite resolve against the suite file's folder.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from pathlib import Path
@@ -71,24 +72,59 @@ class BackboneConfig(Strict):
     image_size: int = Field(224, ge=8, le=1024)
     in_chans: int | None = Field(None, ge=1, le=4)
     drop_path_rate: float = Field(0.0, ge=0.0, lt=1.0)
+    normalize: Literal["timm", "none"] = Field(
+        "timm", description="input normalisation after scaling pixels to [0, 1]: timm = the model's pretrained "
+                            "mean/std (0.5/0.5 for the augreg ViTs); none = inputs stay in [0, 1] (InfLoRA's "
+                            "official pipeline, Normalize(0, 1))")
 
 
 class TrainConfig(Strict):
+    """The training protocol: every field changes what is learned, so every field is in the suite hash."""
+
     epochs: int = Field(1, ge=1)
     batch_size: int = Field(64, ge=1)
-    eval_batch_size: int = Field(256, ge=1)
-    lr: float = Field(1e-3, gt=0)
+    lr: float = Field(1e-3, gt=0, description="learning rate of the method's parameter groups (the adapters)")
+    head_lr: float | None = Field(None, gt=0, description="learning rate of the current task's head "
+                                  "(default: lr; InfLoRA's DomainNet run uses 1e-2 against 5e-3)")
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
-    schedule: Literal["constant", "cosine"] = "constant"
+    schedule: Literal["constant", "cosine", "inflora_cosine", "multistep"] = Field(
+        "constant", description="constant; cosine: per-step half cosine to 0; inflora_cosine: InfLoRA's "
+                                "CosineSchedule, per epoch lr*cos(99*pi*e/(200*(K-1))); multistep: lr*gamma^m "
+                                "after m of train.milestones (epochs)")
+    milestones: list[int] = Field(default_factory=list, description="multistep: epochs (0-based) at which the "
+                                  "learning rate is multiplied by gamma")
+    gamma: float = Field(0.1, gt=0, description="multistep: the factor at each milestone")
+    # precision changes the arithmetic (bf16 autocast vs fp32), hence the numbers: it is protocol, not runtime.
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="fp32, bf16 autocast, or auto (bf16 on CUDA, fp32 elsewhere; the resolved one is "
+                            "recorded as the clbench.precision tag)")
+    max_steps_per_epoch: int | None = Field(None, ge=1, description="cap steps per epoch (smoke tests)")
+
+    @model_validator(mode="after")
+    def _milestones(self) -> TrainConfig:
+        if self.milestones != sorted(set(self.milestones)) or any(m < 1 for m in self.milestones):
+            raise ValueError("milestones: strictly increasing epochs >= 1, e.g. [4]")
+        return self
+
+
+# Settings that say how a run executes, not what it learns: outside the suite hash, recorded as tags.
+RUNTIME_KEYS = ("device", "compile", "log_every", "cpu_threads", "eval_batch_size")
+
+
+class RuntimeConfig(Strict):
+    """How the runs execute on this machine. None of it changes the protocol, so none of it is hashed: the same
+    suite run on another device, thread count or log interval lands in the same leaderboard group and resumes
+    from the same checkpoints. (Evaluation batch size changes only the order of float additions inside a
+    batch's forward, not which images are counted.)"""
+
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$")
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
     compile: bool = Field(False, description="torch.compile the backbone (CUDA)")
     log_every: int = Field(25, ge=1, description="read the loss back from the device every N steps")
-    max_steps_per_epoch: int | None = Field(None, ge=1, description="cap steps per epoch (smoke tests)")
     cpu_threads: int | None = Field(None, ge=1, le=512, description="torch threads when training on the CPU "
                                     "(default: torch's choice; tiny models run fastest on 1)")
+    eval_batch_size: int = Field(256, ge=1)
 
 
 class MethodEntry(Strict):
@@ -107,14 +143,45 @@ class TrackingConfig(Strict):
     uri: str | None = Field(None, description="tracking URI (default: $MLFLOW_TRACKING_URI or MLflow's default)")
 
 
+class Reference(Strict):
+    """Published numbers of one method entry that a reproduction suite is compared with: ``clbench leaderboard``
+    and the HTML report show the measured mean next to ``mean``, the difference, and whether it is within
+    ``tolerance`` points. A suite may list several (one per method entry, or a paper table and a log file)."""
+
+    method: str | None = Field(None, description="the method entry's label (default: the suite's only entry)")
+    source: str = Field(min_length=1, description="where the numbers come from: a paper table, or the official "
+                                                  "log file's path in its repository (with the commit)")
+    per_seed: dict[int, dict[str, float]] = Field(default_factory=dict, description="seed -> metric -> value, "
+                                                  "where the source gives them (final/acc, final/avg_acc, ...)")
+    mean: dict[str, float | None] = Field(default_factory=dict, description="metric -> the published mean "
+                                          "(over per_seed when given); null = not retrieved")
+    tolerance: float = Field(1.0, gt=0, description="|measured mean - reference| within this many points passes")
+    note: str | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Reference:
+        for key in {k for row in self.per_seed.values() for k in row}:
+            values = [row[key] for row in self.per_seed.values() if key in row]
+            mean = sum(values) / len(values)
+            stated = self.mean.get(key)
+            if stated is None:
+                self.mean[key] = round(mean, 4)
+            elif abs(stated - mean) > 0.011:  # published per-seed numbers are rounded to 0.01
+                raise ValueError(f"mean.{key}: {stated} is not the mean of per_seed ({mean:.3f})")
+        return self
+
+
 class Suite(Strict):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
     seeds: list[Seed] = Field(default_factory=lambda: [0], min_length=1)
     stream: StreamConfig
     backbone: BackboneConfig
     train: TrainConfig = Field(default_factory=TrainConfig)
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     methods: list[MethodEntry] = Field(min_length=1)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    reference: list[Reference] = Field(default_factory=list, description="reproduction suites: the published "
+                                       "numbers, one block per method entry and source")
     plugins_dir: str | None = None
 
     @field_validator("seeds")
@@ -131,16 +198,74 @@ class Suite(Strict):
         dup = sorted({x for x in labels if labels.count(x) > 1})
         if dup:
             raise ValueError(f"methods: duplicate method label(s) {dup}; give each entry a distinct 'label'")
+        for ref in self.reference:
+            if ref.method is None and len(labels) == 1:
+                ref.method = labels[0]
+            if ref.method not in labels:
+                raise ValueError(f"reference: method '{ref.method}' is not a method label of this suite "
+                                 f"({labels}); name the entry it refers to")
         return self
 
     def protocol_hash(self) -> str:
-        """Hash of what makes runs comparable (stream, backbone, training protocol), not of the methods."""
-        blob = json.dumps({k: getattr(self, k).model_dump() for k in ("stream", "backbone", "train")},
-                          sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+        """Hash of what makes runs comparable: the training protocol, the backbone and the data's identity (stream
+        settings and the shipped split files' checksums), not the methods, not the runtime settings and never a
+        local path (the same protocol on two machines is one leaderboard group and resumes one checkpoint)."""
+        return hashlib.sha256(json.dumps(self.protocol_identity(), sort_keys=True).encode()).hexdigest()[:12]
+
+    def protocol_identity(self) -> dict[str, Any]:
+        """What ``protocol_hash`` hashes."""
+        stream = self.stream.model_dump(exclude={"root", "download", "cache"})  # where / how data is read
+        backbone = self.backbone.model_dump(exclude={"checkpoint"})
+        if self.backbone.checkpoint:
+            backbone["checkpoint_sha256"] = file_sha256(self.backbone.checkpoint)
+        return {"train": self.train.model_dump(), "backbone": backbone, "stream": stream,
+                "splits": shipped_split_sums(self.stream.name)}
 
     def train_for(self, entry: MethodEntry) -> TrainConfig:
         return TrainConfig(**{**self.train.model_dump(), **entry.train})
+
+
+def file_sha256(path: str) -> str:
+    """sha256 of a weights file (cached per path, size and mtime); the file name when it is absent (validation
+    of the suite does not require the file; the run fails on it later with its own message)."""
+    p = Path(path)
+    try:
+        st = p.stat()
+    except OSError:
+        return "missing:" + p.name
+    return _sha256_cached(str(p), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=16)
+def _sha256_cached(path: str, size: int, mtime_ns: int) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def shipped_split_sums(stream_name: str) -> dict[str, str]:
+    """Checksums of the split / class-list files clbench ships for ``stream_name`` (clbench/splits/SHA256SUMS):
+    the data's identity known without reading the data. (CIFAR-100's split is its fixed official archive;
+    DomainNet's lists are read from the data folder and their checksum is the run's clbench.stream.split_sha256.)"""
+    from clbench.datasets.splitfiles import pinned_sums
+
+    return {k: v for k, v in pinned_sums().items() if k.startswith(stream_name + "_")}
+
+
+def _moved_runtime_keys(data: dict, path: Path) -> None:
+    """Old suites set the runtime settings under train: one line naming the new place."""
+    sections = [("train", data.get("train"))]
+    methods = data.get("methods")
+    if isinstance(methods, list):
+        sections += [(f"methods.{i}.train", m.get("train")) for i, m in enumerate(methods) if isinstance(m, dict)]
+    for where, section in sections:
+        if isinstance(section, dict):
+            for key in RUNTIME_KEYS:
+                if key in section:
+                    raise ClbenchError(f"{path}: {where}.{key} has moved to runtime.{key} (a top-level "
+                                       f"'runtime:' section, outside the suite hash); move it there")
 
 
 def _loc(loc: tuple) -> str:
@@ -280,6 +405,7 @@ def load_suite(path: str | Path, overrides: list[str] | None = None) -> Suite:
     data = read_yaml(path)
     for assignment in overrides or []:
         apply_override(data, assignment, str(path))
+    _moved_runtime_keys(data, path)
     try:
         suite = Suite.model_validate(data)
     except ValidationError as err:

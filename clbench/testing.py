@@ -20,7 +20,8 @@ name: {name}
 seeds: [0]
 stream: {{name: synthetic, num_tasks: 3, num_classes: 6, samples_per_class: 16}}
 backbone: {{name: vit_micro_clbench, image_size: 16, pretrained: false}}
-train: {{epochs: 1, batch_size: 16, lr: 5.0e-3, max_steps_per_epoch: 2, device: cpu, log_every: 1000}}
+train: {{epochs: 1, batch_size: 16, lr: 5.0e-3, max_steps_per_epoch: 2}}
+runtime: {{device: cpu, log_every: 1000}}
 methods:
   - {{name: lora, params: {{rank: 2}}}}
   - {{name: lora, label: inclora, params: {{rank: 2, fresh_per_task: true}}}}
@@ -47,7 +48,7 @@ def tiny_model(name: str = "vit_micro_clbench", image_size: int = 16, seed: int 
 
 
 def tiny_train(**overrides: Any) -> TrainConfig:
-    base = dict(epochs=1, batch_size=16, lr=5e-3, optimizer="adam", device="cpu", log_every=1000)
+    base = dict(epochs=1, batch_size=16, lr=5e-3, optimizer="adam")
     return TrainConfig(**{**base, **overrides})
 
 

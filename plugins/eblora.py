@@ -42,12 +42,19 @@ ViT reconstruction (no ViT code exists; docs/METHODS.md section 2):
   LM head): through a random head, G is the class signal multiplied by random head rows, and its top singular
   directions are mostly those of the random head. The loop's head is left untouched, so the protocol's head
   training is identical to every other method's;
-* the GPM gradient of ``after_task`` is taken at the model after the task (trained head, update in place):
-  the official ``train_post`` configs list the task's own LoRA for that pass (``subspace_gradient = "post"``);
-  ``"pre"`` reuses the ``before_task`` gradient instead (no extra pass);
-* the post-step rescale ``sqrt(c / r)`` uses ``c = 4096`` in the official code, LLaMA-7B's width; here
-  ``grad_scaling = None`` (default) takes the backbone's width (768 for ViT-B/16), which keeps the relative
-  step size of the direction factors at the official value; a number sets c, 0 switches the rescale off;
+* the GPM gradient of ``after_task``: ``subspace_gradient = "pre"`` (default) reuses the ``before_task``
+  gradient, which is what the released code computes: its ``train_post`` pass (``extract_gradients.py``)
+  loads the pre-trained weights whatever ``model_path`` lists and runs on the same samples, so it returns the
+  init gradient (docs/REPRODUCTION.md). ``"post"`` (documented variant) takes it at the model after the task
+  (trained head, update in place), which the configs' ``model_path`` lists suggest was intended;
+* the post-step rescale ``sqrt(c / r)`` uses ``c = 4096`` in the official code (LLaMA-7B's width, lr 2e-4,
+  r 16). Adam's first step moves each entry by about lr, so the relative change of a d x r frame is about
+  ``lr sqrt(c d / r)``: it depends on d, c and lr together, and no fixed c keeps it across widths (c = width
+  gives 0.12 on the ViT-B suites, 0.17 on the quickstart, against the official 0.20; c = 4096^2 / d is tied
+  to lr 2e-4 and saturates the retraction at larger lr). ``grad_scaling = "official_step"`` (default) picks
+  ``c = r (0.2048 / lr)^2 / d`` (d = the backbone width, lr = ``train.lr``), the official first-step relative
+  change 0.2048 = 2e-4 sqrt(4096 * 4096 / 16) on any width and lr; ``"width"`` takes c = d; a number sets c;
+  0 switches the rescale off. docs/REPRODUCTION.md has the measurement behind the choice;
 * the gradient is computed with the model in eval mode (LLaMA has no dropout, so the official ``model.train()``
   is the same thing there) and, on CUDA, under the loop's bf16 autocast.
 
@@ -113,13 +120,20 @@ class EBLoRAParams(LoRAParams):
     init_alpha: float = Field(0.0, description="s_init = -(init_alpha + init_beta * l / (L - 1)) (UCIT 0; DCL 0.002)")
     init_beta: float = Field(0.0, description="layer slope of s_init (UCIT 0; MLLM-DCL 0.006)")
     energy: float = Field(0.99, gt=0, le=1, description="GPM energy threshold of the F update")
-    subspace_gradient: Literal["post", "pre"] = Field("post", description="gradient of the F update: after the "
-                                                      "task (official train_post) or the before_task one")
-    grad_scaling: float | None = Field(None, ge=0, description="c of the post-step rescale sqrt(c / r); "
-                                       "default: the backbone width (official 4096 = LLaMA-7B's); 0: off")
+    subspace_gradient: Literal["pre", "post"] = Field("pre", description="gradient of the F update: the "
+                                                      "before_task one (what the released train_post pass "
+                                                      "computes) or one after the task (variant)")
+    grad_scaling: float | Literal["official_step", "width"] = Field(
+        "official_step", description="c of the post-step rescale sqrt(c / r): official_step = r (0.2048 / lr)^2 / "
+                                     "width (the official first-step relative change); width; a number (official "
+                                     "4096 = LLaMA-7B's width at lr 2e-4); 0: off")
     weight_decay: float = Field(0.1, ge=0, description="decoupled weight decay of the B, A, s groups (official)")
     svd_oversample: int = Field(8, ge=0, description="extra columns for svd_lowrank (official 0)")
     svd_niter: int = Field(2, ge=0, description="subspace iterations of svd_lowrank (torch default, official)")
+
+
+# The official first-step relative change of a frame: lr sqrt(c d / r) with lr 2e-4, c = d = 4096, r = 16.
+OFFICIAL_STEP = 2e-4 * math.sqrt(4096 * 4096 / 16)
 
 
 # -- Stiefel-manifold algebra (batched over a leading site dimension; X is n x d x r) ---------------------------
@@ -243,6 +257,7 @@ class EBLoRA(Method):
         self.kept_energy: dict[str, float] = {}  # site -> share of the last GPM gradient's energy F captures
         self.depth = 1
         self.width = 0
+        self.lr = 1e-3  # train.lr, read in configure_model (the official_step rule needs it)
         self._live: dict[str, LoRABranch] = {}
         self._groups: list[_StiefelGroup] = []
         self._x_old: list[torch.Tensor] = []
@@ -255,8 +270,17 @@ class EBLoRA(Method):
     @property
     def rescale(self) -> float:
         """The post-step factor sqrt(c / r) of the official ``post_step``."""
-        c = self.width if self.params.grad_scaling is None else self.params.grad_scaling
+        c = self.grad_scaling_c()
         return math.sqrt(c / self.params.rank) if c else 1.0
+
+    def grad_scaling_c(self) -> float:
+        """The constant c of the rescale (class docstring): ``official_step`` matches the official relative step."""
+        g = self.params.grad_scaling
+        if g == "width":
+            return float(self.width)
+        if g == "official_step":
+            return self.params.rank * (OFFICIAL_STEP / self.lr) ** 2 / self.width
+        return float(g)
 
     def s_init(self, site: str) -> float:
         """Official ``compute_scale_fn``: ``-(alpha + beta * l / (L - 1))`` for block l of L."""
@@ -271,6 +295,7 @@ class EBLoRA(Method):
         self.sites = inject(model.backbone, self.params.targets, self.params.blocks)
         self.depth = len(model.backbone.blocks)
         self.width = int(getattr(model.backbone, "embed_dim", 0) or model.backbone.num_features)
+        self.lr = ctx.lr
         for name, site in self.sites.items():
             if self.params.rank > min(site.d_in, site.d_out):
                 raise ClbenchError(f"eblora: rank {self.params.rank} exceeds the size {site.d_out} x {site.d_in} "

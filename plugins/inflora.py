@@ -42,13 +42,18 @@ that reproduces each official config (``train`` lives in the suite, not in the m
 ============  ===================================  =====================================================
 preset        method params                        suite ``train``
 ============  ===================================  =====================================================
-cifar100      rank 10, lambda_b 0.95, lambda_e 1   optimizer adam, lr 5.0e-4, schedule cosine, epochs 20,
-(default)                                          batch_size 128, weight_decay 0   (10 x 10 classes)
-imagenet_r    rank 10, lambda_b 0.98, lambda_e 1   optimizer adam, lr 5.0e-4, schedule cosine, epochs 50,
-                                                   batch_size 128, weight_decay 0   (5/10/20 tasks)
-domainnet     rank 30, lambda_b 0.95, lambda_e 1   optimizer sgd, momentum 0.9, lr 5.0e-3, schedule cosine,
-                                                   epochs 5, batch_size 128, weight_decay 0   (5 tasks)
+cifar100      rank 10, lambda_b 0.95, lambda_e 1   optimizer adam, lr 5.0e-4, schedule inflora_cosine,
+(default)                                          epochs 20, batch_size 128, weight_decay 0 (10 x 10 classes)
+imagenet_r    rank 10, lambda_b 0.98, lambda_e 1   optimizer adam, lr 5.0e-4, schedule inflora_cosine,
+                                                   epochs 50, batch_size 128, weight_decay 0 (5/10/20 tasks)
+domainnet     rank 30, lambda_b 0.95, lambda_e 1   optimizer sgd, momentum 0.9, lr 5.0e-3, head_lr 1.0e-2,
+                                                   schedule multistep, milestones [4], gamma 0.1, epochs 5,
+                                                   batch_size 128, weight_decay 0   (5 tasks)
 ============  ===================================  =====================================================
+
+With ``backbone.normalize: none`` (inputs in [0, 1], as the official pipeline). ``suites/repro/`` holds these
+suites; docs/REPRODUCTION.md lists what still differs (DomainNet: the official code keeps plain GPM memory,
+this plugin DualGPM).
 
 Deviations from the official code, each deliberate:
 
@@ -282,6 +287,10 @@ class InfLoRAParams(AdapterParams):
                                                              "spaced) used for the covariances; official: all")
     merge: bool = Field(True, description="fold each finished task's branch into the base weights "
                                           "(output-identical to keeping it, as the official code does)")
+    stats_data: Literal["augmented", "plain"] = Field(
+        "augmented", description="images of the covariance passes: augmented = the training augmentation, as the "
+                                 "official code iterates its training loader (network in eval mode); plain = "
+                                 "the un-augmented training images")
 
     @model_validator(mode="before")
     @classmethod
@@ -351,7 +360,8 @@ class InfLoRA(Method):
         dtype = torch.float64 if self.params.cov_dtype == "float64" else torch.float32
         autocast = ctx.autocast if ctx.autocast is not None else None
         with CovarianceCollector(self.inputs, dtype) as coll:
-            for xb, _ in ctx.loader(fraction=self.params.cov_fraction):
+            for xb, _ in ctx.loader(fraction=self.params.cov_fraction,
+                                    augmented=self.params.stats_data == "augmented"):
                 if autocast is not None:
                     with autocast():
                         backbone(xb)

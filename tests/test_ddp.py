@@ -95,7 +95,8 @@ name: ddp
 seeds: [0]
 stream: {name: synthetic, num_tasks: 2, num_classes: 4, samples_per_class: 12}
 backbone: {name: vit_micro_clbench, image_size: 16, pretrained: false}
-train: {epochs: 2, batch_size: 7, lr: 1.0e-2, device: cpu, log_every: 1000}
+train: {epochs: 2, batch_size: 7, lr: 1.0e-2}
+runtime: {device: cpu, log_every: 1000}
 methods:
   - {name: lora, params: {rank: 2}}
 tracking: {experiment: ddp}

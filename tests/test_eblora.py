@@ -5,6 +5,7 @@ update keeps the energy threshold, and a resumed run equals an uninterrupted one
 from __future__ import annotations
 
 import io
+import math
 
 import numpy as np
 import pytest
@@ -246,3 +247,24 @@ def test_resumed_run_matches_an_uninterrupted_one():
     for name, u in ref_results[-1].updates.items():
         v = resumed_results[-1].updates[name]
         assert torch.allclose(u.B, v.B, atol=1e-6) and torch.allclose(u.A, v.A, atol=1e-6)
+
+
+def test_default_step_size_is_the_official_relative_step():
+    """grad_scaling = official_step: c = r (0.2048 / lr)^2 / d, so the predicted first-step relative change of a
+    d x r frame, lr sqrt(c d / r), is the official UCIT one (lr 2e-4, c = d = 4096, r = 16) whatever d and lr."""
+    from clbench_plugins.eblora import OFFICIAL_STEP
+
+    assert EBLoRA.Params().grad_scaling == "official_step" and EBLoRA.Params().subspace_gradient == "pre"
+    assert OFFICIAL_STEP == pytest.approx(0.2048)
+    for d, r, lr in ((768, 10, 5e-4), (64, 4, 5e-3), (4096, 16, 2e-4)):
+        m = EBLoRA({"rank": r})
+        m.width, m.lr = d, lr
+        c = m.grad_scaling_c()
+        assert lr * math.sqrt(c * d / r) == pytest.approx(0.2048, rel=1e-12)
+        assert m.rescale == pytest.approx(math.sqrt(c / r), rel=1e-12)
+    m = EBLoRA({"rank": 16})
+    m.width, m.lr = 4096, 2e-4
+    assert m.grad_scaling_c() == pytest.approx(4096.0)  # the official constant at the official setting
+    m = EBLoRA({"rank": 4, "grad_scaling": "width"})
+    m.width, m.lr = 64, 5e-3
+    assert m.grad_scaling_c() == 64.0 and EBLoRA({"rank": 4, "grad_scaling": 0}).rescale == 1.0

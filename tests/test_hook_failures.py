@@ -103,7 +103,8 @@ def test_the_failing_run_fails_and_the_suite_goes_on(tmp_path, mlflow_uri, monke
         seeds: [0]
         stream: {name: synthetic, num_tasks: 2, num_classes: 4, samples_per_class: 8}
         backbone: {name: vit_micro_clbench, image_size: 16, pretrained: false}
-        train: {epochs: 1, batch_size: 16, max_steps_per_epoch: 1, device: cpu, log_every: 1000}
+        train: {epochs: 1, batch_size: 16, max_steps_per_epoch: 1}
+        runtime: {device: cpu, log_every: 1000}
         methods:
           - {name: veclora, params: {rank: 2}}
           - {name: lora, params: {rank: 2}}

@@ -152,7 +152,8 @@ def test_aggregates_equal_hand_computed_values(groups):
         (82.0, 2.0 * math.sqrt(2.0)))
     assert inflora.metrics["final/forgetting"].mean == pytest.approx(5.0)
     assert [s.mean for s in lora.curve] == pytest.approx([92.0, 72.0])
-    assert lora.provenance == {"version": ["0.1.0"], "git_sha": ["abcdef1234567890"], "device": ["cpu (test)"]}
+    assert lora.provenance == {"version": ["0.1.0"], "git_sha": ["abcdef1234567890"], "device": ["cpu (test)"],
+                               "precision": [], "runtime": []}
 
 
 def test_failed_unfinished_and_superseded_runs_are_listed_not_averaged(groups):

@@ -283,7 +283,8 @@ def _suite(folder: Path, methods: list[dict], plugins_dir: str | None = None) ->
         "seeds": [0],
         "stream": {"name": "synthetic", "num_tasks": 2, "num_classes": 4, "samples_per_class": 8},
         "backbone": {"name": "vit_micro_clbench", "image_size": 16, "pretrained": False},
-        "train": {"epochs": 1, "batch_size": 16, "device": "cpu", "max_steps_per_epoch": 1},
+        "train": {"epochs": 1, "batch_size": 16, "max_steps_per_epoch": 1},
+        "runtime": {"device": "cpu"},
         "methods": methods,
         "tracking": {"experiment": "plugins"},
     }

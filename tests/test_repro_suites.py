@@ -1,13 +1,12 @@
-"""The reproduction suites (suites/repro/): they validate, name the official fixed class order and seeds, and their
-TODO-schema comment block (settings the schema cannot express yet, and the reference numbers) is valid YAML whose
-per-seed numbers agree with the stated means."""
+"""The InfLoRA reproduction suites (suites/repro/): they validate, state the official protocol as keys (fixed
+class order, seeds, schedule, inputs, statistics passes) and carry reference: blocks whose per-seed numbers agree
+with the stated means."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
-import yaml
 
 from clbench.registry import discover
 from clbench.runner import plan_runs
@@ -15,17 +14,6 @@ from clbench.suite import load_suite
 
 REPRO = Path(__file__).resolve().parents[1] / "suites" / "repro"
 SUITES = sorted(p.name for p in REPRO.glob("inflora-*.yaml"))  # the InfLoRA configs; SD-LoRA, CL-LoRA, prompts test theirs
-
-
-def _todo_block(path: Path) -> dict:
-    lines = path.read_text().splitlines()
-    start = lines.index("# todo_schema:")
-    block = []
-    for line in lines[start:]:
-        if not line.startswith("#"):
-            break
-        block.append(line[2:] if line.startswith("# ") else line[1:])
-    return yaml.safe_load("\n".join(block))["todo_schema"]
 
 
 def test_the_five_official_configurations_are_there():
@@ -41,28 +29,29 @@ def test_repro_suite_validates_and_is_the_official_protocol(name):
     assert suite.stream.shuffle_classes is False and suite.stream.class_order is None  # official fixed order
     assert suite.backbone.name == "vit_base_patch16_224.augreg_in21k" and suite.train.weight_decay == 0.0
     assert suite.train.batch_size == 128 and suite.train.precision == "fp32"
-    params = suite.methods[0].params
-    assert params["targets"] == ["k", "v"]
-    todo = _todo_block(REPRO / name)
-    assert todo["backbone"]["normalize"] == {"mean": [0.0] * 3, "std": [1.0] * 3}
-    assert todo["reference"]["tolerance"] == 1.0
+    assert suite.backbone.normalize == "none"  # official Normalize(0, 1): inputs in [0, 1]
+    assert planned[0].params.targets == ["k", "v"] and planned[0].params.stats_data == "augmented"
+    assert [r.tolerance for r in suite.reference] == [1.0] and suite.reference[0].method == "inflora"
+    if suite.train.optimizer == "adam":
+        assert suite.train.schedule == "inflora_cosine" and suite.train.head_lr is None
 
 
 @pytest.mark.parametrize("name", ["inflora-cifar100-10.yaml", "inflora-imagenet-r-10.yaml"])
 def test_reference_means_match_their_per_seed_numbers(name):
-    logs = _todo_block(REPRO / name)["reference"]["official_logs"]
-    assert sorted(logs["per_seed"]) == load_suite(REPRO / name).seeds == [0, 1, 2, 3, 4]
+    suite = load_suite(REPRO / name)
+    [ref] = suite.reference
+    assert sorted(ref.per_seed) == suite.seeds == [0, 1, 2, 3, 4]
     for key in ("final/acc", "final/avg_acc"):
-        values = [row[key] for row in logs["per_seed"].values()]
-        assert abs(sum(values) / len(values) - logs["mean"][key]) < 0.011  # per-seed values are rounded
+        values = [row[key] for row in ref.per_seed.values()]
+        assert abs(sum(values) / len(values) - ref.mean[key]) < 0.011  # per-seed values are rounded
+    assert "logs/" in ref.source and "@e08b00e" in ref.source
 
 
-def test_domainnet_suite_marks_the_official_optimizer_and_memory():
+def test_domainnet_suite_is_the_official_optimizer_and_schedule():
     suite = load_suite(REPRO / "inflora-domainnet-5.yaml")
-    assert suite.train.optimizer == "sgd" and suite.train.lr == 5.0e-3 and suite.train.epochs == 5
-    todo = _todo_block(REPRO / "inflora-domainnet-5.yaml")
-    assert todo["train"] == {"schedule": "multistep", "milestones": [4], "gamma": 0.1, "head_lr": 1.0e-2}
-    assert todo["methods.inflora.params"]["memory"] == "gpm"
+    t = suite.train
+    assert (t.optimizer, t.momentum, t.lr, t.head_lr, t.epochs) == ("sgd", 0.9, 5.0e-3, 1.0e-2, 5)
+    assert (t.schedule, t.milestones, t.gamma) == ("multistep", [4], 0.1)
 
 
 @pytest.mark.parametrize("name", ["vit.yaml", "vit-imagenet-r.yaml", "vit-domainnet.yaml"])
@@ -84,4 +73,5 @@ def test_prompt_repro_suites_run_the_official_prompt_configurations(name):
     planned = plan_runs(suite, REPRO / name, discover([]), None)
     assert [p.info.name for p in planned] == ["l2p", "dualprompt", "codaprompt"]
     assert suite.train.lr == 1.0e-3 and suite.train.optimizer == "adam" and suite.train.schedule == "cosine"
-    assert _todo_block(REPRO / name)["reference"]["sources"]
+    assert [r.method for r in suite.reference] == ["l2p", "dualprompt", "codaprompt"]
+    assert all(r.source for r in suite.reference)
