@@ -125,3 +125,47 @@ def test_intervention_without_fresh_per_task_is_rejected():
         NaiveLoRA.Params(spectrum="flat")
     with pytest.raises(ValidationError):
         NaiveLoRA.Params(fresh_per_task=True, spectrum="sharpen", power=0.5)
+
+
+def _group(values: dict[str, dict[int, tuple[float, float]]]):
+    from clbench import keys
+    from clbench.leaderboard import Group, Row
+
+    rows = [Row(method=label, method_name="lora", params_id="x", n=len(per_seed), seeds=list(per_seed), metrics={},
+                provenance={}, runs=[{"run_id": f"{label}{s}", "seed": s,
+                                      "values": {keys.FINAL_FORGETTING: f, keys.FINAL_ACC: a}}
+                                     for s, (f, a) in per_seed.items()])
+            for label, per_seed in values.items()]
+    return Group("claim", ["claim"], "h", rows, [])
+
+
+def test_claim_effects_are_paired_by_seed_against_keep():
+    from scipy.stats import ttest_rel
+
+    from clbench import keys
+    from clbench.claim import claim_effects, claim_metrics, plot_forgetting_by_intervention
+
+    keep = {0: (40.0, 30.0), 1: (50.0, 28.0), 2: (45.0, 31.0), 3: (41.0, 29.0)}
+    flat = {1: (44.0, 29.0), 0: (35.0, 31.0), 2: (42.0, 30.0), 3: (37.0, 30.5), 7: (0.0, 99.0)}  # seed 7: unpaired
+    effects = claim_effects(_group({"keep": keep, "flat": flat}))
+    eff = effects["flat"]["forgetting"]
+    assert eff.n == 4 and eff.diff == pytest.approx(-4.5)
+    assert eff.p == pytest.approx(ttest_rel([35, 44, 42, 37], [40, 50, 45, 41]).pvalue)
+    m = claim_metrics(effects)
+    assert m[keys.claim_key("flat", "forgetting", "diff")] == pytest.approx(-4.5)
+    assert {"claim/flat/forgetting_diff", "claim/flat/forgetting_diff_ci95", "claim/flat/forgetting_diff_p",
+            "claim/flat/forgetting_diff_n", "claim/flat/acc_diff", "claim/flat/acc_diff_p"} <= set(m)
+    assert plot_forgetting_by_intervention(_group({"keep": keep, "flat": flat}))
+    assert claim_effects(_group({"lora": keep, "flat": flat})) == {}  # no reference entry: not a claim suite
+
+
+def test_layer_points_pair_later_updates_with_earlier_forgetting():
+    import numpy as np
+
+    from clbench.claim import layer_points
+
+    R = np.array([[90, 0, 0], [60, 80, 0], [50, 40, 70]], dtype=float)
+    top1 = np.array([[0.3, 0.5], [0.6, 0.8], [1.0, 0.4]])
+    pts = layer_points(R, top1)
+    # task 0 forgot 90 - 50 = 40 under tasks 1, 2; task 1 forgot 80 - 40 = 40 under task 2
+    assert np.allclose(pts, [(0.8, 40.0), (0.6, 40.0), (1.0, 40.0), (0.4, 40.0)])
