@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import io
+import os
 import tempfile
 
 import numpy as np
@@ -120,6 +121,19 @@ def _run_points(client, run_id: str) -> list[tuple[float, float]]:
     return layer_points(R, top1)
 
 
+def _all_points(client, run_ids: list[str]) -> list[tuple[float, float]]:
+    # MLflow draws a progress bar per download; the report's reader gets no value from 60 of them on stderr
+    old = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
+    try:
+        return [p for run_id in run_ids for p in _run_points(client, run_id)]
+    finally:
+        if old is None:
+            os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", None)
+        else:
+            os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = old
+
+
 def plot_layer_top1_forgetting(group: Group, uri: str | None) -> str | None:
     """Per layer and earlier task, over every finished run: the top1_share of the later tasks' updates in that
     layer against the task's forgetting, coloured by arm (read from each run's spectra.npz and acc_matrix.csv)."""
@@ -132,7 +146,7 @@ def plot_layer_top1_forgetting(group: Group, uri: str | None) -> str | None:
     fig, ax = plt.subplots(figsize=(6, 4))
     drawn = False
     for row in group.rows:
-        pts = [p for r in row.runs for p in _run_points(client, r["run_id"])]
+        pts = _all_points(client, [r["run_id"] for r in row.runs])
         if pts:
             drawn = True
             ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=6, alpha=0.5, label=row.method)
