@@ -85,3 +85,12 @@ SUITE_SPEARMAN_P = "suite/spearman_p"
 SUITE_SPEARMAN_N = "suite/spearman_n"
 SUITE_SPECTRA_EXCLUDED = "suite/spectra_excluded_runs"  # finished runs the spectra statistics leave out
 SPECTRA_EXCLUDED = "clbench.spectra_excluded"  # parent-run tag: how many runs were left out and why
+
+# -- claim suite (parent run; clbench.claim) ---------------------------------------------------------------------
+CLAIM_REFERENCE = "keep"  # the label of the claim suite's reference entry (plain IncLoRA)
+
+
+def claim_key(label: str, metric: str, stat: str) -> str:
+    """``claim/<label>/<metric>_diff`` (stat ``diff``) or ``claim/<label>/<metric>_diff_<stat>`` (``ci95``, ``p``,
+    ``n``): metric forgetting | acc, the arm minus ``keep`` paired by seed (clbench.claim)."""
+    return f"claim/{label}/{metric}_diff" + ("" if stat == "diff" else f"_{stat}")

@@ -27,6 +27,7 @@ import torch
 import clbench
 from clbench import checkpoint, keys, plots
 from clbench.backbones import CLModel
+from clbench.claim import claim_effects, claim_metrics
 from clbench.errors import ClbenchError
 from clbench.leaderboard import aggregate
 from clbench.loop import LoopState, TaskResult, peak_memory_mb
@@ -236,6 +237,7 @@ def record_suite(tracker: Tracker, parent: str, suite: Suite, records: list[RunR
     figures[keys.SUITE_SPECTRA_EXCLUDED] = float(n_excluded)
     if n_excluded:  # say why the Spearman covers fewer runs than finished
         tracker.set_tags(parent, {keys.SPECTRA_EXCLUDED: why})
+    figures.update(claim_metrics(claim_effects(group)))  # a claim suite's paired effects vs keep (else nothing)
     tracker.log_metrics(parent, figures)
     tracker.flush(parent)
     if ev.rho is not None:

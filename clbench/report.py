@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from clbench import keys
+from clbench.claim import claim_plots
 from clbench.leaderboard import (
     METRICS,
     SPEC,
@@ -268,7 +269,7 @@ def _reference_html(g: Group) -> str:
             f'<tbody>{"".join(body)}</tbody></table></div>')
 
 
-def render_html(groups: list[Group], title: str = "clbench leaderboard") -> str:
+def render_html(groups: list[Group], title: str = "clbench leaderboard", uri: str | None = None) -> str:
     e = html.escape
     parts = [(f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{e(title)}</title><style>{CSS}</style>"
               f"</head><body><h1>{e(title)}</h1>"),
@@ -283,8 +284,7 @@ def render_html(groups: list[Group], title: str = "clbench leaderboard") -> str:
         if g.baseline is not None and len(g.rows) > 1:  # something besides the baseline to compare
             parts.append(_baseline_html(g))
         parts.append("<div class='plots'>")
-        for name, fn, caption in PLOTS:
-            png = fn(g)
+        for name, png, caption in [(n, fn(g), c) for n, fn, c in PLOTS] + claim_plots(g, uri):
             if png:
                 parts.append(f"<figure><img class='plot' id='{name}-{k}' alt='{name}' "
                              f"src='data:image/png;base64,{png}'><figcaption>{e(caption)}</figcaption></figure>")
@@ -307,6 +307,6 @@ def log_report(tracker: Tracker, parent: str, experiment: str, suite_hash: str, 
     groups = aggregate(runs)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "leaderboard.html"
-        path.write_text(render_html(groups, title or f"clbench leaderboard: {experiment}"))
+        path.write_text(render_html(groups, title or f"clbench leaderboard: {experiment}", tracker.uri))
         tracker.log_artifacts(parent, tmp)
     return True

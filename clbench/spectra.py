@@ -164,3 +164,39 @@ def _compress(u: LowRank) -> tuple[LowRank, torch.Tensor]:
     B = (Qb @ U[:, :keep]) * S[:keep]
     A = (Qa @ Vh[:keep].t()).t()
     return LowRank(B.to(u.B.dtype), A.to(u.A.dtype)), S
+
+
+def reshape_spectrum(u: LowRank, spectrum: str, power: float = 2.0, norm: str = "frobenius",
+                     rel_tol: float = REL_TOL) -> LowRank:
+    """The update ``U diag(S') V^T`` with the same singular subspaces as ``u = U diag(S) V^T`` and a new spectrum
+    S' on its numerical rank k (singular values below ``rel_tol * s1`` stay zero), from the factors (thin QRs and
+    the r x r core's SVD, as :func:`_core`; no dense SVD). Used by the claim interventions (plugins/lora.py).
+
+    * ``flat``: every S'_i equal; ``norm="frobenius"`` keeps ``||S'||_2 = ||S||_2`` (S'_i = the RMS of S),
+      ``norm="nuclear"`` keeps ``sum S' = sum S`` (S'_i = the mean of S);
+    * ``sharpen``: ``S' = S^power`` rescaled to the same Frobenius (or nuclear) norm; power > 1 moves energy to
+      the top direction.
+
+    The result is rank k, with factors ``B' = U_k diag(S')`` (d_out x k) and ``A' = V_k^T`` (k x d_in), in the
+    input's dtype. A zero update is returned unchanged.
+    """
+    Qb, U, S, Vh, Qa = _core(u)
+    k = significant(S, rel_tol)
+    if k == 0:
+        return u
+    s = S[:k]
+    if spectrum == "flat":
+        new = torch.full_like(s, 1.0)
+    elif spectrum == "sharpen":
+        new = (s / s[0]) ** power  # divided by s1 first: the power cannot overflow
+    else:
+        raise ValueError(f"unknown spectrum intervention {spectrum!r}; choose flat or sharpen")
+    if norm == "frobenius":
+        new = new * (s.norm() / new.norm())
+    elif norm == "nuclear":
+        new = new * (s.sum() / new.sum())
+    else:
+        raise ValueError(f"unknown norm {norm!r}; choose frobenius or nuclear")
+    B = (Qb @ U[:, :k]) * new
+    A = (Qa @ Vh[:k].t()).t()
+    return LowRank(B.to(u.B.dtype), A.to(u.A.dtype))

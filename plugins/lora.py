@@ -13,6 +13,14 @@ The task update reported for spectra is the change of the factor product across 
 (``clbench.probes.TaskUpdateProbe``). IncLoRA reports its task's own branch instead (rank r, without the zero
 half ``-B_{t-1}`` that the harness would add on the first task, where the branch starts at B = 0).
 
+Claim interventions (issue 24: does spectral imbalance *cause* forgetting?): with ``fresh_per_task``,
+``spectrum: flat | sharpen`` replaces the finished task's update ``delta W = U S V^T`` by ``U S' V^T`` just before
+it is merged (``clbench.spectra.reshape_spectrum``: same singular subspaces, same Frobenius norm, or the same
+nuclear norm with ``norm: nuclear``); ``flat`` sets S' to S's RMS (mean for nuclear) on the update's rank,
+``sharpen`` uses ``S^power`` renormalised. Training is untouched, so the task's own accuracy right after the
+intervention (``eval/acc/task_JJ`` at that step) shows what the intervention costs on the current task, and the
+reported task update (spectra) is the intervened one. ``spectrum: keep`` (default) changes nothing.
+
 Deviations: targets default to q and v of every block (InfLoRA/SD-LoRA protocol, r = 10) rather than the
 PEFT/T5 defaults; no LoRA dropout by default (the ViT protocols use none).
 """
@@ -20,18 +28,33 @@ PEFT/T5 defaults; no LoRA dropout by default (the ViT protocols use none).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import Field
+import torch
+from pydantic import Field, model_validator
 from torch import nn
 
 from clbench import TaskContext, hookimpl
-from clbench.lora import LoRAParams, LoRASite, LowRank, inject
+from clbench.lora import LoRABranch, LoRAParams, LoRASite, LowRank, inject
 from clbench.method import Method
+from clbench.spectra import reshape_spectrum
 
 
 class NaiveLoRAParams(LoRAParams):
     fresh_per_task: bool = Field(False, description="IncLoRA: a new LoRA per task, merged after the task")
+    spectrum: Literal["keep", "flat", "sharpen"] = Field(
+        "keep", description="claim intervention on the finished task's update before merging (needs "
+        "fresh_per_task): keep; flat = every singular value set equal; sharpen = S^power; same subspaces, same norm")
+    power: float = Field(2.0, gt=1, description="sharpen: the exponent p of S^p")
+    norm: Literal["frobenius", "nuclear"] = Field(
+        "frobenius", description="the norm the intervention preserves: frobenius (sum S^2) or nuclear (sum S)")
+
+    @model_validator(mode="after")
+    def _intervention_needs_fresh(self) -> NaiveLoRAParams:
+        if self.spectrum != "keep" and not self.fresh_per_task:
+            raise ValueError(f"spectrum: {self.spectrum} intervenes on a task's own update before it is merged; "
+                             "set fresh_per_task: true (IncLoRA)")
+        return self
 
 
 class NaiveLoRA(Method):
@@ -69,9 +92,24 @@ class NaiveLoRA(Method):
     @hookimpl
     def merge_task(self, model: nn.Module, ctx: TaskContext) -> None:
         if self.params.fresh_per_task:
+            if self.params.spectrum != "keep":
+                for site in self.sites.values():
+                    self._intervene(site.branches[-1])
             self._own_branch = {n: s.branches[-1].lowrank() for n, s in self.sites.items()}
             for site in self.sites.values():
                 site.merge()
+
+    @torch.no_grad()
+    def _intervene(self, branch: LoRABranch) -> None:
+        """Replace the branch's factors by the intervened update's (zero-padded to the branch rank when the
+        update is rank-deficient); the scale stays, so B holds ``B' / scale``."""
+        p = self.params
+        new = reshape_spectrum(branch.lowrank(), p.spectrum, power=p.power, norm=p.norm)
+        k = new.rank
+        branch.B.zero_()
+        branch.A.zero_()
+        branch.B[:, :k] = (new.B / branch.scale).to(branch.B.dtype)
+        branch.A[:k] = new.A.to(branch.A.dtype)
 
     @hookimpl
     def task_updates(self, model: nn.Module, ctx: TaskContext) -> dict[str, LowRank] | None:
