@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 
@@ -178,6 +179,39 @@ def plugins(plugins_dir: list[str] = typer.Option([], "--plugins-dir")) -> None:
         typer.echo(f"{source}: {', '.join(names) or '(no methods)'}  {prov.get('kind', '')}")
     for err in reg.errors:
         typer.echo(f"error: {err}", err=True)
+
+
+@app.command()
+def check(
+    name: str = typer.Argument(..., help="a registered method (built-in, installed package or --plugins-dir)"),
+    plugins_dir: list[str] = typer.Option([], "--plugins-dir", metavar="DIR",
+                                          help="also load method plugins from this folder"),
+) -> None:
+    """Run the plugin contract on one method (CPU, tiny ViT, seconds): one line per check, stop at the first
+    failure (exit 1). The same checks as tests/test_contract.py, without a source checkout of clbench."""
+    from clbench.contract import ContractError, method_checks
+    from clbench.registry import discover
+
+    try:
+        reg = discover(plugins_dir, strict=False)
+    except ClbenchError as exc:
+        _fail(str(exc))
+    try:
+        info = reg.get(name)
+    except ClbenchError as exc:  # a plugin that failed to load says why here
+        _fail(f"{exc}{''.join(f'; {e}' for e in reg.errors)}")
+    typer.echo(f"contract of method '{info.name}' [{info.source}]")
+    for label, step in method_checks(info.cls):
+        try:
+            step()
+        except (ContractError, ClbenchError) as exc:
+            typer.echo(f"FAIL  {label}")
+            _fail(f"{label}: {exc}")
+        except Exception as exc:  # noqa: BLE001 - the plugin crashed: where, in one line
+            frame = traceback.extract_tb(exc.__traceback__)[-1]
+            typer.echo(f"FAIL  {label}")
+            _fail(f"{label}: {type(exc).__name__}: {exc} (at {frame.filename}:{frame.lineno})")
+        typer.echo(f"ok    {label}")
 
 
 @app.command("new-method")
