@@ -46,6 +46,9 @@ def run(
                                      help="run only these methods (label or name)"),
     seed: list[int] = typer.Option([], "--seed", "-s", metavar="N", help="run only these seeds"),
     set_: list[str] = typer.Option([], "--set", metavar="KEY=VALUE", help="override a suite key: key.path=value"),
+    add_method: list[str] = typer.Option([], "--add-method", metavar="YAML",
+                                         help="append a method entry (flow YAML) to the suite's methods, e.g. "
+                                              "'{name: lora, label: lora-r8, params: {rank: 8}}'"),
     plugins_dir: list[str] = typer.Option([], "--plugins-dir", metavar="DIR",
                                           help="load method plugins from this folder"),
     dry_run: bool = typer.Option(False, "--dry-run", help="validate and print the plan, train nothing"),
@@ -74,7 +77,7 @@ def run(
     from clbench.suite import load_suite
 
     try:
-        s = load_suite(suite, set_)
+        s = load_suite(suite, set_, add_method)
         ex = make_executor(executor, address, ray_gpus_per_run, ray_cpus_per_run, ray_max_retries)
         if not dry_run:
             preflight(s)  # before any MLflow run exists: missing data or weights leave nothing behind
