@@ -154,8 +154,9 @@ def format_validation_error(source: str, err: ValidationError, prefix: str = "",
     return f"{source}: " + "; ".join(parts) + more
 
 
-def apply_override(data: dict, assignment: str, source: str) -> None:
-    """Apply ``key.path=value`` (value parsed as YAML) to the raw suite mapping."""
+def apply_override(data: dict, assignment: str, source: str) -> tuple:
+    """Apply ``key.path=value`` (value parsed as YAML) to the raw suite mapping; return the key path it set,
+    list entries as indices (so a validation error at that path can name the ``--set`` flag)."""
     if "=" not in assignment:
         raise ClbenchError(f"--set {assignment}: expected key.path=value")
     path, raw = assignment.split("=", 1)
@@ -165,21 +166,33 @@ def apply_override(data: dict, assignment: str, source: str) -> None:
         value = raw
     keys = path.strip().split(".")
     node: Any = data
+    resolved: list = []
     for i, key in enumerate(keys):
         last = i == len(keys) - 1
         if isinstance(node, list):
             idx = _list_index(node, key, path)
+            resolved.append(idx)
             if last:
                 node[idx] = value
             else:
                 node = node[idx]
         elif isinstance(node, dict):
+            resolved.append(key)
             if last:
                 node[key] = value
             else:
                 node = node.setdefault(key, {})
         else:
             raise ClbenchError(f"--set {assignment}: '{'.'.join(keys[:i])}' is not a mapping or list")
+    return tuple(resolved)
+
+
+def _set_flag(overrides: dict[tuple, str], loc: tuple) -> str | None:
+    """The ``--set`` that wrote the key at ``loc`` (or a mapping above it), the last one when several did."""
+    if not loc:  # a whole-suite check (e.g. duplicate labels): not attributable to one key
+        return None
+    hits = [a for path, a in overrides.items() if loc[:len(path)] == path or path[:len(loc)] == loc]
+    return hits[-1] if hits else None
 
 
 def _list_index(node: list, key: str, path: str) -> int:
@@ -250,8 +263,9 @@ def load_suite(path: str | Path, overrides: list[str] | None = None, added: list
     appended to its methods; raise ClbenchError with one line on any problem."""
     path = Path(path)
     data = read_yaml(path)
+    set_paths: dict[tuple, str] = {}
     for assignment in overrides or []:
-        apply_override(data, assignment, str(path))
+        set_paths[apply_override(data, assignment, str(path))] = assignment
     added = list(added or [])
     first_added = len(data["methods"]) if isinstance(data.get("methods"), list) else 0
     for raw in added:
@@ -263,7 +277,8 @@ def load_suite(path: str | Path, overrides: list[str] | None = None, added: list
         if added and loc[:1] == ("methods",) and len(loc) > 1 and isinstance(loc[1], int) and loc[1] >= first_added:
             raise ClbenchError(format_validation_error(f"--add-method {added[loc[1] - first_added]}", err,
                                                        drop=2)) from None
-        raise ClbenchError(format_validation_error(str(path), err)) from None
+        flag = _set_flag(set_paths, tuple(loc))
+        raise ClbenchError(format_validation_error(f"--set {flag}" if flag else str(path), err)) from None
     for raw, entry in zip(added, suite.methods[first_added:]):
         entry._origin = f"--add-method {raw}"
     for i, entry in enumerate(suite.methods):
@@ -271,6 +286,8 @@ def load_suite(path: str | Path, overrides: list[str] | None = None, added: list
         try:
             suite.train_for(entry)
         except ValidationError as err:
+            flag = _set_flag(set_paths, ("methods", i, "train", *err.errors()[0]["loc"]))
+            source = f"--set {flag}" if flag else source
             raise ClbenchError(format_validation_error(source, err, prefix=f"{prefix}train.")) from None
     _resolve_paths(suite, path.resolve().parent)
     return suite

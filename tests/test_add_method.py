@@ -73,3 +73,21 @@ def test_real_run_trains_the_added_method_beside_the_others(suite_file, tmp_path
     assert res.exit_code == 0, res.output
     finished = [ln.split()[0] for ln in res.output.splitlines() if " FINISHED " in ln]
     assert finished == ["lora", "inclora", "lora-r8"], res.output
+
+
+@pytest.mark.parametrize(("sets", "message"), [
+    (["train.epochs=0"], "--set train.epochs=0: train.epochs: Input should be greater than or equal to 1"),
+    (["train.epoch=3"], "--set train.epoch=3: train.epoch: unknown key"),
+    (["seeds=[0]", "methods.inclora.train.lr=-1"],
+     "--set methods.inclora.train.lr=-1: methods.1.train.lr: Input should be greater than 0"),
+])
+def test_set_errors_name_the_flag_not_the_file(suite_file, sets, message):
+    with pytest.raises(ClbenchError) as exc:
+        load_suite(suite_file, sets)
+    assert str(exc.value).startswith(message), str(exc.value)
+
+
+def test_file_errors_beside_a_set_still_name_the_file(suite_file):
+    suite_file.write_text(suite_file.read_text().replace("epochs: 1", "epochs: 0"))
+    with pytest.raises(ClbenchError, match=r"^\S*tiny\.yaml: train\.epochs"):
+        load_suite(suite_file, ["train.lr=0.1"])
