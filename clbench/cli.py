@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 
@@ -45,6 +46,9 @@ def run(
                                      help="run only these methods (label or name)"),
     seed: list[int] = typer.Option([], "--seed", "-s", metavar="N", help="run only these seeds"),
     set_: list[str] = typer.Option([], "--set", metavar="KEY=VALUE", help="override a suite key: key.path=value"),
+    add_method: list[str] = typer.Option([], "--add-method", metavar="YAML",
+                                         help="append a method entry (flow YAML) to the suite's methods, e.g. "
+                                              "'{name: lora, label: lora-r8, params: {rank: 8}}'"),
     plugins_dir: list[str] = typer.Option([], "--plugins-dir", metavar="DIR",
                                           help="load method plugins from this folder"),
     trust_suite_plugins: bool = typer.Option(False, "--trust-suite-plugins",
@@ -78,7 +82,7 @@ def run(
         bad_seeds = [x for x in seed if not 0 <= x <= SEED_MAX]
         if bad_seeds:
             raise ClbenchError(f"--seed {bad_seeds[0]}: a seed must be in 0..{SEED_MAX}")
-        s = load_suite(suite, set_)
+        s = load_suite(suite, set_, add_method)
         ex = make_executor(executor, address, ray_gpus_per_run, ray_cpus_per_run, ray_max_retries)
         if not dry_run:
             preflight(s)  # before any MLflow run exists: missing data or weights leave nothing behind
@@ -183,6 +187,39 @@ def plugins(plugins_dir: list[str] = typer.Option([], "--plugins-dir")) -> None:
         typer.echo(f"{source}: {', '.join(names) or '(no methods)'}  {prov.get('kind', '')}")
     for err in reg.errors:
         typer.echo(f"error: {err}", err=True)
+
+
+@app.command()
+def check(
+    name: str = typer.Argument(..., help="a registered method (built-in, installed package or --plugins-dir)"),
+    plugins_dir: list[str] = typer.Option([], "--plugins-dir", metavar="DIR",
+                                          help="also load method plugins from this folder"),
+) -> None:
+    """Run the plugin contract on one method (CPU, tiny ViT, seconds): one line per check, stop at the first
+    failure (exit 1). The same checks as tests/test_contract.py, without a source checkout of clbench."""
+    from clbench.contract import ContractError, method_checks
+    from clbench.registry import discover
+
+    try:
+        reg = discover(plugins_dir, strict=False)
+    except ClbenchError as exc:
+        _fail(str(exc))
+    try:
+        info = reg.get(name)
+    except ClbenchError as exc:  # a plugin that failed to load says why here
+        _fail(f"{exc}{''.join(f'; {e}' for e in reg.errors)}")
+    typer.echo(f"contract of method '{info.name}' [{info.source}]")
+    for label, step in method_checks(info.cls):
+        try:
+            step()
+        except (ContractError, ClbenchError) as exc:
+            typer.echo(f"FAIL  {label}")
+            _fail(f"{label}: {exc}")
+        except Exception as exc:  # noqa: BLE001 - the plugin crashed: where, in one line
+            frame = traceback.extract_tb(exc.__traceback__)[-1]
+            typer.echo(f"FAIL  {label}")
+            _fail(f"{label}: {type(exc).__name__}: {exc} (at {frame.filename}:{frame.lineno})")
+        typer.echo(f"ok    {label}")
 
 
 @app.command("new-method")

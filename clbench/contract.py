@@ -355,64 +355,131 @@ def check_determinism(
             )
 
 
+class _Stop(Exception):
+    """Ends the interrupted run of :func:`check_resume` right after its checkpoint (a kill, without a process)."""
+
+
+def _collect(results: list, finals: list) -> Any:
+    def on_task(result, state, model) -> None:
+        results.append(result)
+        finals[:] = [{k: v.detach().clone() for k, v in model.state_dict().items()}]
+    return on_task
+
+
 def check_resume(
     cls: type,
-    first: ContractRun,
+    first: ContractRun | None = None,
     params: BaseModel | dict[str, Any] | None = None,
     stream: Stream | None = None,
     seed: int = 0,
     max_steps: int = 2,
+    num_tasks: int = 3,
+    after: int = 1,
 ) -> None:
-    """Stop after task 0, save the loop state as a checkpoint would (``weights_only``), resume into a fresh model
-    and method instance: the accuracy matrices must equal the uninterrupted run's (``first``)."""
-    import io
+    """Interrupt a run after ``after`` of ``num_tasks`` tasks, resume it in a fresh method instance on a fresh model,
+    and require what an uninterrupted run gives: the same accuracy matrices, per-task losses and loss terms, and
+    final weights, bit for bit on CPU.
 
-    from clbench.checkpoint import rng_state
-    from clbench.loop import LoopState, run_stream
+    The checkpoint goes through the runner's own path: the loop's payload (:func:`clbench.loop.checkpoint_payload`),
+    saved by :class:`clbench.checkpoint.RunStore` and loaded back with ``torch.load(weights_only=True)``.
+    ``first`` and ``stream`` (the two-task run and stream of the other checks) are accepted for callers of the
+    earlier signature and not used: the check makes its own uninterrupted ``num_tasks``-task run to compare with.
+    """
+    import tempfile
+
+    from clbench import checkpoint
+    from clbench.loop import checkpoint_payload, resume_state, run_stream
     from clbench.registry import run_manager
     from clbench.testing import tiny_model, tiny_train
 
-    stream = stream or contract_stream(seed)
-    cfg, cpu = tiny_train(max_steps_per_epoch=max_steps), torch.device("cpu")
-    saved = io.BytesIO()
+    stream = contract_stream(seed, num_tasks=num_tasks)
+    cfg = tiny_train(max_steps_per_epoch=max_steps)
+    cpu = torch.device("cpu")
+    full, full_final = [], []
+    state = run_stream(tiny_model(seed=seed), stream, run_manager(cls(params)), cfg, seed, cpu,
+                       on_task=_collect(full, full_final))
 
-    class Stop(Exception):
-        pass
+    def save_and_stop(result, st, model) -> None:
+        if result.task + 1 < after:
+            return
+        try:
+            checkpoint.check_loadable(st.method_state, "method_state()")
+        except ClbenchError as exc:
+            _fail(cls, str(exc))
+        store.save(checkpoint_payload(st, model))
+        raise _Stop
 
-    def save_and_stop(result, st, m) -> None:
-        torch.save({"next_task": st.next_task, "R": torch.from_numpy(st.R.copy()),
-                    "R_til": torch.from_numpy(st.R_til.copy()), "model": m.state_dict(),
-                    "method": st.method_state, "rng": rng_state()}, saved)
-        raise Stop
-
+    with tempfile.TemporaryDirectory(prefix="clbench-contract-") as tmp:
+        store = checkpoint.RunStore(Path(tmp), "contract")
+        try:
+            run_stream(tiny_model(seed=seed), stream, run_manager(cls(params)), cfg, seed, cpu, on_task=save_and_stop)
+        except _Stop:
+            pass
+        ck = store.load()
+    if ck is None:
+        _fail(cls, f"no checkpoint after task {after - 1}")
+    saved = ck["method"]
+    if saved and getattr(cls, "load_method_state", None) is None:
+        keys = sorted(saved) if isinstance(saved, dict) else type(saved).__name__
+        _fail(cls, f"method_state returns state ({keys}) but the class has no load_method_state hook to restore "
+                   "it: a resumed run would continue without it; implement load_method_state")
+    resumed, resumed_final = [], []
     try:
-        run_stream(tiny_model(seed=seed), stream, run_manager(cls(params)), cfg, seed, cpu, on_task=save_and_stop)
-    except Stop:
-        pass
-    saved.seek(0)
-    ck = torch.load(saved, weights_only=True)
-    state = LoopState(next_task=ck["next_task"], R=ck["R"].numpy(), R_til=ck["R_til"].numpy(),
-                      method_state=ck["method"], model_state=ck["model"], rng=ck["rng"])
-    resumed = run_stream(tiny_model(seed=seed), stream, run_manager(cls(params)), cfg, seed, cpu, state=state)
-    for label, a, b in (("R", first.R, resumed.R), ("R_til", first.R_til, resumed.R_til)):
+        # a fresh model, as the runner builds one; every weight comes from the checkpoint
+        end = run_stream(tiny_model(seed=seed + 1), stream, run_manager(cls(params)), cfg, seed, cpu,
+                         on_task=_collect(resumed, resumed_final), state=resume_state(ck))
+    except ClbenchError as exc:
+        _fail(cls, f"resume after task {after - 1} failed: {exc}")
+    _compare_resumed(cls, after, state, end, full[after:], resumed, full_final[0], resumed_final[0])
+
+
+def _compare_resumed(cls: type, after: int, state, end, full: list, resumed: list, w_full: dict,
+                     w_resumed: dict) -> None:
+    hint = ("; load_method_state must restore everything method_state saved (and rebuild the adapters), and "
+            "no state may live outside method_state and the model's parameters")
+    where = f"resumed after task {after - 1}"
+    for a, b in zip(full, resumed):
+        if a.loss != b.loss or a.loss_terms != b.loss_terms:
+            _fail(cls, f"{where}: task {a.task} trains differently from the uninterrupted run (loss {b.loss!r} "
+                       f"vs {a.loss!r}, terms {b.loss_terms} vs {a.loss_terms}){hint}")
+    for label, a, b in (("R", state.R, end.R), ("R_til", state.R_til, end.R_til)):
         if not np.array_equal(a, b, equal_nan=True):
-            _fail(
-                cls,
-                f"a run resumed after task 0 gives a different {label} than the uninterrupted run: {b.tolist()} vs "
-                f"{a.tolist()}; method_state / load_method_state must round-trip everything the method keeps "
-                "(buffers, subspaces, branches)",
-            )
+            _fail(cls, f"{where}: {label} {b.tolist()} differs from the uninterrupted run's {a.tolist()}{hint}")
+    if set(w_full) != set(w_resumed):
+        _fail(cls, f"{where}: the final model has parameters {sorted(set(w_full) ^ set(w_resumed))[:4]} in only "
+                   f"one of the resumed and uninterrupted runs{hint}")
+    for k, v in w_full.items():
+        if not torch.equal(v, w_resumed[k]):
+            _fail(cls, f"{where}: final weight '{k}' differs from the uninterrupted run's{hint}")
 
 
 def check_method(cls: type, params: BaseModel | dict[str, Any] | None = None, seed: int = 0) -> ContractRun:
     """The whole contract for one method class; returns the first run for further, method-specific checks."""
-    check_registration(cls)
-    stream = contract_stream(seed)
-    run = contract_run(cls, params, stream=stream, seed=seed)
-    check_run(run)
-    check_determinism(cls, run, params, stream=stream, seed=seed)
-    check_resume(cls, run, params, stream=stream, seed=seed)
+    run = None
+    for _, check in method_checks(cls, params, seed):
+        out = check()
+        run = out if isinstance(out, ContractRun) else run
     return run
+
+
+def method_checks(cls: type, params: BaseModel | dict[str, Any] | None = None,
+                  seed: int = 0) -> list[tuple[str, Any]]:
+    """The contract as named steps (``clbench check`` prints one line per step); run them in order, each raises
+    :class:`ContractError` on failure and the run step returns the :class:`ContractRun` the later steps use."""
+    stream = contract_stream(seed)
+    holder: dict[str, ContractRun] = {}
+
+    def run() -> ContractRun:
+        holder["run"] = contract_run(cls, params, stream=stream, seed=seed)
+        check_run(holder["run"])
+        return holder["run"]
+
+    return [
+        ("registration (name, params, hooks)", lambda: check_registration(cls)),
+        ("two tasks on the tiny ViT (losses, accuracy matrices, task updates, frozen weights)", run),
+        ("deterministic on CPU", lambda: check_determinism(cls, holder["run"], params, stream=stream, seed=seed)),
+        ("resume after task 1 of 3 is bit-exact", lambda: check_resume(cls, params=params, seed=seed)),
+    ]
 
 
 def load_plugin_file(path: str | Path):

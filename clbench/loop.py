@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from clbench import rehearsal
 from clbench.backbones import CLModel
-from clbench.checkpoint import set_rng_state
+from clbench.checkpoint import rng_state, set_rng_state
 from clbench.context import TaskContext
 from clbench.distributed import SINGLE_PROCESS, Communicator
 from clbench.errors import ClbenchError
@@ -82,6 +82,22 @@ class LoopState:
     method_state: dict[str, Any] | None = None
     model_state: dict[str, Any] | None = None  # only on resume; dropped once loaded
     rng: dict[str, Any] | None = None  # only on resume: RNG states at the checkpoint
+
+
+def checkpoint_payload(state: LoopState, model: CLModel) -> dict[str, Any]:
+    """The loop's part of a checkpoint after a finished task: what :func:`resume_state` turns back into a state
+    that continues the run bit-exactly (the runner adds its own bookkeeping; the contract check uses this too)."""
+    return {"next_task": state.next_task, "R": torch.from_numpy(state.R.copy()),
+            "R_til": torch.from_numpy(state.R_til.copy()),
+            # torch.compile wraps the backbone; checkpoints keep the plain names
+            "model": {k.replace("_orig_mod.", ""): v for k, v in model.state_dict().items()},
+            "method": state.method_state, "rng": rng_state()}
+
+
+def resume_state(ck: dict[str, Any]) -> LoopState:
+    """The state that continues a run from a loaded checkpoint (see :func:`checkpoint_payload`)."""
+    return LoopState(next_task=int(ck["next_task"]), R=ck["R"].numpy(), R_til=ck["R_til"].numpy(),
+                     method_state=ck["method"], model_state=ck["model"], rng=ck["rng"])
 
 
 def resolve_device(name: str) -> torch.device:

@@ -70,14 +70,15 @@ def plan_runs(suite: Suite, source: str, registry, methods: list[str] | None) ->
         # `--method X` picks the entry labelled X; a method name that is no label picks all its entries
         if methods and entry.display not in methods and not (entry.name in methods and entry.name not in labels):
             continue
+        where, prefix = entry.source_and_prefix(source, i)  # the suite file or the --add-method flag
         try:
             info = registry.get(entry.name)
         except ClbenchError as exc:
-            raise ClbenchError(f"{source}: methods.{i}.name: {exc}") from None
+            raise ClbenchError(f"{where}: {prefix}name: {exc}") from None
         try:
             params = info.cls.Params(**entry.params)
         except ValidationError as err:
-            raise ClbenchError(format_validation_error(source, err, prefix=f"methods.{i}.params.")) from None
+            raise ClbenchError(format_validation_error(where, err, prefix=f"{prefix}params.")) from None
         planned.append(PlannedRun(entry.display, info, params, i))
     check_distinct_labels(planned, source)
     if methods:

@@ -30,7 +30,7 @@ from clbench.backbones import CLModel
 from clbench.claim import claim_effects, claim_metrics
 from clbench.errors import ClbenchError
 from clbench.leaderboard import aggregate
-from clbench.loop import LoopState, TaskResult, peak_memory_mb
+from clbench.loop import LoopState, TaskResult, checkpoint_payload, peak_memory_mb
 from clbench.metrics import accuracy_after, per_task_forgetting, summary
 from clbench.plan import PlannedRun, RunRecord
 from clbench.report import log_report
@@ -136,11 +136,7 @@ class RunRecorder:
     def _checkpoint(self, t: int, state: LoopState, model: CLModel, metrics: dict[str, float],
                     lrs: dict[int, float]) -> None:
         checkpoint.check_loadable(state.method_state, f"method '{self.method_name}': method_state()")
-        self.store.save({"next_task": state.next_task, "R": torch.from_numpy(state.R.copy()),
-                         "R_til": torch.from_numpy(state.R_til.copy()),
-                         # torch.compile wraps the backbone; checkpoints keep the plain names
-                         "model": {k.replace("_orig_mod.", ""): v for k, v in model.state_dict().items()},
-                         "method": state.method_state, "rng": checkpoint.rng_state(), "run_id": self.run_id,
+        self.store.save({**checkpoint_payload(state, model), "run_id": self.run_id,
                          "spectra": checkpoint.spectra_state(self.spectra), "spectra_rows": self.spectra_rows,
                          "totals": dict(self.totals), "pending": {"task": t, "metrics": metrics, "lr": lrs}})
 

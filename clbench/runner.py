@@ -30,7 +30,7 @@ from clbench import checkpoint, distributed, keys
 from clbench.backbones import build_model
 from clbench.errors import ClbenchError
 from clbench.hookcheck import MethodHookError
-from clbench.loop import LoopState, resolve_device, resolved_precision, run_stream
+from clbench.loop import LoopState, resolve_device, resolved_precision, resume_state, run_stream
 from clbench.plan import PlannedRun, RunJob, RunRecord, plan_runs, run_key
 from clbench.recorder import RunRecorder, git_sha, record_suite
 from clbench.registry import discover, plugin_dirs, run_manager
@@ -364,8 +364,7 @@ def _open_run(suite: Suite, run: PlannedRun, seed: int, stream, tracker: Tracker
         say(f"resuming MLflow run {ck['run_id']} after task {ck['next_task']}/{len(stream.tasks)}")
         recorder = RunRecorder(tracker, ck["run_id"], run.info.name, store)
         recorder.resume(ck)
-        return recorder, LoopState(next_task=int(ck["next_task"]), R=ck["R"].numpy(), R_til=ck["R_til"].numpy(),
-                                   method_state=ck["method"], model_state=ck["model"], rng=ck["rng"])
+        return recorder, resume_state(ck)
     recorded = store.recorded_run() if store is not None and ck is None else None
     if recorded is not None and tracker.run_status(recorded) not in (None, "FINISHED"):
         # killed before its first checkpoint: the same MLflow run starts over (no task of it was logged)

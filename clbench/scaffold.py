@@ -26,6 +26,7 @@ Deviations from the official code (every deliberate difference, or "none"):
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from pydantic import Field
@@ -67,6 +68,22 @@ class {cls}(Method):
         """Each step: extra loss terms by name (logged as train/<name>). TODO: the method's regulariser."""
         return None
 
+    # Resume after a crash: the model's parameters are checkpointed for you; anything else the method keeps
+    # across tasks (a Fisher, an anchor, old subspaces) must go out through method_state and come back through
+    # load_method_state, detached, as tensors / numbers / lists / dicts. The contract's resume check fails
+    # when method_state returns state that nothing restores, or when a resumed run differs from an
+    # uninterrupted one.
+
+    @hookimpl
+    def method_state(self, ctx: TaskContext) -> dict[str, Any] | None:
+        """After each task, for the checkpoint: the method's own state outside the model. TODO if it keeps any."""
+        return None
+
+    @hookimpl
+    def load_method_state(self, model: nn.Module, state: dict[str, Any], ctx: TaskContext) -> None:
+        """On resume, after configure_model: restore what method_state returned (``state``; empty when it
+        returned None) and rebuild adapters added after configure_model, so the checkpoint's weights load."""
+
 
 def register_methods(register: Callable[[type], None]) -> None:
     register({cls})
@@ -88,8 +105,14 @@ METHOD = contract.load_plugin_file(PLUGIN).get("{name}").cls
 
 
 def test_contract():
-    """Registration, a two-task run on a tiny ViT, frozen weights, well-formed updates, determinism."""
+    """Registration, a two-task run on a tiny ViT, frozen weights, well-formed updates, determinism, resume."""
     contract.check_method(METHOD)
+
+
+def test_resume_matches_an_uninterrupted_run():
+    """Interrupted after task 1 of 3, checkpointed, resumed in a fresh instance: bit-identical results. With
+    non-default params (ones that change what method_state keeps), check those too."""
+    contract.check_resume(METHOD, {{"rank": 2}})
 
 
 def test_update_rank_is_bounded():

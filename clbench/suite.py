@@ -18,6 +18,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     StrictInt,
     ValidationError,
     field_validator,
@@ -133,9 +134,17 @@ class MethodEntry(Strict):
     params: dict[str, Any] = Field(default_factory=dict)
     train: dict[str, Any] = Field(default_factory=dict, description="overrides of the suite's train settings")
 
+    # where the entry came from when not the suite file (``--add-method ...``); not part of the suite's data
+    _origin: str | None = PrivateAttr(None)
+
     @property
     def display(self) -> str:
         return self.label or self.name
+
+    def source_and_prefix(self, path: str, index: int) -> tuple[str, str]:
+        """What an error about this entry names: the suite file and ``methods.<index>.``, or the flag that added
+        it (and no prefix)."""
+        return (self._origin, "") if self._origin else (path, f"methods.{index}.")
 
 
 class TrackingConfig(Strict):
@@ -272,19 +281,22 @@ def _loc(loc: tuple) -> str:
     return ".".join(str(p) for p in loc) or "(top level)"
 
 
-def format_validation_error(source: str, err: ValidationError, prefix: str = "") -> str:
+def format_validation_error(source: str, err: ValidationError, prefix: str = "", drop: int = 0) -> str:
+    """One line for pydantic's errors (the first three), each located by its key path (``drop`` leading parts
+    left out, e.g. ``methods.4`` for an ``--add-method`` entry)."""
     parts = []
     for e in err.errors()[:3]:
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown key; remove it or check its spelling"
-        parts.append(f"{prefix}{_loc(e['loc'])}: {msg}")
+        parts.append(f"{prefix}{_loc(e['loc'][drop:])}: {msg}")
     more = f" (+{len(err.errors()) - 3} more)" if len(err.errors()) > 3 else ""
     return f"{source}: " + "; ".join(parts) + more
 
 
-def apply_override(data: dict, assignment: str, source: str) -> None:
-    """Apply ``key.path=value`` (value parsed as YAML) to the raw suite mapping."""
+def apply_override(data: dict, assignment: str, source: str) -> tuple:
+    """Apply ``key.path=value`` (value parsed as YAML) to the raw suite mapping; return the key path it set,
+    list entries as indices (so a validation error at that path can name the ``--set`` flag)."""
     if "=" not in assignment:
         raise ClbenchError(f"--set {assignment}: expected key.path=value")
     path, raw = assignment.split("=", 1)
@@ -294,21 +306,33 @@ def apply_override(data: dict, assignment: str, source: str) -> None:
         value = raw
     keys = path.strip().split(".")
     node: Any = data
+    resolved: list = []
     for i, key in enumerate(keys):
         last = i == len(keys) - 1
         if isinstance(node, list):
             idx = _list_index(node, key, path)
+            resolved.append(idx)
             if last:
                 node[idx] = value
             else:
                 node = node[idx]
         elif isinstance(node, dict):
+            resolved.append(key)
             if last:
                 node[key] = value
             else:
                 node = node.setdefault(key, {})
         else:
             raise ClbenchError(f"--set {assignment}: '{'.'.join(keys[:i])}' is not a mapping or list")
+    return tuple(resolved)
+
+
+def _set_flag(overrides: dict[tuple, str], loc: tuple) -> str | None:
+    """The ``--set`` that wrote the key at ``loc`` (or a mapping above it), the last one when several did."""
+    if not loc:  # a whole-suite check (e.g. duplicate labels): not attributable to one key
+        return None
+    hits = [a for path, a in overrides.items() if loc[:len(path)] == path or path[:len(loc)] == loc]
+    return hits[-1] if hits else None
 
 
 def _list_index(node: list, key: str, path: str) -> int:
@@ -399,21 +423,60 @@ def _resolve_paths(suite: Suite, base: Path) -> None:
     suite.plugins_dir = absolute(suite.plugins_dir)
 
 
-def load_suite(path: str | Path, overrides: list[str] | None = None) -> Suite:
-    """Read, override and validate a suite file; raise ClbenchError with one line on any problem."""
+ADD_METHOD_EXAMPLE = "--add-method '{name: lora, label: lora-r8, params: {rank: 8}}'"
+
+
+def add_method(data: dict, raw: str) -> None:
+    """Append one ``--add-method`` entry (a method entry in flow YAML) to the raw suite mapping's methods."""
+    flag = f"--add-method {raw}"
+    try:
+        entry = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        entry = None
+    if not isinstance(entry, dict):
+        raise ClbenchError(f"{flag}: expected a method entry in flow YAML, e.g. {ADD_METHOD_EXAMPLE}")
+    methods = data.get("methods")
+    if not isinstance(methods, list):
+        raise ClbenchError(f"{flag}: the suite's 'methods' is not a list")
+    label = entry.get("label") or entry.get("name")
+    taken = {m.get("label") or m.get("name") for m in methods if isinstance(m, dict)}
+    if label in taken:
+        raise ClbenchError(f"{flag}: the suite already has a method labelled '{label}'; give the added entry a "
+                           f"distinct label, e.g. {{name: {entry.get('name')}, label: {label}-2, ...}}")
+    methods.append(entry)
+
+
+def load_suite(path: str | Path, overrides: list[str] | None = None, added: list[str] | None = None) -> Suite:
+    """Read, override and validate a suite file, with ``added`` method entries (``--add-method``, flow YAML)
+    appended to its methods; raise ClbenchError with one line on any problem."""
     path = Path(path)
     data = read_yaml(path)
+    set_paths: dict[tuple, str] = {}
     for assignment in overrides or []:
-        apply_override(data, assignment, str(path))
+        set_paths[apply_override(data, assignment, str(path))] = assignment
+    added = list(added or [])
+    first_added = len(data["methods"]) if isinstance(data.get("methods"), list) else 0
+    for raw in added:
+        add_method(data, raw)
     _moved_runtime_keys(data, path)
     try:
         suite = Suite.model_validate(data)
     except ValidationError as err:
-        raise ClbenchError(format_validation_error(str(path), err)) from None
+        loc = err.errors()[0]["loc"]
+        if added and loc[:1] == ("methods",) and len(loc) > 1 and isinstance(loc[1], int) and loc[1] >= first_added:
+            raise ClbenchError(format_validation_error(f"--add-method {added[loc[1] - first_added]}", err,
+                                                       drop=2)) from None
+        flag = _set_flag(set_paths, tuple(loc))
+        raise ClbenchError(format_validation_error(f"--set {flag}" if flag else str(path), err)) from None
+    for raw, entry in zip(added, suite.methods[first_added:]):
+        entry._origin = f"--add-method {raw}"
     for i, entry in enumerate(suite.methods):
+        source, prefix = entry.source_and_prefix(str(path), i)
         try:
             suite.train_for(entry)
         except ValidationError as err:
-            raise ClbenchError(format_validation_error(str(path), err, prefix=f"methods.{i}.train.")) from None
+            flag = _set_flag(set_paths, ("methods", i, "train", *err.errors()[0]["loc"]))
+            source = f"--set {flag}" if flag else source
+            raise ClbenchError(format_validation_error(source, err, prefix=f"{prefix}train.")) from None
     _resolve_paths(suite, path.resolve().parent)
     return suite

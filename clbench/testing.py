@@ -66,10 +66,16 @@ class TinyRun:
 
 def run_method(method: Any, stream: Stream | None = None, model: CLModel | None = None, seed: int = 0,
                **train: Any) -> TinyRun:
-    """Run ``method`` (an instance) through ``stream`` on CPU with the real loop and hooks."""
+    """Run ``method`` (an instance) through ``stream`` on CPU with the real loop and hooks; the returned
+    ``model`` is the one trained (the replacement when ``configure_model`` returned one)."""
     stream = stream or tiny_stream(seed=seed)
-    model = model or tiny_model(seed=seed)
+    trained = [model or tiny_model(seed=seed)]
     results: list[TaskResult] = []
-    state = run_stream(model, stream, run_manager(method), tiny_train(**train), seed, torch.device("cpu"),
-                       on_task=lambda result, state, model: results.append(result))
-    return TinyRun(model, method, state, results)
+
+    def on_task(result: TaskResult, state: LoopState, model: CLModel) -> None:
+        results.append(result)
+        trained[0] = model
+
+    state = run_stream(trained[0], stream, run_manager(method), tiny_train(**train), seed, torch.device("cpu"),
+                       on_task=on_task)
+    return TinyRun(trained[0], method, state, results)

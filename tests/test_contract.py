@@ -4,7 +4,7 @@ The registry is discovered at collection time, so a method that a built-in modul
 package registers is covered without editing this file. Per method: registration (name, documented params
 that reject typos, hooks that match the spec), a two-task run on the tiny ViT (finite losses, well-formed
 accuracy matrices and task updates, pre-trained weights unchanged except by merging the reported updates)
-and determinism on CPU. The checks live in ``clbench.contract`` so plugin packages can run them too; the
+determinism on CPU, and resume (interrupted after task 1 of 3, continued bit-exactly). The checks live in ``clbench.contract`` so plugin packages can run them too; the
 second half of this file proves those checks fail on methods that break the contract.
 """
 
@@ -18,6 +18,8 @@ import torch
 from clbench import contract
 from clbench.backbones import CLModel
 from clbench.hookspecs import hookimpl
+from clbench.lora import inject
+from clbench.method import Method
 from clbench.registry import discover
 
 REGISTRY = discover(strict=False)
@@ -56,6 +58,11 @@ def test_two_tasks_on_tiny_vit(name):
 @pytest.mark.parametrize("name", METHODS)
 def test_deterministic_on_cpu(name):
     contract.check_determinism(REGISTRY.methods[name].cls, _run(name), stream=_stream(), seed=0)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_resume_is_bit_exact(name):
+    contract.check_resume(REGISTRY.methods[name].cls)
 
 
 # -- the contract's checks must be able to fail -------------------------------------------------------------
@@ -160,7 +167,7 @@ def test_rehearsal_buffer_lost_on_resume_fails():
 
     params = {"rank": 2, "replay_ratio": 2.0}
     contract.check_resume(er, contract.contract_run(er, params, stream=_stream()), params, stream=_stream())
-    with pytest.raises(contract.ContractError, match="resumed after task 0 gives a different R"):
+    with pytest.raises(contract.ContractError, match="resumed after task 0: "):
         contract.check_resume(Amnesic, contract.contract_run(Amnesic, params, stream=_stream()), params,
                               stream=_stream())
 
@@ -276,3 +283,159 @@ def test_low_rank_flag_requires_no_updates():
 
     with pytest.raises(contract.ContractError, match="must report none"):
         contract.check_run(contract.contract_run(Claims, stream=_stream()))
+
+
+class Anchored(Method):
+    """A LoRA with state across tasks (an L2 pull of the factors to where the last task left them), restored."""
+
+    name = "anchored"
+
+    def __init__(self, params=None):
+        super().__init__(params)
+        self.sites, self.anchor = {}, {}
+
+    def _live(self):
+        return {f"{n}.{k}": p for n, s in self.sites.items() for k, p in s.branches[0].named_parameters()}
+
+    @hookimpl
+    def configure_model(self, model, ctx):
+        self.sites = inject(model.backbone, ("q", "v"), None)
+        for site in self.sites.values():
+            site.add_branch(2, scale=1.0)
+
+    @hookimpl
+    def loss_terms(self, model, batch, logits, ctx):
+        if not self.anchor:
+            return None
+        return {"pull": 10.0 * sum(((p - self.anchor[k]) ** 2).sum() for k, p in self._live().items())}
+
+    @hookimpl
+    def after_task(self, model, ctx):
+        self.anchor = {k: p.detach().clone() for k, p in self._live().items()}
+
+    @hookimpl
+    def method_state(self, ctx):
+        return {"anchor": self.anchor}
+
+    @hookimpl
+    def load_method_state(self, model, state, ctx):
+        self.anchor = dict(state["anchor"])
+
+
+def test_stateful_method_resumes():
+    contract.check_resume(Anchored)
+
+
+def test_state_without_load_method_state_fails():
+    class Forgetful(Anchored):
+        name = "forgetful"
+        load_method_state = None  # as if the plugin never defined the hook
+
+    with pytest.raises(contract.ContractError, match=r"method_state returns state \(\['anchor'\]\) but the class has no "
+                                                     "load_method_state"):
+        contract.check_resume(Forgetful)
+
+
+def test_state_not_restored_fails():
+    class Lossy(Anchored):
+        name = "lossy"
+
+        @hookimpl
+        def load_method_state(self, model, state, ctx):
+            pass  # drops the anchor: the resumed task trains without the pull
+
+    with pytest.raises(contract.ContractError, match=r"resumed after task 0: task 1 trains differently.*pull"):
+        contract.check_resume(Lossy)
+
+
+def test_unloadable_state_fails():
+    class Pickled(Anchored):
+        name = "pickled"
+
+        @hookimpl
+        def method_state(self, ctx):
+            return {"anchor": self.anchor, "when": object()}
+
+    with pytest.raises(contract.ContractError, match="cannot be checkpointed safely"):
+        contract.check_resume(Pickled)
+
+
+# -- `clbench check`: the same checks from the command line, from any folder ---------------------------------
+
+FORGETFUL_PLUGIN = '''
+"""A folder plugin that keeps state across tasks and cannot restore it."""
+import torch
+from clbench import Method, hookimpl, inject
+
+
+class Forgetful(Method):
+    name = "forgetful"
+    paper = "none (test plugin)"
+
+    @hookimpl
+    def configure_model(self, model, ctx):
+        self.sites = inject(model.backbone, ("q", "v"), None)
+        for site in self.sites.values():
+            site.add_branch(2, scale=1.0)
+        self.anchor = {}
+
+    @hookimpl
+    def loss_terms(self, model, batch, logits, ctx):
+        live = {n: s.branches[0].B for n, s in self.sites.items()}
+        if not self.anchor:
+            return None
+        return {"pull": 10.0 * sum(((b - self.anchor[n]) ** 2).sum() for n, b in live.items())}
+
+    @hookimpl
+    def after_task(self, model, ctx):
+        self.anchor = {n: s.branches[0].B.detach().clone() for n, s in self.sites.items()}
+
+    @hookimpl
+    def method_state(self, ctx):
+        return {"anchor": self.anchor}
+
+
+def register_methods(register):
+    register(Forgetful)
+'''
+
+
+def test_clbench_check_passes_a_builtin_from_any_folder(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from clbench.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    res = CliRunner().invoke(app, ["check", "lora"])
+    assert res.exit_code == 0, res.output
+    lines = res.output.splitlines()
+    assert lines[0].startswith("contract of method 'lora'")
+    assert len(lines) == 5 and all(ln.startswith("ok    ") for ln in lines[1:]), lines
+    assert "resume" in lines[-1]
+
+
+def test_clbench_check_fails_a_folder_plugin_at_resume(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from clbench.cli import app
+
+    (tmp_path / "plugs").mkdir()
+    (tmp_path / "plugs" / "forgetful.py").write_text(FORGETFUL_PLUGIN)
+    monkeypatch.chdir(tmp_path)
+    res = CliRunner().invoke(app, ["check", "forgetful", "--plugins-dir", "plugs"])
+    assert res.exit_code == 1, res.output
+    lines = res.output.splitlines()
+    assert [ln[:6] for ln in lines[1:5]] == ["ok    "] * 3 + ["FAIL  "], lines
+    assert lines[-1].startswith("error: resume") and "no load_method_state hook" in lines[-1], lines[-1]
+    assert "Traceback" not in res.output
+
+
+def test_clbench_check_unknown_name_is_one_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from clbench.cli import app
+
+    res = CliRunner().invoke(app, ["check", "lorra"])
+    assert res.exit_code == 1
+    lines = res.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: unknown method 'lorra'; did you mean"), lines

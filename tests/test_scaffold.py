@@ -31,7 +31,7 @@ def test_generated_plugin_and_test_pass_as_generated(tmp_path):
         check=False,
     )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
-    assert "2 passed" in out.stdout
+    assert "3 passed" in out.stdout  # contract (with resume), the explicit resume test, the property
     # The plugin folder works as --plugins-dir; the tests/ subfolder is not mistaken for plugins.
     res = CliRunner().invoke(
         app, ["methods", "my_pull", "--params", "--plugins-dir", str(tmp_path / "plugs")]
@@ -106,7 +106,32 @@ def test_generated_plugin_is_two_hooks_and_still_reports_spectra(tmp_path):
     assert (plugin.name, test.name) == ("two_hooks.py", "test_two_hooks.py")
     cls = contract.load_plugin_file(plugin).get("two-hooks").cls
     hooks = sorted(h for h in HOOK_NAMES if hasattr(getattr(cls, h, None), "clbench_impl"))
-    assert hooks == ["configure_model", "loss_terms"]
+    # the two hooks that train, and the resume pair as stubs (a stateless method keeps them empty)
+    assert hooks == ["configure_model", "load_method_state", "loss_terms", "method_state"]
     run = run_method(cls({"rank": 2}), tiny_stream(samples_per_class=8), batch_size=8, max_steps_per_epoch=2)
     for res in run.results:
         assert res.updates and all(u.rank == 4 for u in res.updates.values())  # [B_t, -B_(t-1)] [A_t; A_(t-1)]
+
+
+def test_run_method_returns_the_model_configure_model_put_in_place():
+    """``testing.run_method`` hands back the trained model, also when ``configure_model`` replaced it."""
+    import copy
+
+    from clbench import hookimpl
+    from clbench.registry import discover
+    from clbench.testing import run_method, tiny_stream
+
+    base = discover(strict=False).get("lora").cls
+
+    class Replacing(base):
+        name = "replacing"
+
+        @hookimpl
+        def configure_model(self, model, ctx):
+            self.replacement = copy.copy(model)  # a new wrapper object around the same backbone
+            super().configure_model(self.replacement, ctx)
+            return self.replacement
+
+    method = Replacing({"rank": 2})
+    run = run_method(method, tiny_stream(samples_per_class=8), max_steps_per_epoch=1)
+    assert run.model is method.replacement
