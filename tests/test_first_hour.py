@@ -61,7 +61,10 @@ def test_preflight_names_each_missing_thing(tmp_path, monkeypatch):
     (tmp_path / "data" / "cifar-100-python").mkdir(parents=True)
     monkeypatch.setattr(pf, "reachable", lambda url: False)
     assert stream_problem(suite.stream) is None  # present: no network needed
-    (tmp_path / "w.safetensors").write_bytes(b"")
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(1)}, str(tmp_path / "w.safetensors"))  # a weights file that opens
     preflight(suite)
     preflight(load_suite(REPO / "suites" / "quickstart.yaml"))  # offline suites need nothing
 
