@@ -156,7 +156,7 @@ def test_collected_covariance_matches_explicit_features_on_the_micro_vit():
     method.configure_model(model, ctx=None)
     task = stream.tasks[0]
 
-    def loader(batch_size=None, fraction=1.0, shuffle=False, generator=None):
+    def loader(batch_size=None, fraction=1.0, shuffle=False, generator=None, augmented=False):
         from clbench.loop import batches
         return batches(task.train_x, task.train_y, 5, torch.device("cpu"), model, False, fraction=fraction)
 
