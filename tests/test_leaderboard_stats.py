@@ -44,7 +44,7 @@ def test_quickstart_json_ci95_and_vs_baseline_equal_scipy(tmp_path, monkeypatch)
     res = runner.invoke(app, ["run", str(ROOT / "suites" / "quickstart.yaml"), "-m", "lora", "-m", "eblora",
                               "--set", "seeds=[0,1,2]", "--set", "train.epochs=1", "--set",
                               "train.max_steps_per_epoch=3", "--set", "stream.num_tasks=2", "--set",
-                              "backbone.pretrained=false", "--set", "train.device=cpu",
+                              "backbone.pretrained=false", "--set", "runtime.device=cpu",
                               "--checkpoint-dir", str(tmp_path / "ck")])
     assert res.exit_code == 0, res.output
     client = MlflowClient(tracking_uri=uri)
