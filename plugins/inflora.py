@@ -2,7 +2,7 @@
 
 Paper: Yan-Shuo Liang and Wu-Jun Li, "InfLoRA: Interference-Free Low-Rank Adaptation for Continual
 Learning", CVPR 2024 (arXiv 2404.00228). Official code: github.com/liangyanshuo/InfLoRA (``methods/inflora.py``,
-``models/vit_inflora.py``). Specification: docs/METHODS.md section 3, "inflora".
+``methods/inflora_domain.py``, ``models/vit_inflora.py``). Specification: docs/METHODS.md section 3, "inflora".
 
 Naming (the paper's letters, which the official code swaps, mapped onto ``clbench.lora``):
 
@@ -21,14 +21,17 @@ Per task t (0-based, T tasks):
 
 1. ``before_task``: stream the task's training data through the current model and accumulate, at every
    adapted linear map, the uncentred covariance of its input ``C = (1/N_tok) sum x x^T`` (d x d, never the
-   N x d feature matrix; float64 by default whatever the compute dtype). Project it with the DualGPM memory of
+   N x d feature matrix; float64 by default whatever the compute dtype). Project it with the memory of
    that input (``C - M M^T C`` for a "remove" basis M, ``Mbar Mbar^T C`` for a "retain" basis Mbar of the
    complement) and set ``B_t = U[:, :r]^T / sqrt(3)`` from its SVD. Sites reading the same input (q, k and v
    of a block read the fused qkv input) share ``B_t``, as the official k/v do. A new branch per site holds
    ``B_t`` frozen and a zero ``A_t``; only the ``A_t`` of this task train (``param_groups``).
-2. ``after_task``: recollect the covariance with the trained model and update the memory with DualGPM at
-   threshold ``eps_t = lambda_b + (lambda_e - lambda_b) t / T``; a "remove" basis with more than d/2 columns is
-   replaced by its complement ("retain"), as in the official ``update_DualGPM``.
+2. ``after_task``: recollect the covariance with the trained model and update the memory at threshold
+   ``eps_t = lambda_b + (lambda_e - lambda_b) t / T``. ``memory: dualgpm`` (default; the official
+   ``update_DualGPM`` of ``methods/inflora.py``): a "remove" basis with more than d/2 columns is replaced by its
+   complement ("retain"). ``memory: gpm`` (the official ``update_GPM`` of ``methods/inflora_domain.py``, the
+   model of the DomainNet config): the "remove" basis only grows, by the top directions of the residual
+   ``C - M M^T C`` until the protected share of ``||C||_F^2`` reaches ``eps_t``; never a complement.
    The task's update reported for spectra is its branch ``A_t B_t``; the harness computes it
    (``clbench.probes.TaskUpdateProbe``: the branch is new, earlier ones are merged or frozen).
 3. ``merge_task`` (``merge: true``, the default): the finished branch is folded into the frozen base weight.
@@ -51,13 +54,18 @@ domainnet     rank 30, lambda_b 0.95, lambda_e 1   optimizer sgd, momentum 0.9, 
                                                    batch_size 128, weight_decay 0   (5 tasks)
 ============  ===================================  =====================================================
 
-With ``backbone.normalize: none`` (inputs in [0, 1], as the official pipeline). ``suites/repro/`` holds these
-suites; docs/REPRODUCTION.md lists what still differs (DomainNet: the official code keeps plain GPM memory,
-this plugin DualGPM).
+With ``backbone.normalize: none`` (inputs in [0, 1], as the official pipeline). The official DomainNet model
+keeps plain GPM memory: its reproduction suite sets ``memory: gpm`` next to the preset (a preset fills only
+rank and thresholds; the memory is always chosen explicitly). ``suites/repro/`` holds these suites;
+docs/REPRODUCTION.md lists what still differs.
 
 Deviations from the official code, each deliberate:
 
-* The first task's memory when the kept rank k reaches d/2: the official code stores the *kept* basis
+* ``memory: gpm`` appends only residual directions that carry energy, re-orthogonalised against the stored
+  basis (``gpm_update``); the official code could append arbitrary zero-energy singular vectors, possibly
+  inside the stored span, when rounding keeps the share below ``eps_t`` (only with ``eps_t`` within rounding
+  of 1). A no-op otherwise.
+* (DualGPM) The first task's memory when the kept rank k reaches d/2: the official code stores the *kept* basis
   ``U[:, :k]`` labelled "retain" (and then trips its own ``assert`` that a retain basis has <= d/2 columns);
   here the complement ``U[:, k:]`` is stored, which is what "retain" means everywhere else in that code.
   With ViT-B features the branch is never taken (k << 384), so results there are unaffected.
@@ -105,7 +113,7 @@ REMOVE, RETAIN = "remove", "retain"
 
 
 # ----------------------------------------------------------------------------------------------------
-# DualGPM memory (pure functions on float64 CPU tensors; tested directly)
+# DualGPM and plain-GPM memories (pure functions on float64 CPU tensors; tested directly)
 # ----------------------------------------------------------------------------------------------------
 
 @dataclass
@@ -227,6 +235,56 @@ def dualgpm_update(memory: Memory | None, C: torch.Tensor, eps: float) -> Memory
     return memory
 
 
+# Relative energy below which a direction of the residual counts as empty: the eigenvalues of ``C_hat C_hat^T``
+# carry an absolute rounding error of about d * 1e-16 of the largest, i.e. <= 1e-13 of ``||C||_F^2``.
+_EMPTY_SHARE = 1e-12
+
+
+def gpm_update(memory: Memory | None, C: torch.Tensor, eps: float) -> Memory:
+    """One plain-GPM step of the official ``update_GPM`` (``methods/inflora_domain.py``, the DomainNet model).
+
+    The memory is always a "remove" basis M of the protected inputs and only grows (no switch to the complement
+    at d/2). First task: the left singular vectors of C whose cumulative energy share stays strictly below
+    ``eps`` (at least one). Later tasks: starting from the share of ``||C||_F^2`` already inside span(M),
+    append the top left singular vectors of the residual ``C - M M^T C`` one at a time while that share is below
+    ``eps``; nothing is appended when it already reaches ``eps`` (official "skip updating"); at most d columns.
+
+    Deviation (a no-op in the official regime): appended directions are limited to those carrying energy
+    (share above ``_EMPTY_SHARE``) and re-orthogonalised against M. The official code would append the
+    arbitrary singular vectors of zero singular values once rounding keeps the share below ``eps`` after
+    every residual direction (only reachable with ``eps`` within rounding of 1); those may lie inside span(M)
+    and would break the orthonormality of the basis.
+    """
+    C = C.double()
+    d = C.shape[0]
+    total = float(C.pow(2).sum())
+    if memory is None:
+        U, s2 = _left_singular(C, symmetric=True)
+        k = int((torch.cumsum(s2 / total, 0) < eps).sum()) if total > 0 else 0  # official: no "+1"
+        return Memory(U[:, : max(k, 1)], REMOVE)
+    if memory.kind != REMOVE:
+        raise ValueError("gpm_update: plain GPM keeps a 'remove' basis, got a 'retain' (DualGPM) memory")
+    if total == 0:
+        return memory
+    C_hat = memory.project(C)
+    U, s2 = _left_singular(C_hat)
+    shares = (s2 / total).tolist()
+    acc = (total - float(C_hat.pow(2).sum())) / total  # the energy share already protected
+    r = 0
+    for share in shares:
+        if acc >= eps:
+            break
+        acc += share
+        r += 1
+    r = min(r, sum(1 for share in shares if share > _EMPTY_SHARE))  # deviation (docstring)
+    if r == 0:
+        return memory
+    new = U[:, :r] - memory.basis @ (memory.basis.t() @ U[:, :r])
+    Q, R = torch.linalg.qr(new)
+    Q = Q * torch.where(torch.diagonal(R) < 0, -1.0, 1.0).to(Q)  # keep each column's sign
+    return Memory(torch.cat([memory.basis, Q], 1)[:, :d], REMOVE)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Streaming covariance of the adapted layers' inputs
 # ----------------------------------------------------------------------------------------------------
@@ -287,6 +345,11 @@ class InfLoRAParams(AdapterParams):
                                                              "spaced) used for the covariances; official: all")
     merge: bool = Field(True, description="fold each finished task's branch into the base weights "
                                           "(output-identical to keeping it, as the official code does)")
+    memory: Literal["dualgpm", "gpm"] = Field(
+        "dualgpm", description="memory of the protected inputs: dualgpm = the official update_DualGPM (methods/"
+                               "inflora.py; a basis or its complement, switching at d/2); gpm = the official "
+                               "plain update_GPM of the DomainNet model (methods/inflora_domain.py; a growing "
+                               "basis)")
     stats_data: Literal["augmented", "plain"] = Field(
         "augmented", description="images of the covariance passes: augmented = the training augmentation, as the "
                                  "official code iterates its training loader (network in eval mode); plain = "
@@ -396,8 +459,9 @@ class InfLoRA(Method):
         t_cov = time.perf_counter() - tic
         tic = time.perf_counter()
         eps = threshold(ctx.task, ctx.num_tasks, self.params.lambda_b, self.params.lambda_e)
+        update = gpm_update if self.params.memory == "gpm" else dualgpm_update
         for key, C in covs.items():
-            self.memory[key] = dualgpm_update(self.memory.get(key), C, eps)
+            self.memory[key] = update(self.memory.get(key), C, eps)
         self.tasks_done = ctx.task + 1
         if self.cost:
             self.cost[-1].update({"cov_after": t_cov, "memory_update": time.perf_counter() - tic})
