@@ -31,7 +31,10 @@ Per task t (0-based, T tasks):
    ``update_DualGPM`` of ``methods/inflora.py``): a "remove" basis with more than d/2 columns is replaced by its
    complement ("retain"). ``memory: gpm`` (the official ``update_GPM`` of ``methods/inflora_domain.py``, the
    model of the DomainNet config): the "remove" basis only grows, by the top directions of the residual
-   ``C - M M^T C`` until the protected share of ``||C||_F^2`` reaches ``eps_t``; never a complement.
+   ``C - M M^T C`` until the protected share of ``||C||_F^2`` reaches ``eps_t``; never a complement. Both apply
+   one criterion, so in exact arithmetic they protect the same subspace and design the same ``B_t`` (DualGPM
+   differs only in representation, and when a share equals ``eps_t`` exactly); ``gpm`` is the official DomainNet
+   computation to the letter, at the cost of projections with up to d columns.
    The task's update reported for spectra is its branch ``A_t B_t``; the harness computes it
    (``clbench.probes.TaskUpdateProbe``: the branch is new, earlier ones are merged or frozen).
 3. ``merge_task`` (``merge: true``, the default): the finished branch is folded into the frozen base weight.
@@ -81,8 +84,8 @@ Deviations from the official code, each deliberate:
   the total energy taken as ``||C||_F^2`` (equal to the sum of squared singular values).
 * Covariance is accumulated as a running sum in ``cov_dtype`` on the compute device (float64 default) and
   divided by the token count at the end; the official code keeps a running float32 mean on the CPU.
-* Training-loop differences are the harness's, not this plugin's: the loop's cosine schedule steps per
-  optimizer step (official ``CosineSchedule`` per epoch), the model is in ``train()`` while training (the
+* Training-loop differences are the harness's, not this plugin's: the official schedulers step per epoch
+  (``train.schedule: inflora_cosine`` / ``multistep`` do the same), the model is in ``train()`` while training (the
   official code keeps ``eval()``; identical for a ViT without dropout / drop-path), and the official
   per-epoch k-means of features (``clustering``, unused by InfLoRA's prediction) is not reproduced.
 * Targets are configurable (default k and v of every block, as official); q/k/v/qkv sites of a block share

@@ -173,6 +173,22 @@ def test_matches_the_official_update_gpm(seed):
         np.testing.assert_allclose(_projector(mem.basis).numpy(), official[0] @ official[0].T, atol=1e-8)
 
 
+@pytest.mark.parametrize("seed", [0, 3])
+def test_gpm_and_dualgpm_protect_the_same_subspace(seed):
+    # the two official updates share one criterion; DualGPM only changes the representation (a basis of the
+    # complement past d/2), so the protected subspaces agree to rounding, also after "retain" updates
+    d, T = 16, 6
+    gpm = dual = None
+    kinds = set()
+    for t, C in enumerate(_random_tasks(d, T, seed)):
+        eps = 0.95 + 0.05 * t / T
+        gpm, dual = gpm_update(gpm, C, eps), dualgpm_update(dual, C, eps)
+        kinds.add(dual.kind)
+        assert gpm.basis.shape[1] == d - dual.basis.shape[1] if dual.kind == "retain" else dual.basis.shape[1]
+        torch.testing.assert_close(_projector(gpm.basis), _projector(dual.protected_basis()), atol=1e-12, rtol=0)
+    assert kinds == {"remove", "retain"}  # the comparison crossed DualGPM's switch
+
+
 def test_no_zero_energy_directions_are_added():
     # eps = 1: after the residual's only direction the share is 1 up to rounding; whatever rounding does,
     # zero-energy directions (arbitrary, possibly inside the stored span) must not be appended
