@@ -179,6 +179,8 @@ def test_duplicate_alias_is_refused(tmp_path):
             "unknown hook 'before_tsak'",
         ),
         ("    def after_taks(self, model, ctx):\n        pass\n", "did you mean 'after_task'"),
+        ("    def replay_bach(self, ctx):\n        pass\n", "did you mean 'replay_batch'"),
+        ("    def training_sets(self, ctx):\n        pass\n", "did you mean 'training_set'"),
         (
             "    def merge_task(self, model, ctx):\n        pass\n",
             "'merge_task' looks like a hook but lacks the @hookimpl",
@@ -195,6 +197,39 @@ def test_misdeclared_hook_fails_naming_plugin_and_hook(tmp_path, hook, expected)
     msg = str(err.value)
     assert expected in msg and f"file {path}" in msg and "method 'bad'" in msg
     assert "\n" not in msg
+
+
+def test_hooks_of_a_base_class_count_as_the_method_s_own():
+    """pluggy registers the hook implementations a method inherits (a mixin's, as the built-in methods'
+    ``TrainedPart``), so the registry checks inherited hooks as it checks the class's own."""
+    from clbench.hookspecs import hookimpl
+    from clbench.method import Method
+    from clbench.registry import run_manager, validate_hooks
+
+    class Part:
+        @hookimpl
+        def after_task(self, model, ctx):
+            pass
+
+    class Good(Part, Method):
+        name = "good"
+
+    validate_hooks(Good, "method 'good'")
+    impls = run_manager(Good()).hook.after_task.get_hookimpls()
+    assert [i.function.__func__ for i in impls if i.plugin_name == "method:good"] == [Part.after_task]
+
+    class Undecorated:
+        def task_updates(self, model, ctx):  # no @hookimpl: pluggy would never call it
+            pass
+
+    class Misspelt:
+        def replay_bach(self, ctx):  # a misspelt hook, undecorated: pluggy says nothing
+            pass
+
+    with pytest.raises(ClbenchError, match="'task_updates' looks like a hook but lacks the @hookimpl"):
+        validate_hooks(type("Bad", (Undecorated, Method), {"name": "bad"}), "method 'bad'")
+    with pytest.raises(ClbenchError, match="'replay_bach' is not a hook; did you mean 'replay_batch'"):
+        validate_hooks(type("Bad", (Misspelt, Method), {"name": "bad"}), "method 'bad'")
 
 
 def test_broken_import_in_plugins_dir_is_one_line_and_others_still_listed(tmp_path, l2pull):
