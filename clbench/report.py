@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -36,7 +35,7 @@ from clbench.leaderboard import (
     table_cells,
 )
 from clbench.leaderboard import render as render_text
-from clbench.plots import _plt as plots_plt
+from clbench.plots import _plt, png_base64
 from clbench.tracking import Tracker, read_runs
 
 CSS = """
@@ -55,17 +54,6 @@ ul{font-size:13px}
 td.sig{font-weight:bold;background:#fff3c4}
 """
 ALPHA = 0.05  # the significance level the report marks paired differences at
-
-
-def _plt():
-    return plots_plt()
-
-
-def _png(fig) -> str:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
-    _plt().close(fig)
-    return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[int]:
@@ -112,7 +100,7 @@ def plot_pareto(g: Group) -> str | None:
     if not drawn:
         plt.close(fig)
         return None
-    return _png(fig)
+    return png_base64(fig)
 
 
 def plot_imbalance_forgetting(g: Group) -> str | None:
@@ -134,7 +122,7 @@ def plot_imbalance_forgetting(g: Group) -> str | None:
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    return _png(fig)
+    return png_base64(fig)
 
 
 def plot_curves(g: Group) -> str | None:
@@ -163,7 +151,7 @@ def plot_curves(g: Group) -> str | None:
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    return _png(fig)
+    return png_base64(fig)
 
 
 PLOTS = (
