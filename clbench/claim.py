@@ -18,7 +18,7 @@ import numpy as np
 from clbench import keys
 from clbench.leaderboard import Group
 from clbench.metrics import per_task_forgetting
-from clbench.plots import _plt, png_base64
+from clbench.plots import _plt, labelled_png, png_base64
 from clbench.stats import Paired, ci95, paired
 
 CLAIM_METRICS = {"forgetting": keys.FINAL_FORGETTING, "acc": keys.FINAL_ACC}
@@ -144,13 +144,8 @@ def plot_layer_top1_forgetting(group: Group, uri: str | None) -> str | None:
     if not drawn:
         plt.close(fig)
         return None
-    ax.set_xlabel("top1_share of later tasks' updates (one layer)")
-    ax.set_ylabel("forgetting of task j (points)")
-    ax.set_title("per layer and task: imbalance of later updates vs forgetting", fontsize=9)
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    return png_base64(fig)
+    return labelled_png(fig, ax, "top1_share of later tasks' updates (one layer)", "forgetting of task j (points)",
+                        "per layer and task: imbalance of later updates vs forgetting", legend_size=7)
 
 
 def claim_plots(group: Group, uri: str | None = None) -> list[tuple[str, str, str]]:

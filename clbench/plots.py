@@ -18,6 +18,18 @@ def _plt():
     return plt
 
 
+def labelled_png(fig, ax, xlabel: str, ylabel: str, title: str, legend_size: int = 8) -> str:
+    """A one-axes figure finished as the report draws them (labels, a small title, a legend, a light grid) and
+    returned as :func:`png_base64`."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=legend_size)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return png_base64(fig)
+
+
 def png_base64(fig) -> str:
     """The figure as a base64 PNG (for an HTML ``<img src="data:...">``: the report's plots and its claim panel);
     the figure is closed."""

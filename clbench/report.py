@@ -35,7 +35,7 @@ from clbench.leaderboard import (
     table_cells,
 )
 from clbench.leaderboard import render as render_text
-from clbench.plots import _plt, png_base64
+from clbench.plots import _plt, labelled_png, png_base64
 from clbench.tracking import Tracker, read_runs
 
 CSS = """
@@ -116,13 +116,8 @@ def plot_imbalance_forgetting(g: Group) -> str | None:
         pts = [(x, y) for x, y, label in zip(ev.x, ev.y, ev.labels) if label.rpartition("/s")[0] == row.method]
         if pts:
             ax.scatter([p[0] for p in pts], [p[1] for p in pts], color=colors[row.method], label=row.method)
-    ax.set_xlabel(f"spectral imbalance: {keys.SPECTRA_MEAN_TOP1}")
-    ax.set_ylabel(f"{keys.FINAL_FORGETTING} (points)")
-    ax.set_title(ev.title(), fontsize=9)
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    return png_base64(fig)
+    return labelled_png(fig, ax, f"spectral imbalance: {keys.SPECTRA_MEAN_TOP1}", f"{keys.FINAL_FORGETTING} (points)",
+                        ev.title())
 
 
 def plot_curves(g: Group) -> str | None:
@@ -145,13 +140,8 @@ def plot_curves(g: Group) -> str | None:
     from matplotlib.ticker import MaxNLocator
 
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("after training task")
-    ax.set_ylabel("eval/acc: CIL accuracy on seen tasks (%)")
-    ax.set_title("accuracy over tasks (mean ± std over seeds)", fontsize=9)
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    return png_base64(fig)
+    return labelled_png(fig, ax, "after training task", "eval/acc: CIL accuracy on seen tasks (%)",
+                        "accuracy over tasks (mean ± std over seeds)")
 
 
 PLOTS = (
