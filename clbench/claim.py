@@ -10,8 +10,6 @@
 
 from __future__ import annotations
 
-import base64
-import io
 import os
 import tempfile
 
@@ -20,7 +18,7 @@ import numpy as np
 from clbench import keys
 from clbench.leaderboard import Group
 from clbench.metrics import per_task_forgetting
-from clbench.plots import _plt
+from clbench.plots import _plt, labelled_png, png_base64
 from clbench.stats import Paired, ci95, paired
 
 CLAIM_METRICS = {"forgetting": keys.FINAL_FORGETTING, "acc": keys.FINAL_ACC}
@@ -58,13 +56,6 @@ def claim_metrics(effects: dict[str, dict[str, Paired]]) -> dict[str, float]:
     return out
 
 
-def _png(fig) -> str:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
-    _plt().close(fig)
-    return base64.b64encode(buf.getvalue()).decode("ascii")
-
-
 def plot_forgetting_by_intervention(group: Group) -> str | None:
     """Final forgetting per arm (mean and t 95% interval over seeds), the paired effect against ``keep`` in the
     tick labels."""
@@ -95,7 +86,7 @@ def plot_forgetting_by_intervention(group: Group) -> str | None:
                  fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    return _png(fig)
+    return png_base64(fig)
 
 
 def layer_points(R: np.ndarray, layer_top1: np.ndarray) -> list[tuple[float, float]]:
@@ -153,13 +144,8 @@ def plot_layer_top1_forgetting(group: Group, uri: str | None) -> str | None:
     if not drawn:
         plt.close(fig)
         return None
-    ax.set_xlabel("top1_share of later tasks' updates (one layer)")
-    ax.set_ylabel("forgetting of task j (points)")
-    ax.set_title("per layer and task: imbalance of later updates vs forgetting", fontsize=9)
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    return _png(fig)
+    return labelled_png(fig, ax, "top1_share of later tasks' updates (one layer)", "forgetting of task j (points)",
+                        "per layer and task: imbalance of later updates vs forgetting", legend_size=7)
 
 
 def claim_plots(group: Group, uri: str | None = None) -> list[tuple[str, str, str]]:

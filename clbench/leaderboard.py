@@ -707,18 +707,64 @@ def render_markdown(groups: list[Group]) -> str:
     return "\n".join(out)
 
 
+PAIRED_FIELDS = ("diff", "ci95", "p", "n")  # clbench.stats.Paired.as_dict, a row's vs_baseline entry per metric
+PUBLISHED_FIELDS = ("published", "published_diff", "published_within")
+RANK_FIELDS = ("rank_metric", "suite_rank", "avg_rank", "friedman_stat", "friedman_p", "iman_davenport_f",
+               "iman_davenport_p", "nemenyi_cd")
+
+
 def csv_header() -> list[str]:
+    """The CSV's columns: the JSON's values, flat. ``rank`` is the row's place in its group's sorted table;
+    ``reference`` the bounds' mark. Then, as in the JSON: ``vs_baseline`` per metric (``--baseline``), a
+    reproduction suite's published numbers per metric (``references``: published mean, measured - published,
+    within the tolerance) and the ranks across suites (``ranking``; the Friedman/Nemenyi figures are the
+    whole ranking's, repeated on every line)."""
     cols = ["experiment", "suite", "suite_hash", "rank", "method", "method_name", "params_id", "n", "seeds"]
     for m in METRICS:
         cols += [f"{m.key}_mean", f"{m.key}_std", f"{m.key}_n", f"{m.key}_ci95"]
-    return cols + ["clbench_version", "git_sha", "device", "not_averaged", "reference", "gap_share"]
+    cols += ["clbench_version", "git_sha", "device", "not_averaged", "reference", "gap_share", "baseline"]
+    cols += [f"{m.key}_vs_baseline_{f}" for m in METRICS for f in PAIRED_FIELDS]
+    cols += [f"{m.key}_{f}" for m in METRICS for f in PUBLISHED_FIELDS] + ["published_tolerance", "published_source"]
+    return cols + list(RANK_FIELDS)
+
+
+def _num(v: Any) -> str:
+    """A CSV cell for a number: repr (round-trips), empty for None and, as the JSON's null, for inf/NaN."""
+    if v is None or isinstance(v, bool):
+        return "" if v is None else str(v).lower()
+    if isinstance(v, int):
+        return str(v)
+    return repr(float(v)) if math.isfinite(v) else ""
+
+
+def _published_cells(g: Group, row: Row) -> list[str]:
+    refs = {r.metric: r for r in g.references if r.method == row.method}
+    cells = []
+    for m in METRICS:
+        r = refs.get(m.key)
+        cells += ["", "", ""] if r is None else [_num(r.reference), _num(r.diff), _num(r.within)]
+    tolerances = sorted({_num(r.tolerance) for r in refs.values()})
+    return cells + [";".join(tolerances), ";".join(sorted({r.source for r in refs.values()}))]
+
+
+def _rank_cells(ranks: SuiteRanks | None, label: str, method: str) -> list[str]:
+    if ranks is None:
+        return [""] * len(RANK_FIELDS)
+    rk = ranks.ranking
+    ranked = method in rk.methods and label in rk.suites
+    i = rk.methods.index(method) if ranked else -1
+    return [ranks.metric, _num(float(rk.ranks[i][rk.suites.index(label)])) if ranked else "",
+            _num(float(rk.avg_rank[i])) if ranked else "", _num(rk.friedman_stat), _num(rk.friedman_p),
+            _num(rk.iman_davenport_f), _num(rk.iman_davenport_p), _num(rk.cd)]
 
 
 def render_csv(groups: list[Group]) -> str:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(csv_header())
+    ranks = rank_suites(groups)
     for g in groups:
+        label = suite_label(g, groups)
         for i, row in enumerate(g.rows):
             cells: list[Any] = [g.experiment, ";".join(g.suites), g.suite_hash, i + 1, row.method, row.method_name,
                                 row.params_id, row.n, ";".join(map(str, row.seeds))]
@@ -728,7 +774,10 @@ def render_csv(groups: list[Group]) -> str:
                           "" if s.ci95 is None else repr(s.ci95)]
             bad = [f"seed {u['seed']} {u['status']} {u['run_id']}" for u in g.unfinished if u["method"] == row.method]
             cells += [";".join(row.provenance[k]) for k in PROVENANCE_TAGS] + [";".join(bad)]
-            cells += [row.reference or "", "" if row.gap_share is None else repr(row.gap_share)]
+            cells += [row.reference or "", "" if row.gap_share is None else repr(row.gap_share), g.baseline or ""]
+            paired = row.vs_baseline or {}
+            cells += [_num((paired.get(m.key) or {}).get(f)) for m in METRICS for f in PAIRED_FIELDS]
+            cells += _published_cells(g, row) + _rank_cells(ranks, label, row.method)
             w.writerow(cells)
     return buf.getvalue()
 

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict
 # The one rule for method names (registry, contract test, `clbench new-method`): what a suite, the CLI and
 # MLflow tags can carry without quoting. The scaffold writes the module file with '-' replaced by '_'.
 NAME_PATTERN = re.compile(r"[a-z][a-z0-9_-]*")
-NAME_RULE = "lowercase letters, digits, '_' and '-', starting with a letter (e.g. l2pull, my_lora, my-lora)"
+NAME_RULE = "lowercase letters, digits, '_' and '-', starting with a letter (e.g. lora_l2, my_lora, my-lora)"
 
 
 def valid_method_name(name: object) -> bool:

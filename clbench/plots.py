@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import io
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +16,27 @@ def _plt():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def labelled_png(fig, ax, xlabel: str, ylabel: str, title: str, legend_size: int = 8) -> str:
+    """A one-axes figure finished as the report draws them (labels, a small title, a legend, a light grid) and
+    returned as :func:`png_base64`."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=legend_size)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return png_base64(fig)
+
+
+def png_base64(fig) -> str:
+    """The figure as a base64 PNG (for an HTML ``<img src="data:...">``: the report's plots and its claim panel);
+    the figure is closed."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    _plt().close(fig)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
 def accuracy_heatmap(R: np.ndarray, path: Path, title: str) -> None:

@@ -30,6 +30,9 @@ from clbench.method import NAME_RULE, valid_method_name
 
 BUILTIN_PACKAGE = "clbench_plugins"
 HOOK_NAMES = {n for n in dir(hookspecs.MethodSpec) if not n.startswith("_")}
+# A method named with one of these hook-name prefixes and close to a hook name is a misspelt hook (helpers such as
+# ``loss_weight`` or ``task_head`` are too far from every hook name to be caught).
+HOOK_PREFIXES = tuple(sorted({n.split("_", 1)[0] + "_" for n in HOOK_NAMES}))
 
 
 class _DiscoveryManager(pluggy.PluginManager):
@@ -183,13 +186,24 @@ def validate_hooks(cls: type, where: str) -> None:
         # pluggy's message spans several lines; the CLI promises one line per error.
         one_line = "; ".join(ln.strip() for ln in str(exc).splitlines() if ln.strip())
         raise ClbenchError(f"{where}: {one_line}") from None
-    for attr, value in vars(cls).items():
+    for attr, value in _class_attributes(cls).items():
         if attr in HOOK_NAMES and callable(value) and not hasattr(value, f"{hookspecs.PROJECT}_impl"):
             raise ClbenchError(f"{where}: '{attr}' looks like a hook but lacks the @hookimpl decorator")
         close = difflib.get_close_matches(attr, HOOK_NAMES, n=1, cutoff=0.85)
-        if callable(value) and close and attr not in HOOK_NAMES and attr.startswith(("before_", "after_", "merge_",
-                                                                                        "loss_", "task_", "param_")):
-            raise ClbenchError(f"{where}: '{attr}' is not a hook; did you mean '{close[0]}'?")
+        if callable(value) and close and attr not in HOOK_NAMES and attr.startswith(HOOK_PREFIXES):
+            raise ClbenchError(f"{where}: '{attr}' is not a hook; did you mean '{close[0]}'? (a helper, not a "
+                               "hook: rename it further from the hook's name)")
+
+
+def _class_attributes(cls: type) -> dict[str, Any]:
+    """Every attribute the class has, its own or inherited (as attribute lookup resolves it, the nearest class in
+    the MRO first): pluggy registers the hook implementations of base classes and mixins too, so a misspelt or
+    undecorated hook in a base class is as silent as one in the class itself."""
+    found: dict[str, Any] = {}
+    for klass in cls.__mro__[:-1]:  # object's attributes are no plugin's
+        for attr, value in vars(klass).items():
+            found.setdefault(attr, value)
+    return found
 
 
 def plugin_dirs(suite_dir: str | None, cli_dirs: Iterable[str | Path], trust_suite: bool,

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -36,7 +35,7 @@ from clbench.leaderboard import (
     table_cells,
 )
 from clbench.leaderboard import render as render_text
-from clbench.plots import _plt as plots_plt
+from clbench.plots import _plt, labelled_png, png_base64
 from clbench.tracking import Tracker, read_runs
 
 CSS = """
@@ -55,17 +54,6 @@ ul{font-size:13px}
 td.sig{font-weight:bold;background:#fff3c4}
 """
 ALPHA = 0.05  # the significance level the report marks paired differences at
-
-
-def _plt():
-    return plots_plt()
-
-
-def _png(fig) -> str:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
-    _plt().close(fig)
-    return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[int]:
@@ -112,7 +100,7 @@ def plot_pareto(g: Group) -> str | None:
     if not drawn:
         plt.close(fig)
         return None
-    return _png(fig)
+    return png_base64(fig)
 
 
 def plot_imbalance_forgetting(g: Group) -> str | None:
@@ -128,13 +116,8 @@ def plot_imbalance_forgetting(g: Group) -> str | None:
         pts = [(x, y) for x, y, label in zip(ev.x, ev.y, ev.labels) if label.rpartition("/s")[0] == row.method]
         if pts:
             ax.scatter([p[0] for p in pts], [p[1] for p in pts], color=colors[row.method], label=row.method)
-    ax.set_xlabel(f"spectral imbalance: {keys.SPECTRA_MEAN_TOP1}")
-    ax.set_ylabel(f"{keys.FINAL_FORGETTING} (points)")
-    ax.set_title(ev.title(), fontsize=9)
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    return _png(fig)
+    return labelled_png(fig, ax, f"spectral imbalance: {keys.SPECTRA_MEAN_TOP1}", f"{keys.FINAL_FORGETTING} (points)",
+                        ev.title())
 
 
 def plot_curves(g: Group) -> str | None:
@@ -157,13 +140,8 @@ def plot_curves(g: Group) -> str | None:
     from matplotlib.ticker import MaxNLocator
 
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("after training task")
-    ax.set_ylabel("eval/acc: CIL accuracy on seen tasks (%)")
-    ax.set_title("accuracy over tasks (mean ± std over seeds)", fontsize=9)
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    return _png(fig)
+    return labelled_png(fig, ax, "after training task", "eval/acc: CIL accuracy on seen tasks (%)",
+                        "accuracy over tasks (mean ± std over seeds)")
 
 
 PLOTS = (

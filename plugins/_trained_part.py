@@ -19,7 +19,7 @@ from typing import Literal
 from pydantic import Field
 from torch import nn
 
-from clbench import dense
+from clbench import TaskContext, dense, hookimpl
 from clbench.lora import LoRAParams, LowRank, inject
 
 Trainable = Literal["lora", "full"]
@@ -35,7 +35,10 @@ class PartParams(LoRAParams):
 
 class TrainedPart:
     """Mixin for a ``clbench.method.Method`` whose ``params`` extend :class:`PartParams`: call
-    :meth:`configure_part`, :meth:`begin_part_task`, :meth:`end_part_task` from the hooks."""
+    :meth:`configure_part` from ``configure_model``. The mixin implements ``before_task`` (:meth:`begin_part_task`),
+    ``after_task`` (:meth:`end_part_task`) and ``task_updates`` itself (pluggy registers hook implementations a
+    class inherits); a method that needs more in one of them overrides it with ``@hookimpl`` and calls ``super()``.
+    """
 
     params: PartParams
 
@@ -70,6 +73,19 @@ class TrainedPart:
         if self._trainable == "full":
             self._update = dense.task_changes(self.maps, self._before, self.params.update_rank)
             self._before = {}
+
+    @hookimpl
+    def before_task(self, model: nn.Module, ctx: TaskContext) -> None:
+        self.begin_part_task()
+
+    @hookimpl
+    def after_task(self, model: nn.Module, ctx: TaskContext) -> None:
+        self.end_part_task()
+
+    @hookimpl
+    def task_updates(self, model: nn.Module, ctx: TaskContext) -> dict[str, LowRank] | None:
+        """Full: the dense change of the task just ended; LoRA: None, so the harness reports the adapters'."""
+        return self._update
 
 
 def seen_heads(model: nn.Module, task: int) -> list[nn.Parameter]:

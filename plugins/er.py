@@ -84,7 +84,7 @@ class ExperienceReplay(TrainedPart, Method):
 
     @hookimpl
     def before_task(self, model, ctx):
-        self.begin_part_task()
+        super().before_task(model, ctx)
         self._draw = torch.Generator().manual_seed(ctx.seed * 7_919 + ctx.task)  # per task: resumes exactly
 
     @hookimpl
@@ -104,7 +104,7 @@ class ExperienceReplay(TrainedPart, Method):
 
     @hookimpl
     def after_task(self, model, ctx):
-        self.end_part_task()
+        super().after_task(model, ctx)
         self._reservoir(ctx.task_samples(), self.capacity(ctx),
                         torch.Generator().manual_seed(ctx.seed * 104_729 + ctx.task))
 
@@ -131,10 +131,6 @@ class ExperienceReplay(TrainedPart, Method):
                 new = data.take(torch.tensor(list(last.values())))
                 self.buf_x[where], self.buf_y[where] = new.x, new.y
             self.seen += len(rest)
-
-    @hookimpl
-    def task_updates(self, model, ctx):
-        return self._update
 
     @hookimpl
     def replay_buffer(self, ctx):

@@ -44,20 +44,8 @@ class Finetune(TrainedPart, Method):
         self.configure_part(model, "full")
 
     @hookimpl
-    def before_task(self, model, ctx):
-        self.begin_part_task()
-
-    @hookimpl
     def param_groups(self, model, ctx):
         return [{"params": self.part_parameters(model), "name": "backbone"}]
-
-    @hookimpl
-    def after_task(self, model, ctx):
-        self.end_part_task()
-
-    @hookimpl
-    def task_updates(self, model, ctx):
-        return self._update
 
 
 def register_methods(register):

@@ -56,22 +56,10 @@ class Joint(TrainedPart, Method):
         return [ctx.task_samples(j).with_scope("seen") for j in range(ctx.task + 1)]
 
     @hookimpl
-    def before_task(self, model, ctx):
-        self.begin_part_task()
-
-    @hookimpl
     def param_groups(self, model, ctx):
         heads = seen_heads(model, ctx.task)
         return [{"params": self.part_parameters(model), "name": self.params.trainable},
                 *([{"params": heads, "name": "seen_heads"}] if heads else [])]
-
-    @hookimpl
-    def after_task(self, model, ctx):
-        self.end_part_task()
-
-    @hookimpl
-    def task_updates(self, model, ctx):
-        return self._update
 
     @hookimpl
     def replay_buffer(self, ctx):

@@ -153,6 +153,30 @@ def test_csv_has_ci95_columns(bench):
     assert all(r["final/acc_ci95"] == "" for r in other)
 
 
+def test_csv_has_the_json_s_vs_baseline(bench):
+    import csv
+    import io
+
+    groups = lb.build("bench", bench, baseline="lora")
+    rows = {(r["suite_hash"], r["method"]): r for r in csv.DictReader(io.StringIO(lb.render(groups, "csv")))}
+    data = json.loads(lb.render(groups, "json"))
+    a = next(g for g in data["groups"] if g["suite_hash"] == HASH_A)
+    for row in a["rows"]:
+        line = rows[(HASH_A, row["method"])]
+        assert line["baseline"] == "lora"
+        for key in lb.METRIC_KEYS:
+            want = (row["vs_baseline"] or {}).get(key) or {}
+            got = {f: line[f"{key}_vs_baseline_{f}"] for f in lb.PAIRED_FIELDS}
+            assert got == {f: "" if want.get(f) is None else str(want[f]) if f == "n" else repr(want[f])
+                           for f in lb.PAIRED_FIELDS}, (row["method"], key)
+    olora = rows[(HASH_A, "olora")]
+    assert float(olora["final/acc_vs_baseline_diff"]) == pytest.approx(-9.0)
+    assert float(olora["final/acc_vs_baseline_p"]) == pytest.approx(sps.ttest_rel([60, 66, 63], [70, 72, 74]).pvalue)
+    assert olora["final/acc_vs_baseline_n"] == "3" and rows[(HASH_A, "lora")]["final/acc_vs_baseline_diff"] == ""
+    plain = list(csv.DictReader(io.StringIO(lb.render(lb.build("bench", bench), "csv"))))
+    assert all(r["baseline"] == "" and r["final/acc_vs_baseline_diff"] == "" for r in plain)
+
+
 # --- several suites: ranks, Friedman, Nemenyi, the diagram --------------------------------------------------
 
 # final/acc per suite (experiment) and method, seeds 0 and 1 (the mean is what is ranked)
@@ -212,6 +236,29 @@ def test_ranks_across_suites_equal_scipy(suites):
     assert "ranks across suites by final/acc" in text and "average rank" in text and "Friedman chi2" in text
     md = lb.render(groups, "markdown")
     assert "### Ranks across suites by `final/acc`" in md
+
+
+def test_csv_has_the_json_s_ranking(suites):
+    import csv
+    import io
+
+    names = ["s1", "s2", "s3", "s4"]
+    groups = lb.build(names, suites)
+    ranking = json.loads(lb.render(groups, "json"))["ranking"]
+    lines = list(csv.DictReader(io.StringIO(lb.render(groups, "csv"))))
+    assert len(lines) == 14  # 4 methods in s1 and s2, 3 in s3 and s4
+    for line in lines:
+        assert line["rank_metric"] == "final/acc"
+        assert float(line["friedman_p"]) == pytest.approx(ranking["friedman"]["p"])
+        assert float(line["nemenyi_cd"]) == pytest.approx(ranking["nemenyi"]["cd"])
+        if line["method"] == "d":  # left out of the ranking (not in every suite)
+            assert line["suite_rank"] == line["avg_rank"] == ""
+            continue
+        i, j = ranking["methods"].index(line["method"]), ranking["suites"].index(line["suite"])
+        assert float(line["suite_rank"]) == ranking["ranks"][i][j]
+        assert float(line["avg_rank"]) == pytest.approx(ranking["avg_rank"][line["method"]])
+    single = list(csv.DictReader(io.StringIO(lb.render(lb.build(["s1"], suites), "csv"))))
+    assert all(r["rank_metric"] == r["avg_rank"] == "" for r in single)  # one suite: nothing ranked across
 
 
 def test_lower_is_better_metrics_rank_ascending(suites):

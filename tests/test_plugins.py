@@ -3,7 +3,7 @@ plugin can be broken (import error, unknown or misspelled hook, duplicate name):
 plugin and its source, while ``clbench methods`` still lists the others. Runs record which plugin produced
 them (distribution and version, or file path and content hash).
 
-The example package ``examples/clbench-l2pull`` is laid out as pip would install it (its module and a
+The example package ``examples/clbench-lora-l2`` is laid out as pip would install it (its module and a
 dist-info holding the entry points declared in its pyproject) in a temporary site folder put on ``sys.path``:
 importlib.metadata then sees the distribution and its entry point exactly as after ``pip install``, in
 milliseconds, without a build backend or network, and without touching the shared venv.
@@ -27,16 +27,16 @@ from clbench.cli import app
 from clbench.errors import ClbenchError
 from clbench.registry import discover
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "clbench-l2pull"
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "clbench-lora-l2"
 
 
 @pytest.fixture(scope="session")
-def l2pull_site(tmp_path_factory) -> Path:
+def lora_l2_site(tmp_path_factory) -> Path:
     """The example package laid out as pip installs it: its module plus a dist-info (METADATA and the
     entry points of its pyproject), in a site folder of its own."""
     meta = tomllib.loads((EXAMPLE / "pyproject.toml").read_text())
     project = meta["project"]
-    site = tmp_path_factory.mktemp("l2pull-site")
+    site = tmp_path_factory.mktemp("lora-l2-site")
     for module in meta["tool"]["setuptools"]["py-modules"]:
         shutil.copy(EXAMPLE / f"{module}.py", site)
     groups = "".join(f"[{group}]\n" + "".join(f"{k} = {v}\n" for k, v in eps.items())
@@ -51,11 +51,11 @@ def _forget(prefix: str) -> None:
 
 
 @pytest.fixture
-def l2pull(l2pull_site, monkeypatch):
-    """clbench-l2pull 'installed' for this test only."""
-    monkeypatch.syspath_prepend(str(l2pull_site))
-    yield l2pull_site
-    _forget("clbench_l2pull")
+def lora_l2(lora_l2_site, monkeypatch):
+    """clbench-lora-l2 'installed' for this test only."""
+    monkeypatch.syspath_prepend(str(lora_l2_site))
+    yield lora_l2_site
+    _forget("clbench_lora_l2")
 
 
 def _dist_info(site: Path, dist: str, version: str, entry_points: str) -> None:
@@ -103,27 +103,27 @@ FOOTER = """
 # -- an installed package ---------------------------------------------------------------------------------
 
 
-def test_entry_point_package_is_discovered_with_its_distribution(l2pull):
+def test_entry_point_package_is_discovered_with_its_distribution(lora_l2):
     reg = discover()
-    info = reg.get("l2pull")
-    assert info.cls.__module__ == "clbench_l2pull"
+    info = reg.get("lora_l2")
+    assert info.cls.__module__ == "clbench_lora_l2"
     assert info.provenance["kind"] == "entry_point"
-    assert (info.provenance["distribution"], info.provenance["version"]) == ("clbench-l2pull", "0.1.0")
-    assert "clbench-l2pull 0.1.0" in info.source and "lora" in reg.methods
+    assert (info.provenance["distribution"], info.provenance["version"]) == ("clbench-lora-l2", "0.1.0")
+    assert "clbench-lora-l2 0.1.0" in info.source and "lora" in reg.methods
 
 
-def test_cli_lists_the_package_and_its_params(l2pull):
+def test_cli_lists_the_package_and_its_params(lora_l2):
     res = CliRunner().invoke(app, ["methods"])
     assert res.exit_code == 0, res.output
-    assert "l2pull" in res.output and "lora" in res.output
-    res = CliRunner().invoke(app, ["methods", "l2pull", "--params"])
+    assert "lora_l2" in res.output and "lora" in res.output
+    res = CliRunner().invoke(app, ["methods", "lora_l2", "--params"])
     assert res.exit_code == 0, res.output
     assert "strength = 1.0: lambda of the L2 pull" in res.output
 
 
-def test_example_package_own_tests_pass(l2pull):
-    """The tests the example package ships (contract + l2pull's properties) pass against this clbench."""
-    spec = importlib.util.spec_from_file_location("_l2pull_tests", EXAMPLE / "tests" / "test_l2pull.py")
+def test_example_package_own_tests_pass(lora_l2):
+    """The tests the example package ships (contract + lora_l2's properties) pass against this clbench."""
+    spec = importlib.util.spec_from_file_location("_lora_l2_tests", EXAMPLE / "tests" / "test_lora_l2.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     names = [n for n in dir(mod) if n.startswith("test_")]
@@ -179,6 +179,8 @@ def test_duplicate_alias_is_refused(tmp_path):
             "unknown hook 'before_tsak'",
         ),
         ("    def after_taks(self, model, ctx):\n        pass\n", "did you mean 'after_task'"),
+        ("    def replay_bach(self, ctx):\n        pass\n", "did you mean 'replay_batch'"),
+        ("    def training_sets(self, ctx):\n        pass\n", "did you mean 'training_set'"),
         (
             "    def merge_task(self, model, ctx):\n        pass\n",
             "'merge_task' looks like a hook but lacks the @hookimpl",
@@ -197,7 +199,40 @@ def test_misdeclared_hook_fails_naming_plugin_and_hook(tmp_path, hook, expected)
     assert "\n" not in msg
 
 
-def test_broken_import_in_plugins_dir_is_one_line_and_others_still_listed(tmp_path, l2pull):
+def test_hooks_of_a_base_class_count_as_the_method_s_own():
+    """pluggy registers the hook implementations a method inherits (a mixin's, as the built-in methods'
+    ``TrainedPart``), so the registry checks inherited hooks as it checks the class's own."""
+    from clbench.hookspecs import hookimpl
+    from clbench.method import Method
+    from clbench.registry import run_manager, validate_hooks
+
+    class Part:
+        @hookimpl
+        def after_task(self, model, ctx):
+            pass
+
+    class Good(Part, Method):
+        name = "good"
+
+    validate_hooks(Good, "method 'good'")
+    impls = run_manager(Good()).hook.after_task.get_hookimpls()
+    assert [i.function.__func__ for i in impls if i.plugin_name == "method:good"] == [Part.after_task]
+
+    class Undecorated:
+        def task_updates(self, model, ctx):  # no @hookimpl: pluggy would never call it
+            pass
+
+    class Misspelt:
+        def replay_bach(self, ctx):  # a misspelt hook, undecorated: pluggy says nothing
+            pass
+
+    with pytest.raises(ClbenchError, match="'task_updates' looks like a hook but lacks the @hookimpl"):
+        validate_hooks(type("Bad", (Undecorated, Method), {"name": "bad"}), "method 'bad'")
+    with pytest.raises(ClbenchError, match="'replay_bach' is not a hook; did you mean 'replay_batch'"):
+        validate_hooks(type("Bad", (Misspelt, Method), {"name": "bad"}), "method 'bad'")
+
+
+def test_broken_import_in_plugins_dir_is_one_line_and_others_still_listed(tmp_path, lora_l2):
     _plugin(tmp_path / "plugs", "broken", "import no_such_module_xyz\n")
     _plugin(tmp_path / "plugs", "dirlora", GOOD)
     with pytest.raises(ClbenchError, match=r"broken\.py: cannot be imported: ModuleNotFoundError"):
@@ -205,7 +240,7 @@ def test_broken_import_in_plugins_dir_is_one_line_and_others_still_listed(tmp_pa
     res = CliRunner().invoke(app, ["methods", "--plugins-dir", str(tmp_path / "plugs")])
     assert res.exit_code == 0, res.output
     listed = res.stdout
-    assert all(n in listed for n in ("lora", "l2pull", "dirlora"))
+    assert all(n in listed for n in ("lora", "lora_l2", "dirlora"))
     errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
     assert (
         len(errors) == 1
@@ -296,7 +331,7 @@ def _suite(folder: Path, methods: list[dict], plugins_dir: str | None = None) ->
 
 
 def test_suite_runs_external_and_folder_plugins_and_records_provenance(
-    tmp_path, mlflow_uri, monkeypatch, l2pull
+    tmp_path, mlflow_uri, monkeypatch, lora_l2
 ):
     from mlflow.tracking import MlflowClient
 
@@ -305,7 +340,7 @@ def test_suite_runs_external_and_folder_plugins_and_records_provenance(
     suite = _suite(
         tmp_path,
         [
-            {"name": "l2pull", "params": {"rank": 2, "strength": 0.5}},
+            {"name": "lora_l2", "params": {"rank": 2, "strength": 0.5}},
             {"name": "dirlora", "params": {"rank": 2}},
         ],
         plugins_dir="plugs",
@@ -319,17 +354,17 @@ def test_suite_runs_external_and_folder_plugins_and_records_provenance(
         for r in client.search_runs([exp.experiment_id])
         if r.data.tags.get("clbench.role") == "child"
     }
-    assert set(runs) == {"l2pull", "dirlora"}
+    assert set(runs) == {"lora_l2", "dirlora"}
     for r in runs.values():
         assert r.info.status == "FINISHED" and "final/acc" in r.data.metrics
 
-    ep = runs["l2pull"]
-    assert "clbench-l2pull 0.1.0" in ep.data.tags["clbench.plugin_source"]
+    ep = runs["lora_l2"]
+    assert "clbench-lora-l2 0.1.0" in ep.data.tags["clbench.plugin_source"]
     prov = json.loads(
         Path(client.download_artifacts(ep.info.run_id, "provenance.json", str(tmp_path))).read_text()
     )
-    assert (prov["method"], prov["distribution"], prov["version"]) == ("l2pull", "clbench-l2pull", "0.1.0")
-    assert prov["entry_point"] == "l2pull = clbench_l2pull"
+    assert (prov["method"], prov["distribution"], prov["version"]) == ("lora_l2", "clbench-lora-l2", "0.1.0")
+    assert prov["entry_point"] == "lora_l2 = clbench_lora_l2"
     assert ep.data.params["method.params.strength"] == "0.5"
 
     fd = runs["dirlora"]
@@ -343,8 +378,8 @@ def test_suite_runs_external_and_folder_plugins_and_records_provenance(
     assert prov["sha256"] == hashlib.sha256(plugin.read_bytes()).hexdigest()
 
 
-def test_exact_name_shows_only_that_method(l2pull):
-    # 'lora' is a substring of olora, inflora, eblora and l2pull's description; the exact name must win.
+def test_exact_name_shows_only_that_method(lora_l2):
+    # 'lora' is a substring of olora, inflora, eblora and lora_l2; the exact name must win.
     res = CliRunner().invoke(app, ["methods", "lora", "--params"])
     assert res.exit_code == 0, res.output
     headers = [line.split()[0] for line in res.stdout.splitlines() if not line.startswith(" ")]

@@ -4,6 +4,8 @@ leaderboard, input normalisation, and the augmented statistics loader."""
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import math
 import shutil
@@ -271,6 +273,11 @@ def test_leaderboard_shows_reference_next_to_measured_mean(tmp_path):
     html = render_html([group])
     assert "NOT within ±1" in html and "86.33" in html and "-1.33" in html
     assert json.loads(lb.render([group], "json"))["groups"][0]["references"][0]["reference"] == 86.33
+    [line] = csv.DictReader(io.StringIO(lb.render([group], "csv")))  # the CSV carries the same values
+    assert line["final/acc_published"] == "86.33" and float(line["final/acc_published_diff"]) == pytest.approx(-1.33)
+    assert line["final/acc_published_within"] == "false" and line["final/avg_acc_published_within"] == "true"
+    assert line["final/forgetting_published"] == "" and line["published_tolerance"] == "1.0"
+    assert line["published_source"] == acc.source
 
 
 def test_reference_block_is_checked():

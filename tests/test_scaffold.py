@@ -91,7 +91,7 @@ def test_contributing_tutorial_matches_the_example_package():
     guide = (root / "CONTRIBUTING.md").read_text()
     tutorial = guide[guide.index("## 2. Tutorial") : guide.index("## 3. The hooks")]
     blocks = re.findall(r"```python\n(.*?)```", tutorial, flags=re.S)
-    example = (root / "examples" / "clbench-l2pull" / "clbench_l2pull.py").read_text()
+    example = (root / "examples" / "clbench-lora-l2" / "clbench_lora_l2.py").read_text()
     assert len(blocks) >= 8
     for block in blocks:
         assert block in example, block

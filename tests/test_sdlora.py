@@ -344,6 +344,8 @@ def test_repro_and_comparison_suites_plan_sdlora():
             t = suite.train
             assert (t.optimizer, t.momentum, t.schedule, t.epochs, t.batch_size, t.weight_decay) == (
                 "sgd", 0.9, "constant", 20, 128, 0.0)
+            # the official fp32 run on [0, 1] inputs (utils/data.py: ToTensor, no Normalize; no autocast)
+            assert (t.precision, suite.backbone.normalize) == ("fp32", "none"), path
 
 
 def test_a_pair_left_at_zero_is_frozen_without_nans():

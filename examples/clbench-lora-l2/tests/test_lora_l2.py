@@ -1,4 +1,4 @@
-"""Tests of the l2pull plugin: the clbench contract, then the properties that make it l2pull.
+"""Tests of the lora_l2 plugin: the clbench contract, then the properties that make it lora_l2.
 
 Run after ``pip install -e .`` (or with this folder on PYTHONPATH): ``pytest tests``.
 """
@@ -7,42 +7,42 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from clbench_l2pull import L2Pull
+from clbench_lora_l2 import LoRAL2
 
 from clbench import contract
 from clbench.testing import run_method, tiny_stream
 
 
 def test_contract():
-    contract.check_method(L2Pull)
+    contract.check_method(LoRAL2)
 
 
 def test_penalty_is_strength_times_squared_distance():
     stream = tiny_stream(num_tasks=2, num_classes=4, samples_per_class=8)
-    run = run_method(L2Pull({"rank": 2, "strength": 0.5}), stream, max_steps_per_epoch=1)
+    run = run_method(LoRAL2({"rank": 2, "strength": 0.5}), stream, max_steps_per_epoch=1)
     method = run.method
     ctx = type("Ctx", (), {"task": 1})()
     method.before_task(run.model, ctx)  # anchor = the current factors
-    assert method.loss_terms(run.model, None, None, ctx)["l2pull"].item() == 0.0
+    assert method.loss_terms(run.model, None, None, ctx)["l2"].item() == 0.0
     q, _ = method._anchor[0]
     with torch.no_grad():
         q.add_(0.1)  # move one factor by 0.1 in every entry
-    got = method.loss_terms(run.model, None, None, ctx)["l2pull"].item()
+    got = method.loss_terms(run.model, None, None, ctx)["l2"].item()
     assert np.isclose(got, 0.5 * q.numel() * 0.1**2, rtol=1e-4)
 
 
 def test_no_pull_on_the_first_task_and_a_positive_pull_after():
     run = run_method(
-        L2Pull({"rank": 2}), tiny_stream(samples_per_class=8), batch_size=8, max_steps_per_epoch=2
+        LoRAL2({"rank": 2}), tiny_stream(samples_per_class=8), batch_size=8, max_steps_per_epoch=2
     )  # two steps: the second one has moved off the anchor
-    assert "l2pull" not in run.results[0].loss_terms
-    assert run.results[1].loss_terms["l2pull"] > 0
+    assert "l2" not in run.results[0].loss_terms
+    assert run.results[1].loss_terms["l2"] > 0
 
 
 def _drift(strength: float) -> float:
     """Frobenius norm of the task-1 update after several plain SGD steps."""
     run = run_method(
-        L2Pull({"rank": 4, "strength": strength}),
+        LoRAL2({"rank": 4, "strength": strength}),
         tiny_stream(samples_per_class=24),
         optimizer="sgd",
         momentum=0.0,
@@ -65,7 +65,7 @@ def test_zero_strength_is_sequential_lora():
 
     lora = discover().get("lora").cls
     stream = tiny_stream(samples_per_class=8)
-    a = run_method(L2Pull({"rank": 3, "strength": 0.0}), stream, max_steps_per_epoch=2)
+    a = run_method(LoRAL2({"rank": 3, "strength": 0.0}), stream, max_steps_per_epoch=2)
     b = run_method(lora({"rank": 3}), stream, max_steps_per_epoch=2)
     assert np.array_equal(a.R, b.R, equal_nan=True)
     for name, u in a.results[1].updates.items():

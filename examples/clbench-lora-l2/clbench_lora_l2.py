@@ -1,4 +1,4 @@
-"""l2pull: sequential LoRA whose factors are pulled towards their values at the end of the previous task.
+"""lora_l2: sequential LoRA whose factors are pulled towards their values at the end of the previous task.
 
 One LoRA per adapted layer is trained through the whole stream (as clbench's ``lora`` baseline). From the
 second task on, the loss gains ``strength * sum ||theta - theta_prev||^2`` over every LoRA factor ``theta``
@@ -29,20 +29,20 @@ from torch import nn
 from clbench import LoRAParams, LoRASite, Method, TaskContext, hookimpl, inject
 
 
-class L2PullParams(LoRAParams):
+class LoRAL2Params(LoRAParams):
     # rank, alpha, targets, blocks and dropout come from clbench's LoRAParams (a typo in targets fails the suite)
     strength: float = Field(1.0, ge=0,
                             description="lambda of the L2 pull towards the previous task's factors")
 
 
-class L2Pull(Method):
-    name = "l2pull"
+class LoRAL2(Method):
+    name = "lora_l2"
     paper = ("Kirkpatrick et al., PNAS 2017 (the L2 baseline of EWC) applied to LoRA factors "
              "(Hu et al., ICLR 2022)")
     code = "github.com/microsoft/LoRA (LoRA); no official code for the combination"
-    Params = L2PullParams
+    Params = LoRAL2Params
 
-    def __init__(self, params: L2PullParams | dict[str, Any] | None = None) -> None:
+    def __init__(self, params: LoRAL2Params | dict[str, Any] | None = None) -> None:
         super().__init__(params)
         self.sites: dict[str, LoRASite] = {}
         self._anchor: list[tuple[nn.Parameter, torch.Tensor]] = []
@@ -68,10 +68,10 @@ class L2Pull(Method):
         if not self._anchor or self.params.strength == 0:
             return None  # nothing to pull towards on the first task
         pull = sum((q - q0).pow(2).sum() for q, q0 in self._anchor)
-        return {"l2pull": self.params.strength * pull}
+        return {"l2": self.params.strength * pull}
 
     # No task_updates: clbench reports the change of B A across each task (its default), as for `lora`.
 
 
 def register_methods(register: Callable[[type], None]) -> None:
-    register(L2Pull)
+    register(LoRAL2)
