@@ -20,6 +20,7 @@ from clbench.errors import ClbenchError
 from clbench.storecheck import check_artifact_folder, check_file_store, check_sqlite_target, is_sqlite_file
 
 PARENT_TAG = keys.PARENT_RUN
+HTTP_TIMEOUT_S = 10  # clbench's first request to a server: an MLflow server on a busy machine answers in far less
 LOCK_RETRIES = 8  # sqlite allows one writer at a time; a concurrent `clbench run` may hold the lock briefly
 
 
@@ -187,6 +188,8 @@ def store_error(uri: str, exc: BaseException, verb: str = "open") -> ClbenchErro
     msg = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
     path = _sqlite_file(uri)
     if uri.startswith(("http://", "https://")):
+        if "timed out" in str(exc).lower() or "timeout" in type(exc).__name__.lower():
+            msg = f"it accepts connections but did not answer within {HTTP_TIMEOUT_S} s"
         hint = "start the server or fix MLFLOW_TRACKING_URI / tracking.uri"
     elif path is not None and path.is_file() and path.stat().st_size > 0:
         state, runs = sqlite_store_state(path)
@@ -243,7 +246,7 @@ def probe_http(uri: str, timeout: float = 3.0) -> None:
 
 
 @contextlib.contextmanager
-def fast_http(timeout_s: int = 10) -> Iterator[None]:
+def fast_http(timeout_s: int = HTTP_TIMEOUT_S) -> Iterator[None]:
     """MLflow's HTTP client without retries and with a short timeout, for clbench's first request to a server
     (MLflow's defaults retry a server that does not answer for minutes before saying so)."""
     fast = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": str(timeout_s)}

@@ -371,7 +371,8 @@ def test_first_request_to_a_server_has_no_retries(monkeypatch):
         listening.bind(("127.0.0.1", 0))
         listening.listen()
         uri = f"http://127.0.0.1:{listening.getsockname()[1]}"
-        with pytest.raises(ClbenchError, match=f"cannot read the MLflow tracking store at {uri}"):
+        silent = f"store at {uri} .it accepts connections but did not answer within 10 s"
+        with pytest.raises(ClbenchError, match=silent):
             tracking.read_runs(None, uri)
     assert seen == {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
     assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "300"
