@@ -290,33 +290,39 @@ def ui(
                                                             "(./mlflow.db)"),
 ) -> None:
     """Open MLflow's UI on the same store `clbench run` writes to."""
+    from clbench.storecheck import check_port
     from clbench.tracking import store_uri
     from clbench.uiview import view_url
 
     uri = store_uri(backend_store_uri)
     if uri.startswith("http"):
         _fail(f"tracking: {uri} is already a server; open it in a browser")
+    try:
+        check_port(host, port)  # before the server starts: its own bind error ends up in its log
+        views = _ui_views(uri)
+    except ClbenchError as exc:
+        _fail(str(exc))
     base = f"http://{host}:{port}"
     typer.echo(f"MLflow UI for {uri} on {base}", err=True)
-    for name, exp_id in _ui_views(uri):
+    for name, exp_id in views:
         typer.echo(f"  {name}: {view_url(base, exp_id)}   (leaderboard: runs sorted by final/acc)", err=True)
     os.execvp(sys.executable, [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
                                "--host", host, "--port", str(port), "--workers", "1"])
 
 
 def _ui_views(uri: str) -> list[tuple[str, str]]:
-    """Tag the store's clbench experiments for the UI (see clbench.uiview); nothing for a store not yet created."""
-    from clbench.tracking import ensure_ui_views
+    """Tag the store's clbench experiments for the UI (see clbench.uiview); nothing for a store not yet created
+    or one this user cannot write. Refuses a file that is not an MLflow store (``clbench.tracking.ui_store``)."""
+    from clbench.tracking import ensure_ui_views, ui_store
 
-    path = uri.removeprefix("sqlite:///") if uri.startswith("sqlite:///") else None
-    if path is not None and not Path(path).exists():
-        typer.echo(f"  no store at {path} yet: run `clbench run SUITE` here first", err=True)
+    state = ui_store(uri)
+    if state == "new":
+        typer.echo(f"  no store at {uri} yet: run `clbench run SUITE` here first", err=True)
         return []
-    try:
-        return ensure_ui_views(uri)
-    except ClbenchError as exc:
-        _fail(str(exc))
-    return []
+    if state == "read-only":
+        typer.echo(f"  {uri} is read-only: the UI shows it, without clbench's saved leaderboard view", err=True)
+        return []
+    return ensure_ui_views(uri)
 
 
 def main() -> None:

@@ -17,8 +17,10 @@ from typing import Any, Protocol
 
 from clbench import keys
 from clbench.errors import ClbenchError
+from clbench.storecheck import check_artifact_folder, check_file_store, check_sqlite_target, is_sqlite_file
 
 PARENT_TAG = keys.PARENT_RUN
+HTTP_TIMEOUT_S = 10  # clbench's first request to a server: an MLflow server on a busy machine answers in far less
 LOCK_RETRIES = 8  # sqlite allows one writer at a time; a concurrent `clbench run` may hold the lock briefly
 
 
@@ -97,20 +99,47 @@ def _sqlite_file(uri: str) -> Path | None:
     return Path(uri.removeprefix("sqlite:///"))
 
 
+# The tables MLflow's first migration creates: a sqlite file holding none of them was never an MLflow store.
+MLFLOW_FIRST_TABLES = frozenset({"experiments", "runs", "metrics", "params", "tags"})
+
+
+def _mlflow_tables() -> frozenset[str] | None:
+    """Every table this MLflow makes, or None when its models cannot be imported (then only
+    ``MLFLOW_FIRST_TABLES`` tells an MLflow store from another program's database)."""
+    try:
+        import importlib
+
+        from mlflow.store.db.base_sql_model import Base
+
+        for module in ("tracking", "model_registry", "workspace"):
+            with contextlib.suppress(ImportError):
+                importlib.import_module(f"mlflow.store.{module}.dbmodels.models")
+        return frozenset(Base.metadata.tables) | {"alembic_version"}
+    except Exception:  # noqa: BLE001 - MLflow internals moved
+        return None
+
+
 def sqlite_store_state(path: Path) -> tuple[str, int]:
     """(state, runs) of a sqlite file: ``complete`` (MLflow's latest schema), ``empty`` (no tables),
-    ``half-made`` (tables but not MLflow's latest schema: a creation or migration that was cut short) or
-    ``unreadable``; ``runs`` is how many runs it holds (-1 when unknown)."""
+    ``half-made`` (MLflow's tables but not its latest schema: a creation or migration that was cut short, or an
+    older MLflow's store), ``foreign`` (an SQLite database of another program: none of MLflow's first tables, or
+    tables MLflow does not make), ``not-sqlite`` (not an SQLite file at all) or ``unreadable``; ``runs`` is how many
+    runs it holds (-1 when unknown). Only ``half-made`` with no run is ever rebuilt (``create_sqlite_store``)."""
     import sqlite3
 
+    if path.is_file() and path.stat().st_size > 0 and is_sqlite_file(path) is False:
+        return "not-sqlite", -1
     try:
         con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     except sqlite3.Error:
         return "unreadable", -1
     try:
         tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        tables = {t for t in tables if not t.startswith("sqlite_")}
         if not tables:
             return "empty", 0
+        if not tables & MLFLOW_FIRST_TABLES:
+            return "foreign", -1
         runs = con.execute("SELECT COUNT(*) FROM runs").fetchone()[0] if "runs" in tables else 0
         version = (con.execute("SELECT version_num FROM alembic_version").fetchall()
                    if "alembic_version" in tables else [])
@@ -124,7 +153,12 @@ def sqlite_store_state(path: Path) -> tuple[str, int]:
         head = _get_latest_schema_revision()
     except Exception:  # noqa: BLE001 - MLflow internals moved: judge by the tables alone
         head = version[0][0] if len(version) == 1 else None
-    return ("complete" if version == [(head,)] else "half-made"), runs
+    if version == [(head,)]:
+        return "complete", runs
+    known = _mlflow_tables()
+    if known is not None and tables - known:  # another program's tables: never rebuild (that would delete them)
+        return "foreign", runs
+    return "half-made", runs
 
 
 def create_sqlite_store(path: Path) -> None:
@@ -154,10 +188,15 @@ def store_error(uri: str, exc: BaseException, verb: str = "open") -> ClbenchErro
     msg = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
     path = _sqlite_file(uri)
     if uri.startswith(("http://", "https://")):
+        if "timed out" in str(exc).lower() or "timeout" in type(exc).__name__.lower():
+            msg = f"it accepts connections but did not answer within {HTTP_TIMEOUT_S} s"
         hint = "start the server or fix MLFLOW_TRACKING_URI / tracking.uri"
-    elif path is not None and path.exists() and path.stat().st_size > 0:
+    elif path is not None and path.is_file() and path.stat().st_size > 0:
         state, runs = sqlite_store_state(path)
-        if state == "half-made" and runs == 0:
+        if state in ("not-sqlite", "foreign"):
+            hint = (f"{path} is left untouched; point MLFLOW_TRACKING_URI / tracking.uri / --tracking-uri at an "
+                    "MLflow store or a new file")
+        elif state == "half-made" and runs == 0:
             hint = (f"{path} is a half-made MLflow store holding no run (its creation was interrupted); "
                     "`clbench run` rebuilds it, or delete it")
         elif state in ("half-made", "unreadable"):
@@ -169,6 +208,24 @@ def store_error(uri: str, exc: BaseException, verb: str = "open") -> ClbenchErro
     else:
         hint = "check the path and its permissions, or fix MLFLOW_TRACKING_URI / tracking.uri"
     return ClbenchError(f"tracking: cannot {verb} the MLflow tracking store at {uri} ({msg}); {hint}")
+
+
+STATE_WORDS = {
+    "not-sqlite": "not an SQLite database",
+    "foreign": "another program's SQLite database, not an MLflow store",
+    "half-made": "an unfinished or older MLflow schema",
+    "unreadable": "cannot be opened",
+    "empty": "an empty database",
+}
+
+
+def state_error(uri: str, path: Path, verb: str) -> ClbenchError:
+    """``store_error`` for a sqlite file that is not a complete MLflow store, saying what it is instead."""
+    if path.is_dir():
+        return ClbenchError(f"tracking: {path} is a folder, not an sqlite file; point {uri} at a file (e.g. "
+                            f"sqlite:///{path / 'mlflow.db'}) or fix MLFLOW_TRACKING_URI / --tracking-uri")
+    state, _ = sqlite_store_state(path)
+    return store_error(uri, RuntimeError(f"{path.name}: {STATE_WORDS.get(state, state)}"), verb)
 
 
 def probe_http(uri: str, timeout: float = 3.0) -> None:
@@ -186,6 +243,37 @@ def probe_http(uri: str, timeout: float = 3.0) -> None:
     except OSError as exc:
         raise ClbenchError(f"tracking: cannot reach the MLflow tracking server at {uri} ({exc.strerror or exc}); "
                            "start the server or fix MLFLOW_TRACKING_URI / tracking.uri") from None
+
+
+@contextlib.contextmanager
+def fast_http(timeout_s: int = HTTP_TIMEOUT_S) -> Iterator[None]:
+    """MLflow's HTTP client without retries and with a short timeout, for clbench's first request to a server
+    (MLflow's defaults retry a server that does not answer for minutes before saying so)."""
+    fast = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": str(timeout_s)}
+    saved = {k: os.environ.get(k) for k in fast}
+    os.environ.update(fast)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def check_local_store(uri: str, write: bool) -> None:
+    """One line, before MLflow touches anything, for a store that cannot work: a server that does not answer, an
+    sqlite file or folder that cannot be written (``write``), a file where a file store's folder should be."""
+    probe_http(uri)
+    sqlite = _sqlite_file(uri)
+    if sqlite is not None:
+        if write:
+            check_sqlite_target(sqlite, uri)
+        return
+    path = local_store_path(uri)
+    if path is not None and path != ":memory:":
+        check_file_store(Path(path), uri)
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
@@ -280,28 +368,24 @@ class MlflowTracker:
 
         self.uri = absolute_uri(uri or mlflow.get_tracking_uri())
         mlflow.set_tracking_uri(self.uri)
-        probe_http(self.uri)
+        check_local_store(self.uri, write=True)  # a read-only or unplaceable store: one line, at once
         self._buffers: dict[str, list] = {}
-        fast = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
-        saved = {k: os.environ.get(k) for k in fast}
         try:
-            os.environ.update(fast)  # the first request answers "is the store usable" quickly
-            with _store_init_lock(self.uri):
+            with fast_http(), _store_init_lock(self.uri):  # the first request answers "is the store usable" quickly
                 sqlite = _sqlite_file(self.uri)
                 if sqlite is not None:
                     create_sqlite_store(sqlite)
+                    if sqlite_store_state(sqlite)[0] != "complete":  # left alone: not ours to rebuild
+                        raise state_error(self.uri, sqlite, "open")
                 self.client = _Retrying(MlflowClient(tracking_uri=self.uri))
                 self.experiment_id = self._experiment(experiment)
+                location = self.client.get_experiment(self.experiment_id).artifact_location
         except ClbenchError:
             raise
         except Exception as exc:  # noqa: BLE001 - any failure here means "cannot use this store"
             raise store_error(self.uri, exc) from None
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
+        # artifacts are written when a run ends: a file or read-only folder in their way would fail it then
+        check_artifact_folder(location, experiment)
 
     def _experiment(self, name: str) -> str:
         exp = self.client.get_experiment_by_name(name)
@@ -384,6 +468,21 @@ def make_tracker(experiment: str, uri: str | None) -> MlflowTracker:
     return MlflowTracker(experiment, store_uri(uri))
 
 
+def ui_store(uri: str) -> str:
+    """What ``clbench ui`` finds at a local store: ``new`` (no store yet, or an empty file: MLflow's UI creates
+    its tables), ``ready`` or ``read-only`` (served, the leaderboard view not tagged). A file that is not an
+    MLflow store is refused before MLflow's UI would write its tables into it."""
+    check_local_store(uri, write=False)
+    path = _sqlite_file(uri)
+    if path is None:
+        return "ready"
+    if not path.exists() or (path.is_file() and sqlite_store_state(path)[0] == "empty"):
+        return "new"
+    if path.is_dir() or sqlite_store_state(path)[0] != "complete":
+        raise state_error(uri, path, "open")
+    return "ready" if os.access(path, os.W_OK) and os.access(path.parent, os.W_OK | os.X_OK) else "read-only"
+
+
 def ensure_ui_views(uri: str) -> list[tuple[str, str]]:
     """Tag every experiment holding clbench runs for MLflow's UI (training-runs mode, the leaderboard as a saved
     view; see clbench.uiview), also those created by older clbench versions. Returns (name, id) of each."""
@@ -452,6 +551,7 @@ def resolve_read_uri(uri: str | None) -> str:
     must never write.
     """
     resolved = store_uri(uri)
+    check_local_store(resolved, write=False)
     path = _sqlite_file(resolved)
     if path is not None:
         if not path.exists():
@@ -462,7 +562,7 @@ def resolve_read_uri(uri: str | None) -> str:
             raise ClbenchError(f"tracking: {path} holds no MLflow store yet (an empty database); run "
                                "`clbench run SUITE` with it first or set MLFLOW_TRACKING_URI")
         if state != "complete":
-            raise store_error(resolved, RuntimeError(f"{state} sqlite file"), "read")
+            raise state_error(resolved, path, "read")
     return resolved
 
 
@@ -474,7 +574,8 @@ def read_runs(experiment: str | None = None, uri: str | None = None,
     resolved = resolve_read_uri(uri)
     try:
         client = MlflowClient(tracking_uri=resolved)
-        experiments = client.search_experiments()
+        with fast_http():  # a server that accepts but does not answer: seconds, not minutes of retries
+            experiments = client.search_experiments()
     except Exception as exc:  # noqa: BLE001 - any failure here means "cannot use this store"
         raise store_error(resolved, exc, "read") from None
     names = {e.experiment_id: e.name for e in experiments}

@@ -10,6 +10,7 @@ Also the safety defaults: YAML with safe_load (a python tag is an error, not cod
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -92,11 +93,14 @@ def runs_in(uri: str) -> int:
 def test_ui_binds_to_loopback_unless_told(monkeypatch):
     calls = []
     monkeypatch.setattr(os, "execvp", lambda prog, args: calls.append(args))
-    res = CliRunner().invoke(app, ["ui", "--backend-store-uri", "sqlite:///x.db"])
+    with socket.socket() as s:  # `clbench ui` checks that its port is free: not 5000, which may be taken here
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    res = CliRunner().invoke(app, ["ui", "--backend-store-uri", "sqlite:///x.db", "--port", port])
     assert res.exit_code == 0, res.output
     args = calls[0]
     assert args[args.index("--host") + 1] == "127.0.0.1"
-    CliRunner().invoke(app, ["ui", "--host", "0.0.0.0", "--backend-store-uri", "sqlite:///x.db"])
+    CliRunner().invoke(app, ["ui", "--host", "0.0.0.0", "--backend-store-uri", "sqlite:///x.db", "--port", port])
     assert calls[1][calls[1].index("--host") + 1] == "0.0.0.0"
 
 
