@@ -30,6 +30,16 @@ LOW_RANK_UPDATES = "clbench.low_rank_updates"  # "false": the method has no low-
 STREAM_PREFIX = "clbench.stream."  # + a stream's meta key (split_sha256, ...)
 ERROR = "clbench.error"
 REFERENCE = "clbench.reference"  # a reproduction suite's reference: block (JSON list), read by the leaderboard
+SPLIT = "clbench.split"  # "validation" on runs evaluated on held-out training data (absent: the test split)
+SPLIT_TEST = "test"
+SPLIT_VALIDATION = "validation"
+SWEEP = "clbench.sweep"  # the sweep id (clbench.sweep): on the sweep parent, its trials and a --then-test run
+SWEEP_RUN = "clbench.sweep_run"  # a tuned run: the MLflow run id of the sweep parent its values came from
+SEARCH_SPACE = "clbench.search_space"  # the sweep's search space, as typed (--grid flags and --random N)
+SWEEP_METRIC = "clbench.sweep_metric"  # the validation metric the sweep ranked its points by
+TRIAL = "clbench.trial"  # a sweep trial's point: KEY=VALUE pairs
+SWEEP_BEST = "clbench.sweep_best"  # on the sweep parent: the best point's KEY=VALUE pairs
+TUNED = "clbench.tuned"  # "true": the method entry's values were chosen by a sweep on the validation split
 
 # -- per task (step = task index) -------------------------------------------------------------------------------
 EVAL_ACC = "eval/acc"  # A_t: CIL accuracy over the pooled test samples of tasks 0..t
@@ -41,6 +51,22 @@ TASK_EVAL_SECONDS = "cost/task_eval_seconds"
 SPECTRA_SECONDS = "cost/spectra_seconds"
 SPECTRA_TOP1 = "spectra/top1_share"  # this task's update (clbench.spectra writes the spectra/* row)
 SPECTRA_OVERLAP = "spectra/overlap"
+
+
+VAL_PREFIX = "val/"  # a validation run's accuracy metrics: eval/* and final/* renamed (clbench.validation)
+
+
+def for_split(key: str, split: str) -> str:
+    """The key a run on ``split`` logs for ``key``: a validation run measures no test image, so its ``eval/*``
+    and ``final/*`` (both test-split metrics) go under ``val/`` (``eval/acc`` -> ``val/acc``, ``final/forgetting``
+    -> ``val/forgetting``, ``eval/acc/task_03`` -> ``val/acc/task_03``); every other key, and every key of a test
+    run, is unchanged. ``eval/acc`` after the last task and ``final/acc`` are one number, so they share
+    ``val/acc``."""
+    if split == SPLIT_VALIDATION:
+        for prefix in ("eval/", "final/"):
+            if key.startswith(prefix):
+                return VAL_PREFIX + key.removeprefix(prefix)
+    return key
 
 
 def eval_acc_task(j: int) -> str:

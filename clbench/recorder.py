@@ -98,6 +98,10 @@ class RunRecorder:
     totals: dict[str, float] = field(
         default_factory=lambda: {"train_seconds": 0.0, "images": 0, "trainable": 0, "hooks": 0.0})
     ended: bool = False  # the MLflow run was ended FINISHED (nothing left for the caller to end)
+    split: str = keys.SPLIT_TEST  # validation: eval/* and final/* are logged under val/ (keys.for_split)
+
+    def _keyed(self, metrics: dict[str, float]) -> dict[str, float]:
+        return {keys.for_split(k, self.split): v for k, v in metrics.items()}
 
     def resume(self, ck: dict[str, Any]) -> None:
         """Continue from checkpoint ``ck``; log its last task's metrics now if the crash came before MLflow had
@@ -106,14 +110,15 @@ class RunRecorder:
         self.spectra_rows = [dict(r) for r in ck["spectra_rows"]]
         self.totals.update(ck["totals"])
         pending = ck.get("pending")
-        if pending and int(pending["task"]) not in self.tracker.logged_steps(self.run_id, keys.EVAL_ACC):
+        eval_acc = keys.for_split(keys.EVAL_ACC, self.split)
+        if pending and int(pending["task"]) not in self.tracker.logged_steps(self.run_id, eval_acc):
             log_lrs(self.tracker, self.run_id, pending.get("lr", {}))
             self.tracker.log_metrics(self.run_id, pending["metrics"], step=int(pending["task"]))
             self.tracker.flush(self.run_id)
 
     def on_task(self, res: TaskResult, state: LoopState, model: CLModel) -> None:
         """The loop's callback: metrics, spectra, checkpoint, then MLflow."""
-        m = task_metrics(res)
+        m = self._keyed(task_metrics(res))
         if res.updates:
             tic = time.perf_counter()
             row = self.spectra.add_task(res.updates)
@@ -161,10 +166,12 @@ class RunRecorder:
     def finish(self, state: LoopState, sizes: np.ndarray, device: torch.device, run: PlannedRun, seed: int,
                suite_yaml: str, stream) -> RunRecord:
         """Log the final metrics (once) and the artifacts, end the MLflow run, mark the checkpoint done."""
-        final = self.final_metrics(state, sizes, device)
+        final = self._keyed(self.final_metrics(state, sizes, device))
         last = state.R.shape[0] - 1
-        if last not in self.tracker.logged_steps(self.run_id, keys.FINAL_ACC):
-            self.tracker.log_metrics(self.run_id, final, step=last)
+        # final/avg_acc, not final/acc: under val/ the latter is the last task's val/acc, logged already
+        if last not in self.tracker.logged_steps(self.run_id, keys.for_split(keys.FINAL_AVG_ACC, self.split)):
+            per_task = {keys.for_split(k, self.split) for k in (keys.EVAL_ACC, keys.EVAL_ACC_TIL)}  # logged above
+            self.tracker.log_metrics(self.run_id, {k: v for k, v in final.items() if k not in per_task}, step=last)
         write_artifacts(self.tracker, self.run_id, run, seed, state.R, state.R_til, self.spectra, suite_yaml,
                         stream)
         self.tracker.end_run(self.run_id, "FINISHED")

@@ -34,9 +34,10 @@ from clbench.loop import LoopState, resolve_device, resolved_precision, resume_s
 from clbench.plan import PlannedRun, RunJob, RunRecord, plan_runs, run_key
 from clbench.recorder import RunRecorder, git_sha, record_suite
 from clbench.registry import discover, plugin_dirs, run_manager
-from clbench.streams import build_stream, load_avalanche
+from clbench.streams import load_avalanche
 from clbench.suite import Suite
 from clbench.tracking import NullTracker, Tracker, make_tracker
+from clbench.validation import build_run_stream, stream_cache_key
 
 __all__ = ["PlannedRun", "RunJob", "RunRecord", "execute_job", "plan_runs", "run_key", "run_one", "run_suite"]
 
@@ -44,14 +45,16 @@ __all__ = ["PlannedRun", "RunJob", "RunRecord", "execute_job", "plan_runs", "run
 def run_suite(suite: Suite, source: str, *, methods: list[str] | None = None, seeds: list[int] | None = None,
               plugins_dirs: list[str] = (), tracker: Tracker | None = None, progress: Callable[[str], None] = print,
               dry_run: bool = False, restart: bool = False, checkpoint_dir: str | None = None,
-              executor=None, trust_suite_plugins: bool = False) -> list[RunRecord]:
+              executor=None, trust_suite_plugins: bool = False, tags: dict[str, str] | None = None,
+              label_tags: dict[str, dict[str, str]] | None = None) -> list[RunRecord]:
     """Run every planned (method, seed); resume unfinished ones from their checkpoints, skip finished ones
     (``restart=True`` forgets both and starts fresh runs).
 
     ``executor`` (clbench.executors) runs the unfinished ones: the default trains them here, one after the
     other; ``RayExecutor`` submits each as a task to a Ray cluster. Under torchrun, ranks above 0 follow rank 0
     (clbench.distributed): the same runs, nothing logged or checkpointed. The suite's ``plugins_dir`` is loaded
-    only with ``trust_suite_plugins`` or when ``plugins_dirs`` names it (``clbench.registry.plugin_dirs``)."""
+    only with ``trust_suite_plugins`` or when ``plugins_dirs`` names it (``clbench.registry.plugin_dirs``).
+    ``tags`` go on the parent and every run, ``label_tags[label]`` on that method entry's runs (clbench.sweep)."""
     plugins_dirs = plugin_dirs(suite.plugins_dir, plugins_dirs, trust_suite_plugins, source)
     registry = discover(plugins_dirs)
     planned = plan_runs(suite, source, registry, methods)
@@ -81,6 +84,10 @@ def run_suite(suite: Suite, source: str, *, methods: list[str] | None = None, se
         base_tags[keys.GIT_SHA] = sha
     if suite.reference:  # the published numbers travel with the runs, so the leaderboard can show them
         base_tags[keys.REFERENCE] = json.dumps([r.model_dump(mode="json") for r in suite.reference])
+    if suite.split == keys.SPLIT_VALIDATION:
+        base_tags[keys.SPLIT] = keys.SPLIT_VALIDATION
+    base_tags.update(tags or {})
+    label_tags = label_tags or {}
     with _stop_signals():
         if all(finished.values()):
             records = [r for r in finished.values() if r is not None]
@@ -92,7 +99,7 @@ def run_suite(suite: Suite, source: str, *, methods: list[str] | None = None, se
         parent = _parent_run(tracker, sdir, suite, base_tags, progress)
         with _ending(tracker, parent):
             jobs = [RunJob(suite, source, run.label, seed, list(plugins_dirs), tracker.uri, experiment, parent,
-                           base_tags, suite_yaml, str(stores[(run.label, seed)].dir.absolute()),
+                           {**base_tags, **label_tags.get(run.label, {})}, suite_yaml, str(stores[(run.label, seed)].dir.absolute()),
                            stores[(run.label, seed)].key)
                     for seed in seeds for run in planned
                     if not _skip(finished[(run.label, seed)], run, seed, progress)]
@@ -252,10 +259,12 @@ def execute_job(job: RunJob, *, tracker: Tracker | None = None, planned: Planned
         return RunRecord(job.label, job.seed, "", "BUSY")
     try:
         streams = {} if streams is None else streams
-        key = (job.seed, json.dumps(job.suite.stream.model_dump(mode="json"), sort_keys=True))
+        key = stream_cache_key(job.suite, job.seed)
         if key not in streams:
-            progress(f"building stream {job.suite.stream.name} ({job.suite.stream.num_tasks} tasks) seed {job.seed}")
-            streams[key] = build_stream(job.suite.stream, job.seed)
+            split = " (validation split)" if job.suite.split == keys.SPLIT_VALIDATION else ""
+            progress(f"building stream {job.suite.stream.name} ({job.suite.stream.num_tasks} tasks) seed {job.seed}"
+                     + split)
+            streams[key] = build_run_stream(job.suite, job.seed)
         return run_one(job.suite, planned, job.seed, streams[key], tracker, job.parent, job.base_tags,
                        job.suite_yaml, progress, store)
     finally:
@@ -274,7 +283,7 @@ def follow(suite: Suite, planned: list[PlannedRun], seeds: list[int]) -> list[Ru
             if (run.label, seed) in finished or not distributed.broadcast(None):
                 continue
             if seed not in streams:
-                streams[seed] = build_stream(suite.stream, seed)
+                streams[seed] = build_run_stream(suite, seed)
             run_one(suite, run, seed, streams[seed], NullTracker(), "", {}, "", lambda s: None, None)
     return []
 
@@ -332,8 +341,9 @@ def run_one(suite: Suite, run: PlannedRun, seed: int, stream, tracker: Tracker, 
                            state=state, comm=distributed.communicator(), runtime=rt)
         sizes = np.array([len(t.test_y) for t in stream.tasks])
         record = recorder.finish(state, sizes, device, run, seed, suite_yaml, stream)
-        say(f"final acc {record.metrics[keys.FINAL_ACC]:.2f} forgetting {record.metrics[keys.FINAL_FORGETTING]:.2f} "
-            f"({recorder.totals['train_seconds']:.1f}s training)")
+        acc, fgt = (record.metrics[keys.for_split(k, suite.split)] for k in (keys.FINAL_ACC, keys.FINAL_FORGETTING))
+        on = " on the validation split" if suite.split == keys.SPLIT_VALIDATION else ""
+        say(f"final acc {acc:.2f} forgetting {fgt:.2f}{on} ({recorder.totals['train_seconds']:.1f}s training)")
         return record
     except (FloatingPointError, MethodHookError) as exc:  # this run's failure, not the suite's
         if isinstance(exc, MethodHookError):
@@ -362,7 +372,7 @@ def _open_run(suite: Suite, run: PlannedRun, seed: int, stream, tracker: Tracker
     elif ck is not None:
         tracker.reopen_run(ck["run_id"])
         say(f"resuming MLflow run {ck['run_id']} after task {ck['next_task']}/{len(stream.tasks)}")
-        recorder = RunRecorder(tracker, ck["run_id"], run.info.name, store)
+        recorder = RunRecorder(tracker, ck["run_id"], run.info.name, store, split=suite.split)
         recorder.resume(ck)
         return recorder, resume_state(ck)
     recorded = store.recorded_run() if store is not None and ck is None else None
@@ -370,7 +380,7 @@ def _open_run(suite: Suite, run: PlannedRun, seed: int, stream, tracker: Tracker
         # killed before its first checkpoint: the same MLflow run starts over (no task of it was logged)
         tracker.reopen_run(recorded)
         say(f"resuming MLflow run {recorded} from its first task (stopped before any task finished)")
-        return RunRecorder(tracker, recorded, run.info.name, store), LoopState()
+        return RunRecorder(tracker, recorded, run.info.name, store, split=suite.split), LoopState()
     cfg = suite.train_for(suite.methods[run.entry_index])
     tags = {**base_tags, keys.METHOD: run.label, keys.METHOD_NAME: run.info.name, keys.SEED: str(seed),
             keys.DEVICE: _device_name(device), keys.ROLE: keys.ROLE_CHILD, keys.PLUGIN_SOURCE: run.info.source,
@@ -383,7 +393,7 @@ def _open_run(suite: Suite, run: PlannedRun, seed: int, stream, tracker: Tracker
               "seed": seed, "stream": suite.stream.model_dump(mode="json"),
               "backbone": suite.backbone.model_dump(mode="json"), "train": cfg.model_dump(mode="json")}
     run_id = tracker.start_run(f"{run.label}-s{seed}", tags, params, parent=parent)
-    recorder = RunRecorder(tracker, run_id, run.info.name, store)
+    recorder = RunRecorder(tracker, run_id, run.info.name, store, split=suite.split)
     if store is not None:
         try:
             store.record_run(run_id)  # before training: a rerun after a kill at any instant continues this run

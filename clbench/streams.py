@@ -98,16 +98,18 @@ def _as_uint8(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype == torch.uint8 else (x.float().clamp(0, 1) * 255).round().to(torch.uint8)
 
 
-def _materialise(name: str, train_stream, test_stream, order: list[int]) -> Stream:
+def _materialise(name: str, train_stream, test_stream, order: list[int], with_test: bool = True) -> Stream:
     position = torch.empty(len(order), dtype=torch.long)
     position[torch.tensor(order)] = torch.arange(len(order))
     tasks = []
     for tr, te in zip(train_stream, test_stream):
         classes = sorted(int(position[c]) for c in tr.classes_in_this_experience)
         xs = []
-        for split in (tr.dataset, te.dataset):
+        for split in (tr.dataset, te.dataset) if with_test else (tr.dataset,):
             x, y = _collect(split)
             xs += [x, position[y]]
+        if not with_test:  # placeholder test split: the training tensors, never copied
+            xs += xs[:2]
         tasks.append(TaskData(tuple(classes), *xs))
     return Stream(name, tasks, order)
 
@@ -160,13 +162,16 @@ def synthetic_tensors(num_classes: int, per_class: int, size: int = 16, seed: in
     return (x.clamp(0, 1) * 255).round().to(torch.uint8), y
 
 
-def build_stream(cfg, seed: int) -> Stream:
-    """``cfg`` is a ``clbench.suite.StreamConfig``; the class order comes from ``seed`` unless fixed."""
+def build_stream(cfg, seed: int, with_test: bool = True) -> Stream:
+    """``cfg`` is a ``clbench.suite.StreamConfig``; the class order comes from ``seed`` unless fixed.
+
+    ``with_test=False`` (validation runs, clbench.validation): no test image is read, decoded or copied; every
+    task's ``test_x`` / ``test_y`` is then a placeholder that the caller replaces (its held-out split)."""
     name = cfg.name
     if name == "split_cifar100":
-        return _with_augment(_split_cifar100(cfg, seed), cfg)
+        return _with_augment(_split_cifar100(cfg, seed, with_test), cfg)
     if name in ("imagenet_r", "domainnet"):
-        return _with_augment(_image_stream(cfg, seed), cfg)
+        return _with_augment(_image_stream(cfg, seed, with_test), cfg)
     if name == "mnist5k":
         x, y = _mnist5k()
         tr, te = _fixed_split(y.numpy(), test_per_class=100)
@@ -180,6 +185,8 @@ def build_stream(cfg, seed: int) -> Stream:
         raise ClbenchError(f"stream.name: unknown stream '{name}'; choose from {list(STREAMS)}")
     num_classes = int(y.max()) + 1
     order = class_order_for(num_classes, seed, cfg.shuffle_classes, cfg.class_order)
+    if not with_test:  # the training rows stand in for the test split, which is never indexed
+        te = tr
     tr, te = torch.from_numpy(tr), torch.from_numpy(te)
     return _with_augment(_from_tensors(name, x[tr], y[tr], x[te], y[te], cfg.num_tasks, order), cfg)
 
@@ -202,7 +209,7 @@ def data_root(cfg) -> Path:
     return Path(cfg.root).expanduser() if cfg.root else data_dir()
 
 
-def _split_cifar100(cfg, seed: int) -> Stream:
+def _split_cifar100(cfg, seed: int, with_test: bool = True) -> Stream:
     import socket
 
     from torchvision import transforms
@@ -228,14 +235,14 @@ def _split_cifar100(cfg, seed: int) -> Stream:
         ) from None
     finally:
         socket.setdefaulttimeout(old_timeout)
-    stream = _materialise("split_cifar100", bm.train_stream, bm.test_stream, order)
+    stream = _materialise("split_cifar100", bm.train_stream, bm.test_stream, order, with_test)
     if split_sha is None:  # downloaded just now: torchvision verified the archive's md5
         split_sha = cifar100.verify(root, False)
     stream.meta.update(split_sha256=split_sha, split_source="official:cifar-100-python")
     return stream
 
 
-def _image_stream(cfg, seed: int) -> Stream:
+def _image_stream(cfg, seed: int, with_test: bool = True) -> Stream:
     """ImageNet-R / DomainNet: pinned split -> decode-once memmap cache -> Avalanche class-incremental stream."""
     from clbench import imagecache
     from clbench.datasets.splitfiles import pinned_sums
@@ -257,10 +264,13 @@ def _image_stream(cfg, seed: int) -> Stream:
     train_size = int(round(cfg.resolution * 256 / 224))  # room for random resized crops to resolution
     xtr, _ = imagecache.load_or_build(cfg.name, "train", [folder / p for p, _ in split.train], train_size,
                                       "center", sha, cfg.cache, progress=say)
-    xte, _ = imagecache.load_or_build(cfg.name, "test", [folder / p for p, _ in split.test], cfg.resolution,
-                                      "resize_center", sha, cfg.cache, progress=say)
     ytr = torch.tensor([y for _, y in split.train], dtype=torch.long)
-    yte = torch.tensor([y for _, y in split.test], dtype=torch.long)
+    if with_test:
+        xte, _ = imagecache.load_or_build(cfg.name, "test", [folder / p for p, _ in split.test], cfg.resolution,
+                                          "resize_center", sha, cfg.cache, progress=say)
+        yte = torch.tensor([y for _, y in split.test], dtype=torch.long)
+    else:  # the training rows stand in for the test split: no test image is decoded
+        xte, yte = xtr, ytr
     stream = _from_index(cfg.name, xtr, ytr, xte, yte, cfg.num_tasks, order)
     stream.meta.update(split_sha256=sha, split_source=split.source,
                        classes_sha256=pinned_sums()[f"{cfg.name}_classes.txt"])

@@ -180,6 +180,16 @@ class Reference(Strict):
         return self
 
 
+class ValidationConfig(Strict):
+    """The held-out split that ``clbench sweep`` chooses hyperparameters on (clbench.validation): per task and
+    class, round(fraction * n) (at least 1) of the class's training images, drawn with ``seed`` (default: the
+    run's seed), never trained on. Used only by validation runs; a test run ignores it, so it is not in the
+    hash of test runs."""
+
+    fraction: float = Field(0.1, gt=0, lt=1, description="share of each class's training images held out")
+    seed: Seed | None = Field(None, description="seed of the held-out draw (default: the run's seed)")
+
+
 class Suite(Strict):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
     seeds: list[Seed] = Field(default_factory=lambda: [0], min_length=1)
@@ -192,6 +202,23 @@ class Suite(Strict):
     reference: list[Reference] = Field(default_factory=list, description="reproduction suites: the published "
                                        "numbers, one block per method entry and source")
     plugins_dir: str | None = None
+    validation: ValidationConfig | None = Field(None, description="the held-out split of clbench sweep "
+                                                "(default for sweeps: fraction 0.1)")
+
+    # which split this suite's runs are evaluated on: "test" (clbench run) or "validation" (for_validation())
+    _split: str = PrivateAttr("test")
+
+    @property
+    def split(self) -> str:
+        return self._split
+
+    def for_validation(self) -> Suite:
+        """This suite with its runs evaluated on the validation split (``validation`` defaulted when absent)."""
+        copy = self.model_copy(deep=True)
+        if copy.validation is None:
+            copy.validation = ValidationConfig()
+        copy._split = "validation"
+        return copy
 
     @field_validator("seeds")
     @classmethod
@@ -227,8 +254,11 @@ class Suite(Strict):
         backbone = self.backbone.model_dump(exclude={"checkpoint"})
         if self.backbone.checkpoint:
             backbone["checkpoint_sha256"] = file_sha256(self.backbone.checkpoint)
-        return {"train": self.train.model_dump(), "backbone": backbone, "stream": stream,
-                "splits": shipped_split_sums(self.stream.name)}
+        identity = {"train": self.train.model_dump(), "backbone": backbone, "stream": stream,
+                    "splits": shipped_split_sums(self.stream.name)}
+        if self._split == "validation":  # other images measured: never one group or checkpoint with test runs
+            identity["validation"] = self.validation.model_dump()
+        return identity
 
     def train_for(self, entry: MethodEntry) -> TrainConfig:
         return TrainConfig(**{**self.train.model_dump(), **entry.train})

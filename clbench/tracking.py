@@ -567,8 +567,10 @@ def resolve_read_uri(uri: str | None) -> str:
 
 
 def read_runs(experiment: str | None = None, uri: str | None = None,
-              history: tuple[str, ...] = HISTORY_KEYS) -> list[RunInfo]:
-    """Every clbench child run (active, not deleted) of ``experiment`` (all experiments when None)."""
+              history: tuple[str, ...] = HISTORY_KEYS, validation: bool = False) -> list[RunInfo]:
+    """Every clbench child run (active, not deleted) of ``experiment`` (all experiments when None). Runs on the
+    validation split (``clbench.split=validation``: a sweep's trials) are left out unless ``validation``: they
+    measured no test image, so no leaderboard or suite figure may average them with test runs."""
     from mlflow.tracking import MlflowClient
 
     resolved = resolve_read_uri(uri)
@@ -592,6 +594,8 @@ def read_runs(experiment: str | None = None, uri: str | None = None,
         page = client.search_runs(ids, filter_string=CHILD_FILTER, max_results=1000, page_token=token)
         for run in page:
             info, data = run.info, run.data
+            if not validation and data.tags.get(keys.SPLIT) == keys.SPLIT_VALIDATION:
+                continue
             hist = {}
             for key in history:
                 if key in data.metrics:
