@@ -106,6 +106,73 @@ def run(
             raise typer.Exit(1)
 
 
+@app.command()
+def sweep(
+    suite: Path = typer.Argument(..., metavar="SUITE", help="suite YAML file"),
+    method: str = typer.Option(..., "--method", "-m", metavar="LABEL", help="the method entry to tune (label or "
+                                                                            "name)"),
+    grid: list[str] = typer.Option([], "--grid", metavar="KEY=[v1,v2]",
+                                   help="a search dimension: methods.LABEL.params.NAME, methods.LABEL.train.NAME or "
+                                        "train.NAME (the --set syntax) with a list of values; with --random also "
+                                        "uniform(a,b), loguniform(a,b) or int(a,b); repeatable (cartesian product)"),
+    random_n: int | None = typer.Option(None, "--random", metavar="N",
+                                        help="sample N points of the search space (seeded by --seed) instead of "
+                                             "the whole grid"),
+    metric: str = typer.Option("val/acc", "--metric", metavar="KEY", help="the validation metric that picks the "
+                                                                          "best point (val/acc, val/forgetting, ...)"),
+    seed: int | None = typer.Option(None, "--seed", "-s", metavar="N",
+                                    help="the trials' run seed and the sampler's seed (default: the suite's first)"),
+    set_: list[str] = typer.Option([], "--set", metavar="KEY=VALUE", help="override a suite key: key.path=value"),
+    then_test_: bool = typer.Option(False, "--then-test", help="then run the best point on the test protocol "
+                                                                "with the suite's seeds, as LABEL-tuned"),
+    plugins_dir: list[str] = typer.Option([], "--plugins-dir", metavar="DIR",
+                                          help="load method plugins from this folder"),
+    trust_suite_plugins: bool = typer.Option(False, "--trust-suite-plugins",
+                                             help="load the suite file's plugins_dir (runs the Python code in it)"),
+    checkpoint_dir: str | None = typer.Option(None, "--checkpoint-dir", metavar="DIR",
+                                                 help="where run checkpoints live (default: <cache>/runs)"),
+    executor: str = typer.Option("local", "--executor", metavar="local|ray",
+                                 help="local (one trial after the other, here) or ray (each trial a Ray task)"),
+    address: str | None = typer.Option(None, "--address", metavar="ADDRESS",
+                                       help="Ray cluster address (default: start a local one); with --executor ray"),
+) -> None:
+    """Choose METHOD's hyperparameters on the validation split of SUITE (held-out training data, never a test
+    image): every point is a child run of one sweep parent in MLflow, metrics under val/. Prints a table of the
+    points and, last, `best: KEY=VALUE ... val/acc=X`. Running the same command again skips finished points."""
+    from clbench.executors import make_executor
+    from clbench.preflight import preflight
+    from clbench.suite import SEED_MAX, load_suite
+    from clbench.sweep import best_line, plan_sweep, run_sweep, table_lines, then_test
+
+    try:
+        if seed is not None and not 0 <= seed <= SEED_MAX:
+            raise ClbenchError(f"--seed {seed}: a seed must be in 0..{SEED_MAX}")
+        s = load_suite(suite, set_)
+        plan = plan_sweep(s, str(suite), method, grid, random_n=random_n, metric=metric, seed=seed,
+                          plugins_dirs=plugins_dir, trust_suite_plugins=trust_suite_plugins)
+        ex = make_executor(executor, address)
+        preflight(plan.suite)  # before any MLflow run exists
+        result = run_sweep(plan, executor=ex, checkpoint_dir=checkpoint_dir, progress=_explaining_progress())
+        for line in table_lines(result):
+            typer.echo(line)
+        if result.best is None:
+            raise ClbenchError(f"sweep {plan.sweep_id}: no point finished with {plan.metric}; see the FAILED "
+                               "trials above, fix them and run the same command again")
+        tested = []
+        if then_test_:
+            tested = then_test(result, executor=ex, checkpoint_dir=checkpoint_dir, progress=_explaining_progress())
+            for r in tested:
+                typer.echo(f"tuned {r.method} seed {r.seed}: {r.status} {keys.FINAL_ACC} "
+                           f"{r.metrics.get(keys.FINAL_ACC, float('nan')):.2f}")
+        typer.echo(best_line(result))
+    except ClbenchError as exc:
+        _fail(str(exc))
+    except KeyboardInterrupt:
+        _fail("interrupted; trials marked KILLED; run the same command again to continue the sweep")
+    if any(r.status != "FINISHED" for r in [*result.records, *tested]):
+        raise typer.Exit(1)
+
+
 ACC_LEGEND = ("acc: class-incremental accuracy (every task's head competes); til: task-incremental accuracy "
               "(each test image scored by its own task's head only); forgetting: mean drop of each earlier task "
               "from its best accuracy to its final one (points)")
