@@ -95,6 +95,8 @@ class Row:
     reference: str | None = None  # "upper bound" / "lower reference" for the bounds' rows
     gap_share: float | None = None  # (value - lower) / (upper - lower) on the sort metric
     low_rank: bool = True  # False: the method has no low-rank update, its spectra columns read n/a
+    # a tuned entry (clbench sweep --then-test): where its values came from (sweep id and run, space, metric, best)
+    tuned: dict[str, str] | None = None
 
 
 @dataclass
@@ -309,7 +311,16 @@ def _row(name: str, any_run: RunInfo, pid: str, done: list[RunInfo], superseded:
                n=len(done), seeds=[s for s in (_seed(r) for r in done) if s is not None],
                metrics={k: stat(r["values"][k] for r in per_run) for k in METRIC_KEYS},
                provenance=prov, runs=per_run, curve=curve, superseded=superseded,
-               low_rank=any_run.tags.get(keys.LOW_RANK_UPDATES, "true") != "false")
+               low_rank=any_run.tags.get(keys.LOW_RANK_UPDATES, "true") != "false", tuned=tuned_from(any_run))
+
+
+def tuned_from(run: RunInfo) -> dict[str, str] | None:
+    """Where a tuned run's hyperparameters came from (its clbench.sweep* tags), None for other runs."""
+    if run.tags.get(keys.TUNED) != "true":
+        return None
+    tags = {"sweep": keys.SWEEP, "sweep_run": keys.SWEEP_RUN, "search_space": keys.SEARCH_SPACE,
+            "metric": keys.SWEEP_METRIC, "best": keys.SWEEP_BEST}
+    return {name: run.tags.get(tag, "?") for name, tag in tags.items()}
 
 
 # Registered method names (not labels, so an ablation of joint still counts) -> their role.
@@ -643,6 +654,9 @@ def note_lines(g: Group) -> list[str]:
              for u in g.unfinished]
     lines += [f"superseded by a later run of the same seed: {row.method} run {rid[:8]}"
               for row in g.rows for rid in row.superseded]
+    lines += [f"tuned: {row.method}: {t['best']}, chosen by {t['metric']} on the validation split (held-out training "
+              f"data) by sweep {t['sweep']} (MLflow run {t['sweep_run']}) over {t['search_space']}"
+              for row in g.rows if (t := row.tuned)]
     if any(row.gap_share is not None for row in g.rows):
         lines.append(f"gap_share: a row's share of the gap between the lower reference (the better of finetune and "
                      f"frozen) and the upper bound (joint) on {gap_key(g.sort_key)}: 0 at the lower reference, 1 at "
@@ -652,7 +666,8 @@ def note_lines(g: Group) -> list[str]:
 
 def table_cells(g: Group) -> tuple[list[str], list[list[str]]]:
     header = ["#", "method", "n", *[m.key for m in METRICS]]  # every column under the MLflow key it reads
-    body = [[str(i + 1), row.method, str(row.n), *[fmt_cell(row, m) for m in METRICS]]
+    body = [[str(i + 1), row.method + (" (tuned)" if row.tuned else ""), str(row.n),
+             *[fmt_cell(row, m) for m in METRICS]]
             for i, row in enumerate(g.rows)]
     if g.baseline is not None:  # the compact paired comparison of the sort metric, after the method's n
         key = baseline_key(g)
@@ -722,7 +737,8 @@ def csv_header() -> list[str]:
     cols = ["experiment", "suite", "suite_hash", "rank", "method", "method_name", "params_id", "n", "seeds"]
     for m in METRICS:
         cols += [f"{m.key}_mean", f"{m.key}_std", f"{m.key}_n", f"{m.key}_ci95"]
-    cols += ["clbench_version", "git_sha", "device", "not_averaged", "reference", "gap_share", "baseline"]
+    cols += ["clbench_version", "git_sha", "device", "not_averaged", "tuned", "reference", "gap_share",
+             "baseline"]
     cols += [f"{m.key}_vs_baseline_{f}" for m in METRICS for f in PAIRED_FIELDS]
     cols += [f"{m.key}_{f}" for m in METRICS for f in PUBLISHED_FIELDS] + ["published_tolerance", "published_source"]
     return cols + list(RANK_FIELDS)
@@ -774,6 +790,7 @@ def render_csv(groups: list[Group]) -> str:
                           "" if s.ci95 is None else repr(s.ci95)]
             bad = [f"seed {u['seed']} {u['status']} {u['run_id']}" for u in g.unfinished if u["method"] == row.method]
             cells += [";".join(row.provenance[k]) for k in PROVENANCE_TAGS] + [";".join(bad)]
+            cells += [json.dumps(row.tuned, sort_keys=True) if row.tuned else ""]
             cells += [row.reference or "", "" if row.gap_share is None else repr(row.gap_share), g.baseline or ""]
             paired = row.vs_baseline or {}
             cells += [_num((paired.get(m.key) or {}).get(f)) for m in METRICS for f in PAIRED_FIELDS]
