@@ -125,6 +125,7 @@ def sweep(
     set_: list[str] = typer.Option([], "--set", metavar="KEY=VALUE", help="override a suite key: key.path=value"),
     then_test_: bool = typer.Option(False, "--then-test", help="then run the best point on the test protocol "
                                                                 "with the suite's seeds, as LABEL-tuned"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="validate and print the points, train nothing"),
     plugins_dir: list[str] = typer.Option([], "--plugins-dir", metavar="DIR",
                                           help="load method plugins from this folder"),
     trust_suite_plugins: bool = typer.Option(False, "--trust-suite-plugins",
@@ -142,7 +143,7 @@ def sweep(
     from clbench.executors import make_executor
     from clbench.preflight import preflight
     from clbench.suite import SEED_MAX, load_suite
-    from clbench.sweep import best_line, plan_sweep, run_sweep, table_lines, then_test
+    from clbench.sweep import best_line, plan_lines, plan_sweep, run_sweep, table_lines, then_test
 
     try:
         if seed is not None and not 0 <= seed <= SEED_MAX:
@@ -151,6 +152,10 @@ def sweep(
         plan = plan_sweep(s, str(suite), method, grid, random_n=random_n, metric=metric, seed=seed,
                           plugins_dirs=plugins_dir, trust_suite_plugins=trust_suite_plugins)
         ex = make_executor(executor, address)
+        if dry_run:
+            for line in plan_lines(plan):
+                typer.echo(line)
+            return
         preflight(plan.suite)  # before any MLflow run exists
         result = run_sweep(plan, executor=ex, checkpoint_dir=checkpoint_dir, progress=_explaining_progress())
         for line in table_lines(result):

@@ -369,6 +369,15 @@ def table_lines(result: SweepResult) -> list[str]:
             fmt(["-" * w for w in widths]), *(fmt(r) for r in rows)]
 
 
+def plan_lines(plan: SweepPlan) -> list[str]:
+    """``--dry-run``: the sweep's id, split, metric and every point it would run."""
+    v = plan.suite.validation
+    held = f"fraction {v.fraction:g}, seed {plan.seed if v.seed is None else v.seed}"
+    lines = [f"sweep {plan.sweep_id} of {plan.label}: {len(plan.trials)} points on the validation split ({held}), "
+             f"seed {plan.seed}, ranked by {plan.metric}; suite hash {plan.suite.protocol_hash()}"]
+    return lines + [f"would run {t.label}: {t.text()}" for t in plan.trials]
+
+
 def best_line(result: SweepResult) -> str:
     return f"best: {result.best.text()} {result.plan.metric}={result.best_value:.2f}"
 

@@ -79,7 +79,7 @@ def classify(argv: list[str]) -> tuple[str, list[str]]:
     args = argv[1:]
     if args[0] in ("leaderboard", "methods", "plugins", "new-method"):
         return "run", args
-    if args[0] == "run":
+    if args[0] in ("run", "sweep"):  # a sweep trains like a run: its --dry-run validates and prints the points
         if "--executor" in args and args[args.index("--executor") + 1] == "ray":
             return "parse", args
         return ("run", args) if "--dry-run" in args else ("dry-run", args)
