@@ -172,3 +172,22 @@ def test_plan_refuses_an_ambiguous_method_name(suite_path):
     with pytest.raises(ClbenchError, match="2 entries of .* use method 'lora'"):
         plan_sweep(suite, str(suite_path), "lora", ["methods.a.params.rank=[1]"])
     assert len(plan_sweep(suite, str(suite_path), "a", ["methods.a.params.rank=[1]"]).trials) == 1
+
+
+@pytest.mark.slow  # Ray start-up and a worker importing torch (~1 min); the executor path is covered cheaply above
+def test_sweep_on_ray_runs_validation_trials_in_workers(suite_path, tmp_path, mlflow_uri):
+    ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'clbench[ray]')")
+    from clbench.executors import RayExecutor
+
+    plan = plan_sweep(load_suite(suite_path), str(suite_path), "lora", [GRID])
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        result = run_sweep(plan, executor=RayExecutor(), checkpoint_dir=str(tmp_path / "ck"),
+                           progress=lambda s: None)
+    finally:
+        ray.shutdown()
+    assert [r.status for r in result.records] == ["FINISHED", "FINISHED"] and result.best is not None
+    trials = read_runs(None, mlflow_uri, validation=True)
+    assert len(trials) == 2 and all(t.tags[keys.SPLIT] == keys.SPLIT_VALIDATION for t in trials)
+    assert all("val/acc" in t.metrics and not any(k.startswith(("eval/", "final/")) for k in t.metrics)
+               for t in trials)  # the worker ran the validation split (the split travels with the pickled job)

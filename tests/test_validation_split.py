@@ -4,6 +4,7 @@ logs under val/ only."""
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -58,6 +59,8 @@ def test_validation_section_checked_and_hashed_only_for_validation_runs(tmp_path
     assert with_section.for_validation().protocol_hash() not in (plain.protocol_hash(),
                                                                  plain.for_validation().protocol_hash())
     assert plain.for_validation().validation.fraction == 0.1 and plain.for_validation().split == "validation"
+    shipped = pickle.loads(pickle.dumps(with_section.for_validation()))  # as an executor ships it to a worker
+    assert shipped.split == "validation" and shipped.protocol_hash() == with_section.for_validation().protocol_hash()
     for bad in ("0", "1", "1.5", "-0.1"):
         with pytest.raises(ClbenchError, match=rf"--set validation.fraction={bad}: validation.fraction"):
             load_suite(path, [f"validation.fraction={bad}"])
