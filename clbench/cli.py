@@ -126,6 +126,8 @@ def sweep(
     then_test_: bool = typer.Option(False, "--then-test", help="then run the best point on the test protocol "
                                                                 "with the suite's seeds, as LABEL-tuned"),
     dry_run: bool = typer.Option(False, "--dry-run", help="validate and print the points, train nothing"),
+    restart: bool = typer.Option(False, "--restart", help="forget this sweep's finished and unfinished points: "
+                                                          "run them all afresh"),
     plugins_dir: list[str] = typer.Option([], "--plugins-dir", metavar="DIR",
                                           help="load method plugins from this folder"),
     trust_suite_plugins: bool = typer.Option(False, "--trust-suite-plugins",
@@ -157,7 +159,8 @@ def sweep(
                 typer.echo(line)
             return
         preflight(plan.suite)  # before any MLflow run exists
-        result = run_sweep(plan, executor=ex, checkpoint_dir=checkpoint_dir, progress=_explaining_progress())
+        result = run_sweep(plan, executor=ex, checkpoint_dir=checkpoint_dir, progress=_explaining_progress(),
+                           restart=restart)
         for line in table_lines(result):
             typer.echo(line)
         if result.best is None:

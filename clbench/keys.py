@@ -5,7 +5,9 @@ Writers (``clbench.recorder``, ``clbench.runner``, ``clbench.metrics``) and read
 between the run that logs it and the leaderboard that reads it. Layout: one parent run per suite invocation
 (``suite/*``), one child run per (method, seed): per-task metrics at step = task index (``eval/*``,
 ``train/*``, ``cost/task_*``, the per-layer ``spectra/*`` of ``clbench.spectra``), final metrics at the last
-step (``final/*``, ``cost/*``, ``spectra/mean_*``).
+step (``final/*``, ``cost/*``, ``spectra/mean_*``). A run on the validation split (``clbench sweep``) logs its
+``eval/*`` and ``final/*`` under ``val/`` (``for_split``) and is tagged ``clbench.split=validation``; readers of test
+results never see it (``clbench.tracking.read_runs``).
 """
 
 from __future__ import annotations

@@ -322,8 +322,9 @@ def _sweep_suite(suite: Suite, entries: list[dict[str, Any]], name: str | None =
 
 
 def run_sweep(plan: SweepPlan, *, executor=None, checkpoint_dir: str | None = None,
-              progress: Callable[[str], None] = print) -> SweepResult:
-    """Run (or resume) every trial as a child of the sweep's parent run and pick the best finished one."""
+              progress: Callable[[str], None] = print, restart: bool = False) -> SweepResult:
+    """Run (or resume) every trial as a child of the sweep's parent run and pick the best finished one (on a
+    tie, the first in the plan's order). ``restart``: forget the sweep's trials and run them afresh."""
     from clbench.runner import run_suite
 
     suite = plan.suite
@@ -334,7 +335,7 @@ def run_sweep(plan: SweepPlan, *, executor=None, checkpoint_dir: str | None = No
     label_tags = {t.label: {keys.TRIAL: t.text()} for t in plan.trials}
     records = run_suite(suite, plan.source, seeds=[plan.seed], plugins_dirs=plan.plugins_dirs, tracker=tracker,
                         progress=progress, checkpoint_dir=checkpoint_dir, executor=executor, tags=tags,
-                        label_tags=label_tags)
+                        label_tags=label_tags, restart=restart)
     sdir = checkpoint.suite_dir(checkpoint_dir, suite.protocol_hash(), suite.name, experiment, tracker.uri)
     parent = (checkpoint.read_json(sdir / "parent.json") or {}).get("run_id")
     result = SweepResult(plan, records, parent)
