@@ -730,7 +730,7 @@ RANK_FIELDS = ("rank_metric", "suite_rank", "avg_rank", "friedman_stat", "friedm
 
 def csv_header() -> list[str]:
     """The CSV's columns: the JSON's values, flat. ``rank`` is the row's place in its group's sorted table;
-    ``reference`` the bounds' mark. Then, as in the JSON: ``vs_baseline`` per metric (``--baseline``), a
+    ``reference`` the bounds' mark; ``tuned`` where a tuned row's values came from (its sweep, as JSON). Then, as in the JSON: ``vs_baseline`` per metric (``--baseline``), a
     reproduction suite's published numbers per metric (``references``: published mean, measured - published,
     within the tolerance) and the ranks across suites (``ranking``; the Friedman/Nemenyi figures are the
     whole ranking's, repeated on every line)."""
