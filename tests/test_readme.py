@@ -131,7 +131,7 @@ def test_readme_commands_run_as_typed_after_setup(tmp_path):
         elif kind == "dry-run":
             script.append(shlex.join([*argv, "--dry-run"]))
     # one shell, the commands one after the other, stopping at the first failure (as a user would)
-    echoed = "\n".join(f"echo '$ {c}' >&2\n{c}" for c in script)
+    echoed = "\n".join(f"echo {shlex.quote('$ ' + c)} >&2\n{c}" for c in script)  # c may hold quotes
     res = subprocess.run(["bash", "-euo", "pipefail", "-c", echoed], cwd=work, env=env, capture_output=True,
                          text=True, timeout=600)
     assert res.returncode == 0, f"{res.stderr[-3000:]}\n{res.stdout[-2000:]}"
