@@ -380,7 +380,7 @@ def plan_lines(plan: SweepPlan) -> list[str]:
 
 
 def best_line(result: SweepResult) -> str:
-    return f"best: {result.best.text()} {result.plan.metric}={result.best_value:.2f}"
+    return f"best: {result.best.text(', ')} {result.plan.metric}={result.best_value:.2f}"
 
 
 def tuned_label(plan: SweepPlan) -> str:

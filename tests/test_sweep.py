@@ -16,7 +16,7 @@ from clbench.errors import ClbenchError
 from clbench.executors import LocalExecutor
 from clbench.leaderboard import build, note_lines
 from clbench.suite import load_suite
-from clbench.sweep import plan_sweep, run_sweep, value_text
+from clbench.sweep import Trial, best_line, plan_sweep, run_sweep, value_text
 from clbench.testing import tiny_suite_yaml
 from clbench.tracking import read_runs
 
@@ -191,3 +191,13 @@ def test_sweep_on_ray_runs_validation_trials_in_workers(suite_path, tmp_path, ml
     assert len(trials) == 2 and all(t.tags[keys.SPLIT] == keys.SPLIT_VALIDATION for t in trials)
     assert all("val/acc" in t.metrics and not any(k.startswith(("eval/", "final/")) for k in t.metrics)
                for t in trials)  # the worker ran the validation split (the split travels with the pickled job)
+
+
+def test_best_line_separates_keys_with_commas():
+    """Issue 20's format: ``best: KEY=VALUE[, KEY=VALUE] METRIC=X``."""
+    from types import SimpleNamespace
+
+    trial = Trial(label="lora[x]", point={"methods.lora.params.rank": 2, "methods.lora.train.lr": 0.001},
+                        entry={})
+    result = SimpleNamespace(best=trial, best_value=26.5, plan=SimpleNamespace(metric="val/acc"))
+    assert best_line(result) == "best: methods.lora.params.rank=2, methods.lora.train.lr=0.001 val/acc=26.50"
