@@ -38,6 +38,7 @@ from pydantic import BaseModel, ValidationError
 
 from clbench.dense import backbone_maps
 from clbench.errors import ClbenchError
+from clbench.hookcheck import MethodHookError
 from clbench.lora import LowRank, find_sites
 from clbench.method import NAME_RULE, valid_method_name
 from clbench.streams import Stream
@@ -386,7 +387,9 @@ def check_resume(
     try:
         comparison = compare_resume(cls, params, after=after, num_tasks=num_tasks, seed=seed,
                                     inspect=state_has_a_home, max_steps_per_epoch=max_steps)
-    except ClbenchError as exc:
+    except MethodHookError:  # a hook failing in a plain run: already one line naming the method
+        raise
+    except ClbenchError as exc:  # unloadable method_state, or the resume itself failed
         _fail(cls, str(exc))
     problem = comparison.mismatch()
     if problem:
