@@ -1,5 +1,5 @@
 """The example method packages under examples/ as pip installs them: each package's module plus a dist-info
-holding its pyproject's entry points, in a site folder of its own (as tests/test_plugins.py does for l2pull).
+holding its pyproject's entry points, in a site folder of its own (as tests/test_plugins.py does for lora_l2).
 The cheap test checks that clbench finds each method through its entry point and that it registers cleanly;
 the slow one runs each package's own tests (contract, resume, properties) against that layout."""
 
@@ -39,7 +39,7 @@ def _python(site: Path, *args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 
 def test_examples_are_found_through_their_entry_points(tmp_path):
-    assert {p.name for p in EXAMPLES} >= {"clbench-l2pull", "clbench-ewclora"}
+    assert {p.name for p in EXAMPLES} >= {"clbench-lora-l2", "clbench-lora-ewc"}
     site = tmp_path / "site"
     site.mkdir()
     names = []

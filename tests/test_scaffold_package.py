@@ -3,7 +3,7 @@ the ``clbench`` entry-point group, so ``pip install -e`` works as generated and 
 the entry point) pass; and ``clbench.testing``'s resume helper, which the contract's resume check is built on.
 
 The cheap tests read the generated pyproject and lay the package out as pip installs it (module plus a
-dist-info with its entry points, as tests/test_plugins.py does for the l2pull example); the slow one really
+dist-info with its entry points, as tests/test_plugins.py does for the lora_l2 example); the slow one really
 runs ``pip install -e`` into a throwaway environment and the generated tests in it."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""ewclora: sequential LoRA with Elastic Weight Consolidation on the LoRA factors.
+"""lora_ewc: sequential LoRA with Elastic Weight Consolidation on the LoRA factors.
 
 One LoRA branch per adapted layer trains through the whole stream (as clbench's ``lora`` baseline). At the end
 of every task t, the method stores the factors' values theta*_t (the anchor) and their diagonal Fisher
@@ -45,7 +45,7 @@ from torch import nn
 from clbench import LoRAParams, LoRASite, Method, TaskContext, hookimpl, inject
 
 
-class EWCLoRAParams(LoRAParams):
+class LoRAEWCParams(LoRAParams):
     # rank, alpha, targets, blocks and dropout come from clbench's LoRAParams
     ewc_lambda: float = Field(100.0, ge=0, description="lambda of the EWC penalty (lambda/2 sum F (theta-theta*)^2)")
     fisher_batch_size: int = Field(1, ge=1, description="images per gradient of the Fisher estimate (1: per "
@@ -54,15 +54,15 @@ class EWCLoRAParams(LoRAParams):
                                                                 "set the Fisher is estimated on")
 
 
-class EWCLoRA(Method):
-    name = "ewclora"
+class LoRAEWC(Method):
+    name = "lora_ewc"
     paper = ("Kirkpatrick et al., Overcoming catastrophic forgetting in neural networks, PNAS 2017 (EWC), on LoRA "
              "factors (Hu et al., ICLR 2022)")
     code = ("none for EWC (estimator as github.com/ContinualAI/avalanche EWCPlugin); github.com/microsoft/LoRA; "
             "no official code for the combination")
-    Params = EWCLoRAParams
+    Params = LoRAEWCParams
 
-    def __init__(self, params: EWCLoRAParams | dict[str, Any] | None = None) -> None:
+    def __init__(self, params: LoRAEWCParams | dict[str, Any] | None = None) -> None:
         super().__init__(params)
         self.sites: dict[str, LoRASite] = {}
         # one entry per finished task: factor name -> tensor, both detached (state kept across steps)
@@ -138,4 +138,4 @@ class EWCLoRA(Method):
 
 
 def register_methods(register: Callable[[type], None]) -> None:
-    register(EWCLoRA)
+    register(LoRAEWC)

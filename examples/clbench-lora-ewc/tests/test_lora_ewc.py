@@ -1,4 +1,4 @@
-"""Tests of the ewclora plugin: the clbench contract and resume, then the properties that make it EWC.
+"""Tests of the lora_ewc plugin: the clbench contract and resume, then the properties that make it EWC.
 
 Run after ``pip install -e .`` (or with this folder on PYTHONPATH): ``pytest tests``.
 """
@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
-from clbench_ewclora import EWCLoRA
+from clbench_lora_ewc import LoRAEWC
 
 from clbench import contract
 from clbench.testing import assert_resumes, run_method, tiny_stream
@@ -17,7 +17,7 @@ FAST = dict(batch_size=8, max_steps_per_epoch=2)
 
 
 def _run(params: dict, num_tasks: int = 2):
-    return run_method(EWCLoRA({"rank": 2, "fisher_batch_size": 4, **params}),
+    return run_method(LoRAEWC({"rank": 2, "fisher_batch_size": 4, **params}),
                       tiny_stream(num_tasks=num_tasks, num_classes=2 * num_tasks, samples_per_class=8), **FAST)
 
 
@@ -26,13 +26,13 @@ def _value(method) -> float:
 
 
 def test_contract():
-    contract.check_method(EWCLoRA)
+    contract.check_method(LoRAEWC)
 
 
 def test_resume_with_two_fishers_matches_an_uninterrupted_run():
     """Stopped after task 2 of 3 (two Fishers and anchors in method_state), checkpointed through the runner's
     path, reloaded weights_only into a fresh instance: the third task trains bit-identically."""
-    done = assert_resumes(EWCLoRA, {"rank": 2, "ewc_lambda": 1e4, "fisher_batch_size": 4}, after=2, num_tasks=3)
+    done = assert_resumes(LoRAEWC, {"rank": 2, "ewc_lambda": 1e4, "fisher_batch_size": 4}, after=2, num_tasks=3)
     assert len(done.checkpoint["method"]["fisher"]) == 2
     assert done.resumed[0].loss_terms["ewc"] > 0  # the resumed task was penalised, from the restored state
 
@@ -80,7 +80,7 @@ def test_fisher_is_the_mean_squared_per_sample_gradient():
     """With fisher_batch_size 1 the estimate is E[(d log p(y|x) / d theta)^2] over the task's images, computed
     here independently, one image at a time."""
     stream = tiny_stream(num_tasks=2, num_classes=4, samples_per_class=4)
-    run = run_method(EWCLoRA({"rank": 2, "fisher_batch_size": 1, "fisher_fraction": 0.5}), stream, **FAST)
+    run = run_method(LoRAEWC({"rank": 2, "fisher_batch_size": 1, "fisher_fraction": 0.5}), stream, **FAST)
     method, model = run.method, run.model
     task = stream.tasks[1]
     live = method.factors()
@@ -105,7 +105,7 @@ def test_zero_lambda_is_sequential_lora():
 
     lora = discover().get("lora").cls
     stream = tiny_stream(samples_per_class=8)
-    a = run_method(EWCLoRA({"rank": 3, "ewc_lambda": 0.0}), stream, max_steps_per_epoch=2)
+    a = run_method(LoRAEWC({"rank": 3, "ewc_lambda": 0.0}), stream, max_steps_per_epoch=2)
     b = run_method(lora({"rank": 3}), stream, max_steps_per_epoch=2)
     assert np.array_equal(a.R, b.R, equal_nan=True)
     for name, u in a.results[1].updates.items():
