@@ -303,17 +303,29 @@ def new_method(
     dir_: Path = typer.Option(Path("."), "--dir", help="folder of the plugin module (use it as --plugins-dir)"),
     tests_dir: Path | None = typer.Option(None, "--tests-dir",
                                              help="folder of the test file (default DIR/tests)"),
+    package: bool = typer.Option(False, "--package",
+                                 help="write an installable package folder DIR/clbench-NAME (pyproject.toml with "
+                                      "the clbench entry point, README, module, tests): pip install -e it"),
 ) -> None:
-    """Scaffold a method plugin DIR/NAME.py and its test file; both pass as generated (see CONTRIBUTING.md)."""
+    """Scaffold a method plugin DIR/NAME.py and its test file; both pass as generated (see CONTRIBUTING.md).
+    With --package, the same as a package folder that `pip install -e` installs as generated."""
     from clbench.scaffold import new_method as scaffold
+    from clbench.scaffold import new_package
 
+    if package and tests_dir is not None:
+        _fail("new-method: --tests-dir does not go with --package (the package keeps its tests in tests/)")
     try:
-        plugin, test = scaffold(name, dir_, tests_dir)
+        written = new_package(name, dir_) if package else scaffold(name, dir_, tests_dir)
     except ClbenchError as exc:
         _fail(str(exc))
-    typer.echo(f"wrote {plugin}\nwrote {test}")
-    typer.echo(f"next: fill in the TODOs, run `pytest {test}`, then `clbench methods {name} --plugins-dir {dir_}`",
-               err=True)
+    typer.echo("\n".join(f"wrote {path}" for path in written))
+    if package:
+        root = written[0].parent
+        typer.echo(f"next: fill in the TODOs, `pip install -e {root}`, `pytest {root}`, then `clbench methods {name}`",
+                   err=True)
+    else:
+        typer.echo(f"next: fill in the TODOs, run `pytest {written[1]}`, then `clbench methods {name} --plugins-dir "
+                   f"{dir_}`", err=True)
 
 
 @app.command()

@@ -38,6 +38,7 @@ from pydantic import BaseModel, ValidationError
 
 from clbench.dense import backbone_maps
 from clbench.errors import ClbenchError
+from clbench.hookcheck import MethodHookError
 from clbench.lora import LowRank, find_sites
 from clbench.method import NAME_RULE, valid_method_name
 from clbench.streams import Stream
@@ -355,17 +356,6 @@ def check_determinism(
             )
 
 
-class _Stop(Exception):
-    """Ends the interrupted run of :func:`check_resume` right after its checkpoint (a kill, without a process)."""
-
-
-def _collect(results: list, finals: list) -> Any:
-    def on_task(result, state, model) -> None:
-        results.append(result)
-        finals[:] = [{k: v.detach().clone() for k, v in model.state_dict().items()}]
-    return on_task
-
-
 def check_resume(
     cls: type,
     first: ContractRun | None = None,
@@ -378,79 +368,33 @@ def check_resume(
 ) -> None:
     """Interrupt a run after ``after`` of ``num_tasks`` tasks, resume it in a fresh method instance on a fresh model,
     and require what an uninterrupted run gives: the same accuracy matrices, per-task losses and loss terms, and
-    final weights, bit for bit on CPU.
+    final weights, bit for bit on CPU (:func:`clbench.testing.compare_resume`, which plugin tests call too).
 
     The checkpoint goes through the runner's own path: the loop's payload (:func:`clbench.loop.checkpoint_payload`),
     saved by :class:`clbench.checkpoint.RunStore` and loaded back with ``torch.load(weights_only=True)``.
     ``first`` and ``stream`` (the two-task run and stream of the other checks) are accepted for callers of the
     earlier signature and not used: the check makes its own uninterrupted ``num_tasks``-task run to compare with.
     """
-    import tempfile
+    from clbench.testing import compare_resume
 
-    from clbench import checkpoint
-    from clbench.loop import checkpoint_payload, resume_state, run_stream
-    from clbench.registry import run_manager
-    from clbench.testing import tiny_model, tiny_train
+    def state_has_a_home(ck: dict[str, Any]) -> None:
+        saved = ck["method"]
+        if saved and getattr(cls, "load_method_state", None) is None:
+            keys = sorted(saved) if isinstance(saved, dict) else type(saved).__name__
+            _fail(cls, f"method_state returns state ({keys}) but the class has no load_method_state hook to "
+                       "restore it: a resumed run would continue without it; implement load_method_state")
 
-    stream = contract_stream(seed, num_tasks=num_tasks)
-    cfg = tiny_train(max_steps_per_epoch=max_steps)
-    cpu = torch.device("cpu")
-    full, full_final = [], []
-    state = run_stream(tiny_model(seed=seed), stream, run_manager(cls(params)), cfg, seed, cpu,
-                       on_task=_collect(full, full_final))
-
-    def save_and_stop(result, st, model) -> None:
-        if result.task + 1 < after:
-            return
-        try:
-            checkpoint.check_loadable(st.method_state, "method_state()")
-        except ClbenchError as exc:
-            _fail(cls, str(exc))
-        store.save(checkpoint_payload(st, model))
-        raise _Stop
-
-    with tempfile.TemporaryDirectory(prefix="clbench-contract-") as tmp:
-        store = checkpoint.RunStore(Path(tmp), "contract")
-        try:
-            run_stream(tiny_model(seed=seed), stream, run_manager(cls(params)), cfg, seed, cpu, on_task=save_and_stop)
-        except _Stop:
-            pass
-        ck = store.load()
-    if ck is None:
-        _fail(cls, f"no checkpoint after task {after - 1}")
-    saved = ck["method"]
-    if saved and getattr(cls, "load_method_state", None) is None:
-        keys = sorted(saved) if isinstance(saved, dict) else type(saved).__name__
-        _fail(cls, f"method_state returns state ({keys}) but the class has no load_method_state hook to restore "
-                   "it: a resumed run would continue without it; implement load_method_state")
-    resumed, resumed_final = [], []
     try:
-        # a fresh model, as the runner builds one; every weight comes from the checkpoint
-        end = run_stream(tiny_model(seed=seed + 1), stream, run_manager(cls(params)), cfg, seed, cpu,
-                         on_task=_collect(resumed, resumed_final), state=resume_state(ck))
-    except ClbenchError as exc:
-        _fail(cls, f"resume after task {after - 1} failed: {exc}")
-    _compare_resumed(cls, after, state, end, full[after:], resumed, full_final[0], resumed_final[0])
-
-
-def _compare_resumed(cls: type, after: int, state, end, full: list, resumed: list, w_full: dict,
-                     w_resumed: dict) -> None:
-    hint = ("; load_method_state must restore everything method_state saved (and rebuild the adapters), and "
-            "no state may live outside method_state and the model's parameters")
-    where = f"resumed after task {after - 1}"
-    for a, b in zip(full, resumed):
-        if a.loss != b.loss or a.loss_terms != b.loss_terms:
-            _fail(cls, f"{where}: task {a.task} trains differently from the uninterrupted run (loss {b.loss!r} "
-                       f"vs {a.loss!r}, terms {b.loss_terms} vs {a.loss_terms}){hint}")
-    for label, a, b in (("R", state.R, end.R), ("R_til", state.R_til, end.R_til)):
-        if not np.array_equal(a, b, equal_nan=True):
-            _fail(cls, f"{where}: {label} {b.tolist()} differs from the uninterrupted run's {a.tolist()}{hint}")
-    if set(w_full) != set(w_resumed):
-        _fail(cls, f"{where}: the final model has parameters {sorted(set(w_full) ^ set(w_resumed))[:4]} in only "
-                   f"one of the resumed and uninterrupted runs{hint}")
-    for k, v in w_full.items():
-        if not torch.equal(v, w_resumed[k]):
-            _fail(cls, f"{where}: final weight '{k}' differs from the uninterrupted run's{hint}")
+        comparison = compare_resume(cls, params, after=after, num_tasks=num_tasks, seed=seed,
+                                    inspect=state_has_a_home, max_steps_per_epoch=max_steps)
+    except MethodHookError:  # a hook failing in a plain run: already one line naming the method
+        raise
+    except ClbenchError as exc:  # unloadable method_state, or the resume itself failed
+        _fail(cls, str(exc))
+    problem = comparison.mismatch()
+    if problem:
+        _fail(cls, f"{problem}; load_method_state must restore everything method_state saved (and rebuild the "
+                   "adapters), and no state may live outside method_state and the model's parameters")
 
 
 def check_method(cls: type, params: BaseModel | dict[str, Any] | None = None, seed: int = 0) -> ContractRun:

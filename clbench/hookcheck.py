@@ -103,6 +103,31 @@ def _where(exc: BaseException) -> str:
     return f" (at {Path(last.filename).name}:{last.lineno})"
 
 
+# PyTorch's words when a backward reaches a graph whose saved tensors an earlier backward freed
+FREED_GRAPH = "backward through the graph a second time"
+DETACH_HINT = ("state kept across steps (a Fisher, an anchor, stored features or outputs) must be detached: store "
+               "t.detach(), or compute it under torch.no_grad()")
+
+
+def graph_attached(obj: Any, prefix: str = "self", depth: int = 3) -> list[str]:
+    """Where ``obj`` (a method instance) holds tensors with an autograd graph attached (``grad_fn`` set), as
+    attribute paths (``self.fisher['blocks.0.attn.q']``); looks into dicts, lists and tuples ``depth`` levels deep.
+    Parameters and detached tensors have no ``grad_fn`` and are never listed."""
+    if isinstance(obj, torch.Tensor):
+        return [prefix] if obj.grad_fn is not None else []
+    if depth == 0 or isinstance(obj, torch.nn.Module):  # a module's tensors are parameters and buffers
+        return []
+    if isinstance(obj, dict):
+        items = [(f"{prefix}[{k!r}]", v) for k, v in obj.items()]
+    elif isinstance(obj, (list, tuple)):
+        items = [(f"{prefix}[{i}]", v) for i, v in enumerate(obj)]
+    elif hasattr(obj, "__dict__") and prefix == "self":
+        items = [(f"self.{k}", v) for k, v in vars(obj).items()]
+    else:
+        return []
+    return [path for where, v in items for path in graph_attached(v, where, depth - 1)]
+
+
 class CheckedHooks:
     """``pm.hook`` with every method hook's failure turned into a one-line ``MethodHookError``."""
 
@@ -110,6 +135,7 @@ class CheckedHooks:
         names = [pm.get_name(p) for p in pm.get_plugins()]
         method = next((n.split(":", 1)[1] for n in names if n and n.startswith("method:")), "?")
         self.method = method
+        self.instance = pm.get_plugin(f"method:{method}")
         for hook in vars(pm.hook):  # every hook of the spec; those in CHECKS also have their results checked
             if not hook.startswith("_"):
                 setattr(self, hook, self._wrap(hook, getattr(pm.hook, hook)))
@@ -127,6 +153,8 @@ class CheckedHooks:
             except ClbenchError as exc:  # the plugin's own clear message (say, a rank the model cannot hold)
                 raise MethodHookError(f"method '{self.method}': hook {hook}: {exc}") from None
             except Exception as exc:  # noqa: BLE001 - plugin code may raise anything
+                if FREED_GRAPH in str(exc):  # a backward inside the hook (a gradient statistics pass)
+                    raise self.freed_graph_error(f"hook {hook} ran a backward that") from None
                 msg = " ".join(str(exc).split())[:300]
                 raise MethodHookError(f"method '{self.method}': hook {hook} raised {type(exc).__name__}: {msg}"
                                       f"{_where(exc)}") from None
@@ -138,6 +166,28 @@ class CheckedHooks:
             return result
 
         return call
+
+    def freed_graph_error(self, what: str) -> MethodHookError:
+        """The one-line error for PyTorch's "backward through the graph a second time": ``what`` backward reached
+        an autograd graph an earlier backward had freed, i.e. a tensor the method kept from an earlier step or task
+        with its graph attached. Names the attributes of the method that hold such tensors, when any do."""
+        held = graph_attached(self.instance) if self.instance is not None else []
+        found = (f"; attached now: {', '.join(held[:3])}" + (f" (+{len(held) - 3} more)" if len(held) > 3 else "")
+                 if held else "")
+        return MethodHookError(f"method '{self.method}': {what} reached an autograd graph that an earlier backward "
+                               f"freed (PyTorch: 'Trying to backward through the graph a second time'); {DETACH_HINT}"
+                               f"{found}")
+
+    def backward(self, loss: torch.Tensor, terms: list[str]) -> None:
+        """``loss.backward()`` for the loop's step: a graph kept from an earlier step (state not detached) becomes
+        a one-line ``MethodHookError`` naming the method instead of PyTorch's message."""
+        try:
+            loss.backward()
+        except RuntimeError as exc:
+            if FREED_GRAPH not in str(exc):
+                raise
+            named = f" (loss terms {', '.join(terms)})" if terms else ""
+            raise self.freed_graph_error(f"the training step's backward{named}") from None
 
 
 def checked_hooks(pm) -> CheckedHooks:

@@ -230,11 +230,13 @@ def run_stream(model: CLModel, stream: Stream, pm, cfg: TrainConfig, seed: int, 
 
     # -- phase 0: the method configures the model once (adapters, freezing); a resumed run is restored --
     torch.manual_seed(seed)
+    # Outside the step loop every hook sees the model in eval mode (CONTRIBUTING: the hook author's guide)
+    model.eval()
     replaced = hook.configure_model(model=model, ctx=task_context(model, stream, 0, cfg, seed, device, autocast))
     if replaced is not None:
         check_replacement(model, replaced)
         model = replaced
-    model.to(device)
+    model.to(device).eval()  # a replacement's new modules are built in train mode
     if state.next_task > 0 and state.model_state is not None:
         restore(model, stream, pm, state, task_context(model, stream, state.next_task - 1, cfg, seed, device,
                                                        autocast))
@@ -245,6 +247,7 @@ def run_stream(model: CLModel, stream: Stream, pm, cfg: TrainConfig, seed: int, 
         # -- phase 1: the new task's head (old heads frozen); seeded so resumed runs match --------------
         seed_task(seed, t)
         head = new_head(model, stream, t)
+        model.eval()  # the task's prologue hooks: eval mode on every task (the new head too)
         ctx = task_context(model, stream, t, cfg, seed, device, autocast)
         # -- phase 1b (rehearsal): the method may replace the task's training set ------------------------
         train_set = rehearsal.as_list(hook.training_set(ctx=ctx), "training_set") or None
@@ -334,6 +337,7 @@ def restore(model: CLModel, stream: Stream, pm, state: LoopState, ctx: TaskConte
     load the checkpoint's weights strictly and its RNG states; ``ctx`` is the last finished task's."""
     while len(model.heads) < state.next_task:
         model.add_head(len(stream.tasks[len(model.heads)].classes))
+    model.eval()
     checked_hooks(pm).load_method_state(model=model, state=state.method_state or {}, ctx=ctx)
     try:
         model.load_state_dict(state.model_state)
@@ -493,13 +497,14 @@ def train_task(model: CLModel, stream: Stream, pm, ctx: TaskContext, optimizer: 
                 else:  # rehearsal: one pass over own and added rows, every seen head, each row's loss per scope
                     logits, loss, replayed = rows.forward(model, ctx, offsets)
                     aux = {}
-                total = loss
+                total, names = loss, []
                 for terms in hook.loss_terms(model=model, batch=rows.own, logits=logits, ctx=ctx, replayed=replayed,
                                           aux=aux):
                     for name, value in (terms or {}).items():
                         total = total + value
+                        names.append(name)
                         term_sums[name] = term_sums.get(name, 0) + value.detach().float()
-                total.backward()
+                hook.backward(total, names)  # a graph kept from an earlier step fails here, naming the method
             # the whole batch's gradient and mean loss on every rank; in one process, as they are
             n_seen, loss = comm.reduce_gradients(params, len(rows), loss)
             hook.before_optimizer_step(model=model, ctx=ctx)

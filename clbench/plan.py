@@ -74,11 +74,14 @@ def plan_runs(suite: Suite, source: str, registry, methods: list[str] | None) ->
         try:
             info = registry.get(entry.name)
         except ClbenchError as exc:
-            raise ClbenchError(f"{where}: {prefix}name: {exc}") from None
+            flag = entry.set_flag(("name",))
+            raise ClbenchError(f"{f'--set {flag}' if flag else where}: {prefix}name: {exc}") from None
         try:
             params = info.cls.Params(**entry.params)
-        except ValidationError as err:
-            raise ClbenchError(format_validation_error(where, err, prefix=f"{prefix}params.")) from None
+        except ValidationError as err:  # a key the command line wrote names its --set flag, not the suite file
+            flag = entry.set_flag(("params", *err.errors()[0]["loc"]))
+            raise ClbenchError(format_validation_error(f"--set {flag}" if flag else where, err,
+                                                       prefix=f"{prefix}params.")) from None
         planned.append(PlannedRun(entry.display, info, params, i))
     check_distinct_labels(planned, source)
     if methods:

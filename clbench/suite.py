@@ -136,6 +136,8 @@ class MethodEntry(Strict):
 
     # where the entry came from when not the suite file (``--add-method ...``); not part of the suite's data
     _origin: str | None = PrivateAttr(None)
+    # the ``--set`` assignments that wrote into this entry, by key path within it (() = the whole entry)
+    _sets: dict[tuple, str] = PrivateAttr(default_factory=dict)
 
     @property
     def display(self) -> str:
@@ -145,6 +147,11 @@ class MethodEntry(Strict):
         """What an error about this entry names: the suite file and ``methods.<index>.``, or the flag that added
         it (and no prefix)."""
         return (self._origin, "") if self._origin else (path, f"methods.{index}.")
+
+    def set_flag(self, loc: tuple) -> str | None:
+        """The ``--set`` assignment that wrote the key at ``loc`` within this entry (``("params", "rank")``), if
+        one did: errors found after loading (params, validated against the registry) name that flag."""
+        return _set_flag(self._sets, loc)
 
 
 class TrackingConfig(Strict):
@@ -500,6 +507,8 @@ def load_suite(path: str | Path, overrides: list[str] | None = None, added: list
         raise ClbenchError(format_validation_error(f"--set {flag}" if flag else str(path), err)) from None
     for raw, entry in zip(added, suite.methods[first_added:]):
         entry._origin = f"--add-method {raw}"
+    for i, entry in enumerate(suite.methods):  # `--set methods=[...]` covers every entry, methods.I.x entry I
+        entry._sets = {key[2:]: a for key, a in set_paths.items() if key == ("methods",) or key[:2] == ("methods", i)}
     for i, entry in enumerate(suite.methods):
         source, prefix = entry.source_and_prefix(str(path), i)
         try:

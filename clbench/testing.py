@@ -1,16 +1,22 @@
-"""Small, fast building blocks for tests, benchmarks and plugin authors: a synthetic stream, a micro ViT and
-a one-call run of a method through the real loop (no MLflow)."""
+"""Small, fast building blocks for tests, benchmarks and plugin authors: a synthetic stream, a micro ViT,
+a one-call run of a method through the real loop (no MLflow), and the resume comparison (an interrupted run
+continued from its checkpoint against an uninterrupted one) that the contract's resume check is built on."""
 
 from __future__ import annotations
 
+import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from clbench import checkpoint
 from clbench.backbones import CLModel, build_model
-from clbench.loop import LoopState, TaskResult, run_stream
+from clbench.errors import ClbenchError
+from clbench.loop import LoopState, TaskResult, checkpoint_payload, resume_state, run_stream
 from clbench.registry import run_manager
 from clbench.streams import Stream, build_stream
 from clbench.suite import StreamConfig, TrainConfig
@@ -79,3 +85,130 @@ def run_method(method: Any, stream: Stream | None = None, model: CLModel | None 
     state = run_stream(trained[0], stream, run_manager(method), tiny_train(**train), seed, torch.device("cpu"),
                        on_task=on_task)
     return TinyRun(trained[0], method, state, results)
+
+
+class _Stop(Exception):
+    """Ends an interrupted run right after its checkpoint (a kill, without a process)."""
+
+
+def _method_factory(method: Any, params: Any) -> Callable[[], Any]:
+    """A method class (built with ``params``) or a zero-argument factory, as a factory of fresh instances."""
+    if isinstance(method, type):
+        return lambda: method(params)
+    if params is not None:
+        raise TypeError("params go with a method class; a factory builds its instances itself")
+    return method
+
+
+def _recorder(results: list, weights: list) -> Callable[[TaskResult, LoopState, CLModel], None]:
+    def on_task(result: TaskResult, state: LoopState, model: CLModel) -> None:
+        results.append(result)
+        weights[:] = [{k: v.detach().clone() for k, v in model.state_dict().items()}]
+    return on_task
+
+
+@dataclass
+class ResumeComparison:
+    """An uninterrupted run and the same run interrupted after ``after`` tasks, checkpointed, loaded back with
+    ``torch.load(weights_only=True)`` and continued in a fresh method instance on a fresh model.
+
+    ``full`` / ``resumed`` hold the task results from task ``after`` on; ``checkpoint`` is the loaded checkpoint.
+    :meth:`mismatch` says what differs, if anything."""
+
+    after: int
+    checkpoint: dict[str, Any]
+    full: list[TaskResult]
+    resumed: list[TaskResult]
+    full_state: LoopState
+    resumed_state: LoopState
+    full_weights: dict[str, torch.Tensor]
+    resumed_weights: dict[str, torch.Tensor]
+
+    def mismatch(self) -> str | None:
+        """The first difference between the two runs (per-task losses and loss terms, the accuracy matrices,
+        the final weights, all bit for bit), or None when the resumed run is the uninterrupted one."""
+        where = f"resumed after task {self.after - 1}"
+        for a, b in zip(self.full, self.resumed):
+            if a.loss != b.loss or a.loss_terms != b.loss_terms:
+                return (f"{where}: task {a.task} trains differently from the uninterrupted run (loss {b.loss!r} "
+                        f"vs {a.loss!r}, terms {b.loss_terms} vs {a.loss_terms})")
+        for label, a, b in (("R", self.full_state.R, self.resumed_state.R),
+                            ("R_til", self.full_state.R_til, self.resumed_state.R_til)):
+            if not np.array_equal(a, b, equal_nan=True):
+                return f"{where}: {label} {b.tolist()} differs from the uninterrupted run's {a.tolist()}"
+        w_full, w_resumed = self.full_weights, self.resumed_weights
+        if set(w_full) != set(w_resumed):
+            return (f"{where}: the final model has parameters {sorted(set(w_full) ^ set(w_resumed))[:4]} in only "
+                    "one of the resumed and uninterrupted runs")
+        for k, v in w_full.items():
+            if not torch.equal(v, w_resumed[k]):
+                return f"{where}: final weight '{k}' differs from the uninterrupted run's"
+        return None
+
+
+def interrupted_checkpoint(method: Any, stream: Stream, after: int, seed: int = 0, **train: Any) -> dict[str, Any]:
+    """Run ``method`` (an instance) through ``stream`` on CPU, stop after ``after`` tasks, and return the checkpoint
+    as a resumed run reads it: the loop's payload (:func:`clbench.loop.checkpoint_payload`) saved by the runner's
+    :class:`clbench.checkpoint.RunStore` and loaded back with ``torch.load(weights_only=True)``. Raises
+    ``ClbenchError`` when ``method_state`` would not load that way."""
+
+    def save_and_stop(result: TaskResult, state: LoopState, model: CLModel) -> None:
+        if result.task + 1 < after:
+            return
+        checkpoint.check_loadable(state.method_state, "method_state()")
+        store.save(checkpoint_payload(state, model))
+        raise _Stop
+
+    with tempfile.TemporaryDirectory(prefix="clbench-resume-") as tmp:
+        store = checkpoint.RunStore(Path(tmp), "resume")
+        try:
+            run_stream(tiny_model(seed=seed), stream, run_manager(method), tiny_train(**train), seed,
+                       torch.device("cpu"), on_task=save_and_stop)
+        except _Stop:
+            pass
+        ck = store.load()
+    if ck is None:
+        raise ClbenchError(f"no checkpoint after task {after - 1}: the stream has only {len(stream.tasks)} tasks")
+    return ck
+
+
+def compare_resume(method: Any, params: Any = None, *, stream: Stream | None = None, after: int = 1,
+                   num_tasks: int = 3, seed: int = 0, inspect: Callable[[dict[str, Any]], None] | None = None,
+                   **train: Any) -> ResumeComparison:
+    """Train ``after`` of the stream's tasks, save through the real checkpoint path, reload ``weights_only`` into
+    a fresh instance on a fresh model, continue to the end, and return the comparison with an uninterrupted run.
+
+    ``method``: a method class (built with ``params``) or a zero-argument factory of fresh instances. ``stream``
+    defaults to a synthetic ``num_tasks``-task stream (2 classes per task); ``train`` overrides the tiny training
+    settings (default two steps per epoch). ``inspect(checkpoint)`` runs between the checkpoint and the resume
+    (the contract checks there that saved state has a ``load_method_state`` to go to). A failing resume raises
+    ``ClbenchError`` ("resume after task k failed: ...")."""
+    make = _method_factory(method, params)
+    stream = stream or tiny_stream(num_tasks=num_tasks, num_classes=2 * num_tasks, samples_per_class=16, seed=seed)
+    train = {"max_steps_per_epoch": 2, **train}
+    cfg, cpu = tiny_train(**train), torch.device("cpu")
+    full, full_weights = [], []
+    full_state = run_stream(tiny_model(seed=seed), stream, run_manager(make()), cfg, seed, cpu,
+                            on_task=_recorder(full, full_weights))
+    ck = interrupted_checkpoint(make(), stream, after, seed, **train)
+    if inspect is not None:
+        inspect(ck)
+    resumed, resumed_weights = [], []
+    try:  # a fresh model (another seed: every weight must come from the checkpoint), as the runner builds one
+        end = run_stream(tiny_model(seed=seed + 1), stream, run_manager(make()), cfg, seed, cpu,
+                         on_task=_recorder(resumed, resumed_weights), state=resume_state(ck))
+    except ClbenchError as exc:
+        raise ClbenchError(f"resume after task {after - 1} failed: {exc}") from None
+    return ResumeComparison(after, ck, full[after:], resumed, full_state, end, full_weights[0], resumed_weights[0])
+
+
+def assert_resumes(method: Any, params: Any = None, **kwargs: Any) -> ResumeComparison:
+    """:func:`compare_resume`, failing (``AssertionError``) unless the resumed run is bit-identical to the
+    uninterrupted one: a method's own resume test in one line, e.g.
+    ``assert_resumes(MyMethod, {"rank": 2}, after=2, num_tasks=3)``."""
+    comparison = compare_resume(method, params, **kwargs)
+    problem = comparison.mismatch()
+    if problem:
+        raise AssertionError(f"{problem}; load_method_state must restore everything method_state saved (and "
+                             "rebuild the adapters), and no state may live outside method_state and the model")
+    return comparison
