@@ -358,9 +358,8 @@ def check_determinism(
 
 def check_resume(
     cls: type,
-    first: ContractRun | None = None,
     params: BaseModel | dict[str, Any] | None = None,
-    stream: Stream | None = None,
+    *,
     seed: int = 0,
     max_steps: int = 2,
     num_tasks: int = 3,
@@ -372,8 +371,8 @@ def check_resume(
 
     The checkpoint goes through the runner's own path: the loop's payload (:func:`clbench.loop.checkpoint_payload`),
     saved by :class:`clbench.checkpoint.RunStore` and loaded back with ``torch.load(weights_only=True)``.
-    ``first`` and ``stream`` (the two-task run and stream of the other checks) are accepted for callers of the
-    earlier signature and not used: the check makes its own uninterrupted ``num_tasks``-task run to compare with.
+    The check makes its own uninterrupted ``num_tasks``-task run to compare with. Everything after ``params`` is
+    keyword-only, so params passed by position cannot land in a wrong argument and be silently dropped.
     """
     from clbench.testing import compare_resume
 
