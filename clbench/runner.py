@@ -32,6 +32,7 @@ from clbench.errors import ClbenchError
 from clbench.hookcheck import MethodHookError
 from clbench.loop import LoopState, resolve_device, resolved_precision, resume_state, run_stream
 from clbench.plan import PlannedRun, RunJob, RunRecord, plan_runs, run_key
+from clbench.preflight import method_problems
 from clbench.recorder import RunRecorder, git_sha, record_suite
 from clbench.registry import discover, plugin_dirs, run_manager
 from clbench.streams import build_stream, load_avalanche
@@ -55,6 +56,7 @@ def run_suite(suite: Suite, source: str, *, methods: list[str] | None = None, se
     plugins_dirs = plugin_dirs(suite.plugins_dir, plugins_dirs, trust_suite_plugins, source)
     registry = discover(plugins_dirs)
     planned = plan_runs(suite, source, registry, methods)
+    method_problems(suite, planned, source)  # params that do not fit the backbone: refused before any run exists
     seeds = seeds or suite.seeds
     if dry_run:
         progress(f"suite hash {suite.protocol_hash()}")
