@@ -24,7 +24,6 @@ from clbench.errors import ClbenchError
 from clbench.hookcheck import MethodHookError
 from clbench.hookspecs import hookimpl
 from clbench.plan import plan_runs
-from clbench.preflight import method_problems
 from clbench.registry import discover
 from clbench.suite import Suite
 from clbench.testing import run_method, tiny_stream
@@ -34,6 +33,8 @@ MICRO = {"name": "vit_micro_clbench", "image_size": 16, "pretrained": False}  # 
 
 def _check(entry: dict, backbone: dict = MICRO) -> None:
     """``method_problems`` on a one-entry suite, as the runner calls it after planning."""
+    from clbench.preflight import method_problems
+
     suite = Suite.model_validate({"name": "s", "stream": {"name": "synthetic", "num_tasks": 2, "num_classes": 4},
                                   "backbone": backbone, "methods": [entry]})
     method_problems(suite, plan_runs(suite, "s.yaml", discover([]), None), "s.yaml")
