@@ -18,7 +18,7 @@ import numpy as np
 from clbench import keys
 from clbench.leaderboard import Group
 from clbench.metrics import per_task_forgetting
-from clbench.plots import _plt, labelled_png, png_base64
+from clbench.plots import _plt, labelled_png, plain_text, png_base64
 from clbench.stats import Paired, ci95, paired
 
 CLAIM_METRICS = {"forgetting": keys.FINAL_FORGETTING, "acc": keys.FINAL_ACC}
@@ -56,6 +56,7 @@ def claim_metrics(effects: dict[str, dict[str, Paired]]) -> dict[str, float]:
     return out
 
 
+@plain_text
 def plot_forgetting_by_intervention(group: Group) -> str | None:
     """Final forgetting per arm (mean and t 95% interval over seeds), the paired effect against ``keep`` in the
     tick labels."""
@@ -125,6 +126,7 @@ def _all_points(client, run_ids: list[str]) -> list[tuple[float, float]]:
             os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = old
 
 
+@plain_text
 def plot_layer_top1_forgetting(group: Group, uri: str | None) -> str | None:
     """Per layer and earlier task, over every finished run: the top1_share of the later tasks' updates in that
     layer against the task's forgetting, coloured by arm (read from each run's spectra.npz and acc_matrix.csv)."""

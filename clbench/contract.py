@@ -38,7 +38,7 @@ from pydantic import BaseModel, ValidationError
 
 from clbench.dense import backbone_maps
 from clbench.errors import ClbenchError
-from clbench.hookcheck import MethodHookError
+from clbench.hookcheck import MethodHookError, undeclared_trainable
 from clbench.lora import LowRank, find_sites
 from clbench.method import NAME_RULE, valid_method_name
 from clbench.streams import Stream
@@ -114,15 +114,18 @@ def contract_run(
 
     pm = run_manager(run.method)
     pm.add_hookcall_monitoring(lambda *a: None, _TrainableProbe(run))
-    state = run_stream(
-        model,
-        stream,
-        pm,
-        tiny_train(max_steps_per_epoch=max_steps),
-        seed,
-        torch.device("cpu"),
-        on_task=on_task,
-    )
+    try:
+        state = run_stream(
+            model,
+            stream,
+            pm,
+            tiny_train(max_steps_per_epoch=max_steps),
+            seed,
+            torch.device("cpu"),
+            on_task=on_task,
+        )
+    except MethodHookError as exc:  # a hook outside its contract, as the loop checks it in every run
+        raise ContractError(str(exc)) from None
     run.R, run.R_til = state.R, state.R_til
     return run
 
@@ -146,9 +149,8 @@ class _TrainableProbe:
         else:
             declared = {id(p) for g in groups for p in g["params"]}
         faults = self.run.trainable_faults
-        for n, p in model.named_parameters():
-            if p.requires_grad and id(p) not in declared and id(p) not in heads:
-                faults.append(f"'{n}' requires grad but is in no parameter group of the method and is no head")
+        faults += [f"'{n}' requires grad but is in no parameter group of the method and is no head"
+                   for n in undeclared_trainable(model, groups)]  # the loop's own check (clbench.hookcheck)
         pretrained = [v for v in self.run.initial.values() if v.ndim >= 2 and v.float().std() > 0]
         for pid in declared - heads:
             if pid in self.run.initial:

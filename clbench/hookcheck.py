@@ -7,6 +7,12 @@ gives the loop the same hook caller with each result checked against the contrac
 right where it is returned; the error names the method, the hook and what was wrong, so the runner can fail that
 run and go on with the suite's other runs. The checks look at types and shapes only (no host synchronisation
 in the step loop).
+
+``param_groups`` is also checked against the model, once per task: a parameter that requires grad but is in no
+group and no task head (:func:`undeclared_trainable`, the same rule as the plugin contract's) gets gradients the
+optimizer never applies, and a pre-trained backbone parameter in the groups of a method that does not declare
+``trains_backbone`` fine-tunes the backbone under an adapter method's name; both fail the run (methods that
+declare ``trains_backbone`` are exempt, as in the contract).
 """
 
 from __future__ import annotations
@@ -57,6 +63,40 @@ def _check_groups(value: Any) -> str | None:
         bad = [p for p in params if not isinstance(p, torch.Tensor)]
         if bad:
             return f"group {i}'s 'params' holds {_describe(bad[0])}; expected parameters (tensors)"
+    return None
+
+
+def undeclared_trainable(model: torch.nn.Module, groups: list[dict] | None) -> list[str]:
+    """Names of the parameters that require grad but are in none of ``groups`` (the method's optimizer groups;
+    None: the loop's default, every trainable parameter) and in no task head: the loop would compute their
+    gradients and never apply them. Shared by the loop's check and the plugin contract (clbench.contract)."""
+    if groups is None:  # the loop trains every requires_grad parameter outside the heads
+        return []
+    declared = {id(p) for g in groups for p in g["params"]}
+    heads = {id(p) for h in getattr(model, "heads", ()) for p in h.parameters()}
+    return [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in declared | heads]
+
+
+def _names(names: list[str]) -> str:
+    shown = ", ".join(f"'{n}'" for n in names[:3])
+    return shown + (f" (+{len(names) - 3} more)" if len(names) > 3 else "")
+
+
+def _trainable_problem(model: torch.nn.Module, groups: list[dict] | None, pretrained: set[int]) -> str | None:
+    """What is wrong with what ``groups`` leaves trainable (see the module docstring), or None."""
+    stray = undeclared_trainable(model, groups)
+    if stray:
+        return (f"left {_names(stray)} requiring grad, but they are in no parameter group of the method and in "
+                "no head (never trained); declare them in param_groups, freeze them (requires_grad_(False)), or "
+                "set trains_backbone = True")
+    if groups is None:
+        groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
+    declared = {id(p) for g in groups for p in g["params"]}
+    heads = {id(p) for h in getattr(model, "heads", ()) for p in h.parameters()}
+    tuned = [n for n, p in model.named_parameters() if id(p) in declared & pretrained and id(p) not in heads]
+    if tuned:
+        return (f"trains pre-trained backbone parameters: {_names(tuned)}; freeze them (adapters train their own "
+                "parameters) or set trains_backbone = True on a method that fine-tunes the backbone")
     return None
 
 
@@ -133,9 +173,12 @@ class CheckedHooks:
 
     def __init__(self, pm) -> None:
         names = [pm.get_name(p) for p in pm.get_plugins()]
-        method = next((n.split(":", 1)[1] for n in names if n and n.startswith("method:")), "?")
-        self.method = method
-        self.instance = pm.get_plugin(f"method:{method}")
+        registered = next((n for n in names if n and n.startswith("method:")), None)
+        self.method = registered.split(":", 1)[1] if registered else "?"
+        self.instance = pm.get_plugin(registered) if registered else None
+        # a method that fine-tunes the backbone (on the class, or per instance) may leave or train anything
+        self.trains_backbone = bool(getattr(self.instance, "trains_backbone", False)) if registered else True
+        self.pretrained: set[int] = set()  # the backbone's parameters before configure_model
         for hook in vars(pm.hook):  # every hook of the spec; those in CHECKS also have their results checked
             if not hook.startswith("_"):
                 setattr(self, hook, self._wrap(hook, getattr(pm.hook, hook)))
@@ -144,6 +187,8 @@ class CheckedHooks:
         check = CHECKS.get(hook)
 
         def call(**kwargs: Any) -> Any:
+            if hook == "configure_model" and hasattr(kwargs.get("model"), "backbone"):
+                self.pretrained = {id(p) for p in kwargs["model"].backbone.parameters()}
             try:
                 result = caller(**kwargs)
             except PASS_THROUGH:
@@ -161,6 +206,8 @@ class CheckedHooks:
             problems = ([_check_terms(r) for r in result] if hook == "loss_terms"
                         else [check(result)] if check else [])
             problem = next((p for p in problems if p), None)
+            if not problem and hook == "param_groups" and not self.trains_backbone:
+                problem = _trainable_problem(kwargs["model"], result, self.pretrained)
             if problem:
                 raise MethodHookError(f"method '{self.method}': hook {hook} {problem}")
             return result

@@ -23,10 +23,10 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from torch import nn
 
 ATTN_SLICES = ("q", "k", "v")
@@ -247,6 +247,25 @@ def merge_all(module: nn.Module) -> None:
 # Shared params and the default task update
 # ----------------------------------------------------------------------------------------------------
 
+def _block_list(blocks: list[int]) -> list[int]:
+    """A list of adapted blocks names each block once, from 0 up; whether the backbone has it is checked once
+    the backbone's depth is known (``clbench.preflight.method_problems``, before any run exists)."""
+    if not blocks:
+        raise ValueError("[] adapts no block, so only the heads would train; list block indices (0 is the first) "
+                         "or leave blocks unset to adapt every block")
+    negative = [b for b in blocks if b < 0]
+    if negative:
+        raise ValueError(f"block {negative[0]} does not exist; blocks count from 0 (the first block) up")
+    twice = sorted({b for b in blocks if blocks.count(b) > 1})
+    if twice:
+        raise ValueError(f"block(s) {twice} listed twice; list each block once")
+    return blocks
+
+
+# The ``blocks`` param of every adapter method (AdapterParams, SD-LoRA): null = all blocks.
+BlockList = Annotated[list[int], AfterValidator(_block_list)]
+
+
 class AdapterParams(BaseModel):
     """Params of every method that adapts ``clbench.lora`` sites; subclasses redeclare a field only to change
     its default or description (docs/METHODS.md gives each method's defaults and where they come from)."""
@@ -254,7 +273,7 @@ class AdapterParams(BaseModel):
     model_config = ConfigDict(extra="forbid")  # a typo in a suite's params must fail, not be ignored
     rank: int = Field(10, ge=1, description="LoRA rank r")
     targets: list[Target] = Field(["q", "v"], min_length=1, description="adapted maps: " + ", ".join(TARGETS))
-    blocks: list[int] | None = Field(None, description="adapted transformer blocks (default: all)")
+    blocks: BlockList | None = Field(None, description="adapted transformer blocks, counted from 0 (default: all)")
 
 
 class LoRAParams(AdapterParams):

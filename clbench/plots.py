@@ -1,12 +1,38 @@
-"""PNG plots for run artifacts (matplotlib, headless Agg backend)."""
+"""PNG plots for run artifacts (matplotlib, headless Agg backend).
+
+Every figure clbench draws (here, in the HTML report, the claim plots and the critical-difference diagram) is
+drawn under :func:`plain_text`: method labels, suite names and layer names are the user's text, and matplotlib
+would read a label such as ``$\\x$`` as TeX math and fail when the figure is saved, after the training.
+"""
 
 from __future__ import annotations
 
 import base64
+import functools
 import io
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 import numpy as np
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def plain_text(draw: F) -> F:
+    """Run ``draw`` (a function that builds and saves a figure) with matplotlib's math parsing off, so every
+    text of the figure is shown as written: ``$`` and ``\\`` in a label are characters, never TeX. Text
+    objects read the setting when they are created (tick labels at drawing), so the whole function runs
+    under it."""
+
+    @functools.wraps(draw)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        import matplotlib
+
+        with matplotlib.rc_context({"text.parse_math": False}):
+            return draw(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
 
 
 def _plt():
@@ -39,6 +65,7 @@ def png_base64(fig) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
+@plain_text
 def accuracy_heatmap(R: np.ndarray, path: Path, title: str) -> None:
     plt = _plt()
     T = R.shape[0]
@@ -57,6 +84,7 @@ def accuracy_heatmap(R: np.ndarray, path: Path, title: str) -> None:
     plt.close(fig)
 
 
+@plain_text
 def spectrum_heatmap(task_sv: np.ndarray, layers: list[str], path: Path, title: str) -> None:
     """Normalised spectrum s_k^2 / sum s^2 of each task's update: rows = (task, layer), columns = k."""
     plt = _plt()
@@ -82,6 +110,7 @@ def spectrum_heatmap(task_sv: np.ndarray, layers: list[str], path: Path, title: 
     plt.close(fig)
 
 
+@plain_text
 def scatter(x, y, labels, path: Path, xlabel: str, ylabel: str, title: str) -> None:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5, 4))

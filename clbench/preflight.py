@@ -1,16 +1,26 @@
 """Before a suite creates anything in MLflow: is every stream's data and every backbone's weights here, or can it
-be downloaded now?
+be downloaded now? Do the methods' params fit the backbone?
 
 ``clbench run`` calls :func:`preflight` after validating the suite and before the runner opens the store, so an
 offline machine without CIFAR-100 or the ViT weights fails in seconds with one line and leaves no FAILED parent
 run behind (and no "continuing suite run" on the retry). The checks are cheap: folders, the Hugging Face cache,
 and a TCP connection to the download host; the real loading still verifies checksums later.
+
+:func:`method_problems` (called by the runner right after planning, ``--dry-run`` included) checks each method
+entry's validated params against the backbone's shape, read from a weightless copy on the meta device
+(milliseconds, no download): a params field named ``blocks`` or ``*_blocks`` (a list of block indices) must name
+blocks the backbone has, each once; a field named ``rank`` (the rank of each adapted map's low-rank update) must
+not exceed ``min(d_in, d_out)`` of any map the entry adapts (``targets`` x ``blocks``), the largest rank such an
+update can have; beyond it InfLoRA's and CL-LoRA's down-projections do not fit (a shape error after the run
+started) and the other adapters spend parameters that cannot raise the rank. Plugins from elsewhere that use
+these names get the same checks.
 """
 
 from __future__ import annotations
 
 import socket
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 from clbench.errors import ClbenchError
@@ -144,6 +154,90 @@ def device_problem(suite) -> str | None:
     if device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         return f"{where}: mps requested but this torch or machine has no MPS; use auto or cpu"
     return None
+
+
+def skeleton(cfg) -> Any | None:
+    """The backbone's modules without weights (meta device): depth and map widths, no download, no memory. None
+    when it cannot be built here (an unknown name: the backbone checks report that)."""
+    import torch
+
+    try:
+        with torch.device("meta"):
+            from clbench.backbones import TINY
+
+            if cfg.name in TINY:
+                from timm.models.vision_transformer import VisionTransformer
+
+                return VisionTransformer(img_size=cfg.image_size, in_chans=cfg.in_chans or 1, num_classes=0,
+                                         **TINY[cfg.name])
+            import timm
+
+            kwargs = {"in_chans": cfg.in_chans} if cfg.in_chans else {}
+            return timm.create_model(cfg.name, pretrained=False, num_classes=0, **kwargs)
+    except Exception:  # noqa: BLE001 - not a ViT clbench can shape-check; the run reports its own errors
+        return None
+
+
+def _block_fields(params) -> dict[str, list[int]]:
+    """The params' lists of block indices: fields named ``blocks`` or ``*_blocks`` holding a list of ints."""
+    out = {}
+    for name in type(params).model_fields:
+        value = getattr(params, name, None)
+        if (name == "blocks" or name.endswith("_blocks")) and isinstance(value, list) and all(
+                isinstance(b, int) for b in value):
+            out[name] = value
+    return out
+
+
+def _blocks_problem(params, depth: int) -> str | None:
+    for name, blocks in _block_fields(params).items():
+        bad = [b for b in blocks if not 0 <= b < depth]
+        if bad:
+            return (f"params.{name}: block {bad[0]} does not exist; the backbone has {depth} blocks, numbered "
+                    f"0..{depth - 1}")
+        twice = sorted({b for b in blocks if blocks.count(b) > 1})
+        if twice:
+            return f"params.{name}: block(s) {twice} listed twice; list each block once"
+    return None
+
+
+def _rank_problem(params, backbone) -> str | None:
+    """``rank`` above the smallest ``min(d_in, d_out)`` of the maps the entry adapts."""
+    import copy
+
+    from clbench.lora import TARGETS, inject
+
+    rank = getattr(params, "rank", None)
+    if not isinstance(rank, int) or getattr(params, "trainable", "lora") != "lora":
+        return None  # no rank, or a method that trains the backbone itself (ER / joint with trainable: full)
+    targets = [t for t in (getattr(params, "targets", None) or ["q", "v"]) if t in TARGETS] or ["q", "v"]
+    blocks = getattr(params, "blocks", None)
+    sites = inject(copy.deepcopy(backbone), targets, blocks if isinstance(blocks, list) else None)
+    if not sites:
+        return None
+    name, site = min(sites.items(), key=lambda kv: min(kv[1].d_in, kv[1].d_out))
+    limit = min(site.d_in, site.d_out)
+    if rank <= limit:
+        return None
+    return (f"params.rank: {rank} exceeds what the adapted maps can hold: {name} is {site.d_out} x {site.d_in}, "
+            f"so a low-rank update of it has rank at most {limit}; choose rank <= {limit}")
+
+
+def method_problems(suite, planned, source: str) -> None:
+    """Raise one :class:`ClbenchError` for the first method entry whose params do not fit the backbone (block
+    indices it lacks, a rank above its maps' width), naming the entry's key path; before any run exists."""
+    if not planned:
+        return
+    backbone = skeleton(suite.backbone)
+    blocks = getattr(backbone, "blocks", None)
+    if backbone is None or blocks is None:
+        return
+    for run in planned:
+        where, prefix = suite.methods[run.entry_index].source_and_prefix(source, run.entry_index)
+        problem = _blocks_problem(run.params, len(blocks)) or _rank_problem(run.params, backbone)
+        if problem:
+            raise ClbenchError(f"{where}: {prefix}{problem} (backbone {suite.backbone.name}; checked before "
+                               "creating any MLflow run)")
 
 
 def preflight(suite) -> None:

@@ -6,16 +6,24 @@ loop's ``TaskResult`` into metrics (``clbench.keys``), adds the task's update to
 checkpoint (atomically, with the task's metrics as "pending") and only then logs the metrics, so a crash at any
 moment loses nothing and logs nothing twice. ``finish`` logs the final metrics and the artifacts and marks the
 run done. ``record_suite`` computes the parent run's figures over every finished child run of the protocol.
+
+A full disk (checkpoint folder, artifact store or tracking database) ends the invocation with one
+:class:`DiskFullError` line naming what could not be written and what the rerun resumes (:func:`on_disk_full`):
+the checkpoint is written before the task's metrics are logged, so nothing computed is lost but the task whose
+checkpoint could not be written.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
+import os
 import platform
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -37,6 +45,77 @@ from clbench.report import log_report
 from clbench.spectra import SpectraTracker
 from clbench.suite import Suite
 from clbench.tracking import Tracker, read_runs
+
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+# sqlite's SQLITE_FULL, as MLflow's SQLAlchemy store passes it on (an OperationalError inside an MlflowException)
+SQLITE_FULL = "database or disk is full"
+
+
+class DiskFullError(ClbenchError):
+    """A write failed for lack of disk space (or quota); the message says which store and what a rerun resumes."""
+
+
+def disk_full_detail(exc: BaseException | None) -> str | None:
+    """``exc`` (or an error it was raised from) as "No space left on device: PATH", or None when it is not a
+    full disk."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS:
+            reason = exc.strerror or os.strerror(exc.errno)
+            return f"{reason}: {exc.filename}" if exc.filename else reason
+        if SQLITE_FULL in str(exc):
+            return SQLITE_FULL
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+@contextlib.contextmanager
+def on_disk_full(what: str | None, rerun: str = "each unfinished run resumes from its last checkpoint; nothing "
+                 "computed is lost", tracking_uri: str = "") -> Iterator[None]:
+    """Turn a full disk while writing ``what`` into one :class:`DiskFullError` line: which store, the error, and
+    ``rerun`` (what running the same command again does). ``what=None``: the invocation-wide net under the
+    named sites, naming the tracking store at ``tracking_uri`` (sqlite's error names no file) or the file the
+    error names."""
+    try:
+        yield
+    except DiskFullError:
+        raise
+    except Exception as exc:
+        detail = disk_full_detail(exc)
+        if detail is None:
+            raise
+        if what is None:
+            what = f"the MLflow tracking store {tracking_uri}".rstrip() if detail == SQLITE_FULL else "a file"
+        raise DiskFullError(f"disk full: cannot write {what} ({detail}); free space there and run the same "
+                            f"command again: {rerun}") from None
+
+
+class DiskFullNaming:
+    """A tracker whose every call but ``log_artifacts`` names the tracking store (its database or files) on a full
+    disk; the callers of ``log_artifacts`` name the artifacts and what the rerun does. Everything else is the
+    wrapped tracker's."""
+
+    def __init__(self, tracker: Tracker) -> None:
+        self._tracker = tracker
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._tracker, name)
+        if not callable(attr) or name == "log_artifacts":
+            return attr
+        what = f"the MLflow tracking store {getattr(self._tracker, 'uri', '')}"
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            with on_disk_full(what):
+                return attr(*args, **kwargs)
+
+        return call
+
+
+def naming_disk_full(tracker: Tracker) -> Tracker:
+    """``tracker`` wrapped in :class:`DiskFullNaming` (once)."""
+    return tracker if isinstance(tracker, DiskFullNaming) else DiskFullNaming(tracker)  # type: ignore[return-value]
+
 
 PACKAGES = ("torch", "torchvision", "timm", "avalanche-lib", "mlflow", "pluggy", "pydantic", "numpy")
 
@@ -141,9 +220,13 @@ class RunRecorder:
     def _checkpoint(self, t: int, state: LoopState, model: CLModel, metrics: dict[str, float],
                     lrs: dict[int, float]) -> None:
         checkpoint.check_loadable(state.method_state, f"method '{self.method_name}': method_state()")
-        self.store.save({**checkpoint_payload(state, model), "run_id": self.run_id,
-                         "spectra": checkpoint.spectra_state(self.spectra), "spectra_rows": self.spectra_rows,
-                         "totals": dict(self.totals), "pending": {"task": t, "metrics": metrics, "lr": lrs}})
+        last = f"after task {t}" if t else "from its first task"  # tasks are counted from 1 in the output
+        with on_disk_full(f"the checkpoint {self.store.path} after task {t + 1}",
+                          f"the run resumes {last} (the previous checkpoint is intact; the metrics of task "
+                          f"{t + 1} were not logged yet)"):
+            self.store.save({**checkpoint_payload(state, model), "run_id": self.run_id,
+                             "spectra": checkpoint.spectra_state(self.spectra), "spectra_rows": self.spectra_rows,
+                             "totals": dict(self.totals), "pending": {"task": t, "metrics": metrics, "lr": lrs}})
 
     def final_metrics(self, state: LoopState, sizes: np.ndarray, device: torch.device) -> dict[str, float]:
         """``final/*`` (clbench.metrics), cost totals and the spectra's means over tasks."""
@@ -172,12 +255,17 @@ class RunRecorder:
         if last not in self.tracker.logged_steps(self.run_id, keys.for_split(keys.FINAL_AVG_ACC, self.split)):
             per_task = {keys.for_split(k, self.split) for k in (keys.EVAL_ACC, keys.EVAL_ACC_TIL)}  # logged above
             self.tracker.log_metrics(self.run_id, {k: v for k, v in final.items() if k not in per_task}, step=last)
-        write_artifacts(self.tracker, self.run_id, run, seed, state.R, state.R_til, self.spectra, suite_yaml,
-                        stream)
+        trained = "every task is trained and checkpointed; the rerun only writes the artifacts and ends the run"
+        with on_disk_full(f"the artifacts of MLflow run {self.run_id} ({run.label} seed {seed}) to the artifact "
+                          f"store of {getattr(self.tracker, 'uri', '?')}", trained):
+            write_artifacts(self.tracker, self.run_id, run, seed, state.R, state.R_til, self.spectra, suite_yaml,
+                            stream)
         self.tracker.end_run(self.run_id, "FINISHED")
         self.ended = True
         if self.store is not None:
-            self.store.mark_done(self.run_id, final, state.R)
+            with on_disk_full(f"{self.store.done_path} (the run's finished marker)", "the finished MLflow run is "
+                              "found and marked done again; nothing is trained again"):
+                self.store.mark_done(self.run_id, final, state.R)
         return RunRecord(run.label, seed, self.run_id, "FINISHED", final, state.R)
 
 
@@ -248,7 +336,10 @@ def record_suite(tracker: Tracker, parent: str, suite: Suite, records: list[RunR
             path = Path(tmp) / "imbalance_vs_forgetting.png"
             plots.scatter(ev.x, ev.y, ev.labels, path, f"{keys.SPECTRA_MEAN_TOP1} (spectral imbalance)",
                           keys.FINAL_FORGETTING, ev.title())
-            tracker.log_artifacts(parent, tmp)
+            store = getattr(tracker, "uri", "?")
+            with on_disk_full(f"the figures of suite run {parent} to the artifact store of {store}",
+                              "every run is finished; the rerun only records the suite's figures"):
+                tracker.log_artifacts(parent, tmp)
     leaderboard_report(tracker, parent, suite, progress)
 
 

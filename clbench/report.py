@@ -35,7 +35,7 @@ from clbench.leaderboard import (
     table_cells,
 )
 from clbench.leaderboard import render as render_text
-from clbench.plots import _plt, labelled_png, png_base64
+from clbench.plots import _plt, labelled_png, plain_text, png_base64
 from clbench.tracking import Tracker, read_runs
 
 CSS = """
@@ -72,6 +72,7 @@ def _colors(rows: list[Row]) -> dict[str, Any]:
     return {row.method: cmap(i % 10) for i, row in enumerate(rows)}
 
 
+@plain_text
 def plot_pareto(g: Group) -> str | None:
     plt = _plt()
     costs = [("cost/train_seconds", "training time (s)"), ("cost/trainable_params", "trainable parameters")]
@@ -103,6 +104,7 @@ def plot_pareto(g: Group) -> str | None:
     return png_base64(fig)
 
 
+@plain_text
 def plot_imbalance_forgetting(g: Group) -> str | None:
     """The group's ``Correlation`` (clbench.leaderboard): its points, and its rho in the title, the number the
     parent run logs as ``suite/spearman_imbalance_forgetting``."""
@@ -120,6 +122,7 @@ def plot_imbalance_forgetting(g: Group) -> str | None:
                         ev.title())
 
 
+@plain_text
 def plot_curves(g: Group) -> str | None:
     plt = _plt()
     colors = _colors(g.rows)

@@ -32,7 +32,8 @@ from clbench.errors import ClbenchError
 from clbench.hookcheck import MethodHookError
 from clbench.loop import LoopState, resolve_device, resolved_precision, resume_state, run_stream
 from clbench.plan import PlannedRun, RunJob, RunRecord, plan_runs, run_key
-from clbench.recorder import RunRecorder, git_sha, record_suite
+from clbench.preflight import method_problems
+from clbench.recorder import RunRecorder, git_sha, naming_disk_full, on_disk_full, record_suite
 from clbench.registry import discover, plugin_dirs, run_manager
 from clbench.streams import load_avalanche
 from clbench.suite import Suite
@@ -58,6 +59,7 @@ def run_suite(suite: Suite, source: str, *, methods: list[str] | None = None, se
     plugins_dirs = plugin_dirs(suite.plugins_dir, plugins_dirs, trust_suite_plugins, source)
     registry = discover(plugins_dirs)
     planned = plan_runs(suite, source, registry, methods)
+    method_problems(suite, planned, source)  # params that do not fit the backbone: refused before any run exists
     seeds = seeds or suite.seeds
     if dry_run:
         progress(f"suite hash {suite.protocol_hash()}")
@@ -70,7 +72,7 @@ def run_suite(suite: Suite, source: str, *, methods: list[str] | None = None, se
         load_avalanche()  # before the process group exists (clbench.streams.load_avalanche says why)
     if distributed.is_follower():  # torchrun rank > 0: rank 0 decides, logs and checkpoints
         return follow(suite, planned, seeds)
-    tracker = tracker or make_tracker(experiment, suite.tracking.uri)
+    tracker = naming_disk_full(tracker or make_tracker(experiment, suite.tracking.uri))  # a full disk names it
     sdir = checkpoint.suite_dir(checkpoint_dir, suite.protocol_hash(), suite.name, experiment, tracker.uri)
     stores = {(run.label, seed): _store(sdir, suite, run, seed) for seed in seeds for run in planned}
     _check_folders(sdir, stores.values(), checkpoint_dir)  # before any MLflow run exists
@@ -88,7 +90,8 @@ def run_suite(suite: Suite, source: str, *, methods: list[str] | None = None, se
         base_tags[keys.SPLIT] = keys.SPLIT_VALIDATION
     base_tags.update(tags or {})
     label_tags = label_tags or {}
-    with _stop_signals():
+    # a full disk (checkpoints, artifacts, the tracking database): one line naming it (clbench.recorder)
+    with _stop_signals(), on_disk_full(None, tracking_uri=tracker.uri):
         if all(finished.values()):
             records = [r for r in finished.values() if r is not None]
             if not _finish_owed_parent(tracker, sdir, suite, records, progress):
@@ -126,9 +129,10 @@ def error_text(exc: BaseException) -> str:
 @contextlib.contextmanager
 def _ending(tracker: Tracker, run_id: str) -> Iterator[None]:
     """End ``run_id`` when the block ends: FINISHED, KILLED (Ctrl-C, SIGTERM) or FAILED with the error tagged."""
-    status = "FINISHED"
+    status, failing = "FINISHED", True
     try:
         yield
+        failing = False
     except KeyboardInterrupt:
         status = "KILLED"
         raise
@@ -138,6 +142,16 @@ def _ending(tracker: Tracker, run_id: str) -> Iterator[None]:
             tracker.set_tags(run_id, {keys.ERROR: error_text(exc)})
         raise
     finally:
+        _end_run(tracker, run_id, status, failing)
+
+
+def _end_run(tracker: Tracker, run_id: str, status: str, failing: bool) -> None:
+    """End ``run_id``; while an error propagates, a store that cannot end it (a full disk) must not replace that
+    error: the run stays RUNNING and the rerun continues it."""
+    if not failing:
+        tracker.end_run(run_id, status)
+        return
+    with contextlib.suppress(Exception):
         tracker.end_run(run_id, status)
 
 
@@ -307,7 +321,9 @@ def _parent_run(tracker: Tracker, sdir: Path, suite: Suite, base_tags: dict[str,
     parent = tracker.start_run(f"{suite.name}", {**base_tags, keys.ROLE: keys.ROLE_PARENT},
                                {k: v for k, v in suite.model_dump(mode="json").items() if k != "methods"})
     try:
-        checkpoint.write_json(sdir / "parent.json", {"run_id": parent})
+        with on_disk_full(f"{sdir / 'parent.json'} (the suite's record in the checkpoint folder)",
+                          "nothing was trained yet"):
+            checkpoint.write_json(sdir / "parent.json", {"run_id": parent})
     except BaseException as exc:  # a parent whose id cannot be recorded ends FAILED, not RUNNING
         tracker.set_tags(parent, {keys.ERROR: error_text(exc)})
         tracker.end_run(parent, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
@@ -335,7 +351,7 @@ def run_one(suite: Suite, run: PlannedRun, seed: int, stream, tracker: Tracker, 
                         normalize=bb.normalize)
     pm = run_manager(run.info.cls(run.params))
     recorder, state = _open_run(suite, run, seed, stream, tracker, parent, base_tags, device, store, ck, say)
-    status = "FAILED"  # until the run is through the loop
+    status, failing = "FAILED", False  # FAILED until the run is through the loop; failing: an error propagates
     try:
         state = run_stream(model, stream, pm, cfg, seed, device, on_task=recorder.on_task, progress=say,
                            state=state, comm=distributed.communicator(), runtime=rt)
@@ -352,15 +368,16 @@ def run_one(suite: Suite, run: PlannedRun, seed: int, stream, tracker: Tracker, 
         tracker.set_tags(recorder.run_id, {keys.ERROR: str(exc)})
         return RunRecord(run.label, seed, recorder.run_id, "FAILED")
     except KeyboardInterrupt:
-        status = "KILLED"
+        status, failing = "KILLED", True
         raise
     except BaseException as exc:
+        failing = True
         with contextlib.suppress(Exception):  # the original error matters more than a failed tag
             tracker.set_tags(recorder.run_id, {keys.ERROR: error_text(exc)})
         raise
     finally:
         if not recorder.ended:
-            tracker.end_run(recorder.run_id, status)
+            _end_run(tracker, recorder.run_id, status, failing)
 
 
 def _open_run(suite: Suite, run: PlannedRun, seed: int, stream, tracker: Tracker, parent: str,
@@ -396,7 +413,9 @@ def _open_run(suite: Suite, run: PlannedRun, seed: int, stream, tracker: Tracker
     recorder = RunRecorder(tracker, run_id, run.info.name, store, split=suite.split)
     if store is not None:
         try:
-            store.record_run(run_id)  # before training: a rerun after a kill at any instant continues this run
+            with on_disk_full(f"{store.run_path} (the run's record in its checkpoint folder)",
+                              "the run starts again from its first task; nothing was trained yet"):
+                store.record_run(run_id)  # before training: a rerun after a kill at any instant continues this run
         except BaseException as exc:
             tracker.set_tags(run_id, {keys.ERROR: error_text(exc)})
             tracker.end_run(run_id, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")

@@ -229,6 +229,15 @@ def cd_diagram(ranking: Ranking, path: str | Path, title: str | None = None) -> 
     significantly different; the CD interval is drawn above the axis. Built on a bare matplotlib Figure (Agg
     canvas, no pyplot state), so it is safe in worker processes and tests.
     """
+    import matplotlib
+
+    # method names are the user's labels, shown as written: "$\\x$" is a name, not TeX math to parse (which
+    # fails at savefig); the same setting as every other clbench figure (clbench.plots.plain_text)
+    with matplotlib.rc_context({"text.parse_math": False}):
+        return _draw_cd(ranking, Path(path), title)
+
+
+def _draw_cd(ranking: Ranking, out: Path, title: str | None) -> Path:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -295,6 +304,5 @@ def cd_diagram(ranking: Ranking, path: str | Path, title: str | None = None) -> 
             fontsize=8, color="#444444")
     if title:
         ax.text(x_lo - pad + 0.15 * u, top + 0.1, title, ha="left", va="top", fontsize=11, weight="bold")
-    out = Path(path)
     fig.savefig(out, dpi=120)
     return out

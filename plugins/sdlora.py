@@ -80,7 +80,7 @@ from torch import nn
 
 from clbench.errors import ClbenchError
 from clbench.hookspecs import hookimpl
-from clbench.lora import LoRABranch, LoRASite, LowRank, inject
+from clbench.lora import BlockList, LoRABranch, LoRASite, LowRank, inject
 from clbench.method import Method
 
 
@@ -166,7 +166,7 @@ class SDLoRAParams(BaseModel):
     rank: int = Field(10, ge=1, description="rank r of each task's pair (official 10; r_1 of SD-LoRA-RR)")
     targets: list[str] = Field(["q", "v"], min_length=1, description="adapted maps: q, k, v, qkv, proj, fc1, fc2 "
                                                                      "(official: q and v)")
-    blocks: list[int] | None = Field(None, description="adapted transformer blocks (default: all)")
+    blocks: BlockList | None = Field(None, description="adapted transformer blocks, counted from 0 (default: all)")
     init_magnitude: float = Field(0.8, description="initial value of every magnitude alpha (official code 0.8; "
                                                    "the paper's analysis uses 1)")
     reset_magnitudes: bool = Field(True, description="re-initialise every alpha at each task's start (official "
@@ -189,6 +189,9 @@ class SDLoRAParams(BaseModel):
             raise ValueError(f"rr_tasks {self.rr_tasks} must be increasing task indices >= 1")
         if min(self.rr_ranks, default=1) < 1:
             raise ValueError(f"rr_ranks {self.rr_ranks} must be >= 1")
+        if self.rank_reduction and max(self.rr_ranks, default=0) > self.rank:
+            # reduced ranks: so the rank limit checked on `rank` (clbench.preflight) covers every task's pair
+            raise ValueError(f"rr_ranks {self.rr_ranks} must not exceed rank {self.rank} (they reduce it)")
         return self
 
     def rank_at(self, task: int) -> int:
