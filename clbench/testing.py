@@ -1,6 +1,7 @@
 """Small, fast building blocks for tests, benchmarks and plugin authors: a synthetic stream, a micro ViT,
-a one-call run of a method through the real loop (no MLflow), and the resume comparison (an interrupted run
-continued from its checkpoint against an uninterrupted one) that the contract's resume check is built on."""
+a one-call run of a method through the real loop (no MLflow), the resume comparison (an interrupted run
+continued from its checkpoint against an uninterrupted one) that the contract's resume check is built on, and a
+tiny suite file with a reader of the MLflow runs it makes."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from clbench import checkpoint
+from clbench import checkpoint, keys
 from clbench.backbones import CLModel, build_model
 from clbench.errors import ClbenchError
 from clbench.loop import LoopState, TaskResult, checkpoint_payload, resume_state, run_stream
@@ -34,10 +35,25 @@ methods:
 tracking: {{experiment: {experiment}}}
 """
 
+_SECOND_METHOD = "  - {{name: lora, label: inclora, params: {{rank: 2, fresh_per_task: true}}}}\n"
 
-def tiny_suite_yaml(name: str, experiment: str | None = None) -> str:
-    """A 3-task, 2-method suite on the synthetic stream that a `clbench run` process finishes in seconds."""
-    return TINY_SUITE_YAML.format(name=name, experiment=experiment or name)
+
+def tiny_suite_yaml(name: str, experiment: str | None = None, one_method: bool = False) -> str:
+    """A 3-task, 2-method suite on the synthetic stream that a `clbench run` process finishes in seconds;
+    ``one_method`` keeps only the first method (lora): one run, for tests that need a run but not two."""
+    template = TINY_SUITE_YAML.replace(_SECOND_METHOD, "") if one_method else TINY_SUITE_YAML
+    return template.format(name=name, experiment=experiment or name)
+
+
+def mlflow_runs(uri: str, experiment: str, role: str | None = None) -> list[Any]:
+    """The MLflow runs of ``experiment`` in the store at ``uri`` (none when the experiment does not exist), only
+    those whose ``clbench.role`` tag is ``role`` ("parent" or "child") when it is given."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id], max_results=1000) if exp else []
+    return [r for r in runs if role is None or r.data.tags.get(keys.ROLE) == role]
 
 
 def tiny_stream(num_tasks: int = 2, num_classes: int = 4, samples_per_class: int = 24, seed: int = 0) -> Stream:

@@ -9,6 +9,8 @@ that only set the tracking URI still wrote run folders into the checkout. Tests 
 from __future__ import annotations
 
 import os
+import shutil
+from pathlib import Path
 
 import pytest
 
@@ -33,6 +35,34 @@ def _isolated_store(tmp_path_factory, monkeypatch):
     work = tmp_path_factory.mktemp("cwd")
     monkeypatch.chdir(work)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{work / 'mlflow.db'}")
+
+
+_FRESH_STORE: list[Path] = []
+
+
+@pytest.fixture(autouse=True)
+def _fast_store_creation(tmp_path_factory, monkeypatch):
+    """Every new MLflow sqlite store a test opens in this process is a copy of one made once per session by
+    clbench's own code: MLflow's migrations take seconds (over ten under load) per store, and dozens of tests open
+    one. A store that already exists (a half-made one) still goes through clbench's code, as do the stores of
+    `clbench run` subprocesses (tests/test_concurrency.py races two of them to create one)."""
+    from clbench import tracking
+
+    create = tracking.create_sqlite_store
+
+    def copy_or_create(path: Path) -> None:
+        if path.exists() and path.stat().st_size > 0:
+            return create(path)
+        if not _FRESH_STORE:
+            fresh = tmp_path_factory.getbasetemp() / "fresh-store" / "mlflow.db"
+            fresh.parent.mkdir(exist_ok=True)
+            create(fresh)
+            _FRESH_STORE.append(fresh)
+        tmp = path.with_name(f".{path.name}.creating-{os.getpid()}")  # all or nothing, as clbench's own
+        shutil.copyfile(_FRESH_STORE[0], tmp)
+        os.replace(tmp, path)
+
+    monkeypatch.setattr(tracking, "create_sqlite_store", copy_or_create)
 
 
 @pytest.fixture

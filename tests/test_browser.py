@@ -139,6 +139,9 @@ def server(tmp_path_factory):
         log.close()
 
 
+# a second Chromium page load (a minute under load); test_clbench_ui_lands_on_the_leaderboard_view checks the same
+# runs table sorted by final/acc, through the URL `clbench ui` prints
+@pytest.mark.slow
 def test_mlflow_runs_table_sorted_by_final_acc_is_the_leaderboard(server):
     """MLflow's own URL state alone (no saved view): the runs table sorted by final/acc."""
     url, exps, _ = server

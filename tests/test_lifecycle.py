@@ -19,28 +19,14 @@ from clbench import checkpoint, runner, tracking
 from clbench.cli import app
 from clbench.errors import ClbenchError
 from clbench.suite import load_suite
-from clbench.testing import tiny_suite_yaml
+from clbench.testing import mlflow_runs, tiny_suite_yaml
 from clbench.tracking import MlflowTracker
-
-ONE_METHOD = "  - {name: lora, label: inclora, params: {rank: 2, fresh_per_task: true}}\n"
 
 
 def one_method_suite(folder: Path, name: str = "life") -> Path:
     path = folder / f"{name}.yaml"
-    path.write_text(tiny_suite_yaml(name).replace(ONE_METHOD, ""))
+    path.write_text(tiny_suite_yaml(name, one_method=True))
     return path
-
-
-def all_runs(uri: str, experiment: str) -> list:
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=uri)
-    exp = client.get_experiment_by_name(experiment)
-    return client.search_runs([exp.experiment_id], max_results=100) if exp else []
-
-
-def by_role(runs: list, role: str) -> list:
-    return [r for r in runs if r.data.tags.get("clbench.role") == role]
 
 
 # -- item 1: a store is created all or nothing ----------------------------------------------------------------
@@ -129,18 +115,57 @@ def test_failure_after_the_parent_exists_ends_it_failed_and_a_rerun_finishes_it(
     monkeypatch.setattr(runner, "record_suite", broken)
     with pytest.raises(ClbenchError, match="disk full: .*No space left on device"):  # one line (clbench.recorder)
         runner.run_suite(suite, str(suite_path), progress=lambda s: None, checkpoint_dir=ckdir)
-    [parent] = by_role(all_runs(mlflow_uri, "life"), "parent")
+    [parent] = mlflow_runs(mlflow_uri, "life", "parent")
     assert parent.info.status == "FAILED" and "No space left" in parent.data.tags["clbench.error"]
-    assert by_role(all_runs(mlflow_uri, "life"), "child")[0].info.status == "FINISHED"
+    assert mlflow_runs(mlflow_uri, "life", "child")[0].info.status == "FINISHED"
 
     monkeypatch.undo()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_uri)
     lines: list[str] = []
     runner.run_suite(suite, str(suite_path), progress=lines.append, checkpoint_dir=ckdir)
     assert any("finishing suite run" in ln for ln in lines), lines
-    runs = all_runs(mlflow_uri, "life")
+    runs = mlflow_runs(mlflow_uri, "life")
     assert len(runs) == 2 and {r.info.status for r in runs} == {"FINISHED"}
-    assert by_role(runs, "parent")[0].data.metrics["suite/runs_finished"] == 1
+    assert mlflow_runs(mlflow_uri, "life", "parent")[0].data.metrics["suite/runs_finished"] == 1
+
+
+def test_ctrl_c_at_task_0_then_task_1_resumes_the_same_run_to_the_uninterrupted_metrics(tmp_path, mlflow_uri,
+                                                                                        monkeypatch):
+    """In-process and seconds long, the default run's cover of tests/test_resume.py's kill chain (slow: SIGKILL,
+    SIGTERM and Ctrl-C at every point through `clbench run` processes): interrupted before task 0's checkpoint and
+    again in task 1, the reruns continue the one MLflow run, which ends as an uninterrupted run does."""
+    from clbench import loop
+
+    suite_path = one_method_suite(tmp_path)
+    suite, ckdir, quiet = load_suite(suite_path), str(tmp_path / "ck"), (lambda s: None)
+    ref_uri = f"sqlite:///{tmp_path / 'reference.db'}"
+    [want] = runner.run_suite(suite, str(suite_path), tracker=MlflowTracker("life", ref_uri), progress=quiet,
+                              checkpoint_dir=str(tmp_path / "ref-ck"))
+    train_task = loop.train_task
+    for task in (0, 1):
+        def interrupted(model, stream, pm, ctx, *args, task=task, **kwargs):
+            if ctx.task == task:
+                raise KeyboardInterrupt
+            return train_task(model, stream, pm, ctx, *args, **kwargs)
+
+        monkeypatch.setattr(loop, "train_task", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            runner.run_suite(suite, str(suite_path), tracker=MlflowTracker("life", mlflow_uri), progress=quiet,
+                             checkpoint_dir=ckdir)
+        assert {r.info.status for r in mlflow_runs(mlflow_uri, "life")} == {"KILLED"}
+    monkeypatch.setattr(loop, "train_task", train_task)
+    lines: list[str] = []
+    [got] = runner.run_suite(suite, str(suite_path), tracker=MlflowTracker("life", mlflow_uri),
+                             progress=lines.append, checkpoint_dir=ckdir)
+    assert any(f"resuming MLflow run {got.run_id} after task 1/3" in ln for ln in lines), lines
+    runs = mlflow_runs(mlflow_uri, "life")
+    assert len(runs) == 2 and {r.info.status for r in runs} == {"FINISHED"}  # one parent, one child
+    assert np.array_equal(got.R, want.R, equal_nan=True)
+    assert {k: v for k, v in got.metrics.items() if k.startswith("final/")} == \
+        {k: v for k, v in want.metrics.items() if k.startswith("final/")}
+    client = MlflowTracker("life", mlflow_uri).client
+    steps = [m.step for m in client.get_metric_history(got.run_id, "eval/acc")]
+    assert sorted(steps) == [0, 1, 2]  # each task logged once: none lost, none repeated
 
 
 def test_unusable_checkpoint_dir_is_refused_before_any_run_exists(tmp_path, mlflow_uri):
@@ -151,7 +176,7 @@ def test_unusable_checkpoint_dir_is_refused_before_any_run_exists(tmp_path, mlfl
     assert res.exit_code == 1, res.output
     err = [ln for ln in res.stderr.splitlines() if ln.strip() and "INFO" not in ln]
     assert len(err) == 1 and "--checkpoint-dir" in err[0] and "Traceback" not in res.stderr, res.stderr
-    assert all_runs(mlflow_uri, "life") == []
+    assert mlflow_runs(mlflow_uri, "life") == []
 
 
 def test_long_names_fit_any_file_system():
@@ -176,7 +201,7 @@ def test_restart_waits_for_the_lock_of_a_run_being_trained(tmp_path, mlflow_uri)
                              checkpoint_dir=ckdir, restart=True)
     finally:
         training.unlock()
-    assert training.path.exists() and all_runs(mlflow_uri, "life") == []
+    assert training.path.exists() and mlflow_runs(mlflow_uri, "life") == []
 
 
 # -- items 5-7: one folder per exact label and params, keyed on the absolute store ----------------------------

@@ -26,7 +26,7 @@ from clbench.cli import app
 from clbench.errors import ClbenchError
 from clbench.runner import run_suite
 from clbench.suite import load_suite
-from clbench.testing import tiny_suite_yaml
+from clbench.testing import mlflow_runs, tiny_suite_yaml
 from clbench.tracking import MlflowTracker
 
 LABELS = ("lora", "inclora")
@@ -39,17 +39,8 @@ def write_suite(folder: Path, name: str = "resume") -> Path:
     return path
 
 
-def runs_of(uri: str, experiment: str) -> list:
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=uri)
-    exp = client.get_experiment_by_name(experiment)
-    return client.search_runs([exp.experiment_id], max_results=100) if exp else []
-
-
 def children(uri: str, experiment: str) -> dict:
-    return {r.data.tags["clbench.method"]: r for r in runs_of(uri, experiment)
-            if r.data.tags.get("clbench.role") == "child"}
+    return {r.data.tags["clbench.method"]: r for r in mlflow_runs(uri, experiment, "child")}
 
 
 def history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
@@ -139,6 +130,10 @@ def clbench_run(suite: Path, ckdir: Path, uri: str, kill: str | None) -> subproc
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
+# eight `clbench run` processes (minutes on 2 shared cores); the default run's cover is tests/test_lifecycle.py's
+# test_ctrl_c_at_task_0_then_task_1_resumes_the_same_run_to_the_uninterrupted_metrics (in-process) with
+# tests/test_contract.py's bit-exact resume of every method
+@pytest.mark.slow
 def test_killed_at_every_point_resumes_to_identical_metrics(tmp_path, mlflow_uri):
     suite_path = write_suite(tmp_path)
     ckdir = tmp_path / "ck"
@@ -166,7 +161,7 @@ def test_killed_at_every_point_resumes_to_identical_metrics(tmp_path, mlflow_uri
     assert f"resuming MLflow run {first} from its first task" in p.stderr
     killed = children(mlflow_uri, "resume")
     assert killed["lora"].info.status == "KILLED" and killed["lora"].info.run_id == first
-    [parent] = [r for r in runs_of(mlflow_uri, "resume") if r.data.tags.get("clbench.role") == "parent"]
+    [parent] = mlflow_runs(mlflow_uri, "resume", "parent")
     assert parent.info.status == "KILLED"
     sdir = next(ckdir.iterdir())
     [ck_path] = sdir.glob("lora-*-s0/checkpoint.pt")
@@ -182,7 +177,7 @@ def test_killed_at_every_point_resumes_to_identical_metrics(tmp_path, mlflow_uri
         if point.endswith("TERM"):
             assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr[-6000:]
             assert "resuming MLflow run" in p.stderr
-            assert {r.info.status for r in runs_of(mlflow_uri, "resume")} == {"KILLED", "FINISHED"}
+            assert {r.info.status for r in mlflow_runs(mlflow_uri, "resume")} == {"KILLED", "FINISHED"}
         else:
             assert p.returncode == -signal.SIGKILL, (point, p.stderr[-6000:])
     p = clbench_run(suite_path, ckdir, mlflow_uri, None)
@@ -190,7 +185,7 @@ def test_killed_at_every_point_resumes_to_identical_metrics(tmp_path, mlflow_uri
     assert "finishing suite run" in p.stderr
     assert not list(sdir.glob("*/.checkpoint.pt.tmp-*"))  # the half-written checkpoint was discarded
 
-    runs = runs_of(mlflow_uri, "resume")
+    runs = mlflow_runs(mlflow_uri, "resume")
     assert len(runs) == 3, [r.data.tags.get("mlflow.runName") for r in runs]  # one parent, two children
     assert {r.info.status for r in runs} == {"FINISHED"}, [(r.data.tags.get("mlflow.runName"), r.info.status)
                                                            for r in runs]
@@ -217,15 +212,15 @@ def test_killed_at_every_point_resumes_to_identical_metrics(tmp_path, mlflow_uri
     assert [r.run_id for r in records] == [got[label].info.run_id for label in LABELS]
     assert [r.status for r in records] == ["FINISHED", "FINISHED"]
     assert records[0].metrics["final/acc"] == ref_children["lora"].data.metrics["final/acc"]
-    assert len(runs_of(mlflow_uri, "resume")) == 3
+    assert len(mlflow_runs(mlflow_uri, "resume")) == 3
 
     # --restart forces a fresh run (a new parent and a new child), with the same accuracies.
     res = CliRunner().invoke(app, ["run", str(suite_path), "--checkpoint-dir", str(ckdir), "--restart",
                                    "--method", "inclora", "--set", f"tracking.uri={mlflow_uri}"])
     assert res.exit_code == 0, res.output
-    assert len(runs_of(mlflow_uri, "resume")) == 5
-    [fresh] = [r for r in runs_of(mlflow_uri, "resume") if r.data.tags.get("clbench.role") == "child"
-               and r.info.run_id not in {got[label].info.run_id for label in LABELS}]
+    assert len(mlflow_runs(mlflow_uri, "resume")) == 5
+    [fresh] = [r for r in mlflow_runs(mlflow_uri, "resume", "child")
+               if r.info.run_id not in {got[label].info.run_id for label in LABELS}]
     assert fresh.info.status == "FINISHED"
     assert (history(mlflow_uri, fresh.info.run_id, "eval/acc")
             == history(ref_uri, ref_children["inclora"].info.run_id, "eval/acc"))
@@ -256,7 +251,7 @@ def test_nonfinite_loss_fails_that_run_keeps_its_work_and_the_suite_goes_on(tmp_
     (tmp_path / "plugins").mkdir()
     (tmp_path / "plugins" / "nanlora.py").write_text(NAN_PLUGIN)
     text = tiny_suite_yaml("nan").replace("  - {name: lora, label: inclora, params: {rank: 2, fresh_per_task: true}}",
-                                            "  - {name: nanlora, params: {rank: 2}}")
+                                          "  - {name: nanlora, params: {rank: 2}}")
     suite_path = tmp_path / "nan.yaml"
     suite_path.write_text(text + "plugins_dir: plugins\n")
     lines: list[str] = []
@@ -319,56 +314,3 @@ def test_rng_state_roundtrip():
     checkpoint.set_rng_state(state)
     b = (torch.rand(3), np.random.rand(3))
     assert torch.equal(a[0], b[0]) and np.array_equal(a[1], b[1])
-
-
-def _registered() -> list[str]:
-    from clbench.registry import discover
-
-    return sorted(discover([], strict=False).methods)
-
-
-@pytest.mark.parametrize("name", _registered())
-def test_every_method_resumes_bit_exactly_through_a_checkpoint(name, tmp_path):
-    """Full 3-task run vs. a run stopped after task 1, checkpointed to disk (weights_only) and resumed with a
-    fresh model and method instance: identical accuracy matrices and final model state."""
-    import copy
-
-    from clbench.loop import LoopState, run_stream
-    from clbench.registry import discover, run_manager
-    from clbench.testing import tiny_model, tiny_stream, tiny_train
-
-    cls = discover([], strict=False).get(name).cls
-    stream = tiny_stream(num_tasks=3, num_classes=6, samples_per_class=8)
-    cfg = tiny_train(max_steps_per_epoch=2)
-    cpu = torch.device("cpu")
-
-    def fresh():
-        return tiny_model(seed=0), cls()
-
-    model, method = fresh()
-    full = run_stream(model, stream, run_manager(method), cfg, 0, cpu)
-    store = checkpoint.RunStore(tmp_path, "k")
-
-    class Stop(Exception):
-        pass
-
-    def save_and_stop(res, st, m):
-        if res.task == 1:
-            store.save({"next_task": st.next_task, "R": torch.from_numpy(st.R.copy()),
-                        "R_til": torch.from_numpy(st.R_til.copy()), "model": copy.deepcopy(m.state_dict()),
-                        "method": st.method_state, "rng": checkpoint.rng_state()})
-            raise Stop
-
-    m2, meth2 = fresh()
-    with pytest.raises(Stop):
-        run_stream(m2, stream, run_manager(meth2), cfg, 0, cpu, on_task=save_and_stop)
-    ck = store.load()
-    m3, meth3 = fresh()
-    state = LoopState(next_task=ck["next_task"], R=ck["R"].numpy(), R_til=ck["R_til"].numpy(),
-                      method_state=ck["method"], model_state=ck["model"], rng=ck["rng"])
-    resumed = run_stream(m3, stream, run_manager(meth3), cfg, 0, cpu, state=state)
-    assert np.array_equal(full.R, resumed.R, equal_nan=True)
-    assert np.array_equal(full.R_til, resumed.R_til, equal_nan=True)
-    want, got = model.state_dict(), m3.state_dict()
-    assert sorted(want) == sorted(got)
-    assert all(torch.equal(want[k], got[k]) for k in want), [k for k in want if not torch.equal(want[k], got[k])][:5]
