@@ -128,6 +128,10 @@ class Peeking(Method):
     name = "peeking"
 
     @hookimpl
+    def configure_model(self, model):
+        model.backbone.requires_grad_(False)  # trains the head only: the refusal under test is the replay's
+
+    @hookimpl
     def replay_batch(self, ctx):
         return Samples(torch.zeros(1, 1, 16, 16, dtype=torch.uint8), torch.tensor([ctx.num_tasks * 2 - 1]))
 
@@ -142,6 +146,7 @@ class LogitMatch(Method):
     against logits it stored when they entered its buffer, through ``loss_terms``' ``replayed``."""
 
     name = "logitmatch"
+    trains_backbone = True  # it unfreezes the backbone (below), as a fine-tuning method declares
 
     def __init__(self):
         super().__init__()
