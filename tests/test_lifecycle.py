@@ -78,14 +78,19 @@ def test_damaged_store_with_runs_is_left_alone_with_advice(tmp_path):
 
 
 # -- items 2-4: run ids recorded, parents finished, failures end every opened run ------------------------------
-def test_truncated_checkpoint_restart_marks_old_run_killed(tmp_path, mlflow_uri):
+def planned_store(tmp_path, mlflow_uri):
+    """The one-method suite, its tracker and checkpoint dir, and the RunStore the runner will use for seed 0."""
     suite_path = one_method_suite(tmp_path)
     suite, ckdir = load_suite(suite_path), str(tmp_path / "ck")
     tracker = MlflowTracker("life", mlflow_uri)
     [run] = runner.plan_runs(suite, str(suite_path), runner.discover([]), None)
     sdir = checkpoint.suite_dir(ckdir, suite.protocol_hash(), suite.name, "life", tracker.uri)
     key = runner.run_key(suite, run, 0)
-    store = checkpoint.RunStore(checkpoint.run_folder(sdir, run.label, key, 0), key)
+    return suite_path, suite, ckdir, tracker, checkpoint.RunStore(checkpoint.run_folder(sdir, run.label, key, 0), key)
+
+
+def test_truncated_checkpoint_restart_marks_old_run_killed(tmp_path, mlflow_uri):
+    suite_path, suite, ckdir, tracker, store = planned_store(tmp_path, mlflow_uri)
     old = tracker.start_run("lora-s0", {"clbench.role": "child"}, {})  # a run left RUNNING by a kill ...
     store.record_run(old)
     store.path.write_bytes(b"\x80\x04 truncated")  # ... whose checkpoint was cut short
@@ -186,13 +191,7 @@ def test_long_names_fit_any_file_system():
 
 
 def test_restart_waits_for_the_lock_of_a_run_being_trained(tmp_path, mlflow_uri):
-    suite_path = one_method_suite(tmp_path)
-    suite, ckdir = load_suite(suite_path), str(tmp_path / "ck")
-    tracker = MlflowTracker("life", mlflow_uri)
-    [run] = runner.plan_runs(suite, str(suite_path), runner.discover([]), None)
-    sdir = checkpoint.suite_dir(ckdir, suite.protocol_hash(), suite.name, "life", tracker.uri)
-    key = runner.run_key(suite, run, 0)
-    training = checkpoint.RunStore(checkpoint.run_folder(sdir, run.label, key, 0), key)
+    suite_path, suite, ckdir, tracker, training = planned_store(tmp_path, mlflow_uri)
     training.save({"next_task": 1})
     assert training.lock()  # another process trains it now
     try:
