@@ -174,9 +174,12 @@ def atomic_write(path: Path, write) -> None:
 class RunStore:
     """The checkpoint folder of one (method, seed): load, save, done marker, lock."""
 
-    def __init__(self, directory: Path, run_key: str) -> None:
+    def __init__(self, directory: Path, run_key: str, identity: dict[str, str] | None = None) -> None:
         self.dir = Path(directory)
         self.key = run_key
+        # the code that trains the run (method source digest, clbench version): a checkpoint or finished run of
+        # other code is refused, never continued nor skipped (``check_identity``)
+        self.identity = dict(identity) if identity is not None else None
         self.path = self.dir / "checkpoint.pt"
         self.done_path = self.dir / "done.json"
         self.run_path = self.dir / "run.json"
@@ -244,12 +247,24 @@ class RunStore:
                                f"clbench reads {VERSION}; run again with --restart")
         if ck.get("key") != self.key:
             return None
+        self.check_identity(ck.get("identity"), self.path, f"checkpointed after {ck.get('next_task')} finished task(s)")
         return ck
+
+    def check_identity(self, recorded: Any, where: Path, what: str) -> None:
+        """Refuse a checkpoint or finished marker written by other code than this run's (``identity``): resuming
+        would mix two versions of the method in one run, skipping would report the old code's numbers."""
+        if self.identity is None or recorded == self.identity:
+            return
+        old = recorded if isinstance(recorded, dict) else {}
+        changed = [f"{k} {old.get(k, '(not recorded)')} -> {v}" for k, v in self.identity.items() if old.get(k) != v]
+        raise ClbenchError(f"{where}: this run was {what} by other code ({'; '.join(changed)}); continuing would "
+                           "mix the two: run again with --restart to train it afresh with this code, or give the "
+                           "changed method a new label")
 
     def save(self, payload: dict[str, Any]) -> None:
         """Checkpoint ``payload`` (``next_task``, ``R``, ``model``, ...) atomically."""
         self.dir.mkdir(parents=True, exist_ok=True)
-        data = {"format": FORMAT, "version": VERSION, "key": self.key, **payload}
+        data = {"format": FORMAT, "version": VERSION, "key": self.key, "identity": self.identity, **payload}
         atomic_write(self.path, lambda f: torch.save(data, f))
 
     # -- finished runs ---------------------------------------------------------------------------
@@ -262,12 +277,13 @@ class RunStore:
             return None
         if not isinstance(info, dict) or info.get("key") != self.key:
             return None
+        self.check_identity(info.get("identity"), self.done_path, "finished")
         info["metrics"] = {k: float("nan") if v is None else v for k, v in (info.get("metrics") or {}).items()}
         return info
 
     def mark_done(self, run_id: str, metrics: dict[str, float], R: np.ndarray) -> None:
         """Write ``done.json``: strict JSON, a NaN (an accuracy matrix's unseen cells) written as null."""
-        blob = json.dumps({"key": self.key, "run_id": run_id, "metrics": {k: _finite(v) for k, v in metrics.items()},
+        blob = json.dumps({"key": self.key, "identity": self.identity, "run_id": run_id, "metrics": {k: _finite(v) for k, v in metrics.items()},
                            "R": [[_finite(v) for v in row] for row in np.asarray(R, dtype=float).tolist()]},
                           allow_nan=False).encode()
         atomic_write(self.done_path, lambda f: f.write(blob))

@@ -68,6 +68,9 @@ def run(
     ray_max_retries: int = typer.Option(3, "--ray-max-retries", metavar="N",
                                         help="times Ray retries a run whose worker died (it resumes from its "
                                              "checkpoint; the checkpoint dir must be shared by the nodes)"),
+    tracking_uri: str | None = typer.Option(None, "--tracking-uri", metavar="URI",
+                                               help="the MLflow store results go to (wins over "
+                                                    "MLFLOW_TRACKING_URI, which wins over the suite's tracking.uri)"),
 ) -> None:
     """Train every method of SUITE through its stream and log everything to MLflow.
 
@@ -77,6 +80,7 @@ def run(
     from clbench.preflight import preflight
     from clbench.runner import run_suite
     from clbench.suite import SEED_MAX, load_suite
+    from clbench.tracking import results_store
 
     try:
         bad_seeds = [x for x in seed if not 0 <= x <= SEED_MAX]
@@ -86,10 +90,11 @@ def run(
         ex = make_executor(executor, address, ray_gpus_per_run, ray_cpus_per_run, ray_max_retries)
         if not dry_run:
             preflight(s)  # before any MLflow run exists: missing data or weights leave nothing behind
+        store = results_store(s, tracking_uri)  # before the tracker sets MLFLOW_TRACKING_URI (MLflow does)
         records = run_suite(s, str(suite), methods=method or None, seeds=seed or None,
                             plugins_dirs=plugins_dir, progress=_explaining_progress(), dry_run=dry_run,
                             restart=restart, checkpoint_dir=checkpoint_dir, executor=ex,
-                            trust_suite_plugins=trust_suite_plugins)
+                            trust_suite_plugins=trust_suite_plugins, tracking_uri=tracking_uri)
     except ClbenchError as exc:
         _fail(str(exc))
     except KeyboardInterrupt:
@@ -100,7 +105,7 @@ def run(
             acc = r.metrics.get(keys.FINAL_ACC, float("nan"))
             fgt = r.metrics.get(keys.FINAL_FORGETTING, float("nan"))
             typer.echo(f"{r.method:<24} {r.seed:>4} {r.status:<9} {acc:>9.2f} {fgt:>10.2f}")
-        for line in next_steps(s, suite):
+        for line in next_steps(s, suite, *store):
             typer.echo(line)
         if any(r.status != "FINISHED" for r in records):
             raise typer.Exit(1)
@@ -138,6 +143,9 @@ def sweep(
                                  help="local (one trial after the other, here) or ray (each trial a Ray task)"),
     address: str | None = typer.Option(None, "--address", metavar="ADDRESS",
                                        help="Ray cluster address (default: start a local one); with --executor ray"),
+    tracking_uri: str | None = typer.Option(None, "--tracking-uri", metavar="URI",
+                                               help="the MLflow store results go to (wins over "
+                                                    "MLFLOW_TRACKING_URI, which wins over the suite's tracking.uri)"),
 ) -> None:
     """Choose METHOD's hyperparameters on the validation split of SUITE (held-out training data, never a test
     image): every point is a child run of one sweep parent in MLflow, metrics under val/. Prints a table of the
@@ -160,7 +168,7 @@ def sweep(
             return
         preflight(plan.suite)  # before any MLflow run exists
         result = run_sweep(plan, executor=ex, checkpoint_dir=checkpoint_dir, progress=_explaining_progress(),
-                           restart=restart)
+                           restart=restart, tracking_uri=tracking_uri)
         for line in table_lines(result):
             typer.echo(line)
         if result.best is None:
@@ -168,7 +176,8 @@ def sweep(
                                "trials above, fix them and run the same command again")
         tested = []
         if then_test_:
-            tested = then_test(result, executor=ex, checkpoint_dir=checkpoint_dir, progress=_explaining_progress())
+            tested = then_test(result, executor=ex, checkpoint_dir=checkpoint_dir, progress=_explaining_progress(),
+                               tracking_uri=tracking_uri)
             for r in tested:
                 typer.echo(f"tuned {r.method} seed {r.seed}: {r.status} {keys.FINAL_ACC} "
                            f"{r.metrics.get(keys.FINAL_ACC, float('nan')):.2f}")
@@ -200,19 +209,18 @@ def _explaining_progress() -> Callable[[str], None]:
     return say
 
 
-def next_steps(suite, source: Path) -> list[str]:
-    """Where a finished ``clbench run`` wrote, and the two commands that show it."""
-    import mlflow
-
-    uri = suite.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or mlflow.get_tracking_uri()
+def next_steps(suite, source: Path, uri: str, origin: str) -> list[str]:
+    """Where a finished ``clbench run`` wrote (``uri``, from ``origin``: clbench.tracking.results_store), and the
+    two commands that show it."""
     experiment = suite.tracking.experiment or suite.name
     lines = [f"results: MLflow experiment '{experiment}' in {uri}"]
-    store = f" --tracking-uri {uri}" if suite.tracking.uri else ""
-    lines.append(f"  clbench leaderboard {source}{store}   # methods compared, seeds aggregated")
+    named = origin in ("--tracking-uri", "tracking.uri of the suite file")  # the environment names it already
+    lines.append(f"  clbench leaderboard {source}{f' --tracking-uri {uri}' if named else ''}   # methods compared, "
+                 "seeds aggregated")
     if uri.startswith(("http://", "https://")):
         lines.append(f"  open {uri} in a browser                 # MLflow UI, runs table sorted by final/acc")
     else:
-        ui_store = f" --backend-store-uri {uri}" if suite.tracking.uri else ""
+        ui_store = f" --backend-store-uri {uri}" if named else ""
         lines.append(f"  clbench ui{ui_store}   # MLflow UI: the experiment's runs table sorted by final/acc")
     return lines
 
@@ -341,8 +349,8 @@ def leaderboard(
     format_: str = typer.Option("table", "--format", "-f", help="table, markdown, csv, json or html"),
     output: Path | None = typer.Option(None, "--output", "-o", help="write to this file instead of stdout"),
     tracking_uri: str | None = typer.Option(None, "--tracking-uri",
-                                               help="default: the suite's tracking.uri, MLFLOW_TRACKING_URI or "
-                                                    "MLflow's default (./mlflow.db)"),
+                                               help="default: MLFLOW_TRACKING_URI, else the suite's tracking.uri, "
+                                                    "else MLflow's default (./mlflow.db)"),
 ) -> None:
     """Compare methods: aggregate the finished seeds of every method per suite hash (reads MLflow only)."""
     from clbench.leaderboard import FORMATS, build

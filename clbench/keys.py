@@ -28,6 +28,7 @@ DEVICE = "clbench.device"
 PRECISION = "clbench.precision"  # the arithmetic that ran (train.precision: auto resolved on the device)
 RUNTIME_PREFIX = "clbench.runtime."  # + a runtime setting (device, compile, log_every, ...): not in the hash
 PLUGIN_SOURCE = "clbench.plugin_source"
+CODE_DIGEST = "clbench.code_digest"  # the method's source digest (clbench.registry.code_identity): part of resume
 LOW_RANK_UPDATES = "clbench.low_rank_updates"  # "false": the method has no low-rank update (spectra n/a)
 STREAM_PREFIX = "clbench.stream."  # + a stream's meta key (split_sha256, ...)
 ERROR = "clbench.error"

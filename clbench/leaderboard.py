@@ -39,7 +39,7 @@ from typing import Any
 from clbench import keys
 from clbench.errors import ClbenchError
 from clbench.suite import load_suite
-from clbench.tracking import RunInfo, read_runs
+from clbench.tracking import RunInfo, read_runs, results_store
 
 
 @dataclass(frozen=True)
@@ -392,7 +392,7 @@ def load_runs(target: str | None, uri: str | None = None) -> list[RunInfo]:
     if path.suffix in (".yaml", ".yml") or path.is_file():
         suite = load_suite(path)
         experiment = suite.tracking.experiment or suite.name
-        runs = read_runs(experiment, uri or suite.tracking.uri)
+        runs = read_runs(experiment, results_store(suite, uri)[0])
         if not runs:
             raise ClbenchError(f"leaderboard: experiment '{experiment}' has no clbench runs; run "
                                f"`clbench run {target}` first")

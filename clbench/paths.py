@@ -19,3 +19,12 @@ def data_dir() -> Path:
     root = Path(env).expanduser() if env else cache_dir() / "data"
     root.mkdir(parents=True, exist_ok=True)
     return root
+
+
+def memory_store(uri: str) -> bool:
+    """Whether ``uri`` is an sqlite store held in memory (``sqlite:///:memory:``, ``sqlite://``, a ``file:``
+    URI in memory mode): it is gone when the process ends, and every result with it."""
+    if not uri.startswith("sqlite:"):
+        return False
+    path = uri.removeprefix("sqlite:").removeprefix("//").removeprefix("/")
+    return path in ("", ":memory:") or path.startswith("file::memory:") or "mode=memory" in path

@@ -60,6 +60,7 @@ class RunJob:
     suite_yaml: str
     store_dir: str
     store_key: str
+    store_identity: dict[str, str] = field(default_factory=dict)
 
 
 def plan_runs(suite: Suite, source: str, registry, methods: list[str] | None) -> list[PlannedRun]:
@@ -108,6 +109,16 @@ def check_distinct_labels(planned: list[PlannedRun], source: str) -> None:
             raise ClbenchError(f"{source}: methods: labels {seen[norm]!r} and {run.label!r} cannot be told apart "
                                "(they differ only in Unicode form or case); give one of them another label")
         seen[norm] = run.label
+
+
+def run_identity(run: PlannedRun) -> dict[str, str]:
+    """The code a run is trained with: the method's source digest (clbench.registry.code_identity, the one also
+    in its provenance) and clbench's version. A checkpoint or finished run of other code is refused, not
+    continued (clbench.checkpoint.RunStore.check_identity); unlike ``run_key`` it does not move the run's folder,
+    so an edit is noticed instead of silently starting a second run."""
+    import clbench
+
+    return {"method_code": run.info.code_digest(), "clbench": clbench.__version__}
 
 
 def run_key(suite: Suite, run: PlannedRun, seed: int) -> str:

@@ -279,7 +279,7 @@ def write_artifacts(tracker: Tracker, run_id: str, run: PlannedRun, seed: int, R
         np.savetxt(d / "acc_matrix_til.csv", R_til, delimiter=",", fmt="%.4f")
         plots.accuracy_heatmap(R, d / "acc_matrix.png", f"{run.label} seed {seed}: CIL accuracy R[i, j]")
         (d / "provenance.json").write_text(json.dumps(
-            {"method": run.info.name, "label": run.label, "source": run.info.source, **run.info.provenance,
+            {"method": run.info.name, "label": run.label, "source": run.info.source, **run.info.full_provenance(),
              "class_order": stream.class_order}, indent=2))
         (d / "packages.json").write_text(json.dumps(package_versions(), indent=2))
         if spectra.task_values:

@@ -51,6 +51,23 @@ class MethodInfo:
     cls: type
     source: str  # human readable: where it came from
     provenance: dict[str, str] = field(default_factory=dict)
+    _code: dict[str, str] | None = field(default=None, repr=False, compare=False)
+
+    def code(self) -> dict[str, str]:
+        """The method's code identity (:func:`code_identity`), computed once per registry."""
+        if self._code is None:
+            self._code = code_identity(self.cls)
+        return self._code
+
+    def code_digest(self) -> str:
+        """The digest of the method's source files: part of a run's identity (a checkpoint or finished run of
+        other code is never continued, clbench.checkpoint.RunStore) and of its provenance."""
+        return self.code()["code_digest"]
+
+    def full_provenance(self) -> dict[str, str]:
+        """Where the method came from and exactly which code it is: source digest, and the git commit and
+        dirty state of the checkout holding it (an editable install or a plugins folder in a repository)."""
+        return {**self.provenance, **self.code()}
 
 
 class Registry:
@@ -152,6 +169,69 @@ class Registry:
         close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
         hint = f"; did you mean {', '.join(close)}?" if close else f"; known methods: {', '.join(sorted(self.methods))}"
         raise ClbenchError(f"unknown method '{name}'{hint}")
+
+
+def _top(module_name: str) -> str:
+    return module_name.split(".", 1)[0]
+
+
+def _code_modules(cls: type) -> list[Any]:
+    """The modules holding the method's code: those of its class and base classes that belong to a plugin
+    (its own package or the built-in plugins; clbench itself is covered by its version), and every module of
+    those packages they reference, transitively (helpers imported from a sibling module)."""
+    tops = {_top(cls.__module__), BUILTIN_PACKAGE}
+    todo = [sys.modules.get(k.__module__) for k in cls.__mro__ if _top(k.__module__) in tops]
+    seen: dict[str, Any] = {}
+    while todo:
+        module = todo.pop()
+        if module is None or module.__name__ in seen or not getattr(module, "__file__", None):
+            continue
+        seen[module.__name__] = module
+        for value in vars(module).values():
+            name = value.__name__ if inspect.ismodule(value) else getattr(value, "__module__", None)
+            if isinstance(name, str) and _top(name) in tops and name not in seen:
+                todo.append(sys.modules.get(name))
+    return [seen[k] for k in sorted(seen)]
+
+
+def code_identity(cls: type) -> dict[str, str]:
+    """``code_digest``: sha256 (16 hex) over the source files of the method's code (``_code_modules``), whatever
+    installed it (a plugins folder, a package, ``pip install -e``); ``code_files``: how many; where the class's
+    file lies in a git checkout, ``git_commit`` and ``git_dirty`` ("true" when those files differ from it)."""
+    h = hashlib.sha256()
+    files = []
+    for module in _code_modules(cls):
+        path = Path(module.__file__)
+        try:
+            data = path.read_bytes()
+        except OSError:
+            data = b"<unreadable>"
+        h.update(f"{module.__name__}\0{len(data)}\0".encode() + data)
+        files.append(path)
+    out = {"code_digest": h.hexdigest()[:16], "code_files": str(len(files))}
+    if files:
+        out.update(_git_state(Path(inspect.getsourcefile(cls) or files[0]), files))
+    return out
+
+
+def _git_state(main: Path, files: list[Path]) -> dict[str, str]:
+    """The git commit of the checkout holding ``main`` and whether those of ``files`` in it differ from it
+    (nothing outside git)."""
+    import subprocess
+
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(["git", *args], cwd=main.parent, capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    top, commit = (git("rev-parse", "--show-toplevel", "HEAD") or "\n").split("\n", 1)
+    if not commit:
+        return {}
+    inside = [str(f) for f in files if f.resolve().is_relative_to(Path(top).resolve())]
+    status = git("status", "--porcelain", "--", *inside)
+    return {"git_commit": commit, "git_dirty": "unknown" if status is None else str(bool(status)).lower()}
 
 
 def _import_entry_point(ep, source: str):

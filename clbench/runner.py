@@ -31,13 +31,13 @@ from clbench.backbones import build_model
 from clbench.errors import ClbenchError
 from clbench.hookcheck import MethodHookError
 from clbench.loop import LoopState, resolve_device, resolved_precision, resume_state, run_stream
-from clbench.plan import PlannedRun, RunJob, RunRecord, plan_runs, run_key
+from clbench.plan import PlannedRun, RunJob, RunRecord, plan_runs, run_identity, run_key
 from clbench.preflight import method_problems
 from clbench.recorder import RunRecorder, git_sha, naming_disk_full, on_disk_full, record_suite
 from clbench.registry import discover, plugin_dirs, run_manager
 from clbench.streams import load_avalanche
 from clbench.suite import Suite
-from clbench.tracking import NullTracker, Tracker, make_tracker
+from clbench.tracking import NullTracker, Tracker, make_tracker, results_store, where_results_go
 from clbench.validation import build_run_stream, stream_cache_key
 
 __all__ = ["PlannedRun", "RunJob", "RunRecord", "execute_job", "plan_runs", "run_key", "run_one", "run_suite"]
@@ -47,7 +47,7 @@ def run_suite(suite: Suite, source: str, *, methods: list[str] | None = None, se
               plugins_dirs: list[str] = (), tracker: Tracker | None = None, progress: Callable[[str], None] = print,
               dry_run: bool = False, restart: bool = False, checkpoint_dir: str | None = None,
               executor=None, trust_suite_plugins: bool = False, tags: dict[str, str] | None = None,
-              label_tags: dict[str, dict[str, str]] | None = None) -> list[RunRecord]:
+              label_tags: dict[str, dict[str, str]] | None = None, tracking_uri: str | None = None) -> list[RunRecord]:
     """Run every planned (method, seed); resume unfinished ones from their checkpoints, skip finished ones
     (``restart=True`` forgets both and starts fresh runs).
 
@@ -55,7 +55,9 @@ def run_suite(suite: Suite, source: str, *, methods: list[str] | None = None, se
     other; ``RayExecutor`` submits each as a task to a Ray cluster. Under torchrun, ranks above 0 follow rank 0
     (clbench.distributed): the same runs, nothing logged or checkpointed. The suite's ``plugins_dir`` is loaded
     only with ``trust_suite_plugins`` or when ``plugins_dirs`` names it (``clbench.registry.plugin_dirs``).
-    ``tags`` go on the parent and every run, ``label_tags[label]`` on that method entry's runs (clbench.sweep)."""
+    ``tags`` go on the parent and every run, ``label_tags[label]`` on that method entry's runs (clbench.sweep).
+    Without ``tracker``, the store is ``tracking_uri`` (``--tracking-uri``), else ``$MLFLOW_TRACKING_URI``, else the
+    suite's ``tracking.uri`` (``clbench.tracking.results_store``), said before the first run."""
     plugins_dirs = plugin_dirs(suite.plugins_dir, plugins_dirs, trust_suite_plugins, source)
     registry = discover(plugins_dirs)
     planned = plan_runs(suite, source, registry, methods)
@@ -72,7 +74,7 @@ def run_suite(suite: Suite, source: str, *, methods: list[str] | None = None, se
         load_avalanche()  # before the process group exists (clbench.streams.load_avalanche says why)
     if distributed.is_follower():  # torchrun rank > 0: rank 0 decides, logs and checkpoints
         return follow(suite, planned, seeds)
-    tracker = naming_disk_full(tracker or make_tracker(experiment, suite.tracking.uri))  # a full disk names it
+    tracker = naming_disk_full(tracker or open_results_store(suite, experiment, tracking_uri, progress))
     sdir = checkpoint.suite_dir(checkpoint_dir, suite.protocol_hash(), suite.name, experiment, tracker.uri)
     stores = {(run.label, seed): _store(sdir, suite, run, seed) for seed in seeds for run in planned}
     _check_folders(sdir, stores.values(), checkpoint_dir)  # before any MLflow run exists
@@ -103,7 +105,7 @@ def run_suite(suite: Suite, source: str, *, methods: list[str] | None = None, se
         with _ending(tracker, parent):
             jobs = [RunJob(suite, source, run.label, seed, list(plugins_dirs), tracker.uri, experiment, parent,
                            {**base_tags, **label_tags.get(run.label, {})}, suite_yaml, str(stores[(run.label, seed)].dir.absolute()),
-                           stores[(run.label, seed)].key)
+                           stores[(run.label, seed)].key, stores[(run.label, seed)].identity)
                     for seed in seeds for run in planned
                     if not _skip(finished[(run.label, seed)], run, seed, progress)]
             if executor is None:
@@ -116,9 +118,17 @@ def run_suite(suite: Suite, source: str, *, methods: list[str] | None = None, se
     return records
 
 
+def open_results_store(suite: Suite, experiment: str, flag: str | None, progress: Callable[[str], None]) -> Tracker:
+    """The tracker of the store the suite's results go to (``results_store``'s precedence), said in one line."""
+    uri, origin = results_store(suite, flag)
+    tracker = make_tracker(experiment, uri)
+    progress(where_results_go(suite, experiment, tracker.uri, origin))
+    return tracker
+
+
 def _store(sdir: Path, suite: Suite, run: PlannedRun, seed: int) -> checkpoint.RunStore:
     key = run_key(suite, run, seed)
-    return checkpoint.RunStore(checkpoint.run_folder(sdir, run.label, key, seed), key)
+    return checkpoint.RunStore(checkpoint.run_folder(sdir, run.label, key, seed), key, run_identity(run))
 
 
 def error_text(exc: BaseException) -> str:
@@ -266,7 +276,7 @@ def execute_job(job: RunJob, *, tracker: Tracker | None = None, planned: Planned
         [planned] = [p for p in plan_runs(job.suite, job.source, registry, [job.label]) if p.label == job.label]
     if tracker is None:
         tracker = make_tracker(job.experiment, job.tracking_uri)
-    store = checkpoint.RunStore(Path(job.store_dir), job.store_key)
+    store = checkpoint.RunStore(Path(job.store_dir), job.store_key, job.store_identity or None)
     if not distributed.announce(store.lock()):  # under torchrun, the other ranks follow this decision
         progress(f"[{job.label} seed {job.seed}] another clbench process is running it now "
                  f"(lock in {store.dir}); skipped")
@@ -401,6 +411,7 @@ def _open_run(suite: Suite, run: PlannedRun, seed: int, stream, tracker: Tracker
     cfg = suite.train_for(suite.methods[run.entry_index])
     tags = {**base_tags, keys.METHOD: run.label, keys.METHOD_NAME: run.info.name, keys.SEED: str(seed),
             keys.DEVICE: _device_name(device), keys.ROLE: keys.ROLE_CHILD, keys.PLUGIN_SOURCE: run.info.source,
+            keys.CODE_DIGEST: run.info.code_digest(),
             keys.LOW_RANK_UPDATES: str(getattr(run.info.cls, "low_rank_updates", True)).lower(),
             keys.PRECISION: resolved_precision(cfg.precision, device)}
     # how it ran here (outside the suite hash): tags, shown in the leaderboard's provenance

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -128,6 +129,31 @@ class RuntimeConfig(Strict):
     eval_batch_size: int = Field(256, ge=1)
 
 
+LABEL_CHARS = "ASCII letters, digits and _ . - + = , : [ ] ( )"
+_LABEL_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+=,:\[\]()-]*")
+LABEL_MAX = 200
+
+
+def check_label(label: str) -> str:
+    """A method label reaches terminals, file names, Markdown, HTML, CSV and figures unescaped, so it holds only
+    ``LABEL_CHARS`` and starts with a letter or digit: no control character, bidirectional override or markup,
+    no spreadsheet formula, and no letter of another script that reads as a Latin one (``lоra`` with a Cyrillic
+    o would be a second ``lora`` row)."""
+    if _LABEL_RE.fullmatch(label) and len(label) <= LABEL_MAX:
+        return label
+    if len(label) > LABEL_MAX:
+        raise ValueError(f"a label has at most {LABEL_MAX} characters ({len(label)} given)")
+    bad = next((c for c in label if not _LABEL_RE.fullmatch("a" + c)), None)
+    if bad is None:
+        raise ValueError(f"{label!r}: a label must start with a letter or digit (it may hold {LABEL_CHARS})")
+    import unicodedata
+
+    name = unicodedata.name(bad, "")
+    shown = repr(bad) if bad.isprintable() and bad.isascii() else "a character"
+    raise ValueError(f"{ascii(label)} holds {shown} (U+{ord(bad):04X}{' ' + name if name else ''}); a label may "
+                     f"hold only {LABEL_CHARS} and starts with a letter or digit")
+
+
 class MethodEntry(Strict):
     name: str
     label: str | None = Field(None, description="display name (defaults to name); distinguishes ablations")
@@ -138,6 +164,11 @@ class MethodEntry(Strict):
     _origin: str | None = PrivateAttr(None)
     # the ``--set`` assignments that wrote into this entry, by key path within it (() = the whole entry)
     _sets: dict[tuple, str] = PrivateAttr(default_factory=dict)
+
+    @field_validator("label")
+    @classmethod
+    def _safe_label(cls, v: str | None) -> str | None:
+        return None if v is None else check_label(v)
 
     @property
     def display(self) -> str:
@@ -156,7 +187,18 @@ class MethodEntry(Strict):
 
 class TrackingConfig(Strict):
     experiment: str | None = Field(None, description="MLflow experiment (default: the suite name)")
-    uri: str | None = Field(None, description="tracking URI (default: $MLFLOW_TRACKING_URI or MLflow's default)")
+    uri: str | None = Field(None, description="tracking URI used when neither --tracking-uri nor "
+                            "$MLFLOW_TRACKING_URI is given (a relative sqlite/file path: the suite's folder)")
+
+    @field_validator("uri")
+    @classmethod
+    def _persistent(cls, v: str | None) -> str | None:
+        from clbench.paths import memory_store
+
+        if v is not None and memory_store(v):
+            raise ValueError(f"{v} does not persist (an in-memory store: every result would be gone when clbench "
+                             "exits); use a file, e.g. sqlite:///mlflow.db")
+        return v
 
 
 class Reference(Strict):
@@ -458,6 +500,18 @@ def _resolve_paths(suite: Suite, base: Path) -> None:
     suite.stream.root = absolute(suite.stream.root)
     suite.backbone.checkpoint = absolute(suite.backbone.checkpoint)
     suite.plugins_dir = absolute(suite.plugins_dir)
+    suite.tracking.uri = _absolute_store(suite.tracking.uri, absolute)
+
+
+def _absolute_store(uri: str | None, absolute) -> str | None:
+    """A local tracking store's path resolved like every suite path (against the suite's folder)."""
+    if uri is None or "://" in uri.removeprefix("sqlite:///").removeprefix("file://"):
+        return uri
+    if uri.startswith("sqlite:///"):
+        return f"sqlite:///{absolute(uri.removeprefix('sqlite:///'))}"
+    if uri.startswith("file:"):
+        return f"file://{absolute(uri.removeprefix('file://').removeprefix('file:'))}"
+    return uri if uri.startswith(("http:", "https:", "databricks")) else absolute(uri)
 
 
 ADD_METHOD_EXAMPLE = "--add-method '{name: lora, label: lora-r8, params: {rank: 8}}'"

@@ -45,7 +45,6 @@ from clbench.leaderboard import METRICS
 from clbench.plan import RunRecord, plan_runs
 from clbench.registry import discover, plugin_dirs
 from clbench.suite import Suite, TrainConfig, ValidationConfig
-from clbench.tracking import make_tracker
 
 RANGE = re.compile(r"^\s*(uniform|loguniform|int)\s*\((.*)\)\s*$")
 GRID_EXAMPLE = "--grid 'methods.lora.params.rank=[2,4,8]'"
@@ -304,10 +303,16 @@ def plan_sweep(suite: Suite, source: str, label: str, grid: list[str], *, random
                      sweep_id, list(dirs))
 
 
+def label_text(value: Any) -> str:
+    """A point's value as it reads in a trial's label: ``value_text`` within the label's safe set (a list's JSON
+    quotes dropped, any other character outside it as ``_``; clbench.suite.check_label)."""
+    return re.sub(r"[^A-Za-z0-9_.+=,:\[\]()-]", "_", value_text(value).replace('"', ""))
+
+
 def _trial(label: str, name: str, point: dict[str, Any], dims: list[Dimension], checker: _Checker) -> Trial:
     flags = " ".join(f"--grid {d.flag}" for d in dims)
     checked = checker.validate({(d.section, d.name): point[d.key] for d in dims}, flags)
-    short = ",".join(f"{d.name if d.section == 'params' else 'train.' + d.name}={value_text(point[d.key])}"
+    short = ",".join(f"{d.name if d.section == 'params' else 'train.' + d.name}={label_text(point[d.key])}"
                      for d in dims)
     trial_label = f"{label}[{short}]"
     entry = {"name": name, "label": trial_label, **checked["overrides"]}
@@ -322,14 +327,16 @@ def _sweep_suite(suite: Suite, entries: list[dict[str, Any]], name: str | None =
 
 
 def run_sweep(plan: SweepPlan, *, executor=None, checkpoint_dir: str | None = None,
-              progress: Callable[[str], None] = print, restart: bool = False) -> SweepResult:
+              progress: Callable[[str], None] = print, restart: bool = False,
+              tracking_uri: str | None = None) -> SweepResult:
     """Run (or resume) every trial as a child of the sweep's parent run and pick the best finished one (on a
-    tie, the first in the plan's order). ``restart``: forget the sweep's trials and run them afresh."""
-    from clbench.runner import run_suite
+    tie, the first in the plan's order). ``restart``: forget the sweep's trials and run them afresh.
+    ``tracking_uri``: ``--tracking-uri`` (clbench.tracking.results_store's precedence)."""
+    from clbench.runner import open_results_store, run_suite
 
     suite = plan.suite
     experiment = suite.tracking.experiment
-    tracker = make_tracker(experiment, suite.tracking.uri)
+    tracker = open_results_store(suite, experiment, tracking_uri, progress)
     tags = {keys.SUITE: plan.base.name, keys.SWEEP: plan.sweep_id, keys.SEARCH_SPACE: plan.space,
             keys.SWEEP_METRIC: plan.metric}
     label_tags = {t.label: {keys.TRIAL: t.text()} for t in plan.trials}
@@ -388,7 +395,7 @@ def tuned_label(plan: SweepPlan) -> str:
 
 
 def then_test(result: SweepResult, *, executor=None, checkpoint_dir: str | None = None,
-              progress: Callable[[str], None] = print) -> list[RunRecord]:
+              progress: Callable[[str], None] = print, tracking_uri: str | None = None) -> list[RunRecord]:
     """The best point on the test protocol with the suite's seeds: the entry ``LABEL-tuned`` appended to the
     suite, tagged as tuned with where its values came from (clbench.leaderboard marks it)."""
     from clbench.runner import run_suite
@@ -403,4 +410,5 @@ def then_test(result: SweepResult, *, executor=None, checkpoint_dir: str | None 
     tags = {keys.TUNED: "true", keys.SWEEP: plan.sweep_id, keys.SWEEP_RUN: result.parent_run or "",
             keys.SEARCH_SPACE: plan.space, keys.SWEEP_METRIC: plan.metric, keys.SWEEP_BEST: result.best.text()}
     return run_suite(suite, plan.source, methods=[label], plugins_dirs=plan.plugins_dirs, progress=progress,
-                     checkpoint_dir=checkpoint_dir, executor=executor, label_tags={label: tags})
+                     checkpoint_dir=checkpoint_dir, executor=executor, label_tags={label: tags},
+                     tracking_uri=tracking_uri)

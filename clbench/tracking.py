@@ -17,6 +17,7 @@ from typing import Any, Protocol
 
 from clbench import keys
 from clbench.errors import ClbenchError
+from clbench.paths import memory_store
 from clbench.storecheck import check_artifact_folder, check_file_store, check_sqlite_target, is_sqlite_file
 
 PARENT_TAG = keys.PARENT_RUN
@@ -288,6 +289,39 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
     return out
 
 
+def refuse_memory_store(uri: str) -> None:
+    if memory_store(uri):
+        raise ClbenchError(f"tracking: {uri} does not persist (an in-memory store: every result would be gone when "
+                           "clbench exits and a rerun would train again); point MLFLOW_TRACKING_URI, "
+                           "--tracking-uri or the suite's tracking.uri at a file, e.g. sqlite:///mlflow.db")
+
+
+def results_store(suite: Any, flag: str | None = None) -> tuple[str, str]:
+    """(uri, where it came from) of the store a suite's runs go to. Precedence: ``--tracking-uri``, then
+    ``$MLFLOW_TRACKING_URI``, then the suite's ``tracking.uri`` (resolved against the suite's folder), then
+    MLflow's default: the person running the command decides, not a suite file they received."""
+    import mlflow
+
+    if flag:
+        return flag, "--tracking-uri"
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return env, "MLFLOW_TRACKING_URI"
+    if suite.tracking.uri:
+        return suite.tracking.uri, "tracking.uri of the suite file"
+    return mlflow.get_tracking_uri(), "MLflow's default"
+
+
+def where_results_go(suite: Any, experiment: str, uri: str, origin: str) -> str:
+    """The line said before the first run: the store, why that one, and a suite ``tracking.uri`` it overrides."""
+    line = f"results go to MLflow experiment '{experiment}' in {uri} (from {origin}"
+    if suite.tracking.uri and origin in ("--tracking-uri", "MLFLOW_TRACKING_URI") and suite.tracking.uri != uri:
+        line += f"; the suite's tracking.uri {suite.tracking.uri} is overridden"
+    if uri.startswith(("http://", "https://")):
+        line += "; a tracking server: runs, params and artifacts are sent there"
+    return line + ")"
+
+
 def store_uri(uri: str | None = None) -> str:
     """The tracking store to use: ``uri``, else ``$MLFLOW_TRACKING_URI``, else MLflow's own default (``./mlflow.db``,
     artifacts in ``./mlruns``). The one rule for ``clbench run``, ``clbench leaderboard`` and ``clbench ui``."""
@@ -366,6 +400,7 @@ class MlflowTracker:
         import mlflow
         from mlflow.tracking import MlflowClient
 
+        refuse_memory_store(uri or mlflow.get_tracking_uri())
         self.uri = absolute_uri(uri or mlflow.get_tracking_uri())
         mlflow.set_tracking_uri(self.uri)
         check_local_store(self.uri, write=True)  # a read-only or unplaceable store: one line, at once

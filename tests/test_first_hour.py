@@ -88,7 +88,8 @@ def test_run_ends_with_where_the_results_are_and_what_to_do_next(tmp_path, mlflo
     assert lb.exit_code == 0 and "inclora" in lb.stdout, lb.output
 
 
-def test_run_on_a_suite_store_names_that_store(tmp_path):
+def test_run_on_a_suite_store_names_that_store(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")  # the environment would win over the suite's tracking.uri
     uri = f"sqlite:///{tmp_path / 'elsewhere.db'}"
     suite_path = tmp_path / "there.yaml"
     suite_path.write_text(tiny_suite_yaml("there").replace("tracking: {experiment: there}",
@@ -98,6 +99,7 @@ def test_run_on_a_suite_store_names_that_store(tmp_path):
     assert res.exit_code == 0, res.output + res.stderr
     tail = res.stdout.strip().splitlines()[-3:]
     assert uri in tail[0] and f"--tracking-uri {uri}" in tail[1] and f"clbench ui --backend-store-uri {uri}" in tail[2]
+    assert f"results go to MLflow experiment 'there' in {uri} (from tracking.uri of the suite file)" in res.stderr
 
 
 def test_run_help_keeps_brackets_and_names_values():

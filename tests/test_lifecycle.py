@@ -212,12 +212,17 @@ def test_run_folders_are_collision_free_and_per_params(tmp_path):
 
 
 def test_labels_that_cannot_be_told_apart_are_refused(tmp_path):
-    text = tiny_suite_yaml("twins").replace("label: inclora", "label: lora_\u00e9")
-    text = text.replace("  - {name: lora, params: {rank: 2}}", "  - {name: lora, label: lora_e\u0301, params: {rank: 2}}")
+    """Labels differing only in case; those differing in Unicode form (é composed or not) never get this far:
+    a label is ASCII (tests/test_run_trust.py)."""
+    text = tiny_suite_yaml("twins").replace("label: inclora", "label: LoRA_E")
+    text = text.replace("  - {name: lora, params: {rank: 2}}", "  - {name: lora, label: lora_e, params: {rank: 2}}")
     path = tmp_path / "twins.yaml"
     path.write_text(text)
     with pytest.raises(ClbenchError, match="cannot be told apart"):
         runner.run_suite(load_suite(path), str(path), dry_run=True, progress=lambda s: None)
+    path.write_text(text.replace("label: lora_e,", "label: lora_\u00e9,"))
+    with pytest.raises(ClbenchError, match=r"methods\.0\.label: .*U\+00E9 LATIN SMALL LETTER E WITH ACUTE"):
+        load_suite(path)
 
 
 def test_relative_tracking_uri_is_keyed_on_its_absolute_path(tmp_path, monkeypatch):

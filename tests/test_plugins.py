@@ -366,6 +366,8 @@ def test_suite_runs_external_and_folder_plugins_and_records_provenance(
     assert (prov["method"], prov["distribution"], prov["version"]) == ("lora_l2", "clbench-lora-l2", "0.1.0")
     assert prov["entry_point"] == "lora_l2 = clbench_lora_l2"
     assert ep.data.params["method.params.strength"] == "0.5"
+    # the source digest of an installed package (issue 34 item 7): its module and the built-in base class's
+    assert prov["code_digest"] == ep.data.tags["clbench.code_digest"] and prov["code_files"] == "2"
 
     fd = runs["dirlora"]
     assert fd.data.tags["clbench.plugin_source"] == f"file {plugin}"
@@ -376,6 +378,40 @@ def test_suite_runs_external_and_folder_plugins_and_records_provenance(
     )
     assert prov["kind"] == "file" and prov["path"] == str(plugin)
     assert prov["sha256"] == hashlib.sha256(plugin.read_bytes()).hexdigest()
+    assert prov["code_digest"] == fd.data.tags["clbench.code_digest"] != ep.data.tags["clbench.code_digest"]
+
+
+def test_an_editable_install_records_source_digest_git_commit_and_dirty_state(tmp_path, monkeypatch):
+    """Issue 34 item 7: a `pip install -e` package is imported from its checkout, so an edit between two runs
+    changes the code without changing name or version: provenance holds the digest of its source files and the
+    checkout's commit and dirty state (an edit makes it dirty and moves the digest)."""
+    import subprocess
+
+    from clbench.registry import code_identity
+
+    repo = tmp_path / "checkout"
+    _plugin(repo / "src" / "edit_pkg", "__init__", "from edit_pkg.helpers import scale\n")
+    _plugin(repo / "src" / "edit_pkg", "helpers", "def scale():\n    return 1.0\n")
+    _plugin(repo / "src" / "edit_pkg", "method", GOOD.replace("dirlora", "editlora") +
+            "\n    from edit_pkg.helpers import scale\n")
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(repo)]
+    subprocess.run([*git[:5], "init", "-q", str(repo)], check=True)
+    subprocess.run([*git, "add", "."], check=True)
+    subprocess.run([*git, "commit", "-qm", "x"], check=True)
+    commit = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    monkeypatch.syspath_prepend(str(repo / "src"))  # what an editable install's .pth file does
+    _dist_info(tmp_path / "site", "edit-pkg", "1.0", "[clbench]\neditlora = edit_pkg.method\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    try:
+        info = discover().get("editlora")
+        prov = info.full_provenance()
+        assert (prov["distribution"], prov["git_commit"], prov["git_dirty"]) == ("edit-pkg", commit, "false")
+        assert prov["code_files"] == "3"  # its module, the helper module it imports, the built-in base class
+        (repo / "src" / "edit_pkg" / "helpers.py").write_text("def scale():\n    return 2.0\n")  # edited
+        edited = code_identity(info.cls)
+        assert edited["git_dirty"] == "true" and edited["code_digest"] != prov["code_digest"]
+    finally:
+        _forget("edit_pkg")
 
 
 def test_exact_name_shows_only_that_method(lora_l2):

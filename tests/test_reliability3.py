@@ -26,7 +26,7 @@ from clbench.hookspecs import hookimpl
 from clbench.plan import plan_runs
 from clbench.registry import discover
 from clbench.suite import Suite
-from clbench.testing import run_method, tiny_stream
+from clbench.testing import mlflow_runs, run_method, tiny_stream
 
 MICRO = {"name": "vit_micro_clbench", "image_size": 16, "pretrained": False}  # depth 2, width 32
 
@@ -269,21 +269,15 @@ def test_every_figure_draws_labels_with_dollars_and_backslashes(tmp_path):
     assert plot_forgetting_by_intervention(Group("claim", ["claim"], "h", rows, []))
 
 
-def test_the_label_that_failed_after_training_finishes_with_its_figures(tmp_path, mlflow_uri, monkeypatch):
+def test_a_label_that_would_break_a_figure_is_refused_before_training(tmp_path, mlflow_uri, monkeypatch):
     """Main trained, then failed at the accuracy heatmap with a traceback (ParseFatalException: Unknown
-    symbol: \\x), leaving both runs FAILED."""
-    from mlflow.tracking import MlflowClient
-
+    symbol: \\x), leaving both runs FAILED. Labels now hold a safe character set (issue 32 case 4): '$' is refused
+    with one line before any run exists; every label of that set draws (the figure test above)."""
     monkeypatch.chdir(tmp_path)
     suite = _suite(tmp_path, "math", ["{name: lora, label: '$\\x$', params: {rank: 2}}"])
     res = CliRunner().invoke(app, ["run", str(suite), "--checkpoint-dir", str(tmp_path / "ck")])
-    assert res.exit_code == 0, res.output
-    assert "Traceback" not in res.output and "report not written" not in res.output, res.output
-    [child] = _children(mlflow_uri, "math")
-    assert child.info.status == "FINISHED" and child.data.tags["clbench.method"] == "$\\x$"
-    artifacts = {a.path for a in MlflowClient(mlflow_uri).list_artifacts(child.info.run_id)}
-    assert {"acc_matrix.png", "spectra.png"} <= artifacts
-    assert set(_statuses(mlflow_uri, "math")) == {"FINISHED"}
+    assert res.exit_code == 1 and "methods.0.label" in res.stderr and "'$'" in res.stderr, res.output
+    assert "Traceback" not in res.output and not mlflow_runs(mlflow_uri, "math")
 
 
 # -- 5. a full disk ---------------------------------------------------------------------------------------

@@ -274,7 +274,7 @@ def test_unreachable_tracking_server_fails_fast_with_one_line(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     suite_path = write_suite(tmp_path, "unreachable")
-    res = CliRunner().invoke(app, ["run", str(suite_path), "--set", f"tracking.uri=http://127.0.0.1:{port}"])
+    res = CliRunner().invoke(app, ["run", str(suite_path), "--tracking-uri", f"http://127.0.0.1:{port}"])
     assert res.exit_code == 1
     err = [ln for ln in res.stderr.splitlines() if ln.strip()]
     assert len(err) == 1 and f"http://127.0.0.1:{port}" in err[0] and "cannot reach" in err[0], res.stderr
