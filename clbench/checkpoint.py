@@ -25,6 +25,7 @@ wrapping functions of this module, the loop and the recorder; nothing here knows
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -32,6 +33,9 @@ import math
 import os
 import random
 import re
+import signal
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -163,12 +167,39 @@ def write_synced(path: Path, write) -> None:
         os.fsync(f.fileno())
 
 
+@contextlib.contextmanager
+def deferred_interrupts() -> Iterator[None]:
+    """Ctrl-C and SIGTERM arriving inside the block are held until it ends, then delivered to the handler that
+    was in place (the runner's: the run ends KILLED): a write cut half-way crashed inside torch's zip writer
+    (``inline_container.cc``) or aborted the process, and the run ended FAILED. Main thread only (where Python
+    delivers signals)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []
+    saved = {sig: signal.signal(sig, lambda signum, frame: pending.append(signum))
+             for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, previous in saved.items():
+            signal.signal(sig, previous)
+        if pending:
+            previous = saved[pending[0]]
+            if callable(previous):
+                previous(pending[0], None)
+            elif previous == signal.SIG_DFL:
+                signal.raise_signal(pending[0])
+
+
 def atomic_write(path: Path, write) -> None:
-    """Write through ``write(file)`` into a temporary sibling, fsync it, then rename it over ``path``."""
+    """Write through ``write(file)`` into a temporary sibling, fsync it, then rename it over ``path``; an
+    interrupt during it is delivered once the file is complete (``deferred_interrupts``)."""
     tmp = temporary_path(path)
-    write_synced(tmp, write)
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    with deferred_interrupts():
+        write_synced(tmp, write)
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
 
 
 class RunStore:
@@ -226,9 +257,10 @@ class RunStore:
 
     # -- checkpoint ------------------------------------------------------------------------------
     def load(self) -> dict[str, Any] | None:
-        """The checkpoint of this exact run, or None (none yet, or one of a different configuration).
+        """The checkpoint of this exact run, or None when there is none yet.
 
-        An unreadable or foreign file is the user's to resolve: one clear line, never a silent restart.
+        An unreadable or foreign file, another run's checkpoint (its run key differs) or one of other code is the
+        user's to resolve: one clear line, never a silent restart nor a resume into the wrong run.
         """
         for stale in self.dir.glob(".checkpoint.pt.tmp-*"):  # a crash while writing: the rename never happened
             stale.unlink(missing_ok=True)
@@ -246,7 +278,9 @@ class RunStore:
             raise ClbenchError(f"checkpoint {self.path}: written by checkpoint format {ck.get('version')}, this "
                                f"clbench reads {VERSION}; run again with --restart")
         if ck.get("key") != self.key:
-            return None
+            raise ClbenchError(f"checkpoint {self.path}: belongs to another run (run key {str(ck.get('key'))[:16]}, "
+                               f"this folder's run is {self.key[:16]}); it was copied or moved here: delete it or run "
+                               "again with --restart")
         self.check_identity(ck.get("identity"), self.path, f"checkpointed after {ck.get('next_task')} finished task(s)")
         return ck
 

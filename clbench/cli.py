@@ -99,6 +99,8 @@ def run(
         _fail(str(exc))
     except KeyboardInterrupt:
         _fail("interrupted; runs marked KILLED; run the same command again to resume from the last finished task")
+    except SystemExit as exc:  # plugin code outside a hook (hooks' exits fail their run: clbench.hookcheck)
+        _fail(f"plugin code ended the process with SystemExit({exc.code!r}); the runs it left are marked FAILED")
     if records:
         typer.echo(f"{'method':<24} {'seed':>4} {'status':<9} {keys.FINAL_ACC:>9} {'forgetting':>10}")
         for r in records:
@@ -186,6 +188,8 @@ def sweep(
         _fail(str(exc))
     except KeyboardInterrupt:
         _fail("interrupted; trials marked KILLED; run the same command again to continue the sweep")
+    except SystemExit as exc:  # plugin code outside a hook (hooks' exits fail their run: clbench.hookcheck)
+        _fail(f"plugin code ended the process with SystemExit({exc.code!r}); the trials it left are marked FAILED")
     if any(r.status != "FINISHED" for r in [*result.records, *tested]):
         raise typer.Exit(1)
 
@@ -277,10 +281,37 @@ def check(
     name: str = typer.Argument(..., help="a registered method (built-in, installed package or --plugins-dir)"),
     plugins_dir: list[str] = typer.Option([], "--plugins-dir", metavar="DIR",
                                           help="also load method plugins from this folder"),
+    in_process: bool = typer.Option(False, "--in-process", hidden=True,
+                                    help="run the checks in this process (the child of a plain `clbench check`)"),
 ) -> None:
     """Run the plugin contract on one method (CPU, tiny ViT, seconds): one line per check, stop at the first
-    failure (exit 1). The same checks as tests/test_contract.py, without a source checkout of clbench."""
-    from clbench.contract import ContractError, method_checks
+    failure (exit 1). The same checks as tests/test_contract.py, without a source checkout of clbench.
+
+    The checks run in a child process: exit code 0 means every check ran and passed (its last line says so);
+    plugin code that ends the process (sys.exit, os._exit, a crash) is a failure, never a silent pass."""
+    if not in_process:
+        _check_in_child(name, plugins_dir)
+        return
+    from clbench.contract import method_checks
+
+    info = _method_to_check(name, plugins_dir)
+    typer.echo(f"contract of method '{info.name}' [{info.source}]")
+    checks = list(method_checks(info.cls))
+    for label, step in checks:
+        problem = _run_check(step)
+        if problem:
+            typer.echo(f"FAIL  {label}")
+            _fail(f"{label}: {problem}")
+        typer.echo(f"ok    {label}")
+    typer.echo(f"{CHECK_PASSED} all {len(checks)} checks of method '{info.name}'")
+
+
+CHECK_PASSED = "passed:"
+
+
+def _method_to_check(name: str, plugins_dir: list[str]):
+    """The registry entry ``clbench check`` tests: refused, as ``clbench run`` refuses it, when a plugins folder
+    registers the name a second time (checking the built-in instead would pass a method the run refuses)."""
     from clbench.registry import discover
 
     try:
@@ -291,18 +322,56 @@ def check(
         info = reg.get(name)
     except ClbenchError as exc:  # a plugin that failed to load says why here
         _fail(f"{exc}{''.join(f'; {e}' for e in reg.errors)}")
-    typer.echo(f"contract of method '{info.name}' [{info.source}]")
-    for label, step in method_checks(info.cls):
-        try:
+    clash = [e for e in reg.errors if f"'{info.name}'" in e or f"'{name}'" in e]
+    if clash:
+        _fail(f"{clash[0]} (clbench run refuses this plugins folder too)")
+    return info
+
+
+def _run_check(step: Callable[[], None]) -> str | None:
+    """Run one contract check; what went wrong in one line, or None."""
+    from clbench.contract import ContractError
+    from clbench.hookcheck import ProcessExit, exit_text, no_process_exit
+
+    try:
+        with no_process_exit():
             step()
-        except (ContractError, ClbenchError) as exc:
-            typer.echo(f"FAIL  {label}")
-            _fail(f"{label}: {exc}")
-        except Exception as exc:  # noqa: BLE001 - the plugin crashed: where, in one line
-            frame = traceback.extract_tb(exc.__traceback__)[-1]
-            typer.echo(f"FAIL  {label}")
-            _fail(f"{label}: {type(exc).__name__}: {exc} (at {frame.filename}:{frame.lineno})")
-        typer.echo(f"ok    {label}")
+    except (ContractError, ClbenchError) as exc:
+        return str(exc)
+    except (SystemExit, ProcessExit) as exc:
+        frame = traceback.extract_tb(exc.__traceback__)[-1]
+        return f"the method's code called {exit_text(exc)} (at {frame.filename}:{frame.lineno}); a method must never " \
+               "end the process"
+    except Exception as exc:  # noqa: BLE001 - the plugin crashed: where, in one line
+        frame = traceback.extract_tb(exc.__traceback__)[-1]
+        return f"{type(exc).__name__}: {exc} (at {frame.filename}:{frame.lineno})"
+    return None
+
+
+def _check_in_child(name: str, plugins_dir: list[str]) -> None:
+    """``clbench check --in-process`` in a child process, its lines passed through; exit 0 only when the child
+    exited 0 *and* its last line says every check passed (a child that vanished half-way is a failure)."""
+    import subprocess
+
+    cmd = [sys.executable, "-m", "clbench.cli", "check", name, "--in-process"]
+    for d in plugins_dir:
+        cmd += ["--plugins-dir", d]
+    last = ""
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as child:
+        for line in child.stdout:
+            typer.echo(line.rstrip("\n"))
+            last = line.strip() or last
+        errors = child.stderr.read()
+    if errors:
+        typer.echo(errors.rstrip("\n"), err=True)
+    if child.returncode != 0:
+        if "error:" not in errors:
+            _fail(f"check of '{name}': the check process ended with exit code {child.returncode} after "
+                  f"'{last}' (a crash or a signal); not every check ran")
+        raise typer.Exit(1)
+    if not last.startswith(CHECK_PASSED):
+        _fail(f"check of '{name}': the check process ended (exit code 0) after '{last}' before every check ran: "
+              "the method's code ended the process (os._exit?); a method must never end the process")
 
 
 @app.command("new-method")

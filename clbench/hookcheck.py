@@ -17,8 +17,10 @@ declare ``trains_backbone`` are exempt, as in the contract).
 
 from __future__ import annotations
 
+import contextlib
+import os
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +32,47 @@ from clbench.lora import LowRank
 # Not a plugin's mistake: the loop's own divergence check (it fails the run itself), memory the machine lacks
 # (the user's interrupt is no Exception and passes anyway).
 PASS_THROUGH = (FloatingPointError, MemoryError, torch.OutOfMemoryError)
+
+
+class ProcessExit(BaseException):  # noqa: N818 - what it is, not an error class of ours
+    """``os._exit(code)`` called by plugin code while :func:`no_process_exit` guards it (never an ``Exception``:
+    plugin code catching ``Exception`` must not swallow it)."""
+
+    def __init__(self, code: int) -> None:
+        super().__init__(code)
+        self.code = code
+
+
+@contextlib.contextmanager
+def no_process_exit() -> Iterator[None]:
+    """While plugin code runs, ``os._exit`` in this process raises :class:`ProcessExit` instead of ending it
+    unseen (no run ended, no exit code that says what happened); a forked child (a data loader worker) still
+    exits as asked. Plugin code holding its own reference to the real ``os._exit`` (``from os import _exit``),
+    or a signal, still ends the process: ``clbench check`` runs its checks in a child process for that
+    (clbench.cli), and an unfinished run resumes on the next ``clbench run``."""
+    real, pid = os._exit, os.getpid()
+    if getattr(real, "_clbench_guard", False):  # already guarded (a hook called from a guarded check)
+        yield
+        return
+
+    def refuse(code: int) -> None:
+        if os.getpid() != pid:
+            real(code)
+        raise ProcessExit(code)
+
+    refuse._clbench_guard = True  # type: ignore[attr-defined]
+    os._exit = refuse
+    try:
+        yield
+    finally:
+        os._exit = real
+
+
+def exit_text(exc: BaseException) -> str:
+    """What a plugin's ``sys.exit``/``SystemExit`` or ``os._exit`` is called in an error line."""
+    if isinstance(exc, ProcessExit):
+        return f"os._exit({exc.code!r})"
+    return f"SystemExit({getattr(exc, 'code', None)!r}) (sys.exit/exit/quit)"
 
 
 class MethodHookError(ClbenchError):
@@ -190,11 +233,15 @@ class CheckedHooks:
             if hook == "configure_model" and hasattr(kwargs.get("model"), "backbone"):
                 self.pretrained = {id(p) for p in kwargs["model"].backbone.parameters()}
             try:
-                result = caller(**kwargs)
+                with no_process_exit():
+                    result = caller(**kwargs)
             except PASS_THROUGH:
                 raise
             except MethodHookError:
                 raise
+            except (SystemExit, ProcessExit) as exc:  # a hook ending the process is a failure of its run
+                raise MethodHookError(f"method '{self.method}': hook {hook} called {exit_text(exc)}{_where(exc)}; "
+                                      "a hook must return or raise, never end the process") from None
             except ClbenchError as exc:  # the plugin's own clear message (say, a rank the model cannot hold)
                 raise MethodHookError(f"method '{self.method}': hook {hook}: {exc}") from None
             except Exception as exc:  # noqa: BLE001 - plugin code may raise anything

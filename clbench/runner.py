@@ -29,7 +29,7 @@ import clbench
 from clbench import checkpoint, distributed, keys
 from clbench.backbones import build_model
 from clbench.errors import ClbenchError
-from clbench.hookcheck import MethodHookError
+from clbench.hookcheck import MethodHookError, ProcessExit, exit_text, no_process_exit
 from clbench.loop import LoopState, resolve_device, resolved_precision, resume_state, run_stream
 from clbench.plan import PlannedRun, RunJob, RunRecord, plan_runs, run_identity, run_key
 from clbench.preflight import method_problems
@@ -74,7 +74,7 @@ def run_suite(suite: Suite, source: str, *, methods: list[str] | None = None, se
         load_avalanche()  # before the process group exists (clbench.streams.load_avalanche says why)
     if distributed.is_follower():  # torchrun rank > 0: rank 0 decides, logs and checkpoints
         return follow(suite, planned, seeds)
-    tracker = naming_disk_full(tracker or open_results_store(suite, experiment, tracking_uri, progress))
+    tracker = naming_disk_full(tracker or open_results_store(suite, experiment, tracking_uri))
     sdir = checkpoint.suite_dir(checkpoint_dir, suite.protocol_hash(), suite.name, experiment, tracker.uri)
     stores = {(run.label, seed): _store(sdir, suite, run, seed) for seed in seeds for run in planned}
     _check_folders(sdir, stores.values(), checkpoint_dir)  # before any MLflow run exists
@@ -101,8 +101,10 @@ def run_suite(suite: Suite, source: str, *, methods: list[str] | None = None, se
                          "use --restart to run them again")
             return records
         suite_yaml = yaml.safe_dump(suite.model_dump(mode="json"), sort_keys=False)
+        if getattr(tracker, "where", None):
+            progress(tracker.where)
         parent = _parent_run(tracker, sdir, suite, base_tags, progress)
-        with _ending(tracker, parent):
+        with _ending(tracker, parent) as ending:
             jobs = [RunJob(suite, source, run.label, seed, list(plugins_dirs), tracker.uri, experiment, parent,
                            {**base_tags, **label_tags.get(run.label, {})}, suite_yaml, str(stores[(run.label, seed)].dir.absolute()),
                            stores[(run.label, seed)].key, stores[(run.label, seed)].identity)
@@ -114,15 +116,22 @@ def run_suite(suite: Suite, source: str, *, methods: list[str] | None = None, se
                 ran = executor.run(jobs, tracker=tracker, planned=planned, progress=progress)
             by_key = {(r.method, r.seed): r for r in ran}
             records = [finished[(run.label, seed)] or by_key[(run.label, seed)] for seed in seeds for run in planned]
-            record_suite(tracker, parent, suite, records, progress)
+            busy = sum(r.status == "BUSY" for r in records)
+            if busy:  # the suite is not done: its figures and its end wait for a rerun after the other process
+                ending["leave_running"] = True
+                progress(f"suite run {parent} stays RUNNING: {busy} of its runs are being trained by another clbench "
+                         "process now; run the same command again after it ends to finish the suite run")
+            else:
+                record_suite(tracker, parent, suite, records, progress)
     return records
 
 
-def open_results_store(suite: Suite, experiment: str, flag: str | None, progress: Callable[[str], None]) -> Tracker:
-    """The tracker of the store the suite's results go to (``results_store``'s precedence), said in one line."""
+def open_results_store(suite: Suite, experiment: str, flag: str | None) -> Tracker:
+    """The tracker of the store the suite's results go to (``results_store``'s precedence); its ``where`` line
+    says which and why, printed by ``run_suite`` right before the first run is created."""
     uri, origin = results_store(suite, flag)
     tracker = make_tracker(experiment, uri)
-    progress(where_results_go(suite, experiment, tracker.uri, origin))
+    tracker.where = where_results_go(suite, experiment, tracker.uri, origin)
     return tracker
 
 
@@ -137,11 +146,12 @@ def error_text(exc: BaseException) -> str:
 
 
 @contextlib.contextmanager
-def _ending(tracker: Tracker, run_id: str) -> Iterator[None]:
-    """End ``run_id`` when the block ends: FINISHED, KILLED (Ctrl-C, SIGTERM) or FAILED with the error tagged."""
-    status, failing = "FINISHED", True
+def _ending(tracker: Tracker, run_id: str) -> Iterator[dict[str, bool]]:
+    """End ``run_id`` when the block ends: FINISHED, KILLED (Ctrl-C, SIGTERM) or FAILED with the error tagged;
+    left RUNNING when the block set ``["leave_running"]`` (another process still trains some of its runs)."""
+    status, failing, block = "FINISHED", True, {"leave_running": False}
     try:
-        yield
+        yield block
         failing = False
     except KeyboardInterrupt:
         status = "KILLED"
@@ -152,7 +162,8 @@ def _ending(tracker: Tracker, run_id: str) -> Iterator[None]:
             tracker.set_tags(run_id, {keys.ERROR: error_text(exc)})
         raise
     finally:
-        _end_run(tracker, run_id, status, failing)
+        if failing or not block["leave_running"]:
+            _end_run(tracker, run_id, status, failing)
 
 
 def _end_run(tracker: Tracker, run_id: str, status: str, failing: bool) -> None:
@@ -326,6 +337,7 @@ def _parent_run(tracker: Tracker, sdir: Path, suite: Suite, base_tags: dict[str,
     run_id = previous.get("run_id")
     if isinstance(run_id, str) and tracker.run_status(run_id) is not None:
         tracker.reopen_run(run_id)
+        tracker.set_tags(run_id, base_tags)  # this invocation's (a widened sweep's search space, the version)
         progress(f"continuing suite run {run_id} ({sdir})")
         return run_id
     parent = tracker.start_run(f"{suite.name}", {**base_tags, keys.ROLE: keys.ROLE_PARENT},
@@ -354,12 +366,14 @@ def run_one(suite: Suite, run: PlannedRun, seed: int, stream, tracker: Tracker, 
         torch.set_num_threads(rt.cpu_threads)
     say = lambda msg: progress(f"[{run.label} seed {seed}] {msg}")  # noqa: E731
     ck = store.load() if store is not None else None
+    if ck is not None:
+        _check_checkpoint(ck, store, len(stream.tasks))
     # The model is built before any MLflow run exists, so missing weights leave no FAILED run behind.
     torch.manual_seed(seed)
     bb = suite.backbone
     model = build_model(bb.name, bb.image_size, bb.pretrained, bb.checkpoint, bb.in_chans, bb.drop_path_rate,
                         normalize=bb.normalize)
-    pm = run_manager(run.info.cls(run.params))
+    pm = run_manager(_construct(run))
     recorder, state = _open_run(suite, run, seed, stream, tracker, parent, base_tags, device, store, ck, say)
     status, failing = "FAILED", False  # FAILED until the run is through the loop; failing: an error propagates
     try:
@@ -388,6 +402,29 @@ def run_one(suite: Suite, run: PlannedRun, seed: int, stream, tracker: Tracker, 
     finally:
         if not recorder.ended:
             _end_run(tracker, recorder.run_id, status, failing)
+
+
+def _construct(run: PlannedRun) -> Any:
+    """The run's method instance; its constructor ending the process is a one-line error, not a silent exit."""
+    try:
+        with no_process_exit():
+            return run.info.cls(run.params)
+    except (SystemExit, ProcessExit) as exc:
+        raise MethodHookError(f"plugin {run.info.source}: constructing method '{run.info.name}' called "
+                              f"{exit_text(exc)}; a method must never end the process") from None
+
+
+def _check_checkpoint(ck: dict[str, Any], store: checkpoint.RunStore, tasks: int) -> None:
+    """A checkpoint continues only the MLflow run this run recorded before training (``run.json``: never the
+    suite's parent nor another run's), from a task the stream has."""
+    nxt, recorded = ck.get("next_task"), store.recorded_run()
+    if not isinstance(nxt, int) or isinstance(nxt, bool) or not 1 <= nxt <= tasks:
+        raise ClbenchError(f"checkpoint {store.path}: next_task {nxt!r} is not a task of this run's stream (1..{tasks} "
+                           "after a finished task); it is damaged: delete it or run again with --restart")
+    if ck.get("run_id") != recorded:
+        raise ClbenchError(f"checkpoint {store.path}: continues MLflow run {ck.get('run_id')!r}, but this run's "
+                           f"record ({store.run_path.name}) names {recorded!r}; it belongs elsewhere: delete it or "
+                           "run again with --restart")
 
 
 def _open_run(suite: Suite, run: PlannedRun, seed: int, stream, tracker: Tracker, parent: str,

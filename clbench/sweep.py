@@ -295,8 +295,10 @@ def plan_sweep(suite: Suite, source: str, label: str, grid: list[str], *, random
     trials = [_trial(entry.display, entry.name, p, dims, checker) for p in points(dims, random_n, seed)]
     entries = [t.entry for t in trials]
     space = " ".join(f"--grid {d.flag}" for d in dims) + (f" --random {random_n} --seed {seed}" if random_n else "")
+    # not the points: a widened grid (or more --random points) continues the same sweep, its finished points
+    # found in their checkpoint folders and its parent run reopened, never left RUNNING by a killed sweep
     sweep_id = checkpoint.digest({"protocol": _sweep_suite(suite, entries).protocol_hash(), "method": entry.display,
-                                  "points": entries, "seed": seed})[:12]
+                                  "seed": seed})[:12]
     # its own name: the sweep's own checkpoint folder and parent run (clbench.checkpoint.suite_dir)
     sweep_suite = _sweep_suite(suite, entries, f"{suite.name}.sweep-{sweep_id}")
     return SweepPlan(sweep_suite, suite, source, entry.display, index, dims, trials, metric, higher, seed, space,
@@ -336,13 +338,18 @@ def run_sweep(plan: SweepPlan, *, executor=None, checkpoint_dir: str | None = No
 
     suite = plan.suite
     experiment = suite.tracking.experiment
-    tracker = open_results_store(suite, experiment, tracking_uri, progress)
+    tracker = open_results_store(suite, experiment, tracking_uri)
     tags = {keys.SUITE: plan.base.name, keys.SWEEP: plan.sweep_id, keys.SEARCH_SPACE: plan.space,
             keys.SWEEP_METRIC: plan.metric}
     label_tags = {t.label: {keys.TRIAL: t.text()} for t in plan.trials}
     records = run_suite(suite, plan.source, seeds=[plan.seed], plugins_dirs=plan.plugins_dirs, tracker=tracker,
                         progress=progress, checkpoint_dir=checkpoint_dir, executor=executor, tags=tags,
                         label_tags=label_tags, restart=restart)
+    busy = sum(r.status == "BUSY" for r in records)
+    if busy:  # the same sweep started twice: only the one that trains every point picks the best
+        raise ClbenchError(f"sweep {plan.sweep_id}: {busy} of its {len(records)} points are being trained by another "
+                           "clbench process now (the same sweep, started twice?); the best point is chosen once every "
+                           "point has finished: run the same command again after that process ends")
     sdir = checkpoint.suite_dir(checkpoint_dir, suite.protocol_hash(), suite.name, experiment, tracker.uri)
     parent = (checkpoint.read_json(sdir / "parent.json") or {}).get("run_id")
     result = SweepResult(plan, records, parent)

@@ -402,6 +402,7 @@ class MlflowTracker:
 
         refuse_memory_store(uri or mlflow.get_tracking_uri())
         self.uri = absolute_uri(uri or mlflow.get_tracking_uri())
+        self.where: str | None = None  # the "results go to ..." line (clbench.runner.open_results_store)
         mlflow.set_tracking_uri(self.uri)
         check_local_store(self.uri, write=True)  # a read-only or unplaceable store: one line, at once
         self._buffers: dict[str, list] = {}
@@ -495,7 +496,11 @@ class MlflowTracker:
         self.client.log_artifacts(run_id, str(folder), artifact_path)
 
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
+        """End the run; a FINISHED run drops the ``clbench.error`` tag an earlier failed attempt of it left (the
+        rerun that continued it succeeded)."""
         self.flush(run_id)
+        if status == "FINISHED" and keys.ERROR in self.client.get_run(run_id).data.tags:
+            self.client.delete_tag(run_id, keys.ERROR)
         self.client.set_terminated(run_id, status)
 
 

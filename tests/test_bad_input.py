@@ -1,8 +1,8 @@
 """Every bad input a user can give is one clear line on stderr and exit code 1, never a traceback.
 
 The corpus is ``tests/bad_suites/*.yaml``: each file's first line is ``# expect: <fragment of the error>``;
-an optional ``# setup: garbage-checkpoint | foreign-checkpoint`` line plants a bad file where the run's
-checkpoint goes, an optional ``# args: ...`` line adds command-line arguments. No case may leave a run in the
+an optional ``# setup: garbage-checkpoint | foreign-checkpoint | other-run-checkpoint | next-task-out-of-range |
+parent-run-checkpoint`` line plants a bad file where the run's checkpoint goes, an optional ``# args: ...`` line adds command-line arguments. No case may leave a run in the
 store (the input is refused before any run exists). Runs in-process through typer's CliRunner (no subprocess start-up per case).
 Also the safety defaults: YAML with safe_load (a python tag is an error, not code), ``clbench ui`` on loopback.
 """
@@ -39,7 +39,7 @@ def test_corpus_is_large_and_every_case_says_what_it_expects():
 
 def plant_checkpoint(suite_path: Path, ckdir: Path, uri: str, kind: str) -> None:
     from clbench.registry import discover
-    from clbench.runner import plan_runs, run_key
+    from clbench.runner import _store, plan_runs, run_key
 
     suite = load_suite(suite_path)
     [run] = plan_runs(suite, str(suite_path), discover([]), None)
@@ -47,7 +47,16 @@ def plant_checkpoint(suite_path: Path, ckdir: Path, uri: str, kind: str) -> None
                                 uri)
     target = checkpoint.run_folder(sdir, run.label, run_key(suite, run, 0), 0) / "checkpoint.pt"
     target.parent.mkdir(parents=True)
-    if kind == "garbage-checkpoint":
+    store = _store(sdir, suite, run, 0)  # the runner's own: this run's folder, key and code identity
+    if kind == "other-run-checkpoint":  # a real clbench checkpoint of another run, copied into this run's folder
+        checkpoint.RunStore(store.dir, "another run's key", store.identity).save({"next_task": 1, "run_id": "x"})
+    elif kind == "next-task-out-of-range":
+        store.record_run("r")
+        store.save({"next_task": 99, "run_id": "r"})
+    elif kind == "parent-run-checkpoint":  # names the suite's parent run (it would log into the parent)
+        store.record_run("child")
+        store.save({"next_task": 1, "run_id": "parent"})
+    elif kind == "garbage-checkpoint":
         target.write_bytes(b"\x80\x04 truncated")
     else:  # a real torch file, but someone else's
         torch.save({"state_dict": {"w": torch.zeros(2)}, "run_key": run_key(suite, run, 0)}, target)

@@ -409,8 +409,8 @@ def test_clbench_check_passes_a_builtin_from_any_folder(tmp_path, monkeypatch):
     assert res.exit_code == 0, res.output
     lines = res.output.splitlines()
     assert lines[0].startswith("contract of method 'lora'")
-    assert len(lines) == 5 and all(ln.startswith("ok    ") for ln in lines[1:]), lines
-    assert "resume" in lines[-1]
+    assert len(lines) == 6 and all(ln.startswith("ok    ") for ln in lines[1:-1]), lines
+    assert "resume" in lines[-2] and lines[-1] == "passed: all 4 checks of method 'lora'"
 
 
 def test_clbench_check_fails_a_folder_plugin_at_resume(tmp_path, monkeypatch):

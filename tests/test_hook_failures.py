@@ -37,6 +37,10 @@ def boom(**kw):
     raise KeyError("no_such_site")
 
 
+def quits(**kw):
+    raise SystemExit(0)  # what sys.exit(0), exit() and quit() raise
+
+
 CASES = {
     "loss_terms-vector": ("loss_terms", lambda logits, **kw: {"bad": logits.sum(0)},
                           "term 'bad' is a tensor of shape (2,)"),
@@ -51,6 +55,7 @@ CASES = {
     "method_state-list": ("method_state", lambda **kw: [1, 2], "returned list [1, 2]; expected a dict"),
     "before_task-raises": ("before_task", boom, "raised KeyError: 'no_such_site' (at test_hook_failures.py:"),
     "after_task-raises": ("after_task", boom, "raised KeyError"),
+    "after_task-exits": ("after_task", quits, "called SystemExit(0) (sys.exit/exit/quit) (at test_hook_failures.py:"),
 }
 
 

@@ -298,7 +298,8 @@ def test_checkpoints_load_weights_only_and_foreign_files_give_one_line(tmp_path)
         store.load()
     store.save({"next_task": 1, "R": torch.zeros(2)})
     assert store.load()["next_task"] == 1
-    assert checkpoint.RunStore(store.dir, "another run").load() is None  # a different run never resumes it
+    with pytest.raises(ClbenchError, match="belongs to another run .*--restart"):  # never resumed, never ignored
+        checkpoint.RunStore(store.dir, "another run").load()
     assert not list(store.dir.glob(".checkpoint.pt.tmp-*"))
 
 
