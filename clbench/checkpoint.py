@@ -266,6 +266,7 @@ class RunStore:
             stale.unlink(missing_ok=True)
         if not self.path.exists():
             return None
+        refuse_special(self.path, "checkpoint")
         try:
             ck = torch.load(self.path, map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same advice
@@ -305,6 +306,7 @@ class RunStore:
     def done(self) -> dict[str, Any] | None:
         if not self.done_path.exists():
             return None
+        refuse_special(self.done_path, "finished marker")
         try:
             info = json.loads(self.done_path.read_text())
         except (OSError, ValueError):
@@ -334,7 +336,16 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
     atomic_write(path, lambda f: f.write(blob))
 
 
+def refuse_special(path: Path, what: str) -> None:
+    """A FIFO, device or socket where a file of ours should be would block the read for ever: one line instead."""
+    if path.exists() and not path.is_file():
+        kind = "a FIFO" if path.is_fifo() else "a folder" if path.is_dir() else "not a regular file"
+        raise ClbenchError(f"{what} {path}: is {kind}, not a file clbench wrote; remove it or run again with "
+                           "--restart")
+
+
 def read_json(path: Path) -> dict[str, Any] | None:
+    refuse_special(path, "record")
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError):

@@ -463,9 +463,16 @@ def fmt_paired(row: Row, baseline: str, spec: MetricSpec) -> str:
     d = (row.vs_baseline or {}).get(spec.key) or {}
     if d.get("diff") is None:
         return "-"
-    text = format(d["diff"], "+" + spec.fmt)
+    fmt = spec.fmt
+    if d["diff"] != 0 and format(d["diff"], fmt).lstrip("-").strip("0.") == "":  # +0.0004 is no +0.000
+        fmt = ".2g"
+    text = format(d["diff"], "+" + fmt)
     if d["ci95"] is not None:
-        text += " ± " + format(d["ci95"], spec.fmt)
+        text += " ± " + format(d["ci95"], fmt)
+    if d.get("zero_variance"):
+        from clbench.stats import NO_TEST
+
+        return f"{text} ({NO_TEST}, n={d['n']})"
     return text + (f" (p={d['p']:.2g})" if d["p"] is not None else f" (n={d['n']})")
 
 

@@ -201,25 +201,38 @@ def _blocks_problem(params, depth: int) -> str | None:
     return None
 
 
-def _rank_problem(params, backbone) -> str | None:
-    """``rank`` above the smallest ``min(d_in, d_out)`` of the maps the entry adapts."""
+def _narrowest_site(backbone, targets: tuple[str, ...], blocks: tuple[int, ...] | None,
+                    cache: dict) -> tuple[str, int, int] | None:
+    """(name, d_out, d_in) of the narrowest map ``targets`` x ``blocks`` adapts, once per distinct pair (a
+    copy of the skeleton is injected for each: a 10,000-entry suite repeats a handful of pairs)."""
     import copy
 
-    from clbench.lora import TARGETS, inject
+    from clbench.lora import inject
+
+    if (targets, blocks) not in cache:
+        sites = inject(copy.deepcopy(backbone), list(targets), list(blocks) if blocks is not None else None)
+        narrow = min(sites.items(), key=lambda kv: min(kv[1].d_in, kv[1].d_out)) if sites else None
+        cache[(targets, blocks)] = (narrow[0], narrow[1].d_out, narrow[1].d_in) if narrow else None
+    return cache[(targets, blocks)]
+
+
+def _rank_problem(params, backbone, cache: dict) -> str | None:
+    """``rank`` above the smallest ``min(d_in, d_out)`` of the maps the entry adapts."""
+    from clbench.lora import TARGETS
 
     rank = getattr(params, "rank", None)
     if not isinstance(rank, int) or getattr(params, "trainable", "lora") != "lora":
         return None  # no rank, or a method that trains the backbone itself (ER / joint with trainable: full)
     targets = [t for t in (getattr(params, "targets", None) or ["q", "v"]) if t in TARGETS] or ["q", "v"]
     blocks = getattr(params, "blocks", None)
-    sites = inject(copy.deepcopy(backbone), targets, blocks if isinstance(blocks, list) else None)
-    if not sites:
+    narrow = _narrowest_site(backbone, tuple(targets), tuple(blocks) if isinstance(blocks, list) else None, cache)
+    if narrow is None:
         return None
-    name, site = min(sites.items(), key=lambda kv: min(kv[1].d_in, kv[1].d_out))
-    limit = min(site.d_in, site.d_out)
+    name, d_out, d_in = narrow
+    limit = min(d_in, d_out)
     if rank <= limit:
         return None
-    return (f"params.rank: {rank} exceeds what the adapted maps can hold: {name} is {site.d_out} x {site.d_in}, "
+    return (f"params.rank: {rank} exceeds what the adapted maps can hold: {name} is {d_out} x {d_in}, "
             f"so a low-rank update of it has rank at most {limit}; choose rank <= {limit}")
 
 
@@ -232,11 +245,14 @@ def method_problems(suite, planned, source: str) -> None:
     blocks = getattr(backbone, "blocks", None)
     if backbone is None or blocks is None:
         return
+    cache: dict = {}
     for run in planned:
-        where, prefix = suite.methods[run.entry_index].source_and_prefix(source, run.entry_index)
-        problem = _blocks_problem(run.params, len(blocks)) or _rank_problem(run.params, backbone)
+        entry = suite.methods[run.entry_index]
+        where, prefix = entry.source_and_prefix(source, run.entry_index)
+        problem = _blocks_problem(run.params, len(blocks)) or _rank_problem(run.params, backbone, cache)
         if problem:
-            raise ClbenchError(f"{where}: {prefix}{problem} (backbone {suite.backbone.name}; checked before "
+            flag = entry.blame(("params", problem.removeprefix("params.").split(":", 1)[0]))
+            raise ClbenchError(f"{flag or where}: {prefix}{problem} (backbone {suite.backbone.name}; checked before "
                                "creating any MLflow run)")
 
 

@@ -37,7 +37,7 @@ from clbench.recorder import RunRecorder, git_sha, naming_disk_full, on_disk_ful
 from clbench.registry import discover, plugin_dirs, run_manager
 from clbench.streams import load_avalanche
 from clbench.suite import Suite
-from clbench.tracking import NullTracker, Tracker, make_tracker, results_store, where_results_go
+from clbench.tracking import NullTracker, Tracker, fast_http, make_tracker, results_store, where_results_go
 from clbench.validation import build_run_stream, stream_cache_key
 
 __all__ = ["PlannedRun", "RunJob", "RunRecord", "execute_job", "plan_runs", "run_key", "run_one", "run_suite"]
@@ -172,7 +172,7 @@ def _end_run(tracker: Tracker, run_id: str, status: str, failing: bool) -> None:
     if not failing:
         tracker.end_run(run_id, status)
         return
-    with contextlib.suppress(Exception):
+    with contextlib.suppress(Exception), fast_http():  # after Ctrl-C: seconds, not a dead server's minutes
         tracker.end_run(run_id, status)
 
 

@@ -42,18 +42,23 @@ class Paired:
     """A paired comparison of ``a - b`` over the keys (seeds) both have a finite value for.
 
     diff: mean paired difference (None when n = 0); ci95: t half-width of that mean (None when n < 2);
-    p: two-sided paired t-test p-value, equal to ``scipy.stats.ttest_rel(a, b).pvalue`` (None when n < 2, and
-    None when every difference is exactly 0, where the t statistic is 0/0; when every difference is the same
-    non-zero number the variance is 0, t is infinite and p is 0.0, as scipy returns); n: number of pairs.
+    p: two-sided paired t-test p-value, equal to ``scipy.stats.ttest_rel(a, b).pvalue`` (None when n < 2);
+    n: number of pairs. zero_variance: every difference is the same number (up to float rounding): there is no
+    t-test (t is 0/0 or infinite; scipy's p = 0 or 3.8e-15 would claim a certainty n seeds cannot give), so p is
+    None and nothing is marked significant; readers say "no t-test (zero variance)".
     """
 
     diff: float | None
     ci95: float | None
     p: float | None
     n: int
+    zero_variance: bool = False
 
-    def as_dict(self) -> dict[str, float | int | None]:
-        return {"diff": self.diff, "ci95": self.ci95, "p": self.p, "n": self.n}
+    def as_dict(self) -> dict[str, float | int | bool | None]:
+        return {"diff": self.diff, "ci95": self.ci95, "p": self.p, "n": self.n, "zero_variance": self.zero_variance}
+
+
+NO_TEST = "no t-test (zero variance)"
 
 
 def paired(a: Mapping[Hashable, float | None], b: Mapping[Hashable, float | None]) -> Paired:
@@ -68,8 +73,9 @@ def paired(a: Mapping[Hashable, float | None], b: Mapping[Hashable, float | None
     diff = float(d.mean())
     if n < 2:
         return Paired(diff, None, None, n)
-    if np.all(d == d[0]):  # zero variance: scipy's t is +-inf (p = 0) or 0/0 (p undefined)
-        return Paired(diff, 0.0, None if d[0] == 0 else 0.0, n)
+    # zero variance, also up to float rounding (0.1 - 0.0 vs 0.3 - 0.2): scipy's t is +-inf or 0/0
+    if np.all(np.abs(d - d[0]) <= 1e-9 * max(1.0, float(np.abs(d).max()))):
+        return Paired(diff, 0.0, None, n, zero_variance=True)
     p = float(sps.ttest_rel(x, y).pvalue)
     return Paired(diff, ci95(d), p, n)
 

@@ -7,6 +7,7 @@ Relative paths inside a suite resolve against the suite file's folder.
 
 from __future__ import annotations
 
+import collections
 import functools
 import hashlib
 import json
@@ -80,11 +81,15 @@ class BackboneConfig(Strict):
                             "official pipeline, Normalize(0, 1))")
 
 
+EPOCHS_MAX = 10_000  # far above any protocol (InfLoRA: 50 per task); 1e20 would "run" for ever
+BATCH_MAX = 1_000_000
+
+
 class TrainConfig(Strict):
     """The training protocol: every field changes what is learned, so every field is in the suite hash."""
 
-    epochs: int = Field(1, ge=1)
-    batch_size: int = Field(64, ge=1)
+    epochs: int = Field(1, ge=1, le=EPOCHS_MAX)
+    batch_size: int = Field(64, ge=1, le=BATCH_MAX)
     lr: float = Field(1e-3, gt=0, description="learning rate of the method's parameter groups (the adapters)")
     head_lr: float | None = Field(None, gt=0, description="learning rate of the current task's head "
                                   "(default: lr; InfLoRA's DomainNet run uses 1e-2 against 5e-3)")
@@ -164,6 +169,8 @@ class MethodEntry(Strict):
     _origin: str | None = PrivateAttr(None)
     # the ``--set`` assignments that wrote into this entry, by key path within it (() = the whole entry)
     _sets: dict[tuple, str] = PrivateAttr(default_factory=dict)
+    # other flags that wrote keys of this entry (a sweep trial's ``--grid ...``), by key path within it
+    _flags: dict[tuple, str] = PrivateAttr(default_factory=dict)
 
     @field_validator("label")
     @classmethod
@@ -178,6 +185,12 @@ class MethodEntry(Strict):
         """What an error about this entry names: the suite file and ``methods.<index>.``, or the flag that added
         it (and no prefix)."""
         return (self._origin, "") if self._origin else (path, f"methods.{index}.")
+
+    def blame(self, loc: tuple) -> str | None:
+        """The command-line flag that wrote the key at ``loc`` (``--set KEY=VALUE``, a sweep's ``--grid ...``), if
+        one did: an error about that value names the flag, not the suite file."""
+        flag = self.set_flag(loc)
+        return f"--set {flag}" if flag else self._flags.get(loc)
 
     def set_flag(self, loc: tuple) -> str | None:
         """The ``--set`` assignment that wrote the key at ``loc`` within this entry (``("params", "rank")``), if
@@ -280,7 +293,7 @@ class Suite(Strict):
     @model_validator(mode="after")
     def _unique_labels(self) -> Suite:
         labels = [m.display for m in self.methods]
-        dup = sorted({x for x in labels if labels.count(x) > 1})
+        dup = sorted(x for x, n in collections.Counter(labels).items() if n > 1)
         if dup:
             raise ValueError(f"methods: duplicate method label(s) {dup}; give each entry a distinct 'label'")
         for ref in self.reference:

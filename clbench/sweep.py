@@ -43,6 +43,7 @@ from clbench import checkpoint, keys
 from clbench.errors import ClbenchError
 from clbench.leaderboard import METRICS
 from clbench.plan import RunRecord, plan_runs
+from clbench.preflight import method_problems
 from clbench.registry import discover, plugin_dirs
 from clbench.suite import Suite, TrainConfig, ValidationConfig
 
@@ -244,19 +245,34 @@ def _draw(dim: Dimension, rng: np.random.RandomState) -> Any:
     return float(f"{x:.4g}")  # 4 significant digits: the value shown is the value run, and --set repeats it
 
 
+MAX_POINTS = 10_000  # one run each: more is a typo (--random 1000000000), not a sweep
+
+
 def points(dims: list[Dimension], random_n: int | None, seed: int) -> list[dict[str, Any]]:
-    """The grid's cartesian product, or ``random_n`` seeded draws (duplicates dropped, order kept)."""
+    """The grid's cartesian product, or ``random_n`` seeded draws (duplicates dropped, order kept; drawing stops
+    once every point of a finite space is drawn). At most ``MAX_POINTS`` points, refused before any is made."""
+    size = math.prod(len(d.values) for d in dims) if all(d.dist is None for d in dims) else None
     if random_n is None:
         ranged = [d.flag for d in dims if d.dist is not None]
         if ranged:
             raise ClbenchError(f"--grid {ranged[0]}: a range is sampled, not enumerated; add --random N, or give "
                                "a list of values")
+        if size > MAX_POINTS:
+            raise ClbenchError(f"--grid: the grid has {size} points, more than {MAX_POINTS} (one run each); give "
+                               "fewer values, or sample some with --random N")
         return [dict(zip([d.key for d in dims], combo)) for combo in itertools.product(*(d.values for d in dims))]
+    if random_n > MAX_POINTS:
+        raise ClbenchError(f"--random {random_n}: at most {MAX_POINTS} points (one run each)")
     rng = np.random.RandomState(seed)
     out: list[dict[str, Any]] = []
+    seen: set[str] = set()
     for _ in range(random_n):
+        if size is not None and len(out) == size:  # the whole finite space is drawn: no draw adds a point
+            break
         p = {d.key: _draw(d, rng) for d in dims}
-        if p not in out:
+        key = json.dumps(p, sort_keys=True, default=repr)
+        if key not in seen:
+            seen.add(key)
             out.append(p)
     return out
 
@@ -283,7 +299,8 @@ def plan_sweep(suite: Suite, source: str, label: str, grid: list[str], *, random
                            + (" or --grid 'methods.lora.train.lr=loguniform(1.0e-4,1.0e-2)'" if random_n else ""))
     index = _entry_index(suite, label, source)
     dirs = plugin_dirs(suite.plugins_dir, plugins_dirs, trust_suite_plugins, source)
-    [planned] = [p for p in plan_runs(suite, source, discover(dirs), [suite.methods[index].display])
+    registry = discover(dirs)
+    [planned] = [p for p in plan_runs(suite, source, registry, [suite.methods[index].display])
                  if p.entry_index == index]
     checker = _Checker(suite, index, planned.info.cls.Params)
     dims = [parse_dimension(flag, suite, index, checker) for flag in grid]
@@ -301,6 +318,9 @@ def plan_sweep(suite: Suite, source: str, label: str, grid: list[str], *, random
                                   "seed": seed})[:12]
     # its own name: the sweep's own checkpoint folder and parent run (clbench.checkpoint.suite_dir)
     sweep_suite = _sweep_suite(suite, entries, f"{suite.name}.sweep-{sweep_id}")
+    for trial_entry in sweep_suite.methods:  # a grid value that does not fit the backbone names its --grid flag
+        trial_entry._flags = {(d.section, d.name): f"--grid {d.flag}" for d in dims}
+    method_problems(sweep_suite, plan_runs(sweep_suite, source, registry, None), source)  # before --dry-run's plan
     return SweepPlan(sweep_suite, suite, source, entry.display, index, dims, trials, metric, higher, seed, space,
                      sweep_id, list(dirs))
 

@@ -22,6 +22,11 @@ from clbench.storecheck import check_artifact_folder, check_file_store, check_sq
 
 PARENT_TAG = keys.PARENT_RUN
 HTTP_TIMEOUT_S = 10  # clbench's first request to a server: an MLflow server on a busy machine answers in far less
+# every later request to a server (MLflow's defaults: 120 s and 7 retries with growing pauses, so a server that
+# stops answering mid-run kept a run silent for minutes per request); the timeout bounds each wait for bytes,
+# not a whole upload. An explicit MLFLOW_HTTP_REQUEST_TIMEOUT / _MAX_RETRIES in the environment wins.
+SERVER_REQUEST_TIMEOUT_S = 30
+SERVER_REQUEST_RETRIES = 2
 LOCK_RETRIES = 8  # sqlite allows one writer at a time; a concurrent `clbench run` may hold the lock briefly
 
 
@@ -62,10 +67,16 @@ def _store_init_lock(uri: str) -> Iterator[None]:
 
     from clbench.paths import cache_dir
 
-    locks = cache_dir() / "locks"
-    locks.mkdir(parents=True, exist_ok=True)
-    path = locks / f"mlflow-{hashlib.sha256(uri.encode()).hexdigest()[:16]}.lock"
-    with open(path, "a") as f:
+    try:
+        locks = cache_dir() / "locks"
+        locks.mkdir(parents=True, exist_ok=True)
+        path = locks / f"mlflow-{hashlib.sha256(uri.encode()).hexdigest()[:16]}.lock"
+        f = open(path, "a")  # closed by the with below
+    except OSError as exc:  # the cache, not the store: blaming MLFLOW_TRACKING_URI would send the user astray
+        raise ClbenchError(f"CLBENCH_CACHE: cannot write {exc.filename or 'the cache folder'} "
+                           f"({exc.strerror or exc}); clbench keeps its locks, weights and data there: set "
+                           "CLBENCH_CACHE to a writable folder") from None
+    with f:
         fcntl.flock(f.fileno(), fcntl.LOCK_EX)
         try:
             yield
@@ -162,6 +173,25 @@ def sqlite_store_state(path: Path) -> tuple[str, int]:
     return "half-made", runs
 
 
+def remove_stale_creations(path: Path) -> None:
+    """Delete the ``.NAME.creating-PID`` files of ``create_sqlite_store`` runs that a kill cut short (their
+    process is gone); call it under ``_store_init_lock``, where no live creation can be racing."""
+    for stale in path.parent.glob(f".{path.name}.creating-*"):
+        pid = stale.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            stale.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process: alive
+        return True
+    return True
+
+
 def create_sqlite_store(path: Path) -> None:
     """Make ``path`` a complete MLflow store, all or nothing: MLflow's tables are created in a sibling file, which
     is then renamed over ``path``. A store that does not exist yet, an empty file and a half-made store holding no
@@ -184,18 +214,23 @@ def create_sqlite_store(path: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def store_error(uri: str, exc: BaseException, verb: str = "open") -> ClbenchError:
-    """One line for a store that cannot be used; "start the server" only where a server is the cause."""
+def store_error(uri: str, exc: BaseException, verb: str = "open", flag: str = "--tracking-uri") -> ClbenchError:
+    """One line for a store that cannot be used; "start the server" only where a server is the cause. ``flag``:
+    the option of the command that named the store (``clbench ui`` has ``--backend-store-uri``)."""
     msg = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
     path = _sqlite_file(uri)
-    if uri.startswith(("http://", "https://")):
+    if "MLFLOW_ALLOW_FILE_STORE" in str(exc):  # MLflow 3's refusal of a file store; its remedy is the point
+        msg = "MLflow 3 no longer writes file stores such as ./mlruns"
+        hint = ("use a database store, e.g. sqlite:///mlflow.db (`mlflow migrate-filestore` moves an existing file "
+                "store losslessly), or set MLFLOW_ALLOW_FILE_STORE=true to keep the file store")
+    elif uri.startswith(("http://", "https://")):
         if "timed out" in str(exc).lower() or "timeout" in type(exc).__name__.lower():
             msg = f"it accepts connections but did not answer within {HTTP_TIMEOUT_S} s"
         hint = "start the server or fix MLFLOW_TRACKING_URI / tracking.uri"
     elif path is not None and path.is_file() and path.stat().st_size > 0:
         state, runs = sqlite_store_state(path)
         if state in ("not-sqlite", "foreign"):
-            hint = (f"{path} is left untouched; point MLFLOW_TRACKING_URI / tracking.uri / --tracking-uri at an "
+            hint = (f"{path} is left untouched; point MLFLOW_TRACKING_URI / tracking.uri / {flag} at an "
                     "MLflow store or a new file")
         elif state == "half-made" and runs == 0:
             hint = (f"{path} is a half-made MLflow store holding no run (its creation was interrupted); "
@@ -220,13 +255,13 @@ STATE_WORDS = {
 }
 
 
-def state_error(uri: str, path: Path, verb: str) -> ClbenchError:
+def state_error(uri: str, path: Path, verb: str, flag: str = "--tracking-uri") -> ClbenchError:
     """``store_error`` for a sqlite file that is not a complete MLflow store, saying what it is instead."""
     if path.is_dir():
         return ClbenchError(f"tracking: {path} is a folder, not an sqlite file; point {uri} at a file (e.g. "
-                            f"sqlite:///{path / 'mlflow.db'}) or fix MLFLOW_TRACKING_URI / --tracking-uri")
+                            f"sqlite:///{path / 'mlflow.db'}) or fix MLFLOW_TRACKING_URI / {flag}")
     state, _ = sqlite_store_state(path)
-    return store_error(uri, RuntimeError(f"{path.name}: {STATE_WORDS.get(state, state)}"), verb)
+    return store_error(uri, RuntimeError(f"{path.name}: {STATE_WORDS.get(state, state)}"), verb, flag)
 
 
 def probe_http(uri: str, timeout: float = 3.0) -> None:
@@ -287,6 +322,18 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
         else:
             out[key] = str(v)[:6000]
     return out
+
+
+MLFLOW_DB_LOGGER = "mlflow.store.db.utils"  # logs a full traceback of every database error it then raises
+
+
+def quiet_mlflow_store_errors() -> None:
+    """MLflow logs each sqlite error (a full disk, a locked database) with its whole traceback before raising it;
+    clbench turns the raised error into one line (``store_error``, clbench.recorder.on_disk_full) and retries a
+    locked database itself, so those ~20-line tracebacks only bury that line."""
+    import logging
+
+    logging.getLogger(MLFLOW_DB_LOGGER).setLevel(logging.CRITICAL)
 
 
 def refuse_memory_store(uri: str) -> None:
@@ -401,6 +448,7 @@ class MlflowTracker:
         from mlflow.tracking import MlflowClient
 
         refuse_memory_store(uri or mlflow.get_tracking_uri())
+        quiet_mlflow_store_errors()
         self.uri = absolute_uri(uri or mlflow.get_tracking_uri())
         self.where: str | None = None  # the "results go to ..." line (clbench.runner.open_results_store)
         mlflow.set_tracking_uri(self.uri)
@@ -410,6 +458,7 @@ class MlflowTracker:
             with fast_http(), _store_init_lock(self.uri):  # the first request answers "is the store usable" quickly
                 sqlite = _sqlite_file(self.uri)
                 if sqlite is not None:
+                    remove_stale_creations(sqlite)
                     create_sqlite_store(sqlite)
                     if sqlite_store_state(sqlite)[0] != "complete":  # left alone: not ours to rebuild
                         raise state_error(self.uri, sqlite, "open")
@@ -422,6 +471,9 @@ class MlflowTracker:
             raise store_error(self.uri, exc) from None
         # artifacts are written when a run ends: a file or read-only folder in their way would fail it then
         check_artifact_folder(location, experiment)
+        if self.uri.startswith(("http://", "https://")):
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(SERVER_REQUEST_TIMEOUT_S))
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", str(SERVER_REQUEST_RETRIES))
 
     def _experiment(self, name: str) -> str:
         exp = self.client.get_experiment_by_name(name)
@@ -519,7 +571,7 @@ def ui_store(uri: str) -> str:
     if not path.exists() or (path.is_file() and sqlite_store_state(path)[0] == "empty"):
         return "new"
     if path.is_dir() or sqlite_store_state(path)[0] != "complete":
-        raise state_error(uri, path, "open")
+        raise state_error(uri, path, "open", "--backend-store-uri")
     return "ready" if os.access(path, os.W_OK) and os.access(path.parent, os.W_OK | os.X_OK) else "read-only"
 
 
@@ -592,6 +644,7 @@ def resolve_read_uri(uri: str | None) -> str:
     """
     resolved = store_uri(uri)
     check_local_store(resolved, write=False)
+    quiet_mlflow_store_errors()
     path = _sqlite_file(resolved)
     if path is not None:
         if not path.exists():

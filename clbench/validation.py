@@ -23,6 +23,7 @@ import torch
 
 from clbench.errors import ClbenchError
 from clbench.imagecache import IndexedImages
+from clbench.seeds import derive_seed
 from clbench.streams import Stream, TaskData, build_stream
 from clbench.suite import Suite
 
@@ -102,7 +103,7 @@ def holdout(stream: Stream, fraction: float, seed: int, crop: int | None = None)
     tasks = []
     for t, task in enumerate(stream.tasks):
         # a different draw per task (their classes differ anyway), reproducible from (seed, task)
-        keep, held = held_out_rows(task.train_y, fraction, seed * 1000 + t)
+        keep, held = held_out_rows(task.train_y, fraction, derive_seed(seed, t))
         val_x = _take(task.train_x, held)
         tasks.append(TaskData(task.classes, _take(task.train_x, keep), task.train_y[torch.from_numpy(keep)],
                               CenterCropped(val_x, crop) if crop else val_x,

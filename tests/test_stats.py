@@ -57,7 +57,7 @@ def test_paired_equals_ttest_rel_over_common_seeds():
     assert res.p == pytest.approx(sps.ttest_rel(x, y).pvalue, rel=1e-12)
     lo, hi = sps.t.interval(0.95, 3, loc=d.mean(), scale=sps.sem(d))
     assert res.ci95 == pytest.approx((hi - lo) / 2, rel=1e-12)
-    assert res.as_dict() == {"diff": res.diff, "ci95": res.ci95, "p": res.p, "n": 4}
+    assert res.as_dict() == {"diff": res.diff, "ci95": res.ci95, "p": res.p, "n": 4, "zero_variance": False}
     # the order of the arguments flips the sign, not the p-value
     rev = S.paired(b, a)
     assert rev.diff == pytest.approx(-res.diff) and rev.p == pytest.approx(res.p) and rev.ci95 == res.ci95
@@ -75,14 +75,19 @@ def test_paired_edges():
     # a NaN on either side drops that seed
     assert S.paired({0: 3.0, 1: float("nan")}, {0: 1.0, 1: 0.0}).n == 1
     assert S.paired({0: 3.0, 1: None}, {0: 1.0, 1: 0.0}).n == 1
-    # zero variance of the differences: identical arms give p undefined, a constant shift gives p = 0 as scipy
+    # zero variance of the differences: no t-test (issue 32 case 15); scipy's p is undefined for identical arms,
+    # 0.0 for a constant shift and ~1e-15 for one that float rounding jitters: none of them is evidence
     same = S.paired({0: 1.0, 1: 2.0, 2: 3.0}, {0: 1.0, 1: 2.0, 2: 3.0})
-    assert same == S.Paired(0.0, 0.0, None, 3)
+    assert same == S.Paired(0.0, 0.0, None, 3, zero_variance=True)
     assert math.isnan(sps.ttest_rel([1.0, 2.0, 3.0], [1.0, 2.0, 3.0]).pvalue)
     shift = S.paired({0: 2.0, 1: 3.0, 2: 4.0}, {0: 1.0, 1: 2.0, 2: 3.0})
-    assert shift == S.Paired(1.0, 0.0, 0.0, 3)
+    assert shift == S.Paired(1.0, 0.0, None, 3, zero_variance=True)
     with np.errstate(all="ignore"), pytest.warns(RuntimeWarning):
         assert sps.ttest_rel([2.0, 3.0, 4.0], [1.0, 2.0, 3.0]).pvalue == 0.0
+    a, b = [0.3, 0.7, 1.1], [0.2, 0.6, 1.0]  # differences 0.1 up to rounding: scipy says p ~ 1e-15
+    assert sps.ttest_rel(a, b).pvalue < 1e-10
+    jitter = S.paired(dict(enumerate(a)), dict(enumerate(b)))
+    assert jitter.zero_variance and jitter.p is None and jitter.diff == pytest.approx(0.1)
 
 
 def test_paired_effects_against_a_reference():

@@ -258,6 +258,8 @@ def test_ui_and_leaderboard_on_a_file_that_is_not_a_store(tmp_path, make, words,
     for args in (["ui", "--backend-store-uri", uri], ["leaderboard", "--tracking-uri", uri]):
         line = one_error_line(CliRunner().invoke(app, args))
         assert words in line and "left untouched" in line and "start the server" not in line, line
+        other = {"--backend-store-uri": "--tracking-uri", "--tracking-uri": "--backend-store-uri"}[args[1]]
+        assert args[1] in line and other not in line, line  # the hint names the command's own flag (issue 32)
         assert digest(path) == before  # MLflow's UI would have written its 65 tables into it
     assert no_exec == []
 
