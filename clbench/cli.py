@@ -329,6 +329,32 @@ def new_method(
 
 
 @app.command()
+def protocol(
+    suite_file: Path = typer.Argument(..., help="suite YAML file"),
+    overrides: list[str] = typer.Option([], "--set", help="override a suite key, e.g. train.epochs=5"),
+    method: int = typer.Option(0, "--method-index", help="which method entry's train overrides to apply"),
+    tasks: int = typer.Option(2, "--tasks", help="tasks of each seed's class order to print"),
+    as_json: bool = typer.Option(False, "--json", help="the whole protocol as JSON (full class orders)"),
+) -> None:
+    """Print the effective protocol (lr per epoch and group, class order per seed, transforms, optimizer,
+    precision, normalisation, batch), computed by the functions the training loop uses: compare it with a paper."""
+    import json
+
+    from clbench.protocol import effective_protocol, protocol_lines
+    from clbench.suite import load_suite
+
+    try:
+        suite = load_suite(suite_file, overrides)
+        if not 0 <= method < len(suite.methods):
+            raise ClbenchError(f"--method-index {method}: the suite has {len(suite.methods)} method entries "
+                               f"(0..{len(suite.methods) - 1})")
+        p = effective_protocol(suite, method)
+        typer.echo(json.dumps(p, indent=1) if as_json else "\n".join(protocol_lines(p, tasks)))
+    except ClbenchError as exc:
+        _fail(str(exc))
+
+
+@app.command()
 def leaderboard(
     suites: list[str] | None = typer.Argument(None, help="suite files, experiment or suite names (several: ranks "
                                                          "across them); default: every clbench experiment"),
