@@ -17,6 +17,7 @@ __version__ = "0.1.0"
 
 # public name -> the module that defines it
 _PUBLIC = {
+    "CONTRACT_VERSION": "clbench.method",
     "ClbenchError": "clbench.errors",
     "hookimpl": "clbench.hookspecs",
     "Method": "clbench.method",
@@ -28,7 +29,7 @@ _PUBLIC = {
     "find_sites": "clbench.lora",
     "inject": "clbench.lora",
 }
-__all__ = ["AdapterParams", "ClbenchError", "LoRAParams", "LoRASite", "LowRank", "Method", "TaskContext",
+__all__ = ["AdapterParams", "CONTRACT_VERSION", "ClbenchError", "LoRAParams", "LoRASite", "LowRank", "Method", "TaskContext",
            "find_sites", "hookimpl", "inject"]  # == sorted(_PUBLIC); tests/test_plugins.py checks it
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ imports on demand
@@ -36,7 +37,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ imports
     from clbench.errors import ClbenchError
     from clbench.hookspecs import hookimpl
     from clbench.lora import AdapterParams, LoRAParams, LoRASite, LowRank, find_sites, inject
-    from clbench.method import Method
+    from clbench.method import CONTRACT_VERSION, Method
 
 
 def __getattr__(name: str) -> Any:
