@@ -202,10 +202,10 @@ def _explaining_progress() -> Callable[[str], None]:
 
 def next_steps(suite, source: Path) -> list[str]:
     """Where a finished ``clbench run`` wrote, and the two commands that show it."""
-    import mlflow
+    from clbench.tracking import store_uri
 
-    uri = suite.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or mlflow.get_tracking_uri()
-    experiment = suite.tracking.experiment or suite.name
+    uri = store_uri(suite.tracking.uri)
+    experiment = suite.experiment
     lines = [f"results: MLflow experiment '{experiment}' in {uri}"]
     store = f" --tracking-uri {uri}" if suite.tracking.uri else ""
     lines.append(f"  clbench leaderboard {source}{store}   # methods compared, seeds aggregated")
