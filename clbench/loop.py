@@ -238,6 +238,7 @@ def run_stream(model: CLModel, stream: Stream, pm, cfg: TrainConfig, seed: int, 
         check_replacement(model, replaced)
         model = replaced
     model.to(device).eval()  # a replacement's new modules are built in train mode
+    hook.freeze_backbone(progress)  # unless it declares trains_backbone, a method never trains the backbone
     if state.next_task > 0 and state.model_state is not None:
         restore(model, stream, pm, state, task_context(model, stream, state.next_task - 1, cfg, seed, device,
                                                        autocast))

@@ -285,6 +285,11 @@ class Suite(Strict):
                                  f"({labels}); name the entry it refers to")
         return self
 
+    @property
+    def experiment(self) -> str:
+        """The MLflow experiment of this suite's runs: ``tracking.experiment``, else the suite's name."""
+        return self.tracking.experiment or self.name
+
     def protocol_hash(self) -> str:
         """Hash of what makes runs comparable: the training protocol, the backbone and the data's identity (stream
         settings and the shipped split files' checksums), not the methods, not the runtime settings and never a
