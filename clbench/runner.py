@@ -65,7 +65,7 @@ def run_suite(suite: Suite, source: str, *, methods: list[str] | None = None, se
         for line in dry_run_lines(suite, planned, seeds, checkpoint_dir, restart):
             progress(line)
         return []
-    experiment = suite.tracking.experiment or suite.name
+    experiment = suite.experiment
     if distributed.active():
         load_avalanche()  # before the process group exists (clbench.streams.load_avalanche says why)
     if distributed.is_follower():  # torchrun rank > 0: rank 0 decides, logs and checkpoints
