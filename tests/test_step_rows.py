@@ -118,3 +118,20 @@ def test_the_rehearsal_types_and_scope_names_are_public():
     assert clbench.SCOPES == ("task", "seen", "none")
     assert [clbench.SCOPES[c] for c in (clbench.SCOPE_TASK, clbench.SCOPE_SEEN, clbench.SCOPE_NONE)] == \
         ["task", "seen", "none"]
+
+
+def test_contributing_rehearsal_section_matches_the_types_and_the_derpp_example():
+    import dataclasses
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    guide = (root / "CONTRIBUTING.md").read_text()
+    section = guide[guide.index("### Rehearsal: `Samples`"):guide.index("### Hook author's guide")]
+    tables = re.split(r"\*\*`Replayed`\*\*", section)
+    for cls, text in ((Samples, tables[0]), (clbench.Replayed, tables[1])):
+        documented = re.findall(r"^\| `(\w+)` \|", text, flags=re.M)
+        assert documented == [f.name for f in dataclasses.fields(cls)], (cls, documented)
+    example = (root / "examples" / "clbench-derpp" / "clbench_derpp.py").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    assert len(blocks) == 2 and all(block in example for block in blocks)
