@@ -16,7 +16,11 @@ method's pluggy manager) over a T-task stream, and after every task the script r
 The slope of a figure is its mean over the last fifth of the tasks divided by its mean over the first fifth,
 where the first fifth starts at task 1 (0-based): task 0 has no earlier task, so the issue's "task 2" is the
 first comparable one. For T = 20: tasks 16-19 over tasks 1-4. A slope near 1 is flat; a method whose step runs
-one branch per finished task shows its growth here.
+one branch per finished task shows its growth here. The slope of a time is taken of the time divided by a
+fixed reference workload timed around the same task (``Reference``: forward and backward passes of an untouched
+backbone copy on one batch), because the CPU time of the same work drifts with the machine's load (measured: on
+this shared machine naive LoRA's step CPU time rose 1.4x over 20 tasks while the load average went from 3 to
+12); ``<figure>_raw_slope`` is the slope without that correction and ``reference_slope`` the drift itself.
 
 Data: a synthetic stream (random uint8 images, balanced labels) sized as the quickstart's (``mnist5k``: one
 channel, 16 px, 800 training and 200 test images per task of 2 classes), ``vit_tiny_clbench`` with random
@@ -58,6 +62,7 @@ from clbench.loop import checkpoint_payload, run_stream  # noqa: E402
 from clbench.registry import run_manager  # noqa: E402
 
 FIGURES = ("train_step", "eval", "eval_image", "hook", "state_mb", "checkpoint_mb")
+TIMES = ("train_step", "eval", "eval_image", "hook")
 DATA = {  # (channels, image size, training images per task, test images per task, classes per task)
     "quickstart": (1, 16, 800, 200, 2),
     "tiny": (1, 16, 128, 32, 2),
@@ -79,17 +84,47 @@ def slope(values: list[float]) -> float:
     return last / first if first > 0 else float("nan")
 
 
-def run_method(name: str, cls: type, args, template, stream, device) -> dict[str, list[float]]:
+class Reference:
+    """A fixed workload timed next to every task: ``repeats`` forward and backward passes of an untouched copy
+    of the backbone on one fixed batch (no optimizer step, so it never changes). On a shared machine the CPU
+    time of the same work drifts with the neighbours (caches, memory bandwidth, a busy sibling hyperthread);
+    dividing a task's times by the reference measured around that task cancels the drift, so the slopes compare
+    work, not load."""
+
+    def __init__(self, template, batch: torch.Tensor, repeats: int = 3) -> None:
+        import copy
+
+        self.model, self.batch, self.repeats = copy.deepcopy(template), batch, repeats
+        if not len(self.model.heads):
+            self.model.add_head(2)
+        self.y = torch.arange(len(batch)) % 2
+
+    def seconds(self) -> float:
+        """Median CPU seconds of one forward and backward pass."""
+        times = []
+        for _ in range(self.repeats):
+            tic = time.process_time()
+            loss = torch.nn.functional.cross_entropy(self.model(self.model.preprocess(self.batch), head=0), self.y)
+            loss.backward()
+            times.append(time.process_time() - tic)
+        self.model.zero_grad(set_to_none=True)
+        return statistics.median(times)
+
+
+def run_method(name: str, cls: type, args, template, stream, device, ref: Reference) -> dict[str, list[float]]:
     """One run of ``name`` over ``stream``; per-task figures (see the module docstring)."""
     import copy
 
     model = copy.deepcopy(template)
     cfg = make_cfg(args.batch_size, device, epochs=1, steps=args.steps)
-    rows: dict[str, list[float]] = {f: [] for f in FIGURES}
-    seen_test = 0
+    rows: dict[str, list[float]] = {f: [] for f in (*FIGURES, "reference")}
+    seen_test, before = 0, [ref.seconds()]
 
     def on_task(res, state, trained) -> None:
         nonlocal seen_test
+        after = ref.seconds()
+        rows["reference"].append((before[0] + after) / 2)
+        before[0] = after
         steps = min(args.steps, -(-len(stream.tasks[res.task].train_y) // args.batch_size))
         seen_test += len(stream.tasks[res.task].test_y)
         rows["train_step"].append(res.train_seconds / steps)
@@ -101,11 +136,26 @@ def run_method(name: str, cls: type, args, template, stream, device) -> dict[str
         if args.verbose:
             print(f"# {name} task {res.task}: step {1000 * rows['train_step'][-1]:.2f} ms, eval "
                   f"{rows['eval'][-1]:.3f} s, hook {rows['hook'][-1]:.3f} s, checkpoint "
-                  f"{rows['checkpoint_mb'][-1]:.3f} MB", flush=True)
+                  f"{rows['checkpoint_mb'][-1]:.3f} MB, reference {1000 * rows['reference'][-1]:.2f} ms",
+                  flush=True)
 
     run_stream(model, stream, run_manager(cls()), cfg, 0, device, on_task=on_task, clock=time.process_time,
                runtime=RUNTIME)
     return rows
+
+
+def slopes_of(rows: dict[str, list[float]]) -> dict[str, float]:
+    """Every figure's slope; a time's slope divided by the reference's over the same tasks (load drift out),
+    and its raw slope kept as ``<figure>_raw``."""
+    out: dict[str, float] = {}
+    for f in FIGURES:
+        if f in TIMES:
+            out[f] = slope([v / r for v, r in zip(rows[f], rows["reference"])])
+            out[f + "_raw"] = slope(rows[f])
+        else:
+            out[f] = slope(rows[f])
+    out["reference"] = slope(rows["reference"])
+    return out
 
 
 def cpu_model() -> str:
@@ -149,20 +199,21 @@ def main() -> None:
     torch.manual_seed(0)
     template = build_model(args.backbone, size, pretrained=False, checkpoint=None, in_chans=chans)
     stream = synthetic_stream(args.tasks, per_task, n_train, n_test, chans, size)
+    ref = Reference(template, stream.tasks[0].train_x[:args.batch_size])
     load_before, tic = load_line(), time.perf_counter()
     per_method: dict[str, dict[str, Any]] = {}
     for name, cls in classes.items():
         cpu = time.process_time()
         try:
-            rows = run_method(name, cls, args, template, stream, device)
+            rows = run_method(name, cls, args, template, stream, device, ref)
         except Exception as exc:  # noqa: BLE001 - one failing plugin must not hide the others' figures
             print(f"# {name} failed: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
             per_method[name] = {"error": f"{type(exc).__name__}: {exc}"}
             continue
-        slopes = {f: slope(v) for f, v in rows.items()}
+        slopes = slopes_of(rows)
         per_method[name] = {"per_task": rows, "slopes": slopes, "cpu_seconds": time.process_time() - cpu}
-        for f in FIGURES:
-            print(f"{name}.{f}_slope={slopes[f]:.4f}", flush=True)
+        for f, v in slopes.items():
+            print(f"{name}.{f}_slope={v:.4f}", flush=True)
         print(f"{name}.train_step_ms_first={1000 * rows['train_step'][1]:.3f}", flush=True)
         print(f"{name}.checkpoint_mb_last={rows['checkpoint_mb'][-1]:.4f}", flush=True)
     meta = {"command": "python benchmarks/growth.py " + " ".join(sys.argv[1:]), "commit": git_commit(),
