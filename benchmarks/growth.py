@@ -200,7 +200,7 @@ def main() -> None:
     template = build_model(args.backbone, size, pretrained=False, checkpoint=None, in_chans=chans)
     stream = synthetic_stream(args.tasks, per_task, n_train, n_test, chans, size)
     ref = Reference(template, stream.tasks[0].train_x[:args.batch_size])
-    load_before, tic = load_line(), time.perf_counter()
+    load_before, tic, commit = load_line(), time.perf_counter(), git_commit()  # the code measured, not later edits
     per_method: dict[str, dict[str, Any]] = {}
     for name, cls in classes.items():
         cpu = time.process_time()
@@ -216,7 +216,7 @@ def main() -> None:
             print(f"{name}.{f}_slope={v:.4f}", flush=True)
         print(f"{name}.train_step_ms_first={1000 * rows['train_step'][1]:.3f}", flush=True)
         print(f"{name}.checkpoint_mb_last={rows['checkpoint_mb'][-1]:.4f}", flush=True)
-    meta = {"command": "python benchmarks/growth.py " + " ".join(sys.argv[1:]), "commit": git_commit(),
+    meta = {"command": "python benchmarks/growth.py " + " ".join(sys.argv[1:]), "commit": commit,
             "machine": f"{cpu_model()}, {os.cpu_count()} cores, {platform.system()} {platform.release()}",
             "torch": torch.__version__, "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "load_before": load_before, "load_after": load_line(), "threads": torch.get_num_threads(),
