@@ -202,10 +202,10 @@ def _explaining_progress() -> Callable[[str], None]:
 
 def next_steps(suite, source: Path) -> list[str]:
     """Where a finished ``clbench run`` wrote, and the two commands that show it."""
-    import mlflow
+    from clbench.tracking import store_uri
 
-    uri = suite.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or mlflow.get_tracking_uri()
-    experiment = suite.tracking.experiment or suite.name
+    uri = store_uri(suite.tracking.uri)
+    experiment = suite.experiment
     lines = [f"results: MLflow experiment '{experiment}' in {uri}"]
     store = f" --tracking-uri {uri}" if suite.tracking.uri else ""
     lines.append(f"  clbench leaderboard {source}{store}   # methods compared, seeds aggregated")
@@ -224,7 +224,7 @@ def methods(
     plugins_dir: list[str] = typer.Option([], "--plugins-dir"),
 ) -> None:
     """List the registered methods (and their params)."""
-    from clbench.method import describe_params
+    from clbench.method import describe_params, training_summary
     from clbench.registry import discover
 
     try:
@@ -242,6 +242,8 @@ def methods(
         typer.echo(f"{n}{' (' + ', '.join(aliases) + ')' if aliases else ''}  [{info.source}]")
         if getattr(info.cls, "paper", ""):
             typer.echo(f"    paper: {info.cls.paper}")
+        if pattern and len(names) == 1:
+            typer.echo(f"    trains: {training_summary(info.cls)}")
         if params or (pattern and len(names) == 1):
             for fname, _, default, description in describe_params(info.cls.Params):
                 typer.echo(f"    {fname} = {default!r}: {description}")

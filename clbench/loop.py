@@ -237,6 +237,7 @@ def run_stream(model: CLModel, stream: Stream, pm, cfg: TrainConfig, seed: int, 
         check_replacement(model, replaced)
         model = replaced
     model.to(device).eval()  # a replacement's new modules are built in train mode
+    hook.freeze_backbone(progress)  # unless it declares trains_backbone, a method never trains the backbone
     if state.next_task > 0 and state.model_state is not None:
         restore(model, stream, pm, state, task_context(model, stream, state.next_task - 1, cfg, seed, device,
                                                        autocast))
@@ -379,11 +380,14 @@ def make_task_optimizer(model: CLModel, head: torch.nn.Module, groups: list[dict
 
 
 def inflora_cosine_factor(epoch: int, epochs: int) -> float:
-    """InfLoRA's ``CosineSchedule`` (official ``utils/schedulers.py``), stepped once per epoch: a quarter cosine
-    from 1 at epoch 0 to cos(99 pi / 200) ~ 0.016 at the last epoch (1 throughout when there is one epoch)."""
+    """The ``CosineSchedule`` of InfLoRA (``utils/schedulers.py``) and CODA-Prompt (the same file), stepped once
+    per epoch as their trainers do, lag included: its constructor calls ``step()`` once (lr * f(0)) and then resets
+    ``last_epoch`` to -1, so the first per-epoch step applies f(0) again. Epoch e (0-based) of K trains at
+    ``[1, 1, f(1), ..., f(K - 2)][e]`` with ``f(e) = cos(99 pi e / (200 (K - 1)))``; K = 5: [1, 1, .925, .713,
+    .394]. One epoch: 1 (the official K = 1 divides by zero)."""
     if epochs <= 1:
         return 1.0
-    return math.cos(99 * math.pi * epoch / (200 * (epochs - 1)))
+    return math.cos(99 * math.pi * max(epoch - 1, 0) / (200 * (epochs - 1)))
 
 
 def multistep_factor(epoch: int, milestones: list[int], gamma: float) -> float:

@@ -16,8 +16,9 @@ GDumb), ``replay_batch`` adds samples to every step (ER, DER), ``replay_buffer``
 A *stream index* names training samples without copying them: a ``torch.long`` tensor of shape ``N x 2``
 whose rows are ``(task, row)``, ``row`` the sample's position in task ``task``'s training set as
 ``ctx.task_samples(task)`` returns it (the stream's stored order, fixed by the suite's seed). The stream is
-deterministic, so an index is enough to get the same uint8 images back (:func:`gather`): a method keeps and
-checkpoints indices (ER's buffer: 16 bytes a sample instead of the image) and decodes them when it needs pixels.
+deterministic, so an index is enough to get the same uint8 images back (:func:`gather`; a method calls
+``ctx.stream_samples(index)``): a method keeps and checkpoints indices (ER's buffer: 16 bytes a sample instead of
+the image) and decodes them when it needs pixels.
 
 The loop keeps its own single-head path untouched when no method rehearses; :class:`Step` holds a step's rows
 and runs the forward pass and the loss when rehearsal added some.

@@ -91,8 +91,9 @@ class TrainConfig(Strict):
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
     schedule: Literal["constant", "cosine", "inflora_cosine", "multistep"] = Field(
-        "constant", description="constant; cosine: per-step half cosine to 0; inflora_cosine: InfLoRA's "
-                                "CosineSchedule, per epoch lr*cos(99*pi*e/(200*(K-1))); multistep: lr*gamma^m "
+        "constant", description="constant; cosine: per-step half cosine to 0; inflora_cosine: the "
+                                "CosineSchedule of InfLoRA and CODA-Prompt stepped per epoch with its lag: epoch e "
+                                "at lr*f(max(e-1, 0)), f(e) = cos(99*pi*e/(200*(K-1))); multistep: lr*gamma^m "
                                 "after m of train.milestones (epochs)")
     milestones: list[int] = Field(default_factory=list, description="multistep: epochs (0-based) at which the "
                                   "learning rate is multiplied by gamma")
@@ -249,6 +250,11 @@ class Suite(Strict):
                                  f"({labels}); name the entry it refers to")
         return self
 
+    @property
+    def experiment(self) -> str:
+        """The MLflow experiment of this suite's runs: ``tracking.experiment``, else the suite's name."""
+        return self.tracking.experiment or self.name
+
     def protocol_hash(self) -> str:
         """Hash of what makes runs comparable: the training protocol, the backbone and the data's identity (stream
         settings and the shipped split files' checksums), not the methods, not the runtime settings and never a
@@ -261,7 +267,10 @@ class Suite(Strict):
         backbone = self.backbone.model_dump(exclude={"checkpoint"})
         if self.backbone.checkpoint:
             backbone["checkpoint_sha256"] = file_sha256(self.backbone.checkpoint)
-        identity = {"train": self.train.model_dump(), "backbone": backbone, "stream": stream,
+        train = self.train.model_dump()
+        if train["schedule"] == "inflora_cosine":  # since issue 31 with the official one-epoch lag: other runs
+            train["schedule_lag"] = 1
+        identity = {"train": train, "backbone": backbone, "stream": stream,
                     "splits": shipped_split_sums(self.stream.name)}
         if self._split == "validation":  # other images measured: never one group or checkpoint with test runs
             identity["validation"] = self.validation.model_dump()

@@ -25,7 +25,7 @@ the stream's uint8 and augmented like the batch when replayed, as Mammoth augmen
 images on replay. (3) The buffer *is* a stream index (``clbench.rehearsal``: one ``(task, row)`` pair per slot):
 the stream is deterministic, so the checkpoint keeps 16 bytes a slot (kilobytes, whatever the image size) and
 the images are decoded from the stream into memory when the buffer fills and again when a run resumes
-(``rehearsal.gather``); Mammoth's buffer and its checkpoints hold the images.
+(``ctx.stream_samples``); Mammoth's buffer and its checkpoints hold the images.
 
 Measured on the quickstart (mnist5k, 5 tasks): with ``current_scope: task`` ER's class-incremental accuracy after
 task 2 was no better than sequential LoRA's (52.75 vs 52.50; TIL 91.75): earlier heads are never trained against
@@ -40,9 +40,7 @@ import torch
 from clbench_plugins._trained_part import PartParams, TrainedPart, seen_heads
 from pydantic import Field
 
-from clbench import Method, hookimpl
-from clbench.errors import ClbenchError
-from clbench.rehearsal import Samples, gather
+from clbench import ClbenchError, Method, Samples, hookimpl
 
 
 class ERParams(PartParams):
@@ -157,7 +155,7 @@ class ExperienceReplay(TrainedPart, Method):
         self.index = state["index"].clone()
         self.buf_x, self.buf_y = None, torch.zeros(0, dtype=torch.long)
         if len(self.index):
-            kept = gather(ctx.task_samples, self.index)
+            kept = ctx.stream_samples(self.index)
             self.buf_x, self.buf_y = kept.x, kept.y
 
 
