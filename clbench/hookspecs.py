@@ -146,7 +146,7 @@ class MethodSpec:
 
         ``rows`` (a CPU ``torch.long`` tensor, ``N x 2``) is the stream index ``(task, row)`` of the step's
         training rows, so a method can insert them into a buffer with this step's logits (DER):
-        ``ctx.task_samples(task).take(rows[:, 1])`` gives back their raw images and labels. They are ``batch``'s
+        ``ctx.stream_samples(rows)`` gives back their raw images and labels. They are ``batch``'s
         rows (``task`` is ``ctx.task``), or, when ``training_set`` replaced the task's data, the first
         ``len(rows)`` rows of ``replayed`` (``batch`` and ``logits`` are then empty; rows of a part without a
         ``Samples.index`` read ``(-1, -1)``). Under torchrun, this rank's rows."""

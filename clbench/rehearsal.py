@@ -13,17 +13,22 @@ Where they come from (``clbench.hookspecs``): ``training_set`` replaces a task's
 GDumb), ``replay_batch`` adds samples to every step (ER, DER), ``replay_buffer`` reports what the method keeps
 (``cost/buffer_images``). ``TaskContext.task_samples(j)`` gives the raw training samples of a seen task j.
 
-Scope names and codes: ``SCOPES = ("task", "seen", "none")``; in :class:`Replayed` (tensors on the device) a
-row's scope is its position in ``SCOPES`` (``SCOPE_TASK`` 0, ``SCOPE_SEEN`` 1, ``SCOPE_NONE`` 2).
+A *stream index* names training samples without copying them: a ``torch.long`` tensor of shape ``N x 2``
+whose rows are ``(task, row)``, ``row`` the sample's position in task ``task``'s training set as
+``ctx.task_samples(task)`` returns it (the stream's stored order, fixed by the suite's seed). The stream is
+deterministic, so an index is enough to get the same uint8 images back (:func:`gather`; a method calls
+``ctx.stream_samples(index)``): a method keeps and checkpoints indices (ER's buffer: 16 bytes a sample instead of
+the image) and decodes them when it needs pixels. A :class:`Samples` may carry its own (``index``):
+``ctx.task_samples(j)`` and :func:`gather` set it, ``take`` and ``with_scope`` keep it.
 
 Which stored rows a step trains on: the step hooks (``replay_batch``, ``loss_terms``, ``before_optimizer_step``,
-``after_optimizer_step``) receive ``rows``, the *stream index* of the step's training rows: a ``torch.long`` CPU
-tensor of shape ``N x 2`` whose rows are ``(task, row)``, ``row`` the sample's position in that task's training
-set as ``ctx.task_samples(task)`` returns it (the stream's stored order, fixed by the suite's seed), so
-``ctx.task_samples(task).take(rows[:, 1])`` gives back the raw uint8 images and labels of those rows, before
-augmentation. A :class:`Samples` may carry such an index (``index``): ``ctx.task_samples(j)`` does, ``take`` and
-``with_scope`` keep it, and the rows of a replaced training set are indexed through it (``-1`` where a part
-carries none). This is how a method inserts the step's samples into its buffer during training (DER, DER++).
+``after_optimizer_step``) receive ``rows``, the stream index of the step's training rows (a CPU tensor), so
+``ctx.stream_samples(rows)`` gives back their raw uint8 images and labels, before augmentation. With a replaced
+training set, its samples' ``index`` provides the rows (``(-1, -1)`` where a part carries none). This is how a
+method inserts the step's samples into its buffer during training (DER, DER++).
+
+Scope names and codes: ``SCOPES = ("task", "seen", "none")``; in :class:`Replayed` (tensors on the device) a
+row's scope is its position in ``SCOPES`` (``SCOPE_TASK`` 0, ``SCOPE_SEEN`` 1, ``SCOPE_NONE`` 2).
 
 The loop keeps its own single-head path untouched when no method rehearses; :class:`Step` holds a step's rows
 and runs the forward pass and the loss when rehearsal added some.
@@ -98,6 +103,27 @@ def stream_index(parts: Sequence[Samples]) -> torch.Tensor:
     """The stream index of :func:`concat`'s rows: each part's ``index``, or ``(-1, -1)`` rows for a part without."""
     return torch.cat([p.index if p.index is not None else torch.full((len(p), 2), -1, dtype=torch.long)
                       for p in parts])
+
+
+def gather(samples_of: Callable[[int], Samples], index: torch.Tensor) -> Samples:
+    """The samples a stream index names (module docstring), in its row order, as one materialised
+    :class:`Samples` (scope ``"task"``). ``samples_of`` is ``ctx.task_samples``: a task after the current one
+    is refused there, so an index cannot peek ahead."""
+    index = torch.as_tensor(index, dtype=torch.long)
+    if index.ndim != 2 or index.shape[1] != 2:
+        raise ClbenchError(f"stream index: must be a long tensor of (task, row) pairs, N x 2; got shape "
+                           f"{tuple(index.shape)}")
+    x: torch.Tensor | None = None
+    y = torch.empty(len(index), dtype=torch.long)
+    for task in index[:, 0].unique().tolist():
+        where = (index[:, 0] == task).nonzero()[:, 0]
+        part = samples_of(int(task)).take(index[where, 1])
+        if x is None:
+            x = torch.empty((len(index), *part.x.shape[1:]), dtype=torch.uint8)
+        x[where], y[where] = part.x, part.y
+    if x is None:
+        raise ClbenchError("stream index: empty; keep None instead of an empty index")
+    return Samples(x, y, index=index.clone())
 
 
 @dataclass(frozen=True)

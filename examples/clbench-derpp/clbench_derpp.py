@@ -15,7 +15,7 @@ buffer 500: alpha 0.3, beta 0.5).
 How it uses clbench's contract (the point of this example; see CONTRIBUTING, "Rehearsal"):
 
 * the step hooks' ``rows`` is the stream index ``(task, row)`` of the step's training samples: the buffer stores
-  those pairs, never the images (``ctx.task_samples(task).take(rows)`` decodes them when they are replayed), and
+  those pairs, never the images (``ctx.stream_samples(index)`` decodes them when they are replayed), and
   the logits of that step (``loss_terms``), inserting after the optimizer step (``after_optimizer_step``) as
   Mammoth does;
 * ``replay_batch`` returns a list of two ``Samples`` with scope ``"none"``: the loop forwards them with the batch
@@ -77,18 +77,6 @@ def reservoir_slots(seen: int, n: int, capacity: int, generator: torch.Generator
     return slots
 
 
-def decode(ctx: TaskContext, index: torch.Tensor) -> Samples:
-    """The raw samples a stream index names (``(task, row)`` pairs), in its order, through ``ctx.task_samples``."""
-    x, y = None, torch.empty(len(index), dtype=torch.long)
-    for task in index[:, 0].unique().tolist():
-        where = (index[:, 0] == task).nonzero()[:, 0]
-        part = ctx.task_samples(int(task)).take(index[where, 1])
-        if x is None:
-            x = torch.empty((len(index), *part.x.shape[1:]), dtype=torch.uint8)
-        x[where], y[where] = part.x, part.y
-    return Samples(x, y, "none", index=index.clone())
-
-
 class DERpp(Method):
     name = "derpp"
     paper = ("Buzzega et al., Dark Experience for General Continual Learning: a Strong, Simple Baseline, "
@@ -144,7 +132,7 @@ class DERpp(Method):
         m = min(n, self.params.minibatch_size or ctx.batch_size)
         # two independent draws without replacement, as Mammoth's two get_data calls
         self._draws = [torch.randperm(n, generator=self._draw_gen)[:m] for _ in range(2)]
-        return [decode(ctx, self.index[d]) for d in self._draws]
+        return [ctx.stream_samples(self.index[d]).with_scope("none") for d in self._draws]
 
     @hookimpl
     def loss_terms(self, batch: tuple[torch.Tensor, torch.Tensor], logits: torch.Tensor, ctx: TaskContext,
@@ -205,7 +193,7 @@ class DERpp(Method):
 
     @hookimpl
     def replay_buffer(self, ctx: TaskContext) -> Samples | None:
-        return decode(ctx, self.index) if len(self.index) else None
+        return ctx.stream_samples(self.index) if len(self.index) else None
 
     @hookimpl
     def method_state(self, ctx: TaskContext) -> dict[str, Any]:
