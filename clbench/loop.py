@@ -134,12 +134,14 @@ def _take(x: torch.Tensor, sel: torch.Tensor | slice, pin: bool) -> torch.Tensor
 def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, device: torch.device, model: CLModel,
             shuffle: bool, generator: torch.Generator | None = None, fraction: float = 1.0,
             limit: int | None = None, augment: Callable | None = None,
-            shard: tuple[int, int] | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+            shard: tuple[int, int] | None = None, drop_last: bool = False,
+            positions: bool = False) -> Iterator[tuple[torch.Tensor, ...]]:
     """Batches from in-memory uint8 tensors, moved to the device and preprocessed there.
 
     ``augment(x, size, generator)`` (the stream's training augmentation) runs on the device before preprocess.
     ``shard=(rank, world)`` (torchrun, clbench.distributed) yields this rank's rows of every global batch, possibly
-    empty."""
+    empty. ``drop_last``: no last partial (global) batch. ``positions``: yield ``(x, y, pos)``, ``pos`` the batch's
+    row numbers in ``x`` (a CPU long tensor)."""
     n = len(x)
     if fraction < 1.0:  # a uniformly spaced subset, deterministic
         idx = torch.linspace(0, n - 1, max(1, int(round(fraction * n)))).round().long()
@@ -152,7 +154,8 @@ def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, device: torch.dev
         generator = torch.Generator().manual_seed(aug_seed)
     pin = device.type == "cuda"
     in_order = fraction >= 1.0 and not shuffle  # evaluation: plain slices, no gather copy
-    for b, start in enumerate(range(0, len(idx), batch_size)):
+    ends = len(idx) - batch_size + 1 if drop_last else len(idx)
+    for b, start in enumerate(range(0, max(ends, 0), batch_size)):
         if limit is not None and b >= limit:
             break
         sel = slice(start, start + batch_size) if in_order else idx[start:start + batch_size]
@@ -165,7 +168,10 @@ def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, device: torch.dev
             if augment is not None:
                 xb = augment(xb, model.image_size, generator)
             xb = model.preprocess(xb)
-        yield xb, yb
+        if positions:
+            yield xb, yb, torch.arange(n)[sel] if isinstance(sel, slice) else sel
+        else:
+            yield xb, yb
 
 
 def make_optimizer(cfg: TrainConfig, groups: list[dict]) -> torch.optim.Optimizer:
@@ -237,6 +243,7 @@ def run_stream(model: CLModel, stream: Stream, pm, cfg: TrainConfig, seed: int, 
         check_replacement(model, replaced)
         model = replaced
     model.to(device).eval()  # a replacement's new modules are built in train mode
+    hook.freeze_backbone(progress)  # unless it declares trains_backbone, a method never trains the backbone
     if state.next_task > 0 and state.model_state is not None:
         restore(model, stream, pm, state, task_context(model, stream, state.next_task - 1, cfg, seed, device,
                                                        autocast))
@@ -246,7 +253,7 @@ def run_stream(model: CLModel, stream: Stream, pm, cfg: TrainConfig, seed: int, 
     for t in range(state.next_task, T):
         # -- phase 1: the new task's head (old heads frozen); seeded so resumed runs match --------------
         seed_task(seed, t)
-        head = new_head(model, stream, t)
+        head = new_head(model, stream, t, cfg.head_init)
         model.eval()  # the task's prologue hooks: eval mode on every task (the new head too)
         ctx = task_context(model, stream, t, cfg, seed, device, autocast)
         # -- phase 1b (rehearsal): the method may replace the task's training set ------------------------
@@ -310,7 +317,8 @@ def task_context(model: CLModel, stream: Stream, t: int, cfg: TrainConfig, seed:
     task = stream.tasks[t]
     T = len(stream.tasks)
     offsets = np.cumsum([0] + [len(s.classes) for s in stream.tasks])
-    steps = math.ceil((train_size or len(task.train_y)) / cfg.batch_size)
+    rounding = math.floor if cfg.drop_last else math.ceil
+    steps = rounding((train_size or len(task.train_y)) / cfg.batch_size)
     if cfg.max_steps_per_epoch:
         steps = min(steps, cfg.max_steps_per_epoch)
     local_y = task.train_y - int(offsets[t])
@@ -325,11 +333,15 @@ def task_context(model: CLModel, stream: Stream, t: int, cfg: TrainConfig, seed:
         return batches(task.train_x, local_y, batch_size or cfg.batch_size, device, model, shuffle,
                        generator, fraction, augment=stream.augment if augmented else None)
 
+    def samples_of(j: int) -> rehearsal.Samples:
+        rows = stream.tasks[j]
+        return rehearsal.Samples(rows.train_x, rows.train_y, index=rehearsal.stream_rows(j, len(rows.train_y)))
+
     return TaskContext(task=t, num_tasks=T, classes=task.classes,
                        seen_classes=tuple(range(int(offsets[t + 1]))), device=device, seed=seed,
                        loader=loader, epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size,
                        steps_per_epoch=steps, autocast=autocast,
-                       samples_of=lambda j: rehearsal.Samples(stream.tasks[j].train_x, stream.tasks[j].train_y))
+                       samples_of=samples_of)
 
 
 def restore(model: CLModel, stream: Stream, pm, state: LoopState, ctx: TaskContext) -> None:
@@ -352,15 +364,25 @@ def restore(model: CLModel, stream: Stream, pm, state: LoopState, ctx: TaskConte
     state.rng = None
 
 
-def new_head(model: CLModel, stream: Stream, t: int) -> torch.nn.Module:
-    """Task ``t``'s head, trainable; every earlier head frozen."""
+def new_head(model: CLModel, stream: Stream, t: int, init: str = "torch") -> torch.nn.Module:
+    """Task ``t``'s head, trainable; every earlier head frozen. ``init`` (``train.head_init``): ``torch`` keeps
+    nn.Linear's default; ``kaiming_zero`` is PILOT's SimpleLinear (Kaiming-uniform weight, zero bias)."""
     for h in model.heads:
         h.requires_grad_(False)
     while len(model.heads) <= t:
-        model.add_head(len(stream.tasks[len(model.heads)].classes))
+        added = model.add_head(len(stream.tasks[len(model.heads)].classes))
+        if init == "kaiming_zero":
+            init_head_kaiming_zero(added)
     head = model.heads[t]
     head.requires_grad_(True)
     return head
+
+
+def init_head_kaiming_zero(head: torch.nn.Linear) -> None:
+    """PILOT's ``SimpleLinear.reset_parameters``: ``kaiming_uniform_(weight, nonlinearity='linear')``, bias 0."""
+    with torch.no_grad():
+        torch.nn.init.kaiming_uniform_(head.weight, nonlinearity="linear")
+        torch.nn.init.zeros_(head.bias)
 
 
 def make_task_optimizer(model: CLModel, head: torch.nn.Module, groups: list[dict] | None, cfg: TrainConfig,
@@ -379,11 +401,14 @@ def make_task_optimizer(model: CLModel, head: torch.nn.Module, groups: list[dict
 
 
 def inflora_cosine_factor(epoch: int, epochs: int) -> float:
-    """InfLoRA's ``CosineSchedule`` (official ``utils/schedulers.py``), stepped once per epoch: a quarter cosine
-    from 1 at epoch 0 to cos(99 pi / 200) ~ 0.016 at the last epoch (1 throughout when there is one epoch)."""
+    """The ``CosineSchedule`` of InfLoRA (``utils/schedulers.py``) and CODA-Prompt (the same file), stepped once
+    per epoch as their trainers do, lag included: its constructor calls ``step()`` once (lr * f(0)) and then resets
+    ``last_epoch`` to -1, so the first per-epoch step applies f(0) again. Epoch e (0-based) of K trains at
+    ``[1, 1, f(1), ..., f(K - 2)][e]`` with ``f(e) = cos(99 pi e / (200 (K - 1)))``; K = 5: [1, 1, .925, .713,
+    .394]. One epoch: 1 (the official K = 1 divides by zero)."""
     if epochs <= 1:
         return 1.0
-    return math.cos(99 * math.pi * epoch / (200 * (epochs - 1)))
+    return math.cos(99 * math.pi * max(epoch - 1, 0) / (200 * (epochs - 1)))
 
 
 def multistep_factor(epoch: int, milestones: list[int], gamma: float) -> float:
@@ -415,6 +440,8 @@ class Schedule:
             return 0.5 * (1 + math.cos(math.pi * min(self.steps, self.total_steps) / self.total_steps))
         if self.kind == "inflora_cosine":
             return inflora_cosine_factor(self.epoch, self.epochs)
+        if self.kind == "cosine_epoch":  # CosineAnnealingLR(T_max=epochs, eta_min=0) stepped after every epoch
+            return 0.5 * (1 + math.cos(math.pi * self.epoch / self.epochs))
         if self.kind == "multistep":
             return multistep_factor(self.epoch, self.milestones, self.gamma)
         return 1.0
@@ -431,7 +458,7 @@ class Schedule:
 
     def epoch_end(self) -> None:
         self.epoch += 1
-        if self.kind in ("inflora_cosine", "multistep"):
+        if self.kind in ("inflora_cosine", "cosine_epoch", "multistep"):
             self._apply()
 
 
@@ -454,6 +481,18 @@ class Trained:
     epoch_lrs: list[float] = field(default_factory=list)
 
 
+def training_rows(stream: Stream, ctx: TaskContext, train_set: list[rehearsal.Samples] | None
+                  ) -> tuple[Any, torch.Tensor, torch.Tensor]:
+    """What task ``ctx.task`` trains on: images, labels (within the task; with a replaced training set, rows of
+    (label, scope code), labels of seen classes only) and the stream index of every row (the step hooks' ``rows``)."""
+    if train_set is None:
+        task = stream.tasks[ctx.task]
+        return task.train_x, task.train_y - ctx.class_offset, rehearsal.stream_rows(ctx.task, len(task.train_y))
+    train_x, train_y = rehearsal.concat(train_set)
+    rehearsal.check_labels(train_y[:, 0], len(ctx.seen_classes), "training_set")
+    return train_x, train_y, rehearsal.stream_index(train_set)
+
+
 def train_task(model: CLModel, stream: Stream, pm, ctx: TaskContext, optimizer: torch.optim.Optimizer,
                scheduler: Schedule | None, cfg: TrainConfig, comm: Communicator, clock: Callable[[], float],
                progress: Callable[[str], None], train_set: list[rehearsal.Samples] | None = None,
@@ -463,12 +502,7 @@ def train_task(model: CLModel, stream: Stream, pm, ctx: TaskContext, optimizer: 
     Rehearsal: ``train_set`` (``training_set``'s samples) replaces the task's own data, ``replay_batch`` adds
     rows to each step; steps with such rows score every row per its scope (``clbench.rehearsal.Step``)."""
     hook, t, device = checked_hooks(pm), ctx.task, ctx.device
-    task = stream.tasks[t]
-    if train_set is None:
-        train_x, train_y = task.train_x, task.train_y - ctx.class_offset
-    else:  # rows of (label, scope code); labels of seen classes only
-        train_x, train_y = rehearsal.concat(train_set)
-        rehearsal.check_labels(train_y[:, 0], len(ctx.seen_classes), "training_set")
+    train_x, train_y, index = training_rows(stream, ctx, train_set)
     offsets = torch.as_tensor(np.cumsum([0] + [len(s.classes) for s in stream.tasks]), device=device)
     params = [p for g in optimizer.param_groups for p in g["params"]]
     model.train()
@@ -482,34 +516,36 @@ def train_task(model: CLModel, stream: Stream, pm, ctx: TaskContext, optimizer: 
     for epoch in range(cfg.epochs):
         epoch_lrs.append(float(optimizer.param_groups[0]["lr"]))  # the method's first group: the adapters
         window_t, window_n = clock(), 0
-        for xb, yb in batches(train_x, train_y, cfg.batch_size, device, model, shuffle=True, generator=gen,
-                              limit=cfg.max_steps_per_epoch, augment=stream.augment, shard=comm.shard):
+        for xb, yb, pos in batches(train_x, train_y, cfg.batch_size, device, model, shuffle=True, generator=gen,
+                                   limit=cfg.max_steps_per_epoch, augment=stream.augment, shard=comm.shard,
+                                   drop_last=cfg.drop_last, positions=True):
             optimizer.zero_grad(set_to_none=True)
-            loss = None
-            rows = rehearsal.Step.of(xb, yb, train_set is not None)
-            rows.add(rehearsal.as_list(hook.replay_batch(model=model, batch=rows.own, ctx=ctx), "replay_batch"),
-                     len(ctx.seen_classes), device, model, stream.augment, replay_gen, comm.shard)
-            if len(rows):  # under torchrun a rank's share of a short last batch may be empty
-                if rows.extra is None:  # the protocol's step: cross-entropy on the current head
+            loss, rows = None, index[pos]  # rows: which stored training rows this step holds (task, row)
+            data = rehearsal.Step.of(xb, yb, train_set is not None)
+            data.add(rehearsal.as_list(hook.replay_batch(model=model, batch=data.own, rows=rows, ctx=ctx),
+                                       "replay_batch"), len(ctx.seen_classes), device, model, stream.augment,
+                     replay_gen, comm.shard)
+            if len(data):  # under torchrun a rank's share of a short last batch may be empty
+                if data.extra is None:  # the protocol's step: cross-entropy on the current head
                     with ctx.autocast():
                         logits, aux = forward_with_aux(model, xb, t)
                     loss, replayed = F.cross_entropy(logits.float(), yb), None
                 else:  # rehearsal: one pass over own and added rows, every seen head, each row's loss per scope
-                    logits, loss, replayed = rows.forward(model, ctx, offsets)
+                    logits, loss, replayed = data.forward(model, ctx, offsets)
                     aux = {}
                 total, names = loss, []
-                for terms in hook.loss_terms(model=model, batch=rows.own, logits=logits, ctx=ctx, replayed=replayed,
-                                          aux=aux):
+                for terms in hook.loss_terms(model=model, batch=data.own, logits=logits, ctx=ctx, replayed=replayed,
+                                          aux=aux, rows=rows):
                     for name, value in (terms or {}).items():
                         total = total + value
                         names.append(name)
                         term_sums[name] = term_sums.get(name, 0) + value.detach().float()
                 hook.backward(total, names)  # a graph kept from an earlier step fails here, naming the method
             # the whole batch's gradient and mean loss on every rank; in one process, as they are
-            n_seen, loss = comm.reduce_gradients(params, len(rows), loss)
-            hook.before_optimizer_step(model=model, ctx=ctx)
+            n_seen, loss = comm.reduce_gradients(params, len(data), loss)
+            hook.before_optimizer_step(model=model, ctx=ctx, rows=rows)
             optimizer.step()
-            hook.after_optimizer_step(model=model, ctx=ctx)
+            hook.after_optimizer_step(model=model, ctx=ctx, rows=rows)
             if scheduler is not None:
                 scheduler.step()
             loss_sum += loss.detach()
@@ -547,7 +583,7 @@ def evaluate(model: CLModel, stream: Stream, upto: int, eval_batch_size: int, de
         lo, hi = int(offsets[j]), int(offsets[j + 1])
         correct = torch.zeros(2, dtype=torch.long, device=device)
         for xb, yb in batches(task.test_x, task.test_y, eval_batch_size, device, model, shuffle=False,
-                              shard=comm.shard):
+                              shard=comm.shard, augment=stream.test_transform):
             if len(yb) == 0:
                 continue
             with autocast():
