@@ -102,7 +102,8 @@ def test_vs_baseline_is_paired_by_seed(bench):
     # inflora finished seeds 0 and 1 only (seed 2 FAILED): two pairs
     inflora = rows["inflora"].vs_baseline["final/acc"]
     assert inflora["n"] == 2 and inflora["p"] == pytest.approx(sps.ttest_rel([80, 84], [70, 72]).pvalue)
-    assert rows["eblora"].vs_baseline["final/acc"] == {"diff": None, "ci95": None, "p": None, "n": 0}
+    assert rows["eblora"].vs_baseline["final/acc"] == {"diff": None, "ci95": None, "p": None, "n": 0,
+                                                          "zero_variance": False}
     assert rows["lora"].vs_baseline is None
     header, body = lb.table_cells(a)
     col = header.index("final/acc vs lora")
