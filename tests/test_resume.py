@@ -52,7 +52,8 @@ def history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
 # ``python -c KILLER POINT:TASK[:INT|:TERM] clbench-args...``: `clbench run` that kills itself with SIGKILL (SIGINT
 # with ``:INT``, SIGTERM with ``:TERM``) the first time it reaches POINT of task TASK: ``train`` (the task's
 # training starts), ``eval`` (the evaluation after the task starts), ``checkpoint`` (the task's checkpoint written to
-# its temporary file, not yet renamed), ``log`` (the task's metrics in MLflow, before anything else), ``suite``
+# its temporary file, not yet renamed), ``ckwrite`` (the signal arrives while the TASK-th checkpoint file of the
+# process is being written), ``log`` (the task's metrics in MLflow, before anything else), ``suite``
 # (every run finished, the suite's figures about to be recorded on the parent run: the last seconds; TASK unused).
 KILLER = """
 import os, signal, sys
@@ -94,6 +95,17 @@ elif point == "checkpoint":
         return True
 
     at(checkpoint.RunStore, "save", lambda store, payload: payload["next_task"] - 1 == task and half_written(store, payload))
+elif point == "ckwrite":  # a signal while the checkpoint file is being written (held until it is complete)
+    write, seen = checkpoint.write_synced, []
+
+    def interrupted(path, fn):  # the write of task TASK's checkpoint (the run's TASK-th checkpoint, 0-based)
+        if path.name.startswith(".checkpoint.pt"):
+            seen.append(path)
+            if not fired and len(seen) == task + 1:
+                die()
+        return write(path, fn)
+
+    checkpoint.write_synced = interrupted
 elif point == "log":
     original = recorder.RunRecorder.on_task
 
@@ -279,6 +291,23 @@ def test_unreachable_tracking_server_fails_fast_with_one_line(tmp_path):
     err = [ln for ln in res.stderr.splitlines() if ln.strip()]
     assert len(err) == 1 and f"http://127.0.0.1:{port}" in err[0] and "cannot reach" in err[0], res.stderr
     assert "building stream" not in res.stderr  # detected before any data or training
+
+
+@pytest.mark.slow  # two processes; the default run's cover: test_run_state's in-process Ctrl-C during the write
+def test_ctrl_c_while_the_checkpoint_is_written_ends_killed_with_the_checkpoint_complete(tmp_path, mlflow_uri):
+    """Ctrl-C 35-60 ms after 'task N done' crashed inside torch's zip writer (a 60-line traceback, the run
+    FAILED) or aborted the process: the interrupt now waits for the complete file (issue 32 case 7)."""
+    suite_path = tmp_path / "ckwrite.yaml"
+    suite_path.write_text(tiny_suite_yaml("ckwrite", one_method=True))
+    ckdir = tmp_path / "ck"
+    p = clbench_run(suite_path, ckdir, mlflow_uri, "ckwrite:0:INT")
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr[-6000:]
+    assert "interrupted" in p.stderr.splitlines()[-1]
+    assert {r.info.status for r in mlflow_runs(mlflow_uri, "ckwrite")} == {"KILLED"}
+    [ck_path] = next(ckdir.iterdir()).glob("lora-*-s0/checkpoint.pt")
+    assert torch.load(ck_path, weights_only=True)["next_task"] == 1  # complete, and loadable
+    p = clbench_run(suite_path, ckdir, mlflow_uri, None)
+    assert p.returncode == 0 and "after task 1/3" in p.stderr, p.stderr[-6000:]
 
 
 class _Evil:
