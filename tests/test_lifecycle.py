@@ -85,8 +85,7 @@ def planned_store(tmp_path, mlflow_uri):
     tracker = MlflowTracker("life", mlflow_uri)
     [run] = runner.plan_runs(suite, str(suite_path), runner.discover([]), None)
     sdir = checkpoint.suite_dir(ckdir, suite.protocol_hash(), suite.name, "life", tracker.uri)
-    key = runner.run_key(suite, run, 0)
-    return suite_path, suite, ckdir, tracker, checkpoint.RunStore(checkpoint.run_folder(sdir, run.label, key, 0), key)
+    return suite_path, suite, ckdir, tracker, runner._store(sdir, suite, run, 0)  # its folder, key and code identity
 
 
 def test_truncated_checkpoint_restart_marks_old_run_killed(tmp_path, mlflow_uri):
