@@ -27,7 +27,7 @@ import yaml
 
 import clbench
 from clbench import checkpoint, distributed, keys
-from clbench.backbones import build_model
+from clbench.backbones import build_model, fetch_hub_weights
 from clbench.errors import ClbenchError
 from clbench.hookcheck import MethodHookError
 from clbench.loop import LoopState, resolve_device, resolved_precision, resume_state, run_stream
@@ -39,6 +39,7 @@ from clbench.streams import load_avalanche
 from clbench.suite import Suite
 from clbench.tracking import NullTracker, Tracker, make_tracker
 from clbench.validation import build_run_stream, stream_cache_key
+from clbench.weights import weights_line
 
 __all__ = ["PlannedRun", "RunJob", "RunRecord", "execute_job", "plan_runs", "run_key", "run_one", "run_suite"]
 
@@ -62,12 +63,14 @@ def run_suite(suite: Suite, source: str, *, methods: list[str] | None = None, se
     method_problems(suite, planned, source)  # params that do not fit the backbone: refused before any run exists
     seeds = seeds or suite.seeds
     if dry_run:
-        progress(f"suite hash {suite.protocol_hash()}")
+        progress(f"suite hash {suite.protocol_hash()} · weights {weights_line(suite.weights_identity())}")
         for run in planned:
             for seed in seeds:
                 progress(f"would run {run.label} ({run.info.source}) seed {seed}: {run.params.model_dump()}")
         return []
     experiment = suite.tracking.experiment or suite.name
+    b = suite.backbone
+    fetch_hub_weights(b.name, b.pretrained, b.checkpoint)  # the hash covers the checksum of the file runs load
     if distributed.active():
         load_avalanche()  # before the process group exists (clbench.streams.load_avalanche says why)
     if distributed.is_follower():  # torchrun rank > 0: rank 0 decides, logs and checkpoints
@@ -80,7 +83,8 @@ def run_suite(suite: Suite, source: str, *, methods: list[str] | None = None, se
         _restart(sdir, stores, tracker, progress)
     finished = {k: _finished_record(k, st, tracker) for k, st in stores.items()}
     distributed.announce({k for k, v in finished.items() if v is not None})
-    base_tags = {keys.SUITE: suite.name, keys.SUITE_HASH: suite.protocol_hash(), keys.VERSION: clbench.__version__}
+    base_tags = {keys.SUITE: suite.name, keys.SUITE_HASH: suite.protocol_hash(), keys.VERSION: clbench.__version__,
+                 keys.WEIGHTS: suite.weights_identity()}
     sha = git_sha()
     if sha:
         base_tags[keys.GIT_SHA] = sha

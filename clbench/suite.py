@@ -7,7 +7,6 @@ Relative paths inside a suite resolve against the suite file's folder.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 from pathlib import Path
@@ -26,6 +25,7 @@ from pydantic import (
 )
 
 from clbench.errors import ClbenchError
+from clbench.weights import weights_identity
 
 # The streams clbench can build (clbench.streams.build_stream has one branch per name).
 STREAM_NAMES = ("split_cifar100", "mnist5k", "digits", "synthetic", "imagenet_r", "domainnet")
@@ -256,39 +256,25 @@ class Suite(Strict):
         return hashlib.sha256(json.dumps(self.protocol_identity(), sort_keys=True).encode()).hexdigest()[:12]
 
     def protocol_identity(self) -> dict[str, Any]:
-        """What ``protocol_hash`` hashes."""
+        """What ``protocol_hash`` hashes. ``backbone.weights`` is the sha256 of the weights the backbone starts from
+        (clbench.weights: the shipped tiny-ViT file, a checkpoint file or the hub's file), so runs on other weights
+        are another protocol."""
         stream = self.stream.model_dump(exclude={"root", "download", "cache"})  # where / how data is read
         backbone = self.backbone.model_dump(exclude={"checkpoint"})
-        if self.backbone.checkpoint:
-            backbone["checkpoint_sha256"] = file_sha256(self.backbone.checkpoint)
+        backbone["weights"] = self.weights_identity()
         identity = {"train": self.train.model_dump(), "backbone": backbone, "stream": stream,
                     "splits": shipped_split_sums(self.stream.name)}
         if self._split == "validation":  # other images measured: never one group or checkpoint with test runs
             identity["validation"] = self.validation.model_dump()
         return identity
 
+    def weights_identity(self) -> str:
+        """The sha256 of the backbone's starting weights, or what stands for it (clbench.weights)."""
+        b = self.backbone
+        return weights_identity(b.name, b.image_size, b.in_chans, b.pretrained, b.checkpoint)
+
     def train_for(self, entry: MethodEntry) -> TrainConfig:
         return TrainConfig(**{**self.train.model_dump(), **entry.train})
-
-
-def file_sha256(path: str) -> str:
-    """sha256 of a weights file (cached per path, size and mtime); the file name when it is absent (validation
-    of the suite does not require the file; the run fails on it later with its own message)."""
-    p = Path(path)
-    try:
-        st = p.stat()
-    except OSError:
-        return "missing:" + p.name
-    return _sha256_cached(str(p), st.st_size, st.st_mtime_ns)
-
-
-@functools.lru_cache(maxsize=16)
-def _sha256_cached(path: str, size: int, mtime_ns: int) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def shipped_split_sums(stream_name: str) -> dict[str, str]:
