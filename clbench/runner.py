@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import platform
 import signal
 import sys
@@ -335,6 +336,17 @@ def _parent_run(tracker: Tracker, sdir: Path, suite: Suite, base_tags: dict[str,
     return parent
 
 
+def deterministic_algorithms(on: bool) -> None:
+    """``runtime.deterministic``: deterministic kernels only (torch raises on an op that has none), cuBLAS with a
+    fixed workspace (CUBLAS_WORKSPACE_CONFIG, read when cuBLAS starts a handle; a value the user set is kept) and
+    no cuDNN autotuning. Off: torch's defaults, so one run's setting never leaks into the next in this process."""
+    if on:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(on)
+    torch.backends.cudnn.deterministic = on
+    torch.backends.cudnn.benchmark = False if on else torch.backends.cudnn.benchmark
+
+
 def run_one(suite: Suite, run: PlannedRun, seed: int, stream, tracker: Tracker, parent: str,
             base_tags: dict[str, str], suite_yaml: str, progress: Callable[[str], None],
             store: checkpoint.RunStore | None = None) -> RunRecord:
@@ -346,6 +358,7 @@ def run_one(suite: Suite, run: PlannedRun, seed: int, stream, tracker: Tracker, 
     if device.type == "cpu" and rt.cpu_threads:
         # a tiny ViT's per-step kernels are too small to split: two threads wait on each other
         torch.set_num_threads(rt.cpu_threads)
+    deterministic_algorithms(rt.deterministic)
     say = lambda msg: progress(f"[{run.label} seed {seed}] {msg}")  # noqa: E731
     ck = store.load() if store is not None else None
     # The model is built before any MLflow run exists, so missing weights leave no FAILED run behind.

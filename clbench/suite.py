@@ -111,7 +111,7 @@ class TrainConfig(Strict):
 
 
 # Settings that say how a run executes, not what it learns: outside the suite hash, recorded as tags.
-RUNTIME_KEYS = ("device", "compile", "log_every", "cpu_threads", "eval_batch_size")
+RUNTIME_KEYS = ("device", "compile", "log_every", "cpu_threads", "eval_batch_size", "deterministic")
 
 
 class RuntimeConfig(Strict):
@@ -126,6 +126,10 @@ class RuntimeConfig(Strict):
     cpu_threads: int | None = Field(None, ge=1, le=512, description="torch threads when training on the CPU "
                                     "(default: torch's choice; tiny models run fastest on 1)")
     eval_batch_size: int = Field(256, ge=1)
+    deterministic: bool = Field(False, description="bit-reproducible runs on CUDA: torch.use_deterministic_algorithms"
+                                "(True) (an op without a deterministic kernel fails, naming itself), cuBLAS's "
+                                "CUBLAS_WORKSPACE_CONFIG=:4096:8, no cuDNN autotuning; slower. The CPU is "
+                                "bit-reproducible at a given thread count without it (README: determinism)")
 
 
 class MethodEntry(Strict):

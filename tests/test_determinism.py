@@ -54,3 +54,23 @@ def test_prompt_methods_resume_bit_exactly_at_two_threads(name):
     cls = discover(strict=False).methods[name].cls
     with threads(2):
         assert_resumes(cls, after=1, num_tasks=3)
+
+
+def test_runtime_deterministic_switches_torch_to_deterministic_kernels_and_back(monkeypatch):
+    """runtime.deterministic (outside the suite hash: tests/test_protocols.py) turns on torch's deterministic
+    algorithms and cuBLAS's fixed workspace for a run, and a run without it leaves torch's defaults."""
+    from clbench.runner import deterministic_algorithms
+
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    try:
+        deterministic_algorithms(True)
+        assert torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.deterministic
+        assert not torch.backends.cudnn.benchmark
+        import os
+
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+        pool = torch.rand(30, 20, 32, requires_grad=True)
+        pool[torch.zeros(64, 5, dtype=torch.long)].sum().backward()  # a CPU op with a deterministic path
+    finally:
+        deterministic_algorithms(False)
+    assert not torch.are_deterministic_algorithms_enabled() and not torch.backends.cudnn.deterministic
