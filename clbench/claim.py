@@ -12,14 +12,16 @@ from __future__ import annotations
 
 import os
 import tempfile
+import textwrap
 
 import numpy as np
 
 from clbench import keys
-from clbench.leaderboard import Group
+from clbench.leaderboard import Group, fixed
 from clbench.metrics import per_task_forgetting
 from clbench.plots import _plt, labelled_png, plain_text, png_base64
 from clbench.stats import Paired, ci95, paired
+from clbench.tracking import artifact_downloader
 
 CLAIM_METRICS = {"forgetting": keys.FINAL_FORGETTING, "acc": keys.FINAL_ACC}
 
@@ -54,6 +56,36 @@ def claim_metrics(effects: dict[str, dict[str, Paired]]) -> dict[str, float]:
                 if value is not None:
                     out[keys.claim_key(label, metric, stat)] = float(value)
     return out
+
+
+def fmt_effect(eff: Paired) -> str:
+    """``-1.50 ± 5.60 (p=0.5, n=5)``: one arm's paired difference against ``keep`` as the terminal shows it."""
+    if eff.diff is None:
+        return "- (no common seed)"
+    text = fixed(eff.diff, "+.2f") + ("" if eff.ci95 is None else " ± " + fixed(eff.ci95, ".2f"))
+    if eff.p is None:
+        return text + (" (1 seed: no interval)" if eff.n == 1 else f" (n={eff.n})")
+    return text + f" (p={eff.p:.2g}, n={eff.n})"
+
+
+def claim_lines(group: Group) -> list[str]:
+    """The claim's answer as text: per arm, the paired difference against ``keep`` of forgetting and accuracy
+    (``claim_effects``, the numbers the parent run logs as ``claim/*`` and the HTML report draws); empty for a
+    group that is not a claim comparison."""
+    effects = claim_effects(group)
+    if not effects:
+        return []
+    cells = [["arm", f"{keys.FINAL_FORGETTING} - keep", f"{keys.FINAL_ACC} - keep"]]
+    cells += [[label, fmt_effect(e["forgetting"]), fmt_effect(e["acc"])] for label, e in effects.items()]
+    widths = [max(len(r[i]) for r in cells) for i in range(3)]
+    table = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
+             for r in cells]
+    head = (f"claim ({', '.join(group.suites)} · suite hash {group.suite_hash}): each arm minus keep, paired by "
+            "seed: mean ± t 95% half-width (paired t-test p, n seeds)")
+    foot = ("negative forgetting difference: the arm forgets less than keep; an interval containing 0: no effect "
+            "distinguishable at this n")
+    return [*textwrap.wrap(head, 100), table[0], "  ".join("-" * w for w in widths), *table[1:],
+            *textwrap.wrap(foot, 100), ""]
 
 
 @plain_text
@@ -101,11 +133,11 @@ def layer_points(R: np.ndarray, layer_top1: np.ndarray) -> list[tuple[float, flo
             for j in range(T - 1) for li in range(layer_top1.shape[1])]
 
 
-def _run_points(client, run_id: str) -> list[tuple[float, float]]:
+def _run_points(download, run_id: str) -> list[tuple[float, float]]:
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            R = np.loadtxt(client.download_artifacts(run_id, "acc_matrix.csv", tmp), delimiter=",", ndmin=2)
-            with np.load(client.download_artifacts(run_id, "spectra.npz", tmp)) as z:
+            R = np.loadtxt(download(run_id, "acc_matrix.csv", tmp), delimiter=",", ndmin=2)
+            with np.load(download(run_id, "spectra.npz", tmp)) as z:
                 names = [str(n) for n in z["layer_metric_names"]]
                 top1 = z["layer_metrics"][:, :, names.index("top1_share")]
         except Exception:  # noqa: BLE001  a run without spectra (or artifacts) adds no point
@@ -113,12 +145,12 @@ def _run_points(client, run_id: str) -> list[tuple[float, float]]:
     return layer_points(R, top1)
 
 
-def _all_points(client, run_ids: list[str]) -> list[tuple[float, float]]:
+def _all_points(download, run_ids: list[str]) -> list[tuple[float, float]]:
     # MLflow draws a progress bar per download; the report's reader gets no value from 60 of them on stderr
     old = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
     os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
     try:
-        return [p for run_id in run_ids for p in _run_points(client, run_id)]
+        return [p for run_id in run_ids for p in _run_points(download, run_id)]
     finally:
         if old is None:
             os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", None)
@@ -132,14 +164,12 @@ def plot_layer_top1_forgetting(group: Group, uri: str | None) -> str | None:
     layer against the task's forgetting, coloured by arm (read from each run's spectra.npz and acc_matrix.csv)."""
     if not is_claim(group):
         return None
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(uri) if uri else MlflowClient()
+    download = artifact_downloader(uri)
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 4))
     drawn = False
     for row in group.rows:
-        pts = _all_points(client, [r["run_id"] for r in row.runs])
+        pts = _all_points(download, [r["run_id"] for r in row.runs])
         if pts:
             drawn = True
             ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=6, alpha=0.5, label=row.method)
