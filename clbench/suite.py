@@ -94,8 +94,8 @@ class StreamConfig(Strict):
 
 class BackboneConfig(Strict):
     name: str = Field(description="timm model name, or vit_tiny_clbench / vit_micro_clbench for CPU")
-    pretrained: bool = Field(True, description="load pretrained weights (hub cache, or clbench's cached "
-                                               "pretraining for the tiny ViTs)")
+    pretrained: bool = Field(True, description="load pretrained weights (the hub's, or for vit_tiny_clbench at "
+                                               "16 px the weights shipped in clbench/weights)")
     checkpoint: str | None = Field(None, description="local weights file (state dict or .safetensors)")
     image_size: int = Field(224, ge=8, le=1024)
     in_chans: int | None = Field(None, ge=1, le=4)

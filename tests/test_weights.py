@@ -57,6 +57,12 @@ def test_pretrained_tiny_weights_clbench_does_not_ship_name_the_way_to_make_them
     msg = str(err.value)
     assert msg.startswith("backbone.pretrained:") and "python -m clbench.pretrain --name vit_micro_clbench" in msg
     assert "backbone.checkpoint" in msg and "\n" not in msg
+    # and `clbench run` says so before any run exists (preflight)
+    from clbench.preflight import backbone_problem
+    from clbench.suite import BackboneConfig
+
+    assert backbone_problem(BackboneConfig(name="vit_micro_clbench", image_size=16)) == msg
+    assert backbone_problem(BackboneConfig(name="vit_tiny_clbench", image_size=16)) is None
 
 
 def _hash(*sets: str, folder: Path | None = None) -> str:
