@@ -1,0 +1,215 @@
+"""RanPAC (``ranpac``): a ridge classifier on random-projected frozen features; no continual training.
+
+McDonnell, Gong, Parvaneh, Abbasnejad, van den Hengel, "RanPAC: Random Projections and Pre-trained Models for
+Continual Learning", NeurIPS 2023, arXiv 2307.02251. Official code: github.com/RanPAC/RanPAC (``RanPAC.py``:
+``Learner.setup_RP``, ``Learner.replace_fc``, ``Learner.optimise_ridge_parameter``; ``inc_net.py:
+CosineLinear.forward`` with ``use_RP``; defaults from ``args/*_publish.csv``: M = 10000).
+
+The algorithm (official ``replace_fc``, with ``use_RP`` and M > 0): a fixed random matrix ``W_rand`` (d x M,
+standard normal) projects the backbone's pooled feature f to ``h = ReLU(f W_rand)``. Over every seen training
+image (read without augmentation, the official ``train_loader_for_CPs``) it accumulates the Gram matrix
+``G = sum h h^T`` (M x M) and the class-prototype matrix ``Q = sum h y^T`` (M x C, y one-hot). After each task the
+classifier is the ridge solution ``W_o = (G + lambda I)^-1 Q`` over all seen classes, and an image scores
+``h^T W_o`` (no bias, no normalisation: ``CosineLinear.forward`` with ``use_RP`` and sigma 1). ``lambda`` is
+chosen per task as the official ``optimise_ridge_parameter`` does: over ``10^-8 .. 10^8`` (``10.0 **
+np.arange(-8, 9)``), on the *current task's* features only, in the CP loader's shuffled order, the first
+``int(0.8 N)`` rows fit the ridge and the rest are scored by the mean squared error against their one-hot
+labels; the smallest error wins (the first on ties, ``np.argmin``). Old classes' columns of Q never change
+after their task; their weights do (the whole W_o is re-solved), which is what decorrelates the classes.
+
+On the clbench contract: ``gradient_training = False``; ``configure_model`` returns :class:`RPModel`, a
+``CLModel`` around the same frozen backbone whose features are ``h`` and whose heads are M-wide, so the loop's
+evaluation is the official inference; ``after_task`` recomputes and writes every seen task's head.
+
+Compact state: the method keeps the backbone features F (N x d, float32) and labels of every seen training image,
+not G: G and Q are sums over rows of ``ReLU(F W_rand)`` and are recomputed exactly when solving, and
+``W_rand`` is regenerated from the run's seed (a non-persistent buffer, not in the checkpoint). For ViT-B (d =
+768) and M = 10000, F is smaller than G (10000^2 float32 = 400 MB) below 130,000 training images (Split
+CIFAR-100: 50,000 images, 154 MB; ImageNet-R: 24,000, 74 MB). Fast solves: lambda's search diagonalises once
+(``eigh`` of the split's kernel ``H H^T`` when it has fewer rows than M, else of ``H^T H``) and evaluates every
+lambda from it; the final solve is a Cholesky factorisation of ``H H^T + lambda I`` (the dual form: ``W_o =
+H^T (H H^T + lambda I)^-1 Y``, the same solution) when fewer images than M have been seen, else of
+``G + lambda I`` with G built in row chunks.
+
+Deviations: (1) solves run in float64 (the official ones in float32, where lambda = 1e-8 against a rank-deficient
+G is numerically meaningless); (2) lambda is searched by one eigendecomposition instead of 17 dense solves
+(the same minimiser up to rounding); (3) the dual form when N < M (the same solution); (4) ``W_rand`` is drawn from
+a generator seeded by the run's seed, not from the global stream after first-session training; (5) the MSE of the
+lambda search is over the seen classes' one-hot columns, not all of the stream's (the unseen columns add zero
+error, so only the scale differs and the argmin is the same); (6) first-session adaptation (the official PETL
+adapter/SSF/VPT trained on task 0) is not implemented: ``first_session_adaptation`` must stay ``false``, the
+official ``ncm`` + RP rows (``args/*_publish.csv`` with model_name ncm, use_RP True, M 10000); (7) features are
+computed under the suite's precision (bf16 autocast on CUDA), as clbench's evaluation computes them.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from clbench_plugins.simplecil import extract
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from clbench import Method, hookimpl
+from clbench.backbones import CLModel  # internal: the model replacement's base class (not yet public)
+
+OFFICIAL_RIDGES = [float(x) for x in 10.0 ** np.arange(-8, 9)]  # RanPAC.py: optimise_ridge_parameter
+CHUNK = 4096  # rows of H formed at a time when building G
+
+
+class RanPACParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    M: int = Field(10000, ge=1, description="random projection dimension (official default 10000, "
+                                            "args/*_publish.csv)")
+    ridges: list[float] = Field(default_factory=lambda: list(OFFICIAL_RIDGES),
+                                description="the lambda grid of the ridge search (official: 10^-8 .. 10^8)")
+    val_fraction: float = Field(0.8, gt=0, lt=1, description="share of the current task's images that fit the "
+                                "ridge in the lambda search; the rest score it (official 0.8)")
+    first_session_adaptation: bool = Field(False, description="official PETL training on the first task; not "
+                                           "implemented here (false = the official ncm + RP setting)")
+
+    @field_validator("first_session_adaptation")
+    @classmethod
+    def _not_implemented(cls, v: bool) -> bool:
+        if v:
+            raise ValueError("first-session adaptation is not implemented in clbench's ranpac; use false (the "
+                             "official ncm + random projection setting)")
+        return v
+
+    @field_validator("ridges")
+    @classmethod
+    def _positive(cls, v: list[float]) -> list[float]:
+        if not v or min(v) <= 0:
+            raise ValueError("ridges must be a non-empty list of positive numbers")
+        return v
+
+
+class RPModel(CLModel):
+    """A CLModel around the same backbone whose features are ``ReLU(f W_rand)`` (M-wide heads, no bias use)."""
+
+    def __init__(self, base: CLModel, w_rand: torch.Tensor) -> None:
+        super().__init__(base.backbone, base.image_size, base.in_chans, base.mean.flatten().tolist(),
+                         base.std.flatten().tolist())
+        self.heads = base.heads
+        self.register_buffer("w_rand", w_rand, persistent=False)  # regenerated from the seed, never saved
+
+    @property
+    def feature_dim(self) -> int:
+        return self.w_rand.shape[1]
+
+    def add_head(self, num_classes: int) -> torch.nn.Linear:
+        head = super().add_head(num_classes)
+        head.bias.data.zero_()  # the official RP head has no bias
+        return head
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.backbone(x) @ self.w_rand.to(x.dtype))
+
+
+def random_projection(d: int, M: int, seed: int) -> torch.Tensor:
+    """``W_rand`` (d x M, standard normal) from a generator of the run's seed."""
+    return torch.randn(d, M, generator=torch.Generator().manual_seed(seed * 7_919 + 104_729))
+
+
+def project(F: torch.Tensor, w_rand: torch.Tensor) -> torch.Tensor:
+    """``H = ReLU(F W_rand)`` in float64."""
+    return torch.relu(F.double() @ w_rand.double())
+
+
+def one_hot(labels: torch.Tensor, C: int) -> torch.Tensor:
+    return torch.nn.functional.one_hot(labels, C).double()
+
+
+def choose_ridge(H: torch.Tensor, Y: torch.Tensor, ridges: list[float], fraction: float = 0.8) -> float:
+    """The official ``optimise_ridge_parameter``: the first ``int(fraction N)`` rows fit ``(G + l I)^-1 Q``, the
+    rest score it by mean squared error; the grid's minimiser (the first on ties). One eigendecomposition serves
+    every lambda: of the kernel ``H_t H_t^T`` when the fitting rows are fewer than M, else of ``H_t^T H_t``."""
+    n = int(H.shape[0] * fraction)
+    Ht, Hv, Yt, Yv = H[:n], H[n:], Y[:n], Y[n:]
+    if n < H.shape[1]:  # W = H_t^T (K + l I)^-1 Y_t, K = H_t H_t^T = U S U^T
+        s, U = torch.linalg.eigh(Ht @ Ht.T)
+        A, B = (Hv @ Ht.T) @ U, U.T @ Yt
+    else:  # W = (G + l I)^-1 Q, G = H_t^T H_t = V S V^T
+        s, V = torch.linalg.eigh(Ht.T @ Ht)
+        A, B = Hv @ V, V.T @ (Ht.T @ Yt)
+    s = s.clamp_min(0)
+    losses = [float(((A / (s + lam)) @ B - Yv).pow(2).mean()) for lam in ridges]
+    return ridges[int(np.argmin(np.array(losses)))]
+
+
+def ridge_weights(F: torch.Tensor, labels: torch.Tensor, C: int, w_rand: torch.Tensor, lam: float) -> torch.Tensor:
+    """``W_o^T = (G + lam I)^-1 Q`` (M x C, float64) over every stored image, G and Q over ``ReLU(F W_rand)``;
+    the dual form ``H^T (H H^T + lam I)^-1 Y`` (the same matrix) when N < M, by Cholesky either way."""
+    N, M = F.shape[0], w_rand.shape[1]
+    Y = one_hot(labels, C)
+    if N < M:
+        H = project(F, w_rand)
+        K = H @ H.T
+        K.diagonal().add_(lam)
+        return H.T @ torch.cholesky_solve(Y, torch.linalg.cholesky(K))
+    G = torch.zeros(M, M, dtype=torch.float64, device=F.device)
+    Q = torch.zeros(M, C, dtype=torch.float64, device=F.device)
+    for i in range(0, N, CHUNK):
+        Hc = project(F[i:i + CHUNK], w_rand)
+        G += Hc.T @ Hc
+        Q += Hc.T @ Y[i:i + CHUNK]
+    G.diagonal().add_(lam)
+    return torch.cholesky_solve(Q, torch.linalg.cholesky(G))
+
+
+class RanPAC(Method):
+    name = "ranpac"
+    paper = ("McDonnell et al., RanPAC: Random Projections and Pre-trained Models for Continual Learning, "
+             "NeurIPS 2023 (arXiv 2307.02251)")
+    code = "github.com/RanPAC/RanPAC (RanPAC.py)"
+    gradient_training = False
+    low_rank_updates = False
+    Params = RanPACParams
+
+    def __init__(self, params=None) -> None:
+        super().__init__(params)
+        self.features: list[torch.Tensor] = []  # per task: backbone features (N_t x d, float32), shuffled order
+        self.labels: list[torch.Tensor] = []  # per task: stream-wide labels (int64)
+        self.lambdas: list[float] = []  # the ridge chosen after each task
+
+    @hookimpl
+    def configure_model(self, model, ctx):
+        model.backbone.requires_grad_(False)
+        w_rand = random_projection(model.feature_dim, self.params.M, ctx.seed)
+        return RPModel(model, w_rand.to(ctx.device))
+
+    @hookimpl
+    def after_task(self, model, ctx):
+        # the official CP loader shuffles; the order decides lambda's fit/score split, so it is seeded
+        gen = torch.Generator().manual_seed(ctx.seed * 1_000_003 + ctx.task + 77)
+        F, y = extract(model.backbone, ctx.loader(shuffle=True, generator=gen), ctx.autocast)  # unaugmented
+        y = y + ctx.class_offset
+        C, dev = len(ctx.seen_classes), ctx.device  # the solves run where the model runs (float64 throughout)
+        w_rand = model.w_rand
+        lam = choose_ridge(project(F.to(dev), w_rand), one_hot(y.to(dev), C), self.params.ridges,
+                           self.params.val_fraction)
+        self.features.append(F)
+        self.labels.append(y)
+        self.lambdas.append(lam)
+        W = ridge_weights(torch.cat(self.features).to(dev), torch.cat(self.labels).to(dev), C, w_rand, lam)
+        with torch.no_grad():
+            start = 0
+            for head in model.heads[: ctx.task + 1]:
+                n = head.out_features
+                head.weight.copy_(W[:, start:start + n].T.to(head.weight))
+                head.bias.zero_()
+                start += n
+
+    @hookimpl
+    def method_state(self, ctx):
+        return {"features": [f.clone() for f in self.features], "labels": [y.clone() for y in self.labels],
+                "lambdas": torch.tensor(self.lambdas, dtype=torch.float64)}
+
+    @hookimpl
+    def load_method_state(self, model, state, ctx):
+        self.features = [f.clone() for f in state["features"]]
+        self.labels = [y.clone() for y in state["labels"]]
+        self.lambdas = [float(x) for x in state["lambdas"]]
+
+
+def register_methods(register):
+    register(RanPAC)
