@@ -136,24 +136,61 @@ def choose_ridge(H: torch.Tensor, Y: torch.Tensor, ridges: list[float], fraction
     return ridges[int(np.argmin(np.array(losses)))]
 
 
-def ridge_weights(F: torch.Tensor, labels: torch.Tensor, C: int, w_rand: torch.Tensor, lam: float) -> torch.Tensor:
-    """``W_o^T = (G + lam I)^-1 Q`` (M x C, float64) over every stored image, G and Q over ``ReLU(F W_rand)``;
-    the dual form ``H^T (H H^T + lam I)^-1 Y`` (the same matrix) when N < M, by Cholesky either way."""
-    N, M = F.shape[0], w_rand.shape[1]
-    Y = one_hot(labels, C)
-    if N < M:
-        H = project(F, w_rand)
-        K = H @ H.T
+class Gram:
+    """The ridge system over every stored task, kept in memory between tasks (never checkpointed): the kernel's
+    task blocks ``H_i H_j^T`` while fewer than M images are stored (the dual form), else ``G = sum H^T H`` and
+    ``Q = sum H^T Y``. Every value is computed task block by task block in task order, so a cached value and the
+    recomputation of a resumed run are the same bits; a new task costs its own blocks only."""
+
+    def __init__(self) -> None:
+        self.blocks: dict[tuple[int, int], torch.Tensor] = {}
+        self.G: torch.Tensor | None = None
+        self.Q: torch.Tensor | None = None
+        self.primal_tasks = 0  # tasks summed into G and Q
+
+    def solve(self, feats: list[torch.Tensor], labels: list[torch.Tensor], C: int, w_rand: torch.Tensor,
+              lam: float) -> torch.Tensor:
+        """``W_o^T = (G + lam I)^-1 Q`` (M x C, float64) over ``feats`` (per task, N_t x d, on the solve's device)
+        and their stream-wide ``labels``; by Cholesky, in the dual form ``H^T (H H^T + lam I)^-1 Y`` (the same
+        matrix) while N < M."""
+        Ys = [one_hot(y, C) for y in labels]
+        if sum(len(f) for f in feats) < w_rand.shape[1]:
+            return self._dual(feats, Ys, w_rand, lam)
+        self.blocks.clear()
+        return self._primal(feats, Ys, C, w_rand, lam)
+
+    def _dual(self, feats, Ys, w_rand, lam) -> torch.Tensor:
+        Hs = [project(f, w_rand) for f in feats]
+        T = len(Hs)
+        for i in range(T):
+            for j in range(i + 1):
+                if (i, j) not in self.blocks:
+                    self.blocks[(i, j)] = Hs[i] @ Hs[j].T
+        K = torch.cat([torch.cat([self.blocks[(i, j)] if j <= i else self.blocks[(j, i)].T for j in range(T)], 1)
+                       for i in range(T)])
         K.diagonal().add_(lam)
-        return H.T @ torch.cholesky_solve(Y, torch.linalg.cholesky(K))
-    G = torch.zeros(M, M, dtype=torch.float64, device=F.device)
-    Q = torch.zeros(M, C, dtype=torch.float64, device=F.device)
-    for i in range(0, N, CHUNK):
-        Hc = project(F[i:i + CHUNK], w_rand)
-        G += Hc.T @ Hc
-        Q += Hc.T @ Y[i:i + CHUNK]
-    G.diagonal().add_(lam)
-    return torch.cholesky_solve(Q, torch.linalg.cholesky(G))
+        alpha = torch.cholesky_solve(torch.cat(Ys), torch.linalg.cholesky(K))
+        W, start = torch.zeros(w_rand.shape[1], alpha.shape[1], dtype=torch.float64, device=alpha.device), 0
+        for H in Hs:
+            W += H.T @ alpha[start:start + len(H)]
+            start += len(H)
+        return W
+
+    def _primal(self, feats, Ys, C, w_rand, lam) -> torch.Tensor:
+        M, dev = w_rand.shape[1], w_rand.device
+        if self.G is None:
+            self.G = torch.zeros(M, M, dtype=torch.float64, device=dev)
+            self.Q = torch.zeros(M, 0, dtype=torch.float64, device=dev)
+        self.Q = torch.cat([self.Q, self.Q.new_zeros(M, C - self.Q.shape[1])], 1)  # new classes: zero so far
+        for t in range(self.primal_tasks, len(feats)):
+            for i in range(0, len(feats[t]), CHUNK):
+                Hc = project(feats[t][i:i + CHUNK], w_rand)
+                self.G += Hc.T @ Hc
+                self.Q += Hc.T @ Ys[t][i:i + CHUNK]
+        self.primal_tasks = len(feats)
+        A = self.G.clone()
+        A.diagonal().add_(lam)
+        return torch.cholesky_solve(self.Q, torch.linalg.cholesky(A))
 
 
 class RanPAC(Method):
@@ -170,6 +207,7 @@ class RanPAC(Method):
         self.features: list[torch.Tensor] = []  # per task: backbone features (N_t x d, float32), shuffled order
         self.labels: list[torch.Tensor] = []  # per task: stream-wide labels (int64)
         self.lambdas: list[float] = []  # the ridge chosen after each task
+        self.gram = Gram()  # in memory only: recomputed from the features after a resume
 
     @hookimpl
     def configure_model(self, model, ctx):
@@ -190,7 +228,7 @@ class RanPAC(Method):
         self.features.append(F)
         self.labels.append(y)
         self.lambdas.append(lam)
-        W = ridge_weights(torch.cat(self.features).to(dev), torch.cat(self.labels).to(dev), C, w_rand, lam)
+        W = self.gram.solve([f.to(dev) for f in self.features], [y.to(dev) for y in self.labels], C, w_rand, lam)
         with torch.no_grad():
             start = 0
             for head in model.heads[: ctx.task + 1]:

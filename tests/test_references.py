@@ -102,7 +102,7 @@ def test_simplecil_old_prototypes_never_change():
 
 # -- RanPAC ---------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("M", [16, 400])  # N = 48 images per task: the primal (N >= M) and the dual (N < M) solve
+@pytest.mark.parametrize("M", [16, 64, 400])  # 48 images per task: primal (N >= M), dual then primal, dual
 def test_ranpac_heads_are_the_closed_form_ridge_solution(M):
     stream = tiny_stream(num_tasks=2, num_classes=4)
     run = run_method(RanPAC({"M": M}), stream)
