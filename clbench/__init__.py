@@ -2,7 +2,7 @@
 
 The public API of a method plugin lives here, in one place::
 
-    from clbench import ClbenchError, LoRAParams, LowRank, Method, TaskContext, hookimpl, inject
+    from clbench import ClbenchError, LoRAParams, LowRank, Method, Samples, TaskContext, hookimpl, inject
 
 Names are loaded on first use (PEP 562), so ``import clbench`` stays cheap: torch is imported only when a
 name that needs it (``TaskContext``, ``LowRank``, ``inject``, ...) is first used, and Avalanche never.
@@ -15,28 +15,83 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-# public name -> the module that defines it
+# public name -> the module that defines it. A plugin (plugins/, examples/, a third party's package) imports
+# only these names (`from clbench import ...`): the import contract in pyproject.toml holds it for the
+# built-ins, tests/test_plugins.py for the examples. Every type a hook spec mentions is here.
 _PUBLIC = {
+    "CONTRACT_VERSION": "clbench.method",
     "ClbenchError": "clbench.errors",
     "hookimpl": "clbench.hookspecs",
     "Method": "clbench.method",
+    "NoParams": "clbench.method",
     "TaskContext": "clbench.context",
+    "CLModel": "clbench.backbones",
+    "Replayed": "clbench.rehearsal",
+    "Samples": "clbench.rehearsal",
+    "ATTN_SLICES": "clbench.lora",
+    "TARGETS": "clbench.lora",
+    "AdaptedLinear": "clbench.lora",
     "AdapterParams": "clbench.lora",
+    "BlockList": "clbench.lora",
+    "LoRABranch": "clbench.lora",
     "LoRAParams": "clbench.lora",
     "LoRASite": "clbench.lora",
     "LowRank": "clbench.lora",
+    "Target": "clbench.lora",
     "find_sites": "clbench.lora",
     "inject": "clbench.lora",
+    "backbone_maps": "clbench.dense",
+    "snapshot_maps": "clbench.dense",
+    "task_changes": "clbench.dense",
+    "reshape_spectrum": "clbench.spectra",
+    "PromptMethod": "clbench.prompts",
+    "PromptModel": "clbench.prompts",
+    "attach": "clbench.prompts",
+    "cosine": "clbench.prompts",
+    "fit_blocks": "clbench.prompts",
+    "split_prefix": "clbench.prompts",
+    "uniform_prompt": "clbench.prompts",
 }
-__all__ = ["AdapterParams", "ClbenchError", "LoRAParams", "LoRASite", "LowRank", "Method", "TaskContext",
-           "find_sites", "hookimpl", "inject"]  # == sorted(_PUBLIC); tests/test_plugins.py checks it
+__all__ = [
+    "ATTN_SLICES", "AdaptedLinear", "AdapterParams", "BlockList", "CLModel", "CONTRACT_VERSION", "ClbenchError", "LoRABranch",
+    "LoRAParams", "LoRASite", "LowRank", "Method", "NoParams", "PromptMethod", "PromptModel", "Replayed",
+    "Samples", "TARGETS", "Target", "TaskContext", "attach", "backbone_maps", "cosine", "find_sites",
+    "fit_blocks", "hookimpl", "inject", "reshape_spectrum", "snapshot_maps", "split_prefix", "task_changes",
+    "uniform_prompt"
+]  # == sorted(_PUBLIC)
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ imports on demand
+    from clbench.backbones import CLModel
     from clbench.context import TaskContext
+    from clbench.dense import backbone_maps, snapshot_maps, task_changes
     from clbench.errors import ClbenchError
     from clbench.hookspecs import hookimpl
-    from clbench.lora import AdapterParams, LoRAParams, LoRASite, LowRank, find_sites, inject
-    from clbench.method import Method
+    from clbench.lora import (
+        ATTN_SLICES,
+        TARGETS,
+        AdaptedLinear,
+        AdapterParams,
+        BlockList,
+        LoRABranch,
+        LoRAParams,
+        LoRASite,
+        LowRank,
+        Target,
+        find_sites,
+        inject,
+    )
+    from clbench.method import CONTRACT_VERSION, Method, NoParams
+    from clbench.prompts import (
+        PromptMethod,
+        PromptModel,
+        attach,
+        cosine,
+        fit_blocks,
+        split_prefix,
+        uniform_prompt,
+    )
+    from clbench.rehearsal import Replayed, Samples
+    from clbench.spectra import reshape_spectrum
 
 
 def __getattr__(name: str) -> Any:

@@ -20,6 +20,7 @@ from clbench.leaderboard import Group
 from clbench.metrics import per_task_forgetting
 from clbench.plots import _plt, labelled_png, plain_text, png_base64
 from clbench.stats import Paired, ci95, paired
+from clbench.tracking import artifact_downloader
 
 CLAIM_METRICS = {"forgetting": keys.FINAL_FORGETTING, "acc": keys.FINAL_ACC}
 
@@ -101,11 +102,11 @@ def layer_points(R: np.ndarray, layer_top1: np.ndarray) -> list[tuple[float, flo
             for j in range(T - 1) for li in range(layer_top1.shape[1])]
 
 
-def _run_points(client, run_id: str) -> list[tuple[float, float]]:
+def _run_points(download, run_id: str) -> list[tuple[float, float]]:
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            R = np.loadtxt(client.download_artifacts(run_id, "acc_matrix.csv", tmp), delimiter=",", ndmin=2)
-            with np.load(client.download_artifacts(run_id, "spectra.npz", tmp)) as z:
+            R = np.loadtxt(download(run_id, "acc_matrix.csv", tmp), delimiter=",", ndmin=2)
+            with np.load(download(run_id, "spectra.npz", tmp)) as z:
                 names = [str(n) for n in z["layer_metric_names"]]
                 top1 = z["layer_metrics"][:, :, names.index("top1_share")]
         except Exception:  # noqa: BLE001  a run without spectra (or artifacts) adds no point
@@ -113,12 +114,12 @@ def _run_points(client, run_id: str) -> list[tuple[float, float]]:
     return layer_points(R, top1)
 
 
-def _all_points(client, run_ids: list[str]) -> list[tuple[float, float]]:
+def _all_points(download, run_ids: list[str]) -> list[tuple[float, float]]:
     # MLflow draws a progress bar per download; the report's reader gets no value from 60 of them on stderr
     old = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
     os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
     try:
-        return [p for run_id in run_ids for p in _run_points(client, run_id)]
+        return [p for run_id in run_ids for p in _run_points(download, run_id)]
     finally:
         if old is None:
             os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", None)
@@ -132,14 +133,12 @@ def plot_layer_top1_forgetting(group: Group, uri: str | None) -> str | None:
     layer against the task's forgetting, coloured by arm (read from each run's spectra.npz and acc_matrix.csv)."""
     if not is_claim(group):
         return None
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(uri) if uri else MlflowClient()
+    download = artifact_downloader(uri)
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 4))
     drawn = False
     for row in group.rows:
-        pts = _all_points(client, [r["run_id"] for r in row.runs])
+        pts = _all_points(download, [r["run_id"] for r in row.runs])
         if pts:
             drawn = True
             ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=6, alpha=0.5, label=row.method)

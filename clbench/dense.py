@@ -42,7 +42,7 @@ def backbone_maps(backbone: nn.Module, maps: tuple[str, ...] = MAPS) -> dict[str
     return out
 
 
-def snapshot(maps: dict[str, tuple[nn.Parameter, slice]]) -> dict[str, torch.Tensor]:
+def snapshot_maps(maps: dict[str, tuple[nn.Parameter, slice]]) -> dict[str, torch.Tensor]:
     """A copy of every map's weight rows (on their device), to diff against after the task."""
     return {n: w.detach()[rows].clone() for n, (w, rows) in maps.items()}
 

@@ -396,7 +396,7 @@ def load_runs(target: str | None, uri: str | None = None) -> list[RunInfo]:
     path = Path(target)
     if path.suffix in (".yaml", ".yml") or path.is_file():
         suite = load_suite(path)
-        experiment = suite.tracking.experiment or suite.name
+        experiment = suite.experiment
         runs = read_runs(experiment, uri or suite.tracking.uri)
         if not runs:
             raise ClbenchError(f"leaderboard: experiment '{experiment}' has no clbench runs; run "

@@ -134,12 +134,12 @@ def _take(x: torch.Tensor, sel: torch.Tensor | slice, pin: bool) -> torch.Tensor
 def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, device: torch.device, model: CLModel,
             shuffle: bool, generator: torch.Generator | None = None, fraction: float = 1.0,
             limit: int | None = None, augment: Callable | None = None,
-            shard: tuple[int, int] | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+            shard: tuple[int, int] | None = None, drop_last: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Batches from in-memory uint8 tensors, moved to the device and preprocessed there.
 
     ``augment(x, size, generator)`` (the stream's training augmentation) runs on the device before preprocess.
     ``shard=(rank, world)`` (torchrun, clbench.distributed) yields this rank's rows of every global batch, possibly
-    empty."""
+    empty. ``drop_last``: no last partial (global) batch."""
     n = len(x)
     if fraction < 1.0:  # a uniformly spaced subset, deterministic
         idx = torch.linspace(0, n - 1, max(1, int(round(fraction * n)))).round().long()
@@ -152,7 +152,8 @@ def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, device: torch.dev
         generator = torch.Generator().manual_seed(aug_seed)
     pin = device.type == "cuda"
     in_order = fraction >= 1.0 and not shuffle  # evaluation: plain slices, no gather copy
-    for b, start in enumerate(range(0, len(idx), batch_size)):
+    ends = len(idx) - batch_size + 1 if drop_last else len(idx)
+    for b, start in enumerate(range(0, max(ends, 0), batch_size)):
         if limit is not None and b >= limit:
             break
         sel = slice(start, start + batch_size) if in_order else idx[start:start + batch_size]
@@ -237,6 +238,7 @@ def run_stream(model: CLModel, stream: Stream, pm, cfg: TrainConfig, seed: int, 
         check_replacement(model, replaced)
         model = replaced
     model.to(device).eval()  # a replacement's new modules are built in train mode
+    hook.freeze_backbone(progress)  # unless it declares trains_backbone, a method never trains the backbone
     if state.next_task > 0 and state.model_state is not None:
         restore(model, stream, pm, state, task_context(model, stream, state.next_task - 1, cfg, seed, device,
                                                        autocast))
@@ -246,7 +248,7 @@ def run_stream(model: CLModel, stream: Stream, pm, cfg: TrainConfig, seed: int, 
     for t in range(state.next_task, T):
         # -- phase 1: the new task's head (old heads frozen); seeded so resumed runs match --------------
         seed_task(seed, t)
-        head = new_head(model, stream, t)
+        head = new_head(model, stream, t, cfg.head_init)
         model.eval()  # the task's prologue hooks: eval mode on every task (the new head too)
         ctx = task_context(model, stream, t, cfg, seed, device, autocast)
         # -- phase 1b (rehearsal): the method may replace the task's training set ------------------------
@@ -329,7 +331,8 @@ def task_context(model: CLModel, stream: Stream, t: int, cfg: TrainConfig, seed:
     task = stream.tasks[t]
     T = len(stream.tasks)
     offsets = np.cumsum([0] + [len(s.classes) for s in stream.tasks])
-    steps = math.ceil((train_size or len(task.train_y)) / cfg.batch_size)
+    rounding = math.floor if cfg.drop_last else math.ceil
+    steps = rounding((train_size or len(task.train_y)) / cfg.batch_size)
     if cfg.max_steps_per_epoch:
         steps = min(steps, cfg.max_steps_per_epoch)
     local_y = task.train_y - int(offsets[t])
@@ -371,15 +374,25 @@ def restore(model: CLModel, stream: Stream, pm, state: LoopState, ctx: TaskConte
     state.rng = None
 
 
-def new_head(model: CLModel, stream: Stream, t: int) -> torch.nn.Module:
-    """Task ``t``'s head, trainable; every earlier head frozen."""
+def new_head(model: CLModel, stream: Stream, t: int, init: str = "torch") -> torch.nn.Module:
+    """Task ``t``'s head, trainable; every earlier head frozen. ``init`` (``train.head_init``): ``torch`` keeps
+    nn.Linear's default; ``kaiming_zero`` is PILOT's SimpleLinear (Kaiming-uniform weight, zero bias)."""
     for h in model.heads:
         h.requires_grad_(False)
     while len(model.heads) <= t:
-        model.add_head(len(stream.tasks[len(model.heads)].classes))
+        added = model.add_head(len(stream.tasks[len(model.heads)].classes))
+        if init == "kaiming_zero":
+            init_head_kaiming_zero(added)
     head = model.heads[t]
     head.requires_grad_(True)
     return head
+
+
+def init_head_kaiming_zero(head: torch.nn.Linear) -> None:
+    """PILOT's ``SimpleLinear.reset_parameters``: ``kaiming_uniform_(weight, nonlinearity='linear')``, bias 0."""
+    with torch.no_grad():
+        torch.nn.init.kaiming_uniform_(head.weight, nonlinearity="linear")
+        torch.nn.init.zeros_(head.bias)
 
 
 def make_task_optimizer(model: CLModel, head: torch.nn.Module, groups: list[dict] | None, cfg: TrainConfig,
@@ -398,11 +411,14 @@ def make_task_optimizer(model: CLModel, head: torch.nn.Module, groups: list[dict
 
 
 def inflora_cosine_factor(epoch: int, epochs: int) -> float:
-    """InfLoRA's ``CosineSchedule`` (official ``utils/schedulers.py``), stepped once per epoch: a quarter cosine
-    from 1 at epoch 0 to cos(99 pi / 200) ~ 0.016 at the last epoch (1 throughout when there is one epoch)."""
+    """The ``CosineSchedule`` of InfLoRA (``utils/schedulers.py``) and CODA-Prompt (the same file), stepped once
+    per epoch as their trainers do, lag included: its constructor calls ``step()`` once (lr * f(0)) and then resets
+    ``last_epoch`` to -1, so the first per-epoch step applies f(0) again. Epoch e (0-based) of K trains at
+    ``[1, 1, f(1), ..., f(K - 2)][e]`` with ``f(e) = cos(99 pi e / (200 (K - 1)))``; K = 5: [1, 1, .925, .713,
+    .394]. One epoch: 1 (the official K = 1 divides by zero)."""
     if epochs <= 1:
         return 1.0
-    return math.cos(99 * math.pi * epoch / (200 * (epochs - 1)))
+    return math.cos(99 * math.pi * max(epoch - 1, 0) / (200 * (epochs - 1)))
 
 
 def multistep_factor(epoch: int, milestones: list[int], gamma: float) -> float:
@@ -434,6 +450,8 @@ class Schedule:
             return 0.5 * (1 + math.cos(math.pi * min(self.steps, self.total_steps) / self.total_steps))
         if self.kind == "inflora_cosine":
             return inflora_cosine_factor(self.epoch, self.epochs)
+        if self.kind == "cosine_epoch":  # CosineAnnealingLR(T_max=epochs, eta_min=0) stepped after every epoch
+            return 0.5 * (1 + math.cos(math.pi * self.epoch / self.epochs))
         if self.kind == "multistep":
             return multistep_factor(self.epoch, self.milestones, self.gamma)
         return 1.0
@@ -450,7 +468,7 @@ class Schedule:
 
     def epoch_end(self) -> None:
         self.epoch += 1
-        if self.kind in ("inflora_cosine", "multistep"):
+        if self.kind in ("inflora_cosine", "cosine_epoch", "multistep"):
             self._apply()
 
 
@@ -503,7 +521,8 @@ def train_task(model: CLModel, stream: Stream, pm, ctx: TaskContext, optimizer: 
         epoch_lrs.append(float(optimizer.param_groups[0]["lr"]))  # the method's first group: the adapters
         window_t, window_n = clock(), 0
         for xb, yb in batches(train_x, train_y, cfg.batch_size, device, model, shuffle=True, generator=gen,
-                              limit=cfg.max_steps_per_epoch, augment=stream.augment, shard=comm.shard):
+                              limit=cfg.max_steps_per_epoch, augment=stream.augment, shard=comm.shard,
+                              drop_last=cfg.drop_last):
             optimizer.zero_grad(set_to_none=True)
             loss = None
             rows = rehearsal.Step.of(xb, yb, train_set is not None)
@@ -567,7 +586,7 @@ def evaluate(model: CLModel, stream: Stream, upto: int, eval_batch_size: int, de
         lo, hi = int(offsets[j]), int(offsets[j + 1])
         correct = torch.zeros(2, dtype=torch.long, device=device)
         for xb, yb in batches(task.test_x, task.test_y, eval_batch_size, device, model, shuffle=False,
-                              shard=comm.shard):
+                              shard=comm.shard, augment=stream.test_transform):
             if len(yb) == 0:
                 continue
             with autocast():

@@ -325,7 +325,7 @@ def record_suite(tracker: Tracker, parent: str, suite: Suite, records: list[RunR
     correlation (``clbench.leaderboard.imbalance_forgetting``: one definition, the report plots the same
     number) and the HTML leaderboard. A store that cannot be read back (a null tracker) gets this
     invocation's counts only; a failing report never fails the runs already logged."""
-    experiment = suite.tracking.experiment or suite.name
+    experiment = suite.experiment
     try:
         runs = read_runs(experiment, tracker.uri) if hasattr(tracker, "client") else []
     except ClbenchError:
@@ -384,7 +384,7 @@ def leaderboard_report(tracker: Tracker, parent: str, suite: Suite, progress: Ca
     if not hasattr(tracker, "client"):  # a null or test tracker stores nothing to read back
         return
     try:
-        log_report(tracker, parent, suite.tracking.experiment or suite.name, suite.protocol_hash(),
+        log_report(tracker, parent, suite.experiment, suite.protocol_hash(),
                    title=f"clbench leaderboard: {suite.name}")
     except Exception as exc:  # noqa: BLE001
         progress(f"leaderboard report not written ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})")

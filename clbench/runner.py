@@ -67,7 +67,7 @@ def run_suite(suite: Suite, source: str, *, methods: list[str] | None = None, se
             for seed in seeds:
                 progress(f"would run {run.label} ({run.info.source}) seed {seed}: {run.params.model_dump()}")
         return []
-    experiment = suite.tracking.experiment or suite.name
+    experiment = suite.experiment
     if distributed.active():
         load_avalanche()  # before the process group exists (clbench.streams.load_avalanche says why)
     if distributed.is_follower():  # torchrun rank > 0: rank 0 decides, logs and checkpoints

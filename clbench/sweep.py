@@ -317,7 +317,7 @@ def _trial(label: str, name: str, point: dict[str, Any], dims: list[Dimension], 
 def _sweep_suite(suite: Suite, entries: list[dict[str, Any]], name: str | None = None) -> Suite:
     data = suite.model_dump(mode="json")
     data.update(name=name or suite.name, methods=entries, reference=[], validation=(suite.validation or ValidationConfig()).model_dump(),
-                tracking={**data["tracking"], "experiment": suite.tracking.experiment or suite.name})
+                tracking={**data["tracking"], "experiment": suite.experiment})
     return Suite.model_validate(data).for_validation()
 
 

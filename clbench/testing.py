@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from clbench import checkpoint, keys
+from clbench import checkpoint, tracking
 from clbench.backbones import CLModel, build_model
 from clbench.errors import ClbenchError
 from clbench.loop import LoopState, TaskResult, checkpoint_payload, resume_state, run_stream
@@ -48,12 +48,14 @@ def tiny_suite_yaml(name: str, experiment: str | None = None, one_method: bool =
 def mlflow_runs(uri: str, experiment: str, role: str | None = None) -> list[Any]:
     """The MLflow runs of ``experiment`` in the store at ``uri`` (none when the experiment does not exist), only
     those whose ``clbench.role`` tag is ``role`` ("parent" or "child") when it is given."""
-    from mlflow.tracking import MlflowClient
+    return tracking.search_runs(uri, experiment, role)
 
-    client = MlflowClient(tracking_uri=uri)
-    exp = client.get_experiment_by_name(experiment)
-    runs = client.search_runs([exp.experiment_id], max_results=1000) if exp else []
-    return [r for r in runs if role is None or r.data.tags.get(keys.ROLE) == role]
+
+def builtin_method(name: str) -> type:
+    """The class of the registered method ``name`` (a built-in or an installed plugin), e.g. to compare with."""
+    from clbench.registry import discover
+
+    return discover().get(name).cls
 
 
 def tiny_stream(num_tasks: int = 2, num_classes: int = 4, samples_per_class: int = 24, seed: int = 0) -> Stream:

@@ -1,4 +1,4 @@
-"""MLflow tracking (the only module that imports mlflow) and a null tracker with the same interface.
+"""MLflow tracking (the only module that imports mlflow; an import contract in pyproject.toml holds it) and a null tracker with the same interface.
 
 Layout: one experiment per suite, one parent run per ``clbench run`` invocation, one child run per
 (method, seed). Metrics are buffered and written with ``log_batch`` (one call per task instead of one per
@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -522,6 +522,25 @@ def _same_view(tag_value: str | None) -> bool:
 
 
 # --- Reading (the leaderboard's only door into MLflow; it never writes) -------------------------------------
+
+def artifact_downloader(uri: str | None) -> Callable[[str, str, str], str]:
+    """``download(run_id, artifact_path, dest_dir) -> local path`` for the store at ``uri`` (MLflow's default
+    when None): how the suite's report reads artifacts back without importing mlflow itself."""
+    from mlflow.tracking import MlflowClient
+
+    return (MlflowClient(uri) if uri else MlflowClient()).download_artifacts
+
+
+def search_runs(uri: str, experiment: str, role: str | None = None) -> list[Any]:
+    """The MLflow runs (MLflow's own objects) of ``experiment`` in the store at ``uri``, none when the experiment
+    does not exist; only those whose ``clbench.role`` tag is ``role`` ("parent" or "child") when it is given."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id], max_results=1000) if exp else []
+    return [r for r in runs if role is None or r.data.tags.get(keys.ROLE) == role]
+
 
 CHILD_FILTER = f"tags.`{keys.ROLE}` = '{keys.ROLE_CHILD}'"
 HISTORY_KEYS = (keys.EVAL_ACC,)

@@ -19,8 +19,16 @@ from typing import Literal
 from pydantic import Field
 from torch import nn
 
-from clbench import TaskContext, dense, hookimpl
-from clbench.lora import LoRAParams, LowRank, inject
+from clbench import (
+    LoRAParams,
+    LowRank,
+    TaskContext,
+    backbone_maps,
+    hookimpl,
+    inject,
+    snapshot_maps,
+    task_changes,
+)
 
 Trainable = Literal["lora", "full"]
 
@@ -53,7 +61,7 @@ class TrainedPart:
         else:
             self.sites = {}
             model.backbone.requires_grad_(True)
-            self.maps = dense.backbone_maps(model.backbone)
+            self.maps = backbone_maps(model.backbone)
         self._before: dict = {}
         self._update: dict[str, LowRank] | None = None  # None: the harness reports the LoRA change
 
@@ -66,12 +74,12 @@ class TrainedPart:
         """Full: remember the weights where the task starts (re-read from the model, so a resumed run starts the
         same)."""
         if self._trainable == "full":
-            self._before = dense.snapshot(self.maps)
+            self._before = snapshot_maps(self.maps)
 
     def end_part_task(self) -> None:
         """Full: this task's dense change of every map, as factors (``self._update``, for ``task_updates``)."""
         if self._trainable == "full":
-            self._update = dense.task_changes(self.maps, self._before, self.params.update_rank)
+            self._update = task_changes(self.maps, self._before, self.params.update_rank)
             self._before = {}
 
     @hookimpl

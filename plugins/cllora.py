@@ -70,11 +70,17 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
-from clbench.backbones import CLModel
-from clbench.errors import ClbenchError
-from clbench.hookspecs import hookimpl
-from clbench.lora import ATTN_SLICES, LoRABranch, LoRASite, LowRank, inject
-from clbench.method import Method
+from clbench import (
+    ATTN_SLICES,
+    ClbenchError,
+    CLModel,
+    LoRABranch,
+    LoRASite,
+    LowRank,
+    Method,
+    hookimpl,
+    inject,
+)
 
 # ----------------------------------------------------------------------------------------------------
 # Building blocks (tested directly)

@@ -30,10 +30,16 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from clbench.errors import ClbenchError
-from clbench.hookspecs import hookimpl
-from clbench.method import Method
-from clbench.prompts import PromptMethod, PromptModel, attach, fit_blocks, split_prefix
+from clbench import (
+    ClbenchError,
+    Method,
+    PromptMethod,
+    PromptModel,
+    attach,
+    fit_blocks,
+    hookimpl,
+    split_prefix,
+)
 
 
 class CodaPromptParams(BaseModel):

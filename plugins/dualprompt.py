@@ -24,15 +24,15 @@ from __future__ import annotations
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from clbench.errors import ClbenchError
-from clbench.hookspecs import hookimpl
-from clbench.method import Method
-from clbench.prompts import (
+from clbench import (
+    ClbenchError,
+    Method,
     PromptMethod,
     PromptModel,
     attach,
     cosine,
     fit_blocks,
+    hookimpl,
     split_prefix,
     uniform_prompt,
 )

@@ -96,8 +96,7 @@ import torch.nn.functional as Fn
 from pydantic import Field
 from torch import nn
 
-from clbench import ClbenchError, LoRAParams, LoRASite, Method, TaskContext, hookimpl, inject
-from clbench.lora import LoRABranch
+from clbench import ClbenchError, LoRABranch, LoRAParams, LoRASite, Method, TaskContext, hookimpl, inject
 
 
 class EBLoRAParams(LoRAParams):

@@ -37,8 +37,7 @@ import torch
 from clbench_plugins._trained_part import PartParams, TrainedPart, seen_heads
 from pydantic import Field
 
-from clbench import Method, hookimpl
-from clbench.rehearsal import Samples
+from clbench import Method, Samples, hookimpl
 
 
 class ERParams(PartParams):

@@ -104,8 +104,19 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
-from clbench import AdapterParams, ClbenchError, LoRASite, Method, TaskContext, hookimpl, inject
-from clbench.lora import TARGETS, AdaptedLinear, LoRABranch, Target
+from clbench import (
+    TARGETS,
+    AdaptedLinear,
+    AdapterParams,
+    ClbenchError,
+    LoRABranch,
+    LoRASite,
+    Method,
+    Target,
+    TaskContext,
+    hookimpl,
+    inject,
+)
 
 PRESETS: dict[str, dict[str, float]] = {
     "cifar100": {"rank": 10, "lambda_b": 0.95, "lambda_e": 1.0},  # configs/cifar100_inflora.json

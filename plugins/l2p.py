@@ -30,14 +30,14 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from clbench.hookspecs import hookimpl
-from clbench.method import Method
-from clbench.prompts import (
+from clbench import (
+    Method,
     PromptMethod,
     PromptModel,
     attach,
     cosine,
     fit_blocks,
+    hookimpl,
     split_prefix,
     uniform_prompt,
 )

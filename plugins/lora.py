@@ -34,10 +34,17 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
-from clbench import TaskContext, hookimpl
-from clbench.lora import LoRABranch, LoRAParams, LoRASite, LowRank, inject
-from clbench.method import Method
-from clbench.spectra import reshape_spectrum
+from clbench import (
+    LoRABranch,
+    LoRAParams,
+    LoRASite,
+    LowRank,
+    Method,
+    TaskContext,
+    hookimpl,
+    inject,
+    reshape_spectrum,
+)
 
 
 class NaiveLoRAParams(LoRAParams):

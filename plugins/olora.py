@@ -52,8 +52,7 @@ import torch
 from pydantic import Field, field_validator
 from torch import nn
 
-from clbench import ClbenchError, LoRAParams, LoRASite, Method, TaskContext, hookimpl, inject
-from clbench.lora import LoRABranch
+from clbench import ClbenchError, LoRABranch, LoRAParams, LoRASite, Method, TaskContext, hookimpl, inject
 
 
 class OLoRAParams(LoRAParams):

@@ -49,8 +49,7 @@ import torch
 from clbench_plugins.simplecil import extract
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from clbench import Method, hookimpl
-from clbench.backbones import CLModel  # internal: the model replacement's base class (not yet public)
+from clbench import CLModel, Method, hookimpl
 
 OFFICIAL_RIDGES = [float(x) for x in 10.0 ** np.arange(-8, 9)]  # RanPAC.py: optimise_ridge_parameter
 CHUNK = 4096  # rows of H formed at a time when building G

@@ -78,10 +78,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
-from clbench.errors import ClbenchError
-from clbench.hookspecs import hookimpl
-from clbench.lora import BlockList, LoRABranch, LoRASite, LowRank, inject
-from clbench.method import Method
+from clbench import BlockList, ClbenchError, LoRABranch, LoRASite, LowRank, Method, hookimpl, inject
 
 
 class Magnitudes(nn.Module):

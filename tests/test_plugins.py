@@ -401,3 +401,52 @@ def test_an_unreadable_plugin_file_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr(Path, "read_bytes", locked)
     with pytest.raises(ClbenchError, match=r"locked.py: cannot be read \(Permission denied\)"):
         Registry().load_dir(tmp_path / "plugs")
+
+
+# --- the plugin API is the only door (issue 33, item 9) ---------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+TEST_HELPERS = {"clbench.testing", "clbench.contract"}  # public modules for a plugin's own tests
+
+
+def _clbench_imports(path: Path) -> list[str]:
+    import ast
+
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "clbench":
+            found.append(node.module)
+        elif isinstance(node, ast.Import):
+            found += [a.name for a in node.names if a.name.split(".")[0] == "clbench"]
+    return found
+
+
+def test_plugins_and_examples_import_only_the_public_clbench_names():
+    """Built-ins (plugins/) and the example packages import ``clbench`` only (the names of ``clbench.__all__``);
+    their tests may also use the public test helpers. (lint-imports holds the same rule for plugins/.)"""
+    files = [*ROOT.glob("plugins/*.py"), *ROOT.glob("examples/*/*.py"), *ROOT.glob("examples/*/tests/*.py")]
+    assert len(files) > 15
+    bad = []
+    for path in files:
+        allowed = {"clbench"} | (TEST_HELPERS if path.parent.name == "tests" else set())
+        bad += [f"{path.relative_to(ROOT)}: {m}" for m in _clbench_imports(path) if m not in allowed]
+    assert not bad, "import these through `from clbench import ...`:\n" + "\n".join(bad)
+
+
+def test_every_type_a_hook_spec_names_is_public():
+    """Every clbench type the hook specs' annotations name (imported by clbench.hookspecs) is a public name, and
+    so is CLModel, the base class configure_model's replacement must have."""
+    import ast
+    import inspect
+
+    import clbench
+    from clbench import hookspecs
+
+    named = {a.asname or a.name for node in ast.walk(ast.parse(inspect.getsource(hookspecs)))
+             if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("clbench") for a in node.names}
+    assert {"TaskContext", "LowRank", "Samples", "Replayed"} <= named
+    assert named - {"hookimpl"} <= set(clbench.__all__) - {"hookimpl"}
+    assert "CLModel" in clbench.__all__
+    assert clbench.__all__ == sorted(clbench._PUBLIC)
+    for name in clbench.__all__:
+        assert getattr(clbench, name) is not None, name

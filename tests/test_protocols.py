@@ -62,15 +62,23 @@ def _lrs_per_epoch(cfg: TrainConfig, steps_per_epoch: int = 3) -> list[list[floa
     return out
 
 
-def test_inflora_cosine_is_the_official_per_epoch_quarter_cosine():
+def _official_cosine(e: int, K: int) -> float:
+    """The official CosineSchedule's factor in epoch e: [1, 1, f(1), ..., f(K-2)] (the constructor's step and
+    the reset of last_epoch make the first per-epoch step apply f(0) again)."""
+    return math.cos(99 * math.pi * max(e - 1, 0) / (200 * (K - 1)))
+
+
+def test_inflora_cosine_is_the_official_per_epoch_quarter_cosine_with_its_lag():
     K, lr = 20, 5e-4
     lrs = _lrs_per_epoch(TrainConfig(epochs=K, lr=lr, schedule="inflora_cosine"))
-    expected = [lr * math.cos(99 * math.pi * e / (200 * (K - 1))) for e in range(K)]
+    expected = [lr * _official_cosine(e, K) for e in range(K)]
     assert [row[0] for row in lrs] == pytest.approx(expected, rel=1e-12, abs=0)
     assert [row[1] for row in lrs] == pytest.approx(expected, rel=1e-12, abs=0)  # the head follows it
-    assert lrs[0][0] == lr and lrs[-1][0] == pytest.approx(lr * math.cos(99 * math.pi / 200))  # ~0.0157 lr
-    assert sum(inflora_cosine_factor(e, K) for e in range(K)) / K == pytest.approx(0.636, abs=1e-3)  # "about 0.64"
-    assert inflora_cosine_factor(0, 1) == 1.0  # one epoch: the official K == 1 case keeps the base lr
+    assert lrs[0][0] == lrs[1][0] == lr  # the lag: epochs 0 and 1 both at cos(0)
+    assert lrs[-1][0] == pytest.approx(lr * math.cos(99 * math.pi * (K - 2) / (200 * (K - 1))))
+    K5 = [inflora_cosine_factor(e, 5) for e in range(5)]
+    assert K5 == pytest.approx([1, 1, 0.925, 0.713, 0.394], abs=5e-4)  # issue 31's numbers for K = 5
+    assert inflora_cosine_factor(0, 1) == 1.0  # one epoch: the base lr (the official K == 1 divides by zero)
 
 
 def test_multistep_and_head_lr():
@@ -107,12 +115,13 @@ def test_train_task_reports_the_lr_of_each_epoch():
                                               cfg, ctx)
     trained = train_task(model, stream, pm, ctx, optimizer, schedule, cfg, SINGLE_PROCESS, lambda: 0.0,
                          lambda s: None)
-    assert trained.epoch_lrs == pytest.approx([1e-2 * inflora_cosine_factor(e, 3) for e in range(3)], rel=1e-12)
+    assert trained.epoch_lrs == pytest.approx([1e-2 * _official_cosine(e, 3) for e in range(3)], rel=1e-12)
 
 
 def test_quickstart_logs_train_lr_per_epoch(tmp_path, monkeypatch):
-    """`--method lora --set train.schedule=inflora_cosine` on the quickstart: train/lr at step task * epochs +
-    epoch equals the formula (random backbone and two steps per epoch keep it to seconds)."""
+    """`--method lora --set train.schedule=inflora_cosine --set train.epochs=5` on the quickstart: a real run
+    through the loop; train/lr read back from MLflow at step task * epochs + epoch is the official CosineSchedule,
+    lag included: [1, 1, .925, .713, .394] x lr in every task (random backbone, two steps per epoch)."""
     from mlflow.tracking import MlflowClient
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -120,6 +129,7 @@ def test_quickstart_logs_train_lr_per_epoch(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     result = CliRunner().invoke(app, ["run", str(QUICKSTART), "--method", "lora", "--checkpoint-dir",
                                       str(tmp_path / "ck"), "--set", "train.schedule=inflora_cosine",
+                                      "--set", "train.epochs=5",
                                       "--set", "backbone.pretrained=false", "--set", "train.max_steps_per_epoch=2",
                                       "--set", "runtime.device=cpu"])
     assert result.exit_code == 0, result.output
@@ -127,10 +137,12 @@ def test_quickstart_logs_train_lr_per_epoch(tmp_path, monkeypatch):
     exp = client.get_experiment_by_name("quickstart")
     [child] = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get(keys.ROLE) == keys.ROLE_CHILD]
     history = sorted((m.step, m.value) for m in client.get_metric_history(child.info.run_id, keys.TRAIN_LR))
-    K, T, lr = 4, 5, 5e-3
+    K, T, lr = 5, 5, 5e-3
     assert [s for s, _ in history] == list(range(T * K))
-    assert [v for _, v in history] == pytest.approx(
-        [lr * math.cos(99 * math.pi * e / (200 * (K - 1))) for _ in range(T) for e in range(K)], rel=1e-12)
+    assert [v for _, v in history] == pytest.approx([lr * f for _ in range(T) for f in (1, 1, .925, .713, .394)],
+                                                     abs=lr * 5e-4)
+    assert [v for _, v in history] == pytest.approx([lr * _official_cosine(e, K) for _ in range(T) for e in range(K)],
+                                                     rel=1e-12)
     tags = child.data.tags
     assert tags[keys.runtime_tag("device")] == "cpu" and tags[keys.runtime_tag("cpu_threads")] == "1"
     assert tags[keys.PRECISION] == "fp32"

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from clbench_lora_ewc import LoRAEWC
 
 from clbench import contract
-from clbench.testing import assert_resumes, run_method, tiny_stream
+from clbench.testing import assert_resumes, builtin_method, run_method, tiny_stream
 
 FAST = dict(batch_size=8, max_steps_per_epoch=2)
 
@@ -101,9 +101,7 @@ def test_fisher_is_the_mean_squared_per_sample_gradient():
 
 
 def test_zero_lambda_is_sequential_lora():
-    from clbench.registry import discover
-
-    lora = discover().get("lora").cls
+    lora = builtin_method("lora")
     stream = tiny_stream(samples_per_class=8)
     a = run_method(LoRAEWC({"rank": 3, "ewc_lambda": 0.0}), stream, max_steps_per_epoch=2)
     b = run_method(lora({"rank": 3}), stream, max_steps_per_epoch=2)

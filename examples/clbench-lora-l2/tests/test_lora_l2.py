@@ -10,7 +10,7 @@ import torch
 from clbench_lora_l2 import LoRAL2
 
 from clbench import contract
-from clbench.testing import run_method, tiny_stream
+from clbench.testing import builtin_method, run_method, tiny_stream
 
 
 def test_contract():
@@ -61,9 +61,7 @@ def test_the_pull_keeps_factors_near_the_previous_task():
 
 
 def test_zero_strength_is_sequential_lora():
-    from clbench.registry import discover
-
-    lora = discover().get("lora").cls
+    lora = builtin_method("lora")
     stream = tiny_stream(samples_per_class=8)
     a = run_method(LoRAL2({"rank": 3, "strength": 0.0}), stream, max_steps_per_epoch=2)
     b = run_method(lora({"rank": 3}), stream, max_steps_per_epoch=2)
