@@ -17,7 +17,8 @@ np.arange(-8, 9)``), on the *current task's* features only, in the CP loader's s
 labels; the smallest error wins (the first on ties, ``np.argmin``). Old classes' columns of Q never change
 after their task; their weights do (the whole W_o is re-solved), which is what decorrelates the classes.
 
-On the clbench contract: ``gradient_training = False``; ``configure_model`` returns :class:`RPModel`, a
+On the clbench contract: no gradient step (``gradient_training`` is False on every task, or True on the first one
+only with ``first_session_adaptation``); ``configure_model`` returns :class:`RPModel`, a
 ``CLModel`` around the same frozen backbone whose features are ``h`` and whose heads are M-wide, so the loop's
 evaluation is the official inference; ``after_task`` recomputes and writes every seen task's head.
 
@@ -36,9 +37,12 @@ G is numerically meaningless); (2) lambda is searched by one eigendecomposition 
 (the same minimiser up to rounding); (3) the dual form when N < M (the same solution); (4) ``W_rand`` is drawn from
 a generator seeded by the run's seed, not from the global stream after first-session training; (5) the MSE of the
 lambda search is over the seen classes' one-hot columns, not all of the stream's (the unseen columns add zero
-error, so only the scale differs and the argmin is the same); (6) first-session adaptation (the official PETL
-adapter/SSF/VPT trained on task 0) is not implemented: ``first_session_adaptation`` must stay ``false``, the
-official ``ncm`` + RP rows (``args/*_publish.csv`` with model_name ncm, use_RP True, M 10000); (7) features are
+error, so only the scale differs and the argmin is the same); (6) first-session adaptation (off by default, as in
+the official ``ncm`` + RP rows of ``args/*_publish.csv``) trains LoRA adapters (the ``rank``/``targets``/``blocks``
+params) and task 0's linear head with the suite's optimizer, epochs and cross-entropy, then freezes them and
+replaces that head by the projected one; the official code trains an AdaptFormer adapter, SSF or VPT with its own
+SGD schedule and a cosine head (no LoRA variant exists there); the adapted backbone's update is not reported for
+spectra (``task_updates`` is ``{}``); (7) features are
 computed under the suite's precision (bf16 autocast on CUDA), as clbench's evaluation computes them.
 """
 
@@ -47,32 +51,27 @@ from __future__ import annotations
 import numpy as np
 import torch
 from clbench_plugins.simplecil import extract
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 
-from clbench import CLModel, Method, hookimpl
+from clbench import CLModel, LoRAParams, Method, hookimpl, inject
 
 OFFICIAL_RIDGES = [float(x) for x in 10.0 ** np.arange(-8, 9)]  # RanPAC.py: optimise_ridge_parameter
 CHUNK = 4096  # rows of H formed at a time when building G
 
 
-class RanPACParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class RanPACParams(LoRAParams):
+    """RanPAC's params; the LoRA fields (rank, targets, blocks, alpha, dropout) shape the first-session adapters and
+    are unused without ``first_session_adaptation``."""
+
     M: int = Field(10000, ge=1, description="random projection dimension (official default 10000, "
                                             "args/*_publish.csv)")
     ridges: list[float] = Field(default_factory=lambda: list(OFFICIAL_RIDGES),
                                 description="the lambda grid of the ridge search (official: 10^-8 .. 10^8)")
     val_fraction: float = Field(0.8, gt=0, lt=1, description="share of the current task's images that fit the "
                                 "ridge in the lambda search; the rest score it (official 0.8)")
-    first_session_adaptation: bool = Field(False, description="official PETL training on the first task; not "
-                                           "implemented here (false = the official ncm + RP setting)")
-
-    @field_validator("first_session_adaptation")
-    @classmethod
-    def _not_implemented(cls, v: bool) -> bool:
-        if v:
-            raise ValueError("first-session adaptation is not implemented in clbench's ranpac; use false (the "
-                             "official ncm + random projection setting)")
-        return v
+    first_session_adaptation: bool = Field(False, description="train LoRA adapters (rank, targets, blocks) and "
+                                           "task 0's head by gradient on the first task only, then freeze them "
+                                           "(official: a PETL adapter/SSF/VPT); false = the official ncm + RP rows")
 
     @field_validator("ridges")
     @classmethod
@@ -85,15 +84,26 @@ class RanPACParams(BaseModel):
 class RPModel(CLModel):
     """A CLModel around the same backbone whose features are ``ReLU(f W_rand)`` (M-wide heads, no bias use)."""
 
-    def __init__(self, base: CLModel, w_rand: torch.Tensor) -> None:
+    def __init__(self, base: CLModel, w_rand: torch.Tensor, projecting: bool = True) -> None:
         super().__init__(base.backbone, base.image_size, base.in_chans, base.mean.flatten().tolist(),
                          base.std.flatten().tolist())
         self.heads = base.heads
         self.register_buffer("w_rand", w_rand, persistent=False)  # regenerated from the seed, never saved
+        self.projecting = projecting  # False only while the first session adapts (plain features, d-wide head)
 
     @property
     def feature_dim(self) -> int:
-        return self.w_rand.shape[1]
+        return self.w_rand.shape[1] if self.projecting else self.backbone.num_features
+
+    def start_projecting(self) -> None:
+        """After the first session: project from now on, every existing head replaced by an M-wide one."""
+        self.projecting = True
+        for i, head in enumerate(self.heads):
+            if head.in_features != self.feature_dim:
+                new = torch.nn.Linear(self.feature_dim, head.out_features).to(self.w_rand.device)
+                new.bias.data.zero_()
+                new.requires_grad_(False)
+                self.heads[i] = new
 
     def add_head(self, num_classes: int) -> torch.nn.Linear:
         head = super().add_head(num_classes)
@@ -101,7 +111,8 @@ class RPModel(CLModel):
         return head
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.relu(self.backbone(x) @ self.w_rand.to(x.dtype))
+        f = self.backbone(x)
+        return torch.relu(f @ self.w_rand.to(f.dtype)) if self.projecting else f
 
 
 def random_projection(d: int, M: int, seed: int) -> torch.Tensor:
@@ -197,7 +208,6 @@ class RanPAC(Method):
     paper = ("McDonnell et al., RanPAC: Random Projections and Pre-trained Models for Continual Learning, "
              "NeurIPS 2023 (arXiv 2307.02251)")
     code = "github.com/RanPAC/RanPAC (RanPAC.py)"
-    gradient_training = False
     low_rank_updates = False
     Params = RanPACParams
 
@@ -208,14 +218,35 @@ class RanPAC(Method):
         self.lambdas: list[float] = []  # the ridge chosen after each task
         self.gram = Gram()  # in memory only: recomputed from the features after a resume
 
+    def gradient_training(self, ctx) -> bool:
+        """Only the first task trains, and only with first-session adaptation (clbench.loop.takes_gradient_steps)."""
+        return self.params.first_session_adaptation and ctx.task == 0
+
     @hookimpl
     def configure_model(self, model, ctx):
         model.backbone.requires_grad_(False)
         w_rand = random_projection(model.feature_dim, self.params.M, ctx.seed)
-        return RPModel(model, w_rand.to(ctx.device))
+        p, self.sites = self.params, {}
+        if p.first_session_adaptation:
+            self.sites = inject(model.backbone, p.targets, p.blocks)
+            for site in self.sites.values():
+                site.add_branch(p.rank, scale=p.scale, dropout=p.dropout)
+        return RPModel(model, w_rand.to(ctx.device), projecting=not p.first_session_adaptation)
+
+    @hookimpl
+    def param_groups(self, model, ctx):  # the first session only (gradient_training)
+        return [{"params": [q for s in self.sites.values() for q in s.branches[0].parameters()], "name": "lora"}]
+
+    @hookimpl
+    def task_updates(self, model, ctx):
+        return {}  # the frozen (or first-session-adapted, then frozen) backbone: no continual update
 
     @hookimpl
     def after_task(self, model, ctx):
+        if not model.projecting:  # the first session's adapters are trained: freeze them, project from now on
+            for site in self.sites.values():
+                site.requires_grad_(False)
+            model.start_projecting()
         # the official CP loader shuffles; the order decides lambda's fit/score split, so it is seeded
         gen = torch.Generator().manual_seed(ctx.seed * 1_000_003 + ctx.task + 77)
         F, y = extract(model.backbone, ctx.loader(shuffle=True, generator=gen), ctx.autocast)  # unaugmented
@@ -243,6 +274,9 @@ class RanPAC(Method):
 
     @hookimpl
     def load_method_state(self, model, state, ctx):
+        for site in self.sites.values():  # the first session is over once any task is
+            site.requires_grad_(False)
+        model.start_projecting()
         self.features = [f.clone() for f in state["features"]]
         self.labels = [y.clone() for y in state["labels"]]
         self.lambdas = [float(x) for x in state["lambdas"]]

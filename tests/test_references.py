@@ -21,13 +21,13 @@ from typer.testing import CliRunner
 from clbench import hookimpl, keys
 from clbench.cli import app
 from clbench.loop import batches
-from clbench.testing import mlflow_runs, run_method, tiny_model, tiny_stream, tiny_suite_yaml
+from clbench.testing import assert_resumes, mlflow_runs, run_method, tiny_model, tiny_stream, tiny_suite_yaml
 
 
-def backbone_features(stream, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
+def backbone_features(stream, seed: int = 0, model=None) -> list[tuple[np.ndarray, np.ndarray]]:
     """Per task: the pre-trained (here: seeded random) tiny ViT's pooled features of every training image and
-    their stream-wide labels, computed outside the method."""
-    model = tiny_model(seed=seed).eval()
+    their stream-wide labels, computed outside the method (``model``: another model's backbone)."""
+    model = (model or tiny_model(seed=seed)).eval()
     out = []
     with torch.no_grad():
         for task in stream.tasks:
@@ -152,8 +152,30 @@ def test_ranpac_checkpoint_state_is_compact():
     size = sum(f.numel() * f.element_size() for f in state["features"])
     assert size < 10000 * 10000 * 4 / 1000  # features, not the M x M Gram matrix
     assert "w_rand" not in run.model.state_dict()  # regenerated from the seed
-    with pytest.raises(ValueError, match="not implemented"):
-        RanPAC({"first_session_adaptation": True})
+
+
+FIRST_SESSION = {"M": 64, "first_session_adaptation": True, "rank": 2}
+
+
+def test_ranpac_first_session_adaptation_trains_the_first_task_only():
+    stream = tiny_stream(num_tasks=3, num_classes=6)
+    run = run_method(RanPAC(FIRST_SESSION), stream)
+    first, later = run.results[0], run.results[1:]
+    assert first.loss is not None and first.trainable_params > 0 and first.images > 0
+    assert all(r.loss is None and r.trainable_params == 0 and r.images == 0 for r in later)
+    B = [s.branches[0].B for s in run.method.sites.values()]
+    assert any(float(b.abs().max()) > 0 for b in B)  # LoRA's B starts at zero: the first session trained it
+    # the heads are the ridge solution over the *adapted* backbone's features, projected
+    feats = backbone_features(stream, model=run.model)
+    W_rand = random_projection(run.model.backbone.num_features, 64, 0).double().numpy()
+    H = np.maximum(np.concatenate([f for f, _ in feats]) @ W_rand, 0)
+    Y = np.eye(6)[np.concatenate([y for _, y in feats])]
+    Wo = scipy.linalg.solve(H.T @ H + run.method.lambdas[-1] * np.eye(64), H.T @ Y, assume_a="pos").T
+    np.testing.assert_allclose(heads_matrix(run.model), Wo, rtol=2e-3, atol=1e-4 * np.abs(Wo).max())
+
+
+def test_ranpac_first_session_adaptation_resumes_bit_exactly():
+    assert_resumes(RanPAC, FIRST_SESSION, after=1, num_tasks=3)
 
 
 # -- the no-gradient path through a whole run ------------------------------------------------------------------
