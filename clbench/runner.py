@@ -37,7 +37,7 @@ from clbench.recorder import RunRecorder, git_sha, naming_disk_full, on_disk_ful
 from clbench.registry import discover, plugin_dirs, run_manager
 from clbench.streams import load_avalanche
 from clbench.suite import Suite
-from clbench.tracking import NullTracker, Tracker, make_tracker
+from clbench.tracking import NullTracker, Tracker, absolute_uri, make_tracker, read_only_run_status, store_uri
 from clbench.validation import build_run_stream, stream_cache_key
 
 __all__ = ["PlannedRun", "RunJob", "RunRecord", "execute_job", "plan_runs", "run_key", "run_one", "run_suite"]
@@ -62,10 +62,8 @@ def run_suite(suite: Suite, source: str, *, methods: list[str] | None = None, se
     method_problems(suite, planned, source)  # params that do not fit the backbone: refused before any run exists
     seeds = seeds or suite.seeds
     if dry_run:
-        progress(f"suite hash {suite.protocol_hash()}")
-        for run in planned:
-            for seed in seeds:
-                progress(f"would run {run.label} ({run.info.source}) seed {seed}: {run.params.model_dump()}")
+        for line in dry_run_lines(suite, planned, seeds, checkpoint_dir, restart):
+            progress(line)
         return []
     experiment = suite.experiment
     if distributed.active():
@@ -114,6 +112,48 @@ def run_suite(suite: Suite, source: str, *, methods: list[str] | None = None, se
             records = [finished[(run.label, seed)] or by_key[(run.label, seed)] for seed in seeds for run in planned]
             record_suite(tracker, parent, suite, records, progress)
     return records
+
+
+def dry_run_lines(suite: Suite, planned: Sequence[PlannedRun], seeds: Sequence[int], checkpoint_dir: str | None,
+                  restart: bool = False) -> list[str]:
+    """What ``clbench run --dry-run`` prints: the suite hash and the checkpoint folder, each named for what it is,
+    one short line per (method, seed) saying what the real run would do with it (``skip (finished)`` by the same
+    rule the real run skips: a done checkpoint whose MLflow run is FINISHED in the suite's experiment; ``resume``
+    from a checkpoint; ``run``), and a summary. Reads the store, never writes it (no store yet: nothing finished)."""
+    experiment = suite.tracking.experiment or suite.name
+    uri = absolute_uri(store_uri(suite.tracking.uri))
+    sdir = checkpoint.suite_dir(checkpoint_dir, suite.protocol_hash(), suite.name, experiment, uri)
+    status = read_only_run_status(uri, experiment)
+    lines = [f"suite {suite.name}: suite hash {suite.protocol_hash()} (the protocol; MLflow tag {keys.SUITE_HASH})",
+             f"checkpoint folder {sdir}",
+             f"  (its id {sdir.name.rpartition('-')[2]} digests suite hash, name, experiment and store: not the suite "
+             "hash)"]
+    counts: dict[str, int] = {}
+    width = max(len(run.label) for run in planned) if planned else 0
+    for seed in seeds:
+        for run in planned:
+            store = _store(sdir, suite, run, seed)
+            done = None if restart else store.done()
+            if done is not None and status(done["run_id"]) == "FINISHED":
+                action, why = "skip (finished)", f"MLflow run {done['run_id']}"
+            elif not restart and store.path.exists():
+                action, why = "resume", "from its last finished task"
+            else:
+                action, why = "run", "restart" if restart else ""
+            counts[action] = counts.get(action, 0) + 1
+            params = _short_params(run)
+            lines.append(f"  {action:<15} {run.label:<{width}} seed {seed}" + (f"  {why}" if why else "")
+                         + (f"  [{params}]" if params else ""))
+    summary = ", ".join(f"{n} {a}" for a, n in sorted(counts.items()))
+    lines.append(f"{sum(counts.values())} runs: {summary}; --dry-run trains nothing and writes nothing")
+    return lines
+
+
+def _short_params(run: PlannedRun, limit: int = 80) -> str:
+    """A method entry's params that differ from their defaults, as ``k=v``, cut at ``limit`` characters."""
+    items = run.params.model_dump(exclude_defaults=True, mode="json")
+    text = " ".join(f"{k}={json.dumps(v, separators=(',', ':'))}" for k, v in items.items())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _store(sdir: Path, suite: Suite, run: PlannedRun, seed: int) -> checkpoint.RunStore:
