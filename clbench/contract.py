@@ -207,7 +207,7 @@ def check_run(run: ContractRun) -> None:
     if T < 2:
         _fail(cls, f"expected 2 finished tasks, got {T}")
     for res in run.results:
-        if not math.isfinite(res.loss):
+        if res.loss is not None and not math.isfinite(res.loss):
             _fail(cls, f"non-finite training loss on task {res.task}: {res.loss}")
         bad = {k: v for k, v in res.loss_terms.items() if not math.isfinite(v)}
         if bad:
