@@ -417,7 +417,8 @@ def run_one(suite: Suite, run: PlannedRun, seed: int, stream, tracker: Tracker, 
         record = recorder.finish(state, sizes, device, run, seed, suite_yaml, stream)
         acc, fgt = (record.metrics[keys.for_split(k, suite.split)] for k in (keys.FINAL_ACC, keys.FINAL_FORGETTING))
         on = " on the validation split" if suite.split == keys.SPLIT_VALIDATION else ""
-        say(f"final acc {acc:.2f} forgetting {fgt:.2f}{on} ({recorder.totals['train_seconds']:.1f}s training)")
+        say(f"final acc {acc:.2f} forgetting {fgt:.2f}{on} ({recorder.totals['train_seconds']:.1f}s training, "
+            f"{recorder.totals['hooks']:.1f}s method)")
         return record
     except (FloatingPointError, MethodHookError) as exc:  # this run's failure, not the suite's
         if isinstance(exc, MethodHookError):
