@@ -28,6 +28,10 @@ def valid_method_name(name: object) -> bool:
 
 
 class NoParams(BaseModel):
+    """The params base of a method without adapters (``clbench.NoParams``): no fields of its own and unknown keys
+    refused (``extra="forbid"``), so a suite's typo fails; subclass it and add the method's fields, each with a
+    ``description``. LoRA methods start from ``clbench.LoRAParams`` instead."""
+
     model_config = ConfigDict(extra="forbid")
 
 

@@ -329,7 +329,9 @@ def test_leaderboard_marks_the_bounds_and_each_rows_share_of_the_gap():
         ["upper bound", "1.00"], ["", "0.23"], ["", "-"]]
     assert any("gap_share" in line and "final/acc" in line for line in lb.note_lines(group))
     page = render_html([group])
-    assert "<tr class=upper>" in page and page.count("<tr class=lower>") == 2 and ">gap_<wbr>share</th>" in page
+    # header cells may carry <wbr> break hints (the table fits 1600 px); the column's name is what counts
+    assert "<tr class=upper>" in page and page.count("<tr class=lower>") == 2
+    assert ">gap_share</th>" in page.replace("<wbr>", "")
 
     plain = lb.Group("bench", ["s"], "h", [_row("lora", "lora", 44.0, 50.0)], [], keys.FINAL_ACC)
     lb.mark_references(plain.rows, keys.FINAL_ACC)
