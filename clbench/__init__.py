@@ -19,6 +19,7 @@ __version__ = "0.1.0"
 # only these names (`from clbench import ...`): the import contract in pyproject.toml holds it for the
 # built-ins, tests/test_plugins.py for the examples. Every type a hook spec mentions is here.
 _PUBLIC = {
+    "CONTRACT_VERSION": "clbench.method",
     "ClbenchError": "clbench.errors",
     "hookimpl": "clbench.hookspecs",
     "Method": "clbench.method",
@@ -52,7 +53,7 @@ _PUBLIC = {
     "uniform_prompt": "clbench.prompts",
 }
 __all__ = [
-    "ATTN_SLICES", "AdaptedLinear", "AdapterParams", "BlockList", "CLModel", "ClbenchError", "LoRABranch",
+    "ATTN_SLICES", "AdaptedLinear", "AdapterParams", "BlockList", "CLModel", "CONTRACT_VERSION", "ClbenchError", "LoRABranch",
     "LoRAParams", "LoRASite", "LowRank", "Method", "NoParams", "PromptMethod", "PromptModel", "Replayed",
     "Samples", "TARGETS", "Target", "TaskContext", "attach", "backbone_maps", "cosine", "find_sites",
     "fit_blocks", "hookimpl", "inject", "reshape_spectrum", "snapshot_maps", "split_prefix", "task_changes",
@@ -79,7 +80,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ imports
         find_sites,
         inject,
     )
-    from clbench.method import Method, NoParams
+    from clbench.method import CONTRACT_VERSION, Method, NoParams
     from clbench.prompts import (
         PromptMethod,
         PromptModel,

@@ -68,4 +68,15 @@ def random_resized_crop_flip(x: torch.Tensor, size: int, generator: torch.Genera
     return out.clamp_(0, 1)
 
 
+def resize_center_crop(x: torch.Tensor, size: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """torchvision's ``Resize(size * 256 / 224, bicubic)`` + ``CenterCrop(size)`` on a square batch (PILOT's test
+    transform, as CL-LoRA and SD-LoRA: the central 7/8 of a CIFAR image, upscaled): ``N x C x H x W`` (uint8 or
+    float in [0, 1]) -> float in [0, 1], ``N x C x size x size``. ``generator`` is unused (the transform is fixed)."""
+    big = int(size * 256 / 224)
+    xf = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+    xf = F.interpolate(xf, size=(big, big), mode="bicubic", align_corners=False, antialias=big < x.shape[-1])
+    top = int(round((big - size) / 2.0))
+    return xf[..., top:top + size, top:top + size].clamp_(0, 1)
+
+
 AUGMENTS = {"rrc_flip": random_resized_crop_flip}

@@ -23,6 +23,7 @@ class Draw:
     limit: int | None = None
     augment: Callable | None = None
     shard: tuple[int, int] | None = None
+    drop_last: bool = False  # no last partial (global) batch
 
 
 IN_ORDER = Draw()  # evaluation: every row, in order, no augmentation
@@ -55,7 +56,8 @@ def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, device: torch.dev
         generator = torch.Generator().manual_seed(aug_seed)
     pin = device.type == "cuda"
     in_order = fraction >= 1.0 and not shuffle  # evaluation: plain slices, no gather copy
-    for b, start in enumerate(range(0, len(idx), batch_size)):
+    ends = len(idx) - batch_size + 1 if draw.drop_last else len(idx)
+    for b, start in enumerate(range(0, max(ends, 0), batch_size)):
         if draw.limit is not None and b >= draw.limit:
             break
         sel = slice(start, start + batch_size) if in_order else idx[start:start + batch_size]

@@ -225,7 +225,7 @@ def methods(
     plugins_dir: list[str] = typer.Option([], "--plugins-dir"),
 ) -> None:
     """List the registered methods (and their params)."""
-    from clbench.method import describe_params
+    from clbench.method import describe_params, training_summary
     from clbench.registry import discover
 
     try:
@@ -243,6 +243,8 @@ def methods(
         typer.echo(f"{n}{' (' + ', '.join(aliases) + ')' if aliases else ''}  [{info.source}]")
         if getattr(info.cls, "paper", ""):
             typer.echo(f"    paper: {info.cls.paper}")
+        if pattern and len(names) == 1:
+            typer.echo(f"    trains: {training_summary(info.cls)}")
         if params or (pattern and len(names) == 1):
             for fname, _, default, description in describe_params(info.cls.Params):
                 typer.echo(f"    {fname} = {default!r}: {description}")
@@ -327,6 +329,32 @@ def new_method(
     else:
         typer.echo(f"next: fill in the TODOs, run `pytest {written[1]}`, then `clbench methods {name} --plugins-dir "
                    f"{dir_}`", err=True)
+
+
+@app.command()
+def protocol(
+    suite_file: Path = typer.Argument(..., help="suite YAML file"),
+    overrides: list[str] = typer.Option([], "--set", help="override a suite key, e.g. train.epochs=5"),
+    method: int = typer.Option(0, "--method-index", help="which method entry's train overrides to apply"),
+    tasks: int = typer.Option(2, "--tasks", help="tasks of each seed's class order to print"),
+    as_json: bool = typer.Option(False, "--json", help="the whole protocol as JSON (full class orders)"),
+) -> None:
+    """Print the effective protocol (lr per epoch and group, class order per seed, transforms, optimizer,
+    precision, normalisation, batch), computed by the functions the training loop uses: compare it with a paper."""
+    import json
+
+    from clbench.protocol import effective_protocol, protocol_lines
+    from clbench.suite import load_suite
+
+    try:
+        suite = load_suite(suite_file, overrides)
+        if not 0 <= method < len(suite.methods):
+            raise ClbenchError(f"--method-index {method}: the suite has {len(suite.methods)} method entries "
+                               f"(0..{len(suite.methods) - 1})")
+        p = effective_protocol(suite, method)
+        typer.echo(json.dumps(p, indent=1) if as_json else "\n".join(protocol_lines(p, tasks)))
+    except ClbenchError as exc:
+        _fail(str(exc))
 
 
 @app.command()

@@ -13,6 +13,12 @@ group and no task head (:func:`undeclared_trainable`, the same rule as the plugi
 optimizer never applies, and a pre-trained backbone parameter in the groups of a method that does not declare
 ``trains_backbone`` fine-tunes the backbone under an adapter method's name; both fail the run (methods that
 declare ``trains_backbone`` are exempt, as in the contract).
+
+Before that, right after ``configure_model``, the pre-trained backbone of a method that does not declare
+``trains_backbone`` is frozen by the loop (:meth:`CheckedHooks.freeze_backbone`, contract 3): a method that
+configures nothing (no ``configure_model``, no ``param_groups``) trains the heads and whatever parameters it
+added, never the backbone by accident. When that freezes anything the method had left trainable, the run prints
+one notice line naming the contract change and the fix (``CONTRACT_NOTICE``).
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import torch
 
 from clbench.errors import ClbenchError
 from clbench.lora import LowRank
+from clbench.method import CONTRACT_VERSION
 
 # Not a plugin's mistake: the loop's own divergence check (it fails the run itself), memory the machine lacks
 # (the user's interrupt is no Exception and passes anyway).
@@ -88,7 +95,7 @@ def _trainable_problem(model: torch.nn.Module, groups: list[dict] | None, pretra
     if stray:
         return (f"left {_names(stray)} requiring grad, but they are in no parameter group of the method and in "
                 "no head (never trained); declare them in param_groups, freeze them (requires_grad_(False)), or "
-                "set trains_backbone = True")
+                f"set trains_backbone = True (a rule since contract 2; {CHANGELOG})")
     if groups is None:
         groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
     declared = {id(p) for g in groups for p in g["params"]}
@@ -96,8 +103,19 @@ def _trainable_problem(model: torch.nn.Module, groups: list[dict] | None, pretra
     tuned = [n for n, p in model.named_parameters() if id(p) in declared & pretrained and id(p) not in heads]
     if tuned:
         return (f"trains pre-trained backbone parameters: {_names(tuned)}; freeze them (adapters train their own "
-                "parameters) or set trains_backbone = True on a method that fine-tunes the backbone")
+                "parameters) or set trains_backbone = True on a method that fine-tunes the backbone (a rule since "
+                f"contract 2; {CHANGELOG})")
     return None
+
+
+CHANGELOG = "docs/CONTRACT_CHANGELOG.md"
+# The one line a run prints when the loop froze backbone parameters a method had left trainable: what changed
+# (contract 1 fine-tuned them by default), and the two ways to say what the method means.
+CONTRACT_NOTICE = ("method '{method}': contract {version}: the loop froze {count} pre-trained backbone parameters "
+                   "the method left trainable ({names}): a method without trains_backbone trains only the "
+                   "parameters it adds and the heads (contract 1 fine-tuned the whole backbone by default); set "
+                   "trains_backbone = True to fine-tune it, or freeze the backbone in configure_model to silence "
+                   "this line ({changelog})")
 
 
 def _check_terms(value: Any) -> str | None:
@@ -177,6 +195,7 @@ class CheckedHooks:
         # a method that fine-tunes the backbone (on the class, or per instance) may leave or train anything
         self.trains_backbone = bool(getattr(self.instance, "trains_backbone", False))
         self.pretrained: set[int] = set()  # the backbone's parameters before configure_model
+        self._pretrained_named: list[tuple[str, torch.nn.Parameter]] = []
         for hook in vars(pm.hook):  # every hook of the spec; those in CHECKS also have their results checked
             if not hook.startswith("_"):
                 setattr(self, hook, self._wrap(hook, getattr(pm.hook, hook)))
@@ -186,7 +205,8 @@ class CheckedHooks:
 
         def call(**kwargs: Any) -> Any:
             if hook == "configure_model" and hasattr(kwargs.get("model"), "backbone"):
-                self.pretrained = {id(p) for p in kwargs["model"].backbone.parameters()}
+                self._pretrained_named = [(f"backbone.{n}", p) for n, p in kwargs["model"].backbone.named_parameters()]
+                self.pretrained = {id(p) for _, p in self._pretrained_named}
             try:
                 result = caller(**kwargs)
             except PASS_THROUGH:
@@ -211,6 +231,21 @@ class CheckedHooks:
             return result
 
         return call
+
+    def freeze_backbone(self, say: Callable[[str], None]) -> list[str]:
+        """After ``configure_model``: freeze every pre-trained backbone parameter the method left requiring grad,
+        unless it declares ``trains_backbone`` (contract 3's default: the heads and the method's own parameters
+        train, the backbone does not). When it froze anything, ``say`` gets the one notice line
+        (``CONTRACT_NOTICE``); returns the frozen parameters' names."""
+        if self.trains_backbone:
+            return []
+        left = [(n, p) for n, p in self._pretrained_named if p.requires_grad]
+        for _, p in left:
+            p.requires_grad_(False)
+        if left:
+            say(CONTRACT_NOTICE.format(method=self.method, version=CONTRACT_VERSION, count=len(left),
+                                       names=_names([n for n, _ in left]), changelog=CHANGELOG))
+        return [n for n, _ in left]
 
     def freed_graph_error(self, what: str) -> MethodHookError:
         """The one-line error for PyTorch's "backward through the graph a second time": ``what`` backward reached

@@ -35,6 +35,14 @@ head, or none), so ER, DER, GDumb or joint training are plugins like any other.
 
 Hook names and arguments are public and never renamed; they may gain arguments, and an implementation
 takes only the arguments it needs (pluggy passes by name). Hooks return data; none mutates loop state.
+
+What trains by default (contract 3): after ``configure_model`` the loop freezes every pre-trained backbone
+parameter unless the method declares ``trains_backbone = True``; then, without ``param_groups``, the optimizer
+trains every parameter that still requires grad outside the heads (the adapters or prompts the method added) plus
+the current task's head. A method that implements neither ``configure_model`` nor ``param_groups`` (say, one
+``loss_terms`` hook) therefore trains the heads on the frozen backbone, and with ``trains_backbone = True`` it
+fine-tunes the whole backbone. The contract's version is ``clbench.CONTRACT_VERSION``; docs/CONTRACT_CHANGELOG.md
+lists every change and what a plugin written to an earlier version does about it.
 """
 
 from __future__ import annotations
@@ -76,7 +84,9 @@ class MethodSpec:
         (``model.backbone``, not a copy; the loop checks it) and changes the forward by overriding
         ``features(x)``, which may return ``(features, aux)`` to hand auxiliary tensors to ``loss_terms``.
         Every parameter it trains must be in ``param_groups`` (or a head), and an image's prediction must not
-        depend on the rest of its batch; the contract checks both.
+        depend on the rest of its batch; the contract checks both. Afterwards the loop freezes every pre-trained
+        backbone parameter still requiring grad, unless the method sets ``trains_backbone = True`` (and prints one
+        notice line when it froze anything): adapters and prompts train their own parameters.
         """
 
     @hookspec
@@ -94,8 +104,11 @@ class MethodSpec:
         step hooks. The loop appends the current task's head as its own group; do not include it. Earlier
         tasks' heads are frozen by the loop before ``before_task``; a rehearsal method that trains them (its
         samples score on every seen head) unfreezes them there and returns them here.
-        Return None to let the loop train every ``requires_grad`` parameter outside the heads.
-        First non-None result wins.
+        Return None (or do not implement the hook) to let the loop train every ``requires_grad`` parameter
+        outside the heads: the parameters the method added, since the pre-trained backbone is frozen after
+        ``configure_model`` unless the method sets ``trains_backbone = True`` (then the whole backbone).
+        A pre-trained parameter in the groups of a method without ``trains_backbone``, or a parameter left
+        requiring grad outside the groups and the heads, fails the run. First non-None result wins.
         """
 
     @hookspec(firstresult=True)

@@ -234,6 +234,7 @@ def configure(loop: Loop, state: LoopState) -> None:
         check_replacement(loop.model, replaced)
         loop.model = replaced
     loop.model.to(loop.device).eval()  # a replacement's new modules are built in train mode
+    loop.hook.freeze_backbone(loop.opts.progress)  # unless it declares trains_backbone, never the backbone
     if state.next_task > 0 and state.model_state is not None:
         restore(loop, state, task_context(loop, state.next_task - 1))
     if loop.opts.runtime.compile and loop.device.type == "cuda":
@@ -245,7 +246,7 @@ def run_task(loop: Loop, state: LoopState, t: int) -> None:
     model, hook, clock = loop.model, loop.hook, loop.opts.clock
     # -- phase 1: the new task's head (old heads frozen); seeded so resumed runs match --------------------
     seed_task(loop.seed, t)
-    head = new_head(model, loop.stream, t)
+    head = new_head(model, loop.stream, t, loop.cfg.head_init)
     model.eval()  # the task's prologue hooks: eval mode on every task (the new head too)
     ctx = task_context(loop, t)
     # -- phase 1b (rehearsal): the method may replace the task's training set ------------------------------
@@ -322,7 +323,8 @@ def task_context(loop: Loop, t: int, train_size: int | None = None) -> TaskConte
     ``train_size``: the size of a training set that replaces the task's own (rehearsal), for the step count."""
     stream, cfg, seed, device, model = loop.stream, loop.cfg, loop.seed, loop.device, loop.model
     task = stream.tasks[t]
-    steps = math.ceil((train_size or len(task.train_y)) / cfg.batch_size)
+    rounding = math.floor if cfg.drop_last else math.ceil
+    steps = rounding((train_size or len(task.train_y)) / cfg.batch_size)
     if cfg.max_steps_per_epoch:
         steps = min(steps, cfg.max_steps_per_epoch)
     local_y = task.train_y - int(loop.offsets[t])
@@ -366,15 +368,25 @@ def restore(loop: Loop, state: LoopState, ctx: TaskContext) -> None:
     state.rng = None
 
 
-def new_head(model: CLModel, stream: Stream, t: int) -> torch.nn.Module:
-    """Task ``t``'s head, trainable; every earlier head frozen."""
+def new_head(model: CLModel, stream: Stream, t: int, init: str = "torch") -> torch.nn.Module:
+    """Task ``t``'s head, trainable; every earlier head frozen. ``init`` (``train.head_init``): ``torch`` keeps
+    nn.Linear's default; ``kaiming_zero`` is PILOT's SimpleLinear (Kaiming-uniform weight, zero bias)."""
     for h in model.heads:
         h.requires_grad_(False)
     while len(model.heads) <= t:
-        model.add_head(len(stream.tasks[len(model.heads)].classes))
+        added = model.add_head(len(stream.tasks[len(model.heads)].classes))
+        if init == "kaiming_zero":
+            init_head_kaiming_zero(added)
     head = model.heads[t]
     head.requires_grad_(True)
     return head
+
+
+def init_head_kaiming_zero(head: torch.nn.Linear) -> None:
+    """PILOT's ``SimpleLinear.reset_parameters``: ``kaiming_uniform_(weight, nonlinearity='linear')``, bias 0."""
+    with torch.no_grad():
+        torch.nn.init.kaiming_uniform_(head.weight, nonlinearity="linear")
+        torch.nn.init.zeros_(head.bias)
 
 
 def make_task_optimizer(model: CLModel, head: torch.nn.Module, groups: list[dict] | None, cfg: TrainConfig,
@@ -432,6 +444,8 @@ class Schedule:
             return 0.5 * (1 + math.cos(math.pi * min(self.steps, self.total_steps) / self.total_steps))
         if self.kind == "inflora_cosine":
             return inflora_cosine_factor(self.epoch, self.epochs)
+        if self.kind == "cosine_epoch":  # CosineAnnealingLR(T_max=epochs, eta_min=0) stepped after every epoch
+            return 0.5 * (1 + math.cos(math.pi * self.epoch / self.epochs))
         if self.kind == "multistep":
             return multistep_factor(self.epoch, self.milestones, self.gamma)
         return 1.0
@@ -448,7 +462,7 @@ class Schedule:
 
     def epoch_end(self) -> None:
         self.epoch += 1
-        if self.kind in ("inflora_cosine", "multistep"):
+        if self.kind in ("inflora_cosine", "cosine_epoch", "multistep"):
             self._apply()
 
 
@@ -489,7 +503,7 @@ def train_task(loop: Loop, ctx: TaskContext, optimizer: torch.optim.Optimizer, s
     params = [p for g in optimizer.param_groups for p in g["params"]]
     model.train()
     draw = Draw(shuffle=True, generator=task_rng(ctx.seed, t, "shuffle"), limit=cfg.max_steps_per_epoch,
-                augment=stream.augment, shard=comm.shard)
+                augment=stream.augment, shard=comm.shard, drop_last=cfg.drop_last)
     replay_draw = Draw(generator=task_rng(ctx.seed, t, "replay"), augment=stream.augment, shard=comm.shard)
     step, images = 0, 0
     loss_sum = torch.zeros((), device=device)
@@ -562,7 +576,7 @@ def evaluate(loop: Loop, upto: int) -> tuple[np.ndarray, np.ndarray]:
         lo, hi = int(loop.offsets[j]), int(loop.offsets[j + 1])
         correct = torch.zeros(2, dtype=torch.long, device=device)
         for xb, yb in batches(task.test_x, task.test_y, loop.opts.runtime.eval_batch_size, device, model,
-                              Draw(shard=comm.shard)):
+                              Draw(shard=comm.shard, augment=stream.test_transform)):
             if len(yb) == 0:
                 continue
             with loop.autocast():

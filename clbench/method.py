@@ -11,6 +11,11 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict
 
+# The plugin contract's version (``clbench.CONTRACT_VERSION``): bumped when a rule that a working plugin may rely on
+# changes; docs/CONTRACT_CHANGELOG.md says what changed in each version and what a plugin written to an earlier one
+# does about it. Additions (a new hook, a new hook argument, a new export) break no plugin and are listed there too.
+CONTRACT_VERSION = 3
+
 # The one rule for method names (registry, contract test, `clbench new-method`): what a suite, the CLI and
 # MLflow tags can carry without quoting. The scaffold writes the module file with '-' replaced by '_'.
 NAME_PATTERN = re.compile(r"[a-z][a-z0-9_-]*")
@@ -59,3 +64,21 @@ def describe_params(params: type[BaseModel]) -> list[tuple[str, str, Any, str]]:
         ann = getattr(field.annotation, "__name__", str(field.annotation))
         rows.append((fname, ann, field.get_default(call_default_factory=True), field.description or ""))
     return rows
+
+
+def training_summary(cls: type) -> str:
+    """What a method trains, as ``clbench methods NAME`` states it (contract 3's rule, ``clbench.hookspecs``): the
+    backbone only when the method declares ``trains_backbone`` (read from an instance with default params, since
+    some methods set it per instance); otherwise the parameters its ``configure_model`` / ``param_groups`` add,
+    or, for a method with neither hook, the heads alone on the frozen backbone."""
+    try:
+        trains_backbone = bool(getattr(cls(), "trains_backbone", False))
+    except Exception:  # noqa: BLE001 - a constructor that needs more than defaults: the class's declaration
+        trains_backbone = bool(getattr(cls, "trains_backbone", False))
+    if trains_backbone:
+        return "the pre-trained backbone (trains_backbone, with default params) and each task's head"
+    own = [h for h in ("configure_model", "param_groups") if callable(getattr(cls, h, None))]
+    if own:
+        return (f"what its {' / '.join(own)} add (the pre-trained backbone stays frozen) and each task's head")
+    return ("each task's head on the frozen pre-trained backbone (no configure_model or param_groups: clbench's "
+            "default; set trains_backbone = True to fine-tune the backbone)")

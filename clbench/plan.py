@@ -17,7 +17,7 @@ from pydantic import ValidationError
 
 from clbench import checkpoint
 from clbench.errors import ClbenchError
-from clbench.suite import Suite, format_validation_error
+from clbench.suite import Suite, format_validation_error, without_new_defaults
 
 
 @dataclass
@@ -115,4 +115,4 @@ def run_key(suite: Suite, run: PlannedRun, seed: int) -> str:
     """What must be equal for a checkpoint to continue a run: method, params, training settings, seed, data."""
     cfg = suite.train_for(suite.methods[run.entry_index])
     return checkpoint.digest({"method": run.info.name, "params": run.params.model_dump(mode="json"),
-                              "train": cfg.model_dump(mode="json"), "seed": seed, "protocol": suite.protocol_hash()})
+                              "train": without_new_defaults(cfg.model_dump()), "seed": seed, "protocol": suite.protocol_hash()})

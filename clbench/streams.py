@@ -58,13 +58,21 @@ class Stream:
     meta: dict = field(default_factory=dict)  # strings worth a tag: split_sha256, split_source, ...
     # applied by the loop to training batches on the device: (uint8 batch, output size, generator) -> float [0, 1]
     augment: Callable[[torch.Tensor, int, torch.Generator | None], torch.Tensor] | None = None
+    # applied by the loop to test batches on the device (same signature; None: the model's resize only)
+    test_transform: Callable[[torch.Tensor, int, torch.Generator | None], torch.Tensor] | None = None
 
     @property
     def num_classes(self) -> int:
         return len(self.class_order)
 
 
-def class_order_for(num_classes: int, seed: int, shuffle: bool, explicit: list[int] | None) -> list[int]:
+def class_order_for(num_classes: int, seed: int, shuffle: bool, explicit: list[int] | str | None,
+                    stream_name: str = "") -> list[int]:
+    """The stream's class order (original class ids in stream order): ``explicit`` when a list, an official
+    repository's rule when a name (``official_class_order``), else numpy's permutation of the seed when
+    ``shuffle`` (PILOT's rule) or the ids in order."""
+    if isinstance(explicit, str):
+        return official_class_order(explicit, num_classes, seed, stream_name)
     if explicit is not None:
         if sorted(explicit) != list(range(num_classes)):
             raise ClbenchError(f"stream.class_order: must be a permutation of 0..{num_classes - 1}")
@@ -72,6 +80,37 @@ def class_order_for(num_classes: int, seed: int, shuffle: bool, explicit: list[i
     if not shuffle:
         return list(range(num_classes))
     return [int(c) for c in np.random.RandomState(seed).permutation(num_classes)]
+
+
+def official_class_order(rule: str, num_classes: int, seed: int, stream_name: str) -> list[int]:
+    """An official repository's class order for ``seed``, in clbench's class ids.
+
+    ``pilot``: PILOT's ``utils/data_manager.py`` (CL-LoRA, SD-LoRA): ``np.random.seed(seed)``, then
+    ``np.random.permutation(num_classes)`` (their ImageNet-R ids are ImageFolder's sorted wnids, as ours).
+    ``coda_prompt``: CODA-Prompt's ``trainer.py``: ``arange`` shuffled by Python's ``random.shuffle`` after
+    ``random.seed(seed)``, and only when ``seed > 0`` (seed 0 keeps the ids in order). Its ImageNet-R class ids are
+    the ``targets`` of ``dataloaders/splits/imagenet-r_*.yaml`` (a permutation of the wnids, shipped as
+    ``clbench/splits/coda_prompt_imagenet_r_targets.txt``), mapped here to ours (sorted wnids)."""
+    import random
+
+    if rule == "pilot":
+        return [int(c) for c in np.random.RandomState(seed).permutation(num_classes)]
+    if stream_name not in ("split_cifar100", "imagenet_r"):
+        raise ClbenchError(f"stream.class_order: coda_prompt's class ids are known for split_cifar100 and "
+                           f"imagenet_r, not {stream_name}; give an explicit order")
+    order = list(range(num_classes))
+    if seed > 0:
+        random.Random(seed).shuffle(order)  # the same draws as random.seed(seed); random.shuffle(order)
+    if stream_name == "imagenet_r":
+        from clbench.datasets.splitfiles import class_list, read_pinned
+
+        ours = {w: i for i, w in enumerate(class_list("imagenet_r"))}
+        theirs = (read_pinned("coda_prompt_imagenet_r_targets.txt") or b"").decode().split()
+        if sorted(theirs) != sorted(ours):
+            raise ClbenchError("clbench/splits/coda_prompt_imagenet_r_targets.txt is missing or not the 200 "
+                               "ImageNet-R wnids; reinstall clbench")
+        order = [ours[theirs[k]] for k in order]
+    return order
 
 
 def _split_tasks(num_classes: int, num_tasks: int, where: str = "stream.num_tasks") -> None:
@@ -187,7 +226,7 @@ def build_stream(cfg, seed: int, with_test: bool = True) -> Stream:
     else:  # the schema rejects unknown names; kept for direct callers
         raise ClbenchError(f"stream.name: unknown stream '{name}'; choose from {list(STREAMS)}")
     num_classes = int(y.max()) + 1
-    order = class_order_for(num_classes, seed, cfg.shuffle_classes, cfg.class_order)
+    order = class_order_for(num_classes, seed, cfg.shuffle_classes, cfg.class_order, name)
     if not with_test:  # the training rows stand in for the test split, which is never indexed
         te = tr
     tr, te = torch.from_numpy(tr), torch.from_numpy(te)
@@ -199,10 +238,21 @@ def _with_augment(stream: Stream, cfg) -> Stream:
     if kind == "auto":
         kind = "rrc_flip" if cfg.name in AUGMENTED else "none"
     if kind != "none":
+        import functools
+
         from clbench.augment import AUGMENTS
 
+        scale = tuple(getattr(cfg, "crop_scale", (0.08, 1.0)))
         stream.augment = AUGMENTS[kind]
+        if scale != (0.08, 1.0):
+            stream.augment = functools.partial(AUGMENTS[kind], scale=scale)
+            stream.meta["crop_scale"] = f"{scale[0]:g}-{scale[1]:g}"
     stream.meta["augment"] = kind
+    if getattr(cfg, "test_transform", "auto") == "resize_center_crop":
+        from clbench.augment import resize_center_crop
+
+        stream.test_transform = resize_center_crop
+        stream.meta["test_transform"] = "resize_center_crop"
     return stream
 
 
@@ -221,7 +271,7 @@ def _split_cifar100(cfg, seed: int, with_test: bool = True) -> Stream:
 
     root = cifar100.folder(data_root(cfg), explicit_root=cfg.root is not None)
     _split_tasks(100, cfg.num_tasks)
-    order = class_order_for(100, seed, cfg.shuffle_classes, cfg.class_order)
+    order = class_order_for(100, seed, cfg.shuffle_classes, cfg.class_order, cfg.name)
     split_sha = cifar100.verify(root, cfg.download)
     from avalanche.benchmarks.classic import SplitCIFAR100
 
@@ -261,7 +311,7 @@ def _image_stream(cfg, seed: int, with_test: bool = True) -> Stream:
         folder, split, classes = domainnet.load(root)
     num_classes = len(classes)
     _split_tasks(num_classes, cfg.num_tasks)
-    order = class_order_for(num_classes, seed, cfg.shuffle_classes, cfg.class_order)
+    order = class_order_for(num_classes, seed, cfg.shuffle_classes, cfg.class_order, cfg.name)
     sha = split.sha256
     say = lambda msg: print(msg, flush=True)  # noqa: E731 - decoding a real dataset takes minutes
     train_size = int(round(cfg.resolution * 256 / 224))  # room for random resized crops to resolution

@@ -44,8 +44,14 @@ class Strict(BaseModel):
 class StreamConfig(Strict):
     name: str = Field(description="benchmark name: " + ", ".join(STREAM_NAMES))
     num_tasks: int = Field(5, ge=1, le=1000, description="number of tasks (must divide the classes)")
-    class_order: list[int] | None = Field(None, description="explicit class order; else from the seed")
-    shuffle_classes: bool = Field(True, description="permute the class order with the run's seed")
+    class_order: list[int] | Literal["coda_prompt", "pilot"] | None = Field(
+        None, description="explicit class order (a permutation of the class ids), or an official repository's rule "
+                          "per seed: coda_prompt = CODA-Prompt's trainer.py (Python's random.shuffle after "
+                          "random.seed(seed), only when seed > 0; ImageNet-R ids from its split YAML's targets); "
+                          "pilot = PILOT's data_manager (np.random.seed(seed); permutation), as CL-LoRA and SD-LoRA; "
+                          "default: from the seed as shuffle_classes says")
+    shuffle_classes: bool = Field(True, description="permute the class order with the run's seed (numpy's "
+                                                    "RandomState(seed).permutation, PILOT's order)")
     root: str | None = Field(None, description="data root (default: $CLBENCH_DATA or the cache folder)")
     num_classes: int | None = Field(None, ge=2, description="synthetic stream only: number of classes")
     samples_per_class: int = Field(60, ge=1, description="synthetic stream only: training samples per class")
@@ -54,6 +60,13 @@ class StreamConfig(Strict):
     augment: Literal["auto", "none", "rrc_flip"] = Field(
         "auto", description="training augmentation on the device; auto = rrc_flip (random resized crop + flip, "
                             "as InfLoRA) for split_cifar100/imagenet_r/domainnet, none otherwise")
+    crop_scale: tuple[float, float] = Field((0.08, 1.0), description="rrc_flip: RandomResizedCrop's scale range "
+                                            "(torchvision's default (0.08, 1); PILOT / CL-LoRA / SD-LoRA: (0.05, 1))")
+    test_transform: Literal["auto", "resize", "resize_center_crop"] = Field(
+        "auto", description="test images: resize = the whole image resized to the backbone's size (bilinear); "
+                            "resize_center_crop = Resize(size*256/224, bicubic) + CenterCrop(size) on the device "
+                            "(PILOT's CIFAR test transform); auto = resize for in-memory streams, and for "
+                            "imagenet_r/domainnet the cached Resize(256) + CenterCrop(224)")
     cache: bool = Field(True, description="imagenet_r/domainnet: decode once into a uint8 memmap in the cache folder")
     download: bool = Field(True, description="download missing data where the hosting allows (CIFAR-100, ImageNet-R)")
 
@@ -63,6 +76,20 @@ class StreamConfig(Strict):
         if v not in STREAM_NAMES:
             raise ValueError(f"unknown stream '{v}'; choose from {list(STREAM_NAMES)}")
         return v
+
+    @field_validator("crop_scale")
+    @classmethod
+    def _scale(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < v[0] <= v[1] <= 1:
+            raise ValueError("crop_scale: two fractions of the image area, 0 < low <= high <= 1, e.g. [0.05, 1.0]")
+        return v
+
+    @model_validator(mode="after")
+    def _test_transform(self) -> StreamConfig:
+        if self.test_transform == "resize_center_crop" and self.name in ("imagenet_r", "domainnet"):
+            raise ValueError("test_transform: imagenet_r/domainnet test images are cached as Resize + CenterCrop "
+                             "already; leave it at auto")
+        return self
 
 
 class BackboneConfig(Strict):
@@ -90,8 +117,10 @@ class TrainConfig(Strict):
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
-    schedule: Literal["constant", "cosine", "inflora_cosine", "multistep"] = Field(
-        "constant", description="constant; cosine: per-step half cosine to 0; inflora_cosine: the "
+    schedule: Literal["constant", "cosine", "cosine_epoch", "inflora_cosine", "multistep"] = Field(
+        "constant", description="constant; cosine: per-step half cosine to 0; cosine_epoch: CosineAnnealingLR("
+                                "T_max=epochs) stepped per epoch, epoch e at lr*(1+cos(pi*e/K))/2 (CL-LoRA); "
+                                "inflora_cosine: the "
                                 "CosineSchedule of InfLoRA and CODA-Prompt stepped per epoch with its lag: epoch e "
                                 "at lr*f(max(e-1, 0)), f(e) = cos(99*pi*e/(200*(K-1))); multistep: lr*gamma^m "
                                 "after m of train.milestones (epochs)")
@@ -99,6 +128,12 @@ class TrainConfig(Strict):
                                   "learning rate is multiplied by gamma")
     gamma: float = Field(0.1, gt=0, description="multistep: the factor at each milestone")
     # precision changes the arithmetic (bf16 autocast vs fp32), hence the numbers: it is protocol, not runtime.
+    drop_last: bool = Field(False, description="drop each epoch's last partial training batch (CODA-Prompt's "
+                            "DataLoader(drop_last=True))")
+    head_init: Literal["torch", "kaiming_zero"] = Field(
+        "torch", description="a new head's initialisation: torch = nn.Linear's default (uniform weight and bias); "
+                             "kaiming_zero = PILOT's SimpleLinear (kaiming_uniform_(nonlinearity='linear') weight, "
+                             "zero bias), as CL-LoRA and SD-LoRA")
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="fp32, bf16 autocast, or auto (bf16 on CUDA, fp32 elsewhere; the resolved one is "
                             "recorded as the clbench.precision tag)")
@@ -263,11 +298,11 @@ class Suite(Strict):
 
     def protocol_identity(self) -> dict[str, Any]:
         """What ``protocol_hash`` hashes."""
-        stream = self.stream.model_dump(exclude={"root", "download", "cache"})  # where / how data is read
+        stream = without_new_defaults(self.stream.model_dump(exclude={"root", "download", "cache"}))
         backbone = self.backbone.model_dump(exclude={"checkpoint"})
         if self.backbone.checkpoint:
             backbone["checkpoint_sha256"] = file_sha256(self.backbone.checkpoint)
-        train = self.train.model_dump()
+        train = without_new_defaults(self.train.model_dump())
         if train["schedule"] == "inflora_cosine":  # since issue 31 with the official one-epoch lag: other runs
             train["schedule_lag"] = 1
         identity = {"train": train, "backbone": backbone, "stream": stream,
@@ -278,6 +313,16 @@ class Suite(Strict):
 
     def train_for(self, entry: MethodEntry) -> TrainConfig:
         return TrainConfig(**{**self.train.model_dump(), **entry.train})
+
+
+# Keys added after suites had hashes (issue 31): hashed only when set to something else than their default, so
+# that every suite that does not use them keeps its hash (and its leaderboard group and checkpoints).
+NEW_KEY_DEFAULTS = {"crop_scale": (0.08, 1.0), "test_transform": "auto", "drop_last": False, "head_init": "torch"}
+
+
+def without_new_defaults(section: dict[str, Any]) -> dict[str, Any]:
+    """``section`` (a model_dump) without the keys of NEW_KEY_DEFAULTS that hold their default."""
+    return {k: v for k, v in section.items() if k not in NEW_KEY_DEFAULTS or v != NEW_KEY_DEFAULTS[k]}
 
 
 def file_sha256(path: str) -> str:

@@ -409,4 +409,5 @@ def test_suites_with_cllora_validate(suite):
     planned = [p for p in plan_runs(s, suite, discover([]), None) if p.info.name == "cllora"]
     assert len(planned) == 1  # present, and its params validate
     if suite.startswith("repro/"):
-        assert s.train.optimizer == "sgd" and s.train.momentum == 0.9 and s.train.schedule == "cosine"
+        assert s.train.optimizer == "sgd" and s.train.momentum == 0.9 and s.train.schedule == "cosine_epoch"
+        assert s.train.precision == "fp32" and s.backbone.normalize == "none" and s.stream.crop_scale == (0.05, 1.0)

@@ -120,15 +120,19 @@ def test_reduced_ranks_may_not_exceed_the_rank():
 # -- 2. trainable parameters outside the method's groups ----------------------------------------------------
 
 
+# Both unfreeze in before_task: what configure_model leaves trainable of the backbone, the loop freezes (contract 3,
+# tests/test_contract_default.py); a backbone parameter unfrozen later meets the trainable rule.
+
+
 class Unfrozen(NaiveLoRA):
-    """Naive LoRA that leaves the backbone trainable after injecting its adapters (its groups hold the LoRA only)."""
+    """Naive LoRA that unfreezes a backbone norm before each task (its groups hold the LoRA only)."""
 
     name = "unfrozen"
     aliases = ()
 
     @hookimpl
-    def configure_model(self, model, ctx):
-        super().configure_model(model, ctx)
+    def before_task(self, model, ctx):
+        super().before_task(model, ctx)
         model.backbone.blocks[1].norm1.requires_grad_(True)
 
 
@@ -139,8 +143,8 @@ class FineTunedUnderLoRA(NaiveLoRA):
     aliases = ()
 
     @hookimpl
-    def configure_model(self, model, ctx):
-        super().configure_model(model, ctx)
+    def before_task(self, model, ctx):
+        super().before_task(model, ctx)
         model.backbone.patch_embed.requires_grad_(True)
 
     @hookimpl
@@ -181,8 +185,8 @@ UNFROZEN_PLUGIN = '''
         aliases = ()
 
         @hookimpl
-        def configure_model(self, model, ctx):
-            super().configure_model(model, ctx)
+        def before_task(self, model, ctx):
+            super().before_task(model, ctx)
             model.backbone.blocks[1].norm1.requires_grad_(True)
 
     def register_methods(register):

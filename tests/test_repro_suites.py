@@ -72,6 +72,9 @@ def test_prompt_repro_suites_run_the_official_prompt_configurations(name):
     suite = load_suite(REPRO / name)
     planned = plan_runs(suite, REPRO / name, discover([]), None)
     assert [p.info.name for p in planned] == ["l2p", "dualprompt", "codaprompt"]
-    assert suite.train.lr == 1.0e-3 and suite.train.optimizer == "adam" and suite.train.schedule == "cosine"
+    assert suite.train.lr == 1.0e-3 and suite.train.optimizer == "adam"
+    # CODA-Prompt's per-epoch CosineSchedule (lag included), [0, 1] inputs, drop_last, its class-order rule
+    assert suite.train.schedule == "inflora_cosine" and suite.train.drop_last
+    assert suite.backbone.normalize == "none" and suite.stream.class_order == "coda_prompt"
     assert [r.method for r in suite.reference] == ["l2p", "dualprompt", "codaprompt"]
     assert all(r.source for r in suite.reference)
