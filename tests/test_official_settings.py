@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from clbench.augment import resize_center_crop
-from clbench.errors import ClbenchError
 from clbench.batching import Draw, batches
+from clbench.errors import ClbenchError
 from clbench.loop import init_head_kaiming_zero
 from clbench.streams import class_order_for
 from clbench.suite import load_suite
