@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import os
 import tempfile
+import textwrap
 
 import numpy as np
 
 from clbench import keys
-from clbench.leaderboard import Group
+from clbench.leaderboard import Group, fixed
 from clbench.metrics import per_task_forgetting
 from clbench.plots import _plt, labelled_png, plain_text, png_base64
 from clbench.stats import Paired, ci95, paired
@@ -55,6 +56,36 @@ def claim_metrics(effects: dict[str, dict[str, Paired]]) -> dict[str, float]:
                 if value is not None:
                     out[keys.claim_key(label, metric, stat)] = float(value)
     return out
+
+
+def fmt_effect(eff: Paired) -> str:
+    """``-1.50 ± 5.60 (p=0.5, n=5)``: one arm's paired difference against ``keep`` as the terminal shows it."""
+    if eff.diff is None:
+        return "- (no common seed)"
+    text = fixed(eff.diff, "+.2f") + ("" if eff.ci95 is None else " ± " + fixed(eff.ci95, ".2f"))
+    if eff.p is None:
+        return text + (" (1 seed: no interval)" if eff.n == 1 else f" (n={eff.n})")
+    return text + f" (p={eff.p:.2g}, n={eff.n})"
+
+
+def claim_lines(group: Group) -> list[str]:
+    """The claim's answer as text: per arm, the paired difference against ``keep`` of forgetting and accuracy
+    (``claim_effects``, the numbers the parent run logs as ``claim/*`` and the HTML report draws); empty for a
+    group that is not a claim comparison."""
+    effects = claim_effects(group)
+    if not effects:
+        return []
+    cells = [["arm", f"{keys.FINAL_FORGETTING} - keep", f"{keys.FINAL_ACC} - keep"]]
+    cells += [[label, fmt_effect(e["forgetting"]), fmt_effect(e["acc"])] for label, e in effects.items()]
+    widths = [max(len(r[i]) for r in cells) for i in range(3)]
+    table = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
+             for r in cells]
+    head = (f"claim ({', '.join(group.suites)} · suite hash {group.suite_hash}): each arm minus keep, paired by "
+            "seed: mean ± t 95% half-width (paired t-test p, n seeds)")
+    foot = ("negative forgetting difference: the arm forgets less than keep; an interval containing 0: no effect "
+            "distinguishable at this n")
+    return [*textwrap.wrap(head, 100), table[0], "  ".join("-" * w for w in widths), *table[1:],
+            *textwrap.wrap(foot, 100), ""]
 
 
 @plain_text

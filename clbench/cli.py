@@ -22,7 +22,16 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 
 
 def _fail(msg: str) -> None:
-    typer.echo(f"error: {msg}", err=True)
+    """One line on stderr and exit code 1. Under torchrun every rank meets the same error: rank 0 says it once,
+    the other ranks exit 1 silently (torchrun then prints its own summary of the failed ranks: ChildFailedError
+    with a traceback of torchrun itself, which no child process can suppress)."""
+    from clbench import distributed
+
+    if not distributed.is_follower():
+        typer.echo(f"error: {msg}", err=True)
+    if distributed.active() and distributed.rank() == 0:
+        typer.echo("(torchrun: the ChildFailedError report torchrun prints next is its own account of this exit "
+                   "code; the error is the line above)", err=True)
     raise typer.Exit(1)
 
 

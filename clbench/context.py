@@ -28,7 +28,8 @@ class TaskContext:
 
     ``task_samples(j)`` (j <= ``task``, default this task) is task j's raw training set as
     ``clbench.rehearsal.Samples`` (uint8 images as stored, stream-wide labels): what a rehearsal method keeps
-    or trains on. Later tasks are refused.
+    or trains on. Later tasks are refused. ``stream_samples(index)`` gives the samples of a stream index
+    (``(task, row)`` pairs into those sets) in one call.
     """
 
     task: int
@@ -53,6 +54,14 @@ class TaskContext:
         if not 0 <= j <= self.task or self.samples_of is None:
             raise ClbenchError(f"task_samples({j}): only tasks 0..{self.task} are seen at task {self.task}")
         return self.samples_of(j)
+
+    def stream_samples(self, index: torch.Tensor) -> Samples:
+        """The seen samples a *stream index* names: an ``N x 2`` long tensor of ``(task, row)`` pairs, ``row``
+        the position in ``task_samples(task)`` (``clbench.rehearsal``); materialised, in the index's order. What
+        a method that keeps indices instead of images (ER's buffer) decodes them with."""
+        from clbench.rehearsal import gather
+
+        return gather(self.task_samples, index)
 
     @property
     def class_offset(self) -> int:

@@ -463,10 +463,25 @@ def fmt_paired(row: Row, baseline: str, spec: MetricSpec) -> str:
     d = (row.vs_baseline or {}).get(spec.key) or {}
     if d.get("diff") is None:
         return "-"
-    text = format(d["diff"], "+" + spec.fmt)
+    text = fixed(d["diff"], "+" + spec.fmt)
     if d["ci95"] is not None:
-        text += " ± " + format(d["ci95"], spec.fmt)
-    return text + (f" (p={d['p']:.2g})" if d["p"] is not None else f" (n={d['n']})")
+        text += " ± " + fixed(d["ci95"], spec.fmt)
+    if d["p"] is not None:
+        return text + f" (p={d['p']:.2g})"
+    return text + (" (1 seed: no interval)" if d["n"] == 1 else f" (n={d['n']})")
+
+
+def baseline_notes(g: Group) -> list[str]:
+    """Why a paired comparison has no interval: one common seed gives a difference but no spread to measure."""
+    if g.baseline is None:
+        return []
+    key = baseline_key(g)
+    single = [r.method for r in g.rows if ((r.vs_baseline or {}).get(key) or {}).get("n") == 1]
+    if not single:
+        return []
+    return [f"vs {g.baseline}: {', '.join(single)} share{'s' if len(single) == 1 else ''} one finished seed with "
+            f"{g.baseline}, so the difference has no interval and no p (a paired t interval needs 2 seeds or more: "
+            "add seeds to the suite's seeds: list or run more with --seed N)"]
 
 
 @dataclass
@@ -503,13 +518,8 @@ def suite_label(g: Group, groups: list[Group]) -> str:
     return name if len(same) == 1 else f"{name} [{g.suite_hash[:8]}]"
 
 
-def rank_suites(groups: list[Group]) -> SuiteRanks | None:
-    """Ranks across the groups by their sort metric (``SuiteRanks``); None with fewer than 2 such groups or
-    fewer than 2 methods common to all of them."""
-    from clbench.stats import complete_block, rank_methods
-
-    if len(groups) < 2:
-        return None
+def _rank_table(groups: list[Group]) -> tuple[str, dict[str, dict[str, float]], list[str], list[str]]:
+    """The sort metric, method -> suite label -> mean, the suite labels with at least 2 methods and the others."""
     metric = baseline_key(groups[0])
     table: dict[str, dict[str, float]] = {}
     used, skipped = [], []
@@ -522,6 +532,17 @@ def rank_suites(groups: list[Group]) -> SuiteRanks | None:
         used.append(label)
         for method, mean in means.items():
             table.setdefault(method, {})[label] = mean
+    return metric, table, used, skipped
+
+
+def rank_suites(groups: list[Group]) -> SuiteRanks | None:
+    """Ranks across the groups by their sort metric (``SuiteRanks``); None with fewer than 2 such groups or
+    fewer than 2 methods common to all of them (``no_ranking_reason`` says which)."""
+    from clbench.stats import complete_block, rank_methods
+
+    if len(groups) < 2:
+        return None
+    metric, table, used, skipped = _rank_table(groups)
     if len(used) < 2:
         return None
     methods, scores = complete_block(table, used)
@@ -530,6 +551,22 @@ def rank_suites(groups: list[Group]) -> SuiteRanks | None:
     ranking = rank_methods(scores, methods, used, higher_is_better=SPEC[metric].higher_is_better)
     return SuiteRanks(metric, ranking, {m: table[m] for m in methods},
                       sorted(m for m in table if m not in methods), skipped)
+
+
+def no_ranking_reason(groups: list[Group]) -> str | None:
+    """Why several groups (suites) get no ranks across them, in one line; None when they are ranked or there is
+    only one group (nothing to rank across)."""
+    if len(groups) < 2 or rank_suites(groups) is not None:
+        return None
+    metric, table, used, skipped = _rank_table(groups)
+    head = f"no ranks across these {len(groups)} suites: "
+    if len(used) < 2:
+        return (head + f"ranking needs 2 suites with 2 or more methods that logged {metric}; "
+                + f"{', '.join(skipped)} {'has' if len(skipped) == 1 else 'have'} fewer")
+    common = sorted(m for m in table if all(label in table[m] for label in used))
+    per_suite = "; ".join(f"{label}: {', '.join(sorted(m for m in table if label in table[m]))}" for label in used)
+    return (head + f"ranks compare methods (labels) that ran in every suite, and {len(common)} "
+            f"{'does' if len(common) == 1 else 'do'} ({', '.join(common) or 'none'}; a ranking needs 2) [{per_suite}]")
 
 
 def ranks_notes(r: SuiteRanks) -> list[str]:
@@ -584,23 +621,34 @@ def render_ranks_markdown(r: SuiteRanks) -> list[str]:
 
 # --- rendering -----------------------------------------------------------------------------------------------
 
-def fmt_stat(s: Stat, spec: MetricSpec, std: bool = True) -> str:
-    """``mean ± ci95 (n)``; ``mean (1)`` for one seed; only the mean when ``std`` is False."""
+def fixed(value: float, fmt: str) -> str:
+    """``format(value, fmt)`` without a negative zero: a value that rounds to 0 prints ``0.00``, never ``-0.00``
+    (a ``+`` format keeps its sign: ``+0.00``)."""
+    text = format(value, fmt)
+    if text.lstrip("+-").strip("0.") == "" and text.startswith("-"):
+        text = text[1:] if "+" not in fmt else "+" + text[1:]
+    return text
+
+
+def fmt_stat(s: Stat, spec: MetricSpec, std: bool = True, n_row: int | None = None) -> str:
+    """``mean ± ci95``; only the mean for one seed (no interval) or when ``std`` is False. ``(n)`` follows when
+    the metric has fewer values than its row has seeds (``n_row``), so the row's own n is not repeated in every
+    cell."""
     if s.mean is None:
         return "-"
-    text = format(s.mean, spec.fmt)
+    text = fixed(s.mean, spec.fmt)
     if not std:
         return text
     if s.ci95 is not None:
-        text += " ± " + format(s.ci95, spec.fmt)
-    return f"{text} ({s.n})"
+        text += " ± " + fixed(s.ci95, spec.fmt)
+    return text if n_row is None or s.n == n_row else f"{text} ({s.n})"
 
 
 def fmt_cell(row: Row, spec: MetricSpec) -> str:
     """A table cell: ``n/a`` for the spectra of a method with no low-rank update (prompt methods)."""
     if not row.low_rank and spec.key.startswith("spectra/"):
         return "n/a"
-    return fmt_stat(row.metrics[spec.key], spec)
+    return fmt_stat(row.metrics[spec.key], spec, std=spec.show_std, n_row=row.n)
 
 
 def group_title(g: Group) -> str:
@@ -664,14 +712,28 @@ def note_lines(g: Group) -> list[str]:
     return lines
 
 
-def table_cells(g: Group) -> tuple[list[str], list[list[str]]]:
-    header = ["#", "method", "n", *[m.key for m in METRICS]]  # every column under the MLflow key it reads
+# The terminal table's columns (the rest is in --format csv, json, markdown and html), under short names.
+TABLE_COLUMNS = {keys.FINAL_ACC: "acc", keys.FINAL_FORGETTING: "forgetting", keys.FINAL_AVG_ACC: "avg_acc",
+                 keys.FINAL_ACC_TIL: "acc_til", keys.SPECTRA_MEAN_TOP1: "top1_share",
+                 keys.COST_TRAIN_SECONDS: "train_s", keys.COST_TRAINABLE_PARAMS: "params"}
+
+
+def table_specs(g: Group) -> list[MetricSpec]:
+    """The terminal table's metrics: ``TABLE_COLUMNS`` and the sort metric when it is another."""
+    return [m for m in METRICS if m.key in TABLE_COLUMNS or m.key == g.sort_key]
+
+
+def table_cells(g: Group, specs: Iterable[MetricSpec] = METRICS,
+                names: dict[str, str] | None = None) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the leaderboard table: each metric column under its MLflow key (or ``names[key]``)."""
+    specs = list(specs)
+    header = ["#", "method", "n", *[(names or {}).get(m.key, m.key) for m in specs]]
     body = [[str(i + 1), row.method + (" (tuned)" if row.tuned else ""), str(row.n),
-             *[fmt_cell(row, m) for m in METRICS]]
+             *[fmt_cell(row, m) for m in specs]]
             for i, row in enumerate(g.rows)]
     if g.baseline is not None:  # the compact paired comparison of the sort metric, after the method's n
         key = baseline_key(g)
-        header.insert(3, f"{key} vs {g.baseline}")
+        header.insert(3, f"{(names or {}).get(key, key)} vs {g.baseline}")
         for row, cells in zip(g.rows, body):
             cells.insert(3, fmt_paired(row, g.baseline, SPEC[key]))
     if any(row.reference for row in g.rows):  # the bounds' columns, only where bounds ran
@@ -681,23 +743,42 @@ def table_cells(g: Group) -> tuple[list[str], list[list[str]]]:
     return header, body
 
 
+def column_legend(specs: list[MetricSpec]) -> list[str]:
+    """The terminal table's short column names spelled out as MLflow keys, wrapped to 100 characters."""
+    import textwrap
+
+    finals = [TABLE_COLUMNS[m.key] for m in specs if m.key.startswith("final/") and m.key in TABLE_COLUMNS]
+    others = [f"{TABLE_COLUMNS[m.key]}: {m.key}" for m in specs if not m.key.startswith("final/")
+              and m.key in TABLE_COLUMNS]
+    text = "; ".join([f"{', '.join(finals)}: final/<name>", *others])
+    return textwrap.wrap(f"columns: {text}; every metric: --format csv, json, markdown or html", 100)
+
+
 def render_table(groups: list[Group]) -> str:
+    import textwrap
+
     out = []
     for g in groups:
-        header, body = table_cells(g)
+        specs = table_specs(g)
+        header, body = table_cells(g, specs, TABLE_COLUMNS)
         widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
 
         def line(cells: list[str], widths: list[int] = widths) -> str:
             return "  ".join(c.ljust(w) if i == 1 else c.rjust(w)
                              for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
 
-        out += [group_title(g) + f" · sorted by {g.sort_key} · mean ± ci95 (n seeds)", line(header),
-                line(["-" * w for w in widths])]
+        out += [group_title(g), f"sorted by {g.sort_key} · mean ± ci95 over the row's n seeds ((k): a value from "
+                "fewer)", line(header), line(["-" * w for w in widths])]
         out += [line(r) for r in body]
-        out += reference_lines(g) + provenance_lines(g) + note_lines(g) + [""]
+        notes = baseline_notes(g) + reference_lines(g) + provenance_lines(g) + note_lines(g)
+        out += [w for n in notes for w in textwrap.wrap(n, 100, subsequent_indent="  ")] + [""]
+    if groups:
+        out += column_legend(table_specs(groups[0])) + [""]
     ranks = rank_suites(groups)
     if ranks is not None:
         out += render_ranks_table(ranks)
+    elif (why := no_ranking_reason(groups)) is not None:
+        out += textwrap.wrap(why, 100, subsequent_indent="  ") + [""]
     return "\n".join(out)
 
 
@@ -710,15 +791,19 @@ def render_markdown(groups: list[Group]) -> str:
     for g in groups:
         header, body = table_cells(g)
         out += [f"### {_md_escape(group_title(g))}", "",
-                f"Sorted by `{g.sort_key}`; mean ± ci95 (n): the Student t 95% interval of the mean over n seeds.",
+                f"Sorted by `{g.sort_key}`; mean ± ci95: the Student t 95% interval of the mean over the row's n seeds "
+                "((k) where a value has fewer).",
                 ""]
         out.append("| " + " | ".join(header) + " |")
         out.append("|" + "|".join("---:" if i != 1 else ":---" for i in range(len(header))) + "|")
         out += ["| " + " | ".join(_md_escape(c) for c in r) + " |" for r in body]
-        out += [""] + [f"- {_md_escape(x)}" for x in reference_lines(g) + provenance_lines(g) + note_lines(g)] + [""]
+        out += [""] + [f"- {_md_escape(x)}" for x in baseline_notes(g) + reference_lines(g) + provenance_lines(g)
+                       + note_lines(g)] + [""]
     ranks = rank_suites(groups)
     if ranks is not None:
         out += render_ranks_markdown(ranks)
+    elif (why := no_ranking_reason(groups)) is not None:
+        out += [_md_escape(why), ""]
     return "\n".join(out)
 
 

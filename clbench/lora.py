@@ -21,7 +21,7 @@ evaluation after merging runs at the bare backbone's cost.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, get_args
 
@@ -104,7 +104,15 @@ class LoRABranch(nn.Module):
 
 
 class LoRASite(nn.Module):
-    """One adapted linear map with its branches; ``merge`` folds branches into the base weight slice."""
+    """One adapted linear map with its branches; ``merge`` folds branches into the base weight slice.
+
+    ``combine`` (None by default) replaces the plain sum of the branches' outputs in ``forward``: a function
+    ``combine(site, x)`` that computes the same sum another way, for a method whose many live branches would
+    otherwise cost one pair of matmuls each (SD-LoRA folds its frozen pairs into one). A module-level function,
+    so copies and pickles of the model keep it; whatever it caches stays out of the state dict.
+    """
+
+    combine: Callable[[LoRASite, torch.Tensor], torch.Tensor] | None = None
 
     def __init__(self, name: str, d_in: int, d_out: int, owner: AdaptedLinear, rows: slice) -> None:
         super().__init__()
@@ -134,6 +142,8 @@ class LoRASite(nn.Module):
         return branch
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.combine is not None:
+            return self.combine(self, x)
         out = self.branches[0](x)
         for b in self.branches[1:]:
             out = out + b(x)

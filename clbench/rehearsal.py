@@ -13,13 +13,20 @@ Where they come from (``clbench.hookspecs``): ``training_set`` replaces a task's
 GDumb), ``replay_batch`` adds samples to every step (ER, DER), ``replay_buffer`` reports what the method keeps
 (``cost/buffer_images``). ``TaskContext.task_samples(j)`` gives the raw training samples of a seen task j.
 
+A *stream index* names training samples without copying them: a ``torch.long`` tensor of shape ``N x 2``
+whose rows are ``(task, row)``, ``row`` the sample's position in task ``task``'s training set as
+``ctx.task_samples(task)`` returns it (the stream's stored order, fixed by the suite's seed). The stream is
+deterministic, so an index is enough to get the same uint8 images back (:func:`gather`; a method calls
+``ctx.stream_samples(index)``): a method keeps and checkpoints indices (ER's buffer: 16 bytes a sample instead of
+the image) and decodes them when it needs pixels.
+
 The loop keeps its own single-head path untouched when no method rehearses; :class:`Step` holds a step's rows
 and runs the forward pass and the loss when rehearsal added some.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal, get_args
 
@@ -69,6 +76,27 @@ class Samples:
     def take(self, index: torch.Tensor) -> Samples:
         """The rows ``index`` (a long tensor), materialised as a tensor."""
         return Samples(self.x[index], self.y[index], self.scope)
+
+
+def gather(samples_of: Callable[[int], Samples], index: torch.Tensor) -> Samples:
+    """The samples a stream index names (module docstring), in its row order, as one materialised
+    :class:`Samples` (scope ``"task"``). ``samples_of`` is ``ctx.task_samples``: a task after the current one
+    is refused there, so an index cannot peek ahead."""
+    index = torch.as_tensor(index, dtype=torch.long)
+    if index.ndim != 2 or index.shape[1] != 2:
+        raise ClbenchError(f"stream index: must be a long tensor of (task, row) pairs, N x 2; got shape "
+                           f"{tuple(index.shape)}")
+    x: torch.Tensor | None = None
+    y = torch.empty(len(index), dtype=torch.long)
+    for task in index[:, 0].unique().tolist():
+        where = (index[:, 0] == task).nonzero()[:, 0]
+        part = samples_of(int(task)).take(index[where, 1])
+        if x is None:
+            x = torch.empty((len(index), *part.x.shape[1:]), dtype=torch.uint8)
+        x[where], y[where] = part.x, part.y
+    if x is None:
+        raise ClbenchError("stream index: empty; keep None instead of an empty index")
+    return Samples(x, y)
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from clbench import keys
-from clbench.claim import claim_plots
+from clbench.claim import claim_lines, claim_plots
 from clbench.leaderboard import (
     METRICS,
     SPEC,
@@ -277,7 +277,15 @@ def render_html(groups: list[Group], title: str = "clbench leaderboard", uri: st
 def render(groups: list[Group], fmt: str, title: str = "clbench leaderboard") -> str:
     """The leaderboard in any format of ``clbench leaderboard --format`` (html here, the others in
     ``clbench.leaderboard``)."""
-    return render_html(groups, title) if fmt == "html" else render_text(groups, fmt)
+    if fmt == "html":
+        return render_html(groups, title)
+    text = render_text(groups, fmt)
+    if fmt in ("table", "markdown"):  # the claim suite's answer under its leaderboard (the HTML draws it)
+        claims = [line for g in groups for line in claim_lines(g)]
+        if claims and fmt == "markdown":
+            claims = [f"    {line}" for line in claims]  # a code block keeps the columns
+        text = "\n".join([text, *claims]) if claims else text
+    return text
 
 
 def log_report(tracker: Tracker, parent: str, experiment: str, suite_hash: str, title: str | None = None) -> bool:

@@ -44,7 +44,7 @@ from clbench.registry import discover, plugin_dirs, run_manager
 from clbench.streams import load_avalanche
 from clbench.suite import Suite
 from clbench.summary import record_suite
-from clbench.tracking import NullTracker, Tracker, make_tracker
+from clbench.tracking import NullTracker, Tracker, absolute_uri, make_tracker, read_only_run_status, store_uri
 from clbench.validation import build_run_stream, stream_cache_key
 
 __all__ = ["PlannedRun", "Run", "RunJob", "RunOptions", "RunRecord", "execute_job", "mlflow_run", "plan_runs",
@@ -150,9 +150,8 @@ def plan_suite(suite: Suite, source: str, opts: RunOptions) -> SuitePlan:
 
 
 def _dry_run(plan: SuitePlan) -> None:
-    plan.opts.progress(f"suite hash {plan.suite.protocol_hash()}")
-    for run, seed in [(run, seed) for run in plan.planned for seed in plan.seeds]:
-        plan.opts.progress(f"would run {run.label} ({run.info.source}) seed {seed}: {run.params.model_dump()}")
+    for line in dry_run_lines(plan.suite, plan.planned, plan.seeds, plan.opts.checkpoint_dir, plan.opts.restart):
+        plan.opts.progress(line)
 
 
 def _prepare_stores(plan: SuitePlan) -> dict[tuple[str, int], RunRecord | None]:
@@ -191,6 +190,48 @@ def _job(plan: SuitePlan, run: PlannedRun, seed: int, parent: str, base_tags: di
                   base_tags={**base_tags, **plan.opts.label_tags.get(run.label, {})},
                   suite_yaml=plan.suite_yaml,
                   store_dir=str(store.dir.absolute()), store_key=store.key)
+def dry_run_lines(suite: Suite, planned: Sequence[PlannedRun], seeds: Sequence[int], checkpoint_dir: str | None,
+                  restart: bool = False) -> list[str]:
+    """What ``clbench run --dry-run`` prints: the suite hash and the checkpoint folder, each named for what it is,
+    one short line per (method, seed) saying what the real run would do with it (``skip (finished)`` by the same
+    rule the real run skips: a done checkpoint whose MLflow run is FINISHED in the suite's experiment; ``resume``
+    from a checkpoint; ``run``), and a summary. Reads the store, never writes it (no store yet: nothing finished)."""
+    experiment = suite.experiment
+    uri = absolute_uri(store_uri(suite.tracking.uri))
+    sdir = checkpoint.suite_dir(checkpoint_dir, suite.protocol_hash(), suite.name, experiment, uri)
+    status = read_only_run_status(uri, experiment)
+    lines = [f"suite {suite.name}: suite hash {suite.protocol_hash()} (the protocol; MLflow tag {keys.SUITE_HASH})",
+             f"checkpoint folder {sdir}",
+             f"  (its id {sdir.name.rpartition('-')[2]} digests suite hash, name, experiment and store: not the suite "
+             "hash)"]
+    counts: dict[str, int] = {}
+    width = max(len(run.label) for run in planned) if planned else 0
+    for seed in seeds:
+        for run in planned:
+            store = _store(sdir, suite, run, seed)
+            done = None if restart else store.done()
+            if done is not None and status(done["run_id"]) == "FINISHED":
+                action, why = "skip (finished)", f"MLflow run {done['run_id']}"
+            elif not restart and store.path.exists():
+                action, why = "resume", "from its last finished task"
+            else:
+                action, why = "run", "restart" if restart else ""
+            counts[action] = counts.get(action, 0) + 1
+            params = _short_params(run)
+            lines.append(f"  {action:<15} {run.label:<{width}} seed {seed}" + (f"  {why}" if why else "")
+                         + (f"  [{params}]" if params else ""))
+    summary = ", ".join(f"{n} {a}" for a, n in sorted(counts.items()))
+    lines.append(f"{sum(counts.values())} runs: {summary}; --dry-run trains nothing and writes nothing")
+    return lines
+
+
+def _short_params(run: PlannedRun, limit: int = 80) -> str:
+    """A method entry's params that differ from their defaults, as ``k=v``, cut at ``limit`` characters."""
+    items = run.params.model_dump(exclude_defaults=True, mode="json")
+    text = " ".join(f"{k}={json.dumps(v, separators=(',', ':'))}" for k, v in items.items())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 
 
 def _store(sdir: Path, suite: Suite, run: PlannedRun, seed: int) -> checkpoint.RunStore:

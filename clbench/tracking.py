@@ -296,6 +296,28 @@ def store_uri(uri: str | None = None) -> str:
     return uri or os.environ.get("MLFLOW_TRACKING_URI") or mlflow.get_tracking_uri()
 
 
+def read_only_run_status(uri: str, experiment: str) -> Callable[[str], str | None]:
+    """``run_id -> status`` of a run of ``experiment`` in the store at ``uri`` (None: no such active run), without
+    creating the store (a local store that does not exist yet has no runs); ``clbench run --dry-run``'s view of
+    ``MlflowTracker.run_status``."""
+    path = local_store_path(uri)
+    if path is not None and (path == ":memory:" or not Path(path).exists()):
+        return lambda run_id: None
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+
+    def status(run_id: str) -> str | None:
+        try:
+            run = client.get_run(run_id)
+            exp = client.get_experiment(run.info.experiment_id)
+        except Exception:  # noqa: BLE001 - unknown id or unreadable store: not finished
+            return None
+        return run.info.status if run.info.lifecycle_stage == "active" and exp.name == experiment else None
+
+    return status
+
+
 class Tracker(Protocol):
     """What the runner and recorder need from a tracker (``MlflowTracker``, ``NullTracker``)."""
 

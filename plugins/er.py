@@ -21,8 +21,11 @@ presented once in a seeded random order, rather than with every minibatch during
 batch again in every epoch, so a sample can enter twice); so during task t the buffer holds only tasks < t and
 every replayed sample is an earlier task's. (2) The number replayed per step is ``replay_ratio`` x the suite's
 batch size (Mammoth's ``minibatch_size``, default the batch size), also on a task's short last batch. Images are
-stored as the stream's uint8 and augmented like the batch when replayed, as Mammoth augments its stored
-non-augmented images on replay.
+the stream's uint8 and augmented like the batch when replayed, as Mammoth augments its stored non-augmented
+images on replay. (3) The buffer *is* a stream index (``clbench.rehearsal``: one ``(task, row)`` pair per slot):
+the stream is deterministic, so the checkpoint keeps 16 bytes a slot (kilobytes, whatever the image size) and
+the images are decoded from the stream into memory when the buffer fills and again when a run resumes
+(``ctx.stream_samples``); Mammoth's buffer and its checkpoints hold the images.
 
 Measured on the quickstart (mnist5k, 5 tasks): with ``current_scope: task`` ER's class-incremental accuracy after
 task 2 was no better than sequential LoRA's (52.75 vs 52.50; TIL 91.75): earlier heads are never trained against
@@ -37,7 +40,7 @@ import torch
 from clbench_plugins._trained_part import PartParams, TrainedPart, seen_heads
 from pydantic import Field
 
-from clbench import Method, Samples, hookimpl
+from clbench import ClbenchError, Method, Samples, hookimpl
 
 
 class ERParams(PartParams):
@@ -64,8 +67,9 @@ class ExperienceReplay(TrainedPart, Method):
     def __init__(self, params=None) -> None:
         super().__init__(params)
         self.trains_backbone = self.params.trainable == "full"  # per instance: it depends on the params
-        self.buf_x: torch.Tensor | None = None  # uint8 images, capacity rows once full
-        self.buf_y = torch.zeros(0, dtype=torch.long)
+        self.index = torch.zeros(0, 2, dtype=torch.long)  # the buffer: (task, row) per slot, capacity once full
+        self.buf_x: torch.Tensor | None = None  # the slots' uint8 images, decoded from the stream (not checkpointed)
+        self.buf_y = torch.zeros(0, dtype=torch.long)  # the slots' labels, likewise
         self.seen = 0  # samples presented to the reservoir so far
         self._draw: torch.Generator | None = None
 
@@ -104,16 +108,17 @@ class ExperienceReplay(TrainedPart, Method):
     @hookimpl
     def after_task(self, model, ctx):
         super().after_task(model, ctx)
-        self._reservoir(ctx.task_samples(), self.capacity(ctx),
+        self._reservoir(ctx.task_samples(), ctx.task, self.capacity(ctx),
                         torch.Generator().manual_seed(ctx.seed * 104_729 + ctx.task))
 
-    def _reservoir(self, data: Samples, capacity: int, g: torch.Generator) -> None:
-        """Algorithm R over the task's samples in a seeded random order."""
+    def _reservoir(self, data: Samples, task: int, capacity: int, g: torch.Generator) -> None:
+        """Algorithm R over task ``task``'s samples ``data`` in a seeded random order."""
         order = torch.randperm(len(data), generator=g)
         free = max(0, capacity - len(self.buf_y))
         fill, rest = order[:free], order[free:]
         if len(fill):
             new = data.take(fill)
+            self.index = torch.cat([self.index, torch.stack([torch.full_like(fill, task), fill], 1)])
             self.buf_x = new.x if self.buf_x is None else torch.cat([self.buf_x, new.x])
             self.buf_y = torch.cat([self.buf_y, new.y])
             self.seen += len(fill)
@@ -126,9 +131,10 @@ class ExperienceReplay(TrainedPart, Method):
             chosen, slots = rest[keep], slot[keep]
             last = {int(s): int(c) for s, c in zip(slots, chosen)}
             if last:
-                where = torch.tensor(list(last.keys()))
-                new = data.take(torch.tensor(list(last.values())))
+                where, rows = torch.tensor(list(last.keys())), torch.tensor(list(last.values()))
+                new = data.take(rows)
                 self.buf_x[where], self.buf_y[where] = new.x, new.y
+                self.index[where] = torch.stack([torch.full_like(rows, task), rows], 1)
             self.seen += len(rest)
 
     @hookimpl
@@ -137,15 +143,20 @@ class ExperienceReplay(TrainedPart, Method):
 
     @hookimpl
     def method_state(self, ctx):
-        if self.buf_x is None:
-            return {"seen": self.seen}
-        return {"x": self.buf_x.clone(), "y": self.buf_y.clone(), "seen": self.seen}
+        # the index only: images and labels are the stream's, decoded again on resume
+        return {"index": self.index.clone(), "seen": self.seen}
 
     @hookimpl
     def load_method_state(self, model, state, ctx):
+        if "index" not in state:
+            raise ClbenchError("checkpoint: this ER checkpoint holds decoded images (an older format); run again "
+                               "with --restart")
         self.seen = int(state.get("seen", 0))
-        if "x" in state:
-            self.buf_x, self.buf_y = state["x"].clone(), state["y"].clone()
+        self.index = state["index"].clone()
+        self.buf_x, self.buf_y = None, torch.zeros(0, dtype=torch.long)
+        if len(self.index):
+            kept = ctx.stream_samples(self.index)
+            self.buf_x, self.buf_y = kept.x, kept.y
 
 
 def register_methods(register):

@@ -46,7 +46,10 @@ includes the change of the old tasks' magnitudes (their re-learning and, with th
 zero coefficient changes are left out.
 
 Nothing is merged into the base weights: every old magnitude keeps training, so each task's branch stays
-live (a step at task t runs t + 1 branches per site).
+live. The official code runs t + 1 branches per site at task t; here the t frozen pairs of a site are folded
+into one factor pair with the magnitudes as a diagonal (:func:`folded_sum`), so a step runs two products per
+site at any t, equal to the per-branch sum up to float rounding (within 1e-6 in float32, tested), and the
+branches stay separate modules (state dict, task updates, KD and resume unchanged).
 
 Presets per benchmark: the official configs differ only in training settings, never in the method's params
 (rank 10 on q and v, alphas from 0.8 everywhere), so there is no ``preset`` param; the suites in
@@ -66,7 +69,9 @@ Deviations (details in docs/METHODS.md section 6): SD-LoRA-KD, which has no offi
 rather than the paper's literal ``beta_k`` (function-preserving) as per-site offsets; RR uses the code's 0-based
 task indices; ``normalize: product`` and ``reset_magnitudes: false`` are options beyond the official code; the
 official unused orthogonality loss is not computed; a branch computes ``((x A^T) B^T) (alpha / n)`` where the
-official code computes ``alpha (B (A x)) / n`` (equal up to float rounding).
+official code computes ``alpha (B (A x)) / n`` (equal up to float rounding); the finished pairs of a site run
+folded into one factor pair (or, past the break-even rank, one dense update) instead of one branch each (equal
+up to float rounding; the official forward's cost grows with the number of tasks, this one's stops growing).
 """
 
 from __future__ import annotations
@@ -124,6 +129,47 @@ class SDBranch(LoRABranch):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return ((self.dropout(x) @ self.A.t()) @ self.B.t()) * self.coefficient()
+
+
+def folded_sum(site: LoRASite, x: torch.Tensor) -> torch.Tensor:
+    """The site's update of ``x`` with every frozen pair folded into one factor pair (``LoRASite.combine``).
+
+    The frozen pairs concatenated, ``A = [A_0; ..; A_k]`` (R x d_in) and ``B = [B_0 .. B_k]`` (d_out x R), and
+    their coefficients ``(alpha_task + offset) / norm`` repeated over each pair's rank as a diagonal ``g``, give
+    ``sum_i c_i B_i A_i x = B diag(g) A x``: one factor pair per site instead of one branch per finished task,
+    equal to the per-branch sum up to float rounding, with gradients to the shared magnitudes through ``g``. The
+    concatenations are cached (outside the state dict) and rebuilt whenever a frozen pair, its norm or its offset
+    changes (a tensor's version counter moves with every in-place write: freezing, KD, loading a checkpoint).
+    Once ``R (d_in + d_out)`` exceeds ``d_in d_out``, the pair is multiplied out into a dense
+    ``d_out x d_in`` update first, so the step's cost stops growing with the number of tasks. The training pair
+    keeps its own branch (its factors train)."""
+    frozen = [b for b in site.branches if b.frozen]
+    out = _frozen_update(site, frozen, x) if frozen else None
+    for b in site.branches:
+        if not b.frozen:
+            out = b(x) if out is None else out + b(x)
+    return out
+
+
+def _frozen_update(site: LoRASite, frozen: list[SDBranch], x: torch.Tensor) -> torch.Tensor:
+    key = tuple((id(b), b.A.data_ptr(), b.A._version, b.B._version, b.norm._version, b.offset._version)
+                for b in frozen)
+    cache = site.__dict__.get("_sdlora_fold")
+    if cache is None or cache[0] != key:
+        with torch.inference_mode(False), torch.no_grad():  # built during evaluation, used in training too
+            A = torch.cat([b.A for b in frozen])
+            B = torch.cat([b.B for b in frozen], 1)
+            ranks = torch.tensor([b.rank for b in frozen], device=A.device)
+            tasks = torch.tensor([b.task for b in frozen], device=A.device).repeat_interleave(ranks)
+            offset = torch.cat([b.offset for b in frozen]).repeat_interleave(ranks)
+            norm = torch.cat([b.norm for b in frozen]).repeat_interleave(ranks)
+        cache = (key, A, B, tasks, offset, norm)
+        site.__dict__["_sdlora_fold"] = cache  # a plain attribute: never in the state dict or a checkpoint
+    _, A, B, tasks, offset, norm = cache
+    g = (torch.cat(list(frozen[0]._bank.values))[tasks] + offset) / norm
+    if A.shape[0] * (A.shape[1] + B.shape[0]) > A.shape[1] * B.shape[0]:
+        return x @ ((B * g) @ A).t()
+    return ((x @ A.t()) * g) @ B.t()
 
 
 def direction_norm(B: torch.Tensor, A: torch.Tensor, rule: str) -> torch.Tensor:
@@ -227,6 +273,8 @@ class SDLoRA(Method):
             raise ClbenchError(f"sdlora: {exc}") from None
         self.bank = Magnitudes()
         model.backbone.sdlora_magnitudes = self.bank  # registered once, so the state dict carries the alphas
+        for site in self.sites.values():
+            site.combine = folded_sum  # finished pairs as one factor pair per site: a step costs the same at any t
 
     def _device(self) -> torch.device:
         return next(iter(self.sites.values())).weight.device

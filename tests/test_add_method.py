@@ -62,7 +62,7 @@ def test_suite_file_errors_still_name_the_file(suite_file):
 def test_dry_run_lists_the_suites_methods_and_the_added_one(suite_file):
     res = CliRunner().invoke(app, ["run", str(suite_file), "--dry-run", "--add-method", R8])
     assert res.exit_code == 0, res.output
-    runs = [ln.split()[2] for ln in res.output.splitlines() if ln.startswith("would run")]
+    runs = [ln.split()[1] for ln in res.output.splitlines() if ln.startswith("  run ")]
     assert runs == ["lora", "inclora", "lora-r8"]
 
 

@@ -16,6 +16,7 @@ from clbench_plugins.joint import Joint
 
 from clbench import contract, keys, rehearsal
 from clbench import leaderboard as lb
+from clbench.context import TaskContext
 from clbench.dense import backbone_maps
 from clbench.errors import ClbenchError
 from clbench.hookspecs import hookimpl
@@ -235,9 +236,10 @@ def test_reservoir_keeps_a_uniform_sample_of_the_stream():
         for t in range(3):
             ids = torch.arange(20 * t, 20 * (t + 1))
             x = ids.to(torch.uint8).view(-1, 1, 1, 1)
-            er._reservoir(Samples(x, ids), 12, torch.Generator().manual_seed(seed * 10 + t))
+            er._reservoir(Samples(x, ids), t, 12, torch.Generator().manual_seed(seed * 10 + t))
             assert len(er.buf_y) == min(12, 20 * (t + 1)) and er.seen == 20 * (t + 1)
             assert torch.equal(er.buf_x.view(-1).long(), er.buf_y)  # images and labels move together
+            assert torch.equal(er.index[:, 0] * 20 + er.index[:, 1], er.buf_y)  # and the (task, row) index
         counts[er.buf_y] += 1
     assert int(counts.sum()) == 400 * 12
     p = counts / 400
@@ -259,6 +261,34 @@ def test_er_replays_only_earlier_tasks_at_its_ratio_and_reports_its_buffer():
             assert int(y[8:].max()) < 2 * t  # replayed: earlier tasks' classes only
     assert [r.buffer_images for r in results] == [16, 18, 18]  # capacity 3 x 6 classes, filled after task 0
     assert sorted(set(er.buf_y.tolist())) == list(range(6))
+
+
+def test_er_checkpoints_its_buffer_as_stream_indices_and_decodes_the_same_images():
+    """The buffer is checkpointed as (task, row) pairs, never images: the state is the same size for 8x8 and
+    64x64 images, and the images decoded from the stream on resume are the ones the buffer held."""
+    import io
+
+    sizes = []
+    for size in (8, 64):
+        g = torch.Generator().manual_seed(size)
+        tasks = [Samples(torch.randint(0, 256, (20, 1, size, size), dtype=torch.uint8, generator=g),
+                         torch.arange(20) // 10 + 2 * t) for t in range(3)]
+        er = ExperienceReplay({"buffer_size": 12})
+        for t in range(3):
+            er._reservoir(tasks[t], t, 12, torch.Generator().manual_seed(t))
+        saved = er.method_state(ctx=None)
+        assert set(saved) == {"index", "seen"} and saved["index"].shape == (12, 2)
+        buf = io.BytesIO()
+        torch.save(saved, buf)
+        sizes.append(buf.tell())
+        twin = ExperienceReplay({"buffer_size": 12})
+        ctx = TaskContext(task=2, num_tasks=3, classes=(4, 5), seen_classes=tuple(range(6)),
+                          device=torch.device("cpu"), seed=0, loader=lambda **kw: iter(()), samples_of=tasks.__getitem__)
+        twin.load_method_state(model=None, state=saved, ctx=ctx)
+        assert torch.equal(twin.buf_x, er.buf_x) and torch.equal(twin.buf_y, er.buf_y) and twin.seen == 60
+    assert sizes[0] == sizes[1] < 2_000, sizes
+    with pytest.raises(ClbenchError, match="older format"):
+        twin.load_method_state(model=None, state={"x": er.buf_x, "y": er.buf_y, "seen": 60}, ctx=ctx)
 
 
 # ER's bit-exact resume with a non-empty buffer (and its failure when the buffer is not checkpointed) is

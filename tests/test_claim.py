@@ -129,10 +129,15 @@ def test_intervention_without_fresh_per_task_is_rejected():
 
 def _group(values: dict[str, dict[int, tuple[float, float]]]):
     from clbench import keys
-    from clbench.leaderboard import Group, Row
+    from clbench.leaderboard import METRIC_KEYS, Group, Row, stat
 
-    rows = [Row(method=label, method_name="lora", params_id="x", n=len(per_seed), seeds=list(per_seed), metrics={},
-                provenance={}, runs=[{"run_id": f"{label}{s}", "seed": s,
+    def metrics(per_seed):
+        cols = {keys.FINAL_FORGETTING: [f for f, _ in per_seed.values()],
+                keys.FINAL_ACC: [a for _, a in per_seed.values()]}
+        return {k: stat(cols.get(k, [])) for k in METRIC_KEYS}
+
+    rows = [Row(method=label, method_name="lora", params_id="x", n=len(per_seed), seeds=list(per_seed),
+                metrics=metrics(per_seed), provenance={k: [] for k in ("version", "git_sha", "device")}, runs=[{"run_id": f"{label}{s}", "seed": s,
                                       "values": {keys.FINAL_FORGETTING: f, keys.FINAL_ACC: a}}
                                      for s, (f, a) in per_seed.items()])
             for label, per_seed in values.items()]
@@ -169,3 +174,21 @@ def test_layer_points_pair_later_updates_with_earlier_forgetting():
     pts = layer_points(R, top1)
     # task 0 forgot 90 - 50 = 40 under tasks 1, 2; task 1 forgot 80 - 40 = 40 under task 2
     assert np.allclose(pts, [(0.8, 40.0), (0.6, 40.0), (1.0, 40.0), (0.4, 40.0)])
+
+
+def test_leaderboard_text_shows_the_claim_answer_from_claim_effects():
+    """`clbench leaderboard suites/claim.yaml` answers the claim: each arm's paired difference against keep, the
+    same Paired numbers the parent run logs (claim_effects), with interval and p."""
+    from clbench.claim import claim_effects
+    from clbench.report import render
+
+    keep = {0: (40.0, 30.0), 1: (50.0, 28.0), 2: (45.0, 31.0), 3: (41.0, 29.0)}
+    flat = {1: (44.0, 29.0), 0: (35.0, 31.0), 2: (42.0, 30.0), 3: (37.0, 30.5)}
+    group = _group({"keep": keep, "flat": flat})
+    eff = claim_effects(group)["flat"]["forgetting"]
+    text = render([group], "table")
+    [line] = [x for x in text.splitlines() if x.startswith("flat ")]
+    assert f"{eff.diff:+.2f} ± {eff.ci95:.2f} (p={eff.p:.2g}, n=4)" in line
+    assert "each arm minus keep, paired by seed" in text
+    assert "each arm minus keep" in render([group], "markdown")
+    assert "each arm minus keep" not in render([_group({"lora": keep, "flat": flat})], "table")

@@ -163,7 +163,7 @@ def test_rehearsal_buffer_lost_on_resume_fails():
 
         @hookimpl
         def method_state(self, ctx):
-            return {"seen": self.seen}
+            return {"index": self.index[:0], "seen": self.seen}
 
     params = {"rank": 2, "replay_ratio": 2.0}
     contract.check_resume(er, params)

@@ -136,3 +136,20 @@ def test_torchrun_clbench_run_logs_once_from_rank_zero(tmp_path, mlflow_uri):
     min_test = 12 * 2 // 4  # lower bound on a task's test set in this stream; a cell moves by 100/size per flip
     for key in ("final/acc", "final/avg_acc", "final/forgetting", "final/acc_til"):
         assert kids[0].data.metrics[key] == pytest.approx(one.metrics[key], abs=100.0 / min_test), key
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_under_torchrun_an_error_is_printed_once_by_rank_zero(rank, monkeypatch, tmp_path):
+    """Every rank meets the same bad input; only rank 0 prints it (then one line pointing past torchrun's own
+    ChildFailedError report), the others exit 1 silently."""
+    from typer.testing import CliRunner
+
+    from clbench.cli import app
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", str(rank))
+    res = CliRunner().invoke(app, ["run", str(tmp_path / "missing.yaml")])
+    assert res.exit_code == 1
+    errors = [ln for ln in res.output.splitlines() if ln.startswith("error:")]
+    assert len(errors) == (1 if rank == 0 else 0), res.output
+    assert ("ChildFailedError" in res.output) == (rank == 0)

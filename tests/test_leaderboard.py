@@ -239,8 +239,8 @@ def test_markdown_rows_parse(groups):
     header, rows = tables[1][0], tables[1][2:]
     acc = header.index("final/acc")  # every column under the MLflow key it reads
     # mean ± t(0.975, n-1) sd / sqrt(n) (n): t(0.975, 1) = 12.7062, t(0.975, 2) = 4.302653
-    assert [(r[1], r[acc]) for r in rows] == [("inflora", "82.00 ± 25.41 (2)"), ("lora", "72.00 ± 4.97 (3)"),
-                                              ("olora", "63.00 ± 7.45 (3)"), ("eblora", "-")]
+    assert [(r[1], r[acc]) for r in rows] == [("inflora", "82.00 ± 25.41"), ("lora", "72.00 ± 4.97"),
+                                              ("olora", "63.00 ± 7.45"), ("eblora", "-")]
 
 
 class _Images(HTMLParser):
@@ -277,7 +277,7 @@ def test_html_report_is_self_contained_with_plots(groups):
     assert len(images) == 6 and all(img.startswith(b"\x89PNG") and len(img) > 2000 for img in images)
     p = _Images()
     p.feed(text)
-    assert "72.00 ± 4.97 (3)" in p.cells and "inflora" in p.cells
+    assert "72.00 ± 4.97" in p.cells and "inflora" in p.cells
 
 
 def test_pareto_front():
@@ -357,7 +357,10 @@ def test_stat_single_seed_has_no_std():
     two = lb.stat([1.0, None, 3.0])
     assert (two.mean, two.std, two.n) == (2.0, math.sqrt(2.0), 2)
     assert two.ci95 == pytest.approx(12.706205 * math.sqrt(2.0) / math.sqrt(2))  # t(0.975, 1) from tables
-    assert lb.fmt_stat(lb.stat([5.0]), lb.SPEC["final/acc"]) == "5.00 (1)"  # no interval for one seed
+    assert lb.fmt_stat(lb.stat([5.0]), lb.SPEC["final/acc"]) == "5.00"  # no interval for one seed
+    assert lb.fmt_stat(lb.stat([5.0]), lb.SPEC["final/acc"], n_row=3) == "5.00 (1)"  # fewer values than seeds
+    assert lb.fmt_stat(lb.stat([-0.001]), lb.SPEC["final/acc"]) == "0.00"  # never -0.00
+    assert lb.fixed(-0.001, "+.2f") == "+0.00" and lb.fixed(-0.01, ".2f") == "-0.01"
 
 
 def test_a_failing_report_never_fails_the_suite_run(tmp_path):
@@ -395,3 +398,24 @@ def test_spectra_of_a_method_without_low_rank_update_read_na():
     group = lb.Group("e", ["s"], "h", [prompt], [], "final/acc")
     header, body = lb.table_cells(group)
     assert body[0][header.index("spectra/mean_top1_share")] == "n/a"
+
+
+def test_terminal_table_fits_and_explains_missing_interval_and_ranking(store):
+    """The terminal table fits 100 columns for a one-seed suite, shows n once per row (not in every cell),
+    says why a one-seed paired difference has no interval and why several suites are not ranked."""
+    from clbench.stats import paired
+
+    uri, _ = store
+    text = lb.render(lb.build("other", uri), "table")
+    assert max(len(ln) for ln in text.splitlines()) <= 100, text
+    assert "(1)" not in text and "-0.00" not in text
+    for key in ("final/acc", "spectra/mean_top1_share", "cost/trainable_params"):
+        assert key in text  # the legend names the MLflow key behind each short column
+    g = lb.build("bench", uri)[1]
+    g.baseline = "lora"
+    olora = next(r for r in g.rows if r.method == "olora")
+    olora.vs_baseline = {k: paired({0: 1.0}, {0: 0.5}).as_dict() for k in lb.METRIC_KEYS}  # one common seed
+    out = lb.render([g], "table")
+    assert "+0.50 (1 seed: no interval)" in out and "no interval and no p" in out
+    ranks = lb.render(lb.build(["bench", "other"], uri), "table")
+    assert "no ranks across these" in ranks and "ran in every suite" in ranks

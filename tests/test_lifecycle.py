@@ -251,3 +251,30 @@ def test_sigterm_stops_like_ctrl_c_and_a_second_signal_raises_nothing(capsys):
             raise
     assert "still ending the runs as KILLED" in capsys.readouterr().err
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # restored
+
+
+def test_dry_run_after_a_finished_run_says_skip_where_the_real_run_skips(tmp_path, mlflow_uri):
+    """--dry-run applies the real run's skip rule (a done checkpoint whose MLflow run is FINISHED), labels the
+    suite hash and the checkpoint folder apart, keeps its lines short and ends with a summary."""
+    suite_path, suite, ckdir, tracker, store = planned_store(tmp_path, mlflow_uri)
+    lines: list[str] = []
+    runner.run_suite(suite, str(suite_path), progress=lines.append, checkpoint_dir=ckdir, dry_run=True)
+    assert lines[-1].startswith("1 runs: 1 run;") and any(ln.startswith("  run ") for ln in lines), lines
+    run_id = tracker.start_run("lora-s0", {"clbench.role": "child"}, {})
+    tracker.end_run(run_id, "FINISHED")
+    store.dir.mkdir(parents=True)
+    store.mark_done(run_id, {"final/acc": 50.0}, np.full((2, 2), 50.0))
+    lines.clear()
+    runner.run_suite(suite, str(suite_path), progress=lines.append, checkpoint_dir=ckdir, dry_run=True)
+    assert any(ln.startswith("  skip (finished) ") and run_id in ln for ln in lines), lines
+    assert lines[-1].startswith("1 runs: 1 skip (finished);")
+    assert f"suite hash {suite.protocol_hash()} (the protocol" in lines[0]
+    assert lines[1].startswith("checkpoint folder ") and "not the suite hash" in lines[2]
+    assert max(len(ln) for ln in lines[3:]) <= 120, lines
+    real: list[str] = []
+    [record] = runner.run_suite(suite, str(suite_path), tracker=tracker, progress=real.append, checkpoint_dir=ckdir)
+    assert record.run_id == run_id and any("already finished" in ln for ln in real), real  # the real run skips too
+    lines.clear()
+    runner.run_suite(suite, str(suite_path), progress=lines.append, checkpoint_dir=ckdir, dry_run=True,
+                     restart=True)
+    assert lines[-1].startswith("1 runs: 1 run;")  # --restart would train it again

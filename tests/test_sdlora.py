@@ -162,6 +162,52 @@ def test_forward_is_the_official_formula_with_one_magnitude_per_task_shared_by_a
     assert len(keys) == 4
 
 
+@pytest.mark.parametrize("frozen", [1, 3, 12])  # concatenated rank 4 (factored), 12 and 48 (past d/2: dense)
+def test_folded_frozen_pairs_equal_the_per_branch_sum_in_value_and_gradients(frozen):
+    """The frozen pairs of a site run as one folded pair (``folded_sum``); in float32 it equals the official
+    per-branch sum within 1e-6, and so do the gradients of the shared magnitudes and of the training pair."""
+    from clbench_plugins.sdlora import Magnitudes, folded_sum
+
+    from clbench.lora import AdaptedLinear
+
+    gen = torch.Generator().manual_seed(frozen)
+    site = AdaptedLinear(torch.nn.Linear(16, 48)).add_site("q", "q", slice(0, 16))
+    bank = Magnitudes()
+    for t in range(frozen + 1):
+        bank.values.append(torch.nn.Parameter(0.5 + torch.rand(1, generator=gen)))
+        b = SDBranch(16, 16, 4, t, bank)
+        with torch.no_grad():
+            b.A.copy_(torch.randn(4, 16, generator=gen))
+            b.B.copy_(torch.randn(16, 4, generator=gen))
+            if t < frozen:  # finished: normalised, an SD-LoRA-KD offset, frozen
+                b.norm.fill_(float(direction_norm(b.B, b.A, "factors")))
+                b.offset.fill_(0.1 * t)
+                b.requires_grad_(False)
+        site.branches.append(b)
+    x = torch.randn(2, 5, 16, generator=gen)
+
+    def run(combine):
+        site.combine = combine
+        params = [*bank.values, site.branches[-1].A, site.branches[-1].B]
+        for p in params:
+            p.grad = None
+        out = site(x)
+        (out * torch.linspace(-1, 1, 16)).sum().backward()
+        return out.detach(), [p.grad.clone() for p in params]
+
+    want, want_grads = run(None)  # LoRASite's plain sum: one branch per task, as the official forward
+    got, got_grads = run(folded_sum)
+    assert (got - want).abs().max() <= 1e-6 * max(1.0, float(want.abs().max()))
+    for g, w in zip(got_grads, want_grads):
+        assert (g - w).abs().max() <= 1e-6 * max(1.0, float(w.abs().max()))
+    assert all(float(g.abs().max()) > 0 for g in got_grads)  # every magnitude and the new pair get a gradient
+    with torch.no_grad():  # an in-place change of a frozen pair (a loaded checkpoint) is seen, not cached away
+        site.branches[0].norm.mul_(2)
+    again, _ = run(folded_sum)
+    reference, _ = run(None)
+    assert not torch.allclose(again, got) and (again - reference).abs().max() <= 1e-6 * float(reference.abs().max())
+
+
 def test_product_normalisation_is_the_papers_frobenius_norm_of_the_product():
     gen = torch.Generator().manual_seed(0)
     B, A = torch.randn(12, 3, generator=gen), torch.randn(3, 7, generator=gen)
