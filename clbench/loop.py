@@ -485,6 +485,18 @@ class Trained:
     epoch_lrs: list[float] = field(default_factory=list)
 
 
+def training_rows(stream: Stream, ctx: TaskContext, train_set: list[rehearsal.Samples] | None
+                  ) -> tuple[Any, torch.Tensor, torch.Tensor]:
+    """What task ``ctx.task`` trains on: images, labels (within the task; with a replaced training set, rows of
+    (label, scope code), labels of seen classes only) and the stream index of every row (the step hooks' ``rows``)."""
+    if train_set is None:
+        task = stream.tasks[ctx.task]
+        return task.train_x, task.train_y - ctx.class_offset, rehearsal.stream_rows(ctx.task, len(task.train_y))
+    train_x, train_y = rehearsal.concat(train_set)
+    rehearsal.check_labels(train_y[:, 0], len(ctx.seen_classes), "training_set")
+    return train_x, train_y, rehearsal.stream_index(train_set)
+
+
 def train_task(loop: Loop, ctx: TaskContext, optimizer: torch.optim.Optimizer, scheduler: Schedule | None,
                train_set: list[rehearsal.Samples] | None = None) -> Trained:
     """``cfg.epochs`` epochs over task ``ctx.task``: cross-entropy on its head plus the method's loss terms.
@@ -493,17 +505,12 @@ def train_task(loop: Loop, ctx: TaskContext, optimizer: torch.optim.Optimizer, s
     rows to each step; steps with such rows score every row per its scope (``clbench.rehearsal.Step``)."""
     model, stream, hook, cfg, comm, clock = loop.model, loop.stream, loop.hook, loop.cfg, loop.opts.comm, loop.opts.clock
     t, device = ctx.task, ctx.device
-    task = stream.tasks[t]
-    if train_set is None:
-        train_x, train_y = task.train_x, task.train_y - ctx.class_offset
-    else:  # rows of (label, scope code); labels of seen classes only
-        train_x, train_y = rehearsal.concat(train_set)
-        rehearsal.check_labels(train_y[:, 0], len(ctx.seen_classes), "training_set")
+    train_x, train_y, index = training_rows(stream, ctx, train_set)
     offsets = torch.as_tensor(loop.offsets, device=device)
     params = [p for g in optimizer.param_groups for p in g["params"]]
     model.train()
     draw = Draw(shuffle=True, generator=task_rng(ctx.seed, t, "shuffle"), limit=cfg.max_steps_per_epoch,
-                augment=stream.augment, shard=comm.shard, drop_last=cfg.drop_last)
+                augment=stream.augment, shard=comm.shard, drop_last=cfg.drop_last, positions=True)
     replay_draw = Draw(generator=task_rng(ctx.seed, t, "replay"), augment=stream.augment, shard=comm.shard)
     step, images = 0, 0
     loss_sum = torch.zeros((), device=device)
@@ -513,33 +520,33 @@ def train_task(loop: Loop, ctx: TaskContext, optimizer: torch.optim.Optimizer, s
     for epoch in range(cfg.epochs):
         epoch_lrs.append(float(optimizer.param_groups[0]["lr"]))  # the method's first group: the adapters
         window_t, window_n = clock(), 0
-        for xb, yb in batches(train_x, train_y, cfg.batch_size, device, model, draw):
+        for xb, yb, pos in batches(train_x, train_y, cfg.batch_size, device, model, draw):
             optimizer.zero_grad(set_to_none=True)
-            loss = None
-            rows = rehearsal.Step.of(xb, yb, train_set is not None)
-            rows.add(rehearsal.as_list(hook.replay_batch(model=model, batch=rows.own, ctx=ctx), "replay_batch"),
-                     len(ctx.seen_classes), model, device, replay_draw)
-            if len(rows):  # under torchrun a rank's share of a short last batch may be empty
-                if rows.extra is None:  # the protocol's step: cross-entropy on the current head
+            loss, rows = None, index[pos]  # rows: which stored training rows this step holds (task, row)
+            data = rehearsal.Step.of(xb, yb, train_set is not None)
+            data.add(rehearsal.as_list(hook.replay_batch(model=model, batch=data.own, rows=rows, ctx=ctx),
+                                       "replay_batch"), len(ctx.seen_classes), model, device, replay_draw)
+            if len(data):  # under torchrun a rank's share of a short last batch may be empty
+                if data.extra is None:  # the protocol's step: cross-entropy on the current head
                     with ctx.autocast():
                         logits, aux = forward_with_aux(model, xb, t)
                     loss, replayed = F.cross_entropy(logits.float(), yb), None
                 else:  # rehearsal: one pass over own and added rows, every seen head, each row's loss per scope
-                    logits, loss, replayed = rows.forward(model, ctx, offsets)
+                    logits, loss, replayed = data.forward(model, ctx, offsets)
                     aux = {}
                 total, names = loss, []
-                for terms in hook.loss_terms(model=model, batch=rows.own, logits=logits, ctx=ctx, replayed=replayed,
-                                          aux=aux):
+                for terms in hook.loss_terms(model=model, batch=data.own, logits=logits, ctx=ctx, replayed=replayed,
+                                          aux=aux, rows=rows):
                     for name, value in (terms or {}).items():
                         total = total + value
                         names.append(name)
                         term_sums[name] = term_sums.get(name, 0) + value.detach().float()
                 hook.backward(total, names)  # a graph kept from an earlier step fails here, naming the method
             # the whole batch's gradient and mean loss on every rank; in one process, as they are
-            n_seen, loss = comm.reduce_gradients(params, len(rows), loss)
-            hook.before_optimizer_step(model=model, ctx=ctx)
+            n_seen, loss = comm.reduce_gradients(params, len(data), loss)
+            hook.before_optimizer_step(model=model, ctx=ctx, rows=rows)
             optimizer.step()
-            hook.after_optimizer_step(model=model, ctx=ctx)
+            hook.after_optimizer_step(model=model, ctx=ctx, rows=rows)
             if scheduler is not None:
                 scheduler.step()
             loss_sum += loss.detach()
