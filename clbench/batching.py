@@ -24,6 +24,7 @@ class Draw:
     augment: Callable | None = None
     shard: tuple[int, int] | None = None
     drop_last: bool = False  # no last partial (global) batch
+    positions: bool = False  # yield (x, y, pos): pos the batch's row numbers in x (a CPU long tensor)
 
 
 IN_ORDER = Draw()  # evaluation: every row, in order, no augmentation
@@ -41,7 +42,7 @@ def _take(x: torch.Tensor, sel: torch.Tensor | slice, pin: bool) -> torch.Tensor
 
 
 def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, device: torch.device, model: Any,
-            draw: Draw = IN_ORDER) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+            draw: Draw = IN_ORDER) -> Iterator[tuple[torch.Tensor, ...]]:
     """Batches of ``(x, y)`` on ``device``, preprocessed for ``model`` (a ``CLModel``), drawn as ``draw`` says."""
     shuffle, generator, fraction, shard = draw.shuffle, draw.generator, draw.fraction, draw.shard
     n = len(x)
@@ -70,4 +71,7 @@ def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, device: torch.dev
             if draw.augment is not None:
                 xb = draw.augment(xb, model.image_size, generator)
             xb = model.preprocess(xb)
-        yield xb, yb
+        if draw.positions:
+            yield xb, yb, torch.arange(n)[sel] if isinstance(sel, slice) else sel
+        else:
+            yield xb, yb
