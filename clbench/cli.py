@@ -5,6 +5,7 @@ Every user error is a :class:`ClbenchError`; it prints one line on stderr and ex
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import traceback
@@ -260,7 +261,9 @@ def methods(
     for err in reg.errors:
         typer.echo(f"error: {err}", err=True)
     if not names and pattern:
-        _fail(f"no method matches '{pattern}'")
+        from clbench.registry import plugins_dir_hint
+
+        _fail(f"no method matches '{pattern}'{plugins_dir_hint(pattern, plugins_dir)}")
 
 
 @app.command()
@@ -281,11 +284,16 @@ def check(
     name: str = typer.Argument(..., help="a registered method (built-in, installed package or --plugins-dir)"),
     plugins_dir: list[str] = typer.Option([], "--plugins-dir", metavar="DIR",
                                           help="also load method plugins from this folder"),
+    set_: list[str] = typer.Option([], "--set", metavar="KEY=VALUE",
+                                   help="a method param (value parsed as YAML), e.g. --set rank=2; repeatable"),
 ) -> None:
-    """Run the plugin contract on one method (CPU, tiny ViT, seconds): one line per check, stop at the first
-    failure (exit 1). The same checks as tests/test_contract.py, without a source checkout of clbench."""
-    from clbench.contract import ContractError, method_checks
-    from clbench.registry import discover
+    """Run the plugin contract on one method (CPU, tiny ViT): one line per check, with what runs shown on stderr
+    as it goes, stop at the first failure (exit 1). The same checks as tests/test_contract.py, without a source
+    checkout of clbench."""
+    import time
+
+    from clbench.contract import ContractError, method_checks, method_params
+    from clbench.registry import discover, plugins_dir_hint
 
     try:
         reg = discover(plugins_dir, strict=False)
@@ -293,12 +301,21 @@ def check(
         _fail(str(exc))
     try:
         info = reg.get(name)
-    except ClbenchError as exc:  # a plugin that failed to load says why here
-        _fail(f"{exc}{''.join(f'; {e}' for e in reg.errors)}")
-    typer.echo(f"contract of method '{info.name}' [{info.source}]")
-    for label, step in method_checks(info.cls):
+    except ClbenchError as exc:  # a plugin that failed to load says why here; one in a folder needs --plugins-dir
+        errors = "".join(f"; {e}" for e in reg.errors)
+        _fail(f"{exc}{errors}{plugins_dir_hint(name, plugins_dir) if not errors else ''}")
+    try:
+        params = method_params(info.cls, set_) if set_ else None
+    except ClbenchError as exc:
+        _fail(str(exc))
+    shown = f" with {', '.join(set_)}" if set_ else ""
+    typer.echo(f"contract of method '{info.name}' [{info.source}]{shown}")
+    for label, step in method_checks(info.cls, params, progress=lambda msg: typer.echo(f"      {msg}", err=True)):
+        typer.echo(f"..    {label}", err=True)
+        tic = time.perf_counter()
         try:
-            step()
+            with _ticking(tic):
+                step()
         except (ContractError, ClbenchError) as exc:
             typer.echo(f"FAIL  {label}")
             _fail(f"{label}: {exc}")
@@ -306,7 +323,28 @@ def check(
             frame = traceback.extract_tb(exc.__traceback__)[-1]
             typer.echo(f"FAIL  {label}")
             _fail(f"{label}: {type(exc).__name__}: {exc} (at {frame.filename}:{frame.lineno})")
-        typer.echo(f"ok    {label}")
+        typer.echo(f"ok    {label} ({time.perf_counter() - tic:.1f}s)")
+
+
+@contextlib.contextmanager
+def _ticking(since: float, every: float = 30.0):
+    """While the block runs, a line on stderr every ``every`` seconds (a slow hook prints nothing of its own)."""
+    import threading
+    import time
+
+    done = threading.Event()
+
+    def tick() -> None:
+        while not done.wait(every):
+            typer.echo(f"      still running ({time.perf_counter() - since:.0f}s)", err=True)
+
+    thread = threading.Thread(target=tick, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
 
 
 @app.command("new-method")

@@ -59,11 +59,11 @@ class TaskResult:
     train_seconds: float
     eval_seconds: float
     images: int
-    loss: float
+    loss: float | None  # None: the task took no gradient step (takes_gradient_steps)
     loss_terms: dict[str, float]
     updates: dict[str, Any] | None  # task_updates' result (layer -> LowRank)
     trainable_params: int = 0
-    hook_seconds: dict[str, float] = field(default_factory=dict)
+    hook_seconds: dict[str, float] = field(default_factory=dict)  # the method's task-level hooks (method_seconds)
     buffer_images: int | None = None  # replay_buffer's size (rehearsal methods)
     epoch_lrs: list[float] = field(default_factory=list)  # the adapter group's lr in each epoch (train/lr)
 
@@ -254,25 +254,24 @@ def run_task(loop: Loop, state: LoopState, t: int) -> None:
     if train_set is not None:
         ctx = task_context(loop, t, sum(len(s) for s in train_set))
     # -- phase 2: the method prepares the task (projections, new adapters) -------------------------------
-    tic = clock()
-    hook.before_task(model=model, ctx=ctx)
-    timings = {"before_task": clock() - tic}
-    # -- phase 3: the optimizer over the method's groups plus the current head ----------------------------
-    optimizer, scheduler = make_task_optimizer(model, head, hook.param_groups(model=model, ctx=ctx), loop.cfg, ctx)
-    trainable = sum(p.numel() for g in optimizer.param_groups for p in g["params"])
-    # -- phase 4: train on the task ----------------------------------------------------------------------
-    trained = train_task(loop, ctx, optimizer, scheduler, train_set)
+    timings: dict[str, float] = {}  # the method's task-level hooks: its cost/method_seconds
+    timed(timings, "before_task", clock, hook.before_task, model=model, ctx=ctx)
+    if takes_gradient_steps(hook.instance, ctx):
+        # -- phases 3-4: the optimizer over the method's groups plus the current head; train ---------------
+        optimizer, scheduler = make_task_optimizer(model, head, hook.param_groups(model=model, ctx=ctx), loop.cfg,
+                                                   ctx)
+        trainable = sum(p.numel() for g in optimizer.param_groups for p in g["params"])
+        trained = train_task(loop, ctx, optimizer, scheduler, train_set)
+    else:  # a method without gradient steps (closed form): no optimizer, no step; its hooks set the heads
+        head.requires_grad_(False)
+        trainable, trained = 0, Trained(loss=None, loss_terms={}, images=0, seconds=0.0)
     # -- phase 5: the method closes the task: memories, merging, the task's update -------------------------
     model.eval()
-    tic = clock()
-    hook.after_task(model=model, ctx=ctx)
-    timings["after_task"] = clock() - tic
-    tic = clock()
-    hook.merge_task(model=model, ctx=ctx)
+    timed(timings, "after_task", clock, hook.after_task, model=model, ctx=ctx)
+    timed(timings, "merge_task", clock, hook.merge_task, model=model, ctx=ctx)
     loop.opts.comm.sync_model(model)  # rank 0's weights on every rank: no drift across tasks
-    timings["merge_task"] = clock() - tic
-    updates = hook.task_updates(model=model, ctx=ctx)
-    kept = hook.replay_buffer(ctx=ctx)
+    updates = timed(timings, "task_updates", clock, hook.task_updates, model=model, ctx=ctx)
+    kept = timed(timings, "task_updates", clock, hook.replay_buffer, ctx=ctx)  # counted together
     buffer_images = None if kept is None else sum(len(s) for s in rehearsal.as_list(kept, "replay_buffer"))
     # -- phase 6: evaluate every seen task (CIL and TIL), then report --------------------------------------
     tic = clock()
@@ -280,10 +279,10 @@ def run_task(loop: Loop, state: LoopState, t: int) -> None:
     eval_seconds = clock() - tic
     state.R[t, : t + 1], state.R_til[t, : t + 1] = cil, til
     state.next_task = t + 1
-    state.method_state = hook.method_state(ctx=ctx)
+    state.method_state = timed(timings, "method_state", clock, hook.method_state, ctx=ctx)
     acc, acc_til = accuracy_after(state.R, t, loop.sizes), accuracy_after(state.R_til, t, loop.sizes)
     loop.opts.progress(TaskDone(task=t, num_tasks=len(loop.stream.tasks), acc=acc, acc_til=acc_til,
-                                train_seconds=trained.seconds))
+                                train_seconds=trained.seconds, method_seconds=sum(timings.values())))
     loop.opts.on_task(TaskResult(task=t, R=state.R.copy(), R_til=state.R_til.copy(), sizes=loop.sizes,
                                  train_seconds=trained.seconds, eval_seconds=eval_seconds, images=trained.images,
                                  loss=trained.loss, loss_terms=trained.loss_terms, updates=updates,
@@ -308,6 +307,24 @@ def task_seed(seed: int, task: int, purpose: Purpose, draw: int = 0) -> int:
 def task_rng(seed: int, task: int, purpose: Purpose, draw: int = 0) -> torch.Generator:
     """A generator of its own for ``purpose`` in task ``task`` (see :func:`task_seed`)."""
     return torch.Generator().manual_seed(task_seed(seed, task, purpose, draw))
+
+
+def timed(timings: dict[str, float], name: str, clock: Callable[[], float], hook: Callable[..., Any],
+          **kwargs: Any) -> Any:
+    """``hook(**kwargs)``, its seconds added to ``timings[name]`` (``cost/hook_seconds/NAME``)."""
+    tic = clock()
+    out = hook(**kwargs)
+    timings[name] = timings.get(name, 0.0) + clock() - tic
+    return out
+
+
+def takes_gradient_steps(method: Any, ctx: TaskContext) -> bool:
+    """Whether task ``ctx.task`` trains by gradient steps: the method's ``gradient_training`` (True when absent;
+    a bool, or a callable ``(ctx) -> bool`` deciding per task, e.g. only the first task). False: no optimizer, no
+    step loop, no ``param_groups``/step hooks, no head training and no loss logged (``train.epochs`` does not
+    apply); the method sets its classifier in ``before_task``/``after_task`` (closed-form methods, prototypes)."""
+    flag = getattr(method, "gradient_training", True)
+    return bool(flag(ctx) if callable(flag) else flag)
 
 
 def seed_task(seed: int, t: int) -> None:
@@ -476,9 +493,10 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per
 
 @dataclass(kw_only=True)
 class Trained:
-    """What ``train_task`` measured: mean losses over the steps, images seen, training seconds."""
+    """What ``train_task`` measured: mean losses over the steps, images seen, training seconds (loss None: no
+    gradient step was taken)."""
 
-    loss: float
+    loss: float | None
     loss_terms: dict[str, float]
     images: int
     seconds: float

@@ -35,7 +35,13 @@ class Method:
     """Base for method plugins. Set ``name`` (see :data:`NAME_RULE`), ``Params`` (defaults = the paper's settings),
     optional ``aliases``, ``paper`` and ``code`` (citations), and ``trains_backbone`` if the method
     changes pre-trained weights by gradient (merging adapters does not count). Set ``low_rank_updates = False``
-    if the method has no low-rank weight update (prompts): ``task_updates`` must then return None."""
+    if the method has no low-rank weight update (prompts): ``task_updates`` must then return None.
+    Set ``gradient_training = False`` for a method that takes no gradient step (closed-form classifiers,
+    prototypes): the loop then builds no optimizer and runs no step loop (``train.epochs`` does not apply,
+    ``param_groups`` and the step hooks are not called, no loss is logged, ``cost/trainable_params`` is 0); the
+    method sets the heads itself in ``before_task``/``after_task``, and that time is its ``cost/method_seconds``.
+    A method deciding per task defines ``gradient_training(self, ctx) -> bool`` instead (``clbench.loop.
+    takes_gradient_steps``)."""
 
     name: ClassVar[str] = ""
     aliases: ClassVar[tuple[str, ...]] = ()
@@ -43,6 +49,7 @@ class Method:
     code: ClassVar[str] = ""
     trains_backbone: ClassVar[bool] = False
     low_rank_updates: ClassVar[bool] = True
+    gradient_training: ClassVar[bool] = True
     Params: ClassVar[type[BaseModel]] = NoParams
 
     def __init__(self, params: BaseModel | dict[str, Any] | None = None) -> None:

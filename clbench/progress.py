@@ -46,12 +46,15 @@ class RunStarted(Event):
 
 
 class TaskDone(Event):
-    """Task ``task`` (from 0) of ``num_tasks`` is trained and evaluated: CIL and TIL accuracy over the seen tasks."""
+    """Task ``task`` (from 0) of ``num_tasks`` is trained and evaluated: CIL and TIL accuracy over the seen tasks,
+    seconds of training and of the method's task-level hooks."""
 
-    def __new__(cls, task: int, num_tasks: int, acc: float, acc_til: float, train_seconds: float) -> TaskDone:
+    def __new__(cls, task: int, num_tasks: int, acc: float, acc_til: float, train_seconds: float,
+                method_seconds: float) -> TaskDone:
         return super().__new__(cls, f"task {task + 1}/{num_tasks} done: acc {acc:.2f} (til {acc_til:.2f}) "
-                               f"train {train_seconds:.1f}s", task=task, num_tasks=num_tasks, acc=acc,
-                               acc_til=acc_til, train_seconds=train_seconds)
+                               f"train {train_seconds:.1f}s method {method_seconds:.1f}s", task=task,
+                               num_tasks=num_tasks, acc=acc, acc_til=acc_til, train_seconds=train_seconds,
+                               method_seconds=method_seconds)
 
 
 def within(event: str, prefix: str) -> str:

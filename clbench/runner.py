@@ -519,7 +519,8 @@ def run_one(run: Run, stream) -> RunRecord:
     run.status = record.status
     acc, fgt = (record.metrics[keys.for_split(k, suite.split)] for k in (keys.FINAL_ACC, keys.FINAL_FORGETTING))
     on = " on the validation split" if suite.split == keys.SPLIT_VALIDATION else ""
-    run.say(f"final acc {acc:.2f} forgetting {fgt:.2f}{on} ({recorder.totals['train_seconds']:.1f}s training)")
+    run.say(f"final acc {acc:.2f} forgetting {fgt:.2f}{on} ({recorder.totals['train_seconds']:.1f}s training, "
+            f"{recorder.totals['hooks']:.1f}s method)")
     return record
 
 
