@@ -357,11 +357,14 @@ def task_context(loop: Loop, t: int, train_size: int | None = None) -> TaskConte
                     augment=stream.augment if augmented else None)
         return batches(task.train_x, local_y, batch_size or cfg.batch_size, device, model, draw)
 
+    def samples_of(j: int) -> rehearsal.Samples:
+        rows = stream.tasks[j]
+        return rehearsal.Samples(rows.train_x, rows.train_y, index=rehearsal.stream_rows(j, len(rows.train_y)))
+
     return TaskContext(task=t, num_tasks=len(stream.tasks), classes=task.classes,
                        seen_classes=tuple(range(int(loop.offsets[t + 1]))), device=device, seed=seed,
                        loader=loader, epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size,
-                       steps_per_epoch=steps, autocast=loop.autocast,
-                       samples_of=lambda j: rehearsal.Samples(stream.tasks[j].train_x, stream.tasks[j].train_y))
+                       steps_per_epoch=steps, autocast=loop.autocast, samples_of=samples_of)
 
 
 def restore(loop: Loop, state: LoopState, ctx: TaskContext) -> None:
