@@ -356,6 +356,9 @@ def new_method(
     package: bool = typer.Option(False, "--package",
                                  help="write an installable package folder DIR/clbench-NAME (pyproject.toml with "
                                       "the clbench entry point, README, module, tests): pip install -e it"),
+    template: str = typer.Option("lora", "--template", metavar="lora|plain|prompt|rehearsal",
+                                 help="the starting point: lora (adapters), plain (no adapters: heads on the frozen "
+                                      "backbone), prompt (prompt tokens), rehearsal (LoRA plus a replay buffer)"),
 ) -> None:
     """Scaffold a method plugin DIR/NAME.py and its test file; both pass as generated (see CONTRIBUTING.md).
     With --package, the same as a package folder that `pip install -e` installs as generated."""
@@ -365,7 +368,7 @@ def new_method(
     if package and tests_dir is not None:
         _fail("new-method: --tests-dir does not go with --package (the package keeps its tests in tests/)")
     try:
-        written = new_package(name, dir_) if package else scaffold(name, dir_, tests_dir)
+        written = new_package(name, dir_, kind=template) if package else scaffold(name, dir_, tests_dir, kind=template)
     except ClbenchError as exc:
         _fail(str(exc))
     typer.echo("\n".join(f"wrote {path}" for path in written))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import platform
 import signal
 import sys
@@ -31,7 +32,7 @@ import yaml
 
 import clbench
 from clbench import checkpoint, distributed, keys
-from clbench.backbones import model_from
+from clbench.backbones import fetch_hub_weights, model_from
 from clbench.diskfull import naming_disk_full, on_disk_full
 from clbench.errors import ClbenchError
 from clbench.hookcheck import MethodHookError
@@ -46,6 +47,7 @@ from clbench.suite import Suite
 from clbench.summary import record_suite
 from clbench.tracking import NullTracker, Tracker, absolute_uri, make_tracker, read_only_run_status, store_uri
 from clbench.validation import build_run_stream, stream_cache_key
+from clbench.weights import weights_line
 
 __all__ = ["PlannedRun", "Run", "RunJob", "RunOptions", "RunRecord", "execute_job", "mlflow_run", "plan_runs",
            "run_key", "run_one", "run_suite"]
@@ -112,6 +114,8 @@ def run_suite(suite: Suite, source: str, **options: Any) -> list[RunRecord]:
     if plan.opts.dry_run:
         _dry_run(plan)
         return []
+    b = suite.backbone
+    fetch_hub_weights(b.name, b.pretrained, b.checkpoint)  # the hash covers the checksum of the file runs load
     if distributed.active():
         load_avalanche()  # before the process group exists (clbench.streams.load_avalanche says why)
     if distributed.is_follower():  # torchrun rank > 0: rank 0 decides, logs and checkpoints
@@ -172,7 +176,8 @@ def _prepare_stores(plan: SuitePlan) -> dict[tuple[str, int], RunRecord | None]:
 
 def _base_tags(suite: Suite, extra: dict[str, str]) -> dict[str, str]:
     """The tags of the parent and of every run: suite, protocol hash, version, git commit, reference, split."""
-    tags = {keys.SUITE: suite.name, keys.SUITE_HASH: suite.protocol_hash(), keys.VERSION: clbench.__version__}
+    tags = {keys.SUITE: suite.name, keys.SUITE_HASH: suite.protocol_hash(), keys.VERSION: clbench.__version__,
+            keys.WEIGHTS: suite.weights_identity()}
     sha = git_sha()
     if sha:
         tags[keys.GIT_SHA] = sha
@@ -200,7 +205,8 @@ def dry_run_lines(suite: Suite, planned: Sequence[PlannedRun], seeds: Sequence[i
     uri = absolute_uri(store_uri(suite.tracking.uri))
     sdir = checkpoint.suite_dir(checkpoint_dir, suite.protocol_hash(), suite.name, experiment, uri)
     status = read_only_run_status(uri, experiment)
-    lines = [f"suite {suite.name}: suite hash {suite.protocol_hash()} (the protocol; MLflow tag {keys.SUITE_HASH})",
+    lines = [f"suite {suite.name}: suite hash {suite.protocol_hash()} · weights {weights_line(suite.weights_identity())} "
+             f"(the protocol, the weights' checksum included; MLflow tag {keys.SUITE_HASH})",
              f"checkpoint folder {sdir}",
              f"  (its id {sdir.name.rpartition('-')[2]} digests suite hash, name, experiment and store: not the suite "
              "hash)"]
@@ -482,6 +488,17 @@ def _parent_run(plan: SuitePlan, base_tags: dict[str, str]) -> tuple[str, bool]:
                              {k: v for k, v in suite.model_dump(mode="json").items() if k != "methods"}), True
 
 
+def deterministic_algorithms(on: bool) -> None:
+    """``runtime.deterministic``: deterministic kernels only (torch raises on an op that has none), cuBLAS with a
+    fixed workspace (CUBLAS_WORKSPACE_CONFIG, read when cuBLAS starts a handle; a value the user set is kept) and
+    no cuDNN autotuning. Off: torch's defaults, so one run's setting never leaks into the next in this process."""
+    if on:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(on)
+    torch.backends.cudnn.deterministic = on
+    torch.backends.cudnn.benchmark = False if on else torch.backends.cudnn.benchmark
+
+
 def _record_parent(sdir: Path, parent: str) -> None:
     """The parent's id in the checkpoint folder (a parent whose id cannot be recorded ends FAILED, not RUNNING)."""
     with on_disk_full(f"{sdir / 'parent.json'} (the suite's record in the checkpoint folder)",
@@ -495,6 +512,7 @@ def run_one(run: Run, stream) -> RunRecord:
     suite, seed, entry = run.job.suite, run.job.seed, run.planned
     cfg, rt = suite.train_for(suite.methods[entry.entry_index]), suite.runtime
     device = _device(rt)
+    deterministic_algorithms(rt.deterministic)
     ck = run.store.load() if run.store is not None else None
     # The model is built before any MLflow run exists, so missing weights leave no FAILED run behind.
     torch.manual_seed(seed)

@@ -204,3 +204,10 @@ def test_no_gradient_run_logs_method_time_and_state(tmp_path, monkeypatch):
     board = CliRunner().invoke(app, ["leaderboard", "nograd"])
     assert board.exit_code == 0, board.output
     assert "no continual training" in board.output and "total_s: cost/total_seconds" in board.output
+
+
+def test_methods_listing_says_they_train_nothing_by_gradient():
+    from clbench.method import training_summary
+
+    assert training_summary(SimpleCIL).startswith("nothing by gradient (gradient_training = False)")
+    assert training_summary(RanPAC).startswith("nothing by gradient with default params")
