@@ -57,11 +57,11 @@ class TaskResult:
     train_seconds: float
     eval_seconds: float
     images: int
-    loss: float
+    loss: float | None  # None: the task took no gradient step (takes_gradient_steps)
     loss_terms: dict[str, float]
     updates: dict[str, Any] | None  # task_updates' result (layer -> LowRank)
     trainable_params: int = 0
-    hook_seconds: dict[str, float] = field(default_factory=dict)
+    hook_seconds: dict[str, float] = field(default_factory=dict)  # the method's task-level hooks (method_seconds)
     buffer_images: int | None = None  # replay_buffer's size (rehearsal methods)
     epoch_lrs: list[float] = field(default_factory=list)  # the adapter group's lr in each epoch (train/lr)
 
@@ -134,12 +134,14 @@ def _take(x: torch.Tensor, sel: torch.Tensor | slice, pin: bool) -> torch.Tensor
 def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, device: torch.device, model: CLModel,
             shuffle: bool, generator: torch.Generator | None = None, fraction: float = 1.0,
             limit: int | None = None, augment: Callable | None = None,
-            shard: tuple[int, int] | None = None, drop_last: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+            shard: tuple[int, int] | None = None, drop_last: bool = False,
+            positions: bool = False) -> Iterator[tuple[torch.Tensor, ...]]:
     """Batches from in-memory uint8 tensors, moved to the device and preprocessed there.
 
     ``augment(x, size, generator)`` (the stream's training augmentation) runs on the device before preprocess.
     ``shard=(rank, world)`` (torchrun, clbench.distributed) yields this rank's rows of every global batch, possibly
-    empty. ``drop_last``: no last partial (global) batch."""
+    empty. ``drop_last``: no last partial (global) batch. ``positions``: yield ``(x, y, pos)``, ``pos`` the batch's
+    row numbers in ``x`` (a CPU long tensor)."""
     n = len(x)
     if fraction < 1.0:  # a uniformly spaced subset, deterministic
         idx = torch.linspace(0, n - 1, max(1, int(round(fraction * n)))).round().long()
@@ -166,7 +168,10 @@ def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, device: torch.dev
             if augment is not None:
                 xb = augment(xb, model.image_size, generator)
             xb = model.preprocess(xb)
-        yield xb, yb
+        if positions:
+            yield xb, yb, torch.arange(n)[sel] if isinstance(sel, slice) else sel
+        else:
+            yield xb, yb
 
 
 def make_optimizer(cfg: TrainConfig, groups: list[dict]) -> torch.optim.Optimizer:
@@ -256,26 +261,25 @@ def run_stream(model: CLModel, stream: Stream, pm, cfg: TrainConfig, seed: int, 
         if train_set is not None:
             ctx = task_context(model, stream, t, cfg, seed, device, autocast, sum(len(s) for s in train_set))
         # -- phase 2: the method prepares the task (projections, new adapters) -------------------------
-        tic = clock()
-        hook.before_task(model=model, ctx=ctx)
-        timings = {"before_task": clock() - tic}
-        # -- phase 3: the optimizer over the method's groups plus the current head ----------------------
-        optimizer, scheduler = make_task_optimizer(model, head, hook.param_groups(model=model, ctx=ctx), cfg, ctx)
-        trainable = sum(p.numel() for g in optimizer.param_groups for p in g["params"])
-        # -- phase 4: train on the task ----------------------------------------------------------------
-        trained = train_task(model, stream, pm, ctx, optimizer, scheduler, cfg, comm, clock, progress, train_set,
-                             runtime.log_every)
+        timings: dict[str, float] = {}  # the method's task-level hooks: its cost/method_seconds
+        timed(timings, "before_task", clock, hook.before_task, model=model, ctx=ctx)
+        if takes_gradient_steps(hook.instance, ctx):
+            # -- phases 3-4: the optimizer over the method's groups plus the current head; train ---------
+            optimizer, scheduler = make_task_optimizer(model, head, hook.param_groups(model=model, ctx=ctx), cfg,
+                                                       ctx)
+            trainable = sum(p.numel() for g in optimizer.param_groups for p in g["params"])
+            trained = train_task(model, stream, pm, ctx, optimizer, scheduler, cfg, comm, clock, progress,
+                                 train_set, runtime.log_every)
+        else:  # a method without gradient steps (closed form): no optimizer, no step; its hooks set the heads
+            head.requires_grad_(False)
+            trainable, trained = 0, Trained(None, {}, 0, 0.0)
         # -- phase 5: the method closes the task: memories, merging, the task's update -------------------
         model.eval()
-        tic = clock()
-        hook.after_task(model=model, ctx=ctx)
-        timings["after_task"] = clock() - tic
-        tic = clock()
-        hook.merge_task(model=model, ctx=ctx)
+        timed(timings, "after_task", clock, hook.after_task, model=model, ctx=ctx)
+        timed(timings, "merge_task", clock, hook.merge_task, model=model, ctx=ctx)
         comm.sync_model(model)  # rank 0's weights on every rank: no drift across tasks
-        timings["merge_task"] = clock() - tic
-        updates = hook.task_updates(model=model, ctx=ctx)
-        kept = hook.replay_buffer(ctx=ctx)
+        updates = timed(timings, "task_updates", clock, hook.task_updates, model=model, ctx=ctx)
+        kept = timed(timings, "task_updates", clock, hook.replay_buffer, ctx=ctx)  # counted together
         buffer_images = None if kept is None else sum(len(s) for s in rehearsal.as_list(kept, "replay_buffer"))
         # -- phase 6: evaluate every seen task (CIL and TIL), then report --------------------------------
         tic = clock()
@@ -283,14 +287,33 @@ def run_stream(model: CLModel, stream: Stream, pm, cfg: TrainConfig, seed: int, 
         eval_seconds = clock() - tic
         state.R[t, : t + 1], state.R_til[t, : t + 1] = cil, til
         state.next_task = t + 1
-        state.method_state = hook.method_state(ctx=ctx)
+        state.method_state = timed(timings, "method_state", clock, hook.method_state, ctx=ctx)
         progress(f"task {t + 1}/{T} done: acc {accuracy_after(state.R, t, sizes):.2f} "
-                 f"(til {accuracy_after(state.R_til, t, sizes):.2f}) train {trained.seconds:.1f}s")
+                 f"(til {accuracy_after(state.R_til, t, sizes):.2f}) train {trained.seconds:.1f}s "
+                 f"method {sum(timings.values()):.1f}s")
         on_task(TaskResult(t, state.R.copy(), state.R_til.copy(), sizes, trained.seconds, eval_seconds,
                            trained.images, trained.loss, trained.loss_terms, updates, trainable, timings,
                            buffer_images=buffer_images, epoch_lrs=trained.epoch_lrs),
                 state, model)
     return state
+
+
+def timed(timings: dict[str, float], name: str, clock: Callable[[], float], hook: Callable[..., Any],
+          **kwargs: Any) -> Any:
+    """``hook(**kwargs)``, its seconds added to ``timings[name]`` (``cost/hook_seconds/NAME``)."""
+    tic = clock()
+    out = hook(**kwargs)
+    timings[name] = timings.get(name, 0.0) + clock() - tic
+    return out
+
+
+def takes_gradient_steps(method: Any, ctx: TaskContext) -> bool:
+    """Whether task ``ctx.task`` trains by gradient steps: the method's ``gradient_training`` (True when absent;
+    a bool, or a callable ``(ctx) -> bool`` deciding per task, e.g. only the first task). False: no optimizer, no
+    step loop, no ``param_groups``/step hooks, no head training and no loss logged (``train.epochs`` does not
+    apply); the method sets its classifier in ``before_task``/``after_task`` (closed-form methods, prototypes)."""
+    flag = getattr(method, "gradient_training", True)
+    return bool(flag(ctx) if callable(flag) else flag)
 
 
 def seed_task(seed: int, t: int) -> None:
@@ -328,11 +351,15 @@ def task_context(model: CLModel, stream: Stream, t: int, cfg: TrainConfig, seed:
         return batches(task.train_x, local_y, batch_size or cfg.batch_size, device, model, shuffle,
                        generator, fraction, augment=stream.augment if augmented else None)
 
+    def samples_of(j: int) -> rehearsal.Samples:
+        rows = stream.tasks[j]
+        return rehearsal.Samples(rows.train_x, rows.train_y, index=rehearsal.stream_rows(j, len(rows.train_y)))
+
     return TaskContext(task=t, num_tasks=T, classes=task.classes,
                        seen_classes=tuple(range(int(offsets[t + 1]))), device=device, seed=seed,
                        loader=loader, epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size,
                        steps_per_epoch=steps, autocast=autocast,
-                       samples_of=lambda j: rehearsal.Samples(stream.tasks[j].train_x, stream.tasks[j].train_y))
+                       samples_of=samples_of)
 
 
 def restore(model: CLModel, stream: Stream, pm, state: LoopState, ctx: TaskContext) -> None:
@@ -463,13 +490,26 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per
 
 @dataclass
 class Trained:
-    """What ``train_task`` measured: mean losses over the steps, images seen, training seconds."""
+    """What ``train_task`` measured: mean losses over the steps, images seen, training seconds (loss None: no
+    gradient step was taken)."""
 
-    loss: float
+    loss: float | None
     loss_terms: dict[str, float]
     images: int
     seconds: float
     epoch_lrs: list[float] = field(default_factory=list)
+
+
+def training_rows(stream: Stream, ctx: TaskContext, train_set: list[rehearsal.Samples] | None
+                  ) -> tuple[Any, torch.Tensor, torch.Tensor]:
+    """What task ``ctx.task`` trains on: images, labels (within the task; with a replaced training set, rows of
+    (label, scope code), labels of seen classes only) and the stream index of every row (the step hooks' ``rows``)."""
+    if train_set is None:
+        task = stream.tasks[ctx.task]
+        return task.train_x, task.train_y - ctx.class_offset, rehearsal.stream_rows(ctx.task, len(task.train_y))
+    train_x, train_y = rehearsal.concat(train_set)
+    rehearsal.check_labels(train_y[:, 0], len(ctx.seen_classes), "training_set")
+    return train_x, train_y, rehearsal.stream_index(train_set)
 
 
 def train_task(model: CLModel, stream: Stream, pm, ctx: TaskContext, optimizer: torch.optim.Optimizer,
@@ -481,12 +521,7 @@ def train_task(model: CLModel, stream: Stream, pm, ctx: TaskContext, optimizer: 
     Rehearsal: ``train_set`` (``training_set``'s samples) replaces the task's own data, ``replay_batch`` adds
     rows to each step; steps with such rows score every row per its scope (``clbench.rehearsal.Step``)."""
     hook, t, device = checked_hooks(pm), ctx.task, ctx.device
-    task = stream.tasks[t]
-    if train_set is None:
-        train_x, train_y = task.train_x, task.train_y - ctx.class_offset
-    else:  # rows of (label, scope code); labels of seen classes only
-        train_x, train_y = rehearsal.concat(train_set)
-        rehearsal.check_labels(train_y[:, 0], len(ctx.seen_classes), "training_set")
+    train_x, train_y, index = training_rows(stream, ctx, train_set)
     offsets = torch.as_tensor(np.cumsum([0] + [len(s.classes) for s in stream.tasks]), device=device)
     params = [p for g in optimizer.param_groups for p in g["params"]]
     model.train()
@@ -500,35 +535,36 @@ def train_task(model: CLModel, stream: Stream, pm, ctx: TaskContext, optimizer: 
     for epoch in range(cfg.epochs):
         epoch_lrs.append(float(optimizer.param_groups[0]["lr"]))  # the method's first group: the adapters
         window_t, window_n = clock(), 0
-        for xb, yb in batches(train_x, train_y, cfg.batch_size, device, model, shuffle=True, generator=gen,
-                              limit=cfg.max_steps_per_epoch, augment=stream.augment, shard=comm.shard,
-                              drop_last=cfg.drop_last):
+        for xb, yb, pos in batches(train_x, train_y, cfg.batch_size, device, model, shuffle=True, generator=gen,
+                                   limit=cfg.max_steps_per_epoch, augment=stream.augment, shard=comm.shard,
+                                   drop_last=cfg.drop_last, positions=True):
             optimizer.zero_grad(set_to_none=True)
-            loss = None
-            rows = rehearsal.Step.of(xb, yb, train_set is not None)
-            rows.add(rehearsal.as_list(hook.replay_batch(model=model, batch=rows.own, ctx=ctx), "replay_batch"),
-                     len(ctx.seen_classes), device, model, stream.augment, replay_gen, comm.shard)
-            if len(rows):  # under torchrun a rank's share of a short last batch may be empty
-                if rows.extra is None:  # the protocol's step: cross-entropy on the current head
+            loss, rows = None, index[pos]  # rows: which stored training rows this step holds (task, row)
+            data = rehearsal.Step.of(xb, yb, train_set is not None)
+            data.add(rehearsal.as_list(hook.replay_batch(model=model, batch=data.own, rows=rows, ctx=ctx),
+                                       "replay_batch"), len(ctx.seen_classes), device, model, stream.augment,
+                     replay_gen, comm.shard)
+            if len(data):  # under torchrun a rank's share of a short last batch may be empty
+                if data.extra is None:  # the protocol's step: cross-entropy on the current head
                     with ctx.autocast():
                         logits, aux = forward_with_aux(model, xb, t)
                     loss, replayed = F.cross_entropy(logits.float(), yb), None
                 else:  # rehearsal: one pass over own and added rows, every seen head, each row's loss per scope
-                    logits, loss, replayed = rows.forward(model, ctx, offsets)
+                    logits, loss, replayed = data.forward(model, ctx, offsets)
                     aux = {}
                 total, names = loss, []
-                for terms in hook.loss_terms(model=model, batch=rows.own, logits=logits, ctx=ctx, replayed=replayed,
-                                          aux=aux):
+                for terms in hook.loss_terms(model=model, batch=data.own, logits=logits, ctx=ctx, replayed=replayed,
+                                          aux=aux, rows=rows):
                     for name, value in (terms or {}).items():
                         total = total + value
                         names.append(name)
                         term_sums[name] = term_sums.get(name, 0) + value.detach().float()
                 hook.backward(total, names)  # a graph kept from an earlier step fails here, naming the method
             # the whole batch's gradient and mean loss on every rank; in one process, as they are
-            n_seen, loss = comm.reduce_gradients(params, len(rows), loss)
-            hook.before_optimizer_step(model=model, ctx=ctx)
+            n_seen, loss = comm.reduce_gradients(params, len(data), loss)
+            hook.before_optimizer_step(model=model, ctx=ctx, rows=rows)
             optimizer.step()
-            hook.after_optimizer_step(model=model, ctx=ctx)
+            hook.after_optimizer_step(model=model, ctx=ctx, rows=rows)
             if scheduler is not None:
                 scheduler.step()
             loss_sum += loss.detach()

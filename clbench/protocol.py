@@ -10,6 +10,7 @@ official repositories' code (benchmarks/conformance/).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import tempfile
@@ -88,11 +89,17 @@ def class_names(stream_name: str) -> list[str] | None:
 
 
 def _model(suite: Suite):
+    bb = suite.backbone
+    return _built(bb.name, bb.image_size, bb.in_chans, bb.normalize)
+
+
+@functools.lru_cache(maxsize=8)
+def _built(name: str, image_size: int, in_chans: int | None, normalize: str):
+    """The suite's model as the runner builds it (random weights: only ``preprocess`` is used), cached per
+    backbone setting (a ViT-B takes seconds to initialise; the repro suites share three)."""
     from clbench.backbones import build_model
 
-    bb = suite.backbone
-    return build_model(bb.name, bb.image_size, pretrained=False, checkpoint=None, in_chans=bb.in_chans,
-                       normalize=bb.normalize)
+    return build_model(name, image_size, pretrained=False, checkpoint=None, in_chans=in_chans, normalize=normalize)
 
 
 def _stream_transforms(suite: Suite):
