@@ -28,6 +28,11 @@ _PUBLIC = {
     "CLModel": "clbench.backbones",
     "Replayed": "clbench.rehearsal",
     "Samples": "clbench.rehearsal",
+    "SCOPES": "clbench.rehearsal",
+    "SCOPE_NONE": "clbench.rehearsal",
+    "SCOPE_SEEN": "clbench.rehearsal",
+    "SCOPE_TASK": "clbench.rehearsal",
+    "Scope": "clbench.rehearsal",
     "ATTN_SLICES": "clbench.lora",
     "TARGETS": "clbench.lora",
     "AdaptedLinear": "clbench.lora",
@@ -49,15 +54,16 @@ _PUBLIC = {
     "attach": "clbench.prompts",
     "cosine": "clbench.prompts",
     "fit_blocks": "clbench.prompts",
+    "pick": "clbench.prompts",
     "split_prefix": "clbench.prompts",
     "uniform_prompt": "clbench.prompts",
 }
 __all__ = [
-    "ATTN_SLICES", "AdaptedLinear", "AdapterParams", "BlockList", "CLModel", "CONTRACT_VERSION", "ClbenchError", "LoRABranch",
-    "LoRAParams", "LoRASite", "LowRank", "Method", "NoParams", "PromptMethod", "PromptModel", "Replayed",
-    "Samples", "TARGETS", "Target", "TaskContext", "attach", "backbone_maps", "cosine", "find_sites",
-    "fit_blocks", "hookimpl", "inject", "reshape_spectrum", "snapshot_maps", "split_prefix", "task_changes",
-    "uniform_prompt"
+    "ATTN_SLICES", "AdaptedLinear", "AdapterParams", "BlockList", "CLModel", "CONTRACT_VERSION", "ClbenchError",
+    "LoRABranch", "LoRAParams", "LoRASite", "LowRank", "Method", "NoParams", "PromptMethod", "PromptModel",
+    "Replayed", "SCOPES", "SCOPE_NONE", "SCOPE_SEEN", "SCOPE_TASK", "Samples", "Scope", "TARGETS", "Target",
+    "TaskContext", "attach", "backbone_maps", "cosine", "find_sites", "fit_blocks", "hookimpl", "inject", "pick",
+    "reshape_spectrum", "snapshot_maps", "split_prefix", "task_changes", "uniform_prompt"
 ]  # == sorted(_PUBLIC)
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ imports on demand
@@ -87,10 +93,11 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ imports
         attach,
         cosine,
         fit_blocks,
+        pick,
         split_prefix,
         uniform_prompt,
     )
-    from clbench.rehearsal import Replayed, Samples
+    from clbench.rehearsal import SCOPE_NONE, SCOPE_SEEN, SCOPE_TASK, SCOPES, Replayed, Samples, Scope
     from clbench.spectra import reshape_spectrum
 
 

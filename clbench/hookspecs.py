@@ -14,6 +14,7 @@ Two pluggy managers use this file (see ``clbench.registry``):
           training_set                                   rehearsal: replace the task's training set
           before_task                                    new head exists, optimizer not built yet
           param_groups                                   optimizer is built from the first non-None result
+                                                         (this and the step loop: gradient_training tasks only)
           for each step:
               replay_batch                               rehearsal: extra samples for this step
               loss_terms                                 after the forward pass, summed into the loss
@@ -26,12 +27,25 @@ Two pluggy managers use this file (see ``clbench.registry``):
           (evaluation on every seen task)
           method_state                                   the method's own state, for the checkpoint
 
+A method that takes no gradient step (a closed-form classifier such as RanPAC, class prototypes such as
+SimpleCIL) sets ``gradient_training = False`` on its class (or defines ``gradient_training(self, ctx) -> bool``
+to decide per task, e.g. to adapt on the first task only). For such a task the loop skips ``param_groups``, the
+optimizer and the whole step loop (``replay_batch``, ``loss_terms``, ``before/after_optimizer_step``):
+``train.epochs`` does not apply, the new head stays frozen, no ``train/loss`` is logged and
+``cost/trainable_params`` is 0. The method reads ``ctx.loader()`` in ``before_task`` or ``after_task`` and writes
+the heads' weights itself (under ``torch.no_grad()``; finished tasks' heads too: evaluation uses whatever the
+heads hold). The time of every task-level hook is the run's ``cost/method_seconds``, counted with
+``cost/train_seconds`` in ``cost/total_seconds`` (the leaderboard's ``total_s`` and its accuracy-vs-cost plot);
+``cost/state_mb`` is the size of ``method_state``'s tensors, ``cost/checkpoint_mb`` the checkpoint file's.
+
 Hooks marked ``firstresult`` call their implementations one after the other and stop at the first that
 returns something other than None; that result wins. The others call every implementation.
 
-Rehearsal (training on samples of earlier tasks) is three hooks around one type, ``clbench.rehearsal.Samples``
+Rehearsal (training on samples of earlier tasks) is three hooks around one type, ``clbench.Samples``
 (raw uint8 images, stream-wide labels, and a loss scope per group: the sample's own task's head, every seen
-head, or none), so ER, DER, GDumb or joint training are plugins like any other.
+head, or none), so ER, DER, GDumb or joint training are plugins like any other; ``loss_terms`` sees the added rows
+as ``clbench.Replayed``, and the step hooks see which stored rows the step trains on (``rows``, a stream index),
+so a buffer can take them during training. ``clbench.rehearsal``'s docstring defines the types.
 
 Hook names and arguments are public and never renamed; they may gain arguments, and an implementation
 takes only the arguments it needs (pluggy passes by name). Hooks return data; none mutates loop state.
@@ -120,32 +134,45 @@ class MethodSpec:
 
     @hookspec
     def replay_batch(
-        self, model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor], ctx: TaskContext,
+        self, model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor], ctx: TaskContext, rows: torch.Tensor,
     ) -> Samples | list[Samples] | None:
         """Each step, before the forward pass: samples of seen tasks to add to this step's batch (ER, DER).
-        ``batch`` is the step's own batch (preprocessed, labels within the task). The added rows are
-        augmented and preprocessed like the batch, go through the same forward pass, and their
-        cross-entropy (per their scope) is averaged with the batch's; ``loss_terms`` sees them as
-        ``replayed``. Draw from a generator seeded from ``ctx.seed`` and ``ctx.task`` so runs resume exactly."""
+        Return one ``Samples`` or a list of them (several draws, several scopes); their rows are appended in
+        that order. ``batch`` is the step's own batch (preprocessed, labels within the task; empty when
+        ``training_set`` replaced the task's data); ``rows`` the stream index of the step's training rows
+        (``clbench.rehearsal``: ``N x 2`` ``(task, row)``). The added rows are augmented and preprocessed like
+        the batch, go through the same forward pass, and their cross-entropy (per their scope) is averaged with
+        the batch's; ``loss_terms`` sees them as ``replayed``. Draw from a generator seeded from ``ctx.seed`` and
+        ``ctx.task`` so runs resume exactly."""
 
     @hookspec
     def loss_terms(
         self, model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor], logits: torch.Tensor,
-        ctx: TaskContext, replayed: Replayed | None, aux: dict[str, torch.Tensor],
+        ctx: TaskContext, replayed: Replayed | None, aux: dict[str, torch.Tensor], rows: torch.Tensor,
     ) -> dict[str, torch.Tensor] | None:
         """Each step after the forward pass: extra scalar loss terms by name; they are added to the task's
         cross-entropy and logged as ``train/<name>``. ``logits`` are the current task's head outputs on
         ``batch``. ``replayed`` holds the rows the rehearsal hooks added (with their logits over every seen
         class), or None when there are none. ``aux`` holds what the model's ``features`` returned beside the
-        features (empty for a plain ``CLModel``, and on rehearsal steps)."""
+        features (empty for a plain ``CLModel``, and on rehearsal steps).
+
+        ``rows`` (a CPU ``torch.long`` tensor, ``N x 2``) is the stream index ``(task, row)`` of the step's
+        training rows, so a method can insert them into a buffer with this step's logits (DER):
+        ``ctx.stream_samples(rows)`` gives back their raw images and labels. They are ``batch``'s
+        rows (``task`` is ``ctx.task``), or, when ``training_set`` replaced the task's data, the first
+        ``len(rows)`` rows of ``replayed`` (``batch`` and ``logits`` are then empty; rows of a part without a
+        ``Samples.index`` read ``(-1, -1)``). Under torchrun, this rank's rows."""
 
     @hookspec
-    def before_optimizer_step(self, model: torch.nn.Module, ctx: TaskContext) -> None:
-        """After backward, before ``optimizer.step()``: project or rescale gradients in place."""
+    def before_optimizer_step(self, model: torch.nn.Module, ctx: TaskContext, rows: torch.Tensor) -> None:
+        """After backward, before ``optimizer.step()``: project or rescale gradients in place. ``rows``: the
+        step's training rows, as in ``loss_terms``."""
 
     @hookspec
-    def after_optimizer_step(self, model: torch.nn.Module, ctx: TaskContext) -> None:
-        """After ``optimizer.step()``: retractions, re-orthonormalisation of factors."""
+    def after_optimizer_step(self, model: torch.nn.Module, ctx: TaskContext, rows: torch.Tensor) -> None:
+        """After ``optimizer.step()``: retractions, re-orthonormalisation of factors. ``rows``: the step's training
+        rows, as in ``loss_terms`` (a buffer that inserts after the step, as Mammoth's DER does, takes them
+        here)."""
 
     @hookspec
     def after_task(self, model: torch.nn.Module, ctx: TaskContext) -> None:

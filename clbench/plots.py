@@ -45,15 +45,78 @@ def _plt():
 
 
 def labelled_png(fig, ax, xlabel: str, ylabel: str, title: str, legend_size: int = 8) -> str:
-    """A one-axes figure finished as the report draws them (labels, a small title, a legend, a light grid) and
-    returned as :func:`png_base64`."""
+    """A one-axes figure finished as the report draws them (labels, a small title, a light grid, the legend
+    outside the axes on the right, where it covers no line or point) and returned as :func:`png_base64`."""
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=legend_size)
+    ax.legend(fontsize=legend_size, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     return png_base64(fig)
+
+
+def si_number(value: float) -> str:
+    """``1234567`` -> ``1.23457M``; plain ``%g`` below a thousand: a log axis's tick labels as literal text."""
+    for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= scale:
+            return f"{value / scale:g}{suffix}"
+    return f"{value:g}"
+
+
+def plain_log_axis(ax, which: str = "x") -> None:
+    """Log scale on ``ax``'s ``which`` axis with literal tick labels (100, 1k, 20k): matplotlib's own log labels
+    are mathtext (``$\\mathdefault{10^{2}}$``), printed raw under :func:`plain_text`. Decades are labelled;
+    2 and 5 times a decade too when the axis spans fewer than 3 decades (so a short span still has labels)."""
+    import math
+
+    from matplotlib.ticker import FuncFormatter, LogLocator
+
+    axis = ax.xaxis if which == "x" else ax.yaxis
+    (ax.set_xscale if which == "x" else ax.set_yscale)("log")
+    axis.set_major_locator(LogLocator(base=10))
+    axis.set_minor_locator(LogLocator(base=10, subs=(2.0, 5.0)))
+
+    def minor(value: float, _pos: int) -> str:
+        lo, hi = sorted(axis.get_view_interval())
+        return si_number(value) if lo > 0 and math.log10(hi / lo) < 3 else ""
+
+    axis.set_major_formatter(FuncFormatter(lambda v, _pos: si_number(v)))
+    axis.set_minor_formatter(FuncFormatter(minor))
+
+
+def spread_labels(fig, ax, labels: list) -> None:
+    """Move point labels (annotations in offset points) apart until none overlaps another label, a tick label or
+    the title: each label, lowest point first, takes the first free slot above or below its point, and a thin
+    line joins a moved label to its point. Call after the figure's layout is final."""
+    from matplotlib.text import Text
+
+    if not labels:
+        return
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    fixed_texts = [ax.title, *ax.get_xticklabels(), *ax.get_yticklabels()]
+    taken = [t.get_window_extent(renderer) for t in fixed_texts if t.get_visible() and t.get_text()]
+    def text_box(label):  # the text alone (an annotation's own extent includes its line)
+        label.update_positions(renderer)
+        return Text.get_window_extent(label, renderer)
+
+    for label in sorted(labels, key=lambda a: (a.xy[1], a.xy[0])):
+        x0, y0 = label.xyann
+        height = text_box(label).height * 72.0 / fig.dpi + 1.0
+        for k in (0, 1, -1, 2, -2, 3, -3, 4, -4, 5, -5, 6, -6, 7, -7, 8, -8):
+            label.xyann = (x0, y0 + k * height)
+            box = text_box(label)
+            if not any(box.overlaps(other) for other in taken):
+                break
+        if label.xyann != (x0, y0):  # the same label again, with a line to its point
+            moved = ax.annotate(label.get_text(), label.xy, xytext=label.xyann, textcoords="offset points",
+                                fontsize=label.get_fontsize(), color=label.get_color(),
+                                arrowprops={"arrowstyle": "-", "color": "0.6", "lw": 0.5, "shrinkA": 0,
+                                            "shrinkB": 2, "relpos": (0.0, 0.5)})
+            label.remove()
+            label = moved
+        taken.append(text_box(label))
 
 
 def png_base64(fig) -> str:
@@ -111,7 +174,9 @@ def spectrum_heatmap(task_sv: np.ndarray, layers: list[str], path: Path, title: 
 
 
 @plain_text
-def scatter(x, y, labels, path: Path, xlabel: str, ylabel: str, title: str) -> None:
+def scatter(x, y, labels, path: Path, text: tuple[str, str, str]) -> None:
+    """Points ``(x, y)`` annotated with ``labels``, into ``path``; ``text``: (x label, y label, title)."""
+    xlabel, ylabel, title = text
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5, 4))
     ax.scatter(x, y)
@@ -123,12 +188,16 @@ def scatter(x, y, labels, path: Path, xlabel: str, ylabel: str, title: str) -> N
         if finite and max(finite) - min(finite) < 1e-9:
             pad = max(abs(finite[0]) * 0.05, 0.05)
             set_lim(finite[0] - pad, finite[0] + pad)
-    for xi, yi, lab in zip(x, y, labels):
-        ax.annotate(str(lab), (xi, yi), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(nbins=5))  # plain tick labels are long (0.5025): fewer of them
+    texts = [ax.annotate(str(lab), (xi, yi), fontsize=7, xytext=(3, 3), textcoords="offset points")
+             for xi, yi, lab in zip(x, y, labels)]
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     fig.tight_layout()
+    spread_labels(fig, ax, texts)
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -18,7 +18,17 @@ whose rows are ``(task, row)``, ``row`` the sample's position in task ``task``'s
 ``ctx.task_samples(task)`` returns it (the stream's stored order, fixed by the suite's seed). The stream is
 deterministic, so an index is enough to get the same uint8 images back (:func:`gather`; a method calls
 ``ctx.stream_samples(index)``): a method keeps and checkpoints indices (ER's buffer: 16 bytes a sample instead of
-the image) and decodes them when it needs pixels.
+the image) and decodes them when it needs pixels. A :class:`Samples` may carry its own (``index``):
+``ctx.task_samples(j)`` and :func:`gather` set it, ``take`` and ``with_scope`` keep it.
+
+Which stored rows a step trains on: the step hooks (``replay_batch``, ``loss_terms``, ``before_optimizer_step``,
+``after_optimizer_step``) receive ``rows``, the stream index of the step's training rows (a CPU tensor), so
+``ctx.stream_samples(rows)`` gives back their raw uint8 images and labels, before augmentation. With a replaced
+training set, its samples' ``index`` provides the rows (``(-1, -1)`` where a part carries none). This is how a
+method inserts the step's samples into its buffer during training (DER, DER++).
+
+Scope names and codes: ``SCOPES = ("task", "seen", "none")``; in :class:`Replayed` (tensors on the device) a
+row's scope is its position in ``SCOPES`` (``SCOPE_TASK`` 0, ``SCOPE_SEEN`` 1, ``SCOPE_NONE`` 2).
 
 The loop keeps its own single-head path untouched when no method rehearses; :class:`Step` holds a step's rows
 and runs the forward pass and the loss when rehearsal added some.
@@ -34,12 +44,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from clbench.batching import Draw
 from clbench.errors import ClbenchError
 from clbench.imagecache import IndexedImages
 
 Scope = Literal["task", "seen", "none"]
 SCOPES: tuple[str, ...] = get_args(Scope)
 _CODE = {s: i for i, s in enumerate(SCOPES)}
+SCOPE_TASK, SCOPE_SEEN, SCOPE_NONE = (_CODE[s] for s in SCOPES)  # the codes in Replayed.scope
 
 
 @dataclass(frozen=True)
@@ -50,12 +62,15 @@ class Samples:
     ``IndexedImages`` view); the loop moves them to the device, applies the stream's training augmentation and
     preprocesses them, exactly as it does the task's own batches. ``y``: long labels in the stream's class order,
     i.e. the sample's logit in the concatenated heads (task j owns ``ctx.seen_classes`` range of its head).
-    ``scope``: see the module docstring.
+    ``scope``: see the module docstring. ``index``: optional, the samples' stream index (``N x 2`` long rows of
+    ``(task, row)``, module docstring), which ``ctx.task_samples`` sets and ``take`` / ``with_scope`` keep; the
+    loop reports it as the step hooks' ``rows`` when these samples replace a task's training set.
     """
 
     x: torch.Tensor | IndexedImages
     y: torch.Tensor
     scope: Scope = "task"
+    index: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.scope not in SCOPES:
@@ -65,6 +80,9 @@ class Samples:
         if self.x.dtype != torch.uint8 or len(self.x.shape) != 4 or len(self.x) != len(self.y):
             raise ClbenchError(f"Samples.x: must be uint8 N x C x H x W with N = len(y) = {len(self.y)}, got "
                                f"{tuple(self.x.shape)} {self.x.dtype}")
+        if self.index is not None and (self.index.dtype != torch.long or tuple(self.index.shape) != (len(self.y), 2)):
+            raise ClbenchError(f"Samples.index: must be a torch.long tensor of (task, row) pairs, shape "
+                               f"({len(self.y)}, 2), or None; got {tuple(self.index.shape)} {self.index.dtype}")
 
     def __len__(self) -> int:
         return len(self.y)
@@ -73,8 +91,19 @@ class Samples:
         return replace(self, scope=scope)
 
     def take(self, index: torch.Tensor) -> Samples:
-        """The rows ``index`` (a long tensor), materialised as a tensor."""
-        return Samples(self.x[index], self.y[index], self.scope)
+        """The rows ``index`` (a long tensor), materialised as a tensor (with their stream index, if any)."""
+        return Samples(self.x[index], self.y[index], self.scope, None if self.index is None else self.index[index])
+
+
+def stream_rows(task: int, n: int) -> torch.Tensor:
+    """The stream index of task ``task``'s whole training set of ``n`` rows: ``(task, 0) ... (task, n - 1)``."""
+    return torch.stack([torch.full((n,), task, dtype=torch.long), torch.arange(n)], 1)
+
+
+def stream_index(parts: Sequence[Samples]) -> torch.Tensor:
+    """The stream index of :func:`concat`'s rows: each part's ``index``, or ``(-1, -1)`` rows for a part without."""
+    return torch.cat([p.index if p.index is not None else torch.full((len(p), 2), -1, dtype=torch.long)
+                      for p in parts])
 
 
 def gather(samples_of: Callable[[int], Samples], index: torch.Tensor) -> Samples:
@@ -95,16 +124,21 @@ def gather(samples_of: Callable[[int], Samples], index: torch.Tensor) -> Samples
         x[where], y[where] = part.x, part.y
     if x is None:
         raise ClbenchError("stream index: empty; keep None instead of an empty index")
-    return Samples(x, y)
+    return Samples(x, y, index=index.clone())
 
 
 @dataclass(frozen=True)
 class Replayed:
     """The method-supplied rows of one step, after the forward pass (``loss_terms``' ``replayed`` argument).
 
-    ``x`` preprocessed on the device, ``y`` stream-wide labels, ``scope`` one code per row (index into
-    ``SCOPES``), ``logits`` over every seen class (the concatenated heads). Rows come in the order the hooks
-    returned them (with a replaced training set: the set's shuffled batch)."""
+    ``x`` preprocessed (augmented, normalised) on the device; ``y`` stream-wide labels (the column of the
+    sample's class in ``logits``); ``scope`` one code per row (its position in ``SCOPES``: ``SCOPE_TASK`` 0,
+    ``SCOPE_SEEN`` 1, ``SCOPE_NONE`` 2); ``logits`` the rows' logits over every seen class (the concatenated
+    heads, ``len(ctx.seen_classes)`` columns), from the step's one forward pass, with their graph (a term built
+    on them trains the model). Rows come in this order: when ``training_set`` replaced the task's data, first
+    the step's batch of that set (``batch`` is then empty, and the step hooks' ``rows`` index these first
+    ``len(rows)`` rows), then ``replay_batch``'s samples, in the order it returned them (a list: part by
+    part). Under torchrun each rank holds its share of the rows."""
 
     x: torch.Tensor
     y: torch.Tensor
@@ -126,19 +160,20 @@ def concat(parts: Sequence[Samples]) -> tuple[torch.Tensor | IndexedImages, torc
     return x, table
 
 
-def prepare(parts: Sequence[Samples], n_seen: int, device: torch.device, model, augment: Callable | None,
-            generator: torch.Generator | None, shard: tuple[int, int] | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``replay_batch``'s samples as the loop's batches are: on the device, augmented, preprocessed; under
-    torchrun each rank takes its share of the rows. Returns (x, (label, scope code) table)."""
+def prepare(parts: Sequence[Samples], n_seen: int, model, device: torch.device,
+            draw: Draw) -> tuple[torch.Tensor, torch.Tensor]:
+    """``replay_batch``'s samples as the loop's batches are: on the device, augmented (``draw.augment`` with
+    ``draw.generator``), preprocessed; under torchrun each rank takes its share of the rows (``draw.shard``).
+    Returns (x, (label, scope code) table)."""
     x, table = concat(parts)
     check_labels(table[:, 0], n_seen, "replay_batch")  # on the host: no device synchronisation
     sel = torch.arange(len(table))
-    if shard is not None:
-        sel = sel[shard[0]::shard[1]]
+    if draw.shard is not None:
+        sel = sel[draw.shard[0]::draw.shard[1]]
     xb = x[sel].to(device, non_blocking=True)
     with torch.no_grad():
-        if augment is not None:
-            xb = augment(xb, model.image_size, generator)
+        if draw.augment is not None:
+            xb = draw.augment(xb, model.image_size, draw.generator)
         xb = model.preprocess(xb)
     return xb, table[sel].to(device, non_blocking=True)
 
@@ -156,12 +191,11 @@ class Step:
         """The loader's batch: the task's own rows, or, from a replaced training set, added rows only."""
         return cls((xb[:0], yb[:0, 0]), (xb, yb)) if replaced else cls((xb, yb))
 
-    def add(self, parts: Sequence[Samples], n_seen: int, device: torch.device, model, augment: Callable | None,
-            generator: torch.Generator | None, shard: tuple[int, int] | None) -> None:
+    def add(self, parts: Sequence[Samples], n_seen: int, model, device: torch.device, draw: Draw) -> None:
         """Append ``replay_batch``'s samples (see :func:`prepare`)."""
         if not parts:
             return
-        x, table = prepare(parts, n_seen, device, model, augment, generator, shard)
+        x, table = prepare(parts, n_seen, model, device, draw)
         self.extra = (x, table) if self.extra is None else (torch.cat([self.extra[0], x]),
                                                               torch.cat([self.extra[1], table]))
 

@@ -19,6 +19,7 @@ from clbench import keys
 from clbench.claim import claim_lines, claim_plots
 from clbench.leaderboard import (
     METRICS,
+    NO_CONTINUAL_TRAINING,
     SPEC,
     Group,
     Row,
@@ -35,16 +36,18 @@ from clbench.leaderboard import (
     table_cells,
 )
 from clbench.leaderboard import render as render_text
-from clbench.plots import _plt, labelled_png, plain_text, png_base64
+from clbench.plots import _plt, labelled_png, plain_log_axis, plain_text, png_base64, spread_labels
 from clbench.tracking import Tracker, read_runs
 
 CSS = """
 body{font-family:system-ui,sans-serif;margin:24px;color:#222}
 table{border-collapse:collapse;font-size:13px;margin:8px 0}
-th,td{border:1px solid #ccc;padding:3px 7px;text-align:right;white-space:nowrap}
+th,td{border:1px solid #ccc;padding:3px 6px;text-align:right;white-space:nowrap}
+th{white-space:normal;vertical-align:bottom;max-width:7em}
 td.m,th.m{text-align:left}
 tr.upper td{background:#eef6ee}
 tr.lower td{background:#f6f0e8}
+tr.nocl td{background:#eaf0f8}
 th{background:#f3f3f3}
 .scroll{overflow-x:auto}
 .plots{display:flex;flex-wrap:wrap;gap:12px}
@@ -75,16 +78,19 @@ def _colors(rows: list[Row]) -> dict[str, Any]:
 @plain_text
 def plot_pareto(g: Group) -> str | None:
     plt = _plt()
-    costs = [("cost/train_seconds", "training time (s)"), ("cost/trainable_params", "trainable parameters")]
+    # the total: gradient training plus the method's own work (a closed-form solve), so no method looks free
+    costs = [(keys.COST_TOTAL_SECONDS, "training + method time (s)"),
+             (keys.COST_TRAINABLE_PARAMS, "trainable parameters")]
     colors = _colors(g.rows)
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    labels: dict[Any, list] = {ax: [] for ax in axes}
     drawn = False
     for ax, (ckey, clabel) in zip(axes, costs):
         rows = [r for r in g.rows if r.metrics[ckey].mean is not None and r.metrics["final/acc"].mean is not None]
         pts = [(r.metrics[ckey].mean, r.metrics["final/acc"].mean) for r in rows]
         for r, (c, a) in zip(rows, pts):
             ax.errorbar(c, a, yerr=r.metrics["final/acc"].std or 0, fmt="o", color=colors[r.method], capsize=3)
-            ax.annotate(r.method, (c, a), fontsize=8, xytext=(4, 4), textcoords="offset points")
+            labels[ax].append(ax.annotate(r.method, (c, a), fontsize=8, xytext=(4, 4), textcoords="offset points"))
         front = pareto_front(pts)
         if front:
             drawn = True
@@ -92,7 +98,7 @@ def plot_pareto(g: Group) -> str | None:
                     linestyle="--", label="Pareto front")
             ax.set_title("dashed: Pareto front", fontsize=8)  # a legend box inside the axes hid points
         if pts and min(p[0] for p in pts) > 0 and max(p[0] for p in pts) / min(p[0] for p in pts) > 50:
-            ax.set_xscale("log")
+            plain_log_axis(ax, "x")
         ax.set_xlabel(clabel)
         ax.set_ylabel("final/acc (%)")
         ax.grid(alpha=0.3)
@@ -101,6 +107,8 @@ def plot_pareto(g: Group) -> str | None:
     if not drawn:
         plt.close(fig)
         return None
+    for ax in axes:
+        spread_labels(fig, ax, labels[ax])
     return png_base64(fig)
 
 
@@ -161,15 +169,22 @@ def _significant(row: Row, key: str) -> bool:
     return p is not None and p < ALPHA
 
 
+def _header_html(key: str) -> str:
+    """A column header that may wrap after each ``/`` and ``_`` (``final/<wbr>forgetting``): the headers, not the
+    values, set the widths of a table with one column per metric."""
+    return html.escape(key).replace("/", "/<wbr>").replace("_", "_<wbr>")
+
+
 def _table_html(g: Group) -> str:
     e = html.escape
     header, body_cells = table_cells(g)  # the text table's columns, the baseline's and the bounds' included
-    head = "".join(f'<th{" class=m" if i == 1 else ""}>{e(h)}</th>' for i, h in enumerate(header))
+    head = "".join(f'<th{" class=m" if i == 1 else ""}>{_header_html(h)}</th>' for i, h in enumerate(header))
     body = []
     for row, cells in zip(g.rows, body_cells):
         sig = g.baseline is not None and _significant(row, baseline_key(g))
         css = [" class=m" if j == 1 else (" class=sig" if sig and j == 3 else "") for j in range(len(cells))]
-        mark = {"upper bound": " class=upper", "lower reference": " class=lower"}.get(row.reference or "", "")
+        mark = {"upper bound": " class=upper", "lower reference": " class=lower",
+                NO_CONTINUAL_TRAINING: " class=nocl"}.get(row.reference or "", "")
         body.append(f"<tr{mark}>" + "".join(f"<td{c}>{e(x)}</td>" for c, x in zip(css, cells)) + "</tr>")
     return (f'<div class="scroll"><table class="leaderboard"><thead><tr>{head}</tr></thead>'
             f'<tbody>{"".join(body)}</tbody></table></div>')
@@ -184,7 +199,7 @@ def _baseline_html(g: Group) -> str:
     rows = [r for r in g.rows if r.method != g.baseline]
     tested = sum(1 for r in rows for m in specs if ((r.vs_baseline or {}).get(m.key) or {}).get("p") is not None)
     marked = sum(1 for r in rows for m in specs if _significant(r, m.key))
-    head = "<th class=m>method</th>" + "".join(f"<th>{e(m.key)}</th>" for m in specs)
+    head = "<th class=m>method</th>" + "".join(f"<th>{_header_html(m.key)}</th>" for m in specs)
     body = ""
     for r in rows:
         cells = "".join(f"<td{' class=sig' if _significant(r, m.key) else ''}>{e(fmt_paired(r, g.baseline, m))}"

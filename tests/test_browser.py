@@ -251,8 +251,10 @@ def test_mlflow_compare_page_shows_final_acc_of_every_run(server):
     assert shown == expected
 
 
-PROBE = ("<script>window.addEventListener('load', () => document.body.setAttribute('data-images', "
-         "[...document.images].map(i => i.naturalWidth + 'x' + i.naturalHeight).join(',')))</script>")
+PROBE = ("<script>window.addEventListener('load', () => {document.body.setAttribute('data-images', "
+         "[...document.images].map(i => i.naturalWidth + 'x' + i.naturalHeight).join(','));"
+         "document.body.setAttribute('data-tables', [...document.querySelectorAll('div.scroll')].map("
+         "d => d.scrollWidth + '/' + d.clientWidth).join(','))})</script>")
 
 
 def test_html_report_renders_with_its_plots(server):
@@ -264,12 +266,15 @@ def test_html_report_renders_with_its_plots(server):
     page = folder / "report.html"
     # The report has no scripts; the probe only reads back what Chromium decoded.
     page.write_text(html_text.replace("</body>", PROBE + "</body>"))
-    dom = dump_dom(page.as_uri())
+    dom = dump_dom(page.as_uri(), width=1600)
     sizes = re.search(r'data-images="([^"]*)"', dom)
     assert sizes, "the probe did not run"
     dims = [tuple(map(int, s.split("x"))) for s in sizes.group(1).split(",") if s]
     assert len(dims) == 6 and all(w > 200 and h > 200 for w, h in dims), dims
-    assert "72.00 ± 4.97 (3)" in dom and "inflora seed 2 FAILED" in dom
+    assert "72.00 ± 4.97" in dom and "inflora seed 2 FAILED" in dom
+    # every metric's column fits a 1600-pixel window: no horizontal scrolling
+    widths = re.search(r'data-tables="([^"]*)"', dom).group(1).split(",")
+    assert widths and all(int(w.split("/")[0]) <= int(w.split("/")[1]) for w in widths), widths
 
 
 def test_html_report_ranks_and_cd_diagram_render(tmp_path):
