@@ -5,8 +5,8 @@ Every user error is a :class:`ClbenchError`; it prints one line on stderr and ex
 
 from __future__ import annotations
 
+import contextlib
 import os
-import re
 import sys
 import traceback
 from collections.abc import Callable
@@ -36,11 +36,11 @@ def _fail(msg: str) -> None:
     raise typer.Exit(1)
 
 
-_BANNER = re.compile(r"^run \d+ of \d+: ")
-
-
 def _progress(msg: str) -> None:
-    if _BANNER.match(msg):  # the overall counter across runs (clbench.runner.run_banner): a rule, with rich
+    """Render one progress event (clbench.progress) on stderr: the overall counter across runs as a rule."""
+    from clbench.progress import RunStarted
+
+    if isinstance(msg, RunStarted):
         from rich.console import Console
 
         Console(stderr=True, highlight=False).rule(msg, style="cyan")
@@ -212,9 +212,11 @@ def _explaining_progress() -> Callable[[str], None]:
     """Progress on stderr that explains acc / til / forgetting right before the first line showing them."""
     shown = False
 
+    from clbench.progress import TaskDone
+
     def say(msg: str) -> None:
         nonlocal shown
-        if not shown and "(til " in msg:
+        if not shown and isinstance(msg, TaskDone):
             shown = True
             _progress(ACC_LEGEND)
         _progress(msg)
@@ -271,7 +273,9 @@ def methods(
     for err in reg.errors:
         typer.echo(f"error: {err}", err=True)
     if not names and pattern:
-        _fail(f"no method matches '{pattern}'")
+        from clbench.registry import plugins_dir_hint
+
+        _fail(f"no method matches '{pattern}'{plugins_dir_hint(pattern, plugins_dir)}")
 
 
 @app.command()
@@ -292,38 +296,17 @@ def check(
     name: str = typer.Argument(..., help="a registered method (built-in, installed package or --plugins-dir)"),
     plugins_dir: list[str] = typer.Option([], "--plugins-dir", metavar="DIR",
                                           help="also load method plugins from this folder"),
-    in_process: bool = typer.Option(False, "--in-process", hidden=True,
-                                    help="run the checks in this process (the child of a plain `clbench check`)"),
+    set_: list[str] = typer.Option([], "--set", metavar="KEY=VALUE",
+                                   help="a method param (value parsed as YAML), e.g. --set rank=2; repeatable"),
 ) -> None:
-    """Run the plugin contract on one method (CPU, tiny ViT, seconds): one line per check, stop at the first
-    failure (exit 1). The same checks as tests/test_contract.py, without a source checkout of clbench.
+    """Run the plugin contract on one method (CPU, tiny ViT): one line per check, with what runs shown on stderr
+    as it goes, stop at the first failure (exit 1). The same checks as tests/test_contract.py, without a source
+    checkout of clbench."""
+    import time
 
-    The checks run in a child process: exit code 0 means every check ran and passed (its last line says so);
-    plugin code that ends the process (sys.exit, os._exit, a crash) is a failure, never a silent pass."""
-    if not in_process:
-        _check_in_child(name, plugins_dir)
-        return
-    from clbench.contract import method_checks
-
-    info = _method_to_check(name, plugins_dir)
-    typer.echo(f"contract of method '{info.name}' [{info.source}]")
-    checks = list(method_checks(info.cls))
-    for label, step in checks:
-        problem = _run_check(step)
-        if problem:
-            typer.echo(f"FAIL  {label}")
-            _fail(f"{label}: {problem}")
-        typer.echo(f"ok    {label}")
-    typer.echo(f"{CHECK_PASSED} all {len(checks)} checks of method '{info.name}'")
-
-
-CHECK_PASSED = "passed:"
-
-
-def _method_to_check(name: str, plugins_dir: list[str]):
-    """The registry entry ``clbench check`` tests: refused, as ``clbench run`` refuses it, when a plugins folder
-    registers the name a second time (checking the built-in instead would pass a method the run refuses)."""
-    from clbench.registry import discover
+    from clbench.contract import ContractError, method_checks, method_params
+    from clbench.hookcheck import ProcessExit, exit_text, no_process_exit
+    from clbench.registry import discover, plugins_dir_hint
 
     try:
         reg = discover(plugins_dir, strict=False)
@@ -331,58 +314,58 @@ def _method_to_check(name: str, plugins_dir: list[str]):
         _fail(str(exc))
     try:
         info = reg.get(name)
-    except ClbenchError as exc:  # a plugin that failed to load says why here
-        _fail(f"{exc}{''.join(f'; {e}' for e in reg.errors)}")
+    except ClbenchError as exc:  # a plugin that failed to load says why here; one in a folder needs --plugins-dir
+        errors = "".join(f"; {e}" for e in reg.errors)
+        _fail(f"{exc}{errors}{plugins_dir_hint(name, plugins_dir) if not errors else ''}")
     clash = [e for e in reg.errors if f"'{info.name}'" in e or f"'{name}'" in e]
-    if clash:
+    if clash:  # a plugins folder registering the name again: checking the built-in would pass what run refuses
         _fail(f"{clash[0]} (clbench run refuses this plugins folder too)")
-    return info
-
-
-def _run_check(step: Callable[[], None]) -> str | None:
-    """Run one contract check; what went wrong in one line, or None."""
-    from clbench.contract import ContractError
-    from clbench.hookcheck import ProcessExit, exit_text, no_process_exit
-
     try:
-        with no_process_exit():
-            step()
-    except (ContractError, ClbenchError) as exc:
-        return str(exc)
-    except (SystemExit, ProcessExit) as exc:
-        frame = traceback.extract_tb(exc.__traceback__)[-1]
-        return f"the method's code called {exit_text(exc)} (at {frame.filename}:{frame.lineno}); a method must never " \
-               "end the process"
-    except Exception as exc:  # noqa: BLE001 - the plugin crashed: where, in one line
-        frame = traceback.extract_tb(exc.__traceback__)[-1]
-        return f"{type(exc).__name__}: {exc} (at {frame.filename}:{frame.lineno})"
-    return None
+        params = method_params(info.cls, set_) if set_ else None
+    except ClbenchError as exc:
+        _fail(str(exc))
+    shown = f" with {', '.join(set_)}" if set_ else ""
+    typer.echo(f"contract of method '{info.name}' [{info.source}]{shown}")
+    for label, step in method_checks(info.cls, params, progress=lambda msg: typer.echo(f"      {msg}", err=True)):
+        typer.echo(f"..    {label}", err=True)
+        tic = time.perf_counter()
+        try:
+            with _ticking(tic), no_process_exit():
+                step()
+        except (ContractError, ClbenchError) as exc:
+            typer.echo(f"FAIL  {label}")
+            _fail(f"{label}: {exc}")
+        except (SystemExit, ProcessExit) as exc:  # never a silent exit 0 that a CI reads as a pass
+            frame = traceback.extract_tb(exc.__traceback__)[-1]
+            typer.echo(f"FAIL  {label}")
+            _fail(f"{label}: the method's code called {exit_text(exc)} (at {frame.filename}:{frame.lineno}); a "
+                  "method must never end the process")
+        except Exception as exc:  # noqa: BLE001 - the plugin crashed: where, in one line
+            frame = traceback.extract_tb(exc.__traceback__)[-1]
+            typer.echo(f"FAIL  {label}")
+            _fail(f"{label}: {type(exc).__name__}: {exc} (at {frame.filename}:{frame.lineno})")
+        typer.echo(f"ok    {label} ({time.perf_counter() - tic:.1f}s)")
 
 
-def _check_in_child(name: str, plugins_dir: list[str]) -> None:
-    """``clbench check --in-process`` in a child process, its lines passed through; exit 0 only when the child
-    exited 0 *and* its last line says every check passed (a child that vanished half-way is a failure)."""
-    import subprocess
+@contextlib.contextmanager
+def _ticking(since: float, every: float = 30.0):
+    """While the block runs, a line on stderr every ``every`` seconds (a slow hook prints nothing of its own)."""
+    import threading
+    import time
 
-    cmd = [sys.executable, "-m", "clbench.cli", "check", name, "--in-process"]
-    for d in plugins_dir:
-        cmd += ["--plugins-dir", d]
-    last = ""
-    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as child:
-        for line in child.stdout:
-            typer.echo(line.rstrip("\n"))
-            last = line.strip() or last
-        errors = child.stderr.read()
-    if errors:
-        typer.echo(errors.rstrip("\n"), err=True)
-    if child.returncode != 0:
-        if "error:" not in errors:
-            _fail(f"check of '{name}': the check process ended with exit code {child.returncode} after "
-                  f"'{last}' (a crash or a signal); not every check ran")
-        raise typer.Exit(1)
-    if not last.startswith(CHECK_PASSED):
-        _fail(f"check of '{name}': the check process ended (exit code 0) after '{last}' before every check ran: "
-              "the method's code ended the process (os._exit?); a method must never end the process")
+    done = threading.Event()
+
+    def tick() -> None:
+        while not done.wait(every):
+            typer.echo(f"      still running ({time.perf_counter() - since:.0f}s)", err=True)
+
+    thread = threading.Thread(target=tick, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
 
 
 @app.command("new-method")
@@ -394,6 +377,9 @@ def new_method(
     package: bool = typer.Option(False, "--package",
                                  help="write an installable package folder DIR/clbench-NAME (pyproject.toml with "
                                       "the clbench entry point, README, module, tests): pip install -e it"),
+    template: str = typer.Option("lora", "--template", metavar="lora|plain|prompt|rehearsal",
+                                 help="the starting point: lora (adapters), plain (no adapters: heads on the frozen "
+                                      "backbone), prompt (prompt tokens), rehearsal (LoRA plus a replay buffer)"),
 ) -> None:
     """Scaffold a method plugin DIR/NAME.py and its test file; both pass as generated (see CONTRIBUTING.md).
     With --package, the same as a package folder that `pip install -e` installs as generated."""
@@ -403,7 +389,7 @@ def new_method(
     if package and tests_dir is not None:
         _fail("new-method: --tests-dir does not go with --package (the package keeps its tests in tests/)")
     try:
-        written = new_package(name, dir_) if package else scaffold(name, dir_, tests_dir)
+        written = new_package(name, dir_, kind=template) if package else scaffold(name, dir_, tests_dir, kind=template)
     except ClbenchError as exc:
         _fail(str(exc))
     typer.echo("\n".join(f"wrote {path}" for path in written))
