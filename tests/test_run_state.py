@@ -140,10 +140,10 @@ def test_a_run_finished_by_a_rerun_drops_the_error_of_the_failed_attempt(tmp_pat
     suite, ck = load_suite(suite_path), str(tmp_path / "ck")
     train_task = loop.train_task
 
-    def crashes(model, stream, pm, ctx, *args, **kwargs):
+    def crashes(loop_, ctx, *args, **kwargs):
         if ctx.task == 1:
             raise RuntimeError("CUDA error: an illegal memory access")
-        return train_task(model, stream, pm, ctx, *args, **kwargs)
+        return train_task(loop_, ctx, *args, **kwargs)
 
     monkeypatch.setattr(loop, "train_task", crashes)
     with pytest.raises(RuntimeError):

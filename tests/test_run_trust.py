@@ -88,10 +88,10 @@ def test_a_run_of_edited_code_is_refused_for_resume_and_for_skipping(tmp_path, m
 
     train_task = loop.train_task
 
-    def interrupted(model, stream, pm, ctx, *args, **kwargs):
+    def interrupted(loop_, ctx, *args, **kwargs):
         if ctx.task == 1:
             raise KeyboardInterrupt
-        return train_task(model, stream, pm, ctx, *args, **kwargs)
+        return train_task(loop_, ctx, *args, **kwargs)
 
     monkeypatch.setattr(loop, "train_task", interrupted)
     with pytest.raises(KeyboardInterrupt):
