@@ -642,7 +642,7 @@ def _child_tags(run: Run, stream, device: torch.device) -> dict[str, str]:
     cfg = suite.train_for(suite.methods[entry.entry_index])
     tags = {**run.job.base_tags, keys.METHOD: entry.label, keys.METHOD_NAME: entry.info.name,
             keys.SEED: str(run.job.seed), keys.DEVICE: _device_name(device), keys.ROLE: keys.ROLE_CHILD,
-            keys.PLUGIN_SOURCE: entry.info.source,
+            keys.PLUGIN_SOURCE: entry.info.source, keys.CODE_DIGEST: entry.info.code_digest(),
             keys.LOW_RANK_UPDATES: str(getattr(entry.info.cls, "low_rank_updates", True)).lower(),
             keys.PRECISION: resolved_precision(cfg.precision, device)}
     # how it ran here (outside the suite hash): tags, shown in the leaderboard's provenance
