@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import socket
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -12,6 +14,7 @@ from torch import nn
 
 from clbench.errors import ClbenchError
 from clbench.pretrain import TINY, tiny_checkpoint
+from clbench.weights import hub_id_of, hub_weights_file
 
 
 class CLModel(nn.Module):
@@ -78,17 +81,11 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
 
 def _pretrained_available(name: str) -> None:
     """Fail fast, with one clear line, when pretrained weights can neither be found in the cache nor fetched."""
-    import timm
-    from huggingface_hub import try_to_load_from_cache
-
-    cfg = timm.models.get_pretrained_cfg(name)
-    hub_id = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
+    hub_id = hub_id_of(name)
     if not hub_id:
         return  # weights hosted elsewhere: let timm report
-    hub_id = hub_id.split("@")[0]
-    for fname in ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin"):
-        if isinstance(try_to_load_from_cache(hub_id, fname), str):
-            return
+    if hub_weights_file(hub_id):
+        return
     offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
     if offline or not _hub_reachable():
         raise ClbenchError(
@@ -97,15 +94,46 @@ def _pretrained_available(name: str) -> None:
             "weights file")
 
 
-def build_model(name: str, image_size: int, pretrained: bool, checkpoint: str | Path | None,
-                in_chans: int | None = None, drop_path_rate: float = 0.0, normalize: str = "timm") -> CLModel:
-    """Create the backbone (timm) with pooled-feature output and wrap it in a :class:`CLModel`.
+def fetch_hub_weights(name: str, pretrained: bool, checkpoint: str | None) -> None:
+    """Download a timm model's hub weights into the Hugging Face cache when a run will load them and they are not
+    there yet, so that the suite hash can cover their sha256 (clbench.weights) before any run is recorded."""
+    if not pretrained or checkpoint or name in TINY:
+        return
+    hub_id = hub_id_of(name)
+    if not hub_id or hub_weights_file(hub_id):
+        return
+    import timm
 
-    ``normalize``: "timm" = the model's pretrained mean/std; "none" = inputs stay in [0, 1] (mean 0, std 1), as
-    InfLoRA's official pipeline feeds its ViT (``Normalize(0, 1)``)."""
+    _pretrained_available(name)
+    timm.create_model(name, pretrained=True, num_classes=0)  # timm picks and downloads the file it loads
+
+
+@dataclass(frozen=True)
+class Arch:
+    """How the backbone is built beyond its name and weights: ``in_chans`` (default: the model's), the
+    ``drop_path_rate``, and ``normalize``: "timm" = the model's pretrained mean/std; "none" = inputs stay in
+    [0, 1] (mean 0, std 1), as InfLoRA's official pipeline feeds its ViT (``Normalize(0, 1)``)."""
+
+    in_chans: int | None = None
+    drop_path_rate: float = 0.0
+    normalize: str = "timm"
+
+
+def model_from(bb) -> CLModel:
+    """The model a suite's ``backbone`` section (``clbench.suite.BackboneConfig``) describes."""
+    return build_model(bb.name, bb.image_size, bb.pretrained, bb.checkpoint, in_chans=bb.in_chans,
+                       drop_path_rate=bb.drop_path_rate, normalize=bb.normalize)
+
+
+def build_model(name: str, image_size: int, pretrained: bool = False, checkpoint: str | Path | None = None,
+                **arch: Any) -> CLModel:
+    """Create the backbone (timm) with pooled-feature output and wrap it in a :class:`CLModel`; ``arch``:
+    :class:`Arch`'s fields."""
     import timm
     from timm.models.vision_transformer import VisionTransformer
 
+    spec = Arch(**arch)
+    in_chans, drop_path_rate, normalize = spec.in_chans, spec.drop_path_rate, spec.normalize
     if name in TINY:
         chans = in_chans or 1
         backbone = VisionTransformer(img_size=image_size, in_chans=chans, num_classes=0, class_token=True,
