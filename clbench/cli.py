@@ -5,6 +5,7 @@ Every user error is a :class:`ClbenchError`; it prints one line on stderr and ex
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import sys
@@ -259,7 +260,9 @@ def methods(
     for err in reg.errors:
         typer.echo(f"error: {err}", err=True)
     if not names and pattern:
-        _fail(f"no method matches '{pattern}'")
+        from clbench.registry import plugins_dir_hint
+
+        _fail(f"no method matches '{pattern}'{plugins_dir_hint(pattern, plugins_dir)}")
 
 
 @app.command()
@@ -280,11 +283,16 @@ def check(
     name: str = typer.Argument(..., help="a registered method (built-in, installed package or --plugins-dir)"),
     plugins_dir: list[str] = typer.Option([], "--plugins-dir", metavar="DIR",
                                           help="also load method plugins from this folder"),
+    set_: list[str] = typer.Option([], "--set", metavar="KEY=VALUE",
+                                   help="a method param (value parsed as YAML), e.g. --set rank=2; repeatable"),
 ) -> None:
-    """Run the plugin contract on one method (CPU, tiny ViT, seconds): one line per check, stop at the first
-    failure (exit 1). The same checks as tests/test_contract.py, without a source checkout of clbench."""
-    from clbench.contract import ContractError, method_checks
-    from clbench.registry import discover
+    """Run the plugin contract on one method (CPU, tiny ViT): one line per check, with what runs shown on stderr
+    as it goes, stop at the first failure (exit 1). The same checks as tests/test_contract.py, without a source
+    checkout of clbench."""
+    import time
+
+    from clbench.contract import ContractError, method_checks, method_params
+    from clbench.registry import discover, plugins_dir_hint
 
     try:
         reg = discover(plugins_dir, strict=False)
@@ -292,12 +300,21 @@ def check(
         _fail(str(exc))
     try:
         info = reg.get(name)
-    except ClbenchError as exc:  # a plugin that failed to load says why here
-        _fail(f"{exc}{''.join(f'; {e}' for e in reg.errors)}")
-    typer.echo(f"contract of method '{info.name}' [{info.source}]")
-    for label, step in method_checks(info.cls):
+    except ClbenchError as exc:  # a plugin that failed to load says why here; one in a folder needs --plugins-dir
+        errors = "".join(f"; {e}" for e in reg.errors)
+        _fail(f"{exc}{errors}{plugins_dir_hint(name, plugins_dir) if not errors else ''}")
+    try:
+        params = method_params(info.cls, set_) if set_ else None
+    except ClbenchError as exc:
+        _fail(str(exc))
+    shown = f" with {', '.join(set_)}" if set_ else ""
+    typer.echo(f"contract of method '{info.name}' [{info.source}]{shown}")
+    for label, step in method_checks(info.cls, params, progress=lambda msg: typer.echo(f"      {msg}", err=True)):
+        typer.echo(f"..    {label}", err=True)
+        tic = time.perf_counter()
         try:
-            step()
+            with _ticking(tic):
+                step()
         except (ContractError, ClbenchError) as exc:
             typer.echo(f"FAIL  {label}")
             _fail(f"{label}: {exc}")
@@ -305,7 +322,28 @@ def check(
             frame = traceback.extract_tb(exc.__traceback__)[-1]
             typer.echo(f"FAIL  {label}")
             _fail(f"{label}: {type(exc).__name__}: {exc} (at {frame.filename}:{frame.lineno})")
-        typer.echo(f"ok    {label}")
+        typer.echo(f"ok    {label} ({time.perf_counter() - tic:.1f}s)")
+
+
+@contextlib.contextmanager
+def _ticking(since: float, every: float = 30.0):
+    """While the block runs, a line on stderr every ``every`` seconds (a slow hook prints nothing of its own)."""
+    import threading
+    import time
+
+    done = threading.Event()
+
+    def tick() -> None:
+        while not done.wait(every):
+            typer.echo(f"      still running ({time.perf_counter() - since:.0f}s)", err=True)
+
+    thread = threading.Thread(target=tick, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
 
 
 @app.command("new-method")
@@ -317,6 +355,9 @@ def new_method(
     package: bool = typer.Option(False, "--package",
                                  help="write an installable package folder DIR/clbench-NAME (pyproject.toml with "
                                       "the clbench entry point, README, module, tests): pip install -e it"),
+    template: str = typer.Option("lora", "--template", metavar="lora|plain|prompt|rehearsal",
+                                 help="the starting point: lora (adapters), plain (no adapters: heads on the frozen "
+                                      "backbone), prompt (prompt tokens), rehearsal (LoRA plus a replay buffer)"),
 ) -> None:
     """Scaffold a method plugin DIR/NAME.py and its test file; both pass as generated (see CONTRIBUTING.md).
     With --package, the same as a package folder that `pip install -e` installs as generated."""
@@ -326,7 +367,7 @@ def new_method(
     if package and tests_dir is not None:
         _fail("new-method: --tests-dir does not go with --package (the package keeps its tests in tests/)")
     try:
-        written = new_package(name, dir_) if package else scaffold(name, dir_, tests_dir)
+        written = new_package(name, dir_, kind=template) if package else scaffold(name, dir_, tests_dir, kind=template)
     except ClbenchError as exc:
         _fail(str(exc))
     typer.echo("\n".join(f"wrote {path}" for path in written))

@@ -28,6 +28,7 @@ batch-dependent prediction, such as a test-time batch vote, leaks the task ident
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,10 @@ from clbench.streams import Stream
 
 class ContractError(AssertionError):
     """A method breaks the plugin contract (raised as an assertion so pytest reports it as a failure)."""
+
+
+def _quiet(msg: str) -> None:
+    return None
 
 
 def _fail(cls: type, msg: str) -> None:
@@ -90,8 +95,10 @@ def contract_run(
     stream: Stream | None = None,
     seed: int = 0,
     max_steps: int = 2,
+    progress: Callable[[str], None] | None = None,
 ) -> ContractRun:
-    """Run ``cls`` (default params unless given) through a two-task stream on the tiny ViT, on CPU."""
+    """Run ``cls`` (default params unless given) through a two-task stream on the tiny ViT, on CPU; ``progress``
+    gets the loop's progress lines (each finished task, the contract notices)."""
     from clbench.loop import run_stream
     from clbench.registry import run_manager
     from clbench.testing import tiny_model, tiny_train
@@ -123,6 +130,7 @@ def contract_run(
             seed,
             torch.device("cpu"),
             on_task=on_task,
+            progress=progress or _quiet,
         )
     except MethodHookError as exc:  # a hook outside its contract, as the loop checks it in every run
         raise ContractError(str(exc)) from None
@@ -199,7 +207,7 @@ def check_run(run: ContractRun) -> None:
     if T < 2:
         _fail(cls, f"expected 2 finished tasks, got {T}")
     for res in run.results:
-        if not math.isfinite(res.loss):
+        if res.loss is not None and not math.isfinite(res.loss):
             _fail(cls, f"non-finite training loss on task {res.task}: {res.loss}")
         bad = {k: v for k, v in res.loss_terms.items() if not math.isfinite(v)}
         if bad:
@@ -346,9 +354,10 @@ def check_determinism(
     params: BaseModel | dict[str, Any] | None = None,
     stream: Stream | None = None,
     seed: int = 0,
+    progress: Callable[[str], None] | None = None,
 ) -> None:
     """A second run with the same seed gives identical accuracy matrices (CPU)."""
-    second = contract_run(cls, params, stream=stream, seed=seed)
+    second = contract_run(cls, params, stream=stream, seed=seed, progress=progress)
     for label, a, b in (("R", first.R, second.R), ("R_til", first.R_til, second.R_til)):
         if not np.array_equal(a, b, equal_nan=True):
             _fail(
@@ -366,6 +375,7 @@ def check_resume(
     max_steps: int = 2,
     num_tasks: int = 3,
     after: int = 1,
+    progress: Callable[[str], None] | None = None,
 ) -> None:
     """Interrupt a run after ``after`` of ``num_tasks`` tasks, resume it in a fresh method instance on a fresh model,
     and require what an uninterrupted run gives: the same accuracy matrices, per-task losses and loss terms, and
@@ -387,7 +397,8 @@ def check_resume(
 
     try:
         comparison = compare_resume(cls, params, after=after, num_tasks=num_tasks, seed=seed,
-                                    inspect=state_has_a_home, max_steps_per_epoch=max_steps)
+                                    inspect=state_has_a_home, progress=progress or _quiet,
+                                    max_steps_per_epoch=max_steps)
     except MethodHookError:  # a hook failing in a plain run: already one line naming the method
         raise
     except ClbenchError as exc:  # unloadable method_state, or the resume itself failed
@@ -398,33 +409,57 @@ def check_resume(
                    "adapters), and no state may live outside method_state and the model's parameters")
 
 
-def check_method(cls: type, params: BaseModel | dict[str, Any] | None = None, seed: int = 0) -> ContractRun:
-    """The whole contract for one method class; returns the first run for further, method-specific checks."""
+def check_method(cls: type, params: BaseModel | dict[str, Any] | None = None, seed: int = 0,
+                 progress: Callable[[str], None] | None = None) -> ContractRun:
+    """The whole contract for one method class; returns the first run for further, method-specific checks.
+
+    ``params``: the method's params (a ``Params`` instance or a dict of fields; default: ``Params()``, the
+    paper's settings), used by every check. ``seed``: the seed of the synthetic stream, the model's
+    initialisation and the runs (the determinism check reruns with the same seed). ``progress``: gets the loop's
+    progress lines while the checks run."""
     run = None
-    for _, check in method_checks(cls, params, seed):
+    for _, check in method_checks(cls, params, seed, progress):
         out = check()
         run = out if isinstance(out, ContractRun) else run
     return run
 
 
 def method_checks(cls: type, params: BaseModel | dict[str, Any] | None = None,
-                  seed: int = 0) -> list[tuple[str, Any]]:
+                  seed: int = 0, progress: Callable[[str], None] | None = None) -> list[tuple[str, Any]]:
     """The contract as named steps (``clbench check`` prints one line per step); run them in order, each raises
     :class:`ContractError` on failure and the run step returns the :class:`ContractRun` the later steps use."""
     stream = contract_stream(seed)
     holder: dict[str, ContractRun] = {}
 
     def run() -> ContractRun:
-        holder["run"] = contract_run(cls, params, stream=stream, seed=seed)
+        holder["run"] = contract_run(cls, params, stream=stream, seed=seed, progress=progress)
         check_run(holder["run"])
         return holder["run"]
 
     return [
         ("registration (name, params, hooks)", lambda: check_registration(cls)),
         ("two tasks on the tiny ViT (losses, accuracy matrices, task updates, frozen weights)", run),
-        ("deterministic on CPU", lambda: check_determinism(cls, holder["run"], params, stream=stream, seed=seed)),
-        ("resume after task 1 of 3 is bit-exact", lambda: check_resume(cls, params=params, seed=seed)),
+        ("deterministic on CPU", lambda: check_determinism(cls, holder["run"], params, stream=stream, seed=seed,
+                                                           progress=progress)),
+        ("resume after task 1 of 3 is bit-exact", lambda: check_resume(cls, params=params, seed=seed,
+                                                                        progress=progress)),
     ]
+
+
+def method_params(cls: type, assignments: list[str]) -> BaseModel:
+    """``cls``'s params from ``--set KEY=VALUE`` assignments (``clbench check``): each KEY a field of its
+    ``Params`` (a leading ``params.`` is allowed, dotted keys reach nested fields), each VALUE parsed as YAML,
+    as ``clbench run --set`` does; the rest are the defaults. A bad key or value is one ``ClbenchError`` line
+    naming the flag."""
+    from clbench.suite import apply_override, format_validation_error
+
+    data: dict[str, Any] = {}
+    for assignment in assignments:
+        apply_override(data, assignment.removeprefix("params."), "--set")
+    try:
+        return cls.Params(**data)
+    except ValidationError as err:
+        raise ClbenchError(format_validation_error(f"--set {' '.join(assignments)}", err)) from None
 
 
 def load_plugin_file(path: str | Path):

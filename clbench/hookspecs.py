@@ -14,6 +14,7 @@ Two pluggy managers use this file (see ``clbench.registry``):
           training_set                                   rehearsal: replace the task's training set
           before_task                                    new head exists, optimizer not built yet
           param_groups                                   optimizer is built from the first non-None result
+                                                         (this and the step loop: gradient_training tasks only)
           for each step:
               replay_batch                               rehearsal: extra samples for this step
               loss_terms                                 after the forward pass, summed into the loss
@@ -25,6 +26,17 @@ Two pluggy managers use this file (see ``clbench.registry``):
           replay_buffer                                  rehearsal: what the method keeps (cost/buffer_images)
           (evaluation on every seen task)
           method_state                                   the method's own state, for the checkpoint
+
+A method that takes no gradient step (a closed-form classifier such as RanPAC, class prototypes such as
+SimpleCIL) sets ``gradient_training = False`` on its class (or defines ``gradient_training(self, ctx) -> bool``
+to decide per task, e.g. to adapt on the first task only). For such a task the loop skips ``param_groups``, the
+optimizer and the whole step loop (``replay_batch``, ``loss_terms``, ``before/after_optimizer_step``):
+``train.epochs`` does not apply, the new head stays frozen, no ``train/loss`` is logged and
+``cost/trainable_params`` is 0. The method reads ``ctx.loader()`` in ``before_task`` or ``after_task`` and writes
+the heads' weights itself (under ``torch.no_grad()``; finished tasks' heads too: evaluation uses whatever the
+heads hold). The time of every task-level hook is the run's ``cost/method_seconds``, counted with
+``cost/train_seconds`` in ``cost/total_seconds`` (the leaderboard's ``total_s`` and its accuracy-vs-cost plot);
+``cost/state_mb`` is the size of ``method_state``'s tensors, ``cost/checkpoint_mb`` the checkpoint file's.
 
 Hooks marked ``firstresult`` call their implementations one after the other and stop at the first that
 returns something other than None; that result wins. The others call every implementation.

@@ -19,6 +19,7 @@ ROLE_PARENT = "parent"
 ROLE_CHILD = "child"
 SUITE = "clbench.suite"
 SUITE_HASH = "clbench.suite_hash"  # the protocol: runs of different hashes are never compared
+WEIGHTS = "clbench.weights_sha256"  # the backbone's starting weights (clbench.weights), inside the suite hash
 VERSION = "clbench.version"
 GIT_SHA = "clbench.git_sha"
 METHOD = "clbench.method"  # the suite's label of the method entry
@@ -102,6 +103,12 @@ COST_PEAK_MEM_MB = "cost/peak_mem_mb"
 COST_TRAINABLE_PARAMS = "cost/trainable_params"
 COST_HOOK_SHARE = "cost/hook_share"
 COST_BUFFER_IMAGES = "cost/buffer_images"  # rehearsal: images the method keeps (per task, and the last as final)
+# the method's own work outside the step loop: its task-level hooks (before_task, after_task, merge_task,
+# task_updates, replay_buffer, method_state), summed over tasks; a closed-form method's whole training
+COST_METHOD_SECONDS = "cost/method_seconds"
+COST_TOTAL_SECONDS = "cost/total_seconds"  # cost/train_seconds + cost/method_seconds: the leaderboard's time
+COST_STATE_MB = "cost/state_mb"  # size of the tensors in method_state (per task, and the last as final)
+COST_CHECKPOINT_MB = "cost/checkpoint_mb"  # size of the run's checkpoint file after the task (per task, last as final)
 SPECTRA_MEAN_TOP1 = "spectra/mean_top1_share"  # mean over tasks of spectra/top1_share
 SPECTRA_MEAN_OVERLAP = "spectra/mean_overlap"  # mean over tasks of spectra/overlap
 

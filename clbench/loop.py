@@ -57,11 +57,11 @@ class TaskResult:
     train_seconds: float
     eval_seconds: float
     images: int
-    loss: float
+    loss: float | None  # None: the task took no gradient step (takes_gradient_steps)
     loss_terms: dict[str, float]
     updates: dict[str, Any] | None  # task_updates' result (layer -> LowRank)
     trainable_params: int = 0
-    hook_seconds: dict[str, float] = field(default_factory=dict)
+    hook_seconds: dict[str, float] = field(default_factory=dict)  # the method's task-level hooks (method_seconds)
     buffer_images: int | None = None  # replay_buffer's size (rehearsal methods)
     epoch_lrs: list[float] = field(default_factory=list)  # the adapter group's lr in each epoch (train/lr)
 
@@ -261,26 +261,25 @@ def run_stream(model: CLModel, stream: Stream, pm, cfg: TrainConfig, seed: int, 
         if train_set is not None:
             ctx = task_context(model, stream, t, cfg, seed, device, autocast, sum(len(s) for s in train_set))
         # -- phase 2: the method prepares the task (projections, new adapters) -------------------------
-        tic = clock()
-        hook.before_task(model=model, ctx=ctx)
-        timings = {"before_task": clock() - tic}
-        # -- phase 3: the optimizer over the method's groups plus the current head ----------------------
-        optimizer, scheduler = make_task_optimizer(model, head, hook.param_groups(model=model, ctx=ctx), cfg, ctx)
-        trainable = sum(p.numel() for g in optimizer.param_groups for p in g["params"])
-        # -- phase 4: train on the task ----------------------------------------------------------------
-        trained = train_task(model, stream, pm, ctx, optimizer, scheduler, cfg, comm, clock, progress, train_set,
-                             runtime.log_every)
+        timings: dict[str, float] = {}  # the method's task-level hooks: its cost/method_seconds
+        timed(timings, "before_task", clock, hook.before_task, model=model, ctx=ctx)
+        if takes_gradient_steps(hook.instance, ctx):
+            # -- phases 3-4: the optimizer over the method's groups plus the current head; train ---------
+            optimizer, scheduler = make_task_optimizer(model, head, hook.param_groups(model=model, ctx=ctx), cfg,
+                                                       ctx)
+            trainable = sum(p.numel() for g in optimizer.param_groups for p in g["params"])
+            trained = train_task(model, stream, pm, ctx, optimizer, scheduler, cfg, comm, clock, progress,
+                                 train_set, runtime.log_every)
+        else:  # a method without gradient steps (closed form): no optimizer, no step; its hooks set the heads
+            head.requires_grad_(False)
+            trainable, trained = 0, Trained(None, {}, 0, 0.0)
         # -- phase 5: the method closes the task: memories, merging, the task's update -------------------
         model.eval()
-        tic = clock()
-        hook.after_task(model=model, ctx=ctx)
-        timings["after_task"] = clock() - tic
-        tic = clock()
-        hook.merge_task(model=model, ctx=ctx)
+        timed(timings, "after_task", clock, hook.after_task, model=model, ctx=ctx)
+        timed(timings, "merge_task", clock, hook.merge_task, model=model, ctx=ctx)
         comm.sync_model(model)  # rank 0's weights on every rank: no drift across tasks
-        timings["merge_task"] = clock() - tic
-        updates = hook.task_updates(model=model, ctx=ctx)
-        kept = hook.replay_buffer(ctx=ctx)
+        updates = timed(timings, "task_updates", clock, hook.task_updates, model=model, ctx=ctx)
+        kept = timed(timings, "task_updates", clock, hook.replay_buffer, ctx=ctx)  # counted together
         buffer_images = None if kept is None else sum(len(s) for s in rehearsal.as_list(kept, "replay_buffer"))
         # -- phase 6: evaluate every seen task (CIL and TIL), then report --------------------------------
         tic = clock()
@@ -288,14 +287,33 @@ def run_stream(model: CLModel, stream: Stream, pm, cfg: TrainConfig, seed: int, 
         eval_seconds = clock() - tic
         state.R[t, : t + 1], state.R_til[t, : t + 1] = cil, til
         state.next_task = t + 1
-        state.method_state = hook.method_state(ctx=ctx)
+        state.method_state = timed(timings, "method_state", clock, hook.method_state, ctx=ctx)
         progress(f"task {t + 1}/{T} done: acc {accuracy_after(state.R, t, sizes):.2f} "
-                 f"(til {accuracy_after(state.R_til, t, sizes):.2f}) train {trained.seconds:.1f}s")
+                 f"(til {accuracy_after(state.R_til, t, sizes):.2f}) train {trained.seconds:.1f}s "
+                 f"method {sum(timings.values()):.1f}s")
         on_task(TaskResult(t, state.R.copy(), state.R_til.copy(), sizes, trained.seconds, eval_seconds,
                            trained.images, trained.loss, trained.loss_terms, updates, trainable, timings,
                            buffer_images=buffer_images, epoch_lrs=trained.epoch_lrs),
                 state, model)
     return state
+
+
+def timed(timings: dict[str, float], name: str, clock: Callable[[], float], hook: Callable[..., Any],
+          **kwargs: Any) -> Any:
+    """``hook(**kwargs)``, its seconds added to ``timings[name]`` (``cost/hook_seconds/NAME``)."""
+    tic = clock()
+    out = hook(**kwargs)
+    timings[name] = timings.get(name, 0.0) + clock() - tic
+    return out
+
+
+def takes_gradient_steps(method: Any, ctx: TaskContext) -> bool:
+    """Whether task ``ctx.task`` trains by gradient steps: the method's ``gradient_training`` (True when absent;
+    a bool, or a callable ``(ctx) -> bool`` deciding per task, e.g. only the first task). False: no optimizer, no
+    step loop, no ``param_groups``/step hooks, no head training and no loss logged (``train.epochs`` does not
+    apply); the method sets its classifier in ``before_task``/``after_task`` (closed-form methods, prototypes)."""
+    flag = getattr(method, "gradient_training", True)
+    return bool(flag(ctx) if callable(flag) else flag)
 
 
 def seed_task(seed: int, t: int) -> None:
@@ -472,9 +490,10 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per
 
 @dataclass
 class Trained:
-    """What ``train_task`` measured: mean losses over the steps, images seen, training seconds."""
+    """What ``train_task`` measured: mean losses over the steps, images seen, training seconds (loss None: no
+    gradient step was taken)."""
 
-    loss: float
+    loss: float | None
     loss_terms: dict[str, float]
     images: int
     seconds: float

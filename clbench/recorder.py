@@ -150,12 +150,26 @@ def log_lrs(tracker: Tracker, run_id: str, lrs: dict[int, float]) -> None:
         tracker.log_metrics(run_id, {keys.TRAIN_LR: float(lr)}, step=int(step))
 
 
+def state_megabytes(state: Any) -> float:
+    """MiB held by the tensors (and numpy arrays) in a ``method_state`` result, nested dicts/lists included."""
+    if isinstance(state, torch.Tensor):
+        return state.numel() * state.element_size() / 2**20
+    if isinstance(state, np.ndarray):
+        return state.nbytes / 2**20
+    if isinstance(state, dict):
+        return sum(state_megabytes(v) for v in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(state_megabytes(v) for v in state)
+    return 0.0
+
+
 def task_metrics(res: TaskResult) -> dict[str, float]:
     """The MLflow metrics of one finished task (logged at step = task index)."""
     t = res.task
     m = {keys.EVAL_ACC: accuracy_after(res.R, t, res.sizes), keys.EVAL_ACC_TIL: accuracy_after(res.R_til, t, res.sizes),
-         keys.TRAIN_LOSS: res.loss, keys.TASK_TRAIN_SECONDS: res.train_seconds,
-         keys.TASK_EVAL_SECONDS: res.eval_seconds}
+         keys.TASK_TRAIN_SECONDS: res.train_seconds, keys.TASK_EVAL_SECONDS: res.eval_seconds}
+    if res.loss is not None:  # None: no gradient step on this task, no loss to log
+        m[keys.TRAIN_LOSS] = res.loss
     m.update({keys.eval_acc_task(j): float(res.R[t, j]) for j in range(t + 1)})
     m.update({keys.train_term(k): v for k, v in res.loss_terms.items()})
     m.update({keys.hook_seconds(h): secs for h, secs in res.hook_seconds.items()})
@@ -210,9 +224,11 @@ class RunRecorder:
         self.totals["hooks"] += sum(res.hook_seconds.values())
         if res.buffer_images is not None:
             self.totals["buffer_images"] = float(res.buffer_images)
+        m[keys.COST_STATE_MB] = self.totals["state_mb"] = state_megabytes(state.method_state)
         lrs = epoch_lrs(res)
         if self.store is not None:
             self._checkpoint(res.task, state, model, m, lrs)
+            m[keys.COST_CHECKPOINT_MB] = self.totals["checkpoint_mb"] = self.store.path.stat().st_size / 2**20
         log_lrs(self.tracker, self.run_id, lrs)
         self.tracker.log_metrics(self.run_id, m, step=res.task)
         self.tracker.flush(self.run_id)
@@ -231,14 +247,18 @@ class RunRecorder:
     def final_metrics(self, state: LoopState, sizes: np.ndarray, device: torch.device) -> dict[str, float]:
         """``final/*`` (clbench.metrics), cost totals and the spectra's means over tasks."""
         final = summary(state.R, state.R_til, sizes)
-        secs = self.totals["train_seconds"]
-        final.update({keys.COST_TRAIN_SECONDS: secs,
-                      keys.COST_IMG_PER_S: self.totals["images"] / max(1e-9, secs),
+        secs, method = self.totals["train_seconds"], self.totals["hooks"]
+        final.update({keys.COST_TRAIN_SECONDS: secs, keys.COST_METHOD_SECONDS: method,
+                      keys.COST_TOTAL_SECONDS: secs + method,
                       keys.COST_PEAK_MEM_MB: peak_memory_mb(device),
-                      keys.COST_TRAINABLE_PARAMS: float(self.totals["trainable"]),
-                      keys.COST_HOOK_SHARE: self.totals["hooks"] / max(1e-9, secs)})
-        if "buffer_images" in self.totals:
-            final[keys.COST_BUFFER_IMAGES] = self.totals["buffer_images"]
+                      keys.COST_TRAINABLE_PARAMS: float(self.totals["trainable"])})
+        if self.totals["images"]:  # a method without gradient steps trains no image: no rate, no share of it
+            final.update({keys.COST_IMG_PER_S: self.totals["images"] / max(1e-9, secs),
+                          keys.COST_HOOK_SHARE: method / max(1e-9, secs)})
+        for total, key in (("buffer_images", keys.COST_BUFFER_IMAGES), ("state_mb", keys.COST_STATE_MB),
+                           ("checkpoint_mb", keys.COST_CHECKPOINT_MB)):
+            if total in self.totals:
+                final[key] = self.totals[total]
         for per_task, mean_key in ((keys.SPECTRA_TOP1, keys.SPECTRA_MEAN_TOP1),
                                    (keys.SPECTRA_OVERLAP, keys.SPECTRA_MEAN_OVERLAP)):
             vals = [r[per_task] for r in self.spectra_rows if per_task in r]

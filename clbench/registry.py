@@ -232,6 +232,52 @@ def discover(plugins_dirs: Iterable[str | Path] = (), strict: bool = True) -> Re
     return reg
 
 
+_SKIP_DIRS = {"__pycache__", "node_modules", "site-packages", "venv", "build", "dist"}
+
+
+def folders_defining(name: str, root: Path, depth: int = 3) -> list[Path]:
+    """Plugin folders under ``root`` (``depth`` levels at most; hidden folders, virtual environments and build
+    output skipped) holding a ``*.py`` file that looks like it registers method ``name``: it defines
+    ``register_methods`` and spells the name as a string literal. Text only: nothing is imported (a folder's code
+    runs only with ``--plugins-dir``)."""
+    needles = (f'"{name}"', f"'{name}'")
+    found: list[Path] = []
+
+    def walk(folder: Path, level: int) -> None:
+        try:
+            entries = sorted(folder.iterdir())
+        except OSError:
+            return
+        for entry in entries:
+            if entry.is_dir() and level < depth and not entry.name.startswith(".") and entry.name not in _SKIP_DIRS:
+                walk(entry, level + 1)
+            elif entry.suffix == ".py" and not entry.name.startswith("_") and folder not in found:
+                try:
+                    text = entry.read_text(errors="replace")[:200_000] if entry.stat().st_size < 2_000_000 else ""
+                except OSError:
+                    continue
+                if "register_methods" in text and any(n in text for n in needles):
+                    found.append(folder)
+
+    walk(root, 0)
+    return found
+
+
+def plugins_dir_hint(name: str, given: Iterable[str | Path], root: Path | None = None) -> str:
+    """What to add to an "unknown method" error: the folders under ``root`` (default: the working directory) that
+    seem to define ``name`` and were not given with ``--plugins-dir``, as the option to add; or, when there are
+    none, that a method in a plugins folder is loaded only with ``--plugins-dir``."""
+    root = root or Path.cwd()
+    loaded = {Path(d).resolve() for d in given}
+    folders = [f for f in folders_defining(name, root) if f.resolve() not in loaded]
+    if folders:
+        shown = ", ".join(str(f.relative_to(root)) if f.is_relative_to(root) else str(f) for f in folders[:3])
+        first = folders[0].relative_to(root) if folders[0].is_relative_to(root) else folders[0]
+        return (f"; '{name}' seems to be defined in the plugins folder {shown}, which is loaded only with "
+                f"--plugins-dir: add --plugins-dir {first}")
+    return "; a method in a plugins folder is loaded only with --plugins-dir DIR"
+
+
 def run_manager(method: Any, probes: Iterable[Any] = ()) -> pluggy.PluginManager:
     """The per-run manager: the one method instance of the run, the harness's default ``task_updates``
     (:class:`clbench.probes.TaskUpdateProbe`, called last: a method's own non-None result wins) and read-only

@@ -19,6 +19,7 @@ from clbench import keys
 from clbench.claim import claim_lines, claim_plots
 from clbench.leaderboard import (
     METRICS,
+    NO_CONTINUAL_TRAINING,
     SPEC,
     Group,
     Row,
@@ -46,6 +47,7 @@ th{white-space:normal;vertical-align:bottom;max-width:7em}
 td.m,th.m{text-align:left}
 tr.upper td{background:#eef6ee}
 tr.lower td{background:#f6f0e8}
+tr.nocl td{background:#eaf0f8}
 th{background:#f3f3f3}
 .scroll{overflow-x:auto}
 .plots{display:flex;flex-wrap:wrap;gap:12px}
@@ -76,7 +78,9 @@ def _colors(rows: list[Row]) -> dict[str, Any]:
 @plain_text
 def plot_pareto(g: Group) -> str | None:
     plt = _plt()
-    costs = [("cost/train_seconds", "training time (s)"), ("cost/trainable_params", "trainable parameters")]
+    # the total: gradient training plus the method's own work (a closed-form solve), so no method looks free
+    costs = [(keys.COST_TOTAL_SECONDS, "training + method time (s)"),
+             (keys.COST_TRAINABLE_PARAMS, "trainable parameters")]
     colors = _colors(g.rows)
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     labels: dict[Any, list] = {ax: [] for ax in axes}
@@ -179,7 +183,8 @@ def _table_html(g: Group) -> str:
     for row, cells in zip(g.rows, body_cells):
         sig = g.baseline is not None and _significant(row, baseline_key(g))
         css = [" class=m" if j == 1 else (" class=sig" if sig and j == 3 else "") for j in range(len(cells))]
-        mark = {"upper bound": " class=upper", "lower reference": " class=lower"}.get(row.reference or "", "")
+        mark = {"upper bound": " class=upper", "lower reference": " class=lower",
+                NO_CONTINUAL_TRAINING: " class=nocl"}.get(row.reference or "", "")
         body.append(f"<tr{mark}>" + "".join(f"<td{c}>{e(x)}</td>" for c, x in zip(css, cells)) + "</tr>")
     return (f'<div class="scroll"><table class="leaderboard"><thead><tr>{head}</tr></thead>'
             f'<tbody>{"".join(body)}</tbody></table></div>')

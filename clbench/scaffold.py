@@ -1,8 +1,10 @@
-"""``clbench new-method NAME``: write a working method plugin and its test file, ready to be edited.
+"""``clbench new-method NAME [--template lora|plain|prompt|rehearsal]``: write a working method plugin and its test
+file, ready to be edited.
 
-The generated plugin is a plain sequential LoRA in two hooks (``configure_model`` and ``loss_terms``) plus
-``register_methods`` and the resume pair (``method_state`` / ``load_method_state``) as stubs: the loop trains the
-branches and clbench reports each task's update for spectra. The generated test runs the full contract
+The default template (``lora``) is a plain sequential LoRA in two hooks (``configure_model`` and ``loss_terms``)
+plus ``register_methods`` and the resume pair (``method_state`` / ``load_method_state``) as stubs: the loop trains
+the branches and clbench reports each task's update for spectra. ``plain`` (no adapters, ``NoParams``), ``prompt``
+and ``rehearsal`` are the other starting points (``clbench.templates``). The generated test runs the full contract
 (``clbench.contract.check_method``), a resume comparison (``clbench.testing.assert_resumes``) and one property
 test to replace with the property that makes the new method what it is. All pass as generated, so a contributor
 starts from green and changes one thing at a time (CONTRIBUTING.md walks through it).
@@ -20,83 +22,9 @@ from pathlib import Path
 from clbench import __version__
 from clbench.errors import ClbenchError
 from clbench.method import NAME_RULE, valid_method_name
+from clbench.templates import TEMPLATES, Template
 
 ENTRY_POINT_GROUP = "clbench"  # the group every method plugin registers in (pyproject.toml, clbench.registry)
-
-PLUGIN = '''"""{name}: TODO one line saying what the method does and why it should forget less.
-
-Paper: TODO authors, "title", venue year (arXiv id).
-Official code: TODO github.com/owner/repo (or "none").
-
-Deviations from the official code (every deliberate difference, or "none"):
-- TODO
-"""
-
-from __future__ import annotations
-
-from collections.abc import Callable
-from typing import Any
-
-import torch
-from pydantic import Field
-from torch import nn
-
-from clbench import LoRAParams, Method, TaskContext, hookimpl, inject
-
-
-class {cls}Params(LoRAParams):
-    # rank, alpha, targets, blocks and dropout come from LoRAParams; redeclare one only to change its default.
-    # Defaults are the paper's settings; each description is shown by `clbench methods {name} --params`.
-    # A suite sets them in methods: [{{name: {name}, params: {{rank: 8}}}}]; on the command line
-    # --set methods.0.params.rank=8 overrides them. A typo in a suite's params fails with one line.
-    rank: int = Field(4, ge=1, description="LoRA rank r")
-    strength: float = Field(0.0, ge=0, description="TODO weight of the method's loss term")
-
-
-class {cls}(Method):
-    name = "{name}"
-    paper = "TODO authors, title, venue year"
-    code = "TODO github.com/owner/repo"
-    trains_backbone = False  # True only if the method changes pre-trained weights by gradient
-    Params = {cls}Params
-
-    # Two hooks are enough: the loop trains every parameter that requires grad (the branches; inject freezes
-    # the backbone) and clbench reports each task's update (the change of B A) for spectra. Add before_task,
-    # param_groups, after_task, merge_task or task_updates (CONTRIBUTING.md section 3) when the method needs them.
-
-    @hookimpl
-    def configure_model(self, model: nn.Module, ctx: TaskContext) -> None:
-        """Once, before the first task: add adapters (inject freezes the backbone)."""
-        p = self.params
-        for site in inject(model.backbone, p.targets, p.blocks).values():
-            site.add_branch(p.rank, scale=p.scale, dropout=p.dropout)
-
-    @hookimpl
-    def loss_terms(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], logits: torch.Tensor,
-                   ctx: TaskContext) -> dict[str, torch.Tensor] | None:
-        """Each step: extra loss terms by name (logged as train/<name>). TODO: the method's regulariser."""
-        return None
-
-    # Resume after a crash: the model's parameters are checkpointed for you; anything else the method keeps
-    # across tasks (a Fisher, an anchor, old subspaces) must go out through method_state and come back through
-    # load_method_state, detached, as tensors / numbers / lists / dicts. The contract's resume check fails
-    # when method_state returns state that nothing restores, or when a resumed run differs from an
-    # uninterrupted one.
-
-    @hookimpl
-    def method_state(self, ctx: TaskContext) -> dict[str, Any] | None:
-        """After each task, for the checkpoint: the method's own state outside the model. TODO if it keeps any."""
-        return None
-
-    @hookimpl
-    def load_method_state(self, model: nn.Module, state: dict[str, Any], ctx: TaskContext) -> None:
-        """On resume, after configure_model: restore what method_state returned (``state``; empty when it
-        returned None) and rebuild adapters added after configure_model, so the checkpoint's weights load."""
-
-
-def register_methods(register: Callable[[type], None]) -> None:
-    register({cls})
-'''
 
 TEST_HEAD = '''"""Tests of the {name} method plugin: the clbench contract, then what makes it {name}."""
 
@@ -132,30 +60,6 @@ def test_installed_as_an_entry_point():
     """`pip install -e .` registered the method in the {group!r} entry-point group: clbench finds it by name."""
     info = discover(strict=False).get("{name}")
     assert info.cls is METHOD and info.provenance["kind"] == "entry_point", info.source
-'''
-
-TEST_BODY = '''
-
-def test_contract():
-    """Registration, a two-task run on a tiny ViT, frozen weights, well-formed updates, determinism, resume."""
-    contract.check_method(METHOD)
-
-
-def test_resume_matches_an_uninterrupted_run():
-    """Interrupted after task 2 of 3, checkpointed, reloaded (weights_only) into a fresh instance, continued:
-    bit-identical to the uninterrupted run. Use the params that change what method_state keeps."""
-    assert_resumes(METHOD, {{"rank": 2}}, after=2, num_tasks=3)
-
-
-def test_update_rank_is_bounded():
-    # TODO replace with the property that makes {name} that method (what its paper proves or claims), e.g.
-    # "the new update is orthogonal to the old ones" or "the penalty equals its formula on known factors".
-    rank = 2
-    run = run_method(METHOD({{"rank": rank}}), tiny_stream(samples_per_class=8), batch_size=8,
-                     max_steps_per_epoch=2)
-    for name, update in run.results[1].updates.items():
-        r = int(torch.linalg.matrix_rank(update.dense()))
-        assert 0 < r <= 2 * rank, (name, r)  # B_t A_t - B_(t-1) A_(t-1) has rank at most 2r
 '''
 
 PYPROJECT = '''[build-system]
@@ -208,6 +112,12 @@ def module_name(name: str) -> str:
     return name.replace("-", "_")
 
 
+def template(kind: str) -> Template:
+    if kind not in TEMPLATES:
+        raise ClbenchError(f"new-method: --template {kind}: choose one of {', '.join(TEMPLATES)}")
+    return TEMPLATES[kind]
+
+
 def check_name(name: str) -> None:
     if not valid_method_name(name):
         raise ClbenchError(f"new-method {name}: a method name must be {NAME_RULE}")
@@ -235,11 +145,13 @@ def _write_new(files: dict[Path, str], name: str) -> list[Path]:
 
 
 def new_method(name: str, directory: str | Path = ".", tests_dir: str | Path | None = None,
-               check_registry: bool = True) -> list[Path]:
-    """Write ``DIR/NAME.py`` and ``TESTS/test_NAME.py`` (default TESTS = DIR/tests); return both paths.
+               check_registry: bool = True, kind: str = "lora") -> list[Path]:
+    """Write ``DIR/NAME.py`` and ``TESTS/test_NAME.py`` (default TESTS = DIR/tests) from template ``kind``
+    (``clbench.templates.TEMPLATES``); return both paths.
 
     Refuses names that break the method-name rule or are already registered, and never overwrites a file.
     """
+    chosen = template(kind)
     check_name(name)
     if check_registry:
         _refuse_registered(name)
@@ -249,16 +161,17 @@ def new_method(name: str, directory: str | Path = ".", tests_dir: str | Path | N
     if directory.exists() and not directory.is_dir():
         raise ClbenchError(f"new-method {name}: --dir {directory} is not a directory")
     relpath = Path(os.path.relpath(plugin.resolve(), tests.resolve())).as_posix()
-    return _write_new({plugin: PLUGIN.format(name=name, cls=_class_name(name)),
-                       test: TEST_HEAD.format(name=name, relpath=relpath) + TEST_BODY.format(name=name)}, name)
+    return _write_new({plugin: chosen.plugin.format(name=name, cls=_class_name(name)),
+                       test: TEST_HEAD.format(name=name, relpath=relpath) + chosen.tests.format(name=name)}, name)
 
 
-def new_package(name: str, directory: str | Path = ".", check_registry: bool = True) -> list[Path]:
+def new_package(name: str, directory: str | Path = ".", check_registry: bool = True, kind: str = "lora") -> list[Path]:
     """Write the installable package folder ``DIR/clbench-NAME/``: ``pyproject.toml`` (the ``clbench`` entry
     point), ``README.md``, ``clbench_NAME.py`` and ``tests/test_NAME.py``; return the paths written.
 
     ``pip install -e DIR/clbench-NAME`` works as generated; the tests import the installed module and check
-    that clbench finds it through its entry point. Same refusals as :func:`new_method`."""
+    that clbench finds it through its entry point. Same refusals and templates as :func:`new_method`."""
+    chosen = template(kind)
     check_name(name)
     if check_registry:
         _refuse_registered(name)
@@ -272,6 +185,6 @@ def new_package(name: str, directory: str | Path = ".", check_registry: bool = T
     return _write_new({
         root / "pyproject.toml": PYPROJECT.format(**fields),
         root / "README.md": README.format(**fields),
-        root / f"{module}.py": PLUGIN.format(name=name, cls=cls),
-        root / "tests" / f"test_{module_name(name)}.py": PACKAGE_TEST_HEAD.format(**fields) + TEST_BODY.format(**fields),
+        root / f"{module}.py": chosen.plugin.format(name=name, cls=cls),
+        root / "tests" / f"test_{module_name(name)}.py": PACKAGE_TEST_HEAD.format(**fields) + chosen.tests.format(**fields),
     }, name)

@@ -164,7 +164,12 @@ class ResumeComparison:
         return None
 
 
-def interrupted_checkpoint(method: Any, stream: Stream, after: int, seed: int = 0, **train: Any) -> dict[str, Any]:
+def _ignore(msg: str) -> None:
+    return None
+
+
+def interrupted_checkpoint(method: Any, stream: Stream, after: int, seed: int = 0, *,
+                           progress: Callable[[str], None] = _ignore, **train: Any) -> dict[str, Any]:
     """Run ``method`` (an instance) through ``stream`` on CPU, stop after ``after`` tasks, and return the checkpoint
     as a resumed run reads it: the loop's payload (:func:`clbench.loop.checkpoint_payload`) saved by the runner's
     :class:`clbench.checkpoint.RunStore` and loaded back with ``torch.load(weights_only=True)``. Raises
@@ -181,7 +186,7 @@ def interrupted_checkpoint(method: Any, stream: Stream, after: int, seed: int = 
         store = checkpoint.RunStore(Path(tmp), "resume")
         try:
             run_stream(tiny_model(seed=seed), stream, run_manager(method), tiny_train(**train), seed,
-                       torch.device("cpu"), on_task=save_and_stop)
+                       torch.device("cpu"), on_task=save_and_stop, progress=progress)
         except _Stop:
             pass
         ck = store.load()
@@ -192,14 +197,15 @@ def interrupted_checkpoint(method: Any, stream: Stream, after: int, seed: int = 
 
 def compare_resume(method: Any, params: Any = None, *, stream: Stream | None = None, after: int = 1,
                    num_tasks: int = 3, seed: int = 0, inspect: Callable[[dict[str, Any]], None] | None = None,
-                   **train: Any) -> ResumeComparison:
+                   progress: Callable[[str], None] = _ignore, **train: Any) -> ResumeComparison:
     """Train ``after`` of the stream's tasks, save through the real checkpoint path, reload ``weights_only`` into
     a fresh instance on a fresh model, continue to the end, and return the comparison with an uninterrupted run.
 
     ``method``: a method class (built with ``params``) or a zero-argument factory of fresh instances. ``stream``
     defaults to a synthetic ``num_tasks``-task stream (2 classes per task); ``train`` overrides the tiny training
     settings (default two steps per epoch). ``inspect(checkpoint)`` runs between the checkpoint and the resume
-    (the contract checks there that saved state has a ``load_method_state`` to go to). A failing resume raises
+    (the contract checks there that saved state has a ``load_method_state`` to go to). ``progress`` gets the
+    loop's progress lines of the three runs, each prefixed by which run it is. A failing resume raises
     ``ClbenchError`` ("resume after task k failed: ...")."""
     make = _method_factory(method, params)
     stream = stream or tiny_stream(num_tasks=num_tasks, num_classes=2 * num_tasks, samples_per_class=16, seed=seed)
@@ -207,14 +213,15 @@ def compare_resume(method: Any, params: Any = None, *, stream: Stream | None = N
     cfg, cpu = tiny_train(**train), torch.device("cpu")
     full, full_weights = [], []
     full_state = run_stream(tiny_model(seed=seed), stream, run_manager(make()), cfg, seed, cpu,
-                            on_task=_recorder(full, full_weights))
-    ck = interrupted_checkpoint(make(), stream, after, seed, **train)
+                            on_task=_recorder(full, full_weights), progress=lambda m: progress(f"uninterrupted: {m}"))
+    ck = interrupted_checkpoint(make(), stream, after, seed, progress=lambda m: progress(f"interrupted: {m}"), **train)
     if inspect is not None:
         inspect(ck)
     resumed, resumed_weights = [], []
     try:  # a fresh model (another seed: every weight must come from the checkpoint), as the runner builds one
         end = run_stream(tiny_model(seed=seed + 1), stream, run_manager(make()), cfg, seed, cpu,
-                         on_task=_recorder(resumed, resumed_weights), state=resume_state(ck))
+                         on_task=_recorder(resumed, resumed_weights), state=resume_state(ck),
+                         progress=lambda m: progress(f"resumed: {m}"))
     except ClbenchError as exc:
         raise ClbenchError(f"resume after task {after - 1} failed: {exc}") from None
     return ResumeComparison(after, ck, full[after:], resumed, full_state, end, full_weights[0], resumed_weights[0])

@@ -405,12 +405,33 @@ def test_clbench_check_passes_a_builtin_from_any_folder(tmp_path, monkeypatch):
     from clbench.cli import app
 
     monkeypatch.chdir(tmp_path)
-    res = CliRunner().invoke(app, ["check", "lora"])
+    res = CliRunner().invoke(app, ["check", "lora", "--set", "rank=2", "--set", "targets=[q,v]"])
     assert res.exit_code == 0, res.output
-    lines = res.output.splitlines()
-    assert lines[0].startswith("contract of method 'lora'")
+    lines = res.stdout.splitlines()
+    assert lines[0].startswith("contract of method 'lora'") and lines[0].endswith("with rank=2, targets=[q,v]")
     assert len(lines) == 5 and all(ln.startswith("ok    ") for ln in lines[1:]), lines
     assert "resume" in lines[-1]
+    # progress on stderr while it runs: each check as it starts, and the loop's lines of each run
+    progress = res.stderr.splitlines()
+    assert progress[0] == "..    registration (name, params, hooks)"
+    assert any(ln.startswith("      task 2/2 done: acc ") for ln in progress)
+    assert any(ln.startswith("      resumed: task 3/3 done") for ln in progress)
+
+
+def test_clbench_check_params_reach_the_method_and_a_bad_one_is_one_line(monkeypatch):
+    from typer.testing import CliRunner
+
+    from clbench.cli import app
+
+    seen = []
+    monkeypatch.setattr(contract, "method_checks", lambda cls, params, **kw: seen.append(params) or [])
+    res = CliRunner().invoke(app, ["check", "lora", "--set", "params.rank=3", "--set", "fresh_per_task=true"])
+    assert res.exit_code == 0, res.output
+    defaults = type(seen[0])()
+    assert (seen[0].rank, seen[0].fresh_per_task, seen[0].alpha) == (3, True, defaults.alpha) != (defaults.rank, False)
+    res = CliRunner().invoke(app, ["check", "lora", "--set", "rank=0"])
+    assert res.exit_code == 1 and res.stdout == "" and "Traceback" not in res.output
+    assert res.stderr.startswith("error: --set rank=0: rank: Input should be greater than or equal to 1"), res.stderr
 
 
 def test_clbench_check_fails_a_folder_plugin_at_resume(tmp_path, monkeypatch):
@@ -421,11 +442,16 @@ def test_clbench_check_fails_a_folder_plugin_at_resume(tmp_path, monkeypatch):
     (tmp_path / "plugs").mkdir()
     (tmp_path / "plugs" / "forgetful.py").write_text(FORGETFUL_PLUGIN)
     monkeypatch.chdir(tmp_path)
+    res = CliRunner().invoke(app, ["check", "forgetful"])  # the folder not given: the error points at it
+    assert res.exit_code == 1
+    assert res.stderr.strip().endswith("'forgetful' seems to be defined in the plugins folder plugs, which is loaded "
+                                       "only with --plugins-dir: add --plugins-dir plugs"), res.stderr
     res = CliRunner().invoke(app, ["check", "forgetful", "--plugins-dir", "plugs"])
     assert res.exit_code == 1, res.output
-    lines = res.output.splitlines()
+    lines = res.stdout.splitlines()
     assert [ln[:6] for ln in lines[1:5]] == ["ok    "] * 3 + ["FAIL  "], lines
-    assert lines[-1].startswith("error: resume") and "no load_method_state hook" in lines[-1], lines[-1]
+    error = res.stderr.strip().splitlines()[-1]
+    assert error.startswith("error: resume") and "no load_method_state hook" in error, error
     assert "Traceback" not in res.output
 
 
@@ -438,3 +464,21 @@ def test_clbench_check_unknown_name_is_one_line(tmp_path):
     assert res.exit_code == 1
     lines = res.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: unknown method 'lorra'; did you mean"), lines
+    assert lines[0].endswith("; a method in a plugins folder is loaded only with --plugins-dir DIR")
+
+
+def test_clbench_check_says_it_is_still_running_during_a_long_step(monkeypatch):
+    import threading
+
+    from clbench import cli
+
+    said, first = [], threading.Event()
+
+    def echo(msg, err=False):
+        said.append((msg, err))
+        first.set()
+
+    monkeypatch.setattr(cli.typer, "echo", echo)
+    with cli._ticking(0.0, every=0.01):
+        assert first.wait(10)  # the block (a slow hook) runs on; the ticker speaks meanwhile
+    assert said[0][1] and said[0][0].startswith("      still running (")

@@ -51,6 +51,7 @@ def test_run_logs_parent_and_children(suite_file, mlflow_uri, tmp_path, monkeypa
             assert tags[key]
         for key in ("final/acc", "final/avg_acc", "final/forgetting", "final/bwt", "final/acc_til",
                     "cost/train_seconds", "cost/img_per_s", "cost/peak_mem_mb", "cost/trainable_params",
+                    "cost/method_seconds", "cost/total_seconds", "cost/state_mb",
                     "spectra/top1_share", "spectra/eff_rank", "spectra/overlap", "eval/acc", "eval/acc/task_02"):
             assert key in m, key
         assert r.data.params["method.params.rank"] == "2"

@@ -2,7 +2,8 @@
 the model is in train or eval mode (a method that records both inside every hook, through a resume too), what
 ``model(x, head=t)``, ``model(x)`` and ``ctx.loader`` give, and that state kept across steps with its autograd
 graph attached fails the run with one line naming the method (not PyTorch's "backward through the graph a
-second time"), while the suite goes on."""
+second time"), while the suite goes on. Also: the CLModel constructor and ``feature_dim``, heads rewritten in
+``after_task`` (evaluation uses them), what ``tiny_stream()`` returns, and ``check_method``'s ``seed``."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import re
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from clbench_plugins.lora import NaiveLoRA
@@ -270,3 +272,73 @@ def test_the_run_fails_with_that_line_and_the_suite_goes_on(tmp_path, mlflow_uri
             if r.data.tags.get("clbench.role") == "child"}
     assert runs["attached"].info.status == "FAILED" and "must be detached" in runs["attached"].data.tags["clbench.error"]
     assert runs["lora"].info.status == "FINISHED" and "final/acc" in runs["lora"].data.metrics
+
+
+# -- the model's constructor, heads rewritten in after_task, tiny_stream, check_method's params and seed -----------
+
+
+def test_model_constructor_and_feature_dim_are_what_the_guide_says():
+    import inspect
+
+    from clbench import CLModel
+    from clbench.testing import tiny_model
+
+    assert list(inspect.signature(CLModel.__init__).parameters) == ["self", "backbone", "image_size", "in_chans",
+                                                                    "mean", "std"]
+    model = tiny_model()
+    assert model.feature_dim == model.backbone.num_features == 32 and len(model.heads) == 0
+    head = model.add_head(3)
+    assert isinstance(head, torch.nn.Linear) and (head.in_features, head.out_features) == (model.feature_dim, 3)
+    assert len(model.backbone.blocks) == 2 and (model.image_size, model.in_chans) == (16, 1)
+
+
+class HeadWriter(NaiveLoRA):
+    """Rewrites every head in after_task, the finished ones (frozen) included: every image becomes class 0."""
+
+    name, aliases = "headwriter", ()
+    no_grad = True
+
+    @hookimpl
+    def after_task(self, model, ctx):
+        with torch.no_grad() if self.no_grad else torch.enable_grad():
+            for j, head in enumerate(model.heads):
+                head.weight.zero_()
+                head.bias.zero_()
+                if j == 0:
+                    head.bias[0] = 1.0
+
+
+def test_heads_rewritten_in_after_task_are_what_evaluation_uses():
+    stream = tiny_stream(num_tasks=3, num_classes=6, samples_per_class=8)
+    run = run_method(HeadWriter(HeadWriter.Params(rank=2)), stream=stream, max_steps_per_epoch=1)
+    share = 100.0 * float((stream.tasks[0].test_y == 0).float().mean())  # task 0's test images of class 0
+    for t in range(3):
+        assert run.R[t, 0] == pytest.approx(share) and all(run.R[t, j] == 0 for j in range(1, t + 1)), run.R
+    assert run.model.heads[0].bias[0] == 1.0 and not run.model.heads[0].weight.requires_grad
+    unguarded = HeadWriter(HeadWriter.Params(rank=2))
+    unguarded.no_grad = False  # the current head requires grad: an in-place write outside no_grad fails
+    with pytest.raises(MethodHookError, match="hook after_task raised RuntimeError: a leaf Variable that requires "
+                                              "grad is being used in an in-place operation"):
+        run_method(unguarded, stream=stream, max_steps_per_epoch=1)
+
+
+def test_tiny_stream_is_what_the_guide_says():
+    stream = tiny_stream()
+    assert len(stream.tasks) == 2 and stream.augment is None
+    for t, task in enumerate(stream.tasks):
+        assert task.classes == (2 * t, 2 * t + 1)
+        assert task.train_x.dtype == torch.uint8 and tuple(task.train_x.shape) == (48, 1, 16, 16)
+        assert task.train_y.dtype == torch.long and set(task.train_y.tolist()) == set(task.classes)
+        assert task.test_x.dtype == torch.uint8 and set(task.test_y.tolist()) == set(task.classes)
+    assert len(tiny_stream(num_tasks=3, num_classes=6, samples_per_class=8).tasks[2].train_y) == 16
+
+
+def test_check_method_seed_seeds_the_stream_and_the_run():
+    from clbench import contract
+
+    a, b = contract.contract_stream(0), contract.contract_stream(1)
+    assert not torch.equal(a.tasks[0].train_x, b.tasks[0].train_x)
+    first = contract.contract_run(NaiveLoRA, {"rank": 2}, seed=1)
+    again = contract.contract_run(NaiveLoRA, NaiveLoRA.Params(rank=2), seed=1)  # a Params instance or a dict
+    assert torch.equal(first.stream.tasks[1].test_x, again.stream.tasks[1].test_x)
+    assert np.array_equal(first.R, again.R, equal_nan=True)

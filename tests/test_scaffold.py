@@ -40,6 +40,27 @@ def test_generated_plugin_and_test_pass_as_generated(tmp_path):
     assert "my_pull" in res.stdout and "rank = 4: LoRA rank r" in res.stdout and "error" not in res.stderr
 
 
+def test_every_template_generates_a_plugin_whose_tests_pass(tmp_path):
+    """lora (also above), plain (NoParams, no adapters), prompt and rehearsal: each generated plugin's tests pass as
+    generated, run by pytest as the contributor would (one process for all four: 4 x contract, resume, property)."""
+    from clbench.templates import TEMPLATES
+
+    for kind in TEMPLATES:
+        res = CliRunner().invoke(app, ["new-method", f"t_{kind}", "--template", kind, "--dir", str(tmp_path / "plugs")])
+        assert res.exit_code == 0, res.output
+    text = (tmp_path / "plugs" / "t_plain.py").read_text()
+    assert "class TPlainParams(NoParams)" in text and "def configure_model" not in text
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests"],
+                         cwd=tmp_path / "plugs", capture_output=True, text=True, check=False)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
+    assert f"{3 * len(TEMPLATES)} passed" in out.stdout
+    res = CliRunner().invoke(app, ["methods", "--plugins-dir", str(tmp_path / "plugs")])
+    assert all(f"t_{kind}" in res.stdout for kind in TEMPLATES) and "error" not in res.stderr
+    res = CliRunner().invoke(app, ["new-method", "other", "--template", "lorra"])
+    assert res.exit_code == 1 and res.stderr.strip() == ("error: new-method: --template lorra: choose one of "
+                                                         "lora, plain, prompt, rehearsal")
+
+
 def test_generated_plugin_leaves_todos_and_cites_nothing_yet(tmp_path):
     plugin, _ = new_method("other_method", tmp_path)
     text = plugin.read_text()
