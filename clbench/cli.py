@@ -437,6 +437,7 @@ def leaderboard(
         text = render(groups, format_, title=title)
         if output:
             try:
+                output.parent.mkdir(parents=True, exist_ok=True)  # a named folder for reports, made on first use
                 output.write_text(text)
             except OSError as exc:
                 raise ClbenchError(f"--output {output}: cannot write ({exc.strerror})") from None

@@ -15,14 +15,22 @@ from typing import Any
 class Browser:
     def __init__(self, chromium: str, width: int = 1600, height: int = 1000) -> None:
         self._profile = tempfile.TemporaryDirectory()
-        to_child_r, self._to_child = os.pipe()
-        self._from_child, from_child_w = os.pipe()
+        import fcntl
+
+        def high(fd: int) -> int:  # away from 3 and 4, which the shell below redirects onto
+            new = fcntl.fcntl(fd, fcntl.F_DUPFD, 100)
+            os.close(fd)
+            return new
+
+        to_child_r, self._to_child = map(high, os.pipe())
+        self._from_child, from_child_w = map(high, os.pipe())
+        self._log = tempfile.TemporaryFile()
         args = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-sync",
                 "--disable-background-networking", "--disable-component-update", "--remote-debugging-pipe",
                 f"--user-data-dir={self._profile.name}", f"--window-size={width},{height}", "about:blank"]
-        cmd = ["/bin/sh", "-c", f'exec "$@" 3<&{to_child_r} 4>&{from_child_w}', "sh", *args]
+        cmd = ["bash", "-c", f'exec "$@" 3<&{to_child_r} 4>&{from_child_w}', "bash", *args]
         self.proc = subprocess.Popen(cmd, pass_fds=(to_child_r, from_child_w), stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL)
+                                     stderr=self._log)
         os.close(to_child_r)
         os.close(from_child_w)
         self._buf = b""
@@ -50,7 +58,8 @@ class Browser:
                 raise TimeoutError(method)
             chunk = os.read(self._from_child, 1 << 16)
             if not chunk:
-                raise RuntimeError("Chromium closed its pipe")
+                self._log.seek(0)
+                raise RuntimeError("Chromium closed its pipe: " + self._log.read()[-2000:].decode(errors="replace"))
             self._buf += chunk
 
     def goto(self, url: str) -> None:
@@ -95,4 +104,5 @@ class Browser:
             self.proc.wait(timeout=10)
         os.close(self._to_child)
         os.close(self._from_child)
+        self._log.close()
         self._profile.cleanup()
