@@ -73,7 +73,8 @@ class Browser:
         return res["result"].get("value")
 
     def wait_for(self, expression: str, timeout: float = 90.0) -> Any:
-        """Poll a JavaScript expression until it is truthy; its value (TimeoutError with the page's URL)."""
+        """Poll a JavaScript expression until it is truthy; its value (TimeoutError with the page's URL). The value
+        comes back as JSON: test a DOM node with !!(...), a node itself reads as empty."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:

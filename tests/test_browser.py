@@ -320,7 +320,12 @@ def test_every_way_in_lands_on_the_model_training_runs_table(server):
     try:
         browser.goto(url + "/")
         link = f'a[href$="experiments/{exp}"]'
-        browser.wait_for(f"document.querySelector('{link}')")
+        try:
+            browser.wait_for(f"!!document.querySelector('{link}')", timeout=180)
+        except TimeoutError:
+            browser.screenshot(folder / "home.png")
+            hrefs = browser.js("[...document.querySelectorAll('a')].map(a => a.getAttribute('href'))")
+            pytest.fail(f"no link to experiment {exp} on the home page ({folder / 'home.png'}): {hrefs}")
         assert json.loads(browser.js(f"localStorage.getItem('{WORKFLOW_STORAGE_KEY}')")) == WORKFLOW
         browser.js(f"document.querySelector('{link}').click()")
         landed = browser.wait_for(f"location.hash.includes('/experiments/{exp}/runs') && "
