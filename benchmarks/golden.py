@@ -5,11 +5,14 @@ changed a result.
 Two pinned sets, both from suites/quickstart.yaml, seed 0, all four methods:
 
 - ``slice`` (checked by ``tests/test_golden.py::test_golden_quickstart_slice`` in the default test run, seconds):
-  the quickstart with ``SLICE_OVERRIDES``: on the CPU, a randomly initialised backbone instead of the cached pretraining on
-  scikit-learn digits (the pretraining alone costs about two CPU minutes) and 1 epoch per task instead of 4. Same
+  the quickstart with ``SLICE_OVERRIDES``: on the CPU, a randomly initialised backbone instead of the shipped weights
+  pretrained on scikit-learn digits, and 1 epoch per task instead of 4. Same
   stream (5 tasks of MNIST), same backbone architecture, same method params, same protocol otherwise.
-- ``quickstart``: the full suite with pretraining, on the CPU (checked by ``test_golden_quickstart_full``,
-  marked slow).
+- ``quickstart``: the full suite on the shipped pretrained weights (clbench/weights, sha256 pinned), on the CPU
+  (checked by ``test_golden_quickstart_full``, marked slow).
+
+Each section records ``weights`` (clbench.weights: the sha256 of the backbone's starting weights, or random-init);
+the test refuses to compare numbers made on other weights.
 
 Both run through the public CLI entry point (``clbench run SUITE --set ...`` via typer's CliRunner, in this
 process) into a temporary MLflow store and are read back with ``mlflow.MlflowClient`` by the MLflow contract of
@@ -120,6 +123,13 @@ def compare(pinned: dict[str, dict[str, float]], new: dict[str, dict[str, float]
     return problems
 
 
+def weights_of(overrides: tuple[str, ...] | list[str]) -> str:
+    """The weights identity (clbench.weights) of the quickstart run with ``overrides``."""
+    from clbench.suite import load_suite
+
+    return load_suite(QUICKSTART, list(overrides)).weights_identity()
+
+
 def load(path: Path = GOLDEN) -> dict[str, Any]:
     return json.loads(path.read_text())
 
@@ -136,7 +146,8 @@ def write(section: str, overrides: tuple[str, ...] | list[str], metrics: dict[st
                              "in the commit that changes the behaviour, saying why.")
     data["command"] = COMMAND
     data["tolerance"] = TOLERANCE
-    data[section] = {"overrides": list(overrides), "seconds": None if seconds is None else round(seconds, 1),
+    data[section] = {"overrides": list(overrides), "weights": weights_of(overrides),
+                     "seconds": None if seconds is None else round(seconds, 1),
                      "produced_with": {"torch": torch.__version__, "python": platform.python_version(),
                                        "machine": platform.machine()},
                      "metrics": metrics}
@@ -146,7 +157,7 @@ def write(section: str, overrides: tuple[str, ...] | list[str], metrics: dict[st
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--full", action="store_true", help="the full quickstart (with pretraining) instead of the slice")
+    ap.add_argument("--full", action="store_true", help="the full quickstart (shipped pretrained weights) instead of the slice")
     ap.add_argument("--write", action="store_true", help="write the numbers into the golden file")
     ap.add_argument("--golden", type=Path, default=GOLDEN)
     ap.add_argument("--from-store", metavar="URI", help="read the numbers from this MLflow store (a finished "

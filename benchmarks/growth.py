@@ -25,15 +25,17 @@ this shared machine naive LoRA's step CPU time rose 1.4x over 20 tasks while the
 Data: a synthetic stream (random uint8 images, balanced labels) sized as the quickstart's (``mnist5k``: one
 channel, 16 px, 800 training and 200 test images per task of 2 classes), ``vit_tiny_clbench`` with random
 weights, batch 64, one epoch capped at ``--steps`` steps per task (few steps: the figures are per step, so the
-cap changes their noise, not their value). ``--data tiny`` shrinks everything further for a smoke run.
+cap changes their noise, not their value). ``--data small`` (512 training and 64 test images per task) keeps a
+13-method run of 20 tasks within minutes of CPU time; ``--data tiny`` shrinks everything further for a smoke run.
 
 Timing: one torch thread and process CPU time (this process's work only; the machine is shared, and a ratio
 within one process is robust to the neighbours, absolute numbers are not). The load average before and after is
 printed and stored. Results: ``name=value`` lines (``<method>.<figure>_slope``) and a JSON file under
 ``benchmarks/results/`` with the command, commit, machine, date, load and every per-task figure.
 
-Usage: python benchmarks/growth.py [--tasks 20] [--methods lora,sdlora,...] [--steps 12] [--data quickstart|tiny]
-       [--out benchmarks/results/growth-T20.json] [--no-save]
+Usage: python benchmarks/growth.py [--tasks 20] [--methods lora,sdlora,...] [--steps 12]
+       [--data quickstart|small|tiny] [--out benchmarks/results/growth-T20.json] [--no-save] [--verbose]
+       python benchmarks/growth.py --table benchmarks/results/growth-T20.json   # the PERFORMANCE.md table
 Not part of the test suite: timings only.
 """
 
@@ -58,6 +60,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from overhead import RUNTIME, load_line, make_cfg, method_classes, synthetic_stream  # noqa: E402
 
 from clbench.backbones import build_model  # noqa: E402
+from clbench.hookspecs import hookimpl  # noqa: E402
 from clbench.loop import checkpoint_payload, run_stream  # noqa: E402
 from clbench.registry import run_manager  # noqa: E402
 
@@ -65,6 +68,7 @@ FIGURES = ("train_step", "eval", "eval_image", "hook", "state_mb", "checkpoint_m
 TIMES = ("train_step", "eval", "eval_image", "hook")
 DATA = {  # (channels, image size, training images per task, test images per task, classes per task)
     "quickstart": (1, 16, 800, 200, 2),
+    "small": (1, 16, 512, 64, 2),
     "tiny": (1, 16, 128, 32, 2),
 }
 
@@ -180,6 +184,40 @@ def git_commit() -> str:
     return sha + ("-dirty" if dirty else "")
 
 
+def table(path: str) -> None:
+    """A results file as the markdown table of docs/PERFORMANCE.md."""
+    data = json.loads(Path(path).read_text())
+    print(f"<!-- {data['command']}; commit {data['commit'][:12]}; {data['date']}; load {data['load_before']} / "
+          f"{data['load_after']} -->")
+    print("| method | train step | ms/step (task 1) | eval | eval per image | task hooks | state MB (last) | "
+          "checkpoint MB (first / last) | checkpoint |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, m in data["methods"].items():
+        if "error" in m:
+            print(f"| {name} | failed: {m['error'][:80]} |||||||")
+            continue
+        s, rows = m["slopes"], m["per_task"]
+        print(f"| {name} | {s['train_step']:.2f} | {1000 * rows['train_step'][1]:.1f} | {s['eval']:.2f} | "
+              f"{s['eval_image']:.2f} | {s['hook']:.2f} | {rows['state_mb'][-1]:.3f} | "
+              f"{rows['checkpoint_mb'][0]:.3f} / {rows['checkpoint_mb'][-1]:.3f} | {s['checkpoint_mb']:.2f} |")
+
+
+def unfolded(sdlora: type) -> type:
+    """SD-LoRA with one branch per finished task, as the official forward (``LoRASite.combine`` left unset):
+    the baseline of the folded pairs, same params, same arithmetic up to float rounding."""
+
+    class Unfolded(sdlora):
+        name = "sdlora_unfolded"
+
+        def configure_model(self, model, ctx):
+            super().configure_model(model, ctx)
+            for site in self.sites.values():
+                site.combine = None
+
+    Unfolded.configure_model = hookimpl(Unfolded.configure_model)
+    return Unfolded
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tasks", type=int, default=20)
@@ -191,11 +229,19 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/growth-T<tasks>.json)")
     ap.add_argument("--no-save", action="store_true", help="print only")
     ap.add_argument("--verbose", action="store_true", help="a line per task")
+    ap.add_argument("--sdlora-unfolded", action="store_true",
+                    help="also run SD-LoRA with one branch per finished task (the official forward) as a baseline")
+    ap.add_argument("--table", metavar="JSON", help="print a results file as a markdown table and exit")
     args = ap.parse_args()
+    if args.table:
+        table(args.table)
+        return
     torch.set_num_threads(1)
     device = torch.device("cpu")
     chans, size, n_train, n_test, per_task = DATA[args.data]
     classes = method_classes(args.methods.split(",") if args.methods else None)
+    if args.sdlora_unfolded:
+        classes["sdlora_unfolded"] = unfolded(method_classes(["sdlora"])["sdlora"])
     torch.manual_seed(0)
     template = build_model(args.backbone, size, pretrained=False, checkpoint=None, in_chans=chans)
     stream = synthetic_stream(args.tasks, per_task, n_train, n_test, chans, size)

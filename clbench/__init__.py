@@ -54,6 +54,7 @@ _PUBLIC = {
     "attach": "clbench.prompts",
     "cosine": "clbench.prompts",
     "fit_blocks": "clbench.prompts",
+    "pick": "clbench.prompts",
     "split_prefix": "clbench.prompts",
     "uniform_prompt": "clbench.prompts",
 }
@@ -61,7 +62,7 @@ __all__ = [
     "ATTN_SLICES", "AdaptedLinear", "AdapterParams", "BlockList", "CLModel", "CONTRACT_VERSION", "ClbenchError",
     "LoRABranch", "LoRAParams", "LoRASite", "LowRank", "Method", "NoParams", "PromptMethod", "PromptModel",
     "Replayed", "SCOPES", "SCOPE_NONE", "SCOPE_SEEN", "SCOPE_TASK", "Samples", "Scope", "TARGETS", "Target",
-    "TaskContext", "attach", "backbone_maps", "cosine", "find_sites", "fit_blocks", "hookimpl", "inject",
+    "TaskContext", "attach", "backbone_maps", "cosine", "find_sites", "fit_blocks", "hookimpl", "inject", "pick",
     "reshape_spectrum", "snapshot_maps", "split_prefix", "task_changes", "uniform_prompt"
 ]  # == sorted(_PUBLIC)
 
@@ -92,6 +93,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ imports
         attach,
         cosine,
         fit_blocks,
+        pick,
         split_prefix,
         uniform_prompt,
     )

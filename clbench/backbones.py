@@ -12,6 +12,7 @@ from torch import nn
 
 from clbench.errors import ClbenchError
 from clbench.pretrain import TINY, tiny_checkpoint
+from clbench.weights import hub_id_of, hub_weights_file
 
 
 class CLModel(nn.Module):
@@ -78,23 +79,31 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
 
 def _pretrained_available(name: str) -> None:
     """Fail fast, with one clear line, when pretrained weights can neither be found in the cache nor fetched."""
-    import timm
-    from huggingface_hub import try_to_load_from_cache
-
-    cfg = timm.models.get_pretrained_cfg(name)
-    hub_id = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
+    hub_id = hub_id_of(name)
     if not hub_id:
         return  # weights hosted elsewhere: let timm report
-    hub_id = hub_id.split("@")[0]
-    for fname in ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin"):
-        if isinstance(try_to_load_from_cache(hub_id, fname), str):
-            return
+    if hub_weights_file(hub_id):
+        return
     offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
     if offline or not _hub_reachable():
         raise ClbenchError(
             f"backbone.name: pretrained weights for '{name}' (hub repo {hub_id}) are not in the Hugging Face cache "
             "and the hub cannot be reached; run once on a connected machine or set backbone.checkpoint to a local "
             "weights file")
+
+
+def fetch_hub_weights(name: str, pretrained: bool, checkpoint: str | None) -> None:
+    """Download a timm model's hub weights into the Hugging Face cache when a run will load them and they are not
+    there yet, so that the suite hash can cover their sha256 (clbench.weights) before any run is recorded."""
+    if not pretrained or checkpoint or name in TINY:
+        return
+    hub_id = hub_id_of(name)
+    if not hub_id or hub_weights_file(hub_id):
+        return
+    import timm
+
+    _pretrained_available(name)
+    timm.create_model(name, pretrained=True, num_classes=0)  # timm picks and downloads the file it loads
 
 
 def build_model(name: str, image_size: int, pretrained: bool, checkpoint: str | Path | None,

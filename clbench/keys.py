@@ -19,6 +19,7 @@ ROLE_PARENT = "parent"
 ROLE_CHILD = "child"
 SUITE = "clbench.suite"
 SUITE_HASH = "clbench.suite_hash"  # the protocol: runs of different hashes are never compared
+WEIGHTS = "clbench.weights_sha256"  # the backbone's starting weights (clbench.weights), inside the suite hash
 VERSION = "clbench.version"
 GIT_SHA = "clbench.git_sha"
 METHOD = "clbench.method"  # the suite's label of the method entry

@@ -129,8 +129,16 @@ def backbone_problem(cfg) -> str | None:
             return f"backbone.name: unknown timm model '{cfg.name}'; close matches: {close}"
     if cfg.checkpoint is not None:
         return checkpoint_problem(Path(cfg.checkpoint))
-    if cfg.name in TINY or not cfg.pretrained:
-        return None  # the tiny backbones' pretraining runs here, on data shipped in packages
+    if not cfg.pretrained:
+        return None
+    if cfg.name in TINY:  # the shipped weights: present, of this shape, and the pinned bytes
+        from clbench.weights import shipped_weights
+
+        try:
+            shipped_weights(cfg.name, cfg.image_size, cfg.in_chans or 1)
+        except ClbenchError as exc:
+            return str(exc)
+        return None
     from clbench.backbones import _pretrained_available
 
     try:

@@ -193,6 +193,19 @@ def cosine(q: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     return F.normalize(q, dim=-1) @ F.normalize(keys, dim=-1).T
 
 
+def pick(pool: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``pool[idx]``: the prompts (rows of ``pool``) at the long tensor ``idx`` (any shape), with a gradient that is
+    the same bits at every thread count.
+
+    Plain indexing ``pool[idx]`` differentiates through ``index_put_(accumulate=True)``, which on the CPU, with more
+    than one thread and at least 32,768 gradient elements (L2P++: batch 64 x top-5 x length 20 x width 64), adds the
+    rows with parallel atomic float additions: the order of the additions, hence the low bits of the prompts'
+    gradient, change from run to run (an uninterrupted and a resumed run drift apart at two threads, while one
+    thread takes a serial path). ``index_select`` differentiates through ``index_add_``, which adds the selected rows
+    in index order whatever the thread count; the forward is the same copy."""
+    return pool.index_select(0, idx.reshape(-1)).reshape(*idx.shape, *pool.shape[1:])
+
+
 def split_prefix(p: torch.Tensor) -> Prefix:
     """A prompt of length L (B x ... x L x D) as prefix keys (first L/2 rows) and values (last L/2), each
     flattened to B x n x D, as the CODA-Prompt code splits ``Ek = P[..., :L/2, :]``, ``Ev = P[..., L/2:, :]``."""

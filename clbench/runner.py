@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import platform
 import signal
 import sys
@@ -27,7 +28,7 @@ import yaml
 
 import clbench
 from clbench import checkpoint, distributed, keys
-from clbench.backbones import build_model
+from clbench.backbones import build_model, fetch_hub_weights
 from clbench.errors import ClbenchError
 from clbench.hookcheck import MethodHookError
 from clbench.loop import LoopState, resolve_device, resolved_precision, resume_state, run_stream
@@ -39,6 +40,7 @@ from clbench.streams import load_avalanche
 from clbench.suite import Suite
 from clbench.tracking import NullTracker, Tracker, absolute_uri, make_tracker, read_only_run_status, store_uri
 from clbench.validation import build_run_stream, stream_cache_key
+from clbench.weights import weights_line
 
 __all__ = ["PlannedRun", "RunJob", "RunRecord", "execute_job", "plan_runs", "run_key", "run_one", "run_suite"]
 
@@ -66,6 +68,8 @@ def run_suite(suite: Suite, source: str, *, methods: list[str] | None = None, se
             progress(line)
         return []
     experiment = suite.experiment
+    b = suite.backbone
+    fetch_hub_weights(b.name, b.pretrained, b.checkpoint)  # the hash covers the checksum of the file runs load
     if distributed.active():
         load_avalanche()  # before the process group exists (clbench.streams.load_avalanche says why)
     if distributed.is_follower():  # torchrun rank > 0: rank 0 decides, logs and checkpoints
@@ -78,7 +82,8 @@ def run_suite(suite: Suite, source: str, *, methods: list[str] | None = None, se
         _restart(sdir, stores, tracker, progress)
     finished = {k: _finished_record(k, st, tracker) for k, st in stores.items()}
     distributed.announce({k for k, v in finished.items() if v is not None})
-    base_tags = {keys.SUITE: suite.name, keys.SUITE_HASH: suite.protocol_hash(), keys.VERSION: clbench.__version__}
+    base_tags = {keys.SUITE: suite.name, keys.SUITE_HASH: suite.protocol_hash(), keys.VERSION: clbench.__version__,
+                 keys.WEIGHTS: suite.weights_identity()}
     sha = git_sha()
     if sha:
         base_tags[keys.GIT_SHA] = sha
@@ -124,7 +129,8 @@ def dry_run_lines(suite: Suite, planned: Sequence[PlannedRun], seeds: Sequence[i
     uri = absolute_uri(store_uri(suite.tracking.uri))
     sdir = checkpoint.suite_dir(checkpoint_dir, suite.protocol_hash(), suite.name, experiment, uri)
     status = read_only_run_status(uri, experiment)
-    lines = [f"suite {suite.name}: suite hash {suite.protocol_hash()} (the protocol; MLflow tag {keys.SUITE_HASH})",
+    lines = [f"suite {suite.name}: suite hash {suite.protocol_hash()} · weights {weights_line(suite.weights_identity())} "
+             f"(the protocol, the weights' checksum included; MLflow tag {keys.SUITE_HASH})",
              f"checkpoint folder {sdir}",
              f"  (its id {sdir.name.rpartition('-')[2]} digests suite hash, name, experiment and store: not the suite "
              "hash)"]
@@ -371,6 +377,17 @@ def _parent_run(tracker: Tracker, sdir: Path, suite: Suite, base_tags: dict[str,
     return parent
 
 
+def deterministic_algorithms(on: bool) -> None:
+    """``runtime.deterministic``: deterministic kernels only (torch raises on an op that has none), cuBLAS with a
+    fixed workspace (CUBLAS_WORKSPACE_CONFIG, read when cuBLAS starts a handle; a value the user set is kept) and
+    no cuDNN autotuning. Off: torch's defaults, so one run's setting never leaks into the next in this process."""
+    if on:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(on)
+    torch.backends.cudnn.deterministic = on
+    torch.backends.cudnn.benchmark = False if on else torch.backends.cudnn.benchmark
+
+
 def run_one(suite: Suite, run: PlannedRun, seed: int, stream, tracker: Tracker, parent: str,
             base_tags: dict[str, str], suite_yaml: str, progress: Callable[[str], None],
             store: checkpoint.RunStore | None = None) -> RunRecord:
@@ -382,6 +399,7 @@ def run_one(suite: Suite, run: PlannedRun, seed: int, stream, tracker: Tracker, 
     if device.type == "cpu" and rt.cpu_threads:
         # a tiny ViT's per-step kernels are too small to split: two threads wait on each other
         torch.set_num_threads(rt.cpu_threads)
+    deterministic_algorithms(rt.deterministic)
     say = lambda msg: progress(f"[{run.label} seed {seed}] {msg}")  # noqa: E731
     ck = store.load() if store is not None else None
     # The model is built before any MLflow run exists, so missing weights leave no FAILED run behind.

@@ -7,7 +7,6 @@ Relative paths inside a suite resolve against the suite file's folder.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 from pathlib import Path
@@ -26,6 +25,7 @@ from pydantic import (
 )
 
 from clbench.errors import ClbenchError
+from clbench.weights import weights_identity
 
 # The streams clbench can build (clbench.streams.build_stream has one branch per name).
 STREAM_NAMES = ("split_cifar100", "mnist5k", "digits", "synthetic", "imagenet_r", "domainnet")
@@ -94,8 +94,8 @@ class StreamConfig(Strict):
 
 class BackboneConfig(Strict):
     name: str = Field(description="timm model name, or vit_tiny_clbench / vit_micro_clbench for CPU")
-    pretrained: bool = Field(True, description="load pretrained weights (hub cache, or clbench's cached "
-                                               "pretraining for the tiny ViTs)")
+    pretrained: bool = Field(True, description="load pretrained weights (the hub's, or for vit_tiny_clbench at "
+                                               "16 px the weights shipped in clbench/weights)")
     checkpoint: str | None = Field(None, description="local weights file (state dict or .safetensors)")
     image_size: int = Field(224, ge=8, le=1024)
     in_chans: int | None = Field(None, ge=1, le=4)
@@ -147,7 +147,7 @@ class TrainConfig(Strict):
 
 
 # Settings that say how a run executes, not what it learns: outside the suite hash, recorded as tags.
-RUNTIME_KEYS = ("device", "compile", "log_every", "cpu_threads", "eval_batch_size")
+RUNTIME_KEYS = ("device", "compile", "log_every", "cpu_threads", "eval_batch_size", "deterministic")
 
 
 class RuntimeConfig(Strict):
@@ -162,6 +162,10 @@ class RuntimeConfig(Strict):
     cpu_threads: int | None = Field(None, ge=1, le=512, description="torch threads when training on the CPU "
                                     "(default: torch's choice; tiny models run fastest on 1)")
     eval_batch_size: int = Field(256, ge=1)
+    deterministic: bool = Field(False, description="bit-reproducible runs on CUDA: torch.use_deterministic_algorithms"
+                                "(True) (an op without a deterministic kernel fails, naming itself), cuBLAS's "
+                                "CUBLAS_WORKSPACE_CONFIG=:4096:8, no cuDNN autotuning; slower. The CPU is "
+                                "bit-reproducible at a given thread count without it (README: determinism)")
 
 
 class MethodEntry(Strict):
@@ -297,11 +301,12 @@ class Suite(Strict):
         return hashlib.sha256(json.dumps(self.protocol_identity(), sort_keys=True).encode()).hexdigest()[:12]
 
     def protocol_identity(self) -> dict[str, Any]:
-        """What ``protocol_hash`` hashes."""
+        """What ``protocol_hash`` hashes. ``backbone.weights`` is the sha256 of the weights the backbone starts from
+        (clbench.weights: the shipped tiny-ViT file, a checkpoint file or the hub's file), so runs on other weights
+        are another protocol."""
         stream = without_new_defaults(self.stream.model_dump(exclude={"root", "download", "cache"}))
         backbone = self.backbone.model_dump(exclude={"checkpoint"})
-        if self.backbone.checkpoint:
-            backbone["checkpoint_sha256"] = file_sha256(self.backbone.checkpoint)
+        backbone["weights"] = self.weights_identity()
         train = without_new_defaults(self.train.model_dump())
         if train["schedule"] == "inflora_cosine":  # since issue 31 with the official one-epoch lag: other runs
             train["schedule_lag"] = 1
@@ -310,6 +315,11 @@ class Suite(Strict):
         if self._split == "validation":  # other images measured: never one group or checkpoint with test runs
             identity["validation"] = self.validation.model_dump()
         return identity
+
+    def weights_identity(self) -> str:
+        """The sha256 of the backbone's starting weights, or what stands for it (clbench.weights)."""
+        b = self.backbone
+        return weights_identity(b.name, b.image_size, b.in_chans, b.pretrained, b.checkpoint)
 
     def train_for(self, entry: MethodEntry) -> TrainConfig:
         return TrainConfig(**{**self.train.model_dump(), **entry.train})
@@ -323,26 +333,6 @@ NEW_KEY_DEFAULTS = {"crop_scale": (0.08, 1.0), "test_transform": "auto", "drop_l
 def without_new_defaults(section: dict[str, Any]) -> dict[str, Any]:
     """``section`` (a model_dump) without the keys of NEW_KEY_DEFAULTS that hold their default."""
     return {k: v for k, v in section.items() if k not in NEW_KEY_DEFAULTS or v != NEW_KEY_DEFAULTS[k]}
-
-
-def file_sha256(path: str) -> str:
-    """sha256 of a weights file (cached per path, size and mtime); the file name when it is absent (validation
-    of the suite does not require the file; the run fails on it later with its own message)."""
-    p = Path(path)
-    try:
-        st = p.stat()
-    except OSError:
-        return "missing:" + p.name
-    return _sha256_cached(str(p), st.st_size, st.st_mtime_ns)
-
-
-@functools.lru_cache(maxsize=16)
-def _sha256_cached(path: str, size: int, mtime_ns: int) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def shipped_split_sums(stream_name: str) -> dict[str, str]:

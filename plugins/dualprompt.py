@@ -33,6 +33,7 @@ from clbench import (
     cosine,
     fit_blocks,
     hookimpl,
+    pick,
     split_prefix,
     uniform_prompt,
 )
@@ -84,7 +85,7 @@ class DualPromptModel(PromptModel):
                 pull = pull + (1.0 - sim[:, self.task]).sum()
             else:  # each image's own top-1 key
                 idx = sim.argmax(1)
-            prefixes[b] = split_prefix(self.e[i][idx])
+            prefixes[b] = split_prefix(pick(self.e[i], idx))
         for i, b in enumerate(self.g_blocks):
             gk, gv = split_prefix(self.g[i].expand(B, -1, -1))
             if b in prefixes:  # official order: E-prompt rows first, then G-prompt rows

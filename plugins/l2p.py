@@ -38,6 +38,7 @@ from clbench import (
     cosine,
     fit_blocks,
     hookimpl,
+    pick,
     split_prefix,
     uniform_prompt,
 )
@@ -108,8 +109,8 @@ class L2PModel(PromptModel):
             aux["key_match"] = pull.sum() if self.p.key_reduction == "sum" else pull.mean()
         if self.p.position == "tokens":
             B, D = q.shape[0], q.shape[1]
-            return {}, self.prompts[0][idx].reshape(B, -1, D), aux
-        return {b: split_prefix(self.prompts[i][idx]) for i, b in enumerate(self.blocks)}, None, aux
+            return {}, pick(self.prompts[0], idx).reshape(B, -1, D), aux
+        return {b: split_prefix(pick(self.prompts[i], idx)) for i, b in enumerate(self.blocks)}, None, aux
 
 
 class L2P(PromptMethod, Method):

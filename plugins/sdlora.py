@@ -92,6 +92,19 @@ class Magnitudes(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.values = nn.ParameterList()
+        self.vector: torch.Tensor | None = None  # every alpha as one tensor, during a backbone forward pass
+
+    def open(self, module: nn.Module, args: Any) -> None:
+        """Backbone forward pre-hook: the alphas concatenated once per forward pass, for every site to index (one
+        cat, and one split in the backward pass, instead of one per site)."""
+        self.vector = torch.cat(list(self.values)) if len(self.values) else None
+
+    def close(self, module: nn.Module, args: Any, output: Any) -> None:
+        self.vector = None
+
+    def current(self) -> torch.Tensor:
+        """The alphas as one tensor (shared within a forward pass; built here for a site called on its own)."""
+        return self.vector if self.vector is not None else torch.cat(list(self.values))
 
     def __len__(self) -> int:
         return len(self.values)
@@ -166,7 +179,7 @@ def _frozen_update(site: LoRASite, frozen: list[SDBranch], x: torch.Tensor) -> t
         cache = (key, A, B, tasks, offset, norm)
         site.__dict__["_sdlora_fold"] = cache  # a plain attribute: never in the state dict or a checkpoint
     _, A, B, tasks, offset, norm = cache
-    g = (torch.cat(list(frozen[0]._bank.values))[tasks] + offset) / norm
+    g = (frozen[0]._bank.current()[tasks] + offset) / norm
     if A.shape[0] * (A.shape[1] + B.shape[0]) > A.shape[1] * B.shape[0]:
         return x @ ((B * g) @ A).t()
     return ((x @ A.t()) * g) @ B.t()
@@ -273,6 +286,8 @@ class SDLoRA(Method):
             raise ClbenchError(f"sdlora: {exc}") from None
         self.bank = Magnitudes()
         model.backbone.sdlora_magnitudes = self.bank  # registered once, so the state dict carries the alphas
+        model.backbone.register_forward_pre_hook(self.bank.open)
+        model.backbone.register_forward_hook(self.bank.close)
         for site in self.sites.values():
             site.combine = folded_sum  # finished pairs as one factor pair per site: a step costs the same at any t
 

@@ -23,7 +23,7 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
-    # A session-wide cache keeps the tiny backbone's pretraining to one run per test session.
+    # A session-wide cache folder (the quickstart's backbone weights ship with clbench and are never cached).
     cache = tmp_path_factory.getbasetemp() / "clbench-cache"
     monkeypatch.setenv("CLBENCH_CACHE", str(cache))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

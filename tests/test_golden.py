@@ -26,6 +26,9 @@ def _check(section: str, overrides: tuple[str, ...], tmp_path: Path) -> None:
     assert pinned[section]["overrides"] == list(overrides), (
         f"{golden.GOLDEN.name}: the pinned {section} was produced with {pinned[section]['overrides']}, the test "
         f"runs {list(overrides)}{HOW}")
+    assert pinned[section]["weights"] == golden.weights_of(overrides), (
+        f"{golden.GOLDEN.name}: the pinned {section} was made on weights {pinned[section]['weights'][:12]}, the "
+        f"test runs on {golden.weights_of(overrides)[:12]}{HOW}")
     new = golden.run_quickstart(overrides, tmp_path)
     problems = golden.compare(pinned[section]["metrics"], new, pinned["tolerance"], f"golden {section}")
     assert not problems, "\n".join(problems) + HOW
@@ -38,7 +41,8 @@ def test_golden_quickstart_slice(tmp_path):
 
 @pytest.mark.slow
 def test_golden_quickstart_full(tmp_path):
-    """The whole quickstart, pretraining included (minutes); the slice above covers the loop and the methods."""
+    """The whole quickstart on the shipped pretrained weights (minutes); the slice above covers the loop and the
+    methods. The pinned numbers were made with those weights (their sha256 is in the golden file)."""
     _check("quickstart", golden.FULL_OVERRIDES, tmp_path)
 
 

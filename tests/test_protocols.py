@@ -150,7 +150,8 @@ def test_quickstart_logs_train_lr_per_epoch(tmp_path, monkeypatch):
 
 # -- the suite hash -------------------------------------------------------------------------------------------
 
-RUNTIME_SETS = ["runtime.log_every=7", "runtime.cpu_threads=2", "runtime.device=cpu", "runtime.eval_batch_size=100"]
+RUNTIME_SETS = ["runtime.log_every=7", "runtime.cpu_threads=2", "runtime.device=cpu", "runtime.eval_batch_size=100",
+                "runtime.deterministic=true"]
 
 
 def test_hash_ignores_runtime_but_not_protocol():
