@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import sys
 import traceback
 from collections.abc import Callable
@@ -37,11 +36,11 @@ def _fail(msg: str) -> None:
     raise typer.Exit(1)
 
 
-_BANNER = re.compile(r"^run \d+ of \d+: ")
-
-
 def _progress(msg: str) -> None:
-    if _BANNER.match(msg):  # the overall counter across runs (clbench.runner.run_banner): a rule, with rich
+    """Render one progress event (clbench.progress) on stderr: the overall counter across runs as a rule."""
+    from clbench.progress import RunStarted
+
+    if isinstance(msg, RunStarted):
         from rich.console import Console
 
         Console(stderr=True, highlight=False).rule(msg, style="cyan")
@@ -200,9 +199,11 @@ def _explaining_progress() -> Callable[[str], None]:
     """Progress on stderr that explains acc / til / forgetting right before the first line showing them."""
     shown = False
 
+    from clbench.progress import TaskDone
+
     def say(msg: str) -> None:
         nonlocal shown
-        if not shown and "(til " in msg:
+        if not shown and isinstance(msg, TaskDone):
             shown = True
             _progress(ACC_LEGEND)
         _progress(msg)
