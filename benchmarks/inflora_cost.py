@@ -78,7 +78,8 @@ def main() -> None:
     stream = build_stream(suite.stream, args.seed)
     torch.manual_seed(args.seed)
     model = build_model(suite.backbone.name, suite.backbone.image_size, suite.backbone.pretrained,
-                        suite.backbone.checkpoint, suite.backbone.in_chans, suite.backbone.drop_path_rate)
+                        suite.backbone.checkpoint, in_chans=suite.backbone.in_chans,
+                        drop_path_rate=suite.backbone.drop_path_rate)
     method = InfLoRA({"rank": args.rank})
     results: list[TaskResult] = []
     run_stream(model, stream, run_manager(method), cfg, args.seed, device,

@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 
 from clbench.backbones import CLModel, build_model
-from clbench.loop import TaskResult, autocast_for, evaluate, run_stream
+from clbench.loop import Loop, LoopOptions, TaskResult, autocast_for, evaluate, run_stream
 from clbench.lora import inject, merge_all
 from clbench.registry import discover, run_manager
 from clbench.spectra import SpectraTracker
@@ -246,6 +246,7 @@ def measure_eval(template: CLModel, args, device: torch.device) -> dict[str, flo
     stream = synthetic_stream(T, 2, 2, args.test_per_task, template.in_chans, args.image_size)
     cfg = make_cfg(args.batch_size, device)
     autocast = autocast_for(device, cfg.precision)
+    runtime = RuntimeConfig(eval_batch_size=args.eval_batch_size)
     bare = copy.deepcopy(template).to(device)  # never wrapped: the plain timm backbone
     for t in stream.tasks:
         bare.add_head(len(t.classes))
@@ -262,7 +263,7 @@ def measure_eval(template: CLModel, args, device: torch.device) -> dict[str, flo
         def f() -> float:
             sync(device)
             tic = now()
-            evaluate(model, stream, T - 1, args.eval_batch_size, device, autocast)
+            evaluate(Loop(model, stream, cfg, 0, device, LoopOptions(runtime=runtime)), T - 1)
             sync(device)
             return (now() - tic) / n_imgs
         return f

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import socket
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -106,15 +108,32 @@ def fetch_hub_weights(name: str, pretrained: bool, checkpoint: str | None) -> No
     timm.create_model(name, pretrained=True, num_classes=0)  # timm picks and downloads the file it loads
 
 
-def build_model(name: str, image_size: int, pretrained: bool, checkpoint: str | Path | None,
-                in_chans: int | None = None, drop_path_rate: float = 0.0, normalize: str = "timm") -> CLModel:
-    """Create the backbone (timm) with pooled-feature output and wrap it in a :class:`CLModel`.
+@dataclass(frozen=True)
+class Arch:
+    """How the backbone is built beyond its name and weights: ``in_chans`` (default: the model's), the
+    ``drop_path_rate``, and ``normalize``: "timm" = the model's pretrained mean/std; "none" = inputs stay in
+    [0, 1] (mean 0, std 1), as InfLoRA's official pipeline feeds its ViT (``Normalize(0, 1)``)."""
 
-    ``normalize``: "timm" = the model's pretrained mean/std; "none" = inputs stay in [0, 1] (mean 0, std 1), as
-    InfLoRA's official pipeline feeds its ViT (``Normalize(0, 1)``)."""
+    in_chans: int | None = None
+    drop_path_rate: float = 0.0
+    normalize: str = "timm"
+
+
+def model_from(bb) -> CLModel:
+    """The model a suite's ``backbone`` section (``clbench.suite.BackboneConfig``) describes."""
+    return build_model(bb.name, bb.image_size, bb.pretrained, bb.checkpoint, in_chans=bb.in_chans,
+                       drop_path_rate=bb.drop_path_rate, normalize=bb.normalize)
+
+
+def build_model(name: str, image_size: int, pretrained: bool = False, checkpoint: str | Path | None = None,
+                **arch: Any) -> CLModel:
+    """Create the backbone (timm) with pooled-feature output and wrap it in a :class:`CLModel`; ``arch``:
+    :class:`Arch`'s fields."""
     import timm
     from timm.models.vision_transformer import VisionTransformer
 
+    spec = Arch(**arch)
+    in_chans, drop_path_rate, normalize = spec.in_chans, spec.drop_path_rate, spec.normalize
     if name in TINY:
         chans = in_chans or 1
         backbone = VisionTransformer(img_size=image_size, in_chans=chans, num_classes=0, class_token=True,

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import sys
 import traceback
 from collections.abc import Callable
@@ -37,11 +36,11 @@ def _fail(msg: str) -> None:
     raise typer.Exit(1)
 
 
-_BANNER = re.compile(r"^run \d+ of \d+: ")
-
-
 def _progress(msg: str) -> None:
-    if _BANNER.match(msg):  # the overall counter across runs (clbench.runner.run_banner): a rule, with rich
+    """Render one progress event (clbench.progress) on stderr: the overall counter across runs as a rule."""
+    from clbench.progress import RunStarted
+
+    if isinstance(msg, RunStarted):
         from rich.console import Console
 
         Console(stderr=True, highlight=False).rule(msg, style="cyan")
@@ -200,9 +199,11 @@ def _explaining_progress() -> Callable[[str], None]:
     """Progress on stderr that explains acc / til / forgetting right before the first line showing them."""
     shown = False
 
+    from clbench.progress import TaskDone
+
     def say(msg: str) -> None:
         nonlocal shown
-        if not shown and "(til " in msg:
+        if not shown and isinstance(msg, TaskDone):
             shown = True
             _progress(ACC_LEGEND)
         _progress(msg)
@@ -437,6 +438,7 @@ def leaderboard(
         text = render(groups, format_, title=title)
         if output:
             try:
+                output.parent.mkdir(parents=True, exist_ok=True)  # a named folder for reports, made on first use
                 output.write_text(text)
             except OSError as exc:
                 raise ClbenchError(f"--output {output}: cannot write ({exc.strerror})") from None
@@ -471,8 +473,12 @@ def ui(
     typer.echo(f"MLflow UI for {uri} on {base}", err=True)
     for name, exp_id in views:
         typer.echo(f"  {name}: {view_url(base, exp_id)}   (leaderboard: runs sorted by final/acc)", err=True)
-    os.execvp(sys.executable, [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
-                               "--host", host, "--port", str(port), "--workers", "1"])
+    typer.echo(f"  every page opens in MLflow's model-training mode (runs tables; {base} lists the experiments)",
+               err=True)
+    from clbench.uiserver import command
+
+    argv = command(uri, host, port)  # MLflow's own server, opening in model-training mode (clbench.uiserver)
+    os.execvp(argv[0], argv)
 
 
 def _ui_views(uri: str) -> list[tuple[str, str]]:

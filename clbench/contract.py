@@ -236,9 +236,9 @@ def _check_batch_independent(cls: type, run: ContractRun) -> None:
     model = run.model
     tasks = run.stream.tasks
     n = min(8, *(len(t.test_y) for t in tasks))
-    from clbench.loop import batches
+    from clbench.batching import batches
 
-    pure = [next(batches(t.test_x, t.test_y, n, torch.device("cpu"), model, shuffle=False))[0] for t in tasks]
+    pure = [next(batches(t.test_x, t.test_y, n, torch.device("cpu"), model))[0] for t in tasks]
     order = torch.arange(n * len(tasks)).view(len(tasks), n).T.reshape(-1)  # interleave the tasks
     with torch.inference_mode():
         model.eval()

@@ -21,20 +21,12 @@ from typing import Any
 
 from clbench.errors import ClbenchError
 from clbench.plan import PlannedRun, RunJob, RunRecord
-from clbench.runner import execute_job, run_locally
+from clbench.runner import LocalExecutor, execute_job
 from clbench.tracking import absolute_uri, local_store_path
 
 # Forwarded to Ray workers, when set in the driver's environment: where data, caches and weights live and
 # whether the hub may be reached. Tracking credentials are not forwarded: set them on the cluster's nodes.
 FORWARDED_ENV = ("CLBENCH_CACHE", "CLBENCH_DATA", "HF_HUB_OFFLINE", "HF_HOME", "HF_HUB_CACHE", "TORCH_HOME")
-
-
-class LocalExecutor:
-    """Every job in this process, in order, sharing the driver's tracker and built streams."""
-
-    def run(self, jobs: Sequence[RunJob], *, tracker, planned: Sequence[PlannedRun],
-            progress: Callable[[str], None]) -> list[RunRecord]:
-        return run_locally(jobs, tracker=tracker, planned=planned, progress=progress)
 
 
 def check_tracking_for_cluster(uri: str, nodes: int, address: str | None) -> None:

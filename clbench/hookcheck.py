@@ -190,12 +190,10 @@ class CheckedHooks:
     """``pm.hook`` with every method hook's failure turned into a one-line ``MethodHookError``."""
 
     def __init__(self, pm) -> None:
-        names = [pm.get_name(p) for p in pm.get_plugins()]
-        registered = next((n for n in names if n and n.startswith("method:")), None)
-        self.method = registered.split(":", 1)[1] if registered else "?"
-        self.instance = pm.get_plugin(registered) if registered else None
+        self.instance = pm.method  # the run's manager knows its method (clbench.registry.RunManager)
+        self.method = pm.method_name
         # a method that fine-tunes the backbone (on the class, or per instance) may leave or train anything
-        self.trains_backbone = bool(getattr(self.instance, "trains_backbone", False)) if registered else True
+        self.trains_backbone = bool(getattr(self.instance, "trains_backbone", False))
         self.pretrained: set[int] = set()  # the backbone's parameters before configure_model
         self._pretrained_named: list[tuple[str, torch.nn.Parameter]] = []
         for hook in vars(pm.hook):  # every hook of the spec; those in CHECKS also have their results checked
@@ -273,5 +271,6 @@ class CheckedHooks:
 
 
 def checked_hooks(pm) -> CheckedHooks:
-    """The loop's hook caller for the run's plugin manager ``pm`` (``clbench.registry.run_manager``)."""
+    """The loop's hook caller for the run's plugin manager ``pm`` (``clbench.registry.run_manager``), built once
+    per run by the loop."""
     return CheckedHooks(pm)

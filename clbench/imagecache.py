@@ -15,6 +15,7 @@ import json
 import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -95,6 +96,21 @@ def cache_key(dataset: str, split: str, size: int, mode: str, checksum: str) -> 
     return f"{dataset}-{split}-{mode}{size}-{checksum[:16]}"
 
 
+@dataclass(frozen=True)
+class ImageSet:
+    """Which images a cache file holds: ``split`` of ``dataset`` (its pinned split's ``checksum``), decoded to
+    ``size`` x ``size`` with crop ``mode`` (one of ``MODES``)."""
+
+    dataset: str
+    split: str
+    size: int
+    mode: str
+    checksum: str
+
+    def key(self) -> str:
+        return cache_key(self.dataset, self.split, self.size, self.mode, self.checksum)
+
+
 def _decode_all(paths: Sequence[Path], size: int, mode: str, out: np.ndarray, workers: int,
                 decode: Callable[[str | Path, int, str], np.ndarray]) -> None:
     def one(i: int) -> None:
@@ -114,13 +130,14 @@ def _decode_all(paths: Sequence[Path], size: int, mode: str, out: np.ndarray, wo
             pass
 
 
-def load_or_build(dataset: str, split: str, paths: Sequence[Path], size: int, mode: str, checksum: str,
-                  use_cache: bool = True, workers: int | None = None,
+def load_or_build(images: ImageSet, paths: Sequence[Path], use_cache: bool = True, workers: int | None = None,
                   progress: Callable[[str], None] = lambda s: None) -> tuple[np.ndarray, bool]:
-    """The ``N x 3 x size x size`` uint8 images of ``paths``; returns ``(array, decoded_now)``.
+    """The ``N x 3 x size x size`` uint8 images of ``paths`` (``images`` says which set, size and crop); returns
+    ``(array, decoded_now)``.
 
     With ``use_cache`` the array is a read-only memmap of ``<cache>/images/<key>.u8``, built on first use.
     """
+    dataset, split, size, mode, checksum = images.dataset, images.split, images.size, images.mode, images.checksum
     if mode not in MODES:
         raise ValueError(f"unknown crop mode {mode}")
     workers = workers or os.cpu_count() or 1
@@ -129,7 +146,7 @@ def load_or_build(dataset: str, split: str, paths: Sequence[Path], size: int, mo
         out = np.empty(shape, dtype=np.uint8)
         _decode_all(paths, size, mode, out, workers, decode_image)
         return out, True
-    key = cache_key(dataset, split, size, mode, checksum)
+    key = images.key()
     data, meta = images_dir() / f"{key}.u8", images_dir() / f"{key}.json"
     if data.is_file() and meta.is_file():
         try:

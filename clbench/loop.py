@@ -26,9 +26,9 @@ import random
 import resource
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -36,19 +36,21 @@ import torch.nn.functional as F
 
 from clbench import rehearsal
 from clbench.backbones import CLModel
+from clbench.batching import Draw, batches
 from clbench.checkpoint import rng_state, set_rng_state
 from clbench.context import TaskContext
 from clbench.distributed import SINGLE_PROCESS, Communicator
 from clbench.errors import ClbenchError
-from clbench.hookcheck import checked_hooks
+from clbench.hookcheck import CheckedHooks, checked_hooks
 from clbench.metrics import accuracy_after, empty_matrix
+from clbench.progress import TaskDone
 from clbench.streams import Stream
 from clbench.suite import RuntimeConfig, TrainConfig
 
 
-@dataclass
+@dataclass(kw_only=True)
 class TaskResult:
-    """What the loop reports after each task (the tracker turns it into MLflow metrics)."""
+    """What the loop reports after each task (the recorder turns it into MLflow metrics); built by keyword."""
 
     task: int
     R: np.ndarray  # CIL accuracy matrix so far (rows 0..task filled)
@@ -120,60 +122,6 @@ def autocast_for(device: torch.device, precision: str) -> Callable[[], Any]:
     return contextlib.nullcontext
 
 
-def _take(x: torch.Tensor, sel: torch.Tensor | slice, pin: bool) -> torch.Tensor:
-    """Rows ``sel`` of ``x`` on the host; with ``pin``, gathered straight into page-locked memory (one copy, not
-    a gather and then a pinning copy), so the device copy can run asynchronously."""
-    if not pin:
-        return x[sel]
-    if isinstance(x, torch.Tensor) and isinstance(sel, torch.Tensor):
-        out = torch.empty((len(sel), *x.shape[1:]), dtype=x.dtype, pin_memory=True)
-        return torch.index_select(x, 0, sel, out=out)
-    return x[sel].pin_memory()
-
-
-def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, device: torch.device, model: CLModel,
-            shuffle: bool, generator: torch.Generator | None = None, fraction: float = 1.0,
-            limit: int | None = None, augment: Callable | None = None,
-            shard: tuple[int, int] | None = None, drop_last: bool = False,
-            positions: bool = False) -> Iterator[tuple[torch.Tensor, ...]]:
-    """Batches from in-memory uint8 tensors, moved to the device and preprocessed there.
-
-    ``augment(x, size, generator)`` (the stream's training augmentation) runs on the device before preprocess.
-    ``shard=(rank, world)`` (torchrun, clbench.distributed) yields this rank's rows of every global batch, possibly
-    empty. ``drop_last``: no last partial (global) batch. ``positions``: yield ``(x, y, pos)``, ``pos`` the batch's
-    row numbers in ``x`` (a CPU long tensor)."""
-    n = len(x)
-    if fraction < 1.0:  # a uniformly spaced subset, deterministic
-        idx = torch.linspace(0, n - 1, max(1, int(round(fraction * n)))).round().long()
-    else:
-        idx = torch.arange(n)
-    if shuffle:
-        idx = idx[torch.randperm(len(idx), generator=generator)]
-    if shard is not None and augment is not None and generator is not None:  # [distributed] same shuffles
-        aug_seed = int(torch.randint(2**62, (1,), generator=generator)) + shard[0]  # on every rank, own crops
-        generator = torch.Generator().manual_seed(aug_seed)
-    pin = device.type == "cuda"
-    in_order = fraction >= 1.0 and not shuffle  # evaluation: plain slices, no gather copy
-    ends = len(idx) - batch_size + 1 if drop_last else len(idx)
-    for b, start in enumerate(range(0, max(ends, 0), batch_size)):
-        if limit is not None and b >= limit:
-            break
-        sel = slice(start, start + batch_size) if in_order else idx[start:start + batch_size]
-        if shard is not None:  # [distributed] rows rank, rank + world, ... of the global batch
-            sel = (slice(start + shard[0], min(start + batch_size, len(idx)), shard[1]) if in_order
-                   else sel[shard[0]::shard[1]])
-        xb, yb = _take(x, sel, pin), _take(y, sel, pin)
-        xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
-        with torch.no_grad():
-            if augment is not None:
-                xb = augment(xb, model.image_size, generator)
-            xb = model.preprocess(xb)
-        if positions:
-            yield xb, yb, torch.arange(n)[sel] if isinstance(sel, slice) else sel
-        else:
-            yield xb, yb
-
-
 def make_optimizer(cfg: TrainConfig, groups: list[dict]) -> torch.optim.Optimizer:
     """The suite's optimizer at ``train.lr``; a group carrying its own ``lr`` (the head under ``head_lr``) keeps it."""
     if cfg.optimizer == "sgd":
@@ -216,86 +164,149 @@ def check_replacement(model: CLModel, replaced: Any) -> None:
                            "must wrap the same backbone (model.backbone), not a copy")
 
 
+@dataclass
+class LoopOptions:
+    """How ``run_stream`` runs, not what it trains: ``on_task(result, state, model)`` after every task,
+    ``progress`` lines, the ``state`` to resume from, the ``comm`` of a torchrun process group, the ``clock`` of the
+    timers and the ``runtime`` settings (log interval, compile, evaluation batch)."""
+
+    on_task: OnTask = _ignore
+    progress: Callable[[str], None] = _ignore
+    state: LoopState | None = None
+    comm: Communicator = SINGLE_PROCESS
+    clock: Callable[[], float] = time.perf_counter
+    runtime: RuntimeConfig | None = None
+
+    def __post_init__(self) -> None:
+        self.runtime = self.runtime or RuntimeConfig()
+
+
+@dataclass
+class Loop:
+    """One run's training as every phase sees it, built once by ``run_stream``: the model (a replacement from
+    ``configure_model`` once configured), the stream, the method's checked hook caller, the protocol, the seed,
+    the device and the options; the class offsets of the tasks (task j's logits start at ``offsets[j]``), the
+    test-set sizes and the autocast are derived once."""
+
+    model: CLModel
+    stream: Stream
+    cfg: TrainConfig
+    seed: int
+    device: torch.device
+    opts: LoopOptions = field(default_factory=LoopOptions)
+    hook: CheckedHooks | None = None
+    offsets: np.ndarray = field(init=False)
+    sizes: np.ndarray = field(init=False)
+    autocast: Callable[[], Any] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.offsets = np.cumsum([0] + [len(s.classes) for s in self.stream.tasks])
+        self.sizes = np.array([len(t.test_y) for t in self.stream.tasks])
+        self.autocast = autocast_for(self.device, self.cfg.precision)
+
+
 def run_stream(model: CLModel, stream: Stream, pm, cfg: TrainConfig, seed: int, device: torch.device,
-               on_task: OnTask = _ignore, progress: Callable[[str], None] = _ignore,
-               state: LoopState | None = None, comm: Communicator = SINGLE_PROCESS,
-               clock: Callable[[], float] = time.perf_counter, runtime: RuntimeConfig | None = None) -> LoopState:
+               **options: Any) -> LoopState:
     """Train ``model`` through ``stream`` with the method registered in ``pm``; return the final state.
 
-    ``cfg`` is the protocol, ``runtime`` how it executes here (log interval, compile, evaluation batch; the
-    device is ``device``). After every task, ``on_task(result, state, model)``: the task's figures, the state to
-    checkpoint (everything needed to continue at ``state.next_task``) and the trained model."""
-    runtime = runtime or RuntimeConfig()
-    hook = checked_hooks(pm)  # a hook's failure names the method and the hook (clbench.hookcheck)
-    T = len(stream.tasks)
-    autocast = autocast_for(device, cfg.precision)
-    state = comm.broadcast(state or LoopState())  # every rank starts from rank 0's state (a resumed run)
+    ``cfg`` is the protocol; ``options`` are :class:`LoopOptions`' fields (how it runs here; the device is
+    ``device``). After every task, ``on_task(result, state, model)``: the task's figures, the state to checkpoint
+    (everything needed to continue at ``state.next_task``) and the trained model."""
+    opts = LoopOptions(**options)
+    # the method's hooks, checked: a hook's failure names the method and the hook (clbench.hookcheck)
+    loop = Loop(model, stream, cfg, seed, device, opts, checked_hooks(pm))
+    state = opts.comm.broadcast(opts.state or LoopState())  # every rank starts from rank 0's state (a resumed run)
     if state.R is None:
-        state.R, state.R_til = empty_matrix(T), empty_matrix(T)
-    sizes = np.array([len(t.test_y) for t in stream.tasks])
-
-    # -- phase 0: the method configures the model once (adapters, freezing); a resumed run is restored --
-    torch.manual_seed(seed)
-    # Outside the step loop every hook sees the model in eval mode (CONTRIBUTING: the hook author's guide)
-    model.eval()
-    replaced = hook.configure_model(model=model, ctx=task_context(model, stream, 0, cfg, seed, device, autocast))
-    if replaced is not None:
-        check_replacement(model, replaced)
-        model = replaced
-    model.to(device).eval()  # a replacement's new modules are built in train mode
-    hook.freeze_backbone(progress)  # unless it declares trains_backbone, a method never trains the backbone
-    if state.next_task > 0 and state.model_state is not None:
-        restore(model, stream, pm, state, task_context(model, stream, state.next_task - 1, cfg, seed, device,
-                                                       autocast))
-    if runtime.compile and device.type == "cuda":
-        model.backbone = torch.compile(model.backbone)
-
-    for t in range(state.next_task, T):
-        # -- phase 1: the new task's head (old heads frozen); seeded so resumed runs match --------------
-        seed_task(seed, t)
-        head = new_head(model, stream, t, cfg.head_init)
-        model.eval()  # the task's prologue hooks: eval mode on every task (the new head too)
-        ctx = task_context(model, stream, t, cfg, seed, device, autocast)
-        # -- phase 1b (rehearsal): the method may replace the task's training set ------------------------
-        train_set = rehearsal.as_list(hook.training_set(ctx=ctx), "training_set") or None
-        if train_set is not None:
-            ctx = task_context(model, stream, t, cfg, seed, device, autocast, sum(len(s) for s in train_set))
-        # -- phase 2: the method prepares the task (projections, new adapters) -------------------------
-        timings: dict[str, float] = {}  # the method's task-level hooks: its cost/method_seconds
-        timed(timings, "before_task", clock, hook.before_task, model=model, ctx=ctx)
-        if takes_gradient_steps(hook.instance, ctx):
-            # -- phases 3-4: the optimizer over the method's groups plus the current head; train ---------
-            optimizer, scheduler = make_task_optimizer(model, head, hook.param_groups(model=model, ctx=ctx), cfg,
-                                                       ctx)
-            trainable = sum(p.numel() for g in optimizer.param_groups for p in g["params"])
-            trained = train_task(model, stream, pm, ctx, optimizer, scheduler, cfg, comm, clock, progress,
-                                 train_set, runtime.log_every)
-        else:  # a method without gradient steps (closed form): no optimizer, no step; its hooks set the heads
-            head.requires_grad_(False)
-            trainable, trained = 0, Trained(None, {}, 0, 0.0)
-        # -- phase 5: the method closes the task: memories, merging, the task's update -------------------
-        model.eval()
-        timed(timings, "after_task", clock, hook.after_task, model=model, ctx=ctx)
-        timed(timings, "merge_task", clock, hook.merge_task, model=model, ctx=ctx)
-        comm.sync_model(model)  # rank 0's weights on every rank: no drift across tasks
-        updates = timed(timings, "task_updates", clock, hook.task_updates, model=model, ctx=ctx)
-        kept = timed(timings, "task_updates", clock, hook.replay_buffer, ctx=ctx)  # counted together
-        buffer_images = None if kept is None else sum(len(s) for s in rehearsal.as_list(kept, "replay_buffer"))
-        # -- phase 6: evaluate every seen task (CIL and TIL), then report --------------------------------
-        tic = clock()
-        cil, til = evaluate(model, stream, t, runtime.eval_batch_size, device, autocast, comm)
-        eval_seconds = clock() - tic
-        state.R[t, : t + 1], state.R_til[t, : t + 1] = cil, til
-        state.next_task = t + 1
-        state.method_state = timed(timings, "method_state", clock, hook.method_state, ctx=ctx)
-        progress(f"task {t + 1}/{T} done: acc {accuracy_after(state.R, t, sizes):.2f} "
-                 f"(til {accuracy_after(state.R_til, t, sizes):.2f}) train {trained.seconds:.1f}s "
-                 f"method {sum(timings.values()):.1f}s")
-        on_task(TaskResult(t, state.R.copy(), state.R_til.copy(), sizes, trained.seconds, eval_seconds,
-                           trained.images, trained.loss, trained.loss_terms, updates, trainable, timings,
-                           buffer_images=buffer_images, epoch_lrs=trained.epoch_lrs),
-                state, model)
+        state.R, state.R_til = empty_matrix(len(stream.tasks)), empty_matrix(len(stream.tasks))
+    configure(loop, state)
+    for t in range(state.next_task, len(stream.tasks)):
+        run_task(loop, state, t)
     return state
+
+
+def configure(loop: Loop, state: LoopState) -> None:
+    """Phase 0: the method configures the model once (adapters, freezing); a resumed run is restored."""
+    torch.manual_seed(loop.seed)
+    # Outside the step loop every hook sees the model in eval mode (CONTRIBUTING: the hook author's guide)
+    loop.model.eval()
+    replaced = loop.hook.configure_model(model=loop.model, ctx=task_context(loop, 0))
+    if replaced is not None:
+        check_replacement(loop.model, replaced)
+        loop.model = replaced
+    loop.model.to(loop.device).eval()  # a replacement's new modules are built in train mode
+    loop.hook.freeze_backbone(loop.opts.progress)  # unless it declares trains_backbone, never the backbone
+    if state.next_task > 0 and state.model_state is not None:
+        restore(loop, state, task_context(loop, state.next_task - 1))
+    if loop.opts.runtime.compile and loop.device.type == "cuda":
+        loop.model.backbone = torch.compile(loop.model.backbone)
+
+
+def run_task(loop: Loop, state: LoopState, t: int) -> None:
+    """Task ``t``, phase by phase, then its report to ``on_task``."""
+    model, hook, clock = loop.model, loop.hook, loop.opts.clock
+    # -- phase 1: the new task's head (old heads frozen); seeded so resumed runs match --------------------
+    seed_task(loop.seed, t)
+    head = new_head(model, loop.stream, t, loop.cfg.head_init)
+    model.eval()  # the task's prologue hooks: eval mode on every task (the new head too)
+    ctx = task_context(loop, t)
+    # -- phase 1b (rehearsal): the method may replace the task's training set ------------------------------
+    train_set = rehearsal.as_list(hook.training_set(ctx=ctx), "training_set") or None
+    if train_set is not None:
+        ctx = task_context(loop, t, sum(len(s) for s in train_set))
+    # -- phase 2: the method prepares the task (projections, new adapters) -------------------------------
+    timings: dict[str, float] = {}  # the method's task-level hooks: its cost/method_seconds
+    timed(timings, "before_task", clock, hook.before_task, model=model, ctx=ctx)
+    if takes_gradient_steps(hook.instance, ctx):
+        # -- phases 3-4: the optimizer over the method's groups plus the current head; train ---------------
+        optimizer, scheduler = make_task_optimizer(model, head, hook.param_groups(model=model, ctx=ctx), loop.cfg,
+                                                   ctx)
+        trainable = sum(p.numel() for g in optimizer.param_groups for p in g["params"])
+        trained = train_task(loop, ctx, optimizer, scheduler, train_set)
+    else:  # a method without gradient steps (closed form): no optimizer, no step; its hooks set the heads
+        head.requires_grad_(False)
+        trainable, trained = 0, Trained(loss=None, loss_terms={}, images=0, seconds=0.0)
+    # -- phase 5: the method closes the task: memories, merging, the task's update -------------------------
+    model.eval()
+    timed(timings, "after_task", clock, hook.after_task, model=model, ctx=ctx)
+    timed(timings, "merge_task", clock, hook.merge_task, model=model, ctx=ctx)
+    loop.opts.comm.sync_model(model)  # rank 0's weights on every rank: no drift across tasks
+    updates = timed(timings, "task_updates", clock, hook.task_updates, model=model, ctx=ctx)
+    kept = timed(timings, "task_updates", clock, hook.replay_buffer, ctx=ctx)  # counted together
+    buffer_images = None if kept is None else sum(len(s) for s in rehearsal.as_list(kept, "replay_buffer"))
+    # -- phase 6: evaluate every seen task (CIL and TIL), then report --------------------------------------
+    tic = clock()
+    cil, til = evaluate(loop, t)
+    eval_seconds = clock() - tic
+    state.R[t, : t + 1], state.R_til[t, : t + 1] = cil, til
+    state.next_task = t + 1
+    state.method_state = timed(timings, "method_state", clock, hook.method_state, ctx=ctx)
+    acc, acc_til = accuracy_after(state.R, t, loop.sizes), accuracy_after(state.R_til, t, loop.sizes)
+    loop.opts.progress(TaskDone(task=t, num_tasks=len(loop.stream.tasks), acc=acc, acc_til=acc_til,
+                                train_seconds=trained.seconds, method_seconds=sum(timings.values())))
+    loop.opts.on_task(TaskResult(task=t, R=state.R.copy(), R_til=state.R_til.copy(), sizes=loop.sizes,
+                                 train_seconds=trained.seconds, eval_seconds=eval_seconds, images=trained.images,
+                                 loss=trained.loss, loss_terms=trained.loss_terms, updates=updates,
+                                 trainable_params=trainable, hook_seconds=timings, buffer_images=buffer_images,
+                                 epoch_lrs=trained.epoch_lrs),
+                      state, model)
+
+
+Purpose = Literal["global", "shuffle", "replay", "pass"]
+
+
+def task_seed(seed: int, task: int, purpose: Purpose, draw: int = 0) -> int:
+    """The one table of the loop's seeds for task ``task`` of a run seeded ``seed``: ``global`` (torch, numpy
+    and random at the task's start, what a method draws from), ``shuffle`` (the task's batch order and
+    augmentation), ``replay`` (rehearsal's added rows' augmentation), ``pass`` (the ``draw``-th augmented pass of
+    a hook's ``ctx.loader``). Distinct purposes never share a seed's stream; a resumed run draws the same."""
+    base = seed * 1_000_003 + task
+    return {"global": seed * 100_003 + task, "shuffle": base, "replay": base + 500_009,
+            "pass": base * 31 + draw}[purpose]
+
+
+def task_rng(seed: int, task: int, purpose: Purpose, draw: int = 0) -> torch.Generator:
+    """A generator of its own for ``purpose`` in task ``task`` (see :func:`task_seed`)."""
+    return torch.Generator().manual_seed(task_seed(seed, task, purpose, draw))
 
 
 def timed(timings: dict[str, float], name: str, clock: Callable[[], float], hook: Callable[..., Any],
@@ -317,29 +328,23 @@ def takes_gradient_steps(method: Any, ctx: TaskContext) -> bool:
 
 
 def seed_task(seed: int, t: int) -> None:
-    """Seed every generator a method may draw from at the start of task ``t`` (so a resumed run matches)."""
-    torch.manual_seed(seed * 100_003 + t)
-    np.random.seed((seed * 100_003 + t) % 2**32)
-    random.seed(seed * 100_003 + t)
+    """Seed every global generator a method may draw from at the start of task ``t`` (so a resumed run matches)."""
+    s = task_seed(seed, t, "global")
+    torch.manual_seed(s)
+    np.random.seed(s % 2**32)
+    random.seed(s)
 
 
-def shuffle_generator(seed: int, t: int) -> torch.Generator:
-    """The generator of task ``t``'s shuffles and augmentation draws (apart from the global ones)."""
-    return torch.Generator().manual_seed(seed * 1_000_003 + t)
-
-
-def task_context(model: CLModel, stream: Stream, t: int, cfg: TrainConfig, seed: int, device: torch.device,
-                 autocast: Callable[[], Any], train_size: int | None = None) -> TaskContext:
+def task_context(loop: Loop, t: int, train_size: int | None = None) -> TaskContext:
     """The facts handed to every hook of task ``t``; its loader yields the task's data with local labels.
     ``train_size``: the size of a training set that replaces the task's own (rehearsal), for the step count."""
+    stream, cfg, seed, device, model = loop.stream, loop.cfg, loop.seed, loop.device, loop.model
     task = stream.tasks[t]
-    T = len(stream.tasks)
-    offsets = np.cumsum([0] + [len(s.classes) for s in stream.tasks])
     rounding = math.floor if cfg.drop_last else math.ceil
     steps = rounding((train_size or len(task.train_y)) / cfg.batch_size)
     if cfg.max_steps_per_epoch:
         steps = min(steps, cfg.max_steps_per_epoch)
-    local_y = task.train_y - int(offsets[t])
+    local_y = task.train_y - int(loop.offsets[t])
 
     passes = [0]  # augmented passes so far: each draws its own crops (the official loader re-draws each epoch)
 
@@ -347,28 +352,29 @@ def task_context(model: CLModel, stream: Stream, t: int, cfg: TrainConfig, seed:
                generator: torch.Generator | None = None, augmented: bool = False):
         if augmented and stream.augment is not None and generator is None:  # own draws, not the training ones
             passes[0] += 1
-            generator = torch.Generator().manual_seed((seed * 1_000_003 + t) * 31 + passes[0])
-        return batches(task.train_x, local_y, batch_size or cfg.batch_size, device, model, shuffle,
-                       generator, fraction, augment=stream.augment if augmented else None)
+            generator = task_rng(seed, t, "pass", passes[0])
+        draw = Draw(shuffle=shuffle, generator=generator, fraction=fraction,
+                    augment=stream.augment if augmented else None)
+        return batches(task.train_x, local_y, batch_size or cfg.batch_size, device, model, draw)
 
     def samples_of(j: int) -> rehearsal.Samples:
         rows = stream.tasks[j]
         return rehearsal.Samples(rows.train_x, rows.train_y, index=rehearsal.stream_rows(j, len(rows.train_y)))
 
-    return TaskContext(task=t, num_tasks=T, classes=task.classes,
-                       seen_classes=tuple(range(int(offsets[t + 1]))), device=device, seed=seed,
+    return TaskContext(task=t, num_tasks=len(stream.tasks), classes=task.classes,
+                       seen_classes=tuple(range(int(loop.offsets[t + 1]))), device=device, seed=seed,
                        loader=loader, epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size,
-                       steps_per_epoch=steps, autocast=autocast,
-                       samples_of=samples_of)
+                       steps_per_epoch=steps, autocast=loop.autocast, samples_of=samples_of)
 
 
-def restore(model: CLModel, stream: Stream, pm, state: LoopState, ctx: TaskContext) -> None:
+def restore(loop: Loop, state: LoopState, ctx: TaskContext) -> None:
     """Resume: rebuild the finished tasks' heads, let the method rebuild its structure (``load_method_state``),
     load the checkpoint's weights strictly and its RNG states; ``ctx`` is the last finished task's."""
+    model, stream = loop.model, loop.stream
     while len(model.heads) < state.next_task:
         model.add_head(len(stream.tasks[len(model.heads)].classes))
     model.eval()
-    checked_hooks(pm).load_method_state(model=model, state=state.method_state or {}, ctx=ctx)
+    loop.hook.load_method_state(model=model, state=state.method_state or {}, ctx=ctx)
     try:
         model.load_state_dict(state.model_state)
     except RuntimeError as exc:
@@ -488,7 +494,7 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per
                     cfg.gamma)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Trained:
     """What ``train_task`` measured: mean losses over the steps, images seen, training seconds (loss None: no
     gradient step was taken)."""
@@ -512,21 +518,21 @@ def training_rows(stream: Stream, ctx: TaskContext, train_set: list[rehearsal.Sa
     return train_x, train_y, rehearsal.stream_index(train_set)
 
 
-def train_task(model: CLModel, stream: Stream, pm, ctx: TaskContext, optimizer: torch.optim.Optimizer,
-               scheduler: Schedule | None, cfg: TrainConfig, comm: Communicator, clock: Callable[[], float],
-               progress: Callable[[str], None], train_set: list[rehearsal.Samples] | None = None,
-               log_every: int = 25) -> Trained:
+def train_task(loop: Loop, ctx: TaskContext, optimizer: torch.optim.Optimizer, scheduler: Schedule | None,
+               train_set: list[rehearsal.Samples] | None = None) -> Trained:
     """``cfg.epochs`` epochs over task ``ctx.task``: cross-entropy on its head plus the method's loss terms.
 
     Rehearsal: ``train_set`` (``training_set``'s samples) replaces the task's own data, ``replay_batch`` adds
     rows to each step; steps with such rows score every row per its scope (``clbench.rehearsal.Step``)."""
-    hook, t, device = checked_hooks(pm), ctx.task, ctx.device
+    model, stream, hook, cfg, comm, clock = loop.model, loop.stream, loop.hook, loop.cfg, loop.opts.comm, loop.opts.clock
+    t, device = ctx.task, ctx.device
     train_x, train_y, index = training_rows(stream, ctx, train_set)
-    offsets = torch.as_tensor(np.cumsum([0] + [len(s.classes) for s in stream.tasks]), device=device)
+    offsets = torch.as_tensor(loop.offsets, device=device)
     params = [p for g in optimizer.param_groups for p in g["params"]]
     model.train()
-    gen = shuffle_generator(ctx.seed, t)
-    replay_gen = torch.Generator().manual_seed(ctx.seed * 1_000_003 + t + 500_009)  # replayed rows' augmentation
+    draw = Draw(shuffle=True, generator=task_rng(ctx.seed, t, "shuffle"), limit=cfg.max_steps_per_epoch,
+                augment=stream.augment, shard=comm.shard, drop_last=cfg.drop_last, positions=True)
+    replay_draw = Draw(generator=task_rng(ctx.seed, t, "replay"), augment=stream.augment, shard=comm.shard)
     step, images = 0, 0
     loss_sum = torch.zeros((), device=device)
     term_sums: dict[str, torch.Tensor] = {}
@@ -535,15 +541,12 @@ def train_task(model: CLModel, stream: Stream, pm, ctx: TaskContext, optimizer: 
     for epoch in range(cfg.epochs):
         epoch_lrs.append(float(optimizer.param_groups[0]["lr"]))  # the method's first group: the adapters
         window_t, window_n = clock(), 0
-        for xb, yb, pos in batches(train_x, train_y, cfg.batch_size, device, model, shuffle=True, generator=gen,
-                                   limit=cfg.max_steps_per_epoch, augment=stream.augment, shard=comm.shard,
-                                   drop_last=cfg.drop_last, positions=True):
+        for xb, yb, pos in batches(train_x, train_y, cfg.batch_size, device, model, draw):
             optimizer.zero_grad(set_to_none=True)
             loss, rows = None, index[pos]  # rows: which stored training rows this step holds (task, row)
             data = rehearsal.Step.of(xb, yb, train_set is not None)
             data.add(rehearsal.as_list(hook.replay_batch(model=model, batch=data.own, rows=rows, ctx=ctx),
-                                       "replay_batch"), len(ctx.seen_classes), device, model, stream.augment,
-                     replay_gen, comm.shard)
+                                       "replay_batch"), len(ctx.seen_classes), model, device, replay_draw)
             if len(data):  # under torchrun a rank's share of a short last batch may be empty
                 if data.extra is None:  # the protocol's step: cross-entropy on the current head
                     with ctx.autocast():
@@ -571,10 +574,10 @@ def train_task(model: CLModel, stream: Stream, pm, ctx: TaskContext, optimizer: 
             step += 1
             images += n_seen
             window_n += n_seen
-            if step % log_every == 0:  # in one process the step loop's only host synchronisation
+            if step % loop.opts.runtime.log_every == 0:  # in one process the step loop's only host synchronisation
                 rate = window_n / max(1e-9, clock() - window_t)
-                progress(f"task {t + 1}/{ctx.num_tasks} epoch {epoch + 1}/{cfg.epochs} step {step} "
-                         f"loss {loss.item():.4f} {rate:.0f} img/s")
+                loop.opts.progress(f"task {t + 1}/{ctx.num_tasks} epoch {epoch + 1}/{cfg.epochs} step {step} "
+                                   f"loss {loss.item():.4f} {rate:.0f} img/s")
                 window_t, window_n = clock(), 0
         if scheduler is not None:
             scheduler.epoch_end()
@@ -586,26 +589,25 @@ def train_task(model: CLModel, stream: Stream, pm, ctx: TaskContext, optimizer: 
                                  "or check the method's loss terms")
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return Trained(mean_loss, term_means, images, clock() - tic, epoch_lrs)
+    return Trained(loss=mean_loss, loss_terms=term_means, images=images, seconds=clock() - tic, epoch_lrs=epoch_lrs)
 
 
 @torch.inference_mode()
-def evaluate(model: CLModel, stream: Stream, upto: int, eval_batch_size: int, device: torch.device,
-             autocast, comm: Communicator = SINGLE_PROCESS) -> tuple[np.ndarray, np.ndarray]:
+def evaluate(loop: Loop, upto: int) -> tuple[np.ndarray, np.ndarray]:
     """CIL and TIL accuracy (percent) on the test sets of tasks 0..upto (each rank counts its shard)."""
+    model, stream, device, comm = loop.model, loop.stream, loop.device, loop.opts.comm
     model.eval()
-    offsets = np.cumsum([0] + [len(t.classes) for t in stream.tasks])
-    n_seen = int(offsets[upto + 1])
+    n_seen = int(loop.offsets[upto + 1])
     cil, til = np.zeros(upto + 1), np.zeros(upto + 1)
     for j in range(upto + 1):
         task = stream.tasks[j]
-        lo, hi = int(offsets[j]), int(offsets[j + 1])
+        lo, hi = int(loop.offsets[j]), int(loop.offsets[j + 1])
         correct = torch.zeros(2, dtype=torch.long, device=device)
-        for xb, yb in batches(task.test_x, task.test_y, eval_batch_size, device, model, shuffle=False,
-                              shard=comm.shard, augment=stream.test_transform):
+        for xb, yb in batches(task.test_x, task.test_y, loop.opts.runtime.eval_batch_size, device, model,
+                              Draw(shard=comm.shard, augment=stream.test_transform)):
             if len(yb) == 0:
                 continue
-            with autocast():
+            with loop.autocast():
                 logits = model(xb)[:, :n_seen]
             correct[0] += (logits.argmax(1) == yb).sum()
             correct[1] += (logits[:, lo:hi].argmax(1) + lo == yb).sum()

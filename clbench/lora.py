@@ -70,13 +70,11 @@ class LoRABranch(nn.Module):
 
     Default initialisation is LoRA's (Hu et al.; PEFT): A Kaiming-uniform with a = sqrt(5), B zero, so the
     branch starts as the identity update. ``gain`` is None (no gain), ``"scalar"`` (shape (1,)) or
-    ``"vector"`` (shape (r,)); it starts at ``gain_init``.
+    ``"vector"`` (shape (r,)); it starts at 1 (a method sets its own start in place, as EBLoRA's s).
     """
 
-    def __init__(
-        self, d_in: int, d_out: int, rank: int, scale: float = 1.0, gain: str | None = None,
-        gain_init: float = 1.0, dropout: float = 0.0,
-    ) -> None:
+    def __init__(self, d_in: int, d_out: int, rank: int, scale: float = 1.0, gain: str | None = None,
+                 dropout: float = 0.0) -> None:
         super().__init__()
         self.rank, self.scale = rank, float(scale)
         self.A = nn.Parameter(torch.empty(rank, d_in))
@@ -85,7 +83,7 @@ class LoRABranch(nn.Module):
         if gain is None:
             self.gain = None
         else:
-            self.gain = nn.Parameter(torch.full((1,) if gain == "scalar" else (rank,), float(gain_init)))
+            self.gain = nn.Parameter(torch.ones((1,) if gain == "scalar" else (rank,)))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def effective_B(self) -> torch.Tensor:

@@ -42,24 +42,25 @@ class PlannedRun:
     entry_index: int
 
 
-@dataclass
+@dataclass(kw_only=True)
 class RunJob:
-    """One (method, seed) as plain picklable data: everything another process (a Ray worker on another
-    machine) needs to train it and log it into the driver's parent MLflow run, rebuilding registry, stream,
-    model and tracker itself. Paths in it are absolute."""
+    """One (method, seed) as plain picklable data, built by keyword: everything another process (a Ray worker on
+    another machine) needs to train it and log it into the driver's parent MLflow run, rebuilding registry,
+    stream, model and tracker itself. Paths in it are absolute. A torchrun follower's job keeps only the suite,
+    the label and the seed (nothing logged, nothing checkpointed)."""
 
     suite: Suite
     source: str
     label: str
     seed: int
-    plugins_dirs: list[str]
-    tracking_uri: str
-    experiment: str
-    parent: str
-    base_tags: dict[str, str]
-    suite_yaml: str
-    store_dir: str
-    store_key: str
+    plugins_dirs: list[str] = field(default_factory=list)
+    tracking_uri: str = ""
+    experiment: str = ""
+    parent: str = ""
+    base_tags: dict[str, str] = field(default_factory=dict)
+    suite_yaml: str = ""
+    store_dir: str = ""
+    store_key: str = ""
 
 
 def plan_runs(suite: Suite, source: str, registry, methods: list[str] | None) -> list[PlannedRun]:

@@ -174,7 +174,9 @@ def spectrum_heatmap(task_sv: np.ndarray, layers: list[str], path: Path, title: 
 
 
 @plain_text
-def scatter(x, y, labels, path: Path, xlabel: str, ylabel: str, title: str) -> None:
+def scatter(x, y, labels, path: Path, text: tuple[str, str, str]) -> None:
+    """Points ``(x, y)`` annotated with ``labels``, into ``path``; ``text``: (x label, y label, title)."""
+    xlabel, ylabel, title = text
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5, 4))
     ax.scatter(x, y)

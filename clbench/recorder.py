@@ -1,29 +1,21 @@
-"""Recording: what a run leaves behind after every task and at its end (MLflow metrics, checkpoints,
-artifacts), and the suite-level figures on the parent run.
+"""Recording one run: what a (method, seed) run leaves behind after every task and at its end (MLflow metrics,
+checkpoints, artifacts, provenance).
 
 ``RunRecorder`` is the loop's single callback (``on_task(result, state, model)``): per task it turns the
 loop's ``TaskResult`` into metrics (``clbench.keys``), adds the task's update to the spectra, writes the
 checkpoint (atomically, with the task's metrics as "pending") and only then logs the metrics, so a crash at any
 moment loses nothing and logs nothing twice. ``finish`` logs the final metrics and the artifacts and marks the
-run done. ``record_suite`` computes the parent run's figures over every finished child run of the protocol.
-
-A full disk (checkpoint folder, artifact store or tracking database) ends the invocation with one
-:class:`DiskFullError` line naming what could not be written and what the rerun resumes (:func:`on_disk_full`):
-the checkpoint is written before the task's metrics are logged, so nothing computed is lost but the task whose
-checkpoint could not be written.
+run done. A full disk while writing any of it is one line (``clbench.diskfull``); the suite's figures on the
+parent run are ``clbench.summary``'s.
 """
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import json
-import os
 import platform
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -35,87 +27,12 @@ import torch
 import clbench
 from clbench import checkpoint, keys, plots
 from clbench.backbones import CLModel
-from clbench.claim import claim_effects, claim_metrics
-from clbench.errors import ClbenchError
-from clbench.leaderboard import aggregate
+from clbench.diskfull import on_disk_full
 from clbench.loop import LoopState, TaskResult, checkpoint_payload, peak_memory_mb
 from clbench.metrics import accuracy_after, per_task_forgetting, summary
 from clbench.plan import PlannedRun, RunRecord
-from clbench.report import log_report
 from clbench.spectra import SpectraTracker
-from clbench.suite import Suite
-from clbench.tracking import Tracker, read_runs
-
-DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
-# sqlite's SQLITE_FULL, as MLflow's SQLAlchemy store passes it on (an OperationalError inside an MlflowException)
-SQLITE_FULL = "database or disk is full"
-
-
-class DiskFullError(ClbenchError):
-    """A write failed for lack of disk space (or quota); the message says which store and what a rerun resumes."""
-
-
-def disk_full_detail(exc: BaseException | None) -> str | None:
-    """``exc`` (or an error it was raised from) as "No space left on device: PATH", or None when it is not a
-    full disk."""
-    seen: set[int] = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS:
-            reason = exc.strerror or os.strerror(exc.errno)
-            return f"{reason}: {exc.filename}" if exc.filename else reason
-        if SQLITE_FULL in str(exc):
-            return SQLITE_FULL
-        exc = exc.__cause__ or exc.__context__
-    return None
-
-
-@contextlib.contextmanager
-def on_disk_full(what: str | None, rerun: str = "each unfinished run resumes from its last checkpoint; nothing "
-                 "computed is lost", tracking_uri: str = "") -> Iterator[None]:
-    """Turn a full disk while writing ``what`` into one :class:`DiskFullError` line: which store, the error, and
-    ``rerun`` (what running the same command again does). ``what=None``: the invocation-wide net under the
-    named sites, naming the tracking store at ``tracking_uri`` (sqlite's error names no file) or the file the
-    error names."""
-    try:
-        yield
-    except DiskFullError:
-        raise
-    except Exception as exc:
-        detail = disk_full_detail(exc)
-        if detail is None:
-            raise
-        if what is None:
-            what = f"the MLflow tracking store {tracking_uri}".rstrip() if detail == SQLITE_FULL else "a file"
-        raise DiskFullError(f"disk full: cannot write {what} ({detail}); free space there and run the same "
-                            f"command again: {rerun}") from None
-
-
-class DiskFullNaming:
-    """A tracker whose every call but ``log_artifacts`` names the tracking store (its database or files) on a full
-    disk; the callers of ``log_artifacts`` name the artifacts and what the rerun does. Everything else is the
-    wrapped tracker's."""
-
-    def __init__(self, tracker: Tracker) -> None:
-        self._tracker = tracker
-
-    def __getattr__(self, name: str) -> Any:
-        attr = getattr(self._tracker, name)
-        if not callable(attr) or name == "log_artifacts":
-            return attr
-        what = f"the MLflow tracking store {getattr(self._tracker, 'uri', '')}"
-
-        def call(*args: Any, **kwargs: Any) -> Any:
-            with on_disk_full(what):
-                return attr(*args, **kwargs)
-
-        return call
-
-
-def naming_disk_full(tracker: Tracker) -> Tracker:
-    """``tracker`` wrapped in :class:`DiskFullNaming` (once)."""
-    return tracker if isinstance(tracker, DiskFullNaming) else DiskFullNaming(tracker)  # type: ignore[return-value]
-
+from clbench.tracking import Tracker
 
 PACKAGES = ("torch", "torchvision", "timm", "avalanche-lib", "mlflow", "pluggy", "pydantic", "numpy")
 
@@ -178,14 +95,16 @@ def task_metrics(res: TaskResult) -> dict[str, float]:
     return m
 
 
-@dataclass
+@dataclass(kw_only=True)
 class RunRecorder:
-    """Checkpoints and logs one (method, seed) run, task by task; see the module docstring."""
+    """Checkpoints and logs one (method, seed) run, task by task; see the module docstring. Built by keyword."""
 
     tracker: Tracker
     run_id: str
-    method_name: str
+    run: PlannedRun
+    seed: int
     store: checkpoint.RunStore | None = None
+    suite_yaml: str = ""  # the suite as run (an artifact)
     spectra: SpectraTracker = field(default_factory=SpectraTracker)
     spectra_rows: list[dict[str, float]] = field(default_factory=list)
     totals: dict[str, float] = field(
@@ -235,7 +154,7 @@ class RunRecorder:
 
     def _checkpoint(self, t: int, state: LoopState, model: CLModel, metrics: dict[str, float],
                     lrs: dict[int, float]) -> None:
-        checkpoint.check_loadable(state.method_state, f"method '{self.method_name}': method_state()")
+        checkpoint.check_loadable(state.method_state, f"method '{self.run.info.name}': method_state()")
         last = f"after task {t}" if t else "from its first task"  # tasks are counted from 1 in the output
         with on_disk_full(f"the checkpoint {self.store.path} after task {t + 1}",
                           f"the run resumes {last} (the previous checkpoint is intact; the metrics of task "
@@ -266,9 +185,9 @@ class RunRecorder:
                 final[mean_key] = float(np.mean(vals))
         return final
 
-    def finish(self, state: LoopState, sizes: np.ndarray, device: torch.device, run: PlannedRun, seed: int,
-               suite_yaml: str, stream) -> RunRecord:
+    def finish(self, state: LoopState, stream, device: torch.device) -> RunRecord:
         """Log the final metrics (once) and the artifacts, end the MLflow run, mark the checkpoint done."""
+        sizes = np.array([len(t.test_y) for t in stream.tasks])
         final = self._keyed(self.final_metrics(state, sizes, device))
         last = state.R.shape[0] - 1
         # final/avg_acc, not final/acc: under val/ the latter is the last task's val/acc, logged already
@@ -276,115 +195,43 @@ class RunRecorder:
             per_task = {keys.for_split(k, self.split) for k in (keys.EVAL_ACC, keys.EVAL_ACC_TIL)}  # logged above
             self.tracker.log_metrics(self.run_id, {k: v for k, v in final.items() if k not in per_task}, step=last)
         trained = "every task is trained and checkpointed; the rerun only writes the artifacts and ends the run"
-        with on_disk_full(f"the artifacts of MLflow run {self.run_id} ({run.label} seed {seed}) to the artifact "
-                          f"store of {getattr(self.tracker, 'uri', '?')}", trained):
-            write_artifacts(self.tracker, self.run_id, run, seed, state.R, state.R_til, self.spectra, suite_yaml,
-                            stream)
+        with on_disk_full(f"the artifacts of MLflow run {self.run_id} ({self.run.label} seed {self.seed}) to the "
+                          f"artifact store of {self.tracker.uri}", trained):
+            self.write_artifacts(state, stream)
         self.tracker.end_run(self.run_id, "FINISHED")
         self.ended = True
         if self.store is not None:
             with on_disk_full(f"{self.store.done_path} (the run's finished marker)", "the finished MLflow run is "
                               "found and marked done again; nothing is trained again"):
                 self.store.mark_done(self.run_id, final, state.R)
-        return RunRecord(run.label, seed, self.run_id, "FINISHED", final, state.R)
+        return RunRecord(self.run.label, self.seed, self.run_id, "FINISHED", final, state.R)
 
-
-def write_artifacts(tracker: Tracker, run_id: str, run: PlannedRun, seed: int, R, R_til, spectra, suite_yaml: str,
-                    stream) -> None:
-    """The run's files: suite, accuracy matrices (CSV and heatmap), provenance, package versions, spectra."""
-    with tempfile.TemporaryDirectory() as tmp:
-        d = Path(tmp)
-        (d / "suite.yaml").write_text(suite_yaml)
-        np.savetxt(d / "acc_matrix.csv", R, delimiter=",", fmt="%.4f")
-        np.savetxt(d / "acc_matrix_til.csv", R_til, delimiter=",", fmt="%.4f")
-        plots.accuracy_heatmap(R, d / "acc_matrix.png", f"{run.label} seed {seed}: CIL accuracy R[i, j]")
-        (d / "provenance.json").write_text(json.dumps(
-            {"method": run.info.name, "label": run.label, "source": run.info.source, **run.info.provenance,
-             "class_order": stream.class_order}, indent=2))
-        (d / "packages.json").write_text(json.dumps(package_versions(), indent=2))
-        if spectra.task_values:
-            arrays = spectra.arrays()
-            np.savez_compressed(d / "spectra.npz", **arrays)
-            plots.spectrum_heatmap(arrays["task_sv"], list(arrays["layers"]), d / "spectra.png",
-                                   f"{run.label} seed {seed}")
-            T = R.shape[0]
-            if T > 1:
-                f = per_task_forgetting(R)
-                later = [float(np.nanmean([np.nanmean(arrays["layer_metrics"][i, :, 0]) for i in range(j + 1, T)]))
-                         for j in range(T - 1)]
-                plots.scatter(later, f, [f"task {j}" for j in range(T - 1)], d / "forgetting_vs_imbalance.png",
-                              "mean top1_share of later tasks' updates", "forgetting of task j (points)",
-                              f"{run.label} seed {seed}")
-        tracker.log_artifacts(run_id, d)
-
-
-def record_suite(tracker: Tracker, parent: str, suite: Suite, records: list[RunRecord],
-                 progress: Callable[[str], None]) -> None:
-    """The parent run's figures over every finished child run of this protocol (suite hash) in the suite's
-    experiment, this invocation's and earlier ones alike: run counts, the imbalance-forgetting Spearman
-    correlation (``clbench.leaderboard.imbalance_forgetting``: one definition, the report plots the same
-    number) and the HTML leaderboard. A store that cannot be read back (a null tracker) gets this
-    invocation's counts only; a failing report never fails the runs already logged."""
-    experiment = suite.experiment
-    try:
-        runs = read_runs(experiment, tracker.uri) if hasattr(tracker, "client") else []
-    except ClbenchError:
-        runs = []
-    runs = [r for r in runs if r.tags.get(keys.SUITE_HASH) == suite.protocol_hash()]
-    if not runs:
-        tracker.log_metrics(parent, {
-            keys.SUITE_RUNS_FINISHED: float(len([r for r in records if r.status == "FINISHED"])),
-            keys.SUITE_RUNS_FAILED: float(len([r for r in records if r.status != "FINISHED"]))})
-        tracker.flush(parent)
-        return
-    [group] = aggregate(runs)
-    ev = group.imbalance_forgetting
-    failed = [u for u in group.unfinished if u["status"] in ("FAILED", "KILLED")]
-    figures = {keys.SUITE_RUNS_FINISHED: float(sum(row.n for row in group.rows)),
-               keys.SUITE_RUNS_FAILED: float(len(failed)), keys.SUITE_SPEARMAN_N: float(ev.n)}
-    if ev.rho is not None:  # at least 3 runs, neither side constant
-        figures.update({keys.SUITE_SPEARMAN: ev.rho, keys.SUITE_SPEARMAN_P: ev.p})
-    n_excluded, why = spectra_exclusions(group)
-    figures[keys.SUITE_SPECTRA_EXCLUDED] = float(n_excluded)
-    if n_excluded:  # say why the Spearman covers fewer runs than finished
-        tracker.set_tags(parent, {keys.SPECTRA_EXCLUDED: why})
-    figures.update(claim_metrics(claim_effects(group)))  # a claim suite's paired effects vs keep (else nothing)
-    tracker.log_metrics(parent, figures)
-    tracker.flush(parent)
-    if ev.rho is not None:
+    def write_artifacts(self, state: LoopState, stream) -> None:
+        """The run's files: suite, accuracy matrices (CSV and heatmap), provenance, package versions, spectra."""
+        run, title, R = self.run, f"{self.run.label} seed {self.seed}", state.R
         with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "imbalance_vs_forgetting.png"
-            plots.scatter(ev.x, ev.y, ev.labels, path, f"{keys.SPECTRA_MEAN_TOP1} (spectral imbalance)",
-                          keys.FINAL_FORGETTING, ev.title())
-            store = getattr(tracker, "uri", "?")
-            with on_disk_full(f"the figures of suite run {parent} to the artifact store of {store}",
-                              "every run is finished; the rerun only records the suite's figures"):
-                tracker.log_artifacts(parent, tmp)
-    leaderboard_report(tracker, parent, suite, progress)
+            d = Path(tmp)
+            (d / "suite.yaml").write_text(self.suite_yaml)
+            np.savetxt(d / "acc_matrix.csv", R, delimiter=",", fmt="%.4f")
+            np.savetxt(d / "acc_matrix_til.csv", state.R_til, delimiter=",", fmt="%.4f")
+            plots.accuracy_heatmap(R, d / "acc_matrix.png", f"{title}: CIL accuracy R[i, j]")
+            (d / "provenance.json").write_text(json.dumps(
+                {"method": run.info.name, "label": run.label, "source": run.info.source, **run.info.provenance,
+                 "class_order": stream.class_order}, indent=2))
+            (d / "packages.json").write_text(json.dumps(package_versions(), indent=2))
+            if self.spectra.task_values:
+                spectra_files(self.spectra.arrays(), R, d, title)
+            self.tracker.log_artifacts(self.run_id, d)
 
 
-def spectra_exclusions(group) -> tuple[int, str]:
-    """How many finished runs of ``group`` the spectra statistics leave out (no ``spectra/mean_top1_share``),
-    and why, per method: methods without a low-rank update (``low_rank_updates = False``: prompts) report none;
-    any other run without spectra is named as such."""
-    none, missing = [], []
-    for row in group.rows:
-        n = sum(1 for r in row.runs if r["values"].get(keys.SPECTRA_MEAN_TOP1) is None)
-        if n:
-            (none if not row.low_rank else missing).append(f"{row.method} ({n})")
-    parts = ([f"no low-rank update: {', '.join(none)}"] if none else []) + (
-        [f"no spectra logged: {', '.join(missing)}"] if missing else [])
-    total = sum(int(x.rsplit("(", 1)[1].rstrip(")")) for x in none + missing)
-    return total, f"{total} finished runs left out of the spectra statistics; " + "; ".join(parts) if total else ""
-
-
-def leaderboard_report(tracker: Tracker, parent: str, suite: Suite, progress: Callable[[str], None]) -> None:
-    """This protocol's leaderboard in the suite's experiment as ``leaderboard.html`` on the parent run; guarded,
-    because a failing report must never fail or lose the runs already logged."""
-    if not hasattr(tracker, "client"):  # a null or test tracker stores nothing to read back
-        return
-    try:
-        log_report(tracker, parent, suite.experiment, suite.protocol_hash(),
-                   title=f"clbench leaderboard: {suite.name}")
-    except Exception as exc:  # noqa: BLE001
-        progress(f"leaderboard report not written ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})")
+def spectra_files(arrays: dict[str, np.ndarray], R: np.ndarray, d: Path, title: str) -> None:
+    """spectra.npz, its heatmap and the run's forgetting against the later tasks' imbalance, into folder ``d``."""
+    np.savez_compressed(d / "spectra.npz", **arrays)
+    plots.spectrum_heatmap(arrays["task_sv"], list(arrays["layers"]), d / "spectra.png", title)
+    T = R.shape[0]
+    if T > 1:
+        f = per_task_forgetting(R)
+        later = [float(np.nanmean([np.nanmean(arrays["layer_metrics"][i, :, 0]) for i in range(j + 1, T)]))
+                 for j in range(T - 1)]
+        plots.scatter(later, f, [f"task {j}" for j in range(T - 1)], d / "forgetting_vs_imbalance.png",
+                      ("mean top1_share of later tasks' updates", "forgetting of task j (points)", title))

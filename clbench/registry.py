@@ -278,15 +278,25 @@ def plugins_dir_hint(name: str, given: Iterable[str | Path], root: Path | None =
     return "; a method in a plugins folder is loaded only with --plugins-dir DIR"
 
 
-def run_manager(method: Any, probes: Iterable[Any] = ()) -> pluggy.PluginManager:
+class RunManager(pluggy.PluginManager):
+    """The plugin manager of one run: it knows its method (``method``, ``method_name``), so the loop's checked
+    caller (``clbench.hookcheck``) needs no look-up. Built once per run by :func:`run_manager`."""
+
+    def __init__(self, method: Any) -> None:
+        super().__init__(hookspecs.PROJECT)
+        self.method = method
+        self.method_name = str(getattr(method, "name", type(method).__name__))
+
+
+def run_manager(method: Any, probes: Iterable[Any] = ()) -> RunManager:
     """The per-run manager: the one method instance of the run, the harness's default ``task_updates``
     (:class:`clbench.probes.TaskUpdateProbe`, called last: a method's own non-None result wins) and read-only
     probes."""
     from clbench.probes import TaskUpdateProbe  # torch: loaded only when a run is set up
 
-    pm = pluggy.PluginManager(hookspecs.PROJECT)
+    pm = RunManager(method)
     pm.add_hookspecs(hookspecs.MethodSpec)
-    pm.register(method, name=f"method:{getattr(method, 'name', type(method).__name__)}")
+    pm.register(method, name=f"method:{pm.method_name}")
     pm.register(TaskUpdateProbe(), name="harness:task_updates")
     for i, probe in enumerate(probes):
         pm.register(probe, name=f"probe:{i}")

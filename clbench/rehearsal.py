@@ -44,6 +44,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from clbench.batching import Draw
 from clbench.errors import ClbenchError
 from clbench.imagecache import IndexedImages
 
@@ -159,19 +160,20 @@ def concat(parts: Sequence[Samples]) -> tuple[torch.Tensor | IndexedImages, torc
     return x, table
 
 
-def prepare(parts: Sequence[Samples], n_seen: int, device: torch.device, model, augment: Callable | None,
-            generator: torch.Generator | None, shard: tuple[int, int] | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``replay_batch``'s samples as the loop's batches are: on the device, augmented, preprocessed; under
-    torchrun each rank takes its share of the rows. Returns (x, (label, scope code) table)."""
+def prepare(parts: Sequence[Samples], n_seen: int, model, device: torch.device,
+            draw: Draw) -> tuple[torch.Tensor, torch.Tensor]:
+    """``replay_batch``'s samples as the loop's batches are: on the device, augmented (``draw.augment`` with
+    ``draw.generator``), preprocessed; under torchrun each rank takes its share of the rows (``draw.shard``).
+    Returns (x, (label, scope code) table)."""
     x, table = concat(parts)
     check_labels(table[:, 0], n_seen, "replay_batch")  # on the host: no device synchronisation
     sel = torch.arange(len(table))
-    if shard is not None:
-        sel = sel[shard[0]::shard[1]]
+    if draw.shard is not None:
+        sel = sel[draw.shard[0]::draw.shard[1]]
     xb = x[sel].to(device, non_blocking=True)
     with torch.no_grad():
-        if augment is not None:
-            xb = augment(xb, model.image_size, generator)
+        if draw.augment is not None:
+            xb = draw.augment(xb, model.image_size, draw.generator)
         xb = model.preprocess(xb)
     return xb, table[sel].to(device, non_blocking=True)
 
@@ -189,12 +191,11 @@ class Step:
         """The loader's batch: the task's own rows, or, from a replaced training set, added rows only."""
         return cls((xb[:0], yb[:0, 0]), (xb, yb)) if replaced else cls((xb, yb))
 
-    def add(self, parts: Sequence[Samples], n_seen: int, device: torch.device, model, augment: Callable | None,
-            generator: torch.Generator | None, shard: tuple[int, int] | None) -> None:
+    def add(self, parts: Sequence[Samples], n_seen: int, model, device: torch.device, draw: Draw) -> None:
         """Append ``replay_batch``'s samples (see :func:`prepare`)."""
         if not parts:
             return
-        x, table = prepare(parts, n_seen, device, model, augment, generator, shard)
+        x, table = prepare(parts, n_seen, model, device, draw)
         self.extra = (x, table) if self.extra is None else (torch.cat([self.extra[0], x]),
                                                               torch.cat([self.extra[1], table]))
 

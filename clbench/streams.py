@@ -126,10 +126,13 @@ def load_avalanche() -> None:
     import avalanche.benchmarks  # noqa: F401
 
 
-def _from_tensors(name: str, xtr, ytr, xte, yte, num_tasks: int, order: list[int]) -> Stream:
+Rows = tuple[Any, torch.Tensor]  # (images, labels) of one split
+
+
+def _from_tensors(name: str, train: Rows, test: Rows, num_tasks: int, order: list[int]) -> Stream:
     """A stream over in-memory images (uint8, or floats in [0, 1] stored as uint8)."""
     _split_tasks(len(order), num_tasks)
-    return _build_tasks(name, _as_uint8(xtr), ytr, _as_uint8(xte), yte, num_tasks, order,
+    return _build_tasks(name, (_as_uint8(train[0]), train[1]), (_as_uint8(test[0]), test[1]), num_tasks, order,
                         take=lambda x, idx: x[torch.from_numpy(idx)])
 
 
@@ -227,7 +230,7 @@ def build_stream(cfg, seed: int, with_test: bool = True) -> Stream:
     if not with_test:  # the training rows stand in for the test split, which is never indexed
         te = tr
     tr, te = torch.from_numpy(tr), torch.from_numpy(te)
-    return _with_augment(_from_tensors(name, x[tr], y[tr], x[te], y[te], cfg.num_tasks, order), cfg)
+    return _with_augment(_from_tensors(name, (x[tr], y[tr]), (x[te], y[te]), cfg.num_tasks, order), cfg)
 
 
 def _with_augment(stream: Stream, cfg) -> Stream:
@@ -312,25 +315,24 @@ def _image_stream(cfg, seed: int, with_test: bool = True) -> Stream:
     sha = split.sha256
     say = lambda msg: print(msg, flush=True)  # noqa: E731 - decoding a real dataset takes minutes
     train_size = int(round(cfg.resolution * 256 / 224))  # room for random resized crops to resolution
-    xtr, _ = imagecache.load_or_build(cfg.name, "train", [folder / p for p, _ in split.train], train_size,
-                                      "center", sha, cfg.cache, progress=say)
+    xtr, _ = imagecache.load_or_build(imagecache.ImageSet(cfg.name, "train", train_size, "center", sha),
+                                      [folder / p for p, _ in split.train], cfg.cache, progress=say)
     ytr = torch.tensor([y for _, y in split.train], dtype=torch.long)
     if with_test:
-        xte, _ = imagecache.load_or_build(cfg.name, "test", [folder / p for p, _ in split.test], cfg.resolution,
-                                          "resize_center", sha, cfg.cache, progress=say)
+        xte, _ = imagecache.load_or_build(imagecache.ImageSet(cfg.name, "test", cfg.resolution, "resize_center", sha),
+                                          [folder / p for p, _ in split.test], cfg.cache, progress=say)
         yte = torch.tensor([y for _, y in split.test], dtype=torch.long)
     else:  # the training rows stand in for the test split: no test image is decoded
         xte, yte = xtr, ytr
-    stream = _from_index(cfg.name, xtr, ytr, xte, yte, cfg.num_tasks, order)
+    stream = _from_index(cfg.name, (xtr, ytr), (xte, yte), cfg.num_tasks, order)
     stream.meta.update(split_sha256=sha, split_source=split.source,
                        classes_sha256=pinned_sums()[f"{cfg.name}_classes.txt"])
     return stream
 
 
-def _from_index(name: str, xtr: np.ndarray, ytr: torch.Tensor, xte: np.ndarray, yte: torch.Tensor,
-                num_tasks: int, order: list[int]) -> Stream:
+def _from_index(name: str, train: Rows, test: Rows, num_tasks: int, order: list[int]) -> Stream:
     """A stream over (memmapped) image arrays; a task holds lazy views, images stay where they are."""
-    return _build_tasks(name, xtr, ytr, xte, yte, num_tasks, order, take=IndexedImages)
+    return _build_tasks(name, train, test, num_tasks, order, take=IndexedImages)
 
 
 class _Rows(torch.utils.data.TensorDataset):
@@ -341,7 +343,7 @@ class _Rows(torch.utils.data.TensorDataset):
         self.targets = y.tolist()
 
 
-def _build_tasks(name: str, xtr, ytr: torch.Tensor, xte, yte: torch.Tensor, num_tasks: int, order: list[int],
+def _build_tasks(name: str, train: Rows, test: Rows, num_tasks: int, order: list[int],
                  take: Callable[[Any, np.ndarray], Any]) -> Stream:
     """The one TaskData builder: Avalanche's class-incremental split of the sample rows (public API:
     ``as_classification_dataset``, ``class_incremental_benchmark``), then ``take(x, rows)`` per task and split.
@@ -349,6 +351,7 @@ def _build_tasks(name: str, xtr, ytr: torch.Tensor, xte, yte: torch.Tensor, num_
     from avalanche.benchmarks.scenarios import class_incremental_benchmark
     from avalanche.benchmarks.utils.utils import as_classification_dataset
 
+    (xtr, ytr), (xte, yte) = train, test
     bases = {"train": _Rows(ytr), "test": _Rows(yte)}
     bm = class_incremental_benchmark({k: as_classification_dataset(b) for k, b in bases.items()},
                                      class_order=order, num_experiences=num_tasks)

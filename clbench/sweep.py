@@ -271,11 +271,25 @@ def check_metric(metric: str) -> tuple[str, bool]:
     return metric, spec.higher_is_better
 
 
-def plan_sweep(suite: Suite, source: str, label: str, grid: list[str], *, random_n: int | None = None,
-               metric: str = DEFAULT_METRIC, seed: int | None = None, plugins_dirs: list[str] = (),
-               trust_suite_plugins: bool = False) -> SweepPlan:
-    """Everything a sweep will run, checked: see the module docstring. Raises one ClbenchError line."""
-    metric, higher = check_metric(metric)
+@dataclass(kw_only=True)
+class SweepOptions:
+    """How a sweep samples and where its methods come from: ``random_n`` sampled points (None: the full grid)
+    drawn with ``seed`` (default: the suite's first seed), the validation ``metric`` to pick the best point by,
+    the allowed ``plugins_dirs`` (and the suite's own with ``trust_suite_plugins``)."""
+
+    random_n: int | None = None
+    metric: str = DEFAULT_METRIC
+    seed: int | None = None
+    plugins_dirs: list[str] = field(default_factory=list)
+    trust_suite_plugins: bool = False
+
+
+def plan_sweep(suite: Suite, source: str, label: str, grid: list[str], **options: Any) -> SweepPlan:
+    """Everything a sweep will run, checked: see the module docstring; ``options``: :class:`SweepOptions`'
+    fields. Raises one ClbenchError line."""
+    opts = SweepOptions(**options)
+    random_n, seed = opts.random_n, opts.seed
+    metric, higher = check_metric(opts.metric)
     if random_n is not None and random_n < 1:
         raise ClbenchError(f"--random {random_n}: the number of sampled points must be at least 1")
     if not grid:
@@ -283,7 +297,7 @@ def plan_sweep(suite: Suite, source: str, label: str, grid: list[str], *, random
         raise ClbenchError(f"sweep: no --grid given; give {what}, e.g. {GRID_EXAMPLE}"
                            + (" or --grid 'methods.lora.train.lr=loguniform(1.0e-4,1.0e-2)'" if random_n else ""))
     index = _entry_index(suite, label, source)
-    dirs = plugin_dirs(suite.plugins_dir, plugins_dirs, trust_suite_plugins, source)
+    dirs = plugin_dirs(suite.plugins_dir, opts.plugins_dirs, opts.trust_suite_plugins, source)
     [planned] = [p for p in plan_runs(suite, source, discover(dirs), [suite.methods[index].display])
                  if p.entry_index == index]
     checker = _Checker(suite, index, planned.info.cls.Params)

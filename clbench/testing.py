@@ -195,21 +195,40 @@ def interrupted_checkpoint(method: Any, stream: Stream, after: int, seed: int = 
     return ck
 
 
-def compare_resume(method: Any, params: Any = None, *, stream: Stream | None = None, after: int = 1,
-                   num_tasks: int = 3, seed: int = 0, inspect: Callable[[dict[str, Any]], None] | None = None,
-                   progress: Callable[[str], None] = _ignore, **train: Any) -> ResumeComparison:
+@dataclass(kw_only=True)
+class ResumeSetup:
+    """Where :func:`compare_resume` trains: ``stream`` (default: a synthetic ``num_tasks``-task stream, 2 classes
+    per task), ``seed``, and ``train``: overrides of the tiny training settings (default two steps per epoch)."""
+
+    stream: Stream | None = None
+    num_tasks: int = 3
+    seed: int = 0
+    train: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, settings: dict[str, Any]) -> ResumeSetup:
+        """``stream``, ``num_tasks`` and ``seed`` from ``settings``; every other key is a training override."""
+        own = {k: settings.pop(k) for k in ("stream", "num_tasks", "seed") if k in settings}
+        return cls(**own, train={"max_steps_per_epoch": 2, **settings})
+
+
+def compare_resume(method: Any, params: Any = None, *, after: int = 1,
+                   inspect: Callable[[dict[str, Any]], None] | None = None, progress: Callable[[str], None] = _ignore,
+                   **settings: Any) -> ResumeComparison:
     """Train ``after`` of the stream's tasks, save through the real checkpoint path, reload ``weights_only`` into
     a fresh instance on a fresh model, continue to the end, and return the comparison with an uninterrupted run.
 
-    ``method``: a method class (built with ``params``) or a zero-argument factory of fresh instances. ``stream``
-    defaults to a synthetic ``num_tasks``-task stream (2 classes per task); ``train`` overrides the tiny training
-    settings (default two steps per epoch). ``inspect(checkpoint)`` runs between the checkpoint and the resume
-    (the contract checks there that saved state has a ``load_method_state`` to go to). ``progress`` gets the
-    loop's progress lines of the three runs, each prefixed by which run it is. A failing resume raises
-    ``ClbenchError`` ("resume after task k failed: ...")."""
+    ``method``: a method class (built with ``params``) or a zero-argument factory of fresh instances.
+    ``settings``: :class:`ResumeSetup`'s ``stream``, ``num_tasks`` and ``seed``; any other key overrides the tiny
+    training settings. ``inspect(checkpoint)`` runs between the checkpoint and the resume (the contract checks
+    there that saved state has a ``load_method_state`` to go to). ``progress`` gets the loop's progress lines of
+    the three runs, each prefixed by which run it is. A failing resume raises ``ClbenchError`` ("resume after
+    task k failed: ...")."""
     make = _method_factory(method, params)
-    stream = stream or tiny_stream(num_tasks=num_tasks, num_classes=2 * num_tasks, samples_per_class=16, seed=seed)
-    train = {"max_steps_per_epoch": 2, **train}
+    setup = ResumeSetup.of(dict(settings))
+    seed, train, num_tasks = setup.seed, setup.train, setup.num_tasks
+    stream = setup.stream or tiny_stream(num_tasks=num_tasks, num_classes=2 * num_tasks, samples_per_class=16,
+                                         seed=seed)
     cfg, cpu = tiny_train(**train), torch.device("cpu")
     full, full_weights = [], []
     full_state = run_stream(tiny_model(seed=seed), stream, run_manager(make()), cfg, seed, cpu,

@@ -322,6 +322,7 @@ class Tracker(Protocol):
     """What the runner and recorder need from a tracker (``MlflowTracker``, ``NullTracker``)."""
 
     uri: str
+    readable: bool  # its runs can be read back (``read_runs``): the suite's summary and report need that
 
     def start_run(self, name: str, tags: dict[str, str], params: dict[str, Any],
                   parent: str | None = None) -> str: ...
@@ -349,6 +350,7 @@ class NullTracker:
     """Logs nothing; used by ``--dry-run`` style calls and unit tests of the loop."""
 
     uri = "none"
+    readable = False
 
     def start_run(self, name: str, tags: dict[str, str], params: dict[str, Any], parent: str | None = None) -> str:
         return f"null-{name}-{time.monotonic_ns()}"
@@ -383,6 +385,8 @@ class NullTracker:
 
 class MlflowTracker:
     """Batched MLflow logging through ``MlflowClient``."""
+
+    readable = True
 
     def __init__(self, experiment: str, uri: str | None = None) -> None:
         import mlflow

@@ -183,10 +183,10 @@ class SpecificBranch(LoRABranch):
     """Task ``task``'s specific branch, scaled by its block weight ``weights[task][row, col]``; it adds
     nothing unless the selector names its task (so one forward pass runs one task's adapters)."""
 
-    def __init__(self, d_in: int, d_out: int, rank: int, task: int, row: int, col: int,
+    def __init__(self, d_in: int, d_out: int, rank: int, slot: tuple[int, int, int],
                  weights: nn.ParameterList, selector: _Selector) -> None:
         super().__init__(d_in, d_out, rank, scale=1.0)
-        self.task, self.row, self.col = task, row, col
+        self.task, self.row, self.col = slot  # its task, and its block weight's row and column
         object.__setattr__(self, "_weights", weights)  # owned by the model, not a submodule of the branch
         object.__setattr__(self, "_selector", selector)
 
@@ -356,7 +356,7 @@ class CLLoRA(Method):
         for name, site in self.specific_sites.items():
             block = int(name.split(".")[1])
             row, col = ATTN_SLICES.index(name.rsplit(".", 1)[1]), self.specific_block_ids.index(block)
-            branch = SpecificBranch(site.d_in, site.d_out, p.rank, task, row, col, model.block_weights,
+            branch = SpecificBranch(site.d_in, site.d_out, p.rank, (task, row, col), model.block_weights,
                                     model.selector).to(site.weight.device)
             with torch.no_grad():
                 branch.A.copy_(random_orthonormal(p.rank, site.d_in))

@@ -311,8 +311,9 @@ class EBLoRA(Method):
         self._pre_grads = grads if (p.use_f and not need_post) else {}
         self._live = {}
         for name, site in self.sites.items():
-            branch = site.add_branch(p.rank, scale=self.scale, gain=p.gain, gain_init=self.s_init(name),
-                                     dropout=p.dropout)
+            branch = site.add_branch(p.rank, scale=self.scale, gain=p.gain, dropout=p.dropout)
+            with torch.no_grad():
+                branch.gain.fill_(self.s_init(name))  # s starts at its energy-based value
             F = self.F.get(name) if p.use_f else None
             with torch.no_grad():
                 if grads is not None and p.grad_init:

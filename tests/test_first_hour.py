@@ -129,7 +129,7 @@ def test_flat_spectrum_scatter_has_no_offset_text(tmp_path):
     try:
         # float noise around an exactly balanced 0.25 (matplotlib alone draws the offset "1e-7+2.5e-1")
         plots.scatter([0.2500001, 0.2500002, 0.2500003, 0.2500001], [3.0, 5.5, 2.0, 7.0], list("abcd"),
-                      tmp_path / "f.png", "x", "y", "t")
+                      tmp_path / "f.png", ("x", "y", "t"))
     finally:
         plt.close = real_close
     ax = captured["fig"].axes[0]

@@ -157,8 +157,8 @@ def test_collected_covariance_matches_explicit_features_on_the_micro_vit():
     task = stream.tasks[0]
 
     def loader(batch_size=None, fraction=1.0, shuffle=False, generator=None, augmented=False):
-        from clbench.loop import batches
-        return batches(task.train_x, task.train_y, 5, torch.device("cpu"), model, False, fraction=fraction)
+        from clbench.batching import Draw, batches
+        return batches(task.train_x, task.train_y, 5, torch.device("cpu"), model, Draw(fraction=fraction))
 
     ctx = TaskContext(task=0, num_tasks=2, classes=task.classes, seen_classes=task.classes,
                       device=torch.device("cpu"), seed=0, loader=loader)

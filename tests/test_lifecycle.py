@@ -148,10 +148,10 @@ def test_ctrl_c_at_task_0_then_task_1_resumes_the_same_run_to_the_uninterrupted_
                               checkpoint_dir=str(tmp_path / "ref-ck"))
     train_task = loop.train_task
     for task in (0, 1):
-        def interrupted(model, stream, pm, ctx, *args, task=task, **kwargs):
+        def interrupted(loop_, ctx, *args, task=task, **kwargs):
             if ctx.task == task:
                 raise KeyboardInterrupt
-            return train_task(model, stream, pm, ctx, *args, **kwargs)
+            return train_task(loop_, ctx, *args, **kwargs)
 
         monkeypatch.setattr(loop, "train_task", interrupted)
         with pytest.raises(KeyboardInterrupt):

@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from clbench.augment import resize_center_crop
+from clbench.batching import Draw, batches
 from clbench.errors import ClbenchError
-from clbench.loop import batches, init_head_kaiming_zero
+from clbench.loop import init_head_kaiming_zero
 from clbench.streams import class_order_for
 from clbench.suite import load_suite
 from clbench.testing import tiny_model
@@ -55,9 +56,9 @@ def test_pilot_order_is_np_random_seed_permutation():
 def test_drop_last_leaves_out_the_partial_batch():
     model = tiny_model()
     x, y = torch.zeros(10, 1, 16, 16, dtype=torch.uint8), torch.arange(10)
-    sizes = lambda **kw: [len(b) for _, b in batches(x, y, 4, torch.device("cpu"), model, shuffle=False, **kw)]  # noqa: E731
+    sizes = lambda **kw: [len(b) for _, b in batches(x, y, 4, torch.device("cpu"), model, Draw(**kw))]  # noqa: E731
     assert sizes() == [4, 4, 2] and sizes(drop_last=True) == [4, 4]
-    assert [len(b) for _, b in batches(x[:3], y[:3], 4, torch.device("cpu"), model, False, drop_last=True)] == []
+    assert [len(b) for _, b in batches(x[:3], y[:3], 4, torch.device("cpu"), model, Draw(drop_last=True))] == []
 
 
 def test_kaiming_zero_head_is_pilots_simple_linear():

@@ -165,7 +165,7 @@ def test_codaprompt_trains_only_the_current_chunk():
 
 def test_parent_run_logs_how_many_runs_the_spectra_statistics_left_out_and_why():
     from clbench import leaderboard as lb
-    from clbench.recorder import spectra_exclusions
+    from clbench.summary import spectra_exclusions
 
     def row(name, low_rank, top1):
         runs = [{"run_id": f"{name}{s}", "seed": s, "values": {"spectra/mean_top1_share": top1}, "curve": []}

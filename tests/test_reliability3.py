@@ -258,7 +258,7 @@ def test_every_figure_draws_labels_with_dollars_and_backslashes(tmp_path):
     for i, label in enumerate(LABELS):
         plots.accuracy_heatmap(R, tmp_path / f"h{i}.png", f"{label} seed 0: CIL accuracy R[i, j]")
         plots.spectrum_heatmap(np.ones((2, 1, 3)), [label], tmp_path / f"s{i}.png", label)
-        plots.scatter([0.1, 0.2], [1.0, 2.0], [label, label], tmp_path / f"x{i}.png", label, label, label)
+        plots.scatter([0.1, 0.2], [1.0, 2.0], [label, label], tmp_path / f"x{i}.png", (label, label, label))
     ranking = stats.rank_methods(np.array([[1.0, 2.0, 3.0], [0.0, 1.0, 2.0], [2.0, 2.0, 4.0]]), LABELS[:3],
                                  ["a", "b", "c"])
     stats.cd_diagram(ranking, tmp_path / "cd.png", title=LABELS[0])
@@ -413,7 +413,7 @@ def test_a_full_tracking_database_names_it_and_the_rerun_resumes(tmp_path, mlflo
 
 
 def test_a_full_disk_elsewhere_is_one_line_naming_the_file():
-    from clbench.recorder import DiskFullError, on_disk_full
+    from clbench.diskfull import DiskFullError, on_disk_full
 
     with pytest.raises(DiskFullError, match=r"cannot write a file \(No space left on device: /x/y\)"):
         with on_disk_full(None):

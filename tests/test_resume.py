@@ -84,9 +84,9 @@ def at(owner, name, when):
 if point == "suite":
     at(runner, "record_suite", lambda *a, **k: True)
 elif point == "train":
-    at(loop, "train_task", lambda model, stream, pm, ctx, *a, **k: ctx.task == task)
+    at(loop, "train_task", lambda loop_, ctx, *a, **k: ctx.task == task)
 elif point == "eval":
-    at(loop, "evaluate", lambda model, stream, upto, *a, **k: upto == task)
+    at(loop, "evaluate", lambda loop_, upto, *a, **k: upto == task)
 elif point == "checkpoint":
     def half_written(store, payload):
         data = {"format": checkpoint.FORMAT, "version": checkpoint.VERSION, "key": store.key, **payload}

@@ -266,7 +266,7 @@ def test_random_resized_crop_flip_on_device():
 
 
 def test_loop_applies_augment_to_training_batches_only():
-    from clbench.loop import batches
+    from clbench.batching import Draw, batches
     from clbench.testing import tiny_model
 
     calls = []
@@ -278,10 +278,10 @@ def test_loop_applies_augment_to_training_batches_only():
     model = tiny_model()
     x = torch.randint(0, 256, (10, 1, 16, 16), dtype=torch.uint8)
     y = torch.arange(10)
-    plain = [b for b, _ in batches(x, y, 4, torch.device("cpu"), model, shuffle=False)]
+    plain = [b for b, _ in batches(x, y, 4, torch.device("cpu"), model)]
     assert not calls
-    aug_b = [b for b, _ in batches(x, y, 4, torch.device("cpu"), model, shuffle=True,
-                                   generator=torch.Generator().manual_seed(0), augment=aug)]
+    draw = Draw(shuffle=True, generator=torch.Generator().manual_seed(0), augment=aug)
+    aug_b = [b for b, _ in batches(x, y, 4, torch.device("cpu"), model, draw)]
     assert calls == [4, 4, 2]
     assert not torch.allclose(plain[0], aug_b[0]) and torch.allclose(aug_b[0], model.preprocess(torch.zeros(4, 1, 16, 16)))
 
