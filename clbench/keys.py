@@ -1,4 +1,4 @@
-"""Every MLflow tag and metric key clbench writes or reads, in one place (DESIGN.md section 5).
+"""Every MLflow tag and metric key clbench writes or reads, in one place (docs/ARCHITECTURE.md section 4 lists them, generated from this file).
 
 Writers (``clbench.recorder``, ``clbench.runner``, ``clbench.metrics``) and readers (``clbench.tracking``,
 ``clbench.leaderboard``, ``clbench.report``, ``clbench.cli``) import these names, so a renamed key cannot drift

@@ -1,6 +1,6 @@
 """The common training loop: one file, read top to bottom, every hook call visible.
 
-Protocol (DESIGN.md section 4): class-incremental stream, one linear head per task, cross-entropy on the
+Protocol (README.md, docs/ARCHITECTURE.md section 2): class-incremental stream, one linear head per task, cross-entropy on the
 current task's logits only, no rehearsal; after every task the model is evaluated on every seen task, both
 class-incremental (argmax over all seen classes) and task-incremental (argmax within the true task's head).
 

@@ -1,7 +1,7 @@
 """The HTML leaderboard report: one self-contained file (inline CSS, plots as base64 PNGs, no scripts).
 
 Per suite-hash group: the leaderboard table, accuracy versus cost with the Pareto front, spectral imbalance
-versus forgetting over every finished run (the EBLoRA claim, DESIGN.md), and each method's accuracy curve over
+versus forgetting over every finished run (the EBLoRA claim, docs/METHODS.md), and each method's accuracy curve over
 tasks. With a baseline, the paired comparisons with their significance at 0.05 and the number of comparisons;
 over several suites, the ranks per suite, the average rank and the critical-difference diagram.
 ``log_report`` puts it on a suite's parent run at the end of ``clbench run``.
