@@ -221,3 +221,48 @@ def protocol_lines(p: dict[str, Any], tasks_shown: int = 2) -> list[str]:
 def _fmt(values) -> str:
     return "[" + ", ".join(f"{v:.4g}" if isinstance(v, float) and not math.isnan(v) else str(v)
                            for v in values) + "]"
+
+
+class _Enough(Exception):
+    """Ends the counting run after the tasks it needs."""
+
+
+def trainable_params(suite: Suite, source: str, entry: int = 0, tasks: int = 2, images: int = 2) -> list[int]:
+    """The trainable parameters the loop reports (``TaskResult.trainable_params``: every parameter of the
+    optimizer's groups) for the first ``tasks`` tasks of method entry ``entry``: the real loop (``run_stream``)
+    with the suite's backbone (random weights) and method on a placeholder stream of the suite's task sizes
+    (``images`` random 32 x 32 images per task), one step per task on the CPU."""
+    from clbench.backbones import build_model
+    from clbench.loop import run_stream
+    from clbench.plan import plan_runs
+    from clbench.registry import discover, run_manager
+    from clbench.streams import Stream, TaskData
+
+    run = plan_runs(suite, source, discover([suite.plugins_dir] if suite.plugins_dir else []), None)[entry]
+    cfg = suite.train_for(suite.methods[entry]).model_copy(update={"epochs": 1, "max_steps_per_epoch": 1,
+                                                                   "precision": "fp32", "drop_last": False})
+    n = NUM_CLASSES.get(suite.stream.name) or suite.stream.num_classes or 10
+    per = n // suite.stream.num_tasks
+    g = torch.Generator().manual_seed(0)
+    tasks_data = []
+    for t in range(suite.stream.num_tasks):
+        x = torch.randint(0, 256, (images, 3, 32, 32), dtype=torch.uint8, generator=g)
+        y = torch.arange(images) % per + t * per
+        tasks_data.append(TaskData(tuple(range(t * per, (t + 1) * per)), x, y, x, y))
+    bb = suite.backbone
+    torch.manual_seed(0)
+    model = build_model(bb.name, bb.image_size, pretrained=False, checkpoint=None, in_chans=bb.in_chans,
+                        normalize=bb.normalize)
+    counts: list[int] = []
+
+    def on_task(result, state, model) -> None:
+        counts.append(int(result.trainable_params))
+        if len(counts) >= tasks:
+            raise _Enough
+
+    try:
+        run_stream(model, Stream(suite.stream.name, tasks_data, list(range(n))), run_manager(run.info.cls(run.params)),
+                   cfg, suite.seeds[0], torch.device("cpu"), on_task=on_task)
+    except _Enough:
+        pass
+    return counts

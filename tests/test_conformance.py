@@ -65,6 +65,9 @@ def differences(official: dict, ours: dict) -> dict[str, str]:
                 out[key] = f"official mean/std {value['mean']}/{value['std']}, ours {o['mean']}/{o['std']}"
         elif key == "train_output":
             continue  # a random crop: its parameters are train_augment; only recorded for the report
+        elif key == "trainable_params":
+            if "trainable_params" in ours and value != ours["trainable_params"]:  # the slow test computes ours
+                out[key] = f"official {value} ours {ours['trainable_params']}"
         elif key in ("batch_size", "drop_last", "precision", "head_init"):
             if value != ours[key]:
                 out[key] = f"official {value} ours {ours[key]}"
@@ -96,3 +99,24 @@ def test_a_difference_is_found_and_must_be_declared():
     suite = load_suite(path, ["train.schedule=cosine", "backbone.normalize=timm", "train.drop_last=false"])
     found = differences(fixture, effective_protocol(suite))
     assert {"lr_per_epoch", "normalize", "drop_last"} <= set(found)
+
+
+COUNTED = [p for p in SUITES if json.loads((FIXTURES / (p.stem + ".json")).read_text())["items"]
+           ["trainable_params"]["value"] is not None]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", COUNTED, ids=[p.stem for p in COUNTED])
+def test_trainable_params_after_tasks_0_and_1_match_the_official_model(path):
+    """The loop's trainable-parameter count (run_stream on a placeholder stream, the suite's ViT-B with random
+    weights, one step per task) equals the official model's after tasks 0 and 1 (InfLoRA's SiNet, built by the
+    generator). Minutes of CPU per suite."""
+    from clbench.protocol import trainable_params
+
+    fixture = json.loads((FIXTURES / (path.stem + ".json")).read_text())["items"]
+    suite = load_suite(path)
+    ours = {"trainable_params": trainable_params(suite, str(path))}
+    found = differences({"trainable_params": fixture["trainable_params"]}, ours)
+    notes = " ".join(r.note or "" for r in suite.reference)
+    assert not {k: v for k, v in found.items() if f"{k}:" not in notes}, found
+    assert ours["trainable_params"][0] == fixture["trainable_params"]["value"][0]  # task 0: always the same

@@ -9,7 +9,7 @@ by the generator as the cited line does; ``read`` = taken from the cited config 
 why). Official code is never copied into clbench: the repositories are extracted from git into a temporary folder.
 
     python benchmarks/conformance/generate.py --repo InfLoRA=PATH/TO/InfLoRA.git --repo CODA-Prompt=... \\
-        --repo SD-LoRA=... --repo CL-LoRA=... [--out tests/conformance]
+        --repo SD-LoRA=... --repo CL-LoRA=... [--timm067 DIR] [--out tests/conformance]
 
 Each PATH is a git directory (a clone) holding the commit the suites cite (COMMITS below).
 """
@@ -335,15 +335,61 @@ def coda(repo: Path, config: str, kind: str, seeds: list[int]) -> dict:
     return items
 
 
-NOT_RUN = {"trainable_params": item(None, "not run: the official models need timm 0.6-era ViT code and, for the "
-                                          "counts after tasks 0 and 1, each repository's full learner; not built "
-                                          "on this CPU-only generator", "")}
+NOT_RUN = {"trainable_params": item(None, "not run: the official learner's model needs each repository's full "
+                                          "training stack (CODA-Prompt's zoo with its own ViT and pretrained "
+                                          "weights; SD-LoRA's and CL-LoRA's LoRA ViTs load weights from disk); "
+                                          "only InfLoRA's SiNet is built here", "")}
+
+# Run in a subprocess with timm 0.6.7 first on sys.path (the official code's timm; clbench uses a current one).
+INFLORA_COUNT = r"""
+import json, sys, types, textwrap
+timm_dir, repo, method_file, args = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
+sys.path[:0] = [timm_dir, repo]
+sys.modules["ipdb"] = types.ModuleType("ipdb")
+import torch
+import models.sinet_inflora as sn
+build = sn._create_vision_transformer  # random weights: the official builder with pretrained=False
+sn._create_vision_transformer = lambda variant, pretrained=False, **kw: build(variant, pretrained=False, **kw)
+torch.manual_seed(0)
+net = sn.SiNet(args)
+src = open(method_file).read().splitlines()
+end = next(i for i, t in enumerate(src) if "enabled = set()" in t)
+start = max(i for i, t in enumerate(src[:end]) if "for name, param in self._network.named_parameters():" in t)
+block = textwrap.dedent("\n".join(src[start:end]))
+counts = []
+for task in range(2):
+    net.update_fc(args["init_cls"] * (task + 1))  # incremental_train's call; SiNet counts the task
+    exec(compile(block, method_file, "exec"), {"self": types.SimpleNamespace(_network=net), "base_params": [],
+                                               "base_fc_params": []})
+    counts.append(sum(p.numel() for p in net.parameters() if p.requires_grad))
+print(json.dumps({"counts": counts, "lines": [start + 1, end]}))
+"""
+
+
+def inflora_trainable(repo: Path, config: str, timm_dir: str | None) -> dict:
+    """Trainable parameters after tasks 0 and 1: the official SiNet built on the CPU (random weights), then the
+    requires_grad block of ``_train`` executed as written."""
+    if not timm_dir:
+        return NOT_RUN["trainable_params"]
+    cfg = json.loads((repo / config).read_text())
+    method = repo / ("methods/inflora_domain.py" if cfg["model_name"] == "InfLoRA_domain" else "methods/inflora.py")
+    args = {k: cfg[k] for k in ("total_sessions", "rank", "init_cls", "embd_dim")}
+    done = subprocess.run([sys.executable, "-c", INFLORA_COUNT, timm_dir, str(repo), str(method), json.dumps(args)],
+                          capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"building InfLoRA's SiNet failed:\n{done.stderr[-2000:]}")
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    return item(out["counts"], "run: models/sinet_inflora.py's SiNet (timm 0.6.7, random weights), then "
+                f"{method.name} lines {out['lines'][0]}-{out['lines'][1]} (requires_grad) after update_fc of task 0 "
+                "and task 1", f"{method.relative_to(repo)}:{out['lines'][0]}")
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--repo", action="append", default=[], help="NAME=GITDIR (NAME: " + ", ".join(COMMITS) + ")")
     ap.add_argument("--out", default=str(ROOT / "tests" / "conformance"))
+    ap.add_argument("--timm067", help="a folder holding timm 0.6.7 (pip install --no-deps --target DIR "
+                                      "timm==0.6.7): builds InfLoRA's official SiNet for the trainable counts")
     args = ap.parse_args(argv)
     gitdirs = dict(r.split("=", 1) for r in args.repo)
     out = Path(args.out)
@@ -368,6 +414,8 @@ def main(argv: list[str] | None = None) -> None:
             else:
                 items = sdlora_like(repo, name, config, kind, seeds)
             items.update(NOT_RUN)
+            if name == "InfLoRA":
+                items["trainable_params"] = inflora_trainable(repo, config, args.timm067)
             fixture = {"suite": f"suites/repro/{suite_file}", "repository": f"github.com/{COMMITS[name][0]}",
                        "commit": fulls[name], "config": config, "image": "clbench.protocol.synthetic_image(0) "
                        "(500 x 375 RGB uint8; its top-left 32 x 32 for CIFAR)",

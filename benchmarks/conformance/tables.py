@@ -38,7 +38,7 @@ def ours_of(key: str, p: dict):
     if key == "class_order":
         return {str(s): o[:5] for s, o in (p["class_order"] or {}).items()}
     if key == "trainable_params":
-        return "not computed"
+        return "`clbench.protocol.trainable_params` (slow test)"
     return p.get(key)
 
 
@@ -57,6 +57,7 @@ def table(path: Path) -> list[str]:
         if key == "test_output" and value:
             value = {"mean": value["mean"], "std": value["std"]}
         same = ("not run" if rec["value"] is None else "statistics only" if key == "train_output" else
+                "compared by the slow test" if key == "trainable_params" else
                 "no (declared)" if key in diff else "yes")
         where = f"`{rec['where']}` @{commit}; {rec['how'].split(':')[0]}" if rec["where"] else rec["how"].split(":")[0]
         mine = "" if key == "train_output" else short(ours_of(key, p))

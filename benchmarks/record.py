@@ -1,0 +1,149 @@
+"""Run a suite into a temporary MLflow store and write what it measured as a results file under benchmarks/results/.
+
+Every number README.md and docs/ quote from a run comes from such a file (tests/test_results.py checks the quoted
+numbers against it at the README's rounding), so each quote can be regenerated with one command:
+
+    python benchmarks/record.py suites/claim.yaml                  # writes benchmarks/results/claim.json
+    python benchmarks/record.py suites/quickstart.yaml --set runtime.device=cpu --out benchmarks/results/x.json
+
+The file holds: the command, the commit (and whether the tree had uncommitted changes), the suite hash, the
+sha256 of the backbone's weights, the machine (CPU model, cores, torch and its thread count), the date, the load
+(1-minute load average before and after, and how many other processes were using a CPU when the run started), the
+wall time and the CPU time of the run, the suite parent run's metrics (the claim statistics, the Spearman
+correlation, ...) and every finished child run's final metrics by method label and seed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+CHILD_METRICS = ("final/acc", "final/avg_acc", "final/forgetting", "final/bwt", "final/acc_til",
+                 "spectra/top1_share", "spectra/mean_top1_share", "cost/train_seconds")
+
+
+def git(*args: str) -> str:
+    out = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True)
+    return out.stdout.strip() if out.returncode == 0 else ""
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def busy_processes() -> int:
+    """Processes other than this one in state R (running or runnable) now: the other jobs competing for the CPU."""
+    n = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] == "R" and int(stat.parent.name) != os.getpid():
+            n += 1
+    return n
+
+
+def machine() -> dict[str, Any]:
+    import torch
+
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "platform": platform.platform(),
+            "python": platform.python_version(), "torch": torch.__version__,
+            "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "cuda": torch.cuda.is_available()}
+
+
+def read_store(uri: str, experiment: str) -> tuple[dict[str, float], dict[str, dict[str, dict[str, float]]]]:
+    """(the newest finished suite parent's metrics, {label: {seed: {metric: value}}} of its finished children)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        raise SystemExit(f"{uri}: no experiment {experiment!r}; did the run fail?")
+    runs = client.search_runs([exp.experiment_id], max_results=10000)
+    parents = [r for r in runs if r.data.tags.get("clbench.role") == "parent" and r.info.status == "FINISHED"]
+    parent = max(parents, key=lambda r: r.info.start_time).data.metrics if parents else {}
+    children: dict[str, dict[str, dict[str, float]]] = {}
+    for r in runs:
+        if r.data.tags.get("clbench.role") != "child" or r.info.status != "FINISHED":
+            continue
+        label, seed = r.data.tags["clbench.method"], r.data.tags["clbench.seed"]
+        children.setdefault(label, {})[seed] = {k: r.data.metrics[k] for k in CHILD_METRICS if k in r.data.metrics}
+    return dict(sorted(parent.items())), {k: dict(sorted(v.items(), key=lambda kv: int(kv[0])))
+                                          for k, v in sorted(children.items())}
+
+
+def record(suite_path: Path, sets: list[str], out: Path) -> dict[str, Any]:
+    from clbench.suite import load_suite
+
+    suite = load_suite(suite_path, sets)
+    experiment = suite.tracking.experiment or suite.name
+    rel = os.path.relpath(suite_path, ROOT)
+    command = ["clbench", "run", rel, *[a for s in sets for a in ("--set", s)]]
+    commit, dirty = git("rev-parse", "HEAD"), bool(git("status", "--porcelain", "--untracked-files=no"))
+    load_before, busy = os.getloadavg()[0], busy_processes()
+    started = datetime.datetime.now(datetime.UTC)
+    with tempfile.TemporaryDirectory(prefix="clbench-record-") as tmp:
+        uri = f"sqlite:///{Path(tmp) / 'mlflow.db'}"
+        env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+        t0, cpu0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
+        # from the temporary folder: MLflow puts a sqlite store's artifacts under ./mlruns of the working directory
+        run = ["clbench", "run", str(suite_path), *command[3:], "--checkpoint-dir", str(Path(tmp) / "ck")]
+        proc = subprocess.run(run, cwd=tmp, env=env)
+        wall = time.perf_counter() - t0
+        cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        if proc.returncode != 0:
+            raise SystemExit(f"{' '.join(command)} exited {proc.returncode}; nothing written")
+        parent, children = read_store(uri, experiment)
+    data = {
+        "command": " ".join(command),
+        "regenerate": f"python benchmarks/record.py {rel}" + "".join(f" --set {s}" for s in sets)
+                      + ("" if out == RESULTS / f"{suite_path.stem}.json" else f" --out {out.name}"),
+        "commit": commit, "dirty": dirty,  # when the run started
+        "suite": suite.name, "suite_hash": suite.protocol_hash(), "weights_sha256": suite.weights_identity(),
+        "seeds": suite.seeds, "date": started.isoformat(timespec="seconds"), "machine": machine(),
+        "load": {"loadavg_1min_before": round(load_before, 2), "loadavg_1min_after": round(os.getloadavg()[0], 2),
+                 "other_running_processes_at_start": busy},
+        "wall_seconds": round(wall, 1),
+        "cpu_seconds": round(cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime, 1),
+        "parent_metrics": parent, "runs": children,
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(data, indent=1) + "\n")
+    return data
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("suite", type=Path)
+    ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--out", type=Path, help="results file (default: benchmarks/results/<suite name>.json)")
+    args = ap.parse_args(argv)
+    suite_path = args.suite.resolve()
+    out = args.out or RESULTS / f"{suite_path.stem}.json"
+    data = record(suite_path, args.sets, out.resolve())
+    print(f"wrote {out}: {data['wall_seconds']} s wall, {data['cpu_seconds']} s CPU, suite hash "
+          f"{data['suite_hash']}, weights {data['weights_sha256'][:12]}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
