@@ -205,8 +205,8 @@ def dry_run_lines(suite: Suite, planned: Sequence[PlannedRun], seeds: Sequence[i
     uri = absolute_uri(store_uri(suite.tracking.uri))
     sdir = checkpoint.suite_dir(checkpoint_dir, suite.protocol_hash(), suite.name, experiment, uri)
     status = read_only_run_status(uri, experiment)
-    lines = [f"suite {suite.name}: suite hash {suite.protocol_hash()} · weights {weights_line(suite.weights_identity())} "
-             f"(the protocol, the weights' checksum included; MLflow tag {keys.SUITE_HASH})",
+    lines = [f"suite {suite.name}: suite hash {suite.protocol_hash()} (the protocol; MLflow tag {keys.SUITE_HASH}) · "
+             f"weights {weights_line(suite.weights_identity())} (in the hash)",
              f"checkpoint folder {sdir}",
              f"  (its id {sdir.name.rpartition('-')[2]} digests suite hash, name, experiment and store: not the suite "
              "hash)"]
