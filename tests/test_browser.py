@@ -205,8 +205,8 @@ def screenshot(url: str, path: Path, width: int = 2400) -> None:
 def test_clbench_ui_lands_on_the_leaderboard_view(server):
     """The address `clbench ui` prints: model-training mode, every run a row (children un-nested), the final
     metrics and the spectral summary as columns, best final/acc first. A screenshot is left beside the store."""
-    from clbench.tracking import ensure_ui_views
-    from clbench.uiview import COLUMNS, column_key, view_url
+    from clbench.store.tracking import ensure_ui_views
+    from clbench.store.uiview import COLUMNS, column_key, view_url
 
     url, exps, folder = server
     assert ("bench", exps["bench"]) in ensure_ui_views(url)  # what `clbench ui` does before serving
@@ -258,8 +258,8 @@ PROBE = ("<script>window.addEventListener('load', () => {document.body.setAttrib
 
 
 def test_html_report_renders_with_its_plots(server):
-    from clbench import leaderboard as lb
-    from clbench.report import render
+    from clbench.analysis import leaderboard as lb
+    from clbench.analysis.report import render
 
     url, _, folder = server
     html_text = render(lb.build("bench", url), "html")
@@ -282,8 +282,8 @@ def test_html_report_ranks_and_cd_diagram_render(tmp_path):
     the critical-difference diagram, and Chromium decodes the diagram."""
     from test_leaderboard_stats import SUITES, write_suites
 
-    from clbench import leaderboard as lb
-    from clbench.report import render
+    from clbench.analysis import leaderboard as lb
+    from clbench.analysis.report import render
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     write_suites(uri, tmp_path / "artifacts", SUITES)

@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 
 from clbench import hookimpl, keys
 from clbench.cli import app
-from clbench.loop import batches
+from clbench.run.loop import batches
 from clbench.testing import assert_resumes, mlflow_runs, run_method, tiny_model, tiny_stream, tiny_suite_yaml
 
 
@@ -207,7 +207,7 @@ def test_no_gradient_run_logs_method_time_and_state(tmp_path, monkeypatch):
 
 
 def test_methods_listing_says_they_train_nothing_by_gradient():
-    from clbench.method import training_summary
+    from clbench.methods.method import training_summary
 
     assert training_summary(SimpleCIL).startswith("nothing by gradient (gradient_training = False)")
     assert training_summary(RanPAC).startswith("nothing by gradient with default params")
