@@ -438,6 +438,7 @@ def leaderboard(
         text = render(groups, format_, title=title)
         if output:
             try:
+                output.parent.mkdir(parents=True, exist_ok=True)  # a named folder for reports, made on first use
                 output.write_text(text)
             except OSError as exc:
                 raise ClbenchError(f"--output {output}: cannot write ({exc.strerror})") from None
@@ -472,8 +473,12 @@ def ui(
     typer.echo(f"MLflow UI for {uri} on {base}", err=True)
     for name, exp_id in views:
         typer.echo(f"  {name}: {view_url(base, exp_id)}   (leaderboard: runs sorted by final/acc)", err=True)
-    os.execvp(sys.executable, [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
-                               "--host", host, "--port", str(port), "--workers", "1"])
+    typer.echo(f"  every page opens in MLflow's model-training mode (runs tables; {base} lists the experiments)",
+               err=True)
+    from clbench.store.uiserver import command
+
+    argv = command(uri, host, port)  # MLflow's own server, opening in model-training mode (clbench.store.uiserver)
+    os.execvp(argv[0], argv)
 
 
 def _ui_views(uri: str) -> list[tuple[str, str]]:

@@ -10,7 +10,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 import urllib.request
@@ -109,9 +108,11 @@ def server(tmp_path_factory):
     folder = tmp_path_factory.mktemp("ui")
     port = free_port()
     log = (folder / "ui.log").open("w")  # held open for the server's whole life, closed below
-    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri",
-                             f"sqlite:///{folder / 'mlflow.db'}", "--host", "127.0.0.1", "--port", str(port),
-                             "--workers", "1"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    from clbench.store.uiserver import command
+
+    # what `clbench ui` runs: MLflow's server, opening in model-training mode (clbench.store.uiserver)
+    proc = subprocess.Popen(command(f"sqlite:///{folder / 'mlflow.db'}", "127.0.0.1", port), stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
@@ -219,7 +220,9 @@ def test_clbench_ui_lands_on_the_leaderboard_view(server):
     name_col = "attributes.`Run Name`"
     names = [NAME_CELL.search(r.get(name_col, "")) for r in rows]
     children = [(n.group(0), r) for n, r in zip(names, rows) if n]
-    assert len(children) == sum(1 for r in RUNS if r[0] == "bench"), [r.get(name_col) for r in rows]
+    # the view's filter: finished children that logged final/acc (no failed, running or parent run)
+    assert len(children) == sum(1 for r in RUNS if r[0] == "bench" and r[5] == "FINISHED"), [r.get(name_col)
+                                                                                           for r in rows]
     shown = [float(r[column_key("metrics", "final/acc")]) for _, r in children
              if r[column_key("metrics", "final/acc")] not in ("", "-")]
     assert shown == sorted(shown, reverse=True) and shown[0] == 84, shown
@@ -297,3 +300,54 @@ def test_html_report_ranks_and_cd_diagram_render(tmp_path):
     assert sizes, "the probe did not run"
     dims = [tuple(map(int, s.split("x"))) for s in sizes.group(1).split(",") if s]
     assert dims and dims[0][0] > 300 and dims[0][1] > 150, dims  # the diagram comes first and was decoded
+
+
+@pytest.mark.slow  # one more Chromium session clicking through the UI (a minute under load)
+def test_every_way_in_lands_on_the_model_training_runs_table(server):
+    """From the base URL in a fresh browser: the experiment link opens the runs table in model-training mode
+    (not the GenAI overview), the leaderboard view lists only the finished test-split child runs best
+    final/acc first, and a run clicked there opens its Overview (not "Evaluations"). A screenshot of each page
+    is checked for being drawn (non-trivial PNG)."""
+    from cdp import Browser
+
+    from clbench.store.tracking import ensure_ui_views
+    from clbench.store.uiview import WORKFLOW, WORKFLOW_STORAGE_KEY, view_url
+
+    url, exps, folder = server
+    ensure_ui_views(url)
+    exp = exps["bench"]
+    browser = Browser(CHROMIUM)
+    try:
+        browser.goto(url + "/")
+        link = f'a[href$="experiments/{exp}"]'
+        try:
+            browser.wait_for(f"!!document.querySelector('{link}')", timeout=180)
+        except TimeoutError:
+            browser.screenshot(folder / "home.png")
+            hrefs = browser.js("[...document.querySelectorAll('a')].map(a => a.getAttribute('href'))")
+            pytest.fail(f"no link to experiment {exp} on the home page ({folder / 'home.png'}): {hrefs}")
+        assert json.loads(browser.js(f"localStorage.getItem('{WORKFLOW_STORAGE_KEY}')")) == WORKFLOW
+        browser.js(f"document.querySelector('{link}').click()")
+        landed = browser.wait_for(f"location.hash.includes('/experiments/{exp}/runs') && "
+                                  "document.querySelector('.ag-header-cell') && location.hash")
+        assert "genai" not in landed.lower() and "overview" not in landed, landed
+        browser.screenshot(folder / "runs.png")
+        browser.goto(view_url(url, exp))  # the address `clbench ui` and the README give
+        browser.wait_for("document.querySelectorAll('.ag-row a[href*=\"/runs/\"]').length >= 12")
+        names = browser.js("[...document.querySelectorAll('.ag-row a[href*=\"/runs/\"]')].map(a => a.innerText)")
+        finished = [f"{r[2]}-s{r[4]}" for r in RUNS if r[0] == "bench" and r[5] == "FINISHED"]
+        assert sorted(n.strip() for n in names if n.strip()) == sorted(finished), names
+        browser.screenshot(folder / "view.png")
+        browser.js("document.querySelector('.ag-row a[href*=\"/runs/\"]').click()")
+        browser.wait_for("/runs\\/[0-9a-f]{32}/.test(location.hash) && document.body.innerText.includes('Overview')")
+        text = browser.js("document.body.innerText")
+        assert "Evaluations" not in text and "Model metrics" in text  # the model-training run page
+        browser.screenshot(folder / "run.png")
+    finally:
+        browser.close()
+    for shot in ("runs.png", "view.png", "run.png"):
+        data = (folder / shot).read_bytes()
+        assert data.startswith(b"\x89PNG") and len(data) > 20000, shot
+    if os.environ.get("CLBENCH_SCREENSHOT_DIR"):  # to look at them
+        for shot in ("runs.png", "view.png", "run.png"):
+            shutil.copy(folder / shot, os.environ["CLBENCH_SCREENSHOT_DIR"])

@@ -136,6 +136,6 @@ def test_every_run_artifact_figure_draws_cleanly(checked, tmp_path):
     sv = np.abs(np.random.default_rng(0).normal(size=(5, 6, 4)))
     plots.spectrum_heatmap(sv, [f"blocks.{i}.attn.qkv" for i in range(6)], tmp_path / "sv.png", "spectra")
     plots.scatter([0.5, 0.5, 0.52], [10.0, 10.2, 30.0], ["task 0", "task 1", "task 2"], tmp_path / "sc.png",
-                  "top1_share", "forgetting", "per task")
+                  ("top1_share", "forgetting", "per task"))
     assert len(checked) == 3
     assert [(name, p) for name, p in checked if p] == []

@@ -5,7 +5,8 @@ command is on PATH). After them, every command of the README's ``bash`` blocks i
 
 * run as typed, in a shell whose PATH starts with this environment's ``bin`` (what ``. .venv/bin/activate``
   does), in a working folder holding the README's default store ``mlflow.db`` and a link to ``suites/``:
-  ``clbench leaderboard ...``, ``clbench methods``, ``clbench plugins``, ``clbench new-method ...`` and every
+  ``clbench leaderboard ...``, ``clbench methods``, ``clbench plugins``, ``clbench new-method ...``,
+  ``clbench check ...`` and every
   ``clbench run ... --dry-run``;
 * run with ``--dry-run`` appended: the training commands (``clbench run SUITE ...``), which validate the suite,
   the overrides and the plugins and print the plan instead of training for hours;
@@ -77,7 +78,7 @@ def classify(argv: list[str]) -> tuple[str, list[str]]:
         return "parse", argv[i + 2:]
     assert argv[0] == "clbench", f"unclassified README command: {shlex.join(argv)}"
     args = argv[1:]
-    if args[0] in ("leaderboard", "methods", "plugins", "new-method"):
+    if args[0] in ("leaderboard", "methods", "plugins", "new-method", "check"):
         return "run", args
     if args[0] in ("run", "sweep"):  # a sweep trains like a run: its --dry-run validates and prints the points
         if "--executor" in args and args[args.index("--executor") + 1] == "ray":
@@ -123,13 +124,16 @@ def test_readme_commands_run_as_typed_after_setup(tmp_path):
     _store(work)
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}  # the README's default store
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # what activation does
+    env["HOME"] = str(tmp_path / "home")  # the README's ~/myplugins lands here
     script = []
     for argv in later_commands():
         kind, args = classify(argv)
+        argv = [a.replace("/tmp/clbench/", f"{tmp_path}/tmp/clbench/") for a in argv]  # the README's report folder
         if kind == "run":
             script.append(shlex.join(argv))
         elif kind == "dry-run":
             script.append(shlex.join([*argv, "--dry-run"]))
+    script = [c.replace("'~/", "~/") for c in script]  # a user's shell expands the README's ~
     # one shell, the commands one after the other, stopping at the first failure (as a user would)
     echoed = "\n".join(f"echo {shlex.quote('$ ' + c)} >&2\n{c}" for c in script)  # c may hold quotes
     res = subprocess.run(["bash", "-euo", "pipefail", "-c", echoed], cwd=work, env=env, capture_output=True,
@@ -138,9 +142,12 @@ def test_readme_commands_run_as_typed_after_setup(tmp_path):
     assert "Traceback" not in res.stderr
     assert "inflora" in res.stdout and "80.00" in res.stdout  # leaderboards read the store
     assert "\n|" in res.stdout  # the --format markdown one
-    assert (work / "report.html").read_text().count("<img") >= 1
-    assert (work / "myplugins" / "mymethod.py").is_file()
-    assert res.stderr.count("would run") >= 3  # the dry runs printed their plans
+    assert (tmp_path / "tmp" / "clbench" / "quickstart.html").read_text().count("<img") >= 1
+    assert "no ranks across these 2 suites" in (tmp_path / "tmp" / "clbench" / "ranks.html").read_text()
+    assert (tmp_path / "home" / "myplugins" / "mymethod.py").is_file()
+    assert len(re.findall(r"^  run ", res.stderr, re.M)) >= 3  # the dry runs printed their plans
+    left = {p.name for p in work.iterdir()}
+    assert left <= {"mlflow.db", "mlruns", "suites"}, left  # no report or plugin folder left in the checkout
 
 
 @pytest.mark.parametrize("argv", [a for a in later_commands() if classify(a)[0] == "parse"], ids=shlex.join)

@@ -28,6 +28,7 @@ from clbench.analysis.leaderboard import (
     baseline_key,
     fmt_paired,
     group_title,
+    no_ranking_reason,
     note_lines,
     provenance_lines,
     rank_suites,
@@ -227,7 +228,8 @@ def _ranks_html(groups: list[Group]) -> str:
     """Ranks per suite and the average rank over suites; the critical-difference diagram with 3 suites or more."""
     ranks = rank_suites(groups)
     if ranks is None:
-        return ""
+        why = no_ranking_reason(groups)
+        return "" if why is None else f"<p class='no-ranks'>{html.escape(why)}</p>"
     e = html.escape
     header, body = ranks_cells(ranks)
     head = "".join(f'<th{" class=m" if i == 0 else ""}>{e(h)}</th>' for i, h in enumerate(header))

@@ -7,6 +7,15 @@ JSON envelope ``{name, createdAt, updatedAt, state}`` whose ``state`` is the JSO
 ``#/experiments/<id>/runs?viewStateShareKey=<id>`` opens it, and the view is listed among the experiment's saved
 views. (Read from MLflow 3.x's UI bundle: ``mlflow/server/js``, the shared-view-state hook.) Sorting by a metric
 also un-nests child runs, so every (method, seed) is a row of its own.
+
+Which experience the UI shows is not the experiment's kind tag: MLflow 3.17's UI derives an experiment's kind from
+its *global* workflow type (``useExperimentKind``: a feature flag that is always on returns the kind of the
+workflow type and ignores ``mlflow.experimentKind``), which is the URL's ``workflowType`` parameter, else the
+browser's localStorage ``mlflow.workflowType_v1`` (JSON), else ``genai``. A fresh browser therefore opens the base
+URL, every experiment link and every run in GenAI mode (traces overview, "Evaluations"). ``clbench ui`` serves
+MLflow's own app with one change (:mod:`clbench.store.uiserver`): the page sets that localStorage key to
+``machine_learning`` when the browser has none, so every way in lands on the model-training runs table; a user
+who switches to GenAI keeps the choice. The kind tag is still set for MLflow versions that read it.
 """
 
 from __future__ import annotations
@@ -19,6 +28,12 @@ from clbench import keys
 KIND_TAG = "mlflow.experimentKind"
 KIND = "custom_model_development"  # the runs table, not the GenAI traces overview
 VIEW_ID = "clbench-leaderboard"
+WORKFLOW_STORAGE_KEY = "mlflow.workflowType_v1"  # the UI's useLocalStorage key (name + "_v" + version), JSON value
+WORKFLOW = "machine_learning"
+# The runs the leaderboard averages: finished child runs of the test protocol. Validation (sweep) trials log val/*
+# instead of final/*, and parents have no clbench.role = child, so both fall out; so do failed and running runs.
+# (A seed run twice stays twice here; the leaderboard keeps the latest.)
+SEARCH_FILTER = ("tags.`clbench.role` = 'child' and attributes.status = 'FINISHED' and metrics.`final/acc` >= 0")
 VIEW_TAG = f"mlflow.sharedViewState.{VIEW_ID}"
 # The leaderboard's columns: the headline metrics and the spectral summary (mean top-1 share of the updates).
 COLUMNS = (keys.FINAL_ACC, keys.FINAL_FORGETTING, keys.FINAL_AVG_ACC, keys.SPECTRA_MEAN_TOP1)
@@ -36,9 +51,9 @@ def view_state() -> dict:
     return {
         "orderByKey": column_key("metrics", SORT_KEY),
         "orderByAsc": False,
-        "searchFilter": "",
-        "selectedColumns": [column_key("metrics", k) for k in COLUMNS]
-        + [column_key("tags", "clbench.method"), column_key("tags", "clbench.seed")],
+        "searchFilter": SEARCH_FILTER,
+        "selectedColumns": [column_key("tags", "clbench.method"), column_key("tags", "clbench.seed")]
+        + [column_key("metrics", k) for k in COLUMNS] + [column_key("tags", "clbench.suite_hash")],
         "runsHiddenMode": "SHOW_ALL",
     }
 
@@ -53,6 +68,14 @@ def view_tag_value(now_ms: int | None = None) -> str:
 def experiment_tags() -> dict[str, str]:
     """Tags that make MLflow's UI open a clbench experiment on its leaderboard."""
     return {KIND_TAG: KIND, VIEW_TAG: view_tag_value()}
+
+
+def storage_script() -> str:
+    """The ``<script>`` :mod:`clbench.store.uiserver` puts first in the UI's page: the model-training workflow as the
+    browser's default (kept when the browser already has a choice)."""
+    key, value = json.dumps(WORKFLOW_STORAGE_KEY), json.dumps(json.dumps(WORKFLOW))
+    return (f"<script>try{{if(localStorage.getItem({key})===null)localStorage.setItem({key},{value})}}"
+            "catch(e){}</script>")
 
 
 def view_url(base: str, experiment_id: str) -> str:
