@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -112,15 +113,16 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--write/--check are for the shipped shape (vit_tiny_clbench, 16 px, 1 channel, 40 epochs); "
                  "use --out FILE for others")
     state = pretrain_on_digits(args.name, args.image_size, args.in_chans, args.epochs)
-    path = args.out or weights_dir() / (fname + (".check" if args.check else ""))
-    digest = save_weights(state, path)
     if args.check:
-        path.unlink()
         from clbench.weights import pinned_sums
 
+        with tempfile.TemporaryDirectory(prefix="clbench-pretrain-") as tmp:
+            digest = save_weights(state, Path(tmp) / fname)
         pinned = pinned_sums().get(fname)
         print(f"pretrained {fname}: sha256 {digest}; pinned {pinned}: {'same' if digest == pinned else 'DIFFERENT'}")
         return 0 if digest == pinned else 1
+    path = args.out or weights_dir() / fname
+    digest = save_weights(state, path)
     if args.write:
         _pin(fname, digest)
     print(f"wrote {path} (sha256 {digest})")
