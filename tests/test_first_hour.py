@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from clbench.cli import app
 from clbench.errors import ClbenchError
-from clbench.preflight import backbone_problem, preflight, stream_problem
+from clbench.run.preflight import backbone_problem, preflight, stream_problem
 from clbench.suite import load_suite
 from clbench.testing import tiny_suite_yaml
 
@@ -43,7 +43,7 @@ def test_offline_vit_suite_fails_before_creating_any_run(tmp_path, mlflow_uri):
 
 
 def test_preflight_names_each_missing_thing(tmp_path, monkeypatch):
-    import clbench.preflight as pf
+    import clbench.run.preflight as pf
 
     suite = load_suite(REPO / "suites" / "vit.yaml", [f"stream.root={tmp_path / 'data'}", "stream.download=false",
                                                       f"backbone.checkpoint={tmp_path / 'w.safetensors'}"])
@@ -116,7 +116,7 @@ def test_flat_spectrum_scatter_has_no_offset_text(tmp_path):
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
-    from clbench import plots
+    from clbench.analysis import plots
 
     captured = {}
     real_close = plt.close

@@ -17,10 +17,10 @@ import yaml
 from typer.testing import CliRunner
 
 from clbench import keys
-from clbench import leaderboard as lb
+from clbench.analysis import leaderboard as lb
 from clbench.cli import app
 from clbench.errors import ClbenchError
-from clbench.loop import (
+from clbench.run.loop import (
     Loop,
     LoopOptions,
     inflora_cosine_factor,
@@ -104,8 +104,8 @@ def test_per_step_cosine_reaches_zero_at_the_last_step():
 def test_train_task_reports_the_lr_of_each_epoch():
     from clbench_plugins.lora import NaiveLoRA
 
-    from clbench.hookcheck import checked_hooks
-    from clbench.registry import run_manager
+    from clbench.methods.hookcheck import checked_hooks
+    from clbench.methods.registry import run_manager
 
     cfg = TrainConfig(epochs=3, batch_size=8, lr=1e-2, schedule="inflora_cosine", max_steps_per_epoch=1)
     model, stream = tiny_model(), tiny_stream(num_tasks=2)
@@ -233,8 +233,8 @@ def test_repro_suite_dry_run_and_reference(name):
 
 def test_imagenet_r_repro_suites_use_the_shipped_split():
     """Their hash covers the shipped split's checksum, the one the stream logs as clbench.stream.split_sha256
-    (clbench.streams._image_stream: split.sha256 of the pinned split)."""
-    from clbench.datasets.splitfiles import pinned_split, pinned_sums
+    (clbench.data.streams._image_stream: split.sha256 of the pinned split)."""
+    from clbench.data.datasets.splitfiles import pinned_split, pinned_sums
 
     sha = pinned_split("imagenet_r").sha256
     assert sha == pinned_sums()["imagenet_r_split.tsv.gz"]
@@ -283,7 +283,7 @@ def test_leaderboard_shows_reference_next_to_measured_mean(tmp_path):
     assert "reference inflora final/acc: published 86.33 vs measured 85.00 (n 2), diff -1.33: NOT within ±1" in text
     assert "reference inflora final/avg_acc: published 91.18 vs measured 91.00 (n 2), diff -0.18: within ±1" in text
     assert "precision fp32" in text and "runtime device=auto" in text
-    from clbench.report import render_html
+    from clbench.analysis.report import render_html
 
     html = render_html([group])
     assert "NOT within ±1" in html and "86.33" in html and "-1.33" in html
@@ -314,7 +314,7 @@ def test_reference_block_is_checked():
 # -- inputs and the statistics loader ---------------------------------------------------------------------------
 
 def test_normalize_none_feeds_unit_range_inputs():
-    from clbench.backbones import build_model
+    from clbench.model.backbones import build_model
 
     x = torch.randint(0, 256, (2, 1, 16, 16), dtype=torch.uint8)
     plain = build_model("vit_micro_clbench", 16, pretrained=False, checkpoint=None, normalize="none")
@@ -324,7 +324,7 @@ def test_normalize_none_feeds_unit_range_inputs():
 
 
 def test_loader_gives_augmented_batches_on_request():
-    from clbench.augment import AUGMENTS
+    from clbench.data.augment import AUGMENTS
 
     stream = tiny_stream(num_tasks=2)
     stream.augment = AUGMENTS["rrc_flip"]

@@ -20,7 +20,6 @@ from typer.testing import CliRunner
 
 from clbench import hookimpl, keys
 from clbench.cli import app
-from clbench.loop import batches
 from clbench.testing import assert_resumes, mlflow_runs, run_method, tiny_model, tiny_stream, tiny_suite_yaml
 
 
@@ -32,9 +31,9 @@ def backbone_features(stream, seed: int = 0, model=None) -> list[tuple[np.ndarra
     with torch.no_grad():
         for task in stream.tasks:
             fs, ys = [], []
-            for x, y in batches(task.train_x, task.train_y, 64, torch.device("cpu"), model, shuffle=False):
-                fs.append(model.backbone(x).double().numpy())
-                ys.append(y.numpy())
+            for i in range(0, len(task.train_y), 64):
+                fs.append(model.backbone(model.preprocess(task.train_x[i:i + 64])).double().numpy())
+                ys.append(np.asarray(task.train_y[i:i + 64]))
             out.append((np.concatenate(fs), np.concatenate(ys)))
     return out
 
@@ -207,7 +206,7 @@ def test_no_gradient_run_logs_method_time_and_state(tmp_path, monkeypatch):
 
 
 def test_methods_listing_says_they_train_nothing_by_gradient():
-    from clbench.method import training_summary
+    from clbench.methods.method import training_summary
 
     assert training_summary(SimpleCIL).startswith("nothing by gradient (gradient_training = False)")
     assert training_summary(RanPAC).startswith("nothing by gradient with default params")

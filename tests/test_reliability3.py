@@ -21,10 +21,10 @@ from typer.testing import CliRunner
 
 from clbench.cli import app
 from clbench.errors import ClbenchError
-from clbench.hookcheck import MethodHookError
-from clbench.hookspecs import hookimpl
-from clbench.plan import plan_runs
-from clbench.registry import discover
+from clbench.methods.hookcheck import MethodHookError
+from clbench.methods.hookspecs import hookimpl
+from clbench.methods.registry import discover
+from clbench.run.plan import plan_runs
 from clbench.suite import Suite
 from clbench.testing import run_method, tiny_stream
 
@@ -33,7 +33,7 @@ MICRO = {"name": "vit_micro_clbench", "image_size": 16, "pretrained": False}  # 
 
 def _check(entry: dict, backbone: dict = MICRO) -> None:
     """``method_problems`` on a one-entry suite, as the runner calls it after planning."""
-    from clbench.preflight import method_problems
+    from clbench.run.preflight import method_problems
 
     suite = Suite.model_validate({"name": "s", "stream": {"name": "synthetic", "num_tasks": 2, "num_classes": 4},
                                   "backbone": backbone, "methods": [entry]})
@@ -176,7 +176,7 @@ def test_pre_trained_weights_in_the_groups_of_an_adapter_method_fail():
 
 UNFROZEN_PLUGIN = '''
     """A test method: naive LoRA that leaves a backbone norm trainable outside its groups."""
-    from clbench.hookspecs import hookimpl
+    from clbench.methods.hookspecs import hookimpl
     from clbench_plugins.lora import NaiveLoRA
 
 
@@ -251,8 +251,8 @@ LABELS = ["$\\x$", "$", "a$b$c^", "lora_{r}$\\frac$", "\\$x$"]
 
 
 def test_every_figure_draws_labels_with_dollars_and_backslashes(tmp_path):
-    from clbench import plots, stats
-    from clbench.claim import plot_forgetting_by_intervention
+    from clbench.analysis import plots, stats
+    from clbench.analysis.claim import plot_forgetting_by_intervention
 
     R = np.array([[50.0, np.nan], [20.0, 60.0]])
     for i, label in enumerate(LABELS):
@@ -264,7 +264,7 @@ def test_every_figure_draws_labels_with_dollars_and_backslashes(tmp_path):
     stats.cd_diagram(ranking, tmp_path / "cd.png", title=LABELS[0])
     assert all(p.read_bytes()[:4] == b"\x89PNG" for p in tmp_path.glob("*.png"))
     assert len(list(tmp_path.glob("*.png"))) == 3 * len(LABELS) + 1
-    from clbench.leaderboard import Group, Row
+    from clbench.analysis.leaderboard import Group, Row
 
     rows = [Row(method=label, method_name="lora", params_id="x", n=2, seeds=[0, 1], metrics={}, provenance={},
                 runs=[{"run_id": f"r{i}{s}", "seed": s, "values": {"final/forgetting": 10.0 + s + i,
@@ -354,7 +354,7 @@ def _resume_and_compare(tmp_path: Path, suite: Path, uri: str, name: str, expect
 
 def test_a_full_checkpoint_disk_names_the_checkpoint_and_the_rerun_resumes(tmp_path, mlflow_uri, monkeypatch,
                                                                           uninterrupted):
-    from clbench import checkpoint
+    from clbench.run import checkpoint
 
     monkeypatch.chdir(tmp_path)
     suite = _suite(tmp_path, "fullck", ["{name: lora, params: {rank: 2}}"], tasks=3)
@@ -368,7 +368,7 @@ def test_a_full_checkpoint_disk_names_the_checkpoint_and_the_rerun_resumes(tmp_p
 
 def test_a_full_artifact_store_names_it_and_the_rerun_only_writes_them(tmp_path, mlflow_uri, monkeypatch,
                                                                        uninterrupted):
-    from clbench.tracking import MlflowTracker
+    from clbench.store.tracking import MlflowTracker
 
     monkeypatch.chdir(tmp_path)
     suite = _suite(tmp_path, "fullart", ["{name: lora, params: {rank: 2}}"], tasks=3)
@@ -387,7 +387,7 @@ def test_a_full_tracking_database_names_it_and_the_rerun_resumes(tmp_path, mlflo
                                                                   uninterrupted):
     """Once full, every write of the store fails (ending the runs too): the error stays the disk's, and the
     rerun continues the runs the store still holds."""
-    from clbench.tracking import MlflowTracker
+    from clbench.store.tracking import MlflowTracker
 
     monkeypatch.chdir(tmp_path)
     suite = _suite(tmp_path, "fulldb", ["{name: lora, params: {rank: 2}}"], tasks=3)
@@ -413,7 +413,7 @@ def test_a_full_tracking_database_names_it_and_the_rerun_resumes(tmp_path, mlflo
 
 
 def test_a_full_disk_elsewhere_is_one_line_naming_the_file():
-    from clbench.diskfull import DiskFullError, on_disk_full
+    from clbench.store.diskfull import DiskFullError, on_disk_full
 
     with pytest.raises(DiskFullError, match=r"cannot write a file \(No space left on device: /x/y\)"):
         with on_disk_full(None):
