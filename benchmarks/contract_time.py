@@ -14,7 +14,7 @@ import argparse
 import time
 
 from clbench import contract
-from clbench.registry import discover
+from clbench.methods.registry import discover
 
 
 def main() -> None:

@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from clbench_plugins.eblora import EBLoRA
 
-from clbench.backbones import build_model
-from clbench.context import TaskContext
+from clbench.methods.context import TaskContext
+from clbench.model.backbones import build_model
 
 
 def _ctx() -> TaskContext:

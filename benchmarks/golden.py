@@ -16,7 +16,7 @@ the test refuses to compare numbers made on other weights.
 
 Both run through the public CLI entry point (``clbench run SUITE --set ...`` via typer's CliRunner, in this
 process) into a temporary MLflow store and are read back with ``mlflow.MlflowClient`` by the MLflow contract of
-DESIGN.md section 5 (child runs tagged ``clbench.method``), so they survive refactors of the runner's internals.
+docs/ARCHITECTURE.md section 4 (child runs tagged ``clbench.method``), so they survive refactors of the runner's internals.
 
 The runs are bit-for-bit deterministic on one machine (same seed, one CPU thread). ``TOLERANCE`` absorbs float
 reordering across CPUs and BLAS builds, where a few of the 1,000 final test images may flip: 0.5 points for the

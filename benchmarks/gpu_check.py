@@ -4,7 +4,7 @@ ViT-B/16 at 224 px with random weights (timm ``vit_base_patch16_224``, ``pretrai
 synthetic stream of random uint8 images, two tasks of 10 classes. Every method (default: lora, inflora, olora,
 eblora, plus ``bare``: a plain PyTorch loop over the same model and LoRA adapters) runs in its own
 subprocess under a hard time limit (``--budget`` seconds), through clbench's real loop and the method's hooks
-(``clbench.loop.run_stream``, bf16 autocast, pinned host memory). Task 0 is the warm-up (cuBLAS heuristics,
+(``clbench.run.loop.run_stream``, bf16 autocast, pinned host memory). Task 0 is the warm-up (cuBLAS heuristics,
 allocator, compilation with ``--compile``); figures come from task 1:
 
 * ``train_img_per_s``: task 1's training images / the loop's ``train_seconds`` (forward, loss terms, backward,
@@ -75,9 +75,9 @@ def run_child(args) -> dict:
     sys.path.insert(0, str(HERE))
     from overhead import bare_eval, bare_train, method_classes, synthetic_stream  # noqa: E402
 
-    from clbench.backbones import build_model
-    from clbench.loop import autocast_for, run_stream
-    from clbench.registry import run_manager
+    from clbench.methods.registry import run_manager
+    from clbench.model.backbones import build_model
+    from clbench.run.loop import autocast_for, run_stream
     from clbench.suite import RuntimeConfig, TrainConfig
 
     device = torch.device("cpu" if args.smoke else "cuda")
@@ -221,7 +221,7 @@ def main() -> int:
               "or pass --smoke for the CPU code-path test")
         return 2
     from clbench.errors import ClbenchError
-    from clbench.registry import discover
+    from clbench.methods.registry import discover
 
     names = [m.strip() for m in args.methods.split(",") if m.strip()]
     registry = discover()

@@ -1,6 +1,6 @@
 """Cost as the stream grows (issue 37): per-task figures of every method over a long stream, and their slopes.
 
-Every registered method (default params) runs once through the real loop (``clbench.loop.run_stream``, the
+Every registered method (default params) runs once through the real loop (``clbench.run.loop.run_stream``, the
 method's pluggy manager) over a T-task stream, and after every task the script records, against the task index:
 
 * ``train_step``: the task's training time (``TaskResult.train_seconds``: the loop's phase 4, with the per-step
@@ -11,7 +11,7 @@ method's pluggy manager) over a T-task stream, and after every task the script r
   so it grows with t by the protocol's definition) and ``eval_image``: the same per evaluated test image;
 * ``hook``: the task-level hooks (``TaskResult.hook_seconds``: before_task, after_task, merge_task);
 * ``state_mb``: the method's own checkpointed state (``method_state``'s result as ``torch.save`` writes it);
-* ``checkpoint_mb``: the loop's checkpoint payload (``clbench.loop.checkpoint_payload``: model state dict,
+* ``checkpoint_mb``: the loop's checkpoint payload (``clbench.run.loop.checkpoint_payload``: model state dict,
   method state, accuracy matrices, RNG states) as ``torch.save`` writes it; the runner adds only small
   bookkeeping (spectra so far, metrics) to it.
 
@@ -61,10 +61,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from overhead import RUNTIME, load_line, make_cfg, method_classes, synthetic_stream  # noqa: E402
 
-from clbench.backbones import build_model  # noqa: E402
-from clbench.hookspecs import hookimpl  # noqa: E402
-from clbench.loop import checkpoint_payload, run_stream  # noqa: E402
-from clbench.registry import run_manager  # noqa: E402
+from clbench.methods.hookspecs import hookimpl  # noqa: E402
+from clbench.methods.registry import run_manager  # noqa: E402
+from clbench.model.backbones import build_model  # noqa: E402
+from clbench.run.loop import checkpoint_payload, run_stream  # noqa: E402
 
 FIGURES = ("train_step", "train_step_median", "eval", "eval_image", "hook", "state_mb", "checkpoint_mb")
 TIMES = ("train_step", "train_step_median", "eval", "eval_image", "hook")

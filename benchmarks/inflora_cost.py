@@ -29,10 +29,10 @@ from pathlib import Path
 import torch
 from clbench_plugins.inflora import InfLoRA, design_down_projection, dualgpm_update
 
-from clbench.backbones import build_model
-from clbench.loop import TaskResult, resolve_device, run_stream
-from clbench.registry import run_manager
-from clbench.streams import build_stream
+from clbench.data.streams import build_stream
+from clbench.methods.registry import run_manager
+from clbench.model.backbones import build_model
+from clbench.run.loop import TaskResult, resolve_device, run_stream
 from clbench.suite import load_suite
 
 DEFAULT_SUITE = Path(__file__).resolve().parents[1] / "suites" / "quickstart.yaml"

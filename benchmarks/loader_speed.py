@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from clbench import imagecache
-from clbench.augment import random_resized_crop_flip
+from clbench.data import imagecache
+from clbench.data.augment import random_resized_crop_flip
 
 
 def rate(fn, n_images: int, repeat: int = 3) -> float:

@@ -30,9 +30,9 @@ import torch
 import torch.nn.functional as F
 from clbench_plugins.olora import OLoRA
 
-from clbench.backbones import build_model
-from clbench.context import TaskContext
-from clbench.registry import run_manager
+from clbench.methods.context import TaskContext
+from clbench.methods.registry import run_manager
+from clbench.model.backbones import build_model
 
 
 def _ctx(task: int, num_tasks: int, device: torch.device) -> TaskContext:

@@ -3,12 +3,12 @@
 Measured in one process, baselines interleaved with the measured runs (the order alternates every repeat),
 medians over ``--repeats``; the machine's load average is printed first because shared CPUs are noisy.
 
-(a) ``overhead_ratio``: the clbench training loop (``clbench.loop.run_stream`` with the ``lora`` plugin through
+(a) ``overhead_ratio``: the clbench training loop (``clbench.run.loop.run_stream`` with the ``lora`` plugin through
     its pluggy manager: phase 4's ``train_seconds``) against a bare PyTorch loop over the same model, the same
     LoRA adapters, the same optimizer and the same uint8 batches (gather, device copy, preprocess, forward,
     cross-entropy, backward, Adam step). Target <= 1.03. ``overhead_ratio`` is the median of the per-repeat
     ratios; ``overhead_ratio_of_medians`` divides the two medians.
-(b) ``eval_ratio``: ``clbench.loop.evaluate`` (CIL + TIL over every seen task) on a model whose LoRA branches
+(b) ``eval_ratio``: ``clbench.run.loop.evaluate`` (CIL + TIL over every seen task) on a model whose LoRA branches
     are merged, against a bare loop over an unwrapped copy of the backbone with the same heads and batches.
     Target <= 1.03. ``eval_ratio_unmerged`` is the same with the branches still live (what SeqLoRA evaluates,
     since it never merges).
@@ -47,12 +47,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from clbench.backbones import CLModel, build_model
-from clbench.loop import Loop, LoopOptions, TaskResult, autocast_for, evaluate, run_stream
-from clbench.lora import inject, merge_all
-from clbench.registry import discover, run_manager
-from clbench.spectra import SpectraTracker
-from clbench.streams import Stream, TaskData
+from clbench.data.streams import Stream, TaskData
+from clbench.methods.registry import discover, run_manager
+from clbench.model.backbones import CLModel, build_model
+from clbench.model.lora import inject, merge_all
+from clbench.model.spectra import SpectraTracker
+from clbench.run.loop import Loop, LoopOptions, TaskResult, autocast_for, evaluate, run_stream
 from clbench.suite import RuntimeConfig, TrainConfig
 
 # -- shared building blocks (also imported by gpu_check.py) -----------------------------------------------------
@@ -107,7 +107,7 @@ def sync(device: torch.device) -> None:
 def clbench_run(template: CLModel, stream: Stream, method: Any, cfg: TrainConfig,
                 device: torch.device) -> tuple[list[TaskResult], list[float], CLModel]:
     """One run of ``method`` through the real loop on a fresh copy of ``template``; also times the runner's
-    spectra step per task (as ``clbench.recorder`` does after each task)."""
+    spectra step per task (as ``clbench.run.recorder`` does after each task)."""
     model = copy.deepcopy(template)
     results: list[TaskResult] = []
     spectra, spectra_s = SpectraTracker(), []
@@ -165,7 +165,7 @@ def bare_train(model: CLModel, x: torch.Tensor, y: torch.Tensor, batch_size: int
 def bare_eval(backbone: torch.nn.Module, heads: torch.nn.ModuleList, preprocess: Callable, stream: Stream,
               batch_size: int, device: torch.device, autocast: Callable[[], Any]) -> tuple[float, int]:
     """Evaluation over every task's test set with a plain backbone: forward, concatenated heads, CIL and TIL
-    hit counts (the same arithmetic as ``clbench.loop.evaluate``, without the harness)."""
+    hit counts (the same arithmetic as ``clbench.run.loop.evaluate``, without the harness)."""
     backbone.eval()
     pin = device.type == "cuda"
     offsets = np.cumsum([0] + [len(t.classes) for t in stream.tasks])

@@ -20,8 +20,8 @@ import time
 import torch
 from clbench_plugins.sdlora import SDLoRA
 
-from clbench.backbones import build_model
-from clbench.context import TaskContext
+from clbench.methods.context import TaskContext
+from clbench.model.backbones import build_model
 
 
 def build(T: int, folded: bool):

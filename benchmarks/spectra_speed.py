@@ -3,7 +3,7 @@
 ViT-B/16 has 12 blocks; an update of rank r = 10 on 768x768 maps (q, k, v, proj) and 768x3072 / 3072x768
 maps (fc1, fc2). Prints name=value lines measured in one process:
 
-  factor_seconds   time of clbench.spectra.singular_values for all 72 layers of one task (QR + small SVD)
+  factor_seconds   time of clbench.model.spectra.singular_values for all 72 layers of one task (QR + small SVD)
   tracker_seconds  the full per-task bookkeeping of a run (spectra, indices, overlaps, cumulative update)
   dense_seconds    torch.linalg.svdvals of the dense float64 updates, measured on --dense-blocks blocks and
                    scaled to 12 (every block has the same six shapes)
@@ -21,8 +21,8 @@ import time
 
 import torch
 
-from clbench.lora import LowRank
-from clbench.spectra import SpectraTracker, singular_values
+from clbench.model.lora import LowRank
+from clbench.model.spectra import SpectraTracker, singular_values
 
 
 def layers(rank: int, seed: int = 0) -> dict[str, LowRank]:

@@ -19,44 +19,44 @@ __version__ = "0.1.0"
 # only these names (`from clbench import ...`): the import contract in pyproject.toml holds it for the
 # built-ins, tests/test_plugins.py for the examples. Every type a hook spec mentions is here.
 _PUBLIC = {
-    "CONTRACT_VERSION": "clbench.method",
+    "CONTRACT_VERSION": "clbench.methods.method",
     "ClbenchError": "clbench.errors",
-    "hookimpl": "clbench.hookspecs",
-    "Method": "clbench.method",
-    "NoParams": "clbench.method",
-    "TaskContext": "clbench.context",
-    "CLModel": "clbench.backbones",
-    "Replayed": "clbench.rehearsal",
-    "Samples": "clbench.rehearsal",
-    "SCOPES": "clbench.rehearsal",
-    "SCOPE_NONE": "clbench.rehearsal",
-    "SCOPE_SEEN": "clbench.rehearsal",
-    "SCOPE_TASK": "clbench.rehearsal",
-    "Scope": "clbench.rehearsal",
-    "ATTN_SLICES": "clbench.lora",
-    "TARGETS": "clbench.lora",
-    "AdaptedLinear": "clbench.lora",
-    "AdapterParams": "clbench.lora",
-    "BlockList": "clbench.lora",
-    "LoRABranch": "clbench.lora",
-    "LoRAParams": "clbench.lora",
-    "LoRASite": "clbench.lora",
-    "LowRank": "clbench.lora",
-    "Target": "clbench.lora",
-    "find_sites": "clbench.lora",
-    "inject": "clbench.lora",
-    "backbone_maps": "clbench.dense",
-    "snapshot_maps": "clbench.dense",
-    "task_changes": "clbench.dense",
-    "reshape_spectrum": "clbench.spectra",
-    "PromptMethod": "clbench.prompts",
-    "PromptModel": "clbench.prompts",
-    "attach": "clbench.prompts",
-    "cosine": "clbench.prompts",
-    "fit_blocks": "clbench.prompts",
-    "pick": "clbench.prompts",
-    "split_prefix": "clbench.prompts",
-    "uniform_prompt": "clbench.prompts",
+    "hookimpl": "clbench.methods.hookspecs",
+    "Method": "clbench.methods.method",
+    "NoParams": "clbench.methods.method",
+    "TaskContext": "clbench.methods.context",
+    "CLModel": "clbench.model.backbones",
+    "Replayed": "clbench.methods.rehearsal",
+    "Samples": "clbench.methods.rehearsal",
+    "SCOPES": "clbench.methods.rehearsal",
+    "SCOPE_NONE": "clbench.methods.rehearsal",
+    "SCOPE_SEEN": "clbench.methods.rehearsal",
+    "SCOPE_TASK": "clbench.methods.rehearsal",
+    "Scope": "clbench.methods.rehearsal",
+    "ATTN_SLICES": "clbench.model.lora",
+    "TARGETS": "clbench.model.lora",
+    "AdaptedLinear": "clbench.model.lora",
+    "AdapterParams": "clbench.model.lora",
+    "BlockList": "clbench.model.lora",
+    "LoRABranch": "clbench.model.lora",
+    "LoRAParams": "clbench.model.lora",
+    "LoRASite": "clbench.model.lora",
+    "LowRank": "clbench.model.lora",
+    "Target": "clbench.model.lora",
+    "find_sites": "clbench.model.lora",
+    "inject": "clbench.model.lora",
+    "backbone_maps": "clbench.model.dense",
+    "snapshot_maps": "clbench.model.dense",
+    "task_changes": "clbench.model.dense",
+    "reshape_spectrum": "clbench.model.spectra",
+    "PromptMethod": "clbench.methods.prompts",
+    "PromptModel": "clbench.methods.prompts",
+    "attach": "clbench.methods.prompts",
+    "cosine": "clbench.methods.prompts",
+    "fit_blocks": "clbench.methods.prompts",
+    "pick": "clbench.methods.prompts",
+    "split_prefix": "clbench.methods.prompts",
+    "uniform_prompt": "clbench.methods.prompts",
 }
 __all__ = [
     "ATTN_SLICES", "AdaptedLinear", "AdapterParams", "BlockList", "CLModel", "CONTRACT_VERSION", "ClbenchError",
@@ -67,12 +67,24 @@ __all__ = [
 ]  # == sorted(_PUBLIC)
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ imports on demand
-    from clbench.backbones import CLModel
-    from clbench.context import TaskContext
-    from clbench.dense import backbone_maps, snapshot_maps, task_changes
     from clbench.errors import ClbenchError
-    from clbench.hookspecs import hookimpl
-    from clbench.lora import (
+    from clbench.methods.context import TaskContext
+    from clbench.methods.hookspecs import hookimpl
+    from clbench.methods.method import CONTRACT_VERSION, Method, NoParams
+    from clbench.methods.prompts import (
+        PromptMethod,
+        PromptModel,
+        attach,
+        cosine,
+        fit_blocks,
+        pick,
+        split_prefix,
+        uniform_prompt,
+    )
+    from clbench.methods.rehearsal import SCOPE_NONE, SCOPE_SEEN, SCOPE_TASK, SCOPES, Replayed, Samples, Scope
+    from clbench.model.backbones import CLModel
+    from clbench.model.dense import backbone_maps, snapshot_maps, task_changes
+    from clbench.model.lora import (
         ATTN_SLICES,
         TARGETS,
         AdaptedLinear,
@@ -86,19 +98,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ imports
         find_sites,
         inject,
     )
-    from clbench.method import CONTRACT_VERSION, Method, NoParams
-    from clbench.prompts import (
-        PromptMethod,
-        PromptModel,
-        attach,
-        cosine,
-        fit_blocks,
-        pick,
-        split_prefix,
-        uniform_prompt,
-    )
-    from clbench.rehearsal import SCOPE_NONE, SCOPE_SEEN, SCOPE_TASK, SCOPES, Replayed, Samples, Scope
-    from clbench.spectra import reshape_spectrum
+    from clbench.model.spectra import reshape_spectrum
 
 
 def __getattr__(name: str) -> Any:

@@ -26,7 +26,7 @@ def _fail(msg: str) -> None:
     """One line on stderr and exit code 1. Under torchrun every rank meets the same error: rank 0 says it once,
     the other ranks exit 1 silently (torchrun then prints its own summary of the failed ranks: ChildFailedError
     with a traceback of torchrun itself, which no child process can suppress)."""
-    from clbench import distributed
+    from clbench.run import distributed
 
     if not distributed.is_follower():
         typer.echo(f"error: {msg}", err=True)
@@ -37,8 +37,8 @@ def _fail(msg: str) -> None:
 
 
 def _progress(msg: str) -> None:
-    """Render one progress event (clbench.progress) on stderr: the overall counter across runs as a rule."""
-    from clbench.progress import RunStarted
+    """Render one progress event (clbench.run.progress) on stderr: the overall counter across runs as a rule."""
+    from clbench.run.progress import RunStarted
 
     if isinstance(msg, RunStarted):
         from rich.console import Console
@@ -85,11 +85,11 @@ def run(
 
     After every task a checkpoint is written; running the same command again after a crash or Ctrl-C
     continues each unfinished (method, seed) in its MLflow run and skips finished ones."""
-    from clbench.executors import make_executor
-    from clbench.preflight import preflight
-    from clbench.runner import run_suite
+    from clbench.run.executors import make_executor
+    from clbench.run.preflight import preflight
+    from clbench.run.runner import run_suite
+    from clbench.store.tracking import results_store
     from clbench.suite import SEED_MAX, load_suite
-    from clbench.tracking import results_store
 
     try:
         bad_seeds = [x for x in seed if not 0 <= x <= SEED_MAX]
@@ -161,10 +161,10 @@ def sweep(
     """Choose METHOD's hyperparameters on the validation split of SUITE (held-out training data, never a test
     image): every point is a child run of one sweep parent in MLflow, metrics under val/. Prints a table of the
     points and, last, `best: KEY=VALUE ... val/acc=X`. Running the same command again skips finished points."""
-    from clbench.executors import make_executor
-    from clbench.preflight import preflight
+    from clbench.run.executors import make_executor
+    from clbench.run.preflight import preflight
+    from clbench.run.sweep import best_line, plan_lines, plan_sweep, run_sweep, table_lines, then_test
     from clbench.suite import SEED_MAX, load_suite
-    from clbench.sweep import best_line, plan_lines, plan_sweep, run_sweep, table_lines, then_test
 
     try:
         if seed is not None and not 0 <= seed <= SEED_MAX:
@@ -212,7 +212,7 @@ def _explaining_progress() -> Callable[[str], None]:
     """Progress on stderr that explains acc / til / forgetting right before the first line showing them."""
     shown = False
 
-    from clbench.progress import TaskDone
+    from clbench.run.progress import TaskDone
 
     def say(msg: str) -> None:
         nonlocal shown
@@ -247,8 +247,8 @@ def methods(
     plugins_dir: list[str] = typer.Option([], "--plugins-dir"),
 ) -> None:
     """List the registered methods (and their params)."""
-    from clbench.method import describe_params, training_summary
-    from clbench.registry import discover
+    from clbench.methods.method import describe_params, training_summary
+    from clbench.methods.registry import discover
 
     try:
         reg = discover(plugins_dir, strict=False)
@@ -273,7 +273,7 @@ def methods(
     for err in reg.errors:
         typer.echo(f"error: {err}", err=True)
     if not names and pattern:
-        from clbench.registry import plugins_dir_hint
+        from clbench.methods.registry import plugins_dir_hint
 
         _fail(f"no method matches '{pattern}'{plugins_dir_hint(pattern, plugins_dir)}")
 
@@ -281,7 +281,7 @@ def methods(
 @app.command()
 def plugins(plugins_dir: list[str] = typer.Option([], "--plugins-dir")) -> None:
     """List the plugin sources (built-in, entry points, plugin folders) and what each registered."""
-    from clbench.registry import discover
+    from clbench.methods.registry import discover
 
     reg = discover(plugins_dir, strict=False)
     for source, prov in reg.sources:
@@ -305,8 +305,8 @@ def check(
     import time
 
     from clbench.contract import ContractError, method_checks, method_params
-    from clbench.hookcheck import ProcessExit, exit_text, no_process_exit
-    from clbench.registry import discover, plugins_dir_hint
+    from clbench.methods.hookcheck import ProcessExit, exit_text, no_process_exit
+    from clbench.methods.registry import discover, plugins_dir_hint
 
     try:
         reg = discover(plugins_dir, strict=False)
@@ -414,7 +414,7 @@ def protocol(
     precision, normalisation, batch), computed by the functions the training loop uses: compare it with a paper."""
     import json
 
-    from clbench.protocol import effective_protocol, protocol_lines
+    from clbench.run.protocol import effective_protocol, protocol_lines
     from clbench.suite import load_suite
 
     try:
@@ -445,8 +445,8 @@ def leaderboard(
                                                     "else MLflow's default (./mlflow.db)"),
 ) -> None:
     """Compare methods: aggregate the finished seeds of every method per suite hash (reads MLflow only)."""
-    from clbench.leaderboard import FORMATS, build
-    from clbench.report import render
+    from clbench.analysis.leaderboard import FORMATS, build
+    from clbench.analysis.report import render
 
     try:
         if format_ not in FORMATS:
@@ -478,9 +478,9 @@ def ui(
                                                             "(./mlflow.db)"),
 ) -> None:
     """Open MLflow's UI on the same store `clbench run` writes to."""
-    from clbench.storecheck import check_port
-    from clbench.tracking import store_uri
-    from clbench.uiview import view_url
+    from clbench.store.storecheck import check_port
+    from clbench.store.tracking import store_uri
+    from clbench.store.uiview import view_url
 
     uri = store_uri(backend_store_uri)
     if uri.startswith("http"):
@@ -496,16 +496,16 @@ def ui(
         typer.echo(f"  {name}: {view_url(base, exp_id)}   (leaderboard: runs sorted by final/acc)", err=True)
     typer.echo(f"  every page opens in MLflow's model-training mode (runs tables; {base} lists the experiments)",
                err=True)
-    from clbench.uiserver import command
+    from clbench.store.uiserver import command
 
-    argv = command(uri, host, port)  # MLflow's own server, opening in model-training mode (clbench.uiserver)
+    argv = command(uri, host, port)  # MLflow's own server, opening in model-training mode (clbench.store.uiserver)
     os.execvp(argv[0], argv)
 
 
 def _ui_views(uri: str) -> list[tuple[str, str]]:
-    """Tag the store's clbench experiments for the UI (see clbench.uiview); nothing for a store not yet created
-    or one this user cannot write. Refuses a file that is not an MLflow store (``clbench.tracking.ui_store``)."""
-    from clbench.tracking import ensure_ui_views, ui_store
+    """Tag the store's clbench experiments for the UI (see clbench.store.uiview); nothing for a store not yet created
+    or one this user cannot write. Refuses a file that is not an MLflow store (``clbench.store.tracking.ui_store``)."""
+    from clbench.store.tracking import ensure_ui_views, ui_store
 
     state = ui_store(uri)
     if state == "new":

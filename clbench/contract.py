@@ -11,7 +11,7 @@ method reports for task t (``task_updates``), and that every other pre-trained p
 of a fused ``qkv`` weight no site covers, is bit-for-bit unchanged. A method that silently writes into the
 base weights, or reports an update that is not what it did, fails. Methods that set ``trains_backbone`` (on
 the class, or on the instance when it depends on the params) are exempt from this check only; their
-``task_updates`` may also name the backbone's own linear maps (``clbench.dense.backbone_maps``).
+``task_updates`` may also name the backbone's own linear maps (``clbench.model.dense.backbone_maps``).
 
 Resume: a run stopped after task 0 and resumed from its ``method_state`` (through a ``weights_only`` save and
 load) into a fresh model and method gives the uninterrupted run's accuracy matrices. This is what a rehearsal
@@ -37,12 +37,12 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ValidationError
 
-from clbench.dense import backbone_maps
+from clbench.data.streams import Stream
 from clbench.errors import ClbenchError
-from clbench.hookcheck import MethodHookError, undeclared_trainable
-from clbench.lora import LowRank, find_sites
-from clbench.method import NAME_RULE, valid_method_name
-from clbench.streams import Stream
+from clbench.methods.hookcheck import MethodHookError, undeclared_trainable
+from clbench.methods.method import NAME_RULE, valid_method_name
+from clbench.model.dense import backbone_maps
+from clbench.model.lora import LowRank, find_sites
 
 
 class ContractError(AssertionError):
@@ -64,7 +64,7 @@ class ContractRun:
     method: Any
     R: np.ndarray
     R_til: np.ndarray
-    results: list = field(default_factory=list)  # clbench.loop.TaskResult per task
+    results: list = field(default_factory=list)  # clbench.run.loop.TaskResult per task
     initial: dict[int, torch.Tensor] = field(default_factory=dict)  # id(param) -> pre-trained value
     params: dict[int, tuple[str, torch.nn.Parameter]] = field(default_factory=dict)  # id -> (name, param)
     effective: list[dict[str, torch.Tensor]] = field(default_factory=list)  # per task: site -> weight
@@ -99,8 +99,8 @@ def contract_run(
 ) -> ContractRun:
     """Run ``cls`` (default params unless given) through a two-task stream on the tiny ViT, on CPU; ``progress``
     gets the loop's progress lines (each finished task, the contract notices)."""
-    from clbench.loop import run_stream
-    from clbench.registry import run_manager
+    from clbench.methods.registry import run_manager
+    from clbench.run.loop import run_stream
     from clbench.testing import tiny_model, tiny_train
 
     stream = stream or contract_stream(seed)
@@ -158,7 +158,7 @@ class _TrainableProbe:
             declared = {id(p) for g in groups for p in g["params"]}
         faults = self.run.trainable_faults
         faults += [f"'{n}' requires grad but is in no parameter group of the method and is no head"
-                   for n in undeclared_trainable(model, groups)]  # the loop's own check (clbench.hookcheck)
+                   for n in undeclared_trainable(model, groups)]  # the loop's own check (clbench.methods.hookcheck)
         pretrained = [v for v in self.run.initial.values() if v.ndim >= 2 and v.float().std() > 0]
         for pid in declared - heads:
             if pid in self.run.initial:
@@ -170,7 +170,7 @@ class _TrainableProbe:
 
 def check_registration(cls: type) -> None:
     """Name, params and hooks: what the registry and ``clbench methods NAME --params`` rely on."""
-    from clbench.registry import validate_hooks
+    from clbench.methods.registry import validate_hooks
 
     name = getattr(cls, "name", "")
     if not valid_method_name(name):
@@ -236,7 +236,7 @@ def _check_batch_independent(cls: type, run: ContractRun) -> None:
     model = run.model
     tasks = run.stream.tasks
     n = min(8, *(len(t.test_y) for t in tasks))
-    from clbench.batching import batches
+    from clbench.data.batching import batches
 
     pure = [next(batches(t.test_x, t.test_y, n, torch.device("cpu"), model))[0] for t in tasks]
     order = torch.arange(n * len(tasks)).view(len(tasks), n).T.reshape(-1)  # interleave the tasks
@@ -291,7 +291,7 @@ def _check_updates(cls: type, task: int, updates: Any, sites: dict[str, Any],
             )
         if not isinstance(lr, LowRank):
             _fail(
-                cls, f"task_updates on task {task}: '{key}' is {type(lr).__name__}, not clbench.lora.LowRank"
+                cls, f"task_updates on task {task}: '{key}' is {type(lr).__name__}, not clbench.model.lora.LowRank"
             )
         d_out, d_in = (sites[key].d_out, sites[key].d_in) if key in sites else maps[key]
         r = lr.A.shape[0]
@@ -381,8 +381,8 @@ def check_resume(
     and require what an uninterrupted run gives: the same accuracy matrices, per-task losses and loss terms, and
     final weights, bit for bit on CPU (:func:`clbench.testing.compare_resume`, which plugin tests call too).
 
-    The checkpoint goes through the runner's own path: the loop's payload (:func:`clbench.loop.checkpoint_payload`),
-    saved by :class:`clbench.checkpoint.RunStore` and loaded back with ``torch.load(weights_only=True)``.
+    The checkpoint goes through the runner's own path: the loop's payload (:func:`clbench.run.loop.checkpoint_payload`),
+    saved by :class:`clbench.run.checkpoint.RunStore` and loaded back with ``torch.load(weights_only=True)``.
     The check makes its own uninterrupted ``num_tasks``-task run to compare with. Everything after ``params`` is
     keyword-only, so params passed by position cannot land in a wrong argument and be silently dropped.
     """
@@ -464,7 +464,7 @@ def method_params(cls: type, assignments: list[str]) -> BaseModel:
 
 def load_plugin_file(path: str | Path):
     """A registry holding only the methods of one plugin file (validated as ``--plugins-dir`` would)."""
-    from clbench.registry import Registry
+    from clbench.methods.registry import Registry
 
     reg = Registry()
     reg.add_file(Path(path).resolve())

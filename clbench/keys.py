@@ -1,13 +1,13 @@
-"""Every MLflow tag and metric key clbench writes or reads, in one place (DESIGN.md section 5).
+"""Every MLflow tag and metric key clbench writes or reads, in one place (docs/ARCHITECTURE.md section 4 lists them, generated from this file).
 
-Writers (``clbench.recorder``, ``clbench.runner``, ``clbench.metrics``) and readers (``clbench.tracking``,
-``clbench.leaderboard``, ``clbench.report``, ``clbench.cli``) import these names, so a renamed key cannot drift
+Writers (``clbench.run.recorder``, ``clbench.run.runner``, ``clbench.analysis.metrics``) and readers (``clbench.store.tracking``,
+``clbench.analysis.leaderboard``, ``clbench.analysis.report``, ``clbench.cli``) import these names, so a renamed key cannot drift
 between the run that logs it and the leaderboard that reads it. Layout: one parent run per suite invocation
 (``suite/*``), one child run per (method, seed): per-task metrics at step = task index (``eval/*``,
-``train/*``, ``cost/task_*``, the per-layer ``spectra/*`` of ``clbench.spectra``), final metrics at the last
+``train/*``, ``cost/task_*``, the per-layer ``spectra/*`` of ``clbench.model.spectra``), final metrics at the last
 step (``final/*``, ``cost/*``, ``spectra/mean_*``). A run on the validation split (``clbench sweep``) logs its
 ``eval/*`` and ``final/*`` under ``val/`` (``for_split``) and is tagged ``clbench.split=validation``; readers of test
-results never see it (``clbench.tracking.read_runs``).
+results never see it (``clbench.store.tracking.read_runs``).
 """
 
 from __future__ import annotations
@@ -53,11 +53,11 @@ TRAIN_LR = "train/lr"  # the adapter group's lr, once per epoch at step = task *
 TASK_TRAIN_SECONDS = "cost/task_train_seconds"
 TASK_EVAL_SECONDS = "cost/task_eval_seconds"
 SPECTRA_SECONDS = "cost/spectra_seconds"
-SPECTRA_TOP1 = "spectra/top1_share"  # this task's update (clbench.spectra writes the spectra/* row)
+SPECTRA_TOP1 = "spectra/top1_share"  # this task's update (clbench.model.spectra writes the spectra/* row)
 SPECTRA_OVERLAP = "spectra/overlap"
 
 
-VAL_PREFIX = "val/"  # a validation run's accuracy metrics: eval/* and final/* renamed (clbench.validation)
+VAL_PREFIX = "val/"  # a validation run's accuracy metrics: eval/* and final/* renamed (clbench.data.validation)
 
 
 def for_split(key: str, split: str) -> str:
@@ -122,11 +122,11 @@ SUITE_SPEARMAN_N = "suite/spearman_n"
 SUITE_SPECTRA_EXCLUDED = "suite/spectra_excluded_runs"  # finished runs the spectra statistics leave out
 SPECTRA_EXCLUDED = "clbench.spectra_excluded"  # parent-run tag: how many runs were left out and why
 
-# -- claim suite (parent run; clbench.claim) ---------------------------------------------------------------------
+# -- claim suite (parent run; clbench.analysis.claim) ---------------------------------------------------------------------
 CLAIM_REFERENCE = "keep"  # the label of the claim suite's reference entry (plain IncLoRA)
 
 
 def claim_key(label: str, metric: str, stat: str) -> str:
     """``claim/<label>/<metric>_diff`` (stat ``diff``) or ``claim/<label>/<metric>_diff_<stat>`` (``ci95``, ``p``,
-    ``n``): metric forgetting | acc, the arm minus ``keep`` paired by seed (clbench.claim)."""
+    ``n``): metric forgetting | acc, the arm minus ``keep`` paired by seed (clbench.analysis.claim)."""
     return f"claim/{label}/{metric}_diff" + ("" if stat == "diff" else f"_{stat}")

@@ -21,10 +21,10 @@ from pathlib import Path
 
 from clbench import __version__
 from clbench.errors import ClbenchError
-from clbench.method import NAME_RULE, valid_method_name
+from clbench.methods.method import NAME_RULE, valid_method_name
 from clbench.templates import TEMPLATES, Template
 
-ENTRY_POINT_GROUP = "clbench"  # the group every method plugin registers in (pyproject.toml, clbench.registry)
+ENTRY_POINT_GROUP = "clbench"  # the group every method plugin registers in (pyproject.toml, clbench.methods.registry)
 
 TEST_HEAD = '''"""Tests of the {name} method plugin: the clbench contract, then what makes it {name}."""
 
@@ -52,7 +52,7 @@ import torch
 from {module} import {cls} as METHOD
 
 from clbench import contract
-from clbench.registry import discover
+from clbench.methods.registry import discover
 from clbench.testing import assert_resumes, run_method, tiny_stream
 
 
@@ -124,7 +124,7 @@ def check_name(name: str) -> None:
 
 
 def _refuse_registered(name: str) -> None:
-    from clbench.registry import discover
+    from clbench.methods.registry import discover
 
     reg = discover(strict=False)
     if name in reg.methods or name in reg.aliases:

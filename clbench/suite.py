@@ -29,7 +29,7 @@ from pydantic import (
 from clbench.errors import ClbenchError
 from clbench.weights import weights_identity
 
-# The streams clbench can build (clbench.streams.build_stream has one branch per name).
+# The streams clbench can build (clbench.data.streams.build_stream has one branch per name).
 STREAM_NAMES = ("split_cifar100", "mnist5k", "digits", "synthetic", "imagenet_r", "domainnet")
 
 
@@ -283,7 +283,7 @@ class Reference(Strict):
 
 
 class ValidationConfig(Strict):
-    """The held-out split that ``clbench sweep`` chooses hyperparameters on (clbench.validation): per task and
+    """The held-out split that ``clbench sweep`` chooses hyperparameters on (clbench.data.validation): per task and
     class, round(fraction * n) (at least 1) of the class's training images, drawn with ``seed`` (default: the
     run's seed), never trained on. Used only by validation runs; a test run ignores it, so it is not in the
     hash of test runs."""
@@ -394,7 +394,7 @@ def shipped_split_sums(stream_name: str) -> dict[str, str]:
     """Checksums of the split / class-list files clbench ships for ``stream_name`` (clbench/splits/SHA256SUMS):
     the data's identity known without reading the data. (CIFAR-100's split is its fixed official archive;
     DomainNet's lists are read from the data folder and their checksum is the run's clbench.stream.split_sha256.)"""
-    from clbench.datasets.splitfiles import pinned_sums
+    from clbench.data.datasets.splitfiles import pinned_sums
 
     return {k: v for k, v in pinned_sums().items() if k.startswith(stream_name + "_")}
 

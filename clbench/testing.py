@@ -14,12 +14,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from clbench import checkpoint, tracking
-from clbench.backbones import CLModel, build_model
+from clbench.data.streams import Stream, build_stream
 from clbench.errors import ClbenchError
-from clbench.loop import LoopState, TaskResult, checkpoint_payload, resume_state, run_stream
-from clbench.registry import run_manager
-from clbench.streams import Stream, build_stream
+from clbench.methods.registry import run_manager
+from clbench.model.backbones import CLModel, build_model
+from clbench.run import checkpoint
+from clbench.run.loop import LoopState, TaskResult, checkpoint_payload, resume_state, run_stream
+from clbench.store import tracking
 from clbench.suite import StreamConfig, TrainConfig
 
 TINY_SUITE_YAML = """\
@@ -53,7 +54,7 @@ def mlflow_runs(uri: str, experiment: str, role: str | None = None) -> list[Any]
 
 def builtin_method(name: str) -> type:
     """The class of the registered method ``name`` (a built-in or an installed plugin), e.g. to compare with."""
-    from clbench.registry import discover
+    from clbench.methods.registry import discover
 
     return discover().get(name).cls
 
@@ -171,8 +172,8 @@ def _ignore(msg: str) -> None:
 def interrupted_checkpoint(method: Any, stream: Stream, after: int, seed: int = 0, *,
                            progress: Callable[[str], None] = _ignore, **train: Any) -> dict[str, Any]:
     """Run ``method`` (an instance) through ``stream`` on CPU, stop after ``after`` tasks, and return the checkpoint
-    as a resumed run reads it: the loop's payload (:func:`clbench.loop.checkpoint_payload`) saved by the runner's
-    :class:`clbench.checkpoint.RunStore` and loaded back with ``torch.load(weights_only=True)``. Raises
+    as a resumed run reads it: the loop's payload (:func:`clbench.run.loop.checkpoint_payload`) saved by the runner's
+    :class:`clbench.run.checkpoint.RunStore` and loaded back with ``torch.load(weights_only=True)``. Raises
     ``ClbenchError`` when ``method_state`` would not load that way."""
 
     def save_and_stop(result: TaskResult, state: LoopState, model: CLModel) -> None:

@@ -3,11 +3,11 @@ backbone (as the ``lora`` baseline), or every backbone parameter (full fine-tuni
 reported for spectra in both cases.
 
 * LoRA: one branch per site, trained through all tasks; the update is the change of ``B A`` across the task,
-  ``[B_t, -B_(t-1)] [A_t; A_(t-1)]``, which the harness reports (``clbench.probes.TaskUpdateProbe``), as for
+  ``[B_t, -B_(t-1)] [A_t; A_(t-1)]``, which the harness reports (``clbench.methods.probes.TaskUpdateProbe``), as for
   ``clbench_plugins.lora``.
 * Full: the update of each block's linear maps (q, k, v rows of qkv, proj, fc1, fc2) is the dense change
   ``W_t - W_(t-1)``, factored by an exact SVD kept to its top ``update_rank`` directions
-  (``clbench.dense.factor_change``; ``update_rank: null`` keeps the numerical rank, i.e. the exact change).
+  (``clbench.model.dense.factor_change``; ``update_rank: null`` keeps the numerical rank, i.e. the exact change).
 
 Not a plugin module (no entry point): the leading underscore keeps plugin folders from loading it.
 """
@@ -42,7 +42,7 @@ class PartParams(LoRAParams):
 
 
 class TrainedPart:
-    """Mixin for a ``clbench.method.Method`` whose ``params`` extend :class:`PartParams`: call
+    """Mixin for a ``clbench.methods.method.Method`` whose ``params`` extend :class:`PartParams`: call
     :meth:`configure_part` from ``configure_model``. The mixin implements ``before_task`` (:meth:`begin_part_task`),
     ``after_task`` (:meth:`end_part_task`) and ``task_updates`` itself (pluggy registers hook implementations a
     class inherits); a method that needs more in one of them overrides it with ``@hookimpl`` and calls ``super()``.

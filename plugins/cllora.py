@@ -7,7 +7,7 @@ CosineLinearFeature``). The algorithm in our words, every deviation and the hype
 docs/METHODS.md section 7.
 
 Naming. The official ``Adapter_lora`` calls its down-projection ``lora_B`` (r x d) and its up-projection
-``lora_A`` (d x r); here, as everywhere in ``clbench.lora``, ``branch.A`` (r x d_in) is the down-projection
+``lora_A`` (d x r); here, as everywhere in ``clbench.model.lora``, ``branch.A`` (r x d_in) is the down-projection
 and ``branch.B`` (d_out x r) the up-projection, so the official ``lora_A`` is our ``B``.
 
 The method, on the q and v maps (``targets``) of a ViT:
@@ -33,7 +33,7 @@ The method, on the q and v maps (``targets``) of a ViT:
   prediction is the argmax over all seen classes (the official ``forward_test`` + ``forward_diagonal``).
 
 How this maps onto the loop's contract (no new hook, no loop change): ``configure_model`` returns a
-:class:`CLLoRAModel`, a :class:`~clbench.backbones.CLModel` around the same backbone whose heads are
+:class:`CLLoRAModel`, a :class:`~clbench.model.backbones.CLModel` around the same backbone whose heads are
 cosine heads and whose ``forward(x, head=j)`` runs the backbone with task j's specific adapters selected
 and applies head j; ``forward(x)`` concatenates ``forward(x, head=j)`` over every head. The loop's
 training loss ``model(x, head=t)`` is therefore the official training forward, ``after_task`` sets head t

@@ -13,7 +13,7 @@ The rule, per task t and adapted site (a linear map W of d_out x d_in):
   ``A_t F = 0`` (A^T on the Stiefel manifold restricted to the complement of F, an orthonormal d_in x k basis of
   the earlier tasks' input-side gradient subspace), and one learnable scalar ``s_t`` per site. Every non-zero
   singular value of delta W_t is ``|s_t| alpha / r``: the spectrum is flat by construction. The branch is a
-  :class:`clbench.lora.LoRABranch` with ``scale = alpha / r`` and ``gain = "scalar"`` (the gain is s).
+  :class:`clbench.model.lora.LoRABranch` with ``scale = alpha / r`` and ``gain = "scalar"`` (the gain is s).
 * ``before_task``: the mean full-weight gradient G of the task's loss over a uniformly spaced subset of its
   training data (``grad_fraction``, official 0.2); ``M = G^T`` projected away from F; ``U, S, V =
   torch.svd_lowrank(M)``; ``A_t = U_r^T``, ``B_t = V_r``. ``s_t = -(init_alpha + init_beta * l / (L - 1))`` for
@@ -29,7 +29,7 @@ The rule, per task t and adapted site (a linear map W of d_out x d_in):
   ``||M||^2``; later, the leading left singular vectors of the residual ``M - F F^T M`` until the captured share
   reaches ``energy``. ``merge_task`` folds the branch into the base weight (official: ``merge_and_unload``).
   The task's update reported for spectra is the new branch; the harness computes it
-  (``clbench.probes.TaskUpdateProbe``).
+  (``clbench.methods.probes.TaskUpdateProbe``).
 
 ViT reconstruction (no ViT code exists; docs/METHODS.md section 2):
 

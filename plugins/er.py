@@ -22,7 +22,7 @@ batch again in every epoch, so a sample can enter twice); so during task t the b
 every replayed sample is an earlier task's. (2) The number replayed per step is ``replay_ratio`` x the suite's
 batch size (Mammoth's ``minibatch_size``, default the batch size), also on a task's short last batch. Images are
 the stream's uint8 and augmented like the batch when replayed, as Mammoth augments its stored non-augmented
-images on replay. (3) The buffer *is* a stream index (``clbench.rehearsal``: one ``(task, row)`` pair per slot):
+images on replay. (3) The buffer *is* a stream index (``clbench.methods.rehearsal``: one ``(task, row)`` pair per slot):
 the stream is deterministic, so the checkpoint keeps 16 bytes a slot (kilobytes, whatever the image size) and
 the images are decoded from the stream into memory when the buffer fills and again when a run resumes
 (``ctx.stream_samples``); Mammoth's buffer and its checkpoints hold the images.

@@ -4,7 +4,7 @@ Paper: Yan-Shuo Liang and Wu-Jun Li, "InfLoRA: Interference-Free Low-Rank Adapta
 Learning", CVPR 2024 (arXiv 2404.00228). Official code: github.com/liangyanshuo/InfLoRA (``methods/inflora.py``,
 ``methods/inflora_domain.py``, ``models/vit_inflora.py``). Specification: docs/METHODS.md section 3, "inflora".
 
-Naming (the paper's letters, which the official code swaps, mapped onto ``clbench.lora``):
+Naming (the paper's letters, which the official code swaps, mapped onto ``clbench.model.lora``):
 
 ======================  =========================  ===========================  ===========================
 paper                   role                       official code                clbench ``LoRABranch``
@@ -36,7 +36,7 @@ Per task t (0-based, T tasks):
    differs only in representation, and when a share equals ``eps_t`` exactly); ``gpm`` is the official DomainNet
    computation to the letter, at the cost of projections with up to d columns.
    The task's update reported for spectra is its branch ``A_t B_t``; the harness computes it
-   (``clbench.probes.TaskUpdateProbe``: the branch is new, earlier ones are merged or frozen).
+   (``clbench.methods.probes.TaskUpdateProbe``: the branch is new, earlier ones are merged or frozen).
 3. ``merge_task`` (``merge: true``, the default): the finished branch is folded into the frozen base weight.
    The official code keeps every task's branch and sums them; merging is output-identical (up to float
    rounding) and makes later tasks and evaluation run at the bare backbone's cost. ``merge: false`` keeps the

@@ -10,12 +10,12 @@ LoRA itself: Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models", IC
 
 The task update reported for spectra is the change of the factor product across the task,
 ``B_t A_t - B_{t-1} A_{t-1}`` (factors ``[B_t, -B_{t-1}] [A_t; A_{t-1}]``): the harness computes it
-(``clbench.probes.TaskUpdateProbe``). IncLoRA reports its task's own branch instead (rank r, without the zero
+(``clbench.methods.probes.TaskUpdateProbe``). IncLoRA reports its task's own branch instead (rank r, without the zero
 half ``-B_{t-1}`` that the harness would add on the first task, where the branch starts at B = 0).
 
 Claim interventions (issue 24: does spectral imbalance *cause* forgetting?): with ``fresh_per_task``,
 ``spectrum: flat | sharpen`` replaces the finished task's update ``delta W = U S V^T`` by ``U S' V^T`` just before
-it is merged (``clbench.spectra.reshape_spectrum``: same singular subspaces, same Frobenius norm, or the same
+it is merged (``clbench.model.spectra.reshape_spectrum``: same singular subspaces, same Frobenius norm, or the same
 nuclear norm with ``norm: nuclear``); ``flat`` sets S' to S's RMS (mean for nuclear) on the update's rank,
 ``sharpen`` uses ``S^power`` renormalised. Training is untouched, so the task's own accuracy right after the
 intervention (``eval/acc/task_JJ`` at that step) shows what the intervention costs on the current task, and the

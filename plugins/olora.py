@@ -17,7 +17,7 @@ The rule (docs/METHODS.md section 4, "olora"), per adapted layer and task t:
   ``train/olora_orth`` and ``train/olora_l2`` (already multiplied by their lambdas, as they enter the loss).
 
 The task's update reported for spectra is its new branch ``(alpha / r) B_t A_t``; the harness computes it
-(``clbench.probes.TaskUpdateProbe``: the frozen earlier branches do not change during the task).
+(``clbench.methods.probes.TaskUpdateProbe``: the frozen earlier branches do not change during the task).
 
 ViT-specific choices (there is no official ViT version):
 

@@ -219,7 +219,7 @@ class RanPAC(Method):
         self.gram = Gram()  # in memory only: recomputed from the features after a resume
 
     def gradient_training(self, ctx) -> bool:
-        """Only the first task trains, and only with first-session adaptation (clbench.loop.takes_gradient_steps)."""
+        """Only the first task trains, and only with first-session adaptation (clbench.run.loop.takes_gradient_steps)."""
         return self.params.first_session_adaptation and ctx.task == 0
 
     @hookimpl

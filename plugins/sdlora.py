@@ -246,7 +246,7 @@ class SDLoRAParams(BaseModel):
         if min(self.rr_ranks, default=1) < 1:
             raise ValueError(f"rr_ranks {self.rr_ranks} must be >= 1")
         if self.rank_reduction and max(self.rr_ranks, default=0) > self.rank:
-            # reduced ranks: so the rank limit checked on `rank` (clbench.preflight) covers every task's pair
+            # reduced ranks: so the rank limit checked on `rank` (clbench.run.preflight) covers every task's pair
             raise ValueError(f"rr_ranks {self.rr_ranks} must not exceed rank {self.rank} (they reduce it)")
         return self
 

@@ -46,7 +46,7 @@ def _fast_store_creation(tmp_path_factory, monkeypatch):
     clbench's own code: MLflow's migrations take seconds (over ten under load) per store, and dozens of tests open
     one. A store that already exists (a half-made one) still goes through clbench's code, as do the stores of
     `clbench run` subprocesses (tests/test_concurrency.py races two of them to create one)."""
-    from clbench import tracking
+    from clbench.store import tracking
 
     create = tracking.create_sqlite_store
 

@@ -8,8 +8,8 @@ from typer.testing import CliRunner
 
 from clbench.cli import app
 from clbench.errors import ClbenchError
-from clbench.plan import plan_runs
-from clbench.registry import discover
+from clbench.methods.registry import discover
+from clbench.run.plan import plan_runs
 from clbench.suite import load_suite
 from clbench.testing import tiny_suite_yaml
 

@@ -17,8 +17,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from clbench import checkpoint
 from clbench.cli import app
+from clbench.run import checkpoint
 from clbench.suite import load_suite
 
 CORPUS = Path(__file__).parent / "bad_suites"
@@ -38,8 +38,8 @@ def test_corpus_is_large_and_every_case_says_what_it_expects():
 
 
 def plant_checkpoint(suite_path: Path, ckdir: Path, uri: str, kind: str) -> None:
-    from clbench.registry import discover
-    from clbench.runner import _store, plan_runs, run_key
+    from clbench.methods.registry import discover
+    from clbench.run.runner import _store, plan_runs, run_key
 
     suite = load_suite(suite_path)
     [run] = plan_runs(suite, str(suite_path), discover([]), None)

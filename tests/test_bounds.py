@@ -14,17 +14,18 @@ from clbench_plugins.finetune import Finetune
 from clbench_plugins.frozen import Frozen
 from clbench_plugins.joint import Joint
 
-from clbench import contract, keys, rehearsal
-from clbench import leaderboard as lb
-from clbench.context import TaskContext
-from clbench.dense import backbone_maps
+from clbench import contract, keys
+from clbench.analysis import leaderboard as lb
+from clbench.analysis.report import render_html
 from clbench.errors import ClbenchError
-from clbench.hookspecs import hookimpl
-from clbench.loop import run_stream
-from clbench.method import Method
-from clbench.registry import run_manager
-from clbench.rehearsal import Samples
-from clbench.report import render_html
+from clbench.methods import rehearsal
+from clbench.methods.context import TaskContext
+from clbench.methods.hookspecs import hookimpl
+from clbench.methods.method import Method
+from clbench.methods.registry import run_manager
+from clbench.methods.rehearsal import Samples
+from clbench.model.dense import backbone_maps
+from clbench.run.loop import run_stream
 from clbench.testing import run_method, tiny_model, tiny_stream, tiny_train
 
 

@@ -108,9 +108,9 @@ def server(tmp_path_factory):
     folder = tmp_path_factory.mktemp("ui")
     port = free_port()
     log = (folder / "ui.log").open("w")  # held open for the server's whole life, closed below
-    from clbench.uiserver import command
+    from clbench.store.uiserver import command
 
-    # what `clbench ui` runs: MLflow's server, opening in model-training mode (clbench.uiserver)
+    # what `clbench ui` runs: MLflow's server, opening in model-training mode (clbench.store.uiserver)
     proc = subprocess.Popen(command(f"sqlite:///{folder / 'mlflow.db'}", "127.0.0.1", port), stdout=log,
                             stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
@@ -206,8 +206,8 @@ def screenshot(url: str, path: Path, width: int = 2400) -> None:
 def test_clbench_ui_lands_on_the_leaderboard_view(server):
     """The address `clbench ui` prints: model-training mode, every run a row (children un-nested), the final
     metrics and the spectral summary as columns, best final/acc first. A screenshot is left beside the store."""
-    from clbench.tracking import ensure_ui_views
-    from clbench.uiview import COLUMNS, column_key, view_url
+    from clbench.store.tracking import ensure_ui_views
+    from clbench.store.uiview import COLUMNS, column_key, view_url
 
     url, exps, folder = server
     assert ("bench", exps["bench"]) in ensure_ui_views(url)  # what `clbench ui` does before serving
@@ -261,8 +261,8 @@ PROBE = ("<script>window.addEventListener('load', () => {document.body.setAttrib
 
 
 def test_html_report_renders_with_its_plots(server):
-    from clbench import leaderboard as lb
-    from clbench.report import render
+    from clbench.analysis import leaderboard as lb
+    from clbench.analysis.report import render
 
     url, _, folder = server
     html_text = render(lb.build("bench", url), "html")
@@ -285,8 +285,8 @@ def test_html_report_ranks_and_cd_diagram_render(tmp_path):
     the critical-difference diagram, and Chromium decodes the diagram."""
     from test_leaderboard_stats import SUITES, write_suites
 
-    from clbench import leaderboard as lb
-    from clbench.report import render
+    from clbench.analysis import leaderboard as lb
+    from clbench.analysis.report import render
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     write_suites(uri, tmp_path / "artifacts", SUITES)
@@ -310,8 +310,8 @@ def test_every_way_in_lands_on_the_model_training_runs_table(server):
     is checked for being drawn (non-trivial PNG)."""
     from cdp import Browser
 
-    from clbench.tracking import ensure_ui_views
-    from clbench.uiview import WORKFLOW, WORKFLOW_STORAGE_KEY, view_url
+    from clbench.store.tracking import ensure_ui_views
+    from clbench.store.uiview import WORKFLOW, WORKFLOW_STORAGE_KEY, view_url
 
     url, exps, folder = server
     ensure_ui_views(url)

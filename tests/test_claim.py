@@ -12,8 +12,8 @@ import torch
 from clbench_plugins.lora import NaiveLoRA
 from pydantic import ValidationError
 
-from clbench.lora import LowRank
-from clbench.spectra import reshape_spectrum, singular_values, top1_share
+from clbench.model.lora import LowRank
+from clbench.model.spectra import reshape_spectrum, singular_values, top1_share
 from clbench.testing import run_method, tiny_model
 
 
@@ -129,7 +129,7 @@ def test_intervention_without_fresh_per_task_is_rejected():
 
 def _group(values: dict[str, dict[int, tuple[float, float]]]):
     from clbench import keys
-    from clbench.leaderboard import METRIC_KEYS, Group, Row, stat
+    from clbench.analysis.leaderboard import METRIC_KEYS, Group, Row, stat
 
     def metrics(per_seed):
         cols = {keys.FINAL_FORGETTING: [f for f, _ in per_seed.values()],
@@ -148,7 +148,7 @@ def test_claim_effects_are_paired_by_seed_against_keep():
     from scipy.stats import ttest_rel
 
     from clbench import keys
-    from clbench.claim import claim_effects, claim_metrics, plot_forgetting_by_intervention
+    from clbench.analysis.claim import claim_effects, claim_metrics, plot_forgetting_by_intervention
 
     keep = {0: (40.0, 30.0), 1: (50.0, 28.0), 2: (45.0, 31.0), 3: (41.0, 29.0)}
     flat = {1: (44.0, 29.0), 0: (35.0, 31.0), 2: (42.0, 30.0), 3: (37.0, 30.5), 7: (0.0, 99.0)}  # seed 7: unpaired
@@ -167,7 +167,7 @@ def test_claim_effects_are_paired_by_seed_against_keep():
 def test_layer_points_pair_later_updates_with_earlier_forgetting():
     import numpy as np
 
-    from clbench.claim import layer_points
+    from clbench.analysis.claim import layer_points
 
     R = np.array([[90, 0, 0], [60, 80, 0], [50, 40, 70]], dtype=float)
     top1 = np.array([[0.3, 0.5], [0.6, 0.8], [1.0, 0.4]])
@@ -179,8 +179,8 @@ def test_layer_points_pair_later_updates_with_earlier_forgetting():
 def test_leaderboard_text_shows_the_claim_answer_from_claim_effects():
     """`clbench leaderboard suites/claim.yaml` answers the claim: each arm's paired difference against keep, the
     same Paired numbers the parent run logs (claim_effects), with interval and p."""
-    from clbench.claim import claim_effects
-    from clbench.report import render
+    from clbench.analysis.claim import claim_effects
+    from clbench.analysis.report import render
 
     keep = {0: (40.0, 30.0), 1: (50.0, 28.0), 2: (45.0, 31.0), 3: (41.0, 29.0)}
     flat = {1: (44.0, 29.0), 0: (35.0, 31.0), 2: (42.0, 30.0), 3: (37.0, 30.5)}

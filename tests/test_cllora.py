@@ -29,8 +29,8 @@ from clbench_plugins.cllora import (
 )
 
 from clbench.errors import ClbenchError
-from clbench.loop import LoopState, run_stream
-from clbench.registry import discover, run_manager
+from clbench.methods.registry import discover, run_manager
+from clbench.run.loop import LoopState, run_stream
 from clbench.testing import tiny_model, tiny_stream, tiny_train
 
 RANK = 4
@@ -222,7 +222,7 @@ def test_loop_accuracy_is_the_official_prototype_prediction(run):
 # -- task-shared adapters: KD and gradient reassignment ----------------------------------------------------
 
 def _ctx(run, task):
-    from clbench.context import TaskContext
+    from clbench.methods.context import TaskContext
 
     stream = run["stream"]
     return TaskContext(task=task, num_tasks=T, classes=stream.tasks[task].classes,
@@ -402,7 +402,7 @@ def test_params_and_bad_layouts():
 def test_suites_with_cllora_validate(suite):
     from pathlib import Path
 
-    from clbench.runner import plan_runs
+    from clbench.run.runner import plan_runs
     from clbench.suite import load_suite
 
     s = load_suite(Path(__file__).resolve().parents[1] / "suites" / suite)

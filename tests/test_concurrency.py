@@ -1,7 +1,7 @@
 """Two `clbench run` processes writing to one fresh sqlite MLflow store at the same time both finish intact.
 
 They share the experiment too, so both race to create the store's tables and the experiment (serialised
-and retried in clbench/tracking.py), then interleave their per-task writes.
+and retried in clbench/store/tracking.py), then interleave their per-task writes.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Conformance (issue 31): every reproduction suite's effective protocol, built by clbench's own code path
-(``clbench.protocol.effective_protocol``, the same as ``clbench protocol SUITE``), against the fixture recorded by
+(``clbench.run.protocol.effective_protocol``, the same as ``clbench protocol SUITE``), against the fixture recorded by
 running the official repository's code (benchmarks/conformance/generate.py -> tests/conformance/*.json). A
 difference fails unless the suite declares it: some reference note of the suite holds ``<item>:`` with the reason."""
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from clbench.protocol import effective_protocol
+from clbench.run.protocol import effective_protocol
 from clbench.suite import load_suite
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -111,7 +111,7 @@ def test_trainable_params_after_tasks_0_and_1_match_the_official_model(path):
     """The loop's trainable-parameter count (run_stream on a placeholder stream, the suite's ViT-B with random
     weights, one step per task) equals the official model's after tasks 0 and 1 (InfLoRA's SiNet, built by the
     generator). Minutes of CPU per suite."""
-    from clbench.protocol import trainable_params
+    from clbench.run.protocol import trainable_params
 
     fixture = json.loads((FIXTURES / (path.stem + ".json")).read_text())["items"]
     suite = load_suite(path)

@@ -16,11 +16,11 @@ import pytest
 import torch
 
 from clbench import contract
-from clbench.backbones import CLModel
-from clbench.hookspecs import hookimpl
-from clbench.lora import inject
-from clbench.method import Method
-from clbench.registry import discover
+from clbench.methods.hookspecs import hookimpl
+from clbench.methods.method import Method
+from clbench.methods.registry import discover
+from clbench.model.backbones import CLModel
+from clbench.model.lora import inject
 
 REGISTRY = discover(strict=False)
 METHODS = sorted(REGISTRY.methods)
@@ -191,7 +191,7 @@ def test_backbone_training_method_reports_on_backbone_maps_only():
 
 def _replacing(model_cls, groups=None, name="replacing"):
     """A method that freezes the backbone and replaces the model by ``model_cls(model)``."""
-    from clbench.method import Method
+    from clbench.methods.method import Method
 
     class Replacing(Method):
         paper = "test"

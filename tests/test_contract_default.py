@@ -111,8 +111,8 @@ def test_a_method_that_freezes_its_backbone_gets_no_notice():
 
     for cls in (Frozen, NaiveLoRA):
         lines = []
-        from clbench.loop import run_stream
-        from clbench.registry import run_manager
+        from clbench.methods.registry import run_manager
+        from clbench.run.loop import run_stream
         from clbench.testing import tiny_stream, tiny_train
 
         run_stream(tiny_model(), tiny_stream(), run_manager(cls()), tiny_train(max_steps_per_epoch=1), 0,
@@ -134,7 +134,7 @@ def test_the_changelog_has_an_entry_for_the_current_version_and_the_docs_state_t
     log = (ROOT / "docs" / "CONTRACT_CHANGELOG.md").read_text()
     versions = [int(v) for v in re.findall(r"^## Contract (\d+) ", log, flags=re.M)]
     assert versions and versions[0] == clbench.CONTRACT_VERSION == max(versions)
-    from clbench.hookspecs import MethodSpec
+    from clbench.methods.hookspecs import MethodSpec
 
     doc = " ".join(textwrap.dedent(MethodSpec.param_groups.__doc__).split())
     assert "since the pre-trained backbone is frozen after ``configure_model`` unless the method sets" in doc

@@ -1,4 +1,4 @@
-"""One run over several processes (clbench.distributed): gloo over 2 CPU processes equals one process.
+"""One run over several processes (clbench.run.distributed): gloo over 2 CPU processes equals one process.
 
 Tolerance: the gradient of a global batch is summed across ranks in another order than one process sums it, so
 parameters may differ in the last bits (checked: max abs difference < 1e-5); accuracy matrices may differ by at
@@ -39,9 +39,9 @@ def _uneven_batch_size(n: int) -> int:
 
 
 def _train(name: str, batch_size: int):
-    from clbench.distributed import communicator
-    from clbench.loop import run_stream
-    from clbench.registry import discover, run_manager
+    from clbench.methods.registry import discover, run_manager
+    from clbench.run.distributed import communicator
+    from clbench.run.loop import run_stream
     from clbench.testing import tiny_model
 
     stream, cfg = _setup(batch_size)
@@ -107,9 +107,9 @@ tracking: {experiment: ddp}
 def test_torchrun_clbench_run_logs_once_from_rank_zero(tmp_path, mlflow_uri):
     from mlflow.tracking import MlflowClient
 
-    from clbench.runner import run_suite
+    from clbench.run.runner import run_suite
+    from clbench.store.tracking import MlflowTracker
     from clbench.suite import load_suite
-    from clbench.tracking import MlflowTracker
 
     path = tmp_path / "ddp.yaml"
     path.write_text(SUITE)

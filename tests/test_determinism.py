@@ -1,6 +1,6 @@
 """The determinism policy (README, "Same command, same numbers"): on the CPU a run is bit-reproducible at a given
 thread count, uninterrupted or resumed. The prompt methods' prompt selection once broke it at two threads: plain
-indexing of a prompt pool differentiates through parallel atomic float additions (clbench.prompts.pick)."""
+indexing of a prompt pool differentiates through parallel atomic float additions (clbench.methods.prompts.pick)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import contextlib
 import pytest
 import torch
 
-from clbench.prompts import pick
-from clbench.registry import discover
+from clbench.methods.prompts import pick
+from clbench.methods.registry import discover
 from clbench.testing import assert_resumes
 
 
@@ -59,7 +59,7 @@ def test_prompt_methods_resume_bit_exactly_at_two_threads(name):
 def test_runtime_deterministic_switches_torch_to_deterministic_kernels_and_back(monkeypatch):
     """runtime.deterministic (outside the suite hash: tests/test_protocols.py) turns on torch's deterministic
     algorithms and cuBLAS's fixed workspace for a run, and a run without it leaves torch's defaults."""
-    from clbench.runner import deterministic_algorithms
+    from clbench.run.runner import deterministic_algorithms
 
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
     try:

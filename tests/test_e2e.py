@@ -83,9 +83,9 @@ def test_dry_run_trains_nothing(suite_file, mlflow_uri, tmp_path, monkeypatch):
 
 
 def test_same_seed_gives_identical_matrices(suite_file, mlflow_uri, tmp_path, monkeypatch):
-    from clbench.runner import run_suite
+    from clbench.run.runner import run_suite
+    from clbench.store.tracking import NullTracker
     from clbench.suite import load_suite
-    from clbench.tracking import NullTracker
 
     s = load_suite(suite_file, ["seeds=[3]", "methods=[{name: lora, params: {rank: 2}}]"])
     a = run_suite(s, str(suite_file), tracker=NullTracker(), progress=lambda m: None)

@@ -13,11 +13,11 @@ import torch
 import torch.nn.functional as Fn
 from clbench_plugins.eblora import EBLoRA, gpm_update, gradient_svd_init
 
-from clbench.context import TaskContext
 from clbench.errors import ClbenchError
-from clbench.hookspecs import hookimpl
-from clbench.registry import discover
-from clbench.spectra import singular_values
+from clbench.methods.context import TaskContext
+from clbench.methods.hookspecs import hookimpl
+from clbench.methods.registry import discover
+from clbench.model.spectra import singular_values
 from clbench.testing import run_method, tiny_model, tiny_stream
 
 FAST = {"rank": 4, "grad_fraction": 0.5, "probe_steps": 20}
@@ -219,9 +219,9 @@ def test_rank_larger_than_a_site_is_a_clear_error():
 def test_resumed_run_matches_an_uninterrupted_one():
     """Checkpoint after task 0 (model state dict + method_state through torch.save, weights_only) and resume:
     the accuracy matrix and the second task's update equal the uninterrupted run's."""
-    from clbench.checkpoint import rng_state
-    from clbench.loop import LoopState, run_stream
-    from clbench.registry import run_manager
+    from clbench.methods.registry import run_manager
+    from clbench.run.checkpoint import rng_state
+    from clbench.run.loop import LoopState, run_stream
     from clbench.testing import tiny_train
 
     stream, params, cfg = _stream(), {**FAST, "subspace_gradient": "pre"}, tiny_train(batch_size=8)

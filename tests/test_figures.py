@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from clbench import keys
-from clbench import leaderboard as lb
+from clbench.analysis import leaderboard as lb
 
 # labels that sat on top of each other in the accuracy-vs-cost plot (one point each, equal cost, close accuracy)
 METHODS = {"mymethod": 40.0, "lora": 40.4, "lora-tuned": 40.8, "inflora": 45.0, "olora": 30.0, "$x$ lora": 35.0,
@@ -114,8 +114,8 @@ def checked(monkeypatch):
 
 
 def test_every_report_and_claim_figure_draws_cleanly(checked, tmp_path):
-    from clbench import claim, report
-    from clbench.stats import cd_diagram, rank_methods
+    from clbench.analysis import claim, report
+    from clbench.analysis.stats import cd_diagram, rank_methods
 
     g = _group()
     for _, draw, _ in report.PLOTS:
@@ -129,7 +129,7 @@ def test_every_report_and_claim_figure_draws_cleanly(checked, tmp_path):
 
 
 def test_every_run_artifact_figure_draws_cleanly(checked, tmp_path):
-    from clbench import plots
+    from clbench.analysis import plots
 
     R = np.tril(np.full((5, 5), 55.5))
     plots.accuracy_heatmap(R, tmp_path / "acc.png", "accuracy matrix")

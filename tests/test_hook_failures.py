@@ -12,8 +12,8 @@ from clbench_plugins.lora import NaiveLoRA
 from typer.testing import CliRunner
 
 from clbench.cli import app
-from clbench.hookcheck import MethodHookError
-from clbench.hookspecs import hookimpl
+from clbench.methods.hookcheck import MethodHookError
+from clbench.methods.hookspecs import hookimpl
 from clbench.testing import run_method, tiny_stream
 
 
@@ -47,7 +47,7 @@ CASES = {
     "loss_terms-string": ("loss_terms", lambda **kw: {"bad": "0.5"}, "term 'bad' is str"),
     "loss_terms-list": ("loss_terms", lambda **kw: [1.0], "expected a dict of named scalar loss tensors"),
     "task_updates-garbage": ("task_updates", lambda **kw: {"blocks.0.attn.qkv": 3},
-                             "expected site name -> clbench.lora.LowRank"),
+                             "expected site name -> clbench.model.lora.LowRank"),
     "task_updates-string": ("task_updates", lambda **kw: "garbage", "returned str 'garbage'"),
     "param_groups-string": ("param_groups", lambda **kw: "adapters", "expected a list of optimizer groups"),
     "param_groups-no-params": ("param_groups", lambda **kw: [{"lr": 1.0}], "group 0 is dict"),
@@ -80,7 +80,7 @@ def test_a_good_method_passes_the_checks_unchanged():
 
 BAD_PLUGIN = '''
     """A test method: naive LoRA whose loss term is a vector (the wrong type) on task 1."""
-    from clbench.hookspecs import hookimpl
+    from clbench.methods.hookspecs import hookimpl
     from clbench_plugins.lora import NaiveLoRA
 
     class VecLoRA(NaiveLoRA):

@@ -18,8 +18,8 @@ from clbench_plugins.lora import NaiveLoRA
 from typer.testing import CliRunner
 
 from clbench.cli import app
-from clbench.hookcheck import MethodHookError, graph_attached
-from clbench.hookspecs import hookimpl
+from clbench.methods.hookcheck import MethodHookError, graph_attached
+from clbench.methods.hookspecs import hookimpl
 from clbench.testing import run_method, tiny_stream
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -117,15 +117,15 @@ def _guide_table() -> dict[str, tuple[bool, str]]:
 
 
 def test_grad_and_mode_in_every_hook_are_what_the_guide_says(tmp_path):
-    from clbench import checkpoint
-    from clbench.hookspecs import MethodSpec
-    from clbench.loop import checkpoint_payload, resume_state, run_stream
-    from clbench.registry import run_manager
+    from clbench.methods.hookspecs import MethodSpec
+    from clbench.methods.registry import run_manager
+    from clbench.run import checkpoint
+    from clbench.run.loop import checkpoint_payload, resume_state, run_stream
     from clbench.testing import tiny_model, tiny_train
 
     table = _guide_table()
     hooks = sorted(h for h in vars(MethodSpec) if not h.startswith("_"))
-    assert sorted(table) == hooks, "the guide's table must list every hook of clbench/hookspecs.py once"
+    assert sorted(table) == hooks, "the guide's table must list every hook of clbench/methods/hookspecs.py once"
     stream = tiny_stream(num_tasks=3, num_classes=6, samples_per_class=8)
     cfg, cpu = tiny_train(max_steps_per_epoch=2), torch.device("cpu")
     store = checkpoint.RunStore(tmp_path, "guide")
@@ -218,7 +218,7 @@ def test_graph_attached_lists_only_tensors_with_a_graph():
 
 ATTACHED_PLUGIN = '''
     """A test method whose Fisher keeps its autograd graph (not detached)."""
-    from clbench.hookspecs import hookimpl
+    from clbench.methods.hookspecs import hookimpl
     from clbench_plugins.lora import NaiveLoRA
 
     class Attached(NaiveLoRA):

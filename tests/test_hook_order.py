@@ -7,9 +7,9 @@ import torch
 from pydantic import BaseModel
 
 from clbench import Method, hookimpl, inject
-from clbench.checkpoint import rng_state
-from clbench.loop import LoopState, run_stream
-from clbench.registry import HOOK_NAMES, run_manager
+from clbench.methods.registry import HOOK_NAMES, run_manager
+from clbench.run.checkpoint import rng_state
+from clbench.run.loop import LoopState, run_stream
 from clbench.testing import run_method, tiny_model, tiny_stream, tiny_train
 
 

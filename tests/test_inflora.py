@@ -22,11 +22,11 @@ from clbench_plugins.inflora import (
     threshold,
 )
 
-from clbench.context import TaskContext
-from clbench.hookspecs import hookimpl
-from clbench.loop import LoopState, run_stream
-from clbench.lora import AdaptedLinear
-from clbench.registry import discover, run_manager
+from clbench.methods.context import TaskContext
+from clbench.methods.hookspecs import hookimpl
+from clbench.methods.registry import discover, run_manager
+from clbench.model.lora import AdaptedLinear
+from clbench.run.loop import LoopState, run_stream
 from clbench.testing import tiny_model, tiny_stream, tiny_train
 
 RANK = 4
@@ -157,7 +157,7 @@ def test_collected_covariance_matches_explicit_features_on_the_micro_vit():
     task = stream.tasks[0]
 
     def loader(batch_size=None, fraction=1.0, shuffle=False, generator=None, augmented=False):
-        from clbench.batching import Draw, batches
+        from clbench.data.batching import Draw, batches
         return batches(task.train_x, task.train_y, 5, torch.device("cpu"), model, Draw(fraction=fraction))
 
     ctx = TaskContext(task=0, num_tasks=2, classes=task.classes, seen_classes=task.classes,

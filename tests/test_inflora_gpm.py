@@ -12,10 +12,10 @@ import pytest
 import torch
 from clbench_plugins.inflora import REMOVE, InfLoRA, Memory, dualgpm_update, gpm_update
 
-from clbench.hookspecs import hookimpl
-from clbench.loop import run_stream
-from clbench.registry import discover, run_manager
-from clbench.runner import plan_runs
+from clbench.methods.hookspecs import hookimpl
+from clbench.methods.registry import discover, run_manager
+from clbench.run.loop import run_stream
+from clbench.run.runner import plan_runs
 from clbench.suite import load_suite
 from clbench.testing import tiny_model, tiny_stream, tiny_train
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from clbench import leaderboard as lb
+from clbench.analysis import leaderboard as lb
 from clbench.cli import app
 from clbench.errors import ClbenchError
 
@@ -268,7 +268,7 @@ def png_images(html_text: str) -> list[bytes]:
 
 
 def test_html_report_is_self_contained_with_plots(groups):
-    from clbench.report import render
+    from clbench.analysis.report import render
 
     text = render(groups, "html")
     assert "http://" not in text and "https://" not in text and "<script" not in text
@@ -281,14 +281,14 @@ def test_html_report_is_self_contained_with_plots(groups):
 
 
 def test_pareto_front():
-    from clbench.report import pareto_front
+    from clbench.analysis.report import pareto_front
 
     # (cost, acc): 1 dominates 3 (cheaper and better); 0, 1, 2 trade off
     assert pareto_front([(1.0, 50.0), (2.0, 70.0), (5.0, 80.0), (3.0, 60.0)]) == [0, 1, 2]
 
 
 def test_log_report_puts_the_html_on_the_parent(store):
-    from clbench.report import log_report
+    from clbench.analysis.report import log_report
 
     uri, _ = store
     logged = {}
@@ -364,8 +364,8 @@ def test_stat_single_seed_has_no_std():
 
 
 def test_a_failing_report_never_fails_the_suite_run(tmp_path):
+    from clbench.run.summary import leaderboard_report
     from clbench.suite import load_suite
-    from clbench.summary import leaderboard_report
 
     suite_file = tmp_path / "s.yaml"
     suite_file.write_text("name: s\nstream: {name: synthetic, num_tasks: 2, num_classes: 4}\n"
@@ -403,7 +403,7 @@ def test_spectra_of_a_method_without_low_rank_update_read_na():
 def test_terminal_table_fits_and_explains_missing_interval_and_ranking(store):
     """The terminal table fits 100 columns for a one-seed suite, shows n once per row (not in every cell),
     says why a one-seed paired difference has no interval and why several suites are not ranked."""
-    from clbench.stats import paired
+    from clbench.analysis.stats import paired
 
     uri, _ = store
     text = lb.render(lb.build("other", uri), "table")

@@ -1,6 +1,6 @@
 """Statistics in the leaderboard (issue 17, items 1-3): ci95 of every aggregate, paired comparison with a
 baseline, ranks across suites with the Friedman/Nemenyi tests and the critical-difference diagram. Expected
-values come from scipy on the runs' own values (read back from MLflow), never from clbench.stats itself."""
+values come from scipy on the runs' own values (read back from MLflow), never from clbench.analysis.stats itself."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ from scipy import stats as sps
 from test_leaderboard import HASH_A, make_store, png_images
 from typer.testing import CliRunner
 
-from clbench import leaderboard as lb
+from clbench.analysis import leaderboard as lb
+from clbench.analysis.report import render
 from clbench.cli import app
-from clbench.report import render
 
 ROOT = Path(__file__).resolve().parents[1]
 T0 = 1_800_000_000_000

@@ -15,12 +15,13 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from clbench import checkpoint, runner, tracking
 from clbench.cli import app
 from clbench.errors import ClbenchError
+from clbench.run import checkpoint, runner
+from clbench.store import tracking
+from clbench.store.tracking import MlflowTracker
 from clbench.suite import load_suite
 from clbench.testing import mlflow_runs, tiny_suite_yaml
-from clbench.tracking import MlflowTracker
 
 
 def one_method_suite(folder: Path, name: str = "life") -> Path:
@@ -117,7 +118,7 @@ def test_failure_after_the_parent_exists_ends_it_failed_and_a_rerun_finishes_it(
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(runner, "record_suite", broken)
-    with pytest.raises(ClbenchError, match="disk full: .*No space left on device"):  # one line (clbench.recorder)
+    with pytest.raises(ClbenchError, match="disk full: .*No space left on device"):  # one line (clbench.run.recorder)
         runner.run_suite(suite, str(suite_path), progress=lambda s: None, checkpoint_dir=ckdir)
     [parent] = mlflow_runs(mlflow_uri, "life", "parent")
     assert parent.info.status == "FAILED" and "No space left" in parent.data.tags["clbench.error"]
@@ -138,7 +139,7 @@ def test_ctrl_c_at_task_0_then_task_1_resumes_the_same_run_to_the_uninterrupted_
     """In-process and seconds long, the default run's cover of tests/test_resume.py's kill chain (slow: SIGKILL,
     SIGTERM and Ctrl-C at every point through `clbench run` processes): interrupted before task 0's checkpoint and
     again in task 1, the reruns continue the one MLflow run, which ends as an uninterrupted run does."""
-    from clbench import loop
+    from clbench.run import loop
 
     suite_path = one_method_suite(tmp_path)
     suite, ckdir, quiet = load_suite(suite_path), str(tmp_path / "ck"), (lambda s: None)

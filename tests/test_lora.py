@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from clbench.lora import AdaptedLinear, LowRank, find_sites, inject, merge_all
+from clbench.model.lora import AdaptedLinear, LowRank, find_sites, inject, merge_all
 from clbench.testing import tiny_model
 
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from clbench.metrics import (
+from clbench.analysis.metrics import (
     accuracy_after,
     average_incremental_accuracy,
     backward_transfer,

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from clbench.augment import resize_center_crop
-from clbench.batching import Draw, batches
+from clbench.data.augment import resize_center_crop
+from clbench.data.batching import Draw, batches
+from clbench.data.streams import class_order_for
 from clbench.errors import ClbenchError
-from clbench.loop import init_head_kaiming_zero
-from clbench.streams import class_order_for
+from clbench.run.loop import init_head_kaiming_zero
 from clbench.suite import load_suite
 from clbench.testing import tiny_model
 
@@ -36,7 +36,7 @@ def test_coda_prompt_order_shuffles_with_python_random_only_for_positive_seeds()
 
 
 def test_coda_prompt_imagenet_r_ids_are_the_split_yaml_targets():
-    from clbench.datasets.splitfiles import class_list, read_pinned
+    from clbench.data.datasets.splitfiles import class_list, read_pinned
 
     ours = class_list("imagenet_r")
     theirs = read_pinned("coda_prompt_imagenet_r_targets.txt").decode().split()

@@ -10,10 +10,10 @@ import pytest
 import torch
 from clbench_plugins.olora import OLoRA
 
-from clbench.context import TaskContext
 from clbench.errors import ClbenchError
-from clbench.hookspecs import hookimpl
-from clbench.spectra import overlap
+from clbench.methods.context import TaskContext
+from clbench.methods.hookspecs import hookimpl
+from clbench.model.spectra import overlap
 from clbench.testing import run_method, tiny_model, tiny_stream
 
 

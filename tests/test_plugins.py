@@ -26,7 +26,7 @@ from typer.testing import CliRunner
 
 from clbench.cli import app
 from clbench.errors import ClbenchError
-from clbench.registry import discover
+from clbench.methods.registry import discover
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "clbench-lora-l2"
 
@@ -88,8 +88,8 @@ GOOD = """
 """
 
 HEADER = """
-    from clbench.hookspecs import hookimpl
-    from clbench.method import Method
+    from clbench.methods.hookspecs import hookimpl
+    from clbench.methods.method import Method
 
     class Bad(Method):
         name = "bad"
@@ -203,9 +203,9 @@ def test_misdeclared_hook_fails_naming_plugin_and_hook(tmp_path, hook, expected)
 def test_hooks_of_a_base_class_count_as_the_method_s_own():
     """pluggy registers the hook implementations a method inherits (a mixin's, as the built-in methods'
     ``TrainedPart``), so the registry checks inherited hooks as it checks the class's own."""
-    from clbench.hookspecs import hookimpl
-    from clbench.method import Method
-    from clbench.registry import run_manager, validate_hooks
+    from clbench.methods.hookspecs import hookimpl
+    from clbench.methods.method import Method
+    from clbench.methods.registry import run_manager, validate_hooks
 
     class Part:
         @hookimpl
@@ -389,7 +389,7 @@ def test_an_editable_install_records_source_digest_git_commit_and_dirty_state(tm
     checkout's commit and dirty state (an edit makes it dirty and moves the digest)."""
     import subprocess
 
-    from clbench.registry import code_identity
+    from clbench.methods.registry import code_identity
 
     repo = tmp_path / "checkout"
     _plugin(repo / "src" / "edit_pkg", "__init__", "from edit_pkg.helpers import scale\n")
@@ -426,7 +426,7 @@ def test_exact_name_shows_only_that_method(lora_l2):
 
 def test_an_unreadable_plugin_file_is_one_line(tmp_path, monkeypatch):
     from clbench.errors import ClbenchError
-    from clbench.registry import Registry
+    from clbench.methods.registry import Registry
 
     path = _plugin(tmp_path / "plugs", "locked", GOOD)
     real = Path.read_bytes
@@ -472,13 +472,13 @@ def test_plugins_and_examples_import_only_the_public_clbench_names():
 
 
 def test_every_type_a_hook_spec_names_is_public():
-    """Every clbench type the hook specs' annotations name (imported by clbench.hookspecs) is a public name, and
+    """Every clbench type the hook specs' annotations name (imported by clbench.methods.hookspecs) is a public name, and
     so is CLModel, the base class configure_model's replacement must have."""
     import ast
     import inspect
 
     import clbench
-    from clbench import hookspecs
+    from clbench.methods import hookspecs
 
     named = {a.asname or a.name for node in ast.walk(ast.parse(inspect.getsource(hookspecs)))
              if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("clbench") for a in node.names}

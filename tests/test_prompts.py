@@ -1,4 +1,4 @@
-"""clbench.prompts and the prompt methods: the machinery (prefixes, tokens, query pass) and the property that
+"""clbench.methods.prompts and the prompt methods: the machinery (prefixes, tokens, query pass) and the property that
 makes each method that method (L2P's keys pulled toward queries, DualPrompt's G- and E-prompts in their
 blocks, CODA-Prompt's attention-weighted components orthogonal to the old ones)."""
 
@@ -7,8 +7,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from clbench.prompts import attach, cosine, query
-from clbench.registry import discover
+from clbench.methods.prompts import attach, cosine, query
+from clbench.methods.registry import discover
 from clbench.testing import run_method, tiny_model, tiny_stream
 
 REGISTRY = discover(strict=False)
@@ -151,7 +151,7 @@ def test_codaprompt_trains_only_the_current_chunk():
     snapshots = []
 
     class Spy(_cls("codaprompt")):
-        from clbench.hookspecs import hookimpl
+        from clbench.methods.hookspecs import hookimpl
 
         @hookimpl
         def after_task(self, model, ctx):
@@ -164,8 +164,8 @@ def test_codaprompt_trains_only_the_current_chunk():
 
 
 def test_parent_run_logs_how_many_runs_the_spectra_statistics_left_out_and_why():
-    from clbench import leaderboard as lb
-    from clbench.summary import spectra_exclusions
+    from clbench.analysis import leaderboard as lb
+    from clbench.run.summary import spectra_exclusions
 
     def row(name, low_rank, top1):
         runs = [{"run_id": f"{name}{s}", "seed": s, "values": {"spectra/mean_top1_share": top1}, "curve": []}

@@ -12,10 +12,10 @@ import sys
 import pytest
 
 from clbench.errors import ClbenchError
-from clbench.executors import RayExecutor, absolute_uri, check_tracking_for_cluster, make_executor
-from clbench.runner import run_suite
+from clbench.run.executors import RayExecutor, absolute_uri, check_tracking_for_cluster, make_executor
+from clbench.run.runner import run_suite
+from clbench.store.tracking import MlflowTracker
 from clbench.suite import load_suite
-from clbench.tracking import MlflowTracker
 
 SUITE = """\
 name: raysuite
@@ -40,7 +40,7 @@ import os
 import signal
 from pathlib import Path
 
-from clbench.hookspecs import hookimpl
+from clbench.methods.hookspecs import hookimpl
 from clbench_plugins.lora import NaiveLoRA, NaiveLoRAParams
 
 

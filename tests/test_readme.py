@@ -96,8 +96,8 @@ def test_every_later_command_is_classified():
 
 def _store(folder: Path) -> None:
     """The README's default store (./mlflow.db) with a finished run of the suites its commands name."""
+    from clbench.store.tracking import MlflowTracker
     from clbench.suite import load_suite
-    from clbench.tracking import MlflowTracker
 
     uri = f"sqlite:///{folder / 'mlflow.db'}"
     for suite_file, accs in (("quickstart.yaml", (61.0, 70.5)), ("vit.yaml", (80.0, 85.0)),

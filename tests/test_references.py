@@ -206,7 +206,7 @@ def test_no_gradient_run_logs_method_time_and_state(tmp_path, monkeypatch):
 
 
 def test_methods_listing_says_they_train_nothing_by_gradient():
-    from clbench.method import training_summary
+    from clbench.methods.method import training_summary
 
     assert training_summary(SimpleCIL).startswith("nothing by gradient (gradient_training = False)")
     assert training_summary(RanPAC).startswith("nothing by gradient with default params")

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from clbench.registry import discover
-from clbench.runner import plan_runs
+from clbench.methods.registry import discover
+from clbench.run.runner import plan_runs
 from clbench.suite import load_suite
 
 REPRO = Path(__file__).resolve().parents[1] / "suites" / "repro"

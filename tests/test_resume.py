@@ -21,13 +21,13 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from clbench import checkpoint
 from clbench.cli import app
 from clbench.errors import ClbenchError
-from clbench.runner import run_suite
+from clbench.run import checkpoint
+from clbench.run.runner import run_suite
+from clbench.store.tracking import MlflowTracker
 from clbench.suite import load_suite
 from clbench.testing import mlflow_runs, tiny_suite_yaml
-from clbench.tracking import MlflowTracker
 
 LABELS = ("lora", "inclora")
 T = 3
@@ -59,7 +59,7 @@ KILLER = """
 import os, signal, sys
 from pathlib import Path
 
-from clbench import checkpoint, loop, recorder, runner
+from clbench.run import checkpoint, loop, recorder, runner
 
 point, task, *how = sys.argv[1].split(":")
 task = int(task)
@@ -241,7 +241,7 @@ def test_killed_at_every_point_resumes_to_identical_metrics(tmp_path, mlflow_uri
 NAN_PLUGIN = """
 \"\"\"A test method: naive LoRA whose loss turns NaN on task 1.\"\"\"
 import torch
-from clbench.hookspecs import hookimpl
+from clbench.methods.hookspecs import hookimpl
 from clbench_plugins.lora import NaiveLoRA
 
 

@@ -16,8 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from clbench import checkpoint, tracking
 from clbench.errors import ClbenchError
+from clbench.run import checkpoint
+from clbench.store import tracking
 from clbench.suite import load_suite
 from clbench.testing import tiny_stream, tiny_suite_yaml
 
@@ -32,7 +33,7 @@ def suite_file(folder: Path, name: str = "robust") -> Path:
 @pytest.mark.parametrize("seed", [5_000_000, 2**32 - 1])
 def test_the_validation_split_takes_every_documented_seed(seed):
     """`clbench sweep --seed 5000000`: ValueError: Seed must be between 0 and 2**32 - 1 (seed*1000+t)."""
-    from clbench import validation
+    from clbench.data import validation
     from clbench.seeds import derive_seed
 
     val = validation.holdout(tiny_stream(num_tasks=2, num_classes=4, samples_per_class=8), 0.25, seed=seed)
@@ -122,7 +123,7 @@ def test_every_request_to_a_tracking_server_has_the_short_timeout(tmp_path, monk
 # -- 14. bounded work ----------------------------------------------------------------------------------------------
 def test_a_huge_random_sweep_is_refused_and_a_small_space_stops_when_drawn(tmp_path):
     """`sweep --random 1000000000` on a 2-point space spun for minutes, also with --dry-run."""
-    from clbench.sweep import MAX_POINTS, plan_sweep
+    from clbench.run.sweep import MAX_POINTS, plan_sweep
 
     suite = load_suite(suite_file(tmp_path))
     with pytest.raises(ClbenchError, match=f"--random 1000000000: at most {MAX_POINTS} points"):
@@ -136,9 +137,10 @@ def test_a_huge_random_sweep_is_refused_and_a_small_space_stops_when_drawn(tmp_p
 
 def test_a_big_suite_checks_each_distinct_adapter_shape_once(tmp_path, monkeypatch):
     """A 10,000-method --dry-run took 64 s: the rank check deep-copied and injected the backbone per entry."""
-    from clbench import lora, preflight
-    from clbench.plan import plan_runs
-    from clbench.registry import discover
+    from clbench.methods.registry import discover
+    from clbench.model import lora
+    from clbench.run import preflight
+    from clbench.run.plan import plan_runs
 
     path = suite_file(tmp_path)
     first = "  - {name: lora, params: {rank: 2}}\n"
@@ -164,9 +166,9 @@ def test_a_fifo_where_a_checkpoint_should_be_is_one_line(tmp_path):
 
 # -- 15. zero variance -------------------------------------------------------------------------------------------
 def test_zero_variance_is_no_t_test_and_never_highlighted():
-    from clbench import report
-    from clbench.leaderboard import METRICS, Row, fmt_paired
-    from clbench.stats import paired
+    from clbench.analysis import report
+    from clbench.analysis.leaderboard import METRICS, Row, fmt_paired
+    from clbench.analysis.stats import paired
 
     spec = next(m for m in METRICS if m.key == "final/acc")
     shift = paired({0: 50.1, 1: 60.1, 2: 70.1}, {0: 50.0, 1: 60.0, 2: 70.0})  # scipy: p ~ 1e-15
@@ -200,10 +202,10 @@ def test_a_file_store_error_keeps_mlflows_remedy(tmp_path, monkeypatch):
 
 
 def test_values_from_set_and_grid_are_blamed_on_their_flags(tmp_path):
-    from clbench.plan import plan_runs
-    from clbench.preflight import method_problems
-    from clbench.registry import discover
-    from clbench.sweep import plan_sweep
+    from clbench.methods.registry import discover
+    from clbench.run.plan import plan_runs
+    from clbench.run.preflight import method_problems
+    from clbench.run.sweep import plan_sweep
 
     path = suite_file(tmp_path)
     suite = load_suite(path, ["methods.0.params.rank=999"])

@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from clbench import checkpoint, runner
 from clbench.cli import app
 from clbench.errors import ClbenchError
-from clbench.registry import discover
+from clbench.methods.registry import discover
+from clbench.run import checkpoint, runner
 from clbench.suite import load_suite
 from clbench.testing import mlflow_runs, tiny_suite_yaml
 
@@ -134,7 +134,7 @@ def test_ctrl_c_during_a_checkpoint_write_waits_for_the_complete_file(tmp_path, 
 
 # -- 8. a FINISHED run keeps no error tag ------------------------------------------------------------------------
 def test_a_run_finished_by_a_rerun_drops_the_error_of_the_failed_attempt(tmp_path, mlflow_uri, monkeypatch):
-    from clbench import loop
+    from clbench.run import loop
 
     suite_path = one_method_suite(tmp_path)
     suite, ck = load_suite(suite_path), str(tmp_path / "ck")
@@ -160,7 +160,7 @@ def test_a_run_finished_by_a_rerun_drops_the_error_of_the_failed_attempt(tmp_pat
 def test_a_run_that_another_process_trains_keeps_the_shared_parent_running(tmp_path, mlflow_uri, monkeypatch):
     """A second `clbench run` that found every run busy marked the shared parent FINISHED while the first still
     trained."""
-    from clbench import loop
+    from clbench.run import loop
 
     suite_path = one_method_suite(tmp_path)
     suite, ck = load_suite(suite_path), str(tmp_path / "ck")
@@ -184,14 +184,14 @@ def test_a_run_that_another_process_trains_keeps_the_shared_parent_running(tmp_p
 
 
 def _sweep(suite_path: Path, values: str):
-    from clbench.sweep import plan_sweep
+    from clbench.run.sweep import plan_sweep
 
     return plan_sweep(load_suite(suite_path), str(suite_path), "lora", [f"methods.lora.params.rank={values}"])
 
 
 def test_a_sweep_whose_points_another_process_trains_picks_no_best(tmp_path, mlflow_uri):
     """Two identical sweeps at once each picked their own best (and --then-test made two LABEL-tuned rows)."""
-    from clbench.sweep import run_sweep
+    from clbench.run.sweep import run_sweep
 
     suite_path = one_method_suite(tmp_path)
     plan, ck = _sweep(suite_path, "[1,2]"), str(tmp_path / "ck")

@@ -15,9 +15,10 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from clbench import runner, tracking
 from clbench.cli import app
 from clbench.errors import ClbenchError
+from clbench.run import runner
+from clbench.store import tracking
 from clbench.suite import load_suite
 from clbench.testing import mlflow_runs, tiny_suite_yaml
 
@@ -75,7 +76,7 @@ def test_a_run_of_edited_code_is_refused_for_resume_and_for_skipping(tmp_path, m
     """Killed after task 0, the plugin edited, the rerun resumed the old run with the new code (and a finished
     run was skipped as 'already finished' after an edit): both are refused in one line naming --restart and a new
     label; --restart trains afresh with the new code."""
-    from clbench import loop
+    from clbench.run import loop
 
     plugins = tmp_path / "plugs"
     plugins.mkdir()
@@ -109,7 +110,7 @@ def test_a_run_of_edited_code_is_refused_for_resume_and_for_skipping(tmp_path, m
     [rec] = runner.run_suite(suite, str(suite_path), restart=True, **run)
     assert rec.status == "FINISHED"
     [child] = [r for r in mlflow_runs(mlflow_uri, "trust", "child") if r.info.run_id == rec.run_id]
-    from clbench.registry import discover
+    from clbench.methods.registry import discover
 
     assert child.data.tags["clbench.code_digest"] == discover([plugins]).get("editlora").code_digest()
     plugin.write_text(plugin.read_text() + "# a second edit\n")
@@ -120,7 +121,7 @@ def test_a_run_of_edited_code_is_refused_for_resume_and_for_skipping(tmp_path, m
 
 
 def test_a_checkpoint_of_another_clbench_version_is_refused(tmp_path):
-    from clbench import checkpoint
+    from clbench.run import checkpoint
 
     old = checkpoint.RunStore(tmp_path, "k", {"method_code": "abc", "clbench": "0.0.1"})
     old.save({"next_task": 2})
@@ -192,7 +193,7 @@ def test_labels_outside_the_safe_set_are_refused_in_one_line(tmp_path, label, wh
 def test_labels_a_sweep_makes_stay_in_the_safe_set(tmp_path):
     """A trial is labelled LABEL[KEY=VALUE,...]; a list value (JSON, with quotes) must not put it outside the
     set (plan_sweep validates every trial entry as a suite entry)."""
-    from clbench.sweep import plan_sweep
+    from clbench.run.sweep import plan_sweep
 
     suite = load_suite(one_method_suite(tmp_path))
     plan = plan_sweep(suite, "s.yaml", "lora", ["methods.lora.params.targets=[[qkv],[q,v]]",

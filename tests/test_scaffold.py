@@ -120,7 +120,7 @@ def test_contributing_tutorial_matches_the_example_package():
 
 def test_generated_plugin_is_two_hooks_and_still_reports_spectra(tmp_path):
     """The simplest method is two hooks plus register_methods; clbench computes its task updates."""
-    from clbench.registry import HOOK_NAMES
+    from clbench.methods.registry import HOOK_NAMES
     from clbench.testing import run_method, tiny_stream
 
     plugin, test = new_method("two-hooks", tmp_path)  # '-' is allowed in names, not in module names
@@ -139,7 +139,7 @@ def test_run_method_returns_the_model_configure_model_put_in_place():
     import copy
 
     from clbench import hookimpl
-    from clbench.registry import discover
+    from clbench.methods.registry import discover
     from clbench.testing import run_method, tiny_stream
 
     base = discover(strict=False).get("lora").cls

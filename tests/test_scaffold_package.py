@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 from clbench import contract
 from clbench.cli import app
 from clbench.errors import ClbenchError
-from clbench.hookspecs import hookimpl
+from clbench.methods.hookspecs import hookimpl
 from clbench.scaffold import new_package
 from clbench.testing import assert_resumes, compare_resume
 

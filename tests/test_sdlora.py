@@ -14,11 +14,12 @@ import torch
 from clbench_plugins.sdlora import SDBranch, SDLoRA, direction_norm, fit_direction
 from pydantic import ValidationError
 
-from clbench import checkpoint, contract
-from clbench.context import TaskContext
-from clbench.hookspecs import hookimpl
-from clbench.loop import LoopState, run_stream
-from clbench.registry import run_manager
+from clbench import contract
+from clbench.methods.context import TaskContext
+from clbench.methods.hookspecs import hookimpl
+from clbench.methods.registry import run_manager
+from clbench.run import checkpoint
+from clbench.run.loop import LoopState, run_stream
 from clbench.testing import tiny_model, tiny_stream, tiny_train
 
 CPU = torch.device("cpu")
@@ -168,7 +169,7 @@ def test_folded_frozen_pairs_equal_the_per_branch_sum_in_value_and_gradients(fro
     per-branch sum within 1e-6, and so do the gradients of the shared magnitudes and of the training pair."""
     from clbench_plugins.sdlora import Magnitudes, folded_sum
 
-    from clbench.lora import AdaptedLinear
+    from clbench.model.lora import AdaptedLinear
 
     gen = torch.Generator().manual_seed(frozen)
     site = AdaptedLinear(torch.nn.Linear(16, 48)).add_site("q", "q", slice(0, 16))
@@ -374,8 +375,8 @@ def test_repro_and_comparison_suites_plan_sdlora():
     """The official configurations (suites/repro) and the ViT comparisons validate and plan an sdlora run."""
     from pathlib import Path
 
-    from clbench.registry import discover
-    from clbench.runner import plan_runs
+    from clbench.methods.registry import discover
+    from clbench.run.runner import plan_runs
     from clbench.suite import load_suite
 
     root = Path(__file__).resolve().parents[1] / "suites"

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from clbench.lora import LowRank
-from clbench.spectra import (
+from clbench.model.lora import LowRank
+from clbench.model.spectra import (
     SpectraTracker,
     eff_rank,
     extend_basis,

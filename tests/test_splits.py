@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from clbench.datasets import imagenet_r, splitfiles
-from clbench.datasets.domainnet import DOMAINS
+from clbench.data.datasets import imagenet_r, splitfiles
+from clbench.data.datasets.domainnet import DOMAINS
 from clbench.errors import ClbenchError
 from clbench.splits.make_splits import main
 

@@ -1,4 +1,4 @@
-"""clbench.stats against scipy computed independently here, against Demšar 2006's worked example, and at the
+"""clbench.analysis.stats against scipy computed independently here, against Demšar 2006's worked example, and at the
 edges (n < 2, zero variance, missing seeds, ties)."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
-from clbench import stats as S
+from clbench.analysis import stats as S
 
 # Demšar 2006, table 6: AUC of C4.5 and three variants on 14 UCI data sets (rows), as printed. The paper's
 # average ranks (3.143, 2.000, 2.893, 1.964) imply that on "voting" C4.5+cf was ahead of C4.5+m+cf before

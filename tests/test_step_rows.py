@@ -112,7 +112,7 @@ def test_samples_keep_their_index_and_refuse_a_malformed_one():
 
 
 def test_the_rehearsal_types_and_scope_names_are_public():
-    from clbench import rehearsal
+    from clbench.methods import rehearsal
 
     assert clbench.Samples is rehearsal.Samples and clbench.Replayed is rehearsal.Replayed
     assert clbench.SCOPES == ("task", "seen", "none")

@@ -22,11 +22,11 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from clbench import storecheck, tracking
 from clbench.cli import app
 from clbench.errors import ClbenchError
+from clbench.store import storecheck, tracking
+from clbench.store.tracking import MlflowTracker
 from clbench.testing import tiny_suite_yaml
-from clbench.tracking import MlflowTracker
 
 ONE_METHOD = "  - {name: lora, label: inclora, params: {rank: 2, fresh_per_task: true}}\n"
 ENGINE_RETRIES = "SQLAlchemy engine could not be created"  # MLflow's warning, ten of them over ~100 s

@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 import torch
 
-from clbench import imagecache
-from clbench.augment import random_resized_crop_flip
-from clbench.datasets import splitfiles
-from clbench.datasets.domainnet import DOMAINS
+from clbench.data import imagecache
+from clbench.data.augment import random_resized_crop_flip
+from clbench.data.datasets import splitfiles
+from clbench.data.datasets.domainnet import DOMAINS
+from clbench.data.streams import build_stream
 from clbench.errors import ClbenchError
-from clbench.streams import build_stream
 from clbench.suite import StreamConfig, load_suite
 
 REPO = Path(__file__).resolve().parents[1]
@@ -96,7 +96,7 @@ def test_imagenet_r_split_order_and_checksum(imagenet_r_root):
     expected = torch.tensor([s.class_order[y] for y in t.test_y.tolist()])
     assert (red - expected).abs().max() <= 2  # JPEG is lossy by a level or two
     # the rule: in every class the test image is the one whose "<wnid>/<name>" hashes lowest
-    from clbench.datasets import imagenet_r
+    from clbench.data.datasets import imagenet_r
 
     folder = imagenet_r_root / "imagenet-r"
     split = imagenet_r.derive_split(imagenet_r.listing(folder, splitfiles.class_list("imagenet_r")),
@@ -129,7 +129,7 @@ def test_second_run_is_served_from_the_cache(imagenet_r_root, monkeypatch, tmp_p
 
 
 def test_pinned_split_wins_and_is_verified(imagenet_r_root, monkeypatch, tmp_path):
-    from clbench.datasets import imagenet_r
+    from clbench.data.datasets import imagenet_r
 
     classes = splitfiles.class_list("imagenet_r")
     derived = imagenet_r.derive_split(imagenet_r.listing(imagenet_r_root / "imagenet-r", classes), classes)
@@ -266,7 +266,7 @@ def test_random_resized_crop_flip_on_device():
 
 
 def test_loop_applies_augment_to_training_batches_only():
-    from clbench.batching import Draw, batches
+    from clbench.data.batching import Draw, batches
     from clbench.testing import tiny_model
 
     calls = []
@@ -291,8 +291,8 @@ def test_real_suites_validate(suite):
     s = load_suite(REPO / "suites" / suite)
     assert s.stream.name in ("imagenet_r", "domainnet")
     assert s.backbone.name == "vit_base_patch16_224.augreg_in21k" and s.backbone.image_size == 224
-    from clbench.registry import discover
-    from clbench.runner import plan_runs
+    from clbench.methods.registry import discover
+    from clbench.run.runner import plan_runs
 
     planned = plan_runs(s, suite, discover([]), None)  # every method exists and its params validate
     assert {p.info.name for p in planned} >= {"lora", "inflora"}

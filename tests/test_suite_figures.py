@@ -10,12 +10,12 @@ import pytest
 from scipy.stats import spearmanr
 
 from clbench import keys
-from clbench.leaderboard import aggregate
-from clbench.report import render_html
-from clbench.runner import run_suite
+from clbench.analysis.leaderboard import aggregate
+from clbench.analysis.report import render_html
+from clbench.run.runner import run_suite
+from clbench.store.tracking import MlflowTracker, read_runs
 from clbench.suite import load_suite
 from clbench.testing import tiny_suite_yaml
-from clbench.tracking import MlflowTracker, read_runs
 
 
 def _parents(uri: str, experiment: str) -> list:

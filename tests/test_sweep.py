@@ -1,4 +1,4 @@
-"""`clbench sweep` (clbench.sweep): grid and seeded random search of one method entry on the validation split,
+"""`clbench sweep` (clbench.run.sweep): grid and seeded random search of one method entry on the validation split,
 trials as nested child runs of one sweep parent, resumable, best point printed last, --then-test as a tuned run
 the leaderboard marks; every bad input one line and exit 1 before any run. Tiny synthetic suite, in-process."""
 
@@ -11,14 +11,14 @@ import yaml
 from typer.testing import CliRunner
 
 from clbench import keys
+from clbench.analysis.leaderboard import build, note_lines
 from clbench.cli import app
 from clbench.errors import ClbenchError
-from clbench.executors import LocalExecutor
-from clbench.leaderboard import build, note_lines
+from clbench.run.executors import LocalExecutor
+from clbench.run.sweep import Trial, best_line, plan_sweep, run_sweep, value_text
+from clbench.store.tracking import read_runs
 from clbench.suite import load_suite
-from clbench.sweep import Trial, best_line, plan_sweep, run_sweep, value_text
 from clbench.testing import tiny_suite_yaml
-from clbench.tracking import read_runs
 
 GRID = "methods.lora.params.rank=[1,2]"
 
@@ -177,7 +177,7 @@ def test_plan_refuses_an_ambiguous_method_name(suite_path):
 @pytest.mark.slow  # Ray start-up and a worker importing torch (~1 min); the executor path is covered cheaply above
 def test_sweep_on_ray_runs_validation_trials_in_workers(suite_path, tmp_path, mlflow_uri):
     ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'clbench[ray]')")
-    from clbench.executors import RayExecutor
+    from clbench.run.executors import RayExecutor
 
     plan = plan_sweep(load_suite(suite_path), str(suite_path), "lora", [GRID])
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)

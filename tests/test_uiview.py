@@ -9,8 +9,8 @@ from pathlib import Path
 
 from test_leaderboard import T0, make_store
 
-from clbench import leaderboard as lb
-from clbench import uiview
+from clbench.analysis import leaderboard as lb
+from clbench.store import uiview
 
 
 def test_view_filter_selects_the_runs_the_leaderboard_averages(tmp_path: Path):
@@ -39,12 +39,12 @@ def test_view_filter_selects_the_runs_the_leaderboard_averages(tmp_path: Path):
 
 
 def test_the_served_page_defaults_the_browser_to_model_training(monkeypatch, tmp_path: Path):
-    """The UI's index page (MLflow's Flask app with clbench.uiserver's hook) sets localStorage
+    """The UI's index page (MLflow's Flask app with clbench.store.uiserver's hook) sets localStorage
     mlflow.workflowType_v1 to "machine_learning" before the app's scripts, only where the browser has none."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     from mlflow.server import app
 
-    from clbench import uiserver
+    from clbench.store import uiserver
 
     if uiserver._inject not in app.after_request_funcs.get(None, []):
         app.after_request(uiserver._inject)
@@ -58,7 +58,7 @@ def test_the_served_page_defaults_the_browser_to_model_training(monkeypatch, tmp
 
 
 def test_clbench_ui_serves_the_model_training_app(monkeypatch):
-    """`clbench ui` runs clbench.uiserver (MLflow's `mlflow ui`, uvicorn serving clbench.uiserver:app)."""
+    """`clbench ui` runs clbench.store.uiserver (MLflow's `mlflow ui`, uvicorn serving clbench.store.uiserver:app)."""
     import os
     import socket
 
@@ -73,4 +73,4 @@ def test_clbench_ui_serves_the_model_training_app(monkeypatch):
         port = str(s.getsockname()[1])
     res = CliRunner().invoke(app, ["ui", "--backend-store-uri", "sqlite:///x.db", "--port", port])
     assert res.exit_code == 0, res.output
-    assert calls[0][1:3] == ["-m", "clbench.uiserver"] and "model-training" in res.output
+    assert calls[0][1:3] == ["-m", "clbench.store.uiserver"] and "model-training" in res.output

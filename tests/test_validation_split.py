@@ -1,4 +1,4 @@
-"""The validation split (clbench.validation): a seeded, class-stratified share of each task's training data held
+"""The validation split (clbench.data.validation): a seeded, class-stratified share of each task's training data held
 out, never trained on, evaluated like the test split; a validation run never builds or touches the test split and
 logs under val/ only."""
 
@@ -11,12 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from clbench import keys, validation
+from clbench import keys
+from clbench.data import validation
 from clbench.errors import ClbenchError
-from clbench.runner import run_suite
+from clbench.run.runner import run_suite
+from clbench.store.tracking import MlflowTracker, read_runs
 from clbench.suite import load_suite
 from clbench.testing import tiny_stream, tiny_suite_yaml
-from clbench.tracking import MlflowTracker, read_runs
 
 
 def test_held_out_rows_are_stratified_seeded_and_disjoint():

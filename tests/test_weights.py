@@ -11,9 +11,9 @@ import torch
 from typer.testing import CliRunner
 
 import clbench.weights as weights
-from clbench.backbones import build_model
 from clbench.cli import app
 from clbench.errors import ClbenchError
+from clbench.model.backbones import build_model
 from clbench.suite import load_suite
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,10 +55,10 @@ def test_pretrained_tiny_weights_clbench_does_not_ship_name_the_way_to_make_them
     with pytest.raises(ClbenchError) as err:
         build_model("vit_micro_clbench", 16, pretrained=True, checkpoint=None)
     msg = str(err.value)
-    assert msg.startswith("backbone.pretrained:") and "python -m clbench.pretrain --name vit_micro_clbench" in msg
+    assert msg.startswith("backbone.pretrained:") and "python -m clbench.model.pretrain --name vit_micro_clbench" in msg
     assert "backbone.checkpoint" in msg and "\n" not in msg
     # and `clbench run` says so before any run exists (preflight)
-    from clbench.preflight import backbone_problem
+    from clbench.run.preflight import backbone_problem
     from clbench.suite import BackboneConfig
 
     assert backbone_problem(BackboneConfig(name="vit_micro_clbench", image_size=16)) == msg

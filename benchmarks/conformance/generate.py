@@ -2,7 +2,7 @@
 
 Runs each official repository's own code on the CPU (no GPU, no dataset, no pretrained weights): its learning-rate
 scheduler classes, its data manager's class-order code, its transform lists applied to a seeded synthetic image
-(``clbench.protocol.synthetic_image``: 500 x 375 RGB uint8; its top-left 32 x 32 for CIFAR), and reads the
+(``clbench.run.protocol.synthetic_image``: 500 x 375 RGB uint8; its top-left 32 x 32 for CIFAR), and reads the
 optimizer / batch / drop_last settings from the configs and source lines that set them. Every recorded item says
 how it was obtained (``how``: ``run`` = the official code executed here; ``run+rule`` = an official object stepped
 by the generator as the cited line does; ``read`` = taken from the cited config / source line; ``not run`` and
@@ -33,7 +33,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from clbench.protocol import synthetic_image, tensor_summary  # noqa: E402
+from clbench.run.protocol import synthetic_image, tensor_summary  # noqa: E402
 
 COMMITS = {"InfLoRA": ("liangyanshuo/InfLoRA", "e08b00e"), "CODA-Prompt": ("GT-RIPL/CODA-Prompt", "6417d4f"),
            "SD-LoRA": ("WuYichen-97/SD-Lora-CL", "8bacded"), "CL-LoRA": ("JiangpengHe/CL-LoRA", "df4e74e")}
@@ -417,7 +417,7 @@ def main(argv: list[str] | None = None) -> None:
             if name == "InfLoRA":
                 items["trainable_params"] = inflora_trainable(repo, config, args.timm067)
             fixture = {"suite": f"suites/repro/{suite_file}", "repository": f"github.com/{COMMITS[name][0]}",
-                       "commit": fulls[name], "config": config, "image": "clbench.protocol.synthetic_image(0) "
+                       "commit": fulls[name], "config": config, "image": "clbench.run.protocol.synthetic_image(0) "
                        "(500 x 375 RGB uint8; its top-left 32 x 32 for CIFAR)",
                        "generator": "benchmarks/conformance/generate.py", "items": items}
             (out / suite_file.replace(".yaml", ".json")).write_text(json.dumps(fixture, indent=1) + "\n")

@@ -1,5 +1,5 @@
 """docs/REPRODUCTION.md's conformance tables, generated from tests/conformance/*.json and clbench's effective
-protocol (``clbench.protocol.effective_protocol``, compared by tests/test_conformance.py's ``differences``).
+protocol (``clbench.run.protocol.effective_protocol``, compared by tests/test_conformance.py's ``differences``).
 
     python benchmarks/conformance/tables.py            # rewrite the section between the markers
     python benchmarks/conformance/tables.py --check    # exit 1 if the section is stale
@@ -15,7 +15,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from clbench.protocol import effective_protocol  # noqa: E402
+from clbench.run.protocol import effective_protocol  # noqa: E402
 from clbench.suite import load_suite  # noqa: E402
 
 DOC = ROOT / "docs" / "REPRODUCTION.md"
@@ -38,7 +38,7 @@ def ours_of(key: str, p: dict):
     if key == "class_order":
         return {str(s): o[:5] for s, o in (p["class_order"] or {}).items()}
     if key == "trainable_params":
-        return "`clbench.protocol.trainable_params` (slow test)"
+        return "`clbench.run.protocol.trainable_params` (slow test)"
     return p.get(key)
 
 

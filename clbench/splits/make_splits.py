@@ -6,7 +6,7 @@
     python -m clbench.splits.make_splits domainnet --from-inflora-yaml DIR [--out clbench/splits]
 
 ``--root``. ImageNet-R: the class list is the sorted wnid folder names of the extracted ``imagenet-r.tar``; the
-split is the documented fallback 80/20 rule (``clbench.datasets.imagenet_r.derive_split``) over the folder
+split is the documented fallback 80/20 rule (``clbench.data.datasets.imagenet_r.derive_split``) over the folder
 listing. DomainNet: the class list is the label-id order of the official ``<domain>_{train,test}.txt`` lists
 (label -> class folder); the split is those lists, six domains, in order.
 
@@ -31,8 +31,8 @@ from pathlib import Path
 
 import yaml
 
-from clbench.datasets import domainnet, imagenet_r
-from clbench.datasets.splitfiles import Split, class_list, splits_dir, write_pinned
+from clbench.data.datasets import domainnet, imagenet_r
+from clbench.data.datasets.splitfiles import Split, class_list, splits_dir, write_pinned
 from clbench.errors import ClbenchError
 
 # file names of the InfLoRA lists (imagenet_r under utils/splits/, domainnet under dataloaders/splits/)

@@ -6,7 +6,7 @@ that start from different weights never share a leaderboard group or a checkpoin
 - ``vit_tiny_clbench`` at 16 px, one channel, ``pretrained: true`` (the quickstart's backbone): the file shipped
   in this folder, whose sha256 is pinned in ``SHA256SUMS``. The loader checks the file against the pin before every
   use and refuses a file that differs (one line saying so); it never reads weights from a cache. The file was made
-  by ``python -m clbench.pretrain --write`` (one CPU thread, seed 0; see clbench/pretrain.py), which regenerates it.
+  by ``python -m clbench.model.pretrain --write`` (one CPU thread, seed 0; see clbench/model/pretrain.py), which regenerates it.
 - ``backbone.checkpoint``: the sha256 of that file.
 - timm hub weights (``pretrained: true`` on a timm model): the sha256 of the weights file in the Hugging Face cache.
   The hub stores weights with Git LFS, and the cache names each LFS blob by its sha256, so the checksum is read from
@@ -29,7 +29,7 @@ from clbench.errors import ClbenchError
 
 # the tiny ViTs clbench ships pretrained weights for: (name, image size, input channels) -> file in this folder
 SHIPPED = {("vit_tiny_clbench", 16, 1): "vit_tiny_clbench-digits-16px-1ch-e40.safetensors"}
-REGENERATE = "python -m clbench.pretrain --write"
+REGENERATE = "python -m clbench.model.pretrain --write"
 HUB_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")
 RANDOM_INIT = "random-init"
 
@@ -73,7 +73,7 @@ def shipped_weights(name: str, image_size: int, in_chans: int) -> Path:
         shipped = ", ".join(f"{n} at {s} px, {c} channel(s)" for n, s, c in SHIPPED)
         raise ClbenchError(
             f"backbone.pretrained: clbench ships pretrained weights only for {shipped}, not {name} at {image_size} "
-            f"px, {in_chans} channel(s); pretrain them with `python -m clbench.pretrain --name {name} --image-size "
+            f"px, {in_chans} channel(s); pretrain them with `python -m clbench.model.pretrain --name {name} --image-size "
             f"{image_size} --in-chans {in_chans} --out FILE` and set backbone.checkpoint to FILE (its sha256 then "
             "enters the suite hash), or set backbone.pretrained: false")
     path = weights_dir() / fname

@@ -1,0 +1,6 @@
+"""Data: the class-incremental streams a suite trains on. ``streams`` builds a stream (tasks of uint8 images and
+stream-wide labels, a class order from the seed) from the datasets' own files (``datasets``: CIFAR-100, ImageNet-R,
+DomainNet; pinned splits in ``clbench/splits``), ``imagecache`` decodes real images once into a memmap, ``augment``
+holds the training augmentations and test transforms, ``validation`` holds out part of the training set for a
+sweep, and ``batching`` draws rows into device batches. Nothing here knows methods, models or MLflow.
+"""
