@@ -44,7 +44,7 @@ def plugin_dir(folder: Path, name: str, body: str) -> Path:
 EXITING = '''
     import os
     {imports}
-    from clbench.hookspecs import hookimpl
+    from clbench import hookimpl
     from clbench_plugins.lora import NaiveLoRA
 
     class ExitLoRA(NaiveLoRA):
