@@ -60,6 +60,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from overhead import RUNTIME, load_line, make_cfg, method_classes, synthetic_stream  # noqa: E402
+from record import cpu_model  # noqa: E402  (one machine description for every results file)
 
 from clbench.methods.hookspecs import hookimpl  # noqa: E402
 from clbench.methods.registry import run_manager  # noqa: E402
@@ -187,16 +188,6 @@ def slopes_of(rows: dict[str, list[float]]) -> dict[str, float]:
             out[f] = slope(rows[f])
     out["reference"] = slope(rows["reference"])
     return out
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def git_commit() -> str:
