@@ -2,5 +2,7 @@
 stream-wide labels, a class order from the seed) from the datasets' own files (``datasets``: CIFAR-100, ImageNet-R,
 DomainNet; pinned splits in ``clbench/splits``), ``imagecache`` decodes real images once into a memmap, ``augment``
 holds the training augmentations and test transforms, ``validation`` holds out part of the training set for a
-sweep, and ``batching`` draws rows into device batches. Nothing here knows methods, models or MLflow.
+sweep, and ``batching`` draws rows into device batches. The language-model track's streams are text:
+``text`` holds their types (tasks of instruction-formatted examples and label words), ``lm_synthetic`` the offline
+synthetic tasks of the language quickstart; a language model tokenizes them into the loop's tensors. Nothing here knows methods, models or MLflow.
 """

@@ -210,6 +210,10 @@ def build_stream(cfg, seed: int, with_test: bool = True) -> Stream:
     ``with_test=False`` (validation runs, clbench.data.validation): no test image is read, decoded or copied; every
     task's ``test_x`` / ``test_y`` is then a placeholder that the caller replaces (its held-out split)."""
     name = cfg.name
+    if name == "lm_synthetic":  # text: a language model tokenizes it (clbench.model.lm.LanguageModel.encode)
+        from clbench.data.lm_synthetic import synthetic_text_stream
+
+        return synthetic_text_stream(cfg.num_tasks, cfg.samples_per_class, max(1, cfg.samples_per_class // 2), seed)
     if name == "split_cifar100":
         return _with_augment(_split_cifar100(cfg, seed, with_test), cfg)
     if name in ("imagenet_r", "domainnet"):
