@@ -2,5 +2,8 @@
 stream-wide labels, a class order from the seed) from the datasets' own files (``datasets``: CIFAR-100, ImageNet-R,
 DomainNet; pinned splits in ``clbench/splits``), ``imagecache`` decodes real images once into a memmap, ``augment``
 holds the training augmentations and test transforms, ``validation`` holds out part of the training set for a
-sweep, and ``batching`` draws rows into device batches. Nothing here knows methods, models or MLflow.
+sweep, and ``batching`` draws rows into device batches. The language-model track's streams are text: ``text``
+holds their types (``TextStream`` of ``TextTask`` of ``TextExample``) and ``text_olora`` reads O-LoRA's
+benchmarks from its ``CL_Benchmark`` folder (pinned task lists in ``clbench/splits``). Nothing here knows methods,
+models or MLflow.
 """
