@@ -302,10 +302,19 @@ def check(
     """Run the plugin contract on one method (CPU, tiny ViT): one line per check, with what runs shown on stderr
     as it goes, stop at the first failure (exit 1). The same checks as tests/test_contract.py, without a source
     checkout of clbench."""
+    from clbench.methods.hookcheck import no_process_exit
+
+    # guarded from before the plugins are imported: a plugin that takes its own reference at import
+    # (`from os import _exit`) takes the guard's, so it cannot end `clbench check` with a silent exit 0
+    with no_process_exit():
+        _check_method(name, plugins_dir, set_)
+
+
+def _check_method(name: str, plugins_dir: list[str], set_: list[str]) -> None:
     import time
 
     from clbench.contract import ContractError, method_checks, method_params
-    from clbench.methods.hookcheck import ProcessExit, exit_text, no_process_exit
+    from clbench.methods.hookcheck import ProcessExit, exit_text
     from clbench.methods.registry import discover, plugins_dir_hint
 
     try:
@@ -330,7 +339,7 @@ def check(
         typer.echo(f"..    {label}", err=True)
         tic = time.perf_counter()
         try:
-            with _ticking(tic), no_process_exit():
+            with _ticking(tic):
                 step()
         except (ContractError, ClbenchError) as exc:
             typer.echo(f"FAIL  {label}")
