@@ -161,6 +161,7 @@ def sweep(
     """Choose METHOD's hyperparameters on the validation split of SUITE (held-out training data, never a test
     image): every point is a child run of one sweep parent in MLflow, metrics under val/. Prints a table of the
     points and, last, `best: KEY=VALUE ... val/acc=X`. Running the same command again skips finished points."""
+    from clbench.model.backbones import fetch_hub_weights
     from clbench.run.executors import make_executor
     from clbench.run.preflight import preflight
     from clbench.run.sweep import best_line, plan_lines, plan_sweep, run_sweep, table_lines, then_test
@@ -170,8 +171,13 @@ def sweep(
         if seed is not None and not 0 <= seed <= SEED_MAX:
             raise ClbenchError(f"--seed {seed}: a seed must be in 0..{SEED_MAX}")
         s = load_suite(suite, set_)
-        plan = plan_sweep(s, str(suite), method, grid, random_n=random_n, metric=metric, seed=seed,
-                          plugins_dirs=plugins_dir, trust_suite_plugins=trust_suite_plugins)
+        planned = dict(random_n=random_n, metric=metric, seed=seed, plugins_dirs=plugins_dir,
+                       trust_suite_plugins=trust_suite_plugins)
+        plan = plan_sweep(s, str(suite), method, grid, **planned)
+        # the sweep's id hashes the suite, which covers the checksum of the weights its runs load: planned again
+        # once they are downloaded, so the first and every later call name the same sweep
+        if not dry_run and fetch_hub_weights(s.backbone.name, s.backbone.pretrained, s.backbone.checkpoint):
+            plan = plan_sweep(s, str(suite), method, grid, **planned)
         ex = make_executor(executor, address)
         if dry_run:
             for line in plan_lines(plan):
