@@ -4,5 +4,7 @@ stream); ``streams`` builds a stream through it (tasks of uint8 images and strea
 seed) from the datasets' own files (``datasets``: CIFAR-100, ImageNet-R, DomainNet; pinned splits in
 ``clbench/splits``), ``imagecache`` decodes real images once into a memmap, ``augment`` holds the training
 augmentations and test transforms, ``validation`` holds out part of the training set for a sweep, and ``batching``
-draws rows into device batches. Nothing here knows methods, models or MLflow.
+draws rows into device batches. The language-model track's streams are text: ``text`` holds their types
+(``TextStream`` of ``TextTask`` of ``TextExample``) and ``text_olora`` reads O-LoRA's benchmarks from its
+``CL_Benchmark`` folder (pinned task lists in ``clbench/splits``). Nothing here knows methods, models or MLflow.
 """
