@@ -394,7 +394,13 @@ def shipped_split_sums(stream_name: str) -> dict[str, str]:
     DomainNet's lists are read from the data folder and their checksum is the run's clbench.stream.split_sha256.)"""
     from clbench.data.datasets.splitfiles import pinned_sums
 
-    return {k: v for k, v in pinned_sums().items() if k.startswith(stream_name + "_")}
+    return {k: v for k, v in pinned_sums().items()
+            if k.startswith(stream_name + "_") or stream_name.startswith(SHARED_SPLIT_FILES.get(k, "\0"))}
+
+
+# Pinned files that several streams read: file -> the stream-name prefix of its readers (O-LoRA's task lists are one
+# file for its four orders, clbench.data.text_olora).
+SHARED_SPLIT_FILES = {"olora_cl_benchmark.json": "olora_"}
 
 
 def _moved_runtime_keys(data: dict, path: Path) -> None:
