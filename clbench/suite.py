@@ -26,12 +26,9 @@ from pydantic import (
     model_validator,
 )
 
+from clbench.data.registry import find_stream, stream_names
 from clbench.errors import ClbenchError
 from clbench.weights import weights_identity
-
-# The streams clbench can build (clbench.data.streams.build_stream has one branch per name).
-STREAM_NAMES = ("split_cifar100", "mnist5k", "digits", "synthetic", "imagenet_r", "domainnet")
-
 
 # numpy and torch take seeds in [0, 2**32 - 1]; strict: YAML 1.1 reads `yes` as True, which is no seed
 SEED_MAX = 2**32 - 1
@@ -44,7 +41,8 @@ class Strict(BaseModel):
 
 
 class StreamConfig(Strict):
-    name: str = Field(description="benchmark name: " + ", ".join(STREAM_NAMES))
+    name: str = Field(description="benchmark name: a registered stream (clbench.data.registry; the built-ins are "
+                                  "the modules of clbench/data/sources)")
     num_tasks: int = Field(5, ge=1, le=1000, description="number of tasks (must divide the classes)")
     class_order: list[int] | Literal["coda_prompt", "pilot"] | None = Field(
         None, description="explicit class order (a permutation of the class ids), or an official repository's rule "
@@ -75,8 +73,8 @@ class StreamConfig(Strict):
     @field_validator("name")
     @classmethod
     def _known(cls, v: str) -> str:
-        if v not in STREAM_NAMES:
-            raise ValueError(f"unknown stream '{v}'; choose from {list(STREAM_NAMES)}")
+        if find_stream(v) is None:
+            raise ValueError(f"unknown stream '{v}'; choose from {stream_names()}")
         return v
 
     @field_validator("crop_scale")
@@ -88,8 +86,8 @@ class StreamConfig(Strict):
 
     @model_validator(mode="after")
     def _test_transform(self) -> StreamConfig:
-        if self.test_transform == "resize_center_crop" and self.name in ("imagenet_r", "domainnet"):
-            raise ValueError("test_transform: imagenet_r/domainnet test images are cached as Resize + CenterCrop "
+        if self.test_transform == "resize_center_crop" and find_stream(self.name).images == "cached":
+            raise ValueError(f"test_transform: {self.name} test images are cached as Resize + CenterCrop "
                              "already; leave it at auto")
         return self
 
@@ -396,7 +394,13 @@ def shipped_split_sums(stream_name: str) -> dict[str, str]:
     DomainNet's lists are read from the data folder and their checksum is the run's clbench.stream.split_sha256.)"""
     from clbench.data.datasets.splitfiles import pinned_sums
 
-    return {k: v for k, v in pinned_sums().items() if k.startswith(stream_name + "_")}
+    return {k: v for k, v in pinned_sums().items()
+            if k.startswith(stream_name + "_") or stream_name.startswith(SHARED_SPLIT_FILES.get(k, "\0"))}
+
+
+# Pinned files that several streams read: file -> the stream-name prefix of its readers (O-LoRA's task lists are one
+# file for its four orders, clbench.data.text_olora).
+SHARED_SPLIT_FILES = {"olora_cl_benchmark.json": "olora_"}
 
 
 def _moved_runtime_keys(data: dict, path: Path) -> None:

@@ -94,18 +94,20 @@ def _pretrained_available(name: str) -> None:
             "weights file")
 
 
-def fetch_hub_weights(name: str, pretrained: bool, checkpoint: str | None) -> None:
+def fetch_hub_weights(name: str, pretrained: bool, checkpoint: str | None) -> bool:
     """Download a timm model's hub weights into the Hugging Face cache when a run will load them and they are not
-    there yet, so that the suite hash can cover their sha256 (clbench.weights) before any run is recorded."""
+    there yet, so that the suite hash can cover their sha256 (clbench.weights) before any run is recorded.
+    True when it downloaded (a hash taken before covers ``hub:<repo>, not downloaded``: take it again)."""
     if not pretrained or checkpoint or name in TINY:
-        return
+        return False
     hub_id = hub_id_of(name)
     if not hub_id or hub_weights_file(hub_id):
-        return
+        return False
     import timm
 
     _pretrained_available(name)
     timm.create_model(name, pretrained=True, num_classes=0)  # timm picks and downloads the file it loads
+    return True
 
 
 @dataclass(frozen=True)

