@@ -30,7 +30,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from torch import nn
 
 ATTN_SLICES = ("q", "k", "v")
-Target = Literal["q", "k", "v", "qkv", "proj", "fc1", "fc2"]
+Target = Literal["q", "k", "v", "qkv", "proj", "fc1", "fc2", "o"]  # o: a language backbone's output projection
 TARGETS: tuple[str, ...] = get_args(Target)
 
 
@@ -255,7 +255,9 @@ def inject(backbone: nn.Module, targets: Iterable[str], blocks: Iterable[int] | 
     """Wrap the target linear maps of every (chosen) transformer block of a timm ViT; return the sites.
 
     ``targets`` names: ``q``, ``k``, ``v`` (slices of the fused qkv), ``qkv`` (the whole fused map), ``proj``,
-    ``fc1``, ``fc2``. The base weights are frozen. Calling it again returns the existing sites.
+    ``fc1``, ``fc2``. The base weights are frozen. Calling it again returns the existing sites. A language
+    backbone (``clbench.model.lm.TextBackbone``: it has ``attention_linears``) takes ``q``, ``k``, ``v``, ``o``,
+    its attention projections, one site per projection and attention (T5's decoder blocks: two).
     """
     targets = list(targets)
     unknown = [t for t in targets if t not in TARGETS]
@@ -263,6 +265,19 @@ def inject(backbone: nn.Module, targets: Iterable[str], blocks: Iterable[int] | 
         raise ValueError(f"unknown LoRA target(s) {unknown}; choose from {list(TARGETS)}")
     chosen = set(range(len(backbone.blocks))) if blocks is None else set(blocks)
     sites: dict[str, LoRASite] = {}
+    if hasattr(backbone, "attention_linears"):  # a language backbone (clbench.model.lm.TextBackbone) names its maps
+        for i in range(len(backbone.blocks)):
+            if i not in chosen:
+                continue
+            for t in targets:
+                for name, parent, attr in backbone.attention_linears(i, t):
+                    lin = _adapted(parent, attr)
+                    sites[name] = lin.add_site(t, name, slice(0, lin.base.out_features))
+        for p in backbone.parameters():
+            p.requires_grad_(False)
+        return sites
+    if "o" in targets:
+        raise ValueError("LoRA target 'o' is a language backbone's attention output; a ViT's is 'proj'")
     for i, block in enumerate(backbone.blocks):
         if i not in chosen:
             continue
