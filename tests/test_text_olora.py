@@ -163,3 +163,30 @@ def test_foreign_data_and_wrong_counts_are_refused(tmp_path):
     (splits / "SHA256SUMS").write_text(f"{hashlib.sha256(blob).hexdigest()}  {text_olora.PINNED}\n")
     with pytest.raises(ClbenchError, match="agnews/test.json: 4 rows, the official file has 5"):
         text_olora.build_text_stream("olora_order1", root, splits)
+
+
+def test_the_streams_are_registered_and_build_through_the_registry(tmp_path, monkeypatch):
+    from clbench.data import registry
+    from clbench.data.datasets import splitfiles
+    from clbench.data.streams import build_stream
+    from clbench.suite import StreamConfig, shipped_split_sums
+
+    assert {"olora_order1", "olora_order2", "olora_order3", "olora_long"} <= set(registry.stream_names())
+    root, splits = fake_benchmark(tmp_path)
+    monkeypatch.setattr(splitfiles, "splits_dir", lambda: splits)  # the fake data's pinned list
+    cfg = StreamConfig(name="olora_order2", num_tasks=4, root=str(root))
+    spec = registry.stream_spec("olora_order2")
+    assert spec.check(cfg) is None
+    stream = build_stream(cfg, seed=3)
+    assert [t.name for t in stream.tasks] == ["dbpedia", "amazon", "agnews", "yahoo"]
+    assert stream.meta["order"] == "dbpedia,amazon,agnews,yahoo"
+    wrong = StreamConfig(name="olora_long", num_tasks=5, root=str(root))
+    assert registry.stream_spec("olora_long").check(wrong) == ("stream.num_tasks: olora_long is O-LoRA's fixed "
+                                                               "order of 15 tasks; set num_tasks: 15")
+    missing = StreamConfig(name="olora_order1", num_tasks=4, root=str(tmp_path / "elsewhere"))
+    assert "github.com/cmnfriend/O-LoRA" in registry.stream_spec("olora_order1").check(missing)
+    # the task list is part of every O-LoRA stream's protocol identity (clbench.suite.Suite.protocol_hash)
+    monkeypatch.undo()
+    pinned = splitfiles.pinned_sums()[text_olora.PINNED]
+    assert shipped_split_sums("olora_long") == shipped_split_sums("olora_order1") == {text_olora.PINNED: pinned}
+    assert text_olora.PINNED not in shipped_split_sums("imagenet_r")

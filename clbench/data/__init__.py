@@ -6,5 +6,7 @@ seed) from the datasets' own files (``datasets``: CIFAR-100, ImageNet-R, DomainN
 augmentations and test transforms, ``validation`` holds out part of the training set for a sweep, and ``batching``
 draws rows into device batches. The language-model track's streams are text: ``text`` holds their types
 (``TextStream`` of ``TextTask`` of ``TextExample``) and ``text_olora`` reads O-LoRA's benchmarks from its
-``CL_Benchmark`` folder (pinned task lists in ``clbench/splits``). Nothing here knows methods, models or MLflow.
+``CL_Benchmark`` folder (pinned task lists in ``clbench/splits``); ``lm_synthetic`` holds the offline synthetic
+text tasks of the language quickstart. A language model tokenizes text streams into the loop's tensors
+(``clbench.model.lm``). Nothing here knows methods, models or MLflow.
 """

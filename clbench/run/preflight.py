@@ -62,7 +62,19 @@ def checkpoint_problem(path: Path) -> str | None:
 def backbone_problem(cfg) -> str | None:
     """None when the backbone is known and its weights are present (or downloadable now), else what is wrong."""
     from clbench.model.backbones import TINY
+    from clbench.model.lm import HF_PREFIX, LM_TINY, hub_available, is_language_backbone, require_transformers
 
+    if is_language_backbone(cfg.name):  # clbench.model.lm: the extra installed, a hub model cached or reachable
+        try:
+            require_transformers(cfg.name)
+            if cfg.name in LM_TINY and cfg.pretrained:
+                return (f"backbone.pretrained: {cfg.name} has no pretrained weights (built from a config, random "
+                        "weights from the run's seed); set backbone.pretrained: false")
+            if cfg.name.startswith(HF_PREFIX):
+                hub_available(cfg.name[len(HF_PREFIX):])
+        except ClbenchError as exc:
+            return str(exc)
+        return None
     if cfg.name not in TINY:
         import timm
 
