@@ -123,7 +123,7 @@ def test_finished_directions_stay_bit_exact_while_their_magnitudes_keep_changing
     method = official["method"]
     for t, groups in enumerate(method.groups):
         direction, magnitude = groups
-        assert len(magnitude["params"]) == t + 1
+        assert len(magnitude["params"]) == 1 and magnitude["params"][0].shape == (t + 1,)  # one entry per task
         assert {id(p) for p in direction["params"]} == {
             id(p) for s in method.sites.values() for p in (s.branches[t].A, s.branches[t].B)}
     assert all(not b.A.requires_grad and not b.B.requires_grad
@@ -158,9 +158,10 @@ def test_forward_is_the_official_formula_with_one_magnitude_per_task_shared_by_a
         with torch.no_grad():
             got = site(x)
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
-    # one parameter per task, registered once: the state dict has T magnitudes and no copies in the branches
-    keys = [k for k in official["model"].state_dict() if "sdlora_magnitudes" in k]
-    assert len(keys) == 4
+    # one magnitude per task, registered once (one vector): the state dict has T of them, no copies in the branches
+    state = official["model"].state_dict()
+    keys = [k for k in state if "sdlora_magnitudes" in k]
+    assert keys == ["backbone.sdlora_magnitudes.values"] and state[keys[0]].shape == (4,)
 
 
 @pytest.mark.parametrize(("frozen", "tokens", "merged"), [
@@ -184,7 +185,7 @@ def test_folded_frozen_pairs_equal_the_per_branch_sum_in_value_and_gradients(fro
     other.branches.append(LoRABranch(16, 16, 2))
     bank = Magnitudes()
     for t in range(frozen + 1):
-        bank.values.append(torch.nn.Parameter(0.5 + torch.rand(1, generator=gen)))
+        bank.append(0.5 + float(torch.rand(1, generator=gen)), CPU)
         b = SDBranch(16, 16, 4, t, bank)
         with torch.no_grad():
             b.A.copy_(torch.randn(4, 16, generator=gen))
@@ -202,7 +203,7 @@ def test_folded_frozen_pairs_equal_the_per_branch_sum_in_value_and_gradients(fro
     def run(fold):
         site.combine, site.fold_weight = (folded_sum, folded_weight) if fold else (None, None)
         x = x0.clone().requires_grad_(True)
-        params = [*bank.values, site.branches[-1].A, site.branches[-1].B, other.branches[0].B]
+        params = [bank.values, site.branches[-1].A, site.branches[-1].B, other.branches[0].B]
         for p in params:
             p.grad = None
         out = owner(x)
