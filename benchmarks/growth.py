@@ -231,7 +231,7 @@ def unfolded(sdlora: type) -> type:
         def configure_model(self, model, ctx):
             super().configure_model(model, ctx)
             for site in self.sites.values():
-                site.combine = None
+                site.combine = site.fold_weight = None
 
     Unfolded.configure_model = hookimpl(Unfolded.configure_model)
     return Unfolded
