@@ -23,11 +23,14 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal, get_args
+from typing import TYPE_CHECKING, Annotated, Any, Literal, get_args
 
 import torch
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from torch import nn
+
+if TYPE_CHECKING:
+    from clbench.model.fit import BackboneFacts
 
 ATTN_SLICES = ("q", "k", "v")
 Target = Literal["q", "k", "v", "qkv", "proj", "fc1", "fc2", "o"]  # o: a language backbone's output projection
@@ -315,7 +318,7 @@ def merge_all(module: nn.Module) -> None:
 
 def _block_list(blocks: list[int]) -> list[int]:
     """A list of adapted blocks names each block once, from 0 up; whether the backbone has it is checked once
-    the backbone's depth is known (``clbench.run.preflight.method_problems``, before any run exists)."""
+    the backbone's depth is known (``check_against``, asked by ``clbench.run.preflight.method_problems`` before any run exists)."""
     if not blocks:
         raise ValueError("[] adapts no block, so only the heads would train; list block indices (0 is the first) "
                          "or leave blocks unset to adapt every block")
@@ -340,6 +343,14 @@ class AdapterParams(BaseModel):
     rank: int = Field(10, ge=1, description="LoRA rank r")
     targets: list[Target] = Field(["q", "v"], min_length=1, description="adapted maps: " + ", ".join(TARGETS))
     blocks: BlockList | None = Field(None, description="adapted transformer blocks, counted from 0 (default: all)")
+
+    def check_against(self, backbone: BackboneFacts) -> list[str]:
+        """``blocks`` names blocks the backbone has, and ``rank`` fits the narrowest map ``targets`` x ``blocks``
+        adapts (``clbench.model.fit``; the preflight calls this before any run exists). A subclass with more
+        block lists or ranks extends it."""
+        problems = (backbone.blocks_problem("blocks", self.blocks),
+                    backbone.rank_problem(self.rank, list(self.targets), self.blocks))
+        return [p for p in problems if p]
 
 
 class LoRAParams(AdapterParams):
