@@ -161,6 +161,7 @@ def sweep(
     """Choose METHOD's hyperparameters on the validation split of SUITE (held-out training data, never a test
     image): every point is a child run of one sweep parent in MLflow, metrics under val/. Prints a table of the
     points and, last, `best: KEY=VALUE ... val/acc=X`. Running the same command again skips finished points."""
+    from clbench.model.backbones import fetch_hub_weights
     from clbench.run.executors import make_executor
     from clbench.run.preflight import preflight
     from clbench.run.sweep import best_line, plan_lines, plan_sweep, run_sweep, table_lines, then_test
@@ -170,8 +171,13 @@ def sweep(
         if seed is not None and not 0 <= seed <= SEED_MAX:
             raise ClbenchError(f"--seed {seed}: a seed must be in 0..{SEED_MAX}")
         s = load_suite(suite, set_)
-        plan = plan_sweep(s, str(suite), method, grid, random_n=random_n, metric=metric, seed=seed,
-                          plugins_dirs=plugins_dir, trust_suite_plugins=trust_suite_plugins)
+        planned = dict(random_n=random_n, metric=metric, seed=seed, plugins_dirs=plugins_dir,
+                       trust_suite_plugins=trust_suite_plugins)
+        plan = plan_sweep(s, str(suite), method, grid, **planned)
+        # the sweep's id hashes the suite, which covers the checksum of the weights its runs load: planned again
+        # once they are downloaded, so the first and every later call name the same sweep
+        if not dry_run and fetch_hub_weights(s.backbone.name, s.backbone.pretrained, s.backbone.checkpoint):
+            plan = plan_sweep(s, str(suite), method, grid, **planned)
         ex = make_executor(executor, address)
         if dry_run:
             for line in plan_lines(plan):
@@ -302,10 +308,19 @@ def check(
     """Run the plugin contract on one method (CPU, tiny ViT): one line per check, with what runs shown on stderr
     as it goes, stop at the first failure (exit 1). The same checks as tests/test_contract.py, without a source
     checkout of clbench."""
+    from clbench.methods.hookcheck import no_process_exit
+
+    # guarded from before the plugins are imported: a plugin that takes its own reference at import
+    # (`from os import _exit`) takes the guard's, so it cannot end `clbench check` with a silent exit 0
+    with no_process_exit():
+        _check_method(name, plugins_dir, set_)
+
+
+def _check_method(name: str, plugins_dir: list[str], set_: list[str]) -> None:
     import time
 
     from clbench.contract import ContractError, method_checks, method_params
-    from clbench.methods.hookcheck import ProcessExit, exit_text, no_process_exit
+    from clbench.methods.hookcheck import ProcessExit, exit_text
     from clbench.methods.registry import discover, plugins_dir_hint
 
     try:
@@ -330,7 +345,7 @@ def check(
         typer.echo(f"..    {label}", err=True)
         tic = time.perf_counter()
         try:
-            with _ticking(tic), no_process_exit():
+            with _ticking(tic):
                 step()
         except (ContractError, ClbenchError) as exc:
             typer.echo(f"FAIL  {label}")

@@ -26,12 +26,9 @@ from pydantic import (
     model_validator,
 )
 
+from clbench.data.registry import find_stream, stream_names
 from clbench.errors import ClbenchError
 from clbench.weights import weights_identity
-
-# The streams clbench can build (clbench.data.streams.build_stream has one branch per name).
-STREAM_NAMES = ("split_cifar100", "mnist5k", "digits", "synthetic", "imagenet_r", "domainnet")
-
 
 # numpy and torch take seeds in [0, 2**32 - 1]; strict: YAML 1.1 reads `yes` as True, which is no seed
 SEED_MAX = 2**32 - 1
@@ -44,7 +41,8 @@ class Strict(BaseModel):
 
 
 class StreamConfig(Strict):
-    name: str = Field(description="benchmark name: " + ", ".join(STREAM_NAMES))
+    name: str = Field(description="benchmark name: a registered stream (clbench.data.registry; the built-ins are "
+                                  "the modules of clbench/data/sources)")
     num_tasks: int = Field(5, ge=1, le=1000, description="number of tasks (must divide the classes)")
     class_order: list[int] | Literal["coda_prompt", "pilot"] | None = Field(
         None, description="explicit class order (a permutation of the class ids), or an official repository's rule "
@@ -75,8 +73,8 @@ class StreamConfig(Strict):
     @field_validator("name")
     @classmethod
     def _known(cls, v: str) -> str:
-        if v not in STREAM_NAMES:
-            raise ValueError(f"unknown stream '{v}'; choose from {list(STREAM_NAMES)}")
+        if find_stream(v) is None:
+            raise ValueError(f"unknown stream '{v}'; choose from {stream_names()}")
         return v
 
     @field_validator("crop_scale")
@@ -88,8 +86,8 @@ class StreamConfig(Strict):
 
     @model_validator(mode="after")
     def _test_transform(self) -> StreamConfig:
-        if self.test_transform == "resize_center_crop" and self.name in ("imagenet_r", "domainnet"):
-            raise ValueError("test_transform: imagenet_r/domainnet test images are cached as Resize + CenterCrop "
+        if self.test_transform == "resize_center_crop" and find_stream(self.name).images == "cached":
+            raise ValueError(f"test_transform: {self.name} test images are cached as Resize + CenterCrop "
                              "already; leave it at auto")
         return self
 
@@ -106,6 +104,15 @@ class BackboneConfig(Strict):
         "timm", description="input normalisation after scaling pixels to [0, 1]: timm = the model's pretrained "
                             "mean/std (0.5/0.5 for the augreg ViTs); none = inputs stay in [0, 1] (InfLoRA's "
                             "official pipeline, Normalize(0, 1))")
+    # language backbones (clbench.model.lm: t5_tiny_clbench, llama_tiny_clbench, hf:<hub id>) only
+    max_source_length: int = Field(512, ge=1, le=100_000, description="language model: prompt tokens kept "
+                                   "(O-LoRA's max_source_length)")
+    max_target_length: int = Field(50, ge=2, le=10_000, description="language model: target tokens kept, end of "
+                                   "sequence included (O-LoRA's max_target_length)")
+    lm_eval: Literal["generate", "likelihood"] = Field(
+        "generate", description="language model evaluation: generate = greedy generation + exact match with the "
+                                "label word (O-LoRA's); likelihood = the label word of highest log-likelihood "
+                                "(faster; not O-LoRA's)")
 
 
 EPOCHS_MAX = 10_000  # far above any protocol (InfLoRA: 50 per task); 1e20 would "run" for ever
@@ -360,7 +367,7 @@ class Suite(Strict):
         (clbench.weights: the shipped tiny-ViT file, a checkpoint file or the hub's file), so runs on other weights
         are another protocol."""
         stream = without_new_defaults(self.stream.model_dump(exclude={"root", "download", "cache"}))
-        backbone = self.backbone.model_dump(exclude={"checkpoint"})
+        backbone = without_new_defaults(self.backbone.model_dump(exclude={"checkpoint"}))
         backbone["weights"] = self.weights_identity()
         train = without_new_defaults(self.train.model_dump())
         if train["schedule"] == "inflora_cosine":  # since issue 31 with the official one-epoch lag: other runs
@@ -382,7 +389,8 @@ class Suite(Strict):
 
 # Keys added after suites had hashes (issue 31): hashed only when set to something else than their default, so
 # that every suite that does not use them keeps its hash (and its leaderboard group and checkpoints).
-NEW_KEY_DEFAULTS = {"crop_scale": (0.08, 1.0), "test_transform": "auto", "drop_last": False, "head_init": "torch"}
+NEW_KEY_DEFAULTS = {"crop_scale": (0.08, 1.0), "test_transform": "auto", "drop_last": False, "head_init": "torch",
+                    "max_source_length": 512, "max_target_length": 50, "lm_eval": "generate"}
 
 
 def without_new_defaults(section: dict[str, Any]) -> dict[str, Any]:
@@ -396,7 +404,13 @@ def shipped_split_sums(stream_name: str) -> dict[str, str]:
     DomainNet's lists are read from the data folder and their checksum is the run's clbench.stream.split_sha256.)"""
     from clbench.data.datasets.splitfiles import pinned_sums
 
-    return {k: v for k, v in pinned_sums().items() if k.startswith(stream_name + "_")}
+    return {k: v for k, v in pinned_sums().items()
+            if k.startswith(stream_name + "_") or stream_name.startswith(SHARED_SPLIT_FILES.get(k, "\0"))}
+
+
+# Pinned files that several streams read: file -> the stream-name prefix of its readers (O-LoRA's task lists are one
+# file for its four orders, clbench.data.text_olora).
+SHARED_SPLIT_FILES = {"olora_cl_benchmark.json": "olora_"}
 
 
 def _moved_runtime_keys(data: dict, path: Path) -> None:

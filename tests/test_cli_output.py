@@ -43,7 +43,7 @@ def test_offline_vit_suite_fails_before_creating_any_run(tmp_path, mlflow_uri):
 
 
 def test_preflight_names_each_missing_thing(tmp_path, monkeypatch):
-    import clbench.run.preflight as pf
+    import clbench.data.datasets.download as dl
 
     suite = load_suite(REPO / "suites" / "vit.yaml", [f"stream.root={tmp_path / 'data'}", "stream.download=false",
                                                       f"backbone.checkpoint={tmp_path / 'w.safetensors'}"])
@@ -54,12 +54,12 @@ def test_preflight_names_each_missing_thing(tmp_path, monkeypatch):
         preflight(suite)
     # downloads allowed but the host unreachable: said so; reachable: fine (the runner downloads)
     suite.stream.download = True
-    monkeypatch.setattr(pf, "reachable", lambda url: False)
+    monkeypatch.setattr(dl, "reachable", lambda url: False)
     assert "cannot be reached" in stream_problem(suite.stream)
-    monkeypatch.setattr(pf, "reachable", lambda url: True)
+    monkeypatch.setattr(dl, "reachable", lambda url: True)
     assert stream_problem(suite.stream) is None
     (tmp_path / "data" / "cifar-100-python").mkdir(parents=True)
-    monkeypatch.setattr(pf, "reachable", lambda url: False)
+    monkeypatch.setattr(dl, "reachable", lambda url: False)
     assert stream_problem(suite.stream) is None  # present: no network needed
     import torch
     from safetensors.torch import save_file

@@ -4,6 +4,7 @@ the leaderboard marks; every bad input one line and exit 1 before any run. Tiny 
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -201,3 +202,30 @@ def test_best_line_separates_keys_with_commas():
                         entry={})
     result = SimpleNamespace(best=trial, best_value=26.5, plan=SimpleNamespace(metric="val/acc"))
     assert best_line(result) == "best: methods.lora.params.rank=2, methods.lora.train.lr=0.001 val/acc=26.50"
+
+
+def test_a_sweep_whose_weights_are_downloaded_first_keeps_its_id(suite_path, tmp_path, mlflow_uri, monkeypatch):
+    """The sweep's id hashes the suite, which covers the sha256 of the backbone's weights: the first call hashed
+    `hub:<repo>, not downloaded`, every later call the downloaded file's sha256, so a rerun started a second sweep
+    instead of continuing the first. The first call now plans again once the weights are there."""
+    import clbench.model.backbones as backbones
+    import clbench.run.runner as runner
+    import clbench.suite as suite_module
+
+    def download(name, pretrained, checkpoint):  # a hub backbone whose file arrives on the first call
+        monkeypatch.setattr(suite_module, "weights_identity", lambda *a: "f" * 64)
+        for module in (backbones, runner):
+            monkeypatch.setattr(module, "fetch_hub_weights", lambda *a: False)
+        return True
+
+    monkeypatch.setattr(suite_module, "weights_identity", lambda *a: "hub:some/repo, not downloaded")
+    for module in (backbones, runner):  # wherever the download is called from
+        monkeypatch.setattr(module, "fetch_hub_weights", download)
+    first = sweep(suite_path, tmp_path, "--grid", "methods.lora.params.rank=[1]")
+    assert first.exit_code == 0, (first.output, first.exception)
+    again = sweep(suite_path, tmp_path, "--grid", "methods.lora.params.rank=[1]", "--dry-run")
+    assert again.exit_code == 0, again.output
+    ids = [re.search(r"^sweep (\w+) ", res.stdout, re.M).group(1) for res in (first, again)]
+    assert ids[0] == ids[1], ids
+    [parent] = [r for r in mlflow_runs(mlflow_uri) if r.data.tags.get(keys.ROLE) == keys.ROLE_PARENT]
+    assert parent.data.tags[keys.SWEEP] == ids[0]

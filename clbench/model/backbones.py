@@ -16,6 +16,8 @@ from clbench.errors import ClbenchError
 from clbench.model.pretrain import TINY, tiny_checkpoint
 from clbench.weights import hub_id_of, hub_weights_file
 
+LM_NAMES = ("t5_tiny_clbench", "llama_tiny_clbench")  # clbench.model.lm.LM_TINY (that module imports this one)
+
 
 class CLModel(nn.Module):
     """A backbone returning pooled features plus one linear head per task.
@@ -24,7 +26,12 @@ class CLModel(nn.Module):
     ``forward(x, head=t)`` returns task t's logits only (training loss, task-incremental prediction).
     ``preprocess`` turns a raw batch (uint8 or float in [0, 1], N x C x H x W) into the backbone's input on
     the batch's device: resize, channel repeat, normalisation.
+
+    The loop's two seams with a language model (``clbench.model.lm.LanguageModel``, ``generative``): a task's
+    head is added by ``add_task_head(task)`` and evaluation asks ``predict``; here both are the image path.
     """
+
+    generative = False  # True: the model computes its own training loss (train_loss), as a language model
 
     def __init__(self, backbone: nn.Module, image_size: int, in_chans: int, mean, std) -> None:
         super().__init__()
@@ -42,6 +49,16 @@ class CLModel(nn.Module):
         head = nn.Linear(self.feature_dim, num_classes).to(self.mean.device)
         self.heads.append(head)
         return head
+
+    def add_task_head(self, task) -> nn.Module:
+        """The head of a stream's task (``clbench.data.streams.TaskData``): a linear map to its classes."""
+        return self.add_head(len(task.classes))
+
+    def predict(self, x: torch.Tensor, n_seen: int, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Class-incremental (argmax over the ``n_seen`` seen classes) and task-incremental (argmax within the
+        task's classes ``lo:hi``) predictions of a preprocessed batch, as global class ids."""
+        logits = self(x)[:, :n_seen]
+        return logits.argmax(1), logits[:, lo:hi].argmax(1) + lo
 
     def preprocess(self, x: torch.Tensor) -> torch.Tensor:
         # decided by dtype, never by value: a value test would synchronise the device every batch
@@ -94,18 +111,20 @@ def _pretrained_available(name: str) -> None:
             "weights file")
 
 
-def fetch_hub_weights(name: str, pretrained: bool, checkpoint: str | None) -> None:
+def fetch_hub_weights(name: str, pretrained: bool, checkpoint: str | None) -> bool:
     """Download a timm model's hub weights into the Hugging Face cache when a run will load them and they are not
-    there yet, so that the suite hash can cover their sha256 (clbench.weights) before any run is recorded."""
+    there yet, so that the suite hash can cover their sha256 (clbench.weights) before any run is recorded.
+    True when it downloaded (a hash taken before covers ``hub:<repo>, not downloaded``: take it again)."""
     if not pretrained or checkpoint or name in TINY:
-        return
+        return False
     hub_id = hub_id_of(name)
     if not hub_id or hub_weights_file(hub_id):
-        return
+        return False
     import timm
 
     _pretrained_available(name)
     timm.create_model(name, pretrained=True, num_classes=0)  # timm picks and downloads the file it loads
+    return True
 
 
 @dataclass(frozen=True)
@@ -121,6 +140,10 @@ class Arch:
 
 def model_from(bb) -> CLModel:
     """The model a suite's ``backbone`` section (``clbench.suite.BackboneConfig``) describes."""
+    if bb.name in LM_NAMES or bb.name.startswith("hf:"):  # a language backbone (clbench.model.lm)
+        from clbench.model.lm import build_language_model
+
+        return build_language_model(bb.name, bb.pretrained, bb.lm_eval, bb.max_source_length, bb.max_target_length)
     return build_model(bb.name, bb.image_size, bb.pretrained, bb.checkpoint, in_chans=bb.in_chans,
                        drop_path_rate=bb.drop_path_rate, normalize=bb.normalize)
 

@@ -58,11 +58,11 @@ def pretrain_on_digits(name: str, image_size: int, in_chans: int, epochs: int = 
 def _train(arch: dict, image_size: int, in_chans: int, epochs: int) -> dict:
     from timm.models.vision_transformer import VisionTransformer
 
-    from clbench.data.streams import _digits
+    from clbench.data.sources.digits import digits_tensors
 
     g = torch.Generator().manual_seed(0)
     model = VisionTransformer(img_size=image_size, in_chans=in_chans, num_classes=10, global_pool="token", **arch)
-    x, y = _digits()
+    x, y = digits_tensors()
     x = x.float() / 255.0
     x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", antialias=True, align_corners=False)
     x = ((x - 0.5) / 0.5).expand(-1, in_chans, -1, -1).contiguous()

