@@ -32,7 +32,7 @@ def build(T: int, folded: bool):
     method.configure_model(model, None)
     if not folded:
         for site in method.sites.values():
-            site.combine = None
+            site.combine = site.fold_weight = None
     for t in range(T):
         ctx = TaskContext(task=t, num_tasks=T, classes=(0, 1), seen_classes=(0, 1), device=torch.device("cpu"),
                           seed=0, loader=None)

@@ -26,6 +26,7 @@ _PUBLIC = {
     "NoParams": "clbench.methods.method",
     "TaskContext": "clbench.methods.context",
     "CLModel": "clbench.model.backbones",
+    "BackboneFacts": "clbench.model.fit",
     "Replayed": "clbench.methods.rehearsal",
     "Samples": "clbench.methods.rehearsal",
     "SCOPES": "clbench.methods.rehearsal",
@@ -59,8 +60,8 @@ _PUBLIC = {
     "uniform_prompt": "clbench.methods.prompts",
 }
 __all__ = [
-    "ATTN_SLICES", "AdaptedLinear", "AdapterParams", "BlockList", "CLModel", "CONTRACT_VERSION", "ClbenchError",
-    "LoRABranch", "LoRAParams", "LoRASite", "LowRank", "Method", "NoParams", "PromptMethod", "PromptModel",
+    "ATTN_SLICES", "AdaptedLinear", "AdapterParams", "BackboneFacts", "BlockList", "CLModel", "CONTRACT_VERSION",
+    "ClbenchError", "LoRABranch", "LoRAParams", "LoRASite", "LowRank", "Method", "NoParams", "PromptMethod", "PromptModel",
     "Replayed", "SCOPES", "SCOPE_NONE", "SCOPE_SEEN", "SCOPE_TASK", "Samples", "Scope", "TARGETS", "Target",
     "TaskContext", "attach", "backbone_maps", "cosine", "find_sites", "fit_blocks", "hookimpl", "inject", "pick",
     "reshape_spectrum", "snapshot_maps", "split_prefix", "task_changes", "uniform_prompt"
@@ -84,6 +85,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ imports
     from clbench.methods.rehearsal import SCOPE_NONE, SCOPE_SEEN, SCOPE_TASK, SCOPES, Replayed, Samples, Scope
     from clbench.model.backbones import CLModel
     from clbench.model.dense import backbone_maps, snapshot_maps, task_changes
+    from clbench.model.fit import BackboneFacts
     from clbench.model.lora import (
         ATTN_SLICES,
         TARGETS,

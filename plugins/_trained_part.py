@@ -20,6 +20,7 @@ from pydantic import Field
 from torch import nn
 
 from clbench import (
+    BackboneFacts,
     LoRAParams,
     LowRank,
     TaskContext,
@@ -39,6 +40,14 @@ class PartParams(LoRAParams):
 
     update_rank: int | None = Field(64, ge=1, description="trainable: full: each map's dense task change is "
                                     "reported as its top-k SVD factors (null: the exact change, at numerical rank)")
+
+    def check_against(self, backbone: BackboneFacts) -> list[str]:
+        """LoRA's checks (blocks, rank) when the adapters train; with ``trainable: full`` (the subclasses' field)
+        the maps themselves train, so no rank has to fit them."""
+        if getattr(self, "trainable", "lora") == "lora":
+            return super().check_against(backbone)
+        problem = backbone.blocks_problem("blocks", self.blocks)
+        return [problem] if problem else []
 
 
 class TrainedPart:

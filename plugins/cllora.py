@@ -72,6 +72,7 @@ from torch import nn
 
 from clbench import (
     ATTN_SLICES,
+    BackboneFacts,
     ClbenchError,
     CLModel,
     LoRABranch,
@@ -279,6 +280,12 @@ class CLLoRAParams(BaseModel):
                                                                            "each task's block weights")
     orth_weight: float = Field(1e-4, ge=0, description="weight of the block-weight orthogonality loss "
                                                        "(official 1e-4)")
+
+    def check_against(self, backbone: BackboneFacts) -> list[str]:
+        """Both block lists name blocks the backbone has; the rank fits every adapted attention map (the
+        down-projections are rank x d_in)."""
+        problems = [backbone.blocks_problem(f, getattr(self, f)) for f in ("shared_blocks", "specific_blocks")]
+        return [p for p in (*problems, backbone.rank_problem(self.rank, self.targets)) if p]
 
     @model_validator(mode="after")
     def _check(self) -> CLLoRAParams:

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from clbench import (
+    BackboneFacts,
     ClbenchError,
     Method,
     PromptMethod,
@@ -49,6 +50,11 @@ class CodaPromptParams(BaseModel):
     blocks: list[int] | None = Field(None, min_length=1, description="blocks with prompts (default: official "
                                                                       "0-4, those the backbone has)")
     ortho_mu: float = Field(0.0, ge=0, description="weight of the orthogonality penalty (official scripts: 0)")
+
+    def check_against(self, backbone: BackboneFacts) -> list[str]:
+        """``blocks`` names blocks the backbone has, each once (a prompt has no rank to fit)."""
+        problems = (backbone.blocks_problem(f, getattr(self, f)) for f in ("blocks",))
+        return [p for p in problems if p]
 
     @model_validator(mode="after")
     def _check(self) -> CodaPromptParams:

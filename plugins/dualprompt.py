@@ -25,6 +25,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from clbench import (
+    BackboneFacts,
     ClbenchError,
     Method,
     PromptMethod,
@@ -50,6 +51,11 @@ class DualPromptParams(BaseModel):
     pool_size: int | None = Field(None, ge=1, description="E-prompt pool size (default: the number of tasks)")
     key_weight: float = Field(1.0, ge=0, description="weight of the key-query matching loss (summed over "
                                                      "the batch and the E-blocks, as in the official code)")
+
+    def check_against(self, backbone: BackboneFacts) -> list[str]:
+        """``g_blocks`` and ``e_blocks`` name blocks the backbone has, each once (a prompt has no rank to fit)."""
+        problems = (backbone.blocks_problem(f, getattr(self, f)) for f in ("g_blocks", "e_blocks"))
+        return [p for p in problems if p]
 
     @model_validator(mode="after")
     def _check(self) -> DualPromptParams:

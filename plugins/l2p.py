@@ -31,6 +31,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from clbench import (
+    BackboneFacts,
     Method,
     PromptMethod,
     PromptModel,
@@ -76,6 +77,11 @@ class L2PParams(BaseModel):
             if name is not None:
                 data = {**PRESETS[name], **data} if name in PRESETS else data
         return data
+
+    def check_against(self, backbone: BackboneFacts) -> list[str]:
+        """``blocks`` names blocks the backbone has, each once (a prompt has no rank to fit)."""
+        problems = (backbone.blocks_problem(f, getattr(self, f)) for f in ("blocks",))
+        return [p for p in problems if p]
 
     @model_validator(mode="after")
     def _check(self) -> L2PParams:

@@ -117,6 +117,78 @@ def test_reduced_ranks_may_not_exceed_the_rank():
     cls.Params(rank=4, rr_tasks=[1], rr_ranks=[8])  # no reduction: the schedule is unused
 
 
+# -- params check themselves: what a params model declares, and the default for one that declares nothing -----
+
+OUTSIDE_PLUGIN = '''
+    """Two methods from elsewhere: one with a plain pydantic params model (no check of its own), one whose params
+    declare their checks (check_against) and check a field the default would not look at."""
+    from pydantic import BaseModel
+
+    from clbench import BackboneFacts, Method, NoParams
+
+
+    class PlainParams(BaseModel):
+        blocks: list[int] | None = None
+        head_blocks: list[int] | None = None
+        rank: int = 4
+
+
+    class Plain(Method):
+        name = "plain"
+        Params = PlainParams
+
+
+    class DeclaredParams(NoParams):
+        layers: list[int] = [0]
+        width: int = 4
+
+        def check_against(self, backbone: BackboneFacts) -> list[str]:
+            problems = [backbone.blocks_problem("layers", self.layers),
+                        backbone.rank_problem(self.width, ["fc1"], name="width")]
+            return [p for p in problems if p]
+
+
+    class Declared(Method):
+        name = "declared"
+        Params = DeclaredParams
+
+
+    def register_methods(register):
+        register(Plain)
+        register(Declared)
+'''
+
+
+def _check_outside(tmp_path, entry: dict) -> None:
+    from clbench.run.preflight import method_problems
+
+    (tmp_path / "outside").mkdir(exist_ok=True)
+    (tmp_path / "outside" / "outside_methods.py").write_text(textwrap.dedent(OUTSIDE_PLUGIN))
+    suite = Suite.model_validate({"name": "s", "stream": {"name": "synthetic", "num_tasks": 2, "num_classes": 4},
+                                  "backbone": MICRO, "methods": [entry]})
+    method_problems(suite, plan_runs(suite, "s.yaml", discover([tmp_path / "outside"]), None), "s.yaml")
+
+
+def test_a_plain_params_model_from_elsewhere_gets_the_checks_by_field_name(tmp_path):
+    _check_outside(tmp_path, {"name": "plain", "params": {"blocks": [1], "head_blocks": [0], "rank": 32}})
+    with pytest.raises(ClbenchError, match=r"methods.0.params.head_blocks: block 2 does not exist"):
+        _check_outside(tmp_path, {"name": "plain", "params": {"head_blocks": [2]}})
+    with pytest.raises(ClbenchError, match=r"methods.0.params.blocks: block\(s\) \[1\] listed twice"):
+        _check_outside(tmp_path, {"name": "plain", "params": {"blocks": [1, 1]}})
+    with pytest.raises(ClbenchError, match=r"methods.0.params.rank: 33 exceeds"):
+        _check_outside(tmp_path, {"name": "plain", "params": {"rank": 33}})
+
+
+def test_params_that_declare_their_checks_are_asked_those(tmp_path):
+    """The preflight asks the params, not their field names: ``layers`` and ``width`` are checked because the
+    model says so (fc1 of the micro ViT is 64 x 32, so a width above 32 cannot fit)."""
+    _check_outside(tmp_path, {"name": "declared", "params": {"layers": [0, 1], "width": 32}})
+    with pytest.raises(ClbenchError, match=r"methods.0.params.layers: block 5 does not exist; the backbone has 2"):
+        _check_outside(tmp_path, {"name": "declared", "params": {"layers": [5]}})
+    with pytest.raises(ClbenchError, match=r"methods.0.params.width: 40 exceeds .*fc1 is 64 x 32.*choose width <= 32"):
+        _check_outside(tmp_path, {"name": "declared", "params": {"width": 40}})
+
+
 # -- 2. trainable parameters outside the method's groups ----------------------------------------------------
 
 

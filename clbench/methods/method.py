@@ -7,9 +7,12 @@ validates params and the ``describe_params`` used by ``clbench methods NAME --pa
 from __future__ import annotations
 
 import re
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict
+
+if TYPE_CHECKING:
+    from clbench.model.fit import BackboneFacts
 
 # The plugin contract's version (``clbench.CONTRACT_VERSION``): bumped when a rule that a working plugin may rely on
 # changes; docs/CONTRACT_CHANGELOG.md says what changed in each version and what a plugin written to an earlier one
@@ -33,6 +36,15 @@ class NoParams(BaseModel):
     ``description``. LoRA methods start from ``clbench.LoRAParams`` instead."""
 
     model_config = ConfigDict(extra="forbid")
+
+    def check_against(self, backbone: BackboneFacts) -> list[str]:
+        """What does not fit ``backbone`` (``clbench.BackboneFacts``), one ``"<field>: <problem>"`` line each; the
+        preflight asks it before any run exists. By default: fields named ``blocks`` / ``*_blocks`` must name
+        blocks the backbone has, a field named ``rank`` must fit the adapted maps (``clbench.model.fit``);
+        override it to check what the params mean (``backbone.blocks_problem``, ``backbone.rank_problem``)."""
+        from clbench.model.fit import checks_by_field_name
+
+        return checks_by_field_name(self, backbone)
 
 
 class Method:

@@ -23,11 +23,14 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal, get_args
+from typing import TYPE_CHECKING, Annotated, Any, Literal, get_args
 
 import torch
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from torch import nn
+
+if TYPE_CHECKING:
+    from clbench.model.fit import BackboneFacts
 
 ATTN_SLICES = ("q", "k", "v")
 Target = Literal["q", "k", "v", "qkv", "proj", "fc1", "fc2", "o"]  # o: a language backbone's output projection
@@ -110,9 +113,17 @@ class LoRASite(nn.Module):
     ``combine(site, x)`` that computes the same sum another way, for a method whose many live branches would
     otherwise cost one pair of matmuls each (SD-LoRA folds its frozen pairs into one). A module-level function,
     so copies and pickles of the model keep it; whatever it caches stays out of the state dict.
+
+    ``fold_weight`` (None by default) lets a method add part of a site's update into the base weight for one
+    call instead: ``fold_weight(site, x)`` returns None (use ``forward``) or ``(delta_W, rest)``, with
+    ``delta_W`` (d_out x d_in, may carry gradients) added to the site's rows of the base weight for this call,
+    and ``rest`` (the output of the branches not in ``delta_W``, or None) added to the output. One dense matmul
+    per token then serves any number of branches; :class:`AdaptedLinear` computes those rows on their own, so
+    the weight gradient it costs covers the site's rows only.
     """
 
     combine: Callable[[LoRASite, torch.Tensor], torch.Tensor] | None = None
+    fold_weight: Callable[[LoRASite, torch.Tensor], tuple[torch.Tensor, torch.Tensor | None] | None] | None = None
 
     def __init__(self, name: str, d_in: int, d_out: int, owner: AdaptedLinear, rows: slice) -> None:
         super().__init__()
@@ -179,8 +190,16 @@ class AdaptedLinear(nn.Module):
         return self.sites[key]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
         live = [s for s in self.sites.values() if len(s.branches)]
+        folds = {}
+        for s in live:
+            if s.fold_weight is not None:
+                fold = s.fold_weight(s, x)
+                if fold is not None:
+                    folds[s.name] = fold
+        if folds:
+            return self._forward_folded(x, live, folds)
+        y = self.base(x)
         if not live:
             return y
         if len(live) == 1 and live[0].d_out == self.base.out_features:
@@ -195,6 +214,33 @@ class AdaptedLinear(nn.Module):
         if cursor < y.shape[-1]:
             parts.append(y[..., cursor:])
         return torch.cat(parts, -1)
+
+    def _forward_folded(self, x: torch.Tensor, live: list[LoRASite],
+                        folds: dict[str, tuple[torch.Tensor, torch.Tensor | None]]) -> torch.Tensor:
+        """The output row range by row range: a site with a fold as ``x (W0 + delta_W)^T + rest``, another site as
+        ``x W0^T + site(x)``, rows without a site as ``x W0^T`` (one matmul per range, so a weight gradient
+        covers the folded rows only)."""
+        W, bias = self.base.weight, self.base.bias
+
+        def linear(start: int, stop: int, delta: torch.Tensor | None = None) -> torch.Tensor:
+            w = W[start:stop] if delta is None else W[start:stop] + delta.to(W.dtype)
+            return nn.functional.linear(x, w, None if bias is None else bias[start:stop])
+
+        parts, cursor = [], 0
+        for site in sorted(live, key=lambda s: s.rows.start or 0):
+            start, stop = site.rows.start or 0, site.rows.stop
+            if start > cursor:
+                parts.append(linear(cursor, start))
+            if site.name in folds:
+                delta, rest = folds[site.name]
+                out = linear(start, stop, delta)
+                parts.append(out if rest is None else out + rest)
+            else:
+                parts.append(linear(start, stop) + site(x))
+            cursor = stop
+        if cursor < W.shape[0]:
+            parts.append(linear(cursor, W.shape[0]))
+        return parts[0] if len(parts) == 1 else torch.cat(parts, -1)
 
 
 def _adapted(parent: nn.Module, attr: str) -> AdaptedLinear:
@@ -272,7 +318,7 @@ def merge_all(module: nn.Module) -> None:
 
 def _block_list(blocks: list[int]) -> list[int]:
     """A list of adapted blocks names each block once, from 0 up; whether the backbone has it is checked once
-    the backbone's depth is known (``clbench.run.preflight.method_problems``, before any run exists)."""
+    the backbone's depth is known (``check_against``, asked by ``clbench.run.preflight.method_problems`` before any run exists)."""
     if not blocks:
         raise ValueError("[] adapts no block, so only the heads would train; list block indices (0 is the first) "
                          "or leave blocks unset to adapt every block")
@@ -297,6 +343,14 @@ class AdapterParams(BaseModel):
     rank: int = Field(10, ge=1, description="LoRA rank r")
     targets: list[Target] = Field(["q", "v"], min_length=1, description="adapted maps: " + ", ".join(TARGETS))
     blocks: BlockList | None = Field(None, description="adapted transformer blocks, counted from 0 (default: all)")
+
+    def check_against(self, backbone: BackboneFacts) -> list[str]:
+        """``blocks`` names blocks the backbone has, and ``rank`` fits the narrowest map ``targets`` x ``blocks``
+        adapts (``clbench.model.fit``; the preflight calls this before any run exists). A subclass with more
+        block lists or ranks extends it."""
+        problems = (backbone.blocks_problem("blocks", self.blocks),
+                    backbone.rank_problem(self.rank, list(self.targets), self.blocks))
+        return [p for p in problems if p]
 
 
 class LoRAParams(AdapterParams):

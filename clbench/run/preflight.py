@@ -6,20 +6,16 @@ offline machine without CIFAR-100 or the ViT weights fails in seconds with one l
 run behind (and no "continuing suite run" on the retry). The checks are cheap: folders, the Hugging Face cache,
 and a TCP connection to the download host; the real loading still verifies checksums later.
 
-:func:`method_problems` (called by the runner right after planning, ``--dry-run`` included) checks each method
-entry's validated params against the backbone's shape, read from a weightless copy on the meta device
-(milliseconds, no download): a params field named ``blocks`` or ``*_blocks`` (a list of block indices) must name
-blocks the backbone has, each once; a field named ``rank`` (the rank of each adapted map's low-rank update) must
-not exceed ``min(d_in, d_out)`` of any map the entry adapts (``targets`` x ``blocks``), the largest rank such an
-update can have; beyond it InfLoRA's and CL-LoRA's down-projections do not fit (a shape error after the run
-started) and the other adapters spend parameters that cannot raise the rank. Plugins from elsewhere that use
-these names get the same checks.
+:func:`method_problems` (called by the runner right after planning, ``--dry-run`` included) asks each method
+entry's validated params whether they fit the backbone (``check_against(backbone)``, ``clbench.model.fit``: the
+params model declares its checks; one that declares none gets the checks by field name, ``blocks`` / ``*_blocks``
+and ``rank``), with the backbone's shape read from a weightless copy on the meta device (milliseconds, no
+download), and names the first problem's key path.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from clbench.errors import ClbenchError
 
@@ -122,104 +118,25 @@ def device_problem(suite) -> str | None:
     return None
 
 
-def skeleton(cfg) -> Any | None:
-    """The backbone's modules without weights (meta device): depth and map widths, no download, no memory. None
-    when it cannot be built here (an unknown name: the backbone checks report that)."""
-    import torch
-
-    try:
-        with torch.device("meta"):
-            from clbench.model.backbones import TINY
-
-            if cfg.name in TINY:
-                from timm.models.vision_transformer import VisionTransformer
-
-                return VisionTransformer(img_size=cfg.image_size, in_chans=cfg.in_chans or 1, num_classes=0,
-                                         **TINY[cfg.name])
-            import timm
-
-            kwargs = {"in_chans": cfg.in_chans} if cfg.in_chans else {}
-            return timm.create_model(cfg.name, pretrained=False, num_classes=0, **kwargs)
-    except Exception:  # noqa: BLE001 - not a ViT clbench can shape-check; the run reports its own errors
-        return None
-
-
-def _block_fields(params) -> dict[str, list[int]]:
-    """The params' lists of block indices: fields named ``blocks`` or ``*_blocks`` holding a list of ints."""
-    out = {}
-    for name in type(params).model_fields:
-        value = getattr(params, name, None)
-        if (name == "blocks" or name.endswith("_blocks")) and isinstance(value, list) and all(
-                isinstance(b, int) for b in value):
-            out[name] = value
-    return out
-
-
-def _blocks_problem(params, depth: int) -> str | None:
-    for name, blocks in _block_fields(params).items():
-        bad = [b for b in blocks if not 0 <= b < depth]
-        if bad:
-            return (f"params.{name}: block {bad[0]} does not exist; the backbone has {depth} blocks, numbered "
-                    f"0..{depth - 1}")
-        twice = sorted({b for b in blocks if blocks.count(b) > 1})
-        if twice:
-            return f"params.{name}: block(s) {twice} listed twice; list each block once"
-    return None
-
-
-def _narrowest_site(backbone, targets: tuple[str, ...], blocks: tuple[int, ...] | None,
-                    cache: dict) -> tuple[str, int, int] | None:
-    """(name, d_out, d_in) of the narrowest map ``targets`` x ``blocks`` adapts, once per distinct pair (a
-    copy of the skeleton is injected for each: a 10,000-entry suite repeats a handful of pairs)."""
-    import copy
-
-    from clbench.model.lora import inject
-
-    if (targets, blocks) not in cache:
-        sites = inject(copy.deepcopy(backbone), list(targets), list(blocks) if blocks is not None else None)
-        narrow = min(sites.items(), key=lambda kv: min(kv[1].d_in, kv[1].d_out)) if sites else None
-        cache[(targets, blocks)] = (narrow[0], narrow[1].d_out, narrow[1].d_in) if narrow else None
-    return cache[(targets, blocks)]
-
-
-def _rank_problem(params, backbone, cache: dict) -> str | None:
-    """``rank`` above the smallest ``min(d_in, d_out)`` of the maps the entry adapts."""
-    from clbench.model.lora import TARGETS
-
-    rank = getattr(params, "rank", None)
-    if not isinstance(rank, int) or getattr(params, "trainable", "lora") != "lora":
-        return None  # no rank, or a method that trains the backbone itself (ER / joint with trainable: full)
-    targets = [t for t in (getattr(params, "targets", None) or ["q", "v"]) if t in TARGETS] or ["q", "v"]
-    blocks = getattr(params, "blocks", None)
-    narrow = _narrowest_site(backbone, tuple(targets), tuple(blocks) if isinstance(blocks, list) else None, cache)
-    if narrow is None:
-        return None
-    name, d_out, d_in = narrow
-    limit = min(d_in, d_out)
-    if rank <= limit:
-        return None
-    return (f"params.rank: {rank} exceeds what the adapted maps can hold: {name} is {d_out} x {d_in}, "
-            f"so a low-rank update of it has rank at most {limit}; choose rank <= {limit}")
-
-
 def method_problems(suite, planned, source: str) -> None:
-    """Raise one :class:`ClbenchError` for the first method entry whose params do not fit the backbone (block
-    indices it lacks, a rank above its maps' width), naming the entry's key path; before any run exists."""
+    """Raise one :class:`ClbenchError` for the first method entry whose params do not fit the backbone, naming the
+    entry's key path; before any run exists. The params say what to check (``check_against``,
+    ``clbench.model.fit``): block indices the backbone lacks, a rank above its maps' width."""
     if not planned:
         return
-    backbone = skeleton(suite.backbone)
-    blocks = getattr(backbone, "blocks", None)
-    if backbone is None or blocks is None:
+    from clbench.model.fit import backbone_facts, check_params
+
+    backbone = backbone_facts(suite.backbone)
+    if backbone is None:
         return
-    cache: dict = {}
     for run in planned:
-        entry = suite.methods[run.entry_index]
-        where, prefix = entry.source_and_prefix(source, run.entry_index)
-        problem = _blocks_problem(run.params, len(blocks)) or _rank_problem(run.params, backbone, cache)
-        if problem:
-            flag = entry.blame(("params", problem.removeprefix("params.").split(":", 1)[0]))
-            raise ClbenchError(f"{flag or where}: {prefix}{problem} (backbone {suite.backbone.name}; checked before "
-                               "creating any MLflow run)")
+        problems = check_params(run.params, backbone)
+        if problems:
+            entry = suite.methods[run.entry_index]
+            where, prefix = entry.source_and_prefix(source, run.entry_index)
+            flag = entry.blame(("params", problems[0].split(":", 1)[0]))
+            raise ClbenchError(f"{flag or where}: {prefix}params.{problems[0]} (backbone {suite.backbone.name}; "
+                               "checked before creating any MLflow run)")
 
 
 def preflight(suite) -> None:
