@@ -4,7 +4,8 @@ Every registered method (default params) runs once through the real loop (``clbe
 method's pluggy manager) over a T-task stream, and after every task the script records, against the task index:
 
 * ``train_step``: the task's training time (``TaskResult.train_seconds``: the loop's phase 4, with the per-step
-  hooks: loss terms, gradient projection, retraction, replay) divided by its optimizer steps;
+  hooks: loss terms, gradient projection, retraction, replay) divided by its optimizer steps; NaN for a task
+  without a gradient step (simplecil and ranpac, closed-form: their step slopes print ``nan``);
 * ``train_step_median``: the median of the task's step-to-step CPU times (``StepClock``: from one optimizer
   step to the next, so the task's first step is left out), robust to load spikes over a few steps;
 * ``eval``: the task's evaluation time (``TaskResult.eval_seconds``: CIL + TIL over every task seen so far,
@@ -154,9 +155,13 @@ def run_method(name: str, cls: type, args, template, stream, device, ref: Refere
         before[0] = after
         steps = min(args.steps, -(-len(stream.tasks[res.task].train_y) // args.batch_size))
         seen_test += len(stream.tasks[res.task].test_y)
-        rows["train_step"].append(res.train_seconds / steps)
         median = clock.take()
-        rows["train_step_median"].append(rows["train_step"][-1] if median is None else median)
+        if res.loss is None:  # no gradient step on this task (simplecil, ranpac): no per-step figure
+            rows["train_step"].append(float("nan"))
+            rows["train_step_median"].append(float("nan"))
+        else:
+            rows["train_step"].append(res.train_seconds / steps)
+            rows["train_step_median"].append(rows["train_step"][-1] if median is None else median)
         rows["eval"].append(res.eval_seconds)
         rows["eval_image"].append(res.eval_seconds / seen_test)
         rows["hook"].append(sum(res.hook_seconds.values()))
@@ -216,7 +221,9 @@ def table(path: str) -> None:
             continue
         rows = m["per_task"]
         s = slopes_of(rows)  # from the per-task figures, so the table follows this file's definition
-        print(f"| {name} | {s['train_step']:.2f} | {1000 * rows['train_step'][1]:.1f} | {s['eval']:.2f} | "
+        step = "no steps" if s["train_step"] != s["train_step"] else f"{s['train_step']:.2f}"
+        first = "-" if rows["train_step"][1] != rows["train_step"][1] else f"{1000 * rows['train_step'][1]:.1f}"
+        print(f"| {name} | {step} | {first} | {s['eval']:.2f} | "
               f"{s['eval_image']:.2f} | {s['hook']:.2f} | {rows['state_mb'][-1]:.3f} | "
               f"{rows['checkpoint_mb'][0]:.3f} / {rows['checkpoint_mb'][-1]:.3f} | {s['checkpoint_mb']:.2f} |")
 
@@ -281,6 +288,7 @@ def main() -> None:
             print(f"{name}.{f}_slope={v:.4f}", flush=True)
         print(f"{name}.train_step_ms_first={1000 * rows['train_step'][1]:.3f}", flush=True)
         print(f"{name}.checkpoint_mb_last={rows['checkpoint_mb'][-1]:.4f}", flush=True)
+        print(f"{name}.cpu_seconds={per_method[name]['cpu_seconds']:.1f}", flush=True)
     meta = {"command": "python benchmarks/growth.py " + " ".join(sys.argv[1:]), "commit": commit,
             "machine": f"{cpu_model()}, {os.cpu_count()} cores, {platform.system()} {platform.release()}",
             "torch": torch.__version__, "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
