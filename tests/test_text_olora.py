@@ -190,3 +190,40 @@ def test_the_streams_are_registered_and_build_through_the_registry(tmp_path, mon
     pinned = splitfiles.pinned_sums()[text_olora.PINNED]
     assert shipped_split_sums("olora_long") == shipped_split_sums("olora_order1") == {text_olora.PINNED: pinned}
     assert text_olora.PINNED not in shipped_split_sums("imagenet_r")
+
+
+@pytest.mark.slow
+def test_an_olora_stream_trains_through_the_loop_on_a_tiny_t5(tmp_path, mlflow_uri, monkeypatch):
+    """The whole path: the fake CL_Benchmark read by the registered stream, tokenized by the tiny T5, trained by
+    olora and evaluated after every task, its identity (task list, data) tagged on the run. About 15 s of CPU
+    (slow); the default run covers the stream's build through the registry above."""
+    pytest.importorskip("transformers", reason="the language-model extra: pip install 'clbench[lm]'")
+    import yaml
+    from mlflow.tracking import MlflowClient
+    from typer.testing import CliRunner
+
+    from clbench.cli import app
+    from clbench.data.datasets import splitfiles
+
+    root, splits = fake_benchmark(tmp_path)
+    monkeypatch.setattr(splitfiles, "splits_dir", lambda: splits)
+    monkeypatch.chdir(tmp_path)
+    suite = {"name": "olora-tiny", "seeds": [0],
+             "stream": {"name": "olora_order1", "num_tasks": 4, "root": str(root)},
+             "backbone": {"name": "t5_tiny_clbench", "pretrained": False, "max_source_length": 24},
+             "train": {"epochs": 1, "batch_size": 4, "lr": 1e-2},
+             "runtime": {"device": "cpu", "cpu_threads": 1},
+             "methods": [{"name": "olora", "params": {"rank": 2, "alpha": 2, "targets": ["q", "v"]}}],
+             "tracking": {"experiment": "olora-tiny"}}
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(suite))
+    result = CliRunner().invoke(app, ["run", str(tmp_path / "s.yaml")])
+    assert result.exit_code == 0, result.output
+    client = MlflowClient(tracking_uri=mlflow_uri)
+    [child] = [r for r in client.search_runs([client.get_experiment_by_name("olora-tiny").experiment_id])
+               if r.data.tags.get("clbench.role") == "child"]
+    tags, metrics = child.data.tags, child.data.metrics
+    assert tags["clbench.stream.order"] == "dbpedia,amazon,yahoo,agnews"
+    assert tags["clbench.stream.task_list_sha256"] == text_olora.benchmark(splits).sha256
+    assert len(tags["clbench.stream.data_sha256"]) == 64
+    assert {"final/acc", "final/bwt", "eval/acc/task_03"} <= set(metrics)
+    assert sorted(h.step for h in client.get_metric_history(child.info.run_id, "eval/acc")) == [0, 1, 2, 3]
