@@ -127,3 +127,26 @@ def test_hub_model_offline_fails_in_one_line(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     with pytest.raises(ClbenchError, match="not in the Hugging Face cache"):
         build_language_model("hf:t5-large", pretrained=True)
+
+
+@pytest.mark.parametrize("backbone, params, problem", [
+    ("{name: t5_tiny_clbench, pretrained: false}", "{rank: 4, targets: [q, fc1]}", "not an attention projection"),
+    ("{name: t5_tiny_clbench, pretrained: false}", "{rank: 4, blocks: [4]}", "block 4 does not exist; the backbone "
+                                                                            "has 4 blocks"),
+    ("{name: llama_tiny_clbench, pretrained: false}", "{rank: 65}", "rank at most 64"),
+    ("{name: vit_micro_clbench, image_size: 16, pretrained: false}", "{rank: 2, targets: [q, o]}", "a ViT's is 'proj'"),
+])
+def test_params_that_do_not_fit_the_language_backbone_fail_before_any_run(backbone, params, problem, tmp_path):
+    from clbench.errors import ClbenchError
+    from clbench.methods.registry import discover
+    from clbench.run.plan import plan_runs
+    from clbench.run.preflight import method_problems
+    from clbench.suite import load_suite
+
+    stream = "lm_synthetic, num_tasks: 2" if "vit" not in backbone else "synthetic, num_tasks: 2, num_classes: 4"
+    path = tmp_path / "s.yaml"
+    path.write_text(f"name: s\nseeds: [0]\nstream: {{name: {stream}}}\nbackbone: {backbone}\n"
+                    f"methods:\n  - {{name: lora, params: {params}}}\n")
+    suite = load_suite(path)
+    with pytest.raises(ClbenchError, match=problem):
+        method_problems(suite, plan_runs(suite, str(path), discover([]), None), str(path))

@@ -422,6 +422,28 @@ class LanguageModel(CLModel):
         return pred, pred
 
 
+def language_skeleton(name: str) -> TextBackbone | None:
+    """The backbone's modules as the current default device builds them (the preflight: the meta device, no
+    weights): a tiny one from its config, a hub model from its cached config (None when the config is not cached:
+    the backbone check reports that)."""
+    if name in LM_TINY:
+        from clbench.data.lm_synthetic import VOCABULARY
+
+        tok = WordTokenizer(VOCABULARY)
+        hf, family = _tiny_hf(name, len(tok), tok.pad_id, tok.eos_id)
+        return TextBackbone(hf, family, tok.pad_id)
+    from huggingface_hub import try_to_load_from_cache
+
+    hub_id = name[len(HF_PREFIX):]
+    if not isinstance(try_to_load_from_cache(hub_id, "config.json"), str):
+        return None
+    tf = require_transformers(name)
+    config = tf.AutoConfig.from_pretrained(hub_id)
+    if getattr(config, "is_encoder_decoder", False):
+        return TextBackbone(tf.AutoModelForSeq2SeqLM.from_config(config), "t5", 0)
+    return TextBackbone(tf.AutoModelForCausalLM.from_config(config), "causal", 0)
+
+
 def build_language_model(name: str, pretrained: bool = False, eval_mode: str = "generate",
                          max_source_length: int = 512, max_target_length: int = 50) -> LanguageModel:
     """The language model a suite's backbone names (module docstring); random weights for the tiny ones."""
