@@ -53,7 +53,7 @@ from torch import nn
 
 from clbench.data.streams import Stream, TaskData
 from clbench.errors import ClbenchError
-from clbench.model.backbones import CLModel
+from clbench.model.backbones import CLModel, model_from
 
 HF_PREFIX = "hf:"
 # the tiny language backbones: family and shape (2 blocks, width 64)
@@ -440,3 +440,11 @@ def build_language_model(name: str, pretrained: bool = False, eval_mode: str = "
         raise ClbenchError(f"backbone.name: '{name}' is no language backbone; use {sorted(LM_TINY)} or hf:<hub id>")
     backbone = TextBackbone(hf, family, tok.pad_id)
     return LanguageModel(backbone, tok, eval_mode, max_source_length, max_target_length)
+
+
+def model_for(bb: Any) -> CLModel:
+    """The model a suite's ``backbone`` section describes: a language model for a language backbone's name, else
+    the image model (``clbench.model.backbones.model_from``)."""
+    if is_language_backbone(bb.name):
+        return build_language_model(bb.name, bb.pretrained, bb.lm_eval, bb.max_source_length, bb.max_target_length)
+    return model_from(bb)
