@@ -53,7 +53,7 @@ from torch import nn
 
 from clbench.data.streams import Stream, TaskData
 from clbench.errors import ClbenchError
-from clbench.model.backbones import CLModel
+from clbench.model.backbones import CLModel, model_from
 
 HF_PREFIX = "hf:"
 # the tiny language backbones: family and shape (2 blocks, width 64)
@@ -62,6 +62,9 @@ LM_TINY: dict[str, dict[str, Any]] = {
     "llama_tiny_clbench": {"family": "llama", "d_model": 64, "layers": 2, "heads": 4, "d_ff": 128},
 }
 LM_TARGETS = ("q", "k", "v", "o")
+# the tiny LLaMA's weight init std: at LLaMA's 0.02 the output layer's logits cannot exceed ~1.3 at width 64 (the
+# final RMSNorm caps the hidden norm at sqrt(64)), so no adapter could make an answer likely; 0.2 lets them
+INIT_RANGE = 0.2
 EXTRA = "pip install 'clbench[lm]'"
 
 
@@ -202,7 +205,8 @@ def _tiny_hf(name: str, vocab: int, pad_id: int, eos_id: int) -> tuple[nn.Module
     cfg = tf.LlamaConfig(vocab_size=vocab, hidden_size=spec["d_model"], intermediate_size=spec["d_ff"],
                          num_hidden_layers=spec["layers"], num_attention_heads=spec["heads"],
                          num_key_value_heads=spec["heads"], max_position_embeddings=256, pad_token_id=pad_id,
-                         eos_token_id=eos_id, bos_token_id=eos_id, tie_word_embeddings=False)
+                         eos_token_id=eos_id, bos_token_id=eos_id, tie_word_embeddings=False,
+                         initializer_range=INIT_RANGE)
     return tf.LlamaForCausalLM(cfg), "causal"
 
 
@@ -436,3 +440,11 @@ def build_language_model(name: str, pretrained: bool = False, eval_mode: str = "
         raise ClbenchError(f"backbone.name: '{name}' is no language backbone; use {sorted(LM_TINY)} or hf:<hub id>")
     backbone = TextBackbone(hf, family, tok.pad_id)
     return LanguageModel(backbone, tok, eval_mode, max_source_length, max_target_length)
+
+
+def model_for(bb: Any) -> CLModel:
+    """The model a suite's ``backbone`` section describes: a language model for a language backbone's name, else
+    the image model (``clbench.model.backbones.model_from``)."""
+    if is_language_backbone(bb.name):
+        return build_language_model(bb.name, bb.pretrained, bb.lm_eval, bb.max_source_length, bb.max_target_length)
+    return model_from(bb)

@@ -558,6 +558,9 @@ def train_task(loop: Loop, ctx: TaskContext, optimizer: torch.optim.Optimizer, s
                         logits, aux = forward_with_aux(model, xb, t)
                     loss, replayed = F.cross_entropy(logits.float(), yb), None
                 else:  # rehearsal: one pass over own and added rows, every seen head, each row's loss per scope
+                    if model.generative:
+                        raise ClbenchError("rehearsal (training_set / replay_batch) is not defined for a language "
+                                           "model: its loss is the label word's, not a head's; use an adapter method")
                     logits, loss, replayed = data.forward(model, ctx, offsets)
                     aux = {}
                 total, names = loss, []

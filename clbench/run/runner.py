@@ -37,7 +37,8 @@ from clbench.data.validation import build_run_stream, stream_cache_key
 from clbench.errors import ClbenchError
 from clbench.methods.hookcheck import MethodHookError, ProcessExit, exit_text, no_process_exit
 from clbench.methods.registry import discover, plugin_dirs, run_manager
-from clbench.model.backbones import fetch_hub_weights, model_from
+from clbench.model.backbones import fetch_hub_weights
+from clbench.model.lm import model_for
 from clbench.run import checkpoint, distributed
 from clbench.run.loop import LoopState, resolve_device, resolved_precision, resume_state, run_stream
 from clbench.run.plan import PlannedRun, RunJob, RunRecord, plan_runs, run_identity, run_key
@@ -571,7 +572,7 @@ def run_one(run: Run, stream) -> RunRecord:
         _check_checkpoint(ck, run.store, len(stream.tasks))
     # The model is built before any MLflow run exists, so missing weights leave no FAILED run behind.
     torch.manual_seed(seed)
-    model = model_from(suite.backbone)
+    model = model_for(suite.backbone)  # an image or a language model (clbench.model.lm)
     if getattr(model, "generative", False) and not isinstance(stream, Stream):  # text: the model tokenizes it
         stream = model.encode(stream)
     pm = run_manager(_construct(entry))
