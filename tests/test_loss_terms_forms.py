@@ -7,11 +7,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from clbench_plugins.lora import NaiveLoRA
 
 from clbench import ClbenchError, StepBatch, hookimpl
 from clbench.methods.registry import run_manager, validate_hooks
 from clbench.testing import run_method, tiny_stream
-from clbench_plugins.lora import NaiveLoRA
 
 
 class Bundled(NaiveLoRA):
