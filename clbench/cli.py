@@ -87,7 +87,7 @@ def run(
     continues each unfinished (method, seed) in its MLflow run and skips finished ones."""
     from clbench.run.executors import make_executor
     from clbench.run.preflight import preflight
-    from clbench.run.runner import run_suite
+    from clbench.run.runner import RunOptions, run_suite
     from clbench.store.tracking import results_store
     from clbench.suite import SEED_MAX, load_suite
 
@@ -100,10 +100,11 @@ def run(
         if not dry_run:
             preflight(s)  # before any MLflow run exists: missing data or weights leave nothing behind
         store = results_store(s, tracking_uri)  # before the tracker sets MLFLOW_TRACKING_URI (MLflow does)
-        records = run_suite(s, str(suite), methods=method or None, seeds=seed or None,
-                            plugins_dirs=plugins_dir, progress=_explaining_progress(), dry_run=dry_run,
-                            restart=restart, checkpoint_dir=checkpoint_dir, executor=ex,
-                            trust_suite_plugins=trust_suite_plugins, tracking_uri=tracking_uri)
+        opts = RunOptions(methods=method or None, seeds=seed or None, plugins_dirs=plugins_dir,
+                          progress=_explaining_progress(), dry_run=dry_run, restart=restart,
+                          checkpoint_dir=checkpoint_dir, executor=ex, trust_suite_plugins=trust_suite_plugins,
+                          tracking_uri=tracking_uri)
+        records = run_suite(s, str(suite), opts)
     except ClbenchError as exc:
         _fail(str(exc))
     except KeyboardInterrupt:
@@ -161,23 +162,17 @@ def sweep(
     """Choose METHOD's hyperparameters on the validation split of SUITE (held-out training data, never a test
     image): every point is a child run of one sweep parent in MLflow, metrics under val/. Prints a table of the
     points and, last, `best: KEY=VALUE ... val/acc=X`. Running the same command again skips finished points."""
-    from clbench.model.backbones import fetch_hub_weights
     from clbench.run.executors import make_executor
     from clbench.run.preflight import preflight
-    from clbench.run.sweep import best_line, plan_lines, plan_sweep, run_sweep, table_lines, then_test
-    from clbench.suite import SEED_MAX, load_suite
+    from clbench.run.sweep import SweepOptions, best_line, plan_lines, run_sweep, table_lines
+    from clbench.suite import SEED_MAX
 
     try:
         if seed is not None and not 0 <= seed <= SEED_MAX:
             raise ClbenchError(f"--seed {seed}: a seed must be in 0..{SEED_MAX}")
-        s = load_suite(suite, set_)
-        planned = dict(random_n=random_n, metric=metric, seed=seed, plugins_dirs=plugins_dir,
-                       trust_suite_plugins=trust_suite_plugins)
-        plan = plan_sweep(s, str(suite), method, grid, **planned)
-        # the sweep's id hashes the suite, which covers the checksum of the weights its runs load: planned again
-        # once they are downloaded, so the first and every later call name the same sweep
-        if not dry_run and fetch_hub_weights(s.backbone.name, s.backbone.pretrained, s.backbone.checkpoint):
-            plan = plan_sweep(s, str(suite), method, grid, **planned)
+        opts = SweepOptions(random_n=random_n, metric=metric, seed=seed, plugins_dirs=plugins_dir,
+                            trust_suite_plugins=trust_suite_plugins)
+        plan = _plan_sweep(suite, set_, method, grid, opts, download=not dry_run)
         ex = make_executor(executor, address)
         if dry_run:
             for line in plan_lines(plan):
@@ -191,13 +186,7 @@ def sweep(
         if result.best is None:
             raise ClbenchError(f"sweep {plan.sweep_id}: no point finished with {plan.metric}; see the FAILED "
                                "trials above, fix them and run the same command again")
-        tested = []
-        if then_test_:
-            tested = then_test(result, executor=ex, checkpoint_dir=checkpoint_dir, progress=_explaining_progress(),
-                               tracking_uri=tracking_uri)
-            for r in tested:
-                typer.echo(f"tuned {r.method} seed {r.seed}: {r.status} {keys.FINAL_ACC} "
-                           f"{r.metrics.get(keys.FINAL_ACC, float('nan')):.2f}")
+        tested = _then_test(result, ex, checkpoint_dir, tracking_uri) if then_test_ else []
         typer.echo(best_line(result))
     except ClbenchError as exc:
         _fail(str(exc))
@@ -207,6 +196,32 @@ def sweep(
         _fail(f"plugin code ended the process with SystemExit({exc.code!r}); the trials it left are marked FAILED")
     if any(r.status != "FINISHED" for r in [*result.records, *tested]):
         raise typer.Exit(1)
+
+
+def _plan_sweep(suite: Path, set_: list[str], method: str, grid: list[str], opts, download: bool):
+    """The sweep's plan. Its id hashes the suite, which covers the checksum of the weights its runs load: with
+    ``download``, planned again once they are downloaded, so the first and every later call name the same sweep."""
+    from clbench.model.backbones import fetch_hub_weights
+    from clbench.run.sweep import plan_sweep
+    from clbench.suite import load_suite
+
+    s = load_suite(suite, set_)
+    plan = plan_sweep(s, str(suite), method, grid, opts)
+    if download and fetch_hub_weights(s.backbone.name, s.backbone.pretrained, s.backbone.checkpoint):
+        plan = plan_sweep(s, str(suite), method, grid, opts)
+    return plan
+
+
+def _then_test(result, executor, checkpoint_dir: str | None, tracking_uri: str | None) -> list:
+    """``--then-test``: the best point on the test protocol with the suite's seeds; one line per run."""
+    from clbench.run.sweep import then_test
+
+    tested = then_test(result, executor=executor, checkpoint_dir=checkpoint_dir, progress=_explaining_progress(),
+                       tracking_uri=tracking_uri)
+    for r in tested:
+        typer.echo(f"tuned {r.method} seed {r.seed}: {r.status} {keys.FINAL_ACC} "
+                   f"{r.metrics.get(keys.FINAL_ACC, float('nan')):.2f}")
+    return tested
 
 
 ACC_LEGEND = ("acc: class-incremental accuracy (every task's head competes); til: task-incremental accuracy "

@@ -116,13 +116,14 @@ class SuitePlan:
         return [(run, seed) for seed in self.seeds for run in self.planned]
 
 
-def run_suite(suite: Suite, source: str, **options: Any) -> list[RunRecord]:
-    """Run every planned (method, seed); resume unfinished ones from their checkpoints, skip finished ones
-    (``restart=True`` forgets both and starts fresh runs). ``options``: :class:`RunOptions`' fields.
+def run_suite(suite: Suite, source: str, opts: RunOptions | None = None) -> list[RunRecord]:
+    """Run every planned (method, seed) as ``opts`` (:class:`RunOptions`; default: all of them, the suite's store)
+    says; resume unfinished ones from their checkpoints, skip finished ones (``opts.restart`` forgets both and
+    starts fresh runs).
 
     Under torchrun, ranks above 0 follow rank 0 (clbench.run.distributed): the same runs, nothing logged or
     checkpointed."""
-    plan = plan_suite(suite, source, RunOptions(**options))
+    plan = plan_suite(suite, source, opts or RunOptions())
     if plan.opts.dry_run:
         _dry_run(plan)
         return []
