@@ -12,7 +12,8 @@ The file holds: the command, the commit (and whether the tree had uncommitted ch
 sha256 of the backbone's weights, the machine (CPU model, cores, torch and its thread count), the date, the load
 (1-minute load average before and after, and how many other processes were using a CPU when the run started), the
 wall time and the CPU time of the run, the suite parent run's metrics (the claim statistics, the Spearman
-correlation, ...) and every finished child run's final metrics by method label and seed.
+correlation, ...) and every finished child run's final metrics by method label and seed, with its
+class- and task-incremental accuracy after every task.
 
 With ``--script``, a benchmark script that prints ``name=value`` lines runs instead of a suite (under
 ``OMP_NUM_THREADS`` as set, or 1 when unset), and the file holds the same provenance with the script's output:
@@ -39,6 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 CHILD_METRICS = ("final/acc", "final/avg_acc", "final/forgetting", "final/bwt", "final/acc_til",
                  "spectra/top1_share", "spectra/mean_top1_share", "cost/train_seconds")
+CHILD_HISTORIES = ("eval/acc", "eval/acc_til")
 
 
 def git(*args: str) -> str:
@@ -77,8 +79,9 @@ def machine() -> dict[str, Any]:
             "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "cuda": torch.cuda.is_available()}
 
 
-def read_store(uri: str, experiment: str) -> tuple[dict[str, float], dict[str, dict[str, dict[str, float]]]]:
-    """(the newest finished suite parent's metrics, {label: {seed: {metric: value}}} of its finished children)."""
+def read_store(uri: str, experiment: str) -> tuple[dict[str, float], dict[str, dict[str, dict[str, Any]]]]:
+    """(the newest finished suite parent's metrics, {label: {seed: {metric: value}}} of its finished children, with
+    ``eval/acc/by_task`` and ``eval/acc_til/by_task``: the accuracy after every task)."""
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=uri)
@@ -88,12 +91,16 @@ def read_store(uri: str, experiment: str) -> tuple[dict[str, float], dict[str, d
     runs = client.search_runs([exp.experiment_id], max_results=10000)
     parents = [r for r in runs if r.data.tags.get("clbench.role") == "parent" and r.info.status == "FINISHED"]
     parent = max(parents, key=lambda r: r.info.start_time).data.metrics if parents else {}
-    children: dict[str, dict[str, dict[str, float]]] = {}
+    children: dict[str, dict[str, dict[str, Any]]] = {}
     for r in runs:
         if r.data.tags.get("clbench.role") != "child" or r.info.status != "FINISHED":
             continue
         label, seed = r.data.tags["clbench.method"], r.data.tags["clbench.seed"]
-        children.setdefault(label, {})[seed] = {k: r.data.metrics[k] for k in CHILD_METRICS if k in r.data.metrics}
+        row: dict[str, Any] = {k: r.data.metrics[k] for k in CHILD_METRICS if k in r.data.metrics}
+        for key in CHILD_HISTORIES:  # after every task, in task order
+            row[key + "/by_task"] = [m.value for m in sorted(client.get_metric_history(r.info.run_id, key),
+                                                               key=lambda m: m.step)]
+        children.setdefault(label, {})[seed] = row
     return dict(sorted(parent.items())), {k: dict(sorted(v.items(), key=lambda kv: int(kv[0])))
                                           for k, v in sorted(children.items())}
 
