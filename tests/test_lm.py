@@ -150,3 +150,15 @@ def test_params_that_do_not_fit_the_language_backbone_fail_before_any_run(backbo
     suite = load_suite(path)
     with pytest.raises(ClbenchError, match=problem):
         method_problems(suite, plan_runs(suite, str(path), discover([]), None), str(path))
+
+
+def test_t5_decoding_reuses_the_encoder_output_exactly():
+    model, stream = model_and_stream(tiny_text_case(2))
+    task = stream.tasks[1]
+    prompt = task.test_x[:, : model.backbone.source_len]
+    target = task.target_ids[task.test_y - task.classes[0]]
+    model.eval()
+    with torch.no_grad():
+        whole = model.backbone(prompt, target)
+        reused = model.backbone(prompt, target, model.backbone.encode(prompt))
+    assert torch.equal(whole, reused)

@@ -35,8 +35,9 @@ How a text task meets the loop (which stays one loop, ``clbench.run.loop``):
   ``blocks.{i}.attn.{t}`` (self-attention) and ``blocks.{i}.cross_attn.{t}`` (a T5 decoder block's attention over
   the encoder output, adapted as PEFT's ``target_modules=["q", "v"]`` adapts it).
 
-Every model computation goes through ``TextBackbone.forward`` (so a method's hooks on the backbone, as SD-LoRA's,
-see every pass), decoding included (greedy, no key-value cache: labels are a few tokens).
+Training and the covariance passes go through ``TextBackbone.forward``; decoding and candidate scoring of a T5 run
+its encoder once per batch (``TextBackbone.encode``) and then ``forward`` per step or candidate (greedy, no
+key-value cache: labels are a few tokens).
 """
 
 from __future__ import annotations
@@ -174,8 +175,10 @@ class TextBackbone(nn.Module):
             return out
         return [(f"blocks.{i}.attn.{target}", block.self_attn, f"{target}_proj")]
 
-    def forward(self, x: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits for the target tokens; ``target`` None: the packed rows' own (``x[:, source_len:]``)."""
+    def forward(self, x: torch.Tensor, target: torch.Tensor | None = None,
+                encoded: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits for the target tokens; ``target`` None: the packed rows' own (``x[:, source_len:]``). A T5 given
+        ``encoded`` (``encode(prompt)``'s output) runs its decoder only."""
         prompt = x[:, : self.source_len] if target is None or x.shape[1] > self.source_len else x
         if target is None:
             target = x[:, self.source_len:]
@@ -183,6 +186,9 @@ class TextBackbone(nn.Module):
         if self.family == "t5":
             start = torch.full_like(target[:, :1], self.hf.config.decoder_start_token_id)
             decoder_in = torch.cat([start, target[:, :-1]], 1)
+            if encoded is not None:
+                return self.hf(encoder_outputs=(encoded,), attention_mask=mask, decoder_input_ids=decoder_in,
+                               use_cache=False).logits
             return self.hf(input_ids=prompt, attention_mask=mask, decoder_input_ids=decoder_in,
                            use_cache=False).logits
         seq = torch.cat([prompt, target], 1)
@@ -191,6 +197,13 @@ class TextBackbone(nn.Module):
         logits = self.hf(input_ids=seq, attention_mask=full, position_ids=pos, use_cache=False).logits
         L = prompt.shape[1]
         return logits[:, L - 1: L - 1 + target.shape[1]]
+
+    def encode(self, prompt: torch.Tensor) -> torch.Tensor | None:
+        """A T5's encoder output for ``prompt`` (reused by every decoding step and candidate); None for a causal
+        LM, which has no separate encoder."""
+        if self.family != "t5":
+            return None
+        return self.hf.encoder(input_ids=prompt, attention_mask=(prompt != self.pad_id).long()).last_hidden_state
 
 
 def _tiny_hf(name: str, vocab: int, pad_id: int, eos_id: int) -> tuple[nn.Module, str]:
@@ -368,10 +381,11 @@ class LanguageModel(CLModel):
         """Summed log-likelihood of every candidate target (C x T) after each row's prompt: N x C."""
         prompt = x[:, : self.backbone.source_len]
         valid = target_ids != self.backbone.pad_id
+        encoded = self.backbone.encode(prompt)
         scores = []
         for c in range(len(target_ids)):
             target = target_ids[c].expand(len(prompt), -1)
-            logp = self.backbone(prompt, target).float().log_softmax(-1)
+            logp = self.backbone(prompt, target, encoded).float().log_softmax(-1)
             tok = logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)
             scores.append((tok * valid[c]).sum(1))
         return torch.stack(scores, 1)
@@ -391,8 +405,9 @@ class LanguageModel(CLModel):
         pad, eos = self.backbone.pad_id, self.tokenizer.eos_id
         out = torch.full((len(prompt), steps), pad, dtype=torch.long, device=prompt.device)
         done = torch.zeros(len(prompt), dtype=torch.bool, device=prompt.device)
+        encoded = self.backbone.encode(prompt)
         for s in range(steps):
-            logits = self.backbone(prompt, out[:, : s + 1])
+            logits = self.backbone(prompt, out[:, : s + 1], encoded)
             nxt = logits[:, s].argmax(-1)
             nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
             out[:, s] = nxt
