@@ -346,7 +346,8 @@ class AdapterParams(BaseModel):
         adapts; ``backbone`` is a ``clbench.BackboneFacts`` (``clbench.model.fit``, which builds on this module's
         sites; the preflight calls this before any run exists). A subclass with more
         block lists or ranks extends it."""
-        problems = (backbone.blocks_problem("blocks", self.blocks),
+        problems = (backbone.targets_problem(list(self.targets), self.blocks),
+                    backbone.blocks_problem("blocks", self.blocks),
                     backbone.rank_problem(self.rank, list(self.targets), self.blocks))
         return [p for p in problems if p]
 
