@@ -162,3 +162,24 @@ def test_t5_decoding_reuses_the_encoder_output_exactly():
         whole = model.backbone(prompt, target)
         reused = model.backbone(prompt, target, model.backbone.encode(prompt))
     assert torch.equal(whole, reused)
+
+
+def test_a_validation_split_of_a_text_stream_is_refused_in_one_line():
+    from pathlib import Path
+
+    from clbench.data.validation import build_run_stream
+    from clbench.errors import ClbenchError
+    from clbench.suite import load_suite
+
+    suite = load_suite(Path(__file__).resolve().parents[1] / "suites" / "lm-quickstart.yaml").for_validation()
+    with pytest.raises(ClbenchError, match="cannot hold out a validation split of a text stream"):
+        build_run_stream(suite, 0)
+
+
+def test_rehearsal_on_a_language_model_is_refused_in_one_line():
+    """ER's own buffer refuses token rows (its samples are images) before the loop's refusal of replayed rows."""
+    from clbench.errors import ClbenchError
+
+    with pytest.raises(ClbenchError) as err:
+        run_method(builtin_method("er")(), stream=tiny_text_case(2), max_steps_per_epoch=2)
+    assert "\n" not in str(err.value) and "method 'er'" in str(err.value)
