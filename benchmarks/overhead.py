@@ -19,6 +19,13 @@ medians over ``--repeats``; the machine's load average is printed first because 
     over all tasks; ``spectra_share/<method>``: the runner's spectra of the task updates
     (``SpectraTracker.add_task``, logged as ``cost/spectra_seconds``) as a share of the same training time.
     Per-step hook work (loss terms, gradient projection, retraction) is inside the training time: see (c).
+(e) ``dispatch_ratio``: the cost of calling a method's four step hooks (``replay_batch``, ``loss_terms``,
+    ``before_optimizer_step``, ``after_optimizer_step``) once, through the run's pluggy manager and the loop's
+    ``CheckedHooks`` (what the loop does), divided by the same calls through a prototype typed ``Method`` base
+    (no-op defaults, the method's overrides bound once) behind one adapter that wraps errors and checks
+    ``loss_terms``' result the same way. Two methods: ``lora`` (no step hook of its own) and one with a
+    ``loss_terms`` term. ``dispatch_us/<path>/<method>`` is microseconds per step; ``dispatch_share/<path>`` that
+    time as a share of one real training step (the bare loop of (a), same model and batch).
 
 Timing on the CPU device defaults to one torch thread and process CPU time (``--clock cpu``): on a shared,
 oversubscribed machine two OpenMP threads stall each other at random and wall time mostly measures the
@@ -29,7 +36,7 @@ images per task, 4 epochs (64 steps per task) for (c)/(d); (a) times ``--steps``
 
 Usage: python benchmarks/overhead.py [--backbone vit_tiny_clbench] [--image-size 16] [--batch-size 64]
        [--steps 40] [--repeats 7] [--tasks 3] [--epochs 4] [--train-per-task 1000] [--device cpu]
-       [--threads 1] [--clock auto|cpu|wall] [--only a,b,c,d] [--methods lora,inflora,...]
+       [--threads 1] [--clock auto|cpu|wall] [--only a,b,c,d,e] [--methods lora,inflora,...]
 Not part of the test suite: timings only, printed as ``name=value`` lines at the end.
 """
 
@@ -239,6 +246,128 @@ def measure_overhead(template: CLModel, args, device: torch.device) -> dict[str,
             "train_img_per_s_clbench": 1 / statistics.median(cl), "train_img_per_s_bare": 1 / statistics.median(bare)}
 
 
+# -- (e) per-step hook dispatch: per-run pluggy manager vs a typed Method base behind one adapter ----------------
+
+STEP_HOOKS = ("replay_batch", "loss_terms", "before_optimizer_step", "after_optimizer_step")
+
+
+class TypedMethod:
+    """The prototype typed base: every step hook a no-op method a subclass overrides (no pluggy)."""
+
+    def replay_batch(self, model, batch, ctx, rows):
+        return None
+
+    def loss_terms(self, model, ctx, step):
+        return None
+
+    def before_optimizer_step(self, model, ctx, rows):
+        return None
+
+    def after_optimizer_step(self, model, ctx, rows):
+        return None
+
+
+class TypedAdapter:
+    """The one adapter the loop would call: binds the method's step hooks once, turns an exception into one line
+    naming the method and the hook, and checks ``loss_terms``' result as ``CheckedHooks`` does (a list, as
+    pluggy returns it)."""
+
+    def __init__(self, method: TypedMethod) -> None:
+        from clbench.methods.hookcheck import _check_terms
+
+        self.name, self._check = type(method).__name__, _check_terms
+        self._hooks = {h: getattr(method, h) for h in STEP_HOOKS}
+
+    def _call(self, hook: str, **kwargs: Any) -> Any:
+        try:
+            return self._hooks[hook](**kwargs)
+        except Exception as exc:  # noqa: BLE001 - as CheckedHooks: any plugin error is one line
+            raise RuntimeError(f"method '{self.name}': hook {hook} raised {type(exc).__name__}: {exc}") from None
+
+    def replay_batch(self, **kwargs: Any) -> list[Any]:
+        out = self._call("replay_batch", **kwargs)
+        return [] if out is None else [out]
+
+    def loss_terms(self, **kwargs: Any) -> list[Any]:
+        out = self._call("loss_terms", **kwargs)
+        problem = self._check(out)
+        if problem:
+            raise RuntimeError(f"method '{self.name}': hook loss_terms {problem}")
+        return [] if out is None else [out]
+
+    def before_optimizer_step(self, **kwargs: Any) -> None:
+        self._call("before_optimizer_step", **kwargs)
+
+    def after_optimizer_step(self, **kwargs: Any) -> None:
+        self._call("after_optimizer_step", **kwargs)
+
+
+def _step_hook_methods() -> dict[str, tuple[Any, TypedMethod]]:
+    """(plugin instance for the pluggy path, typed instance) per measured method."""
+    from clbench_plugins.lora import NaiveLoRA
+
+    from clbench import StepBatch, hookimpl
+
+    weight = torch.tensor(0.5)
+
+    class OneTerm(NaiveLoRA):
+        name = "one_term"
+
+        @hookimpl
+        def loss_terms(self, model, ctx, step: StepBatch):
+            return {"l2": weight}
+
+    class TypedOneTerm(TypedMethod):
+        def loss_terms(self, model, ctx, step):
+            return {"l2": weight}
+
+    return {"lora": (NaiveLoRA(), TypedMethod()), "one_term": (OneTerm(), TypedOneTerm())}
+
+
+def _dispatch_seconds(hooks: Any, calls: int) -> float:
+    from clbench import StepBatch
+
+    batch = (torch.zeros(8, 1, 16, 16, dtype=torch.uint8), torch.zeros(8, dtype=torch.long))
+    logits, rows = torch.zeros(8, 2), torch.zeros(8, 2, dtype=torch.long)
+    tic = now()
+    for _ in range(calls):
+        hooks.replay_batch(model=None, batch=batch, rows=rows, ctx=None)
+        step = StepBatch(batch=batch, logits=logits, replayed=None, aux={}, rows=rows)
+        for _terms in hooks.loss_terms(model=None, ctx=None, step=step):
+            pass
+        hooks.before_optimizer_step(model=None, ctx=None, rows=rows)
+        hooks.after_optimizer_step(model=None, ctx=None, rows=rows)
+    return (now() - tic) / calls
+
+
+def measure_dispatch(template: CLModel, args, device: torch.device) -> dict[str, float]:
+    from clbench.methods.hookcheck import checked_hooks
+
+    calls, out = 20_000, {}
+    for name, (plugin, typed) in _step_hook_methods().items():
+        pluggy_path, typed_path = checked_hooks(run_manager(plugin)), TypedAdapter(typed)
+        _dispatch_seconds(pluggy_path, 1000), _dispatch_seconds(typed_path, 1000)  # warm-up
+        per: dict[str, list[float]] = {"pluggy": [], "typed": []}
+        for r in range(args.repeats):
+            order = (("pluggy", pluggy_path), ("typed", typed_path))
+            for path, hooks in order if r % 2 == 0 else order[::-1]:
+                per[path].append(_dispatch_seconds(hooks, calls))
+        for path, times in per.items():
+            out[f"dispatch_us/{path}/{name}"] = 1e6 * statistics.median(times)
+        out[f"dispatch_ratio/{name}"] = statistics.median([p / t for p, t in zip(per["pluggy"], per["typed"])])
+    bs, steps = args.batch_size, max(args.steps, 10)
+    task = synthetic_stream(1, 2, bs * steps, 2, template.in_chans, args.image_size).tasks[0]
+    model = copy.deepcopy(template)
+    method_classes(["lora"])["lora"]().configure_model(model=model, ctx=None)
+    autocast = autocast_for(device, make_cfg(bs, device).precision)
+    bare_train(copy.deepcopy(model), task.train_x, task.train_y, bs, 2, device, autocast)  # warm-up
+    secs, _ = bare_train(model, task.train_x, task.train_y, bs, steps, device, autocast)
+    out["step_us_bare"] = 1e6 * secs / steps
+    for path in ("pluggy", "typed"):
+        out[f"dispatch_share/{path}"] = out[f"dispatch_us/{path}/one_term"] / out["step_us_bare"]
+    return out
+
+
 # -- (b) evaluation overhead -------------------------------------------------------------------------------------
 
 def measure_eval(template: CLModel, args, device: torch.device) -> dict[str, float]:
@@ -373,6 +502,8 @@ def main() -> None:
         out.update(measure_eval(template, args, device))
     if "c" in parts or "d" in parts:
         out.update(measure_methods(template, args, device))
+    if "e" in parts:
+        out.update(measure_dispatch(template, args, device))
     out.update({"backbone": args.backbone, "image_size": args.image_size, "batch_size": args.batch_size,
                 "device": str(device), "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
                 "loadavg_before": load_before, "loadavg_after": load_line(),

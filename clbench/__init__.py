@@ -22,6 +22,7 @@ _PUBLIC = {
     "CONTRACT_VERSION": "clbench.methods.method",
     "ClbenchError": "clbench.errors",
     "hookimpl": "clbench.methods.hookspecs",
+    "StepBatch": "clbench.methods.hookspecs",
     "Method": "clbench.methods.method",
     "NoParams": "clbench.methods.method",
     "TaskContext": "clbench.methods.context",
@@ -62,7 +63,7 @@ _PUBLIC = {
 __all__ = [
     "ATTN_SLICES", "AdaptedLinear", "AdapterParams", "BackboneFacts", "BlockList", "CLModel", "CONTRACT_VERSION",
     "ClbenchError", "LoRABranch", "LoRAParams", "LoRASite", "LowRank", "Method", "NoParams", "PromptMethod", "PromptModel",
-    "Replayed", "SCOPES", "SCOPE_NONE", "SCOPE_SEEN", "SCOPE_TASK", "Samples", "Scope", "TARGETS", "Target",
+    "Replayed", "SCOPES", "SCOPE_NONE", "SCOPE_SEEN", "SCOPE_TASK", "Samples", "Scope", "StepBatch", "TARGETS", "Target",
     "TaskContext", "attach", "backbone_maps", "cosine", "find_sites", "fit_blocks", "hookimpl", "inject", "pick",
     "reshape_spectrum", "snapshot_maps", "split_prefix", "task_changes", "uniform_prompt"
 ]  # == sorted(_PUBLIC)
@@ -70,7 +71,7 @@ __all__ = [
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ imports on demand
     from clbench.errors import ClbenchError
     from clbench.methods.context import TaskContext
-    from clbench.methods.hookspecs import hookimpl
+    from clbench.methods.hookspecs import StepBatch, hookimpl
     from clbench.methods.method import CONTRACT_VERSION, Method, NoParams
     from clbench.methods.prompts import (
         PromptMethod,

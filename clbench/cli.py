@@ -87,7 +87,7 @@ def run(
     continues each unfinished (method, seed) in its MLflow run and skips finished ones."""
     from clbench.run.executors import make_executor
     from clbench.run.preflight import preflight
-    from clbench.run.runner import run_suite
+    from clbench.run.runner import RunOptions, run_suite
     from clbench.store.tracking import results_store
     from clbench.suite import SEED_MAX, load_suite
 
@@ -100,10 +100,11 @@ def run(
         if not dry_run:
             preflight(s)  # before any MLflow run exists: missing data or weights leave nothing behind
         store = results_store(s, tracking_uri)  # before the tracker sets MLFLOW_TRACKING_URI (MLflow does)
-        records = run_suite(s, str(suite), methods=method or None, seeds=seed or None,
-                            plugins_dirs=plugins_dir, progress=_explaining_progress(), dry_run=dry_run,
-                            restart=restart, checkpoint_dir=checkpoint_dir, executor=ex,
-                            trust_suite_plugins=trust_suite_plugins, tracking_uri=tracking_uri)
+        opts = RunOptions(methods=method or None, seeds=seed or None, plugins_dirs=plugins_dir,
+                          progress=_explaining_progress(), dry_run=dry_run, restart=restart,
+                          checkpoint_dir=checkpoint_dir, executor=ex, trust_suite_plugins=trust_suite_plugins,
+                          tracking_uri=tracking_uri)
+        records = run_suite(s, str(suite), opts)
     except ClbenchError as exc:
         _fail(str(exc))
     except KeyboardInterrupt:
@@ -161,23 +162,17 @@ def sweep(
     """Choose METHOD's hyperparameters on the validation split of SUITE (held-out training data, never a test
     image): every point is a child run of one sweep parent in MLflow, metrics under val/. Prints a table of the
     points and, last, `best: KEY=VALUE ... val/acc=X`. Running the same command again skips finished points."""
-    from clbench.model.backbones import fetch_hub_weights
     from clbench.run.executors import make_executor
     from clbench.run.preflight import preflight
-    from clbench.run.sweep import best_line, plan_lines, plan_sweep, run_sweep, table_lines, then_test
-    from clbench.suite import SEED_MAX, load_suite
+    from clbench.run.sweep import SweepOptions, best_line, plan_lines, run_sweep, table_lines
+    from clbench.suite import SEED_MAX
 
     try:
         if seed is not None and not 0 <= seed <= SEED_MAX:
             raise ClbenchError(f"--seed {seed}: a seed must be in 0..{SEED_MAX}")
-        s = load_suite(suite, set_)
-        planned = dict(random_n=random_n, metric=metric, seed=seed, plugins_dirs=plugins_dir,
-                       trust_suite_plugins=trust_suite_plugins)
-        plan = plan_sweep(s, str(suite), method, grid, **planned)
-        # the sweep's id hashes the suite, which covers the checksum of the weights its runs load: planned again
-        # once they are downloaded, so the first and every later call name the same sweep
-        if not dry_run and fetch_hub_weights(s.backbone.name, s.backbone.pretrained, s.backbone.checkpoint):
-            plan = plan_sweep(s, str(suite), method, grid, **planned)
+        opts = SweepOptions(random_n=random_n, metric=metric, seed=seed, plugins_dirs=plugins_dir,
+                            trust_suite_plugins=trust_suite_plugins)
+        plan = _plan_sweep(suite, set_, method, grid, opts, download=not dry_run)
         ex = make_executor(executor, address)
         if dry_run:
             for line in plan_lines(plan):
@@ -191,13 +186,7 @@ def sweep(
         if result.best is None:
             raise ClbenchError(f"sweep {plan.sweep_id}: no point finished with {plan.metric}; see the FAILED "
                                "trials above, fix them and run the same command again")
-        tested = []
-        if then_test_:
-            tested = then_test(result, executor=ex, checkpoint_dir=checkpoint_dir, progress=_explaining_progress(),
-                               tracking_uri=tracking_uri)
-            for r in tested:
-                typer.echo(f"tuned {r.method} seed {r.seed}: {r.status} {keys.FINAL_ACC} "
-                           f"{r.metrics.get(keys.FINAL_ACC, float('nan')):.2f}")
+        tested = _then_test(result, ex, checkpoint_dir, tracking_uri) if then_test_ else []
         typer.echo(best_line(result))
     except ClbenchError as exc:
         _fail(str(exc))
@@ -207,6 +196,32 @@ def sweep(
         _fail(f"plugin code ended the process with SystemExit({exc.code!r}); the trials it left are marked FAILED")
     if any(r.status != "FINISHED" for r in [*result.records, *tested]):
         raise typer.Exit(1)
+
+
+def _plan_sweep(suite: Path, set_: list[str], method: str, grid: list[str], opts, download: bool):
+    """The sweep's plan. Its id hashes the suite, which covers the checksum of the weights its runs load: with
+    ``download``, planned again once they are downloaded, so the first and every later call name the same sweep."""
+    from clbench.model.backbones import fetch_hub_weights
+    from clbench.run.sweep import plan_sweep
+    from clbench.suite import load_suite
+
+    s = load_suite(suite, set_)
+    plan = plan_sweep(s, str(suite), method, grid, opts)
+    if download and fetch_hub_weights(s.backbone.name, s.backbone.pretrained, s.backbone.checkpoint):
+        plan = plan_sweep(s, str(suite), method, grid, opts)
+    return plan
+
+
+def _then_test(result, executor, checkpoint_dir: str | None, tracking_uri: str | None) -> list:
+    """``--then-test``: the best point on the test protocol with the suite's seeds; one line per run."""
+    from clbench.run.sweep import then_test
+
+    tested = then_test(result, executor=executor, checkpoint_dir=checkpoint_dir, progress=_explaining_progress(),
+                       tracking_uri=tracking_uri)
+    for r in tested:
+        typer.echo(f"tuned {r.method} seed {r.seed}: {r.status} {keys.FINAL_ACC} "
+                   f"{r.metrics.get(keys.FINAL_ACC, float('nan')):.2f}")
+    return tested
 
 
 ACC_LEGEND = ("acc: class-incremental accuracy (every task's head competes); til: task-incremental accuracy "
@@ -304,19 +319,22 @@ def check(
                                           help="also load method plugins from this folder"),
     set_: list[str] = typer.Option([], "--set", metavar="KEY=VALUE",
                                    help="a method param (value parsed as YAML), e.g. --set rank=2; repeatable"),
+    lm: list[str] = typer.Option([], "--lm", metavar="BACKBONE",
+                                 help="also run the contract on a tiny language model: t5_tiny_clbench or "
+                                      "llama_tiny_clbench (needs clbench[lm]); repeatable"),
 ) -> None:
-    """Run the plugin contract on one method (CPU, tiny ViT): one line per check, with what runs shown on stderr
-    as it goes, stop at the first failure (exit 1). The same checks as tests/test_contract.py, without a source
-    checkout of clbench."""
+    """Run the plugin contract on one method (CPU, tiny ViT; with --lm also a tiny language model): one line per
+    check, with what runs shown on stderr as it goes, stop at the first failure (exit 1). The same checks as
+    tests/test_contract.py (and tests/test_contract_lm.py), without a source checkout of clbench."""
     from clbench.methods.hookcheck import no_process_exit
 
     # guarded from before the plugins are imported: a plugin that takes its own reference at import
     # (`from os import _exit`) takes the guard's, so it cannot end `clbench check` with a silent exit 0
     with no_process_exit():
-        _check_method(name, plugins_dir, set_)
+        _check_method(name, plugins_dir, set_, lm)
 
 
-def _check_method(name: str, plugins_dir: list[str], set_: list[str]) -> None:
+def _check_method(name: str, plugins_dir: list[str], set_: list[str], lm: list[str]) -> None:
     import time
 
     from clbench.contract import ContractError, method_checks, method_params
@@ -339,9 +357,21 @@ def _check_method(name: str, plugins_dir: list[str], set_: list[str]) -> None:
         params = method_params(info.cls, set_) if set_ else None
     except ClbenchError as exc:
         _fail(str(exc))
+    steps = method_checks(info.cls, params, progress=lambda msg: typer.echo(f"      {msg}", err=True))
+    for backbone in lm:
+        from clbench.contract import language_checks
+        from clbench.model.lm import LM_TINY, require_transformers
+
+        if backbone not in LM_TINY:
+            _fail(f"--lm {backbone}: choose a tiny language backbone: {', '.join(sorted(LM_TINY))}")
+        try:
+            require_transformers(backbone)
+        except ClbenchError as exc:
+            _fail(f"--lm {backbone}: {exc}")
+        steps += language_checks(info.cls, params, backbone=backbone)
     shown = f" with {', '.join(set_)}" if set_ else ""
     typer.echo(f"contract of method '{info.name}' [{info.source}]{shown}")
-    for label, step in method_checks(info.cls, params, progress=lambda msg: typer.echo(f"      {msg}", err=True)):
+    for label, step in steps:
         typer.echo(f"..    {label}", err=True)
         tic = time.perf_counter()
         try:
@@ -509,8 +539,8 @@ def ui(
     typer.echo(f"MLflow UI for {uri} on {base}", err=True)
     for name, exp_id in views:
         typer.echo(f"  {name}: {view_url(base, exp_id)}   (leaderboard: runs sorted by final/acc)", err=True)
-    typer.echo(f"  every page opens in MLflow's model-training mode (runs tables; {base} lists the experiments)",
-               err=True)
+    typer.echo(f"  every page opens in MLflow's model-training mode: {base} on the runs table of the suite that ran "
+               "last, and each clbench experiment's runs table as its leaderboard view", err=True)
     from clbench.store.uiserver import command
 
     argv = command(uri, host, port)  # MLflow's own server, opening in model-training mode (clbench.store.uiserver)

@@ -92,7 +92,7 @@ def _site_weight(site) -> torch.Tensor:
 def contract_run(
     cls: type,
     params: BaseModel | dict[str, Any] | None = None,
-    stream: Stream | None = None,
+    stream: Stream | Any | None = None,  # a Stream, or a clbench.testing.TextCase (a tiny language model)
     seed: int = 0,
     max_steps: int = 2,
     progress: Callable[[str], None] | None = None,
@@ -101,10 +101,9 @@ def contract_run(
     gets the loop's progress lines (each finished task, the contract notices)."""
     from clbench.methods.registry import run_manager
     from clbench.run.loop import run_stream
-    from clbench.testing import tiny_model, tiny_train
+    from clbench.testing import model_and_stream, tiny_train
 
-    stream = stream or contract_stream(seed)
-    model = tiny_model(seed=seed)
+    model, stream = model_and_stream(stream or contract_stream(seed), seed)  # a TextCase: a tiny language model
     # Parameters are tracked by identity: injection wraps the same nn.Linear, so the objects survive it.
     named = dict(model.backbone.named_parameters())
     run = ContractRun(method=cls(params), R=np.empty(0), R_til=np.empty(0), stream=stream)
@@ -443,6 +442,37 @@ def method_checks(cls: type, params: BaseModel | dict[str, Any] | None = None,
                                                            progress=progress)),
         ("resume after task 1 of 3 is bit-exact", lambda: check_resume(cls, params=params, seed=seed,
                                                                         progress=progress)),
+    ]
+
+
+def language_checks(cls: type, params: BaseModel | dict[str, Any] | None = None, seed: int = 0,
+                    backbone: str = "t5_tiny_clbench") -> list[tuple[str, Any]]:
+    """The contract's run, determinism and resume steps on a tiny language model (``clbench.model.lm``:
+    ``t5_tiny_clbench`` or ``llama_tiny_clbench``) and the synthetic text tasks, as :func:`method_checks` runs them
+    on the tiny ViT: the same method code, LoRA sites on the attention projections. Needs the language-model
+    extra (transformers)."""
+    from clbench.testing import compare_resume, tiny_text_case
+
+    case = tiny_text_case(2, backbone, seed=seed)
+    holder: dict[str, ContractRun] = {}
+
+    def run() -> ContractRun:
+        holder["run"] = contract_run(cls, params, stream=case, seed=seed)
+        check_run(holder["run"])
+        return holder["run"]
+
+    def resume() -> None:
+        comparison = compare_resume(cls, params, after=1, stream=tiny_text_case(3, backbone, seed=seed), seed=seed,
+                                    max_steps_per_epoch=2)
+        problem = comparison.mismatch()
+        if problem:
+            _fail(cls, f"on {backbone}: {problem}")
+
+    return [
+        (f"two tasks on {backbone} (losses, accuracy matrices, task updates, frozen weights)", run),
+        (f"deterministic on CPU ({backbone})", lambda: check_determinism(cls, holder["run"], params, stream=case,
+                                                                         seed=seed)),
+        (f"resume after task 1 of 3 is bit-exact ({backbone})", resume),
     ]
 
 

@@ -35,7 +35,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from clbench import LoRAParams, Method, TaskContext, hookimpl, inject
+from clbench import LoRAParams, Method, StepBatch, TaskContext, hookimpl, inject
 
 
 class {cls}Params(LoRAParams):
@@ -66,8 +66,7 @@ class {cls}(Method):
             site.add_branch(p.rank, scale=p.scale, dropout=p.dropout)
 
     @hookimpl
-    def loss_terms(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], logits: torch.Tensor,
-                   ctx: TaskContext) -> dict[str, torch.Tensor] | None:
+    def loss_terms(self, model: nn.Module, ctx: TaskContext, step: StepBatch) -> dict[str, torch.Tensor] | None:
         """Each step: extra loss terms by name (logged as train/<name>). TODO: the method's regulariser."""
         return None
 
@@ -134,7 +133,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from clbench import Method, NoParams, TaskContext, hookimpl
+from clbench import Method, NoParams, StepBatch, TaskContext, hookimpl
 
 
 class {cls}Params(NoParams):
@@ -155,8 +154,7 @@ class {cls}(Method):
     Params = {cls}Params
 
     @hookimpl
-    def loss_terms(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], logits: torch.Tensor,
-                   ctx: TaskContext) -> dict[str, torch.Tensor] | None:
+    def loss_terms(self, model: nn.Module, ctx: TaskContext, step: StepBatch) -> dict[str, torch.Tensor] | None:
         \"\"\"Each step: extra loss terms by name (logged as train/<name>). TODO: the method's regulariser; this one
         is an L2 penalty on the current head's weights.\"\"\"
         if self.params.strength == 0:

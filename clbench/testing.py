@@ -72,6 +72,35 @@ def tiny_model(name: str = "vit_micro_clbench", image_size: int = 16, seed: int 
     return build_model(name, image_size, pretrained=False, checkpoint=None)
 
 
+@dataclass(frozen=True)
+class TextCase:
+    """A text stream and the tiny language backbone that runs it (``clbench.model.lm``): where a helper here takes
+    a ``Stream``, a ``TextCase`` runs the same loop on a language model (built from the seed, the stream
+    tokenized by it). Needs the language-model extra (transformers)."""
+
+    stream: Any  # clbench.data.text.TextStream
+    backbone: str = "t5_tiny_clbench"
+
+
+def tiny_text_case(num_tasks: int = 2, backbone: str = "t5_tiny_clbench", per_class: int = 8,
+                   seed: int = 0) -> TextCase:
+    """The synthetic instruction-formatted text tasks (``clbench.data.lm_synthetic``) on a tiny language model."""
+    from clbench.data.lm_synthetic import synthetic_text_stream
+
+    return TextCase(synthetic_text_stream(num_tasks, per_class, max(1, per_class // 2), seed), backbone)
+
+
+def model_and_stream(stream: Stream | TextCase, seed: int = 0) -> tuple[CLModel, Stream]:
+    """A fresh tiny model for ``stream`` (initialised from ``seed``) and the stream as the loop takes it."""
+    if isinstance(stream, TextCase):
+        from clbench.model.lm import build_language_model
+
+        torch.manual_seed(seed)
+        model = build_language_model(stream.backbone)
+        return model, model.encode(stream.stream)
+    return tiny_model(seed=seed), stream
+
+
 def tiny_train(**overrides: Any) -> TrainConfig:
     base = dict(epochs=1, batch_size=16, lr=5e-3, optimizer="adam")
     return TrainConfig(**{**base, **overrides})
@@ -93,8 +122,8 @@ def run_method(method: Any, stream: Stream | None = None, model: CLModel | None 
                **train: Any) -> TinyRun:
     """Run ``method`` (an instance) through ``stream`` on CPU with the real loop and hooks; the returned
     ``model`` is the one trained (the replacement when ``configure_model`` returned one)."""
-    stream = stream or tiny_stream(seed=seed)
-    trained = [model or tiny_model(seed=seed)]
+    fresh, stream = model_and_stream(stream or tiny_stream(seed=seed), seed)
+    trained = [model or fresh]
     results: list[TaskResult] = []
 
     def on_task(result: TaskResult, state: LoopState, model: CLModel) -> None:
@@ -186,7 +215,8 @@ def interrupted_checkpoint(method: Any, stream: Stream, after: int, seed: int = 
     with tempfile.TemporaryDirectory(prefix="clbench-resume-") as tmp:
         store = checkpoint.RunStore(Path(tmp), "resume")
         try:
-            run_stream(tiny_model(seed=seed), stream, run_manager(method), tiny_train(**train), seed,
+            model, tensors = model_and_stream(stream, seed)
+            run_stream(model, tensors, run_manager(method), tiny_train(**train), seed,
                        torch.device("cpu"), on_task=save_and_stop, progress=progress)
         except _Stop:
             pass
@@ -201,7 +231,7 @@ class ResumeSetup:
     """Where :func:`compare_resume` trains: ``stream`` (default: a synthetic ``num_tasks``-task stream, 2 classes
     per task), ``seed``, and ``train``: overrides of the tiny training settings (default two steps per epoch)."""
 
-    stream: Stream | None = None
+    stream: Stream | TextCase | None = None
     num_tasks: int = 3
     seed: int = 0
     train: dict[str, Any] = field(default_factory=dict)
@@ -232,14 +262,16 @@ def compare_resume(method: Any, params: Any = None, *, after: int = 1,
                                          seed=seed)
     cfg, cpu = tiny_train(**train), torch.device("cpu")
     full, full_weights = [], []
-    full_state = run_stream(tiny_model(seed=seed), stream, run_manager(make()), cfg, seed, cpu,
+    model, tensors = model_and_stream(stream, seed)
+    full_state = run_stream(model, tensors, run_manager(make()), cfg, seed, cpu,
                             on_task=_recorder(full, full_weights), progress=lambda m: progress(f"uninterrupted: {m}"))
     ck = interrupted_checkpoint(make(), stream, after, seed, progress=lambda m: progress(f"interrupted: {m}"), **train)
     if inspect is not None:
         inspect(ck)
     resumed, resumed_weights = [], []
     try:  # a fresh model (another seed: every weight must come from the checkpoint), as the runner builds one
-        end = run_stream(tiny_model(seed=seed + 1), stream, run_manager(make()), cfg, seed, cpu,
+        model, tensors = model_and_stream(stream, seed + 1)
+        end = run_stream(model, tensors, run_manager(make()), cfg, seed, cpu,
                          on_task=_recorder(resumed, resumed_weights), state=resume_state(ck),
                          progress=lambda m: progress(f"resumed: {m}"))
     except ClbenchError as exc:

@@ -79,6 +79,7 @@ from clbench import (
     LoRASite,
     LowRank,
     Method,
+    StepBatch,
     hookimpl,
     inject,
 )
@@ -416,12 +417,12 @@ class CLLoRA(Method):
         return kd_loss(head(f_student.float()), head(f_teacher.float()), self.params.kd_temperature)
 
     @hookimpl
-    def loss_terms(self, model, batch, logits, ctx):
+    def loss_terms(self, model, ctx, step: StepBatch):
         if ctx.task == 0:
             return None
         p, terms = self.params, {}
         if p.distillation and self.shared and p.kd_weight > 0:
-            terms["kd"] = p.kd_weight * self._kd(model, batch[0], ctx)
+            terms["kd"] = p.kd_weight * self._kd(model, step.batch[0], ctx)
         if p.block_weights and p.orth_weight > 0:
             terms["orth"] = p.orth_weight * orthogonality_loss(list(model.block_weights[: ctx.task]),
                                                                model.block_weights[ctx.task])

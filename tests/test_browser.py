@@ -3,6 +3,7 @@ to compare), and the HTML report renders with its plots. Needs headless Chromium
 
 from __future__ import annotations
 
+import html
 import json
 import os
 import re
@@ -103,6 +104,32 @@ class CompareTable(HTMLParser):
         return []
 
 
+# (method, final/acc, final/avg_acc, final/forgetting, spectra/mean_top1_share): values as a real run logs them
+FLOATS = [("lora", 59.29666666666667, 66.81333333333333, 12.345678901, 0.8345678),
+          ("inflora", 61.123456789, 64.5, 3.3333333333, 0.61),
+          ("mymethod", 47.5, 50.25, -0.0000001234, 0.9)]
+
+
+def add_fractional_runs(url: str) -> str:
+    """A suite's experiment whose values have many digits (a mean of test accuracies): the parent and one
+    finished child per method, as `clbench run` logs them. Returns its id."""
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(url)
+    exp = client.create_experiment("floats")
+    parent = client.create_run(exp, run_name="floats", tags={"clbench.role": "parent"})
+    for label, *values in FLOATS:
+        run = client.create_run(exp, run_name=f"{label}-s0", tags={
+            "clbench.role": "child", "clbench.method": label, "clbench.seed": "0",
+            "clbench.suite_hash": "0123456789ab", "mlflow.parentRunId": parent.info.run_id})
+        client.log_batch(run.info.run_id, metrics=[Metric(k, v, 0, 1) for k, v in zip(
+            ("final/acc", "final/avg_acc", "final/forgetting", "spectra/mean_top1_share"), values)])
+        client.set_terminated(run.info.run_id, "FINISHED")
+    client.set_terminated(parent.info.run_id, "FINISHED")
+    return exp
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     folder = tmp_path_factory.mktemp("ui")
@@ -126,6 +153,7 @@ def server(tmp_path_factory):
                 time.sleep(0.5)
         # The runs go in through the server's REST API, exactly as `clbench run` logs against a server.
         exps = make_store(url, folder / "artifacts")
+        exps["floats"] = add_fractional_runs(url)
         yield url, exps, folder
     finally:
         # The server runs in its own process group (uvicorn spawns workers): end all of it, and only it.
@@ -227,9 +255,11 @@ def test_clbench_ui_lands_on_the_leaderboard_view(server):
              if r[column_key("metrics", "final/acc")] not in ("", "-")]
     assert shown == sorted(shown, reverse=True) and shown[0] == 84, shown
     top = dict(children)["inflora-s1"]
-    assert top[column_key("metrics", "final/forgetting")] == "5" and top[column_key("metrics", "final/avg_acc")] == "85"
+    # shown rounded (clbench.store.uiview): two decimals, three significant digits below 1
+    assert top[column_key("metrics", "final/forgetting")] == "5.00"
+    assert top[column_key("metrics", "final/avg_acc")] == "85.00"
     best_lora = next(r for n, r in children if n == "lora-s2")  # the higher of two protocols' lora-s2
-    assert best_lora[column_key("metrics", "spectra/mean_top1_share")] == "0.8"
+    assert best_lora[column_key("metrics", "spectra/mean_top1_share")] == "0.800"
     screenshot(page_url, folder / "leaderboard-view.png")
     if os.environ.get("CLBENCH_SCREENSHOT_DIR"):  # to look at it
         shutil.copy(folder / "leaderboard-view.png", os.environ["CLBENCH_SCREENSHOT_DIR"])
@@ -280,6 +310,73 @@ def test_html_report_renders_with_its_plots(server):
     assert widths and all(int(w.split("/")[0]) <= int(w.split("/")[1]) for w in widths), widths
 
 
+CELLS_PAGE = """<!doctype html><html><head>{script}</head><body>
+<div class="ag-cell" col-id="metrics.`final/acc`"><span id="a">59.29666666666667</span></div>
+<div class="ag-cell" col-id="metrics.`final/avg_acc`"><span id="c">59.29666666666667</span></div>
+<div class="ag-cell" col-id="metrics.`final/forgetting`"><span id="f">-</span></div>
+<div class="ag-cell" col-id="metrics.`final/bwt`"><span id="tie">-37.625</span></div>
+<div class="ag-cell" col-id="metrics.`final/acc_til`"><span id="tie3">0.5625</span></div>
+<div class="ag-cell" col-id="metrics.`final/avg_acc`"><span id="up">5.135</span></div>
+<div class="ag-cell" col-id="metrics.`cost/trainable_params`"><span id="p">4226</span></div>
+<div class="ag-cell" col-id="tags.`clbench.seed`"><span id="t">0.123456</span></div>
+<div class="ag-header-cell" col-id="metrics.`final/avg_acc`"><span id="h">12.345678</span></div>
+<script>
+const USER_CHANGES = {user_changes};
+const text = id => document.getElementById(id).textContent;
+if (USER_CHANGES) {{  // the user changes the table's state, and the page (its script) loads again later
+  localStorage.setItem({state_key}, '{{"orderByKey": "attributes.start_time"}}');
+  const again = document.createElement("script");
+  again.textContent = document.head.querySelector("script").textContent;
+  document.head.appendChild(again);
+}}
+setTimeout(() => {{  // the grid draws later: a new row, a cell whose value changes
+  document.body.insertAdjacentHTML("beforeend", '<div class="ag-row"><div class="ag-cell" '
+    + 'col-id="metrics.`spectra/mean_top1_share`"><span id="b">0.8345678</span></div></div>');
+  document.getElementById("a").firstChild.data = "-0.0000001234";
+  document.getElementById("p").firstChild.data = "0";
+}}, 50);
+setTimeout(() => document.body.setAttribute("data-out", JSON.stringify({{
+  a: text("a"), b: text("b"), c: text("c"), f: text("f"), tie: text("tie"), tie3: text("tie3"), up: text("up"), p: text("p"), t: text("t"), h: text("h"),
+  state: localStorage.getItem({state_key}), mark: localStorage.getItem({mark_key}),
+  workflow: localStorage.getItem("mlflow.workflowType_v1"), hash: location.hash}})), 400);
+</script></body></html>"""
+
+
+def test_page_script_rounds_metric_cells_and_seeds_the_leaderboard_view(tmp_path):
+    """The script `clbench ui` puts first in MLflow's page, run by Chromium on a page with grid-like cells: metric
+    cells read rounded as they are drawn and redrawn (two decimals, three significant digits below 1), other
+    cells and headers keep their text, the experiment's runs-table state is the leaderboard view on a first
+    visit and the user's own after they change it, and the base URL (no other) opens the latest suite's table."""
+    from clbench.store import uiview
+
+    script = uiview.page_script([("7", "bench", 123)], latest="7")
+    state_key = uiview.PERSISTED_STATE_KEY.format(ids='["7"]')
+    page = tmp_path / "cells.html"
+    page.write_text(CELLS_PAGE.format(script=script, state_key=json.dumps(state_key), user_changes="true",
+                                      mark_key=json.dumps(uiview.SEED_MARK_KEY.format(id="7"))))
+    out = re.search(r'data-out="([^"]*)"', dump_dom(page.as_uri(), width=800))
+    assert out, "the page's probe did not run"
+    got = json.loads(html.unescape(out.group(1)))
+    assert got["c"] == "59.30"
+    # the digits the terminal leaderboard prints (Python's format: an exact binary tie goes to the even digit;
+    # 5.135 is not a tie in binary)
+    assert [got["tie"], got["tie3"], got["up"]] == [f"{-37.625:.2f}", f"{0.5625:.3f}", f"{5.135:.2f}"] \
+        == ["-37.62", "0.562", "5.13"]
+    assert (got["a"], got["b"], got["p"]) == ("-1.23e-7", "0.835", "0.00")  # redrawn / drawn late
+    assert got["f"] == "-" and got["t"] == "0.123456" and got["h"] == "12.345678"  # not metric cells
+    assert got["mark"] == uiview.seed_mark("7", "bench", 123)
+    assert json.loads(got["state"]) == {"orderByKey": "attributes.start_time"}  # the user's change is kept
+    assert json.loads(got["workflow"]) == "machine_learning"
+    assert got["hash"] == "#/experiments/7/runs"  # the base URL opens the latest suite's runs table
+    # a first visit (or a clbench view of another version) gets the leaderboard view
+    page.write_text(CELLS_PAGE.format(script=script, state_key=json.dumps(state_key), user_changes="false",
+                                      mark_key=json.dumps(uiview.SEED_MARK_KEY.format(id="7"))))
+    got = json.loads(html.unescape(re.search(r'data-out="([^"]*)"', dump_dom(page.as_uri() + "#/compare-runs",
+                                                                          width=800)).group(1)))
+    assert json.loads(got["state"]) == uiview.view_state()
+    assert got["hash"] == "#/compare-runs"  # any other address is left as it is
+
+
 def test_html_report_ranks_and_cd_diagram_render(tmp_path):
     """Three suites sharing three methods: the report (a static file, no server) shows the average ranks and
     the critical-difference diagram, and Chromium decodes the diagram."""
@@ -302,52 +399,124 @@ def test_html_report_ranks_and_cd_diagram_render(tmp_path):
     assert dims and dims[0][0] > 300 and dims[0][1] > 150, dims  # the diagram comes first and was decoded
 
 
-@pytest.mark.slow  # one more Chromium session clicking through the UI (a minute under load)
-def test_every_way_in_lands_on_the_model_training_runs_table(server):
-    """From the base URL in a fresh browser: the experiment link opens the runs table in model-training mode
-    (not the GenAI overview), the leaderboard view lists only the finished test-split child runs best
-    final/acc first, and a run clicked there opens its Overview (not "Evaluations"). A screenshot of each page
-    is checked for being drawn (non-trivial PNG)."""
+HEADERS_JS = """[...document.querySelectorAll('.ag-header-cell[col-id]')].map(h => {
+  const walk = document.createTreeWalker(h, NodeFilter.SHOW_TEXT), texts = [];
+  for (let t = walk.nextNode(); t; t = walk.nextNode()) {
+    if (!t.data.trim()) continue;
+    const r = document.createRange(); r.selectNodeContents(t);
+    texts.push([t.data.trim(), r.getBoundingClientRect().right]);
+  }
+  return [h.getAttribute('col-id'), h.getBoundingClientRect().right, texts];
+})"""
+# a row's pinned part (its name) and scrolling part (its metrics) are two .ag-row elements with one row-index
+CELLS_JS = """(() => {
+  const names = {}, cells = {};
+  document.querySelectorAll('.ag-row[row-index]').forEach(r => {
+    const i = r.getAttribute('row-index'), a = r.querySelector('a[href*="/runs/"]');
+    if (a) names[i] = a.innerText.trim();
+    r.querySelectorAll('.ag-cell[col-id^="metrics."]').forEach(c => {
+      (cells[i] = cells[i] || {})[c.getAttribute('col-id')] = c.innerText.trim(); });
+  });
+  return Object.fromEntries(Object.keys(names).map(i => [names[i], cells[i] || {}]));
+})()"""
+ROWS = ".ag-row a[href*=\"/runs/\"]"
+
+
+def run_link_names(browser) -> list[str]:
+    return [n.strip() for n in browser.js(f"[...document.querySelectorAll('{ROWS}')].map(a => a.innerText)")]
+
+
+@pytest.mark.slow  # one more Chromium session clicking through the UI (a minute or two under load)
+def test_every_way_in_lands_on_the_leaderboard_view(server):
+    """A fresh browser, as a new user: the base URL opens the runs table of the suite that ran last as its
+    leaderboard view (the finished test-split child runs, best final/acc first; not MLflow's GenAI home); the
+    breadcrumb's experiments list opens another suite's table as its leaderboard view too, whose values read
+    rounded under whole headers; the saved view's address `clbench ui` prints shows the same; a run clicked
+    there opens its Overview (not "Evaluations"); a run's own address (what `clbench run` prints against a
+    server) leads back through its breadcrumb to the leaderboard view. A screenshot of each page is checked for
+    being drawn (non-trivial PNG)."""
     from cdp import Browser
+    from mlflow.tracking import MlflowClient
 
     from clbench.store.tracking import ensure_ui_views
-    from clbench.store.uiview import WORKFLOW, WORKFLOW_STORAGE_KEY, view_url
+    from clbench.store.uiview import WORKFLOW, WORKFLOW_STORAGE_KEY, column_key, view_columns, view_url
 
     url, exps, folder = server
     ensure_ui_views(url)
-    exp = exps["bench"]
+    exp, floats = exps["bench"], exps["floats"]
+    client = MlflowClient(url)
+    latest = client.search_runs([exp, floats], max_results=1, order_by=["attributes.start_time DESC"])[0]
+    assert latest.info.experiment_id == exp  # the fixture's bench runs carry the later start times
+    finished = sorted(f"{r[2]}-s{r[4]}" for r in RUNS if r[0] == "bench" and r[5] == "FINISHED")
     browser = Browser(CHROMIUM)
     try:
         browser.goto(url + "/")
-        link = f'a[href$="experiments/{exp}"]'
         try:
-            browser.wait_for(f"!!document.querySelector('{link}')", timeout=180)
+            landed = browser.wait_for(f"document.querySelectorAll('{ROWS}').length >= 12 && location.hash",
+                                      timeout=180)
         except TimeoutError:
             browser.screenshot(folder / "home.png")
-            hrefs = browser.js("[...document.querySelectorAll('a')].map(a => a.getAttribute('href'))")
-            pytest.fail(f"no link to experiment {exp} on the home page ({folder / 'home.png'}): {hrefs}")
+            pytest.fail(f"the base URL did not open a runs table ({folder / 'home.png'}): {browser.js('location.href')}")
+        assert f"/experiments/{exp}/runs" in landed and "genai" not in landed.lower(), landed
         assert json.loads(browser.js(f"localStorage.getItem('{WORKFLOW_STORAGE_KEY}')")) == WORKFLOW
-        browser.js(f"document.querySelector('{link}').click()")
-        landed = browser.wait_for(f"location.hash.includes('/experiments/{exp}/runs') && "
-                                  "document.querySelector('.ag-header-cell') && location.hash")
-        assert "genai" not in landed.lower() and "overview" not in landed, landed
+        # the leaderboard view, not the plain table: only the finished children, best final/acc first (the two
+        # lora-s0 runs of one protocol tie-break by MLflow's own order, so compare the sorted names too)
+        names = run_link_names(browser)
+        assert sorted(names) == finished and names[:3] == ["inflora-s1", "inflora-s0", "lora-s2"], names
         browser.screenshot(folder / "runs.png")
+
+        # the experiments list (the breadcrumb's first link) and another suite in it
+        browser.js("document.querySelector('a[href$=\"#/experiments\"], a[href$=\"/experiments\"]').click()")
+        link = f'a[href$="experiments/{floats}"]'
+        browser.wait_for(f"!!document.querySelector('{link}')")
+        browser.js(f"document.querySelector('{link}').click()")
+        browser.wait_for(f"location.hash.includes('/experiments/{floats}/runs') && "
+                         f"document.querySelectorAll('{ROWS}').length >= 3 && "
+                         f"document.querySelectorAll('.ag-header-cell[col-id=\"{column_key('metrics', 'final/acc')}\"]')"
+                         ".length")
+        names = run_link_names(browser)
+        assert names == [f"{m}-s0" for m, *_ in sorted(FLOATS, key=lambda f: -f[1])], names
+        cells = browser.js(CELLS_JS)
+        assert cells["lora-s0"] == {"metrics.`final/acc`": "59.30", "metrics.`final/avg_acc`": "66.81",
+                                    "metrics.`final/forgetting`": "12.35",
+                                    "metrics.`spectra/mean_top1_share`": "0.835"}, cells
+        assert cells["mymethod-s0"]["metrics.`final/forgetting`"] == "-1.23e-7", cells  # not a bare -0.00
+        # every column of the view that is drawn shows its whole name inside its header
+        headers = {col: (right, texts) for col, right, texts in browser.js(HEADERS_JS)}
+        drawn = [c for c in view_columns() if c in headers]
+        assert [c for c in view_columns() if c.startswith("metrics.")] == [c for c in drawn if c.startswith("metrics.")]
+        for col in drawn:
+            right, texts = headers[col]
+            name = col.split(".", 1)[1].strip("`")
+            assert texts and texts[0][0] == name and texts[0][1] <= right, (col, texts, right)
+        browser.screenshot(folder / "floats.png")
+
         browser.goto(view_url(url, exp))  # the address `clbench ui` and the README give
-        browser.wait_for("document.querySelectorAll('.ag-row a[href*=\"/runs/\"]').length >= 12")
-        names = browser.js("[...document.querySelectorAll('.ag-row a[href*=\"/runs/\"]')].map(a => a.innerText)")
-        finished = [f"{r[2]}-s{r[4]}" for r in RUNS if r[0] == "bench" and r[5] == "FINISHED"]
-        assert sorted(n.strip() for n in names if n.strip()) == sorted(finished), names
+        browser.wait_for(f"document.querySelectorAll('{ROWS}').length >= 12 && "
+                         "location.hash.includes('viewStateShareKey')")
+        assert sorted(run_link_names(browser)) == finished
         browser.screenshot(folder / "view.png")
-        browser.js("document.querySelector('.ag-row a[href*=\"/runs/\"]').click()")
+        browser.js(f"document.querySelector('{ROWS}').click()")
         browser.wait_for("/runs\\/[0-9a-f]{32}/.test(location.hash) && document.body.innerText.includes('Overview')")
         text = browser.js("document.body.innerText")
         assert "Evaluations" not in text and "Model metrics" in text  # the model-training run page
         browser.screenshot(folder / "run.png")
+
+        # a run's own address, typed or clicked in a terminal, and back to its experiment through the breadcrumb
+        run = client.search_runs([floats], "tags.`clbench.method` = 'lora'")[0]
+        browser.goto(f"{url}/#/experiments/{floats}/runs/{run.info.run_id}")
+        browser.wait_for("document.body.innerText.includes('Overview') && document.body.innerText.includes('lora-s0')")
+        crumb = f'a[href$="experiments/{floats}"], a[href$="experiments/{floats}/runs"]'
+        browser.wait_for(f"!!document.querySelector('{crumb}')")
+        browser.js(f"document.querySelector('{crumb}').click()")
+        browser.wait_for(f"location.hash.includes('/experiments/{floats}/runs') && "
+                         f"document.querySelectorAll('{ROWS}').length >= 3")
+        assert run_link_names(browser) == names and browser.js(CELLS_JS)["lora-s0"] == cells["lora-s0"]
     finally:
         browser.close()
-    for shot in ("runs.png", "view.png", "run.png"):
+    for shot in ("runs.png", "view.png", "run.png", "floats.png"):
         data = (folder / shot).read_bytes()
         assert data.startswith(b"\x89PNG") and len(data) > 20000, shot
     if os.environ.get("CLBENCH_SCREENSHOT_DIR"):  # to look at them
-        for shot in ("runs.png", "view.png", "run.png"):
+        for shot in ("runs.png", "view.png", "run.png", "floats.png"):
             shutil.copy(folder / shot, os.environ["CLBENCH_SCREENSHOT_DIR"])

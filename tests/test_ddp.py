@@ -107,7 +107,7 @@ tracking: {experiment: ddp}
 def test_torchrun_clbench_run_logs_once_from_rank_zero(tmp_path, mlflow_uri):
     from mlflow.tracking import MlflowClient
 
-    from clbench.run.runner import run_suite
+    from clbench.run.runner import RunOptions, run_suite
     from clbench.store.tracking import MlflowTracker
     from clbench.suite import load_suite
 
@@ -131,8 +131,9 @@ def test_torchrun_clbench_run_logs_once_from_rank_zero(tmp_path, mlflow_uri):
     # one checkpoint folder, written by rank 0
     assert len(list((tmp_path / "ck").glob("*/lora-*-s0/done.json"))) == 1
 
-    [one] = run_suite(load_suite(path), str(path), tracker=MlflowTracker("ddp-one", f"sqlite:///{tmp_path / 'one.db'}"),
-                      progress=lambda s: None, checkpoint_dir=str(tmp_path / "ck-one"))
+    [one] = run_suite(load_suite(path), str(path), RunOptions(tracker=MlflowTracker("ddp-one", f"sqlite:///{tmp_path / 'one.db'}"),
+                                                              progress=lambda s: None,
+                                                              checkpoint_dir=str(tmp_path / "ck-one")))
     min_test = 12 * 2 // 4  # lower bound on a task's test set in this stream; a cell moves by 100/size per flip
     for key in ("final/acc", "final/avg_acc", "final/forgetting", "final/acc_til"):
         assert kids[0].data.metrics[key] == pytest.approx(one.metrics[key], abs=100.0 / min_test), key

@@ -83,11 +83,11 @@ def test_dry_run_trains_nothing(suite_file, mlflow_uri, tmp_path, monkeypatch):
 
 
 def test_same_seed_gives_identical_matrices(suite_file, mlflow_uri, tmp_path, monkeypatch):
-    from clbench.run.runner import run_suite
+    from clbench.run.runner import RunOptions, run_suite
     from clbench.store.tracking import NullTracker
     from clbench.suite import load_suite
 
     s = load_suite(suite_file, ["seeds=[3]", "methods=[{name: lora, params: {rank: 2}}]"])
-    a = run_suite(s, str(suite_file), tracker=NullTracker(), progress=lambda m: None)
-    b = run_suite(s, str(suite_file), tracker=NullTracker(), progress=lambda m: None)
+    a = run_suite(s, str(suite_file), RunOptions(tracker=NullTracker(), progress=lambda m: None))
+    b = run_suite(s, str(suite_file), RunOptions(tracker=NullTracker(), progress=lambda m: None))
     assert np.array_equal(a[0].R, b[0].R, equal_nan=True)

@@ -95,11 +95,13 @@ def test_truncated_checkpoint_restart_marks_old_run_killed(tmp_path, mlflow_uri)
     store.record_run(old)
     store.path.write_bytes(b"\x80\x04 truncated")  # ... whose checkpoint was cut short
     with pytest.raises(ClbenchError, match="cannot be read"):
-        runner.run_suite(suite, str(suite_path), tracker=tracker, progress=lambda s: None, checkpoint_dir=ckdir)
+        runner.run_suite(suite, str(suite_path), runner.RunOptions(tracker=tracker, progress=lambda s: None,
+                                                                   checkpoint_dir=ckdir))
     assert tracker.run_status(old) == "RUNNING"
     lines: list[str] = []
-    [record] = runner.run_suite(suite, str(suite_path), tracker=tracker, progress=lines.append,
-                                checkpoint_dir=ckdir, restart=True)
+    [record] = runner.run_suite(suite, str(suite_path), runner.RunOptions(tracker=tracker,
+                                                                          progress=lines.append,
+                                                                          checkpoint_dir=ckdir, restart=True))
     assert tracker.run_status(old) == "KILLED"
     assert record.status == "FINISHED" and record.run_id != old
     assert any(f"starting MLflow run {record.run_id}" in ln for ln in lines), lines
@@ -119,7 +121,8 @@ def test_failure_after_the_parent_exists_ends_it_failed_and_a_rerun_finishes_it(
 
     monkeypatch.setattr(runner, "record_suite", broken)
     with pytest.raises(ClbenchError, match="disk full: .*No space left on device"):  # one line (clbench.run.recorder)
-        runner.run_suite(suite, str(suite_path), progress=lambda s: None, checkpoint_dir=ckdir)
+        runner.run_suite(suite, str(suite_path), runner.RunOptions(progress=lambda s: None,
+                                                                   checkpoint_dir=ckdir))
     [parent] = mlflow_runs(mlflow_uri, "life", "parent")
     assert parent.info.status == "FAILED" and "No space left" in parent.data.tags["clbench.error"]
     assert mlflow_runs(mlflow_uri, "life", "child")[0].info.status == "FINISHED"
@@ -127,7 +130,7 @@ def test_failure_after_the_parent_exists_ends_it_failed_and_a_rerun_finishes_it(
     monkeypatch.undo()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_uri)
     lines: list[str] = []
-    runner.run_suite(suite, str(suite_path), progress=lines.append, checkpoint_dir=ckdir)
+    runner.run_suite(suite, str(suite_path), runner.RunOptions(progress=lines.append, checkpoint_dir=ckdir))
     assert any("finishing suite run" in ln for ln in lines), lines
     runs = mlflow_runs(mlflow_uri, "life")
     assert len(runs) == 2 and {r.info.status for r in runs} == {"FINISHED"}
@@ -144,8 +147,9 @@ def test_ctrl_c_at_task_0_then_task_1_resumes_the_same_run_to_the_uninterrupted_
     suite_path = one_method_suite(tmp_path)
     suite, ckdir, quiet = load_suite(suite_path), str(tmp_path / "ck"), (lambda s: None)
     ref_uri = f"sqlite:///{tmp_path / 'reference.db'}"
-    [want] = runner.run_suite(suite, str(suite_path), tracker=MlflowTracker("life", ref_uri), progress=quiet,
-                              checkpoint_dir=str(tmp_path / "ref-ck"))
+    [want] = runner.run_suite(suite, str(suite_path), runner.RunOptions(tracker=MlflowTracker("life", ref_uri),
+                                                                        progress=quiet,
+                                                                        checkpoint_dir=str(tmp_path / "ref-ck")))
     train_task = loop.train_task
     for task in (0, 1):
         def interrupted(loop_, ctx, *args, task=task, **kwargs):
@@ -155,13 +159,14 @@ def test_ctrl_c_at_task_0_then_task_1_resumes_the_same_run_to_the_uninterrupted_
 
         monkeypatch.setattr(loop, "train_task", interrupted)
         with pytest.raises(KeyboardInterrupt):
-            runner.run_suite(suite, str(suite_path), tracker=MlflowTracker("life", mlflow_uri), progress=quiet,
-                             checkpoint_dir=ckdir)
+            runner.run_suite(suite, str(suite_path), runner.RunOptions(tracker=MlflowTracker("life", mlflow_uri),
+                                                                       progress=quiet, checkpoint_dir=ckdir))
         assert {r.info.status for r in mlflow_runs(mlflow_uri, "life")} == {"KILLED"}
     monkeypatch.setattr(loop, "train_task", train_task)
     lines: list[str] = []
-    [got] = runner.run_suite(suite, str(suite_path), tracker=MlflowTracker("life", mlflow_uri),
-                             progress=lines.append, checkpoint_dir=ckdir)
+    [got] = runner.run_suite(suite, str(suite_path), runner.RunOptions(tracker=MlflowTracker("life", mlflow_uri),
+                                                                       progress=lines.append,
+                                                                       checkpoint_dir=ckdir))
     assert any(f"resuming MLflow run {got.run_id} after task 1/3" in ln for ln in lines), lines
     runs = mlflow_runs(mlflow_uri, "life")
     assert len(runs) == 2 and {r.info.status for r in runs} == {"FINISHED"}  # one parent, one child
@@ -196,8 +201,9 @@ def test_restart_waits_for_the_lock_of_a_run_being_trained(tmp_path, mlflow_uri)
     assert training.lock()  # another process trains it now
     try:
         with pytest.raises(ClbenchError, match="--restart: lora seed 0 is being trained"):
-            runner.run_suite(suite, str(suite_path), tracker=tracker, progress=lambda s: None,
-                             checkpoint_dir=ckdir, restart=True)
+            runner.run_suite(suite, str(suite_path), runner.RunOptions(tracker=tracker,
+                                                                       progress=lambda s: None,
+                                                                       checkpoint_dir=ckdir, restart=True))
     finally:
         training.unlock()
     assert training.path.exists() and mlflow_runs(mlflow_uri, "life") == []
@@ -219,7 +225,8 @@ def test_labels_that_cannot_be_told_apart_are_refused(tmp_path):
     path = tmp_path / "twins.yaml"
     path.write_text(text)
     with pytest.raises(ClbenchError, match="cannot be told apart"):
-        runner.run_suite(load_suite(path), str(path), dry_run=True, progress=lambda s: None)
+        runner.run_suite(load_suite(path), str(path), runner.RunOptions(dry_run=True,
+                                                                        progress=lambda s: None))
     path.write_text(text.replace("label: lora_e,", "label: lora_\u00e9,"))
     with pytest.raises(ClbenchError, match=r"methods\.0\.label: .*U\+00E9 LATIN SMALL LETTER E WITH ACUTE"):
         load_suite(path)
@@ -263,23 +270,27 @@ def test_dry_run_after_a_finished_run_says_skip_where_the_real_run_skips(tmp_pat
     suite hash and the checkpoint folder apart, keeps its lines short and ends with a summary."""
     suite_path, suite, ckdir, tracker, store = planned_store(tmp_path, mlflow_uri)
     lines: list[str] = []
-    runner.run_suite(suite, str(suite_path), progress=lines.append, checkpoint_dir=ckdir, dry_run=True)
+    runner.run_suite(suite, str(suite_path), runner.RunOptions(progress=lines.append, checkpoint_dir=ckdir,
+                                                               dry_run=True))
     assert lines[-1].startswith("1 runs: 1 run;") and any(ln.startswith("  run ") for ln in lines), lines
     run_id = tracker.start_run("lora-s0", {"clbench.role": "child"}, {})
     tracker.end_run(run_id, "FINISHED")
     store.dir.mkdir(parents=True)
     store.mark_done(run_id, {"final/acc": 50.0}, np.full((2, 2), 50.0))
     lines.clear()
-    runner.run_suite(suite, str(suite_path), progress=lines.append, checkpoint_dir=ckdir, dry_run=True)
+    runner.run_suite(suite, str(suite_path), runner.RunOptions(progress=lines.append, checkpoint_dir=ckdir,
+                                                               dry_run=True))
     assert any(ln.startswith("  skip (finished) ") and run_id in ln for ln in lines), lines
     assert lines[-1].startswith("1 runs: 1 skip (finished);")
     assert f"suite hash {suite.protocol_hash()} (the protocol" in lines[0]
     assert lines[1].startswith("checkpoint folder ") and "not the suite hash" in lines[2]
     assert max(len(ln) for ln in lines[3:]) <= 120, lines
     real: list[str] = []
-    [record] = runner.run_suite(suite, str(suite_path), tracker=tracker, progress=real.append, checkpoint_dir=ckdir)
+    [record] = runner.run_suite(suite, str(suite_path), runner.RunOptions(tracker=tracker,
+                                                                          progress=real.append,
+                                                                          checkpoint_dir=ckdir))
     assert record.run_id == run_id and any("already finished" in ln for ln in real), real  # the real run skips too
     lines.clear()
-    runner.run_suite(suite, str(suite_path), progress=lines.append, checkpoint_dir=ckdir, dry_run=True,
-                     restart=True)
+    runner.run_suite(suite, str(suite_path), runner.RunOptions(progress=lines.append, checkpoint_dir=ckdir,
+                                                               dry_run=True, restart=True))
     assert lines[-1].startswith("1 runs: 1 run;")  # --restart would train it again

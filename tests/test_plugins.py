@@ -462,7 +462,7 @@ def _clbench_imports(path: Path) -> list[str]:
 def test_plugins_and_examples_import_only_the_public_clbench_names():
     """Built-ins (plugins/) and the example packages import ``clbench`` only (the names of ``clbench.__all__``);
     their tests may also use the public test helpers. (lint-imports holds the same rule for plugins/.)"""
-    files = [*ROOT.glob("plugins/*.py"), *ROOT.glob("examples/*/*.py"), *ROOT.glob("examples/*/tests/*.py")]
+    files = [*ROOT.glob("plugins/**/*.py"), *ROOT.glob("examples/*/*.py"), *ROOT.glob("examples/*/tests/*.py")]
     assert len(files) > 15
     bad = []
     for path in files:

@@ -13,7 +13,7 @@ import pytest
 
 from clbench.errors import ClbenchError
 from clbench.run.executors import RayExecutor, absolute_uri, check_tracking_for_cluster, make_executor
-from clbench.run.runner import run_suite
+from clbench.run.runner import RunOptions, run_suite
 from clbench.store.tracking import MlflowTracker
 from clbench.suite import load_suite
 
@@ -97,17 +97,21 @@ def test_ray_grid_with_a_killed_worker_matches_the_local_executor(ray_cluster, t
 
     ray_uri = f"sqlite:///{tmp_path / 'ray.db'}"
     lines: list[str] = []
-    records = run_suite(suite, str(path), tracker=MlflowTracker("raysuite", ray_uri), progress=lines.append,
-                        checkpoint_dir=str(tmp_path / "ray-ck"), executor=RayExecutor(cpus_per_run=1),
-                        trust_suite_plugins=True)
+    records = run_suite(suite, str(path), RunOptions(tracker=MlflowTracker("raysuite", ray_uri),
+                                                     progress=lines.append,
+                                                     checkpoint_dir=str(tmp_path / "ray-ck"),
+                                                     executor=RayExecutor(cpus_per_run=1),
+                                                     trust_suite_plugins=True))
     assert marker.exists(), lines  # a worker was killed
     assert [(r.method, r.seed, r.status) for r in records] == [
         ("lora", 0, "FINISHED"), ("inclora", 0, "FINISHED"), ("lora", 1, "FINISHED"), ("inclora", 1, "FINISHED")]
 
     # The reference: the default executor, in this process, same suite (the marker exists: nothing is killed).
     local_uri = f"sqlite:///{tmp_path / 'local.db'}"
-    local = run_suite(suite, str(path), tracker=MlflowTracker("raysuite", local_uri), progress=lambda s: None,
-                      checkpoint_dir=str(tmp_path / "local-ck"), trust_suite_plugins=True)
+    local = run_suite(suite, str(path), RunOptions(tracker=MlflowTracker("raysuite", local_uri),
+                                                   progress=lambda s: None,
+                                                   checkpoint_dir=str(tmp_path / "local-ck"),
+                                                   trust_suite_plugins=True))
     for got, want in zip(records, local, strict=True):
         assert (got.method, got.seed) == (want.method, want.seed)
         for key in ("final/acc", "final/avg_acc", "final/forgetting", "final/bwt", "final/acc_til"):

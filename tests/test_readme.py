@@ -29,13 +29,14 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
+CONTRIBUTING = REPO / "CONTRIBUTING.md"
 BLOCK = re.compile(r"```bash\n(.*?)```", re.S)
 VENV_SETUP = "python3 -m venv .venv"
 ACTIVATE = ([".", ".venv/bin/activate"], ["source", ".venv/bin/activate"])
 
 
-def bash_blocks() -> list[str]:
-    return BLOCK.findall(README.read_text())
+def bash_blocks(guide: Path = README) -> list[str]:
+    return BLOCK.findall(guide.read_text())
 
 
 def setup_lines() -> list[str]:
@@ -169,3 +170,96 @@ def test_heavy_readme_commands_parse(argv):
             sub.make_context(args[0], list(args[1:]), parent=ctx)
     except click.UsageError as exc:
         pytest.fail(f"{shlex.join(argv)}: {exc}")
+
+
+def guide_commands(guide: Path) -> list[list[str]]:
+    """Every command of a guide's ``bash`` blocks, split at ``&&`` and subshell parentheses, as argv."""
+    out = []
+    for block in bash_blocks(guide):
+        for line in block.replace("\\\n", " ").splitlines():
+            lex = shlex.shlex(line, posix=True, punctuation_chars=True)
+            lex.whitespace_split = True
+            argv: list[str] = []
+            for token in [*lex, "&&"]:
+                if token in ("&&", "||", ";", "(", ")", "|"):
+                    if argv:
+                        out.append(argv)
+                    argv = []
+                else:
+                    argv.append(token)
+    return out
+
+
+WRITES = ("--dir", "--tests-dir", "--output", "-o")  # options naming a folder or file a command writes
+OUTSIDE = ("~/", "~", "/tmp/")
+
+
+def _outside(path: str) -> bool:
+    return path == "~" or path.startswith(("~/", "/tmp/"))
+
+
+@pytest.mark.parametrize("guide", [README, CONTRIBUTING], ids=lambda p: p.name)
+def test_guide_commands_write_nothing_into_the_checkout(guide):
+    """A reader runs the guides' commands in the checkout: whatever they write (new-method's folders, reports,
+    editable installs of a generated package) goes to ~ or /tmp; the plugins folders they load are the same
+    ones; the paths pytest reads are the checkout's own files or those folders."""
+    checked = 0
+    for argv in guide_commands(guide):
+        tool = argv[0]
+        for opt, value in zip(argv, argv[1:]):
+            if opt in WRITES:
+                assert _outside(value), f"{guide.name}: {shlex.join(argv)} writes {value} into the checkout"
+                checked += 1
+            if opt == "--plugins-dir":  # your own plugins live outside; the checkout's example is read in place
+                assert _outside(value) or (REPO / value).is_dir(), f"{guide.name}: {shlex.join(argv)}"
+                checked += 1
+        if tool == "pip" and "-e" in argv:
+            target = argv[argv.index("-e") + 1]
+            # the checkout's own packages (clbench, the example) install in place; a generated one lives outside
+            assert _outside(target) or (REPO / target.split("[")[0]).is_dir(), shlex.join(argv)
+            checked += 1
+        if tool == "pytest":
+            for arg in (a for a in argv[1:] if not a.startswith("-") and "/" in a):
+                assert _outside(arg) or (REPO / arg.split("::")[0]).exists(), f"{guide.name}: {shlex.join(argv)}"
+                checked += 1
+    assert checked >= (3 if guide is CONTRIBUTING else 4), checked
+
+
+def _checkout_mirror(folder: Path) -> set[str]:
+    """A working folder that looks like the checkout (links to its top-level entries): pytest finds the same
+    configuration there. Returns the names it starts with."""
+    folder.mkdir()
+    for entry in REPO.iterdir():
+        if entry.name not in (".git", ".venv") and not entry.name.startswith("."):
+            (folder / entry.name).symlink_to(entry)
+    return {p.name for p in folder.iterdir()}
+
+
+@pytest.mark.slow  # ~40 s of CPU: the generated plugin's own tests and the contract; the static check above is the
+#                    cheap cover
+def test_contributing_scaffold_commands_run_as_typed(tmp_path):
+    """CONTRIBUTING's section 1 (a plugin in ~/myplugins, its generated test, its params), the package scaffold
+    and the contract check on the plugin, typed in the checkout: each works, and the checkout is left as it was."""
+    work = tmp_path / "checkout"
+    before = _checkout_mirror(work)
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # what activation does
+    env["HOME"] = str(tmp_path / "home")
+    (tmp_path / "home").mkdir()
+    section1 = bash_blocks(CONTRIBUTING)[1]  # after the set-up block
+    assert "new-method mymethod" in section1, section1
+    script = [ln.split(" #", 1)[0].strip() for ln in section1.splitlines() if ln.strip() and not ln.startswith("#")]
+    package = next(ln for b in bash_blocks(CONTRIBUTING) for ln in b.splitlines() if "--package" in ln)
+    script.append(package.split(" #", 1)[0].strip())
+    check = next(ln for b in bash_blocks(CONTRIBUTING) for ln in b.splitlines()
+                 if ln.startswith("clbench check mymethod --plugins-dir"))
+    script.append(check.split(" #", 1)[0].strip())
+    echoed = "\n".join(f"echo {shlex.quote('$ ' + c)} >&2\n{c}" for c in script)
+    res = subprocess.run(["bash", "-euo", "pipefail", "-c", echoed], cwd=work, env=env, capture_output=True,
+                         text=True, timeout=900)
+    assert res.returncode == 0, f"{res.stderr[-3000:]}\n{res.stdout[-2000:]}"
+    assert "Traceback" not in res.stderr and " passed" in res.stdout and "FAIL" not in res.stdout
+    home = tmp_path / "home"
+    assert (home / "myplugins" / "mymethod.py").is_file() and (home / "clbench-mypackage" / "pyproject.toml").is_file()
+    left = {p.name for p in work.iterdir()} - before
+    assert not left, left  # nothing written into the checkout

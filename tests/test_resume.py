@@ -24,7 +24,7 @@ from typer.testing import CliRunner
 from clbench.cli import app
 from clbench.errors import ClbenchError
 from clbench.run import checkpoint
-from clbench.run.runner import run_suite
+from clbench.run.runner import RunOptions, run_suite
 from clbench.store.tracking import MlflowTracker
 from clbench.suite import load_suite
 from clbench.testing import mlflow_runs, tiny_suite_yaml
@@ -219,8 +219,9 @@ def test_killed_at_every_point_resumes_to_identical_metrics(tmp_path, mlflow_uri
                 assert len(history(mlflow_uri, run.info.run_id, key)) == 1
 
     # Finished runs are skipped: no new MLflow run.
-    records = run_suite(load_suite(suite_path), str(suite_path), tracker=MlflowTracker("resume", mlflow_uri),
-                        progress=lambda s: None, checkpoint_dir=str(ckdir))
+    records = run_suite(load_suite(suite_path), str(suite_path), RunOptions(tracker=MlflowTracker("resume", mlflow_uri),
+                                                                            progress=lambda s: None,
+                                                                            checkpoint_dir=str(ckdir)))
     assert [r.run_id for r in records] == [got[label].info.run_id for label in LABELS]
     assert [r.status for r in records] == ["FINISHED", "FINISHED"]
     assert records[0].metrics["final/acc"] == ref_children["lora"].data.metrics["final/acc"]
@@ -267,8 +268,10 @@ def test_nonfinite_loss_fails_that_run_keeps_its_work_and_the_suite_goes_on(tmp_
     suite_path = tmp_path / "nan.yaml"
     suite_path.write_text(text + "plugins_dir: plugins\n")
     lines: list[str] = []
-    records = run_suite(load_suite(suite_path), str(suite_path), tracker=MlflowTracker("nan", mlflow_uri),
-                        progress=lines.append, checkpoint_dir=str(tmp_path / "ck"), trust_suite_plugins=True)
+    records = run_suite(load_suite(suite_path), str(suite_path), RunOptions(tracker=MlflowTracker("nan", mlflow_uri),
+                                                                            progress=lines.append,
+                                                                            checkpoint_dir=str(tmp_path / "ck"),
+                                                                            trust_suite_plugins=True))
     assert [(r.method, r.status) for r in records] == [("lora", "FINISHED"), ("nanlora", "FAILED")]
     assert any("FAILED: non-finite training loss on task 1" in ln for ln in lines), lines
     got = children(mlflow_uri, "nan")

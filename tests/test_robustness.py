@@ -123,12 +123,12 @@ def test_every_request_to_a_tracking_server_has_the_short_timeout(tmp_path, monk
 # -- 14. bounded work ----------------------------------------------------------------------------------------------
 def test_a_huge_random_sweep_is_refused_and_a_small_space_stops_when_drawn(tmp_path):
     """`sweep --random 1000000000` on a 2-point space spun for minutes, also with --dry-run."""
-    from clbench.run.sweep import MAX_POINTS, plan_sweep
+    from clbench.run.sweep import MAX_POINTS, SweepOptions, plan_sweep
 
     suite = load_suite(suite_file(tmp_path))
     with pytest.raises(ClbenchError, match=f"--random 1000000000: at most {MAX_POINTS} points"):
-        plan_sweep(suite, "s.yaml", "lora", ["methods.lora.params.rank=[1,2]"], random_n=10**9)
-    plan = plan_sweep(suite, "s.yaml", "lora", ["methods.lora.params.rank=[1,2]"], random_n=MAX_POINTS)
+        plan_sweep(suite, "s.yaml", "lora", ["methods.lora.params.rank=[1,2]"], SweepOptions(random_n=10**9))
+    plan = plan_sweep(suite, "s.yaml", "lora", ["methods.lora.params.rank=[1,2]"], SweepOptions(random_n=MAX_POINTS))
     assert sorted(t.point["methods.lora.params.rank"] for t in plan.trials) == [1, 2]
     with pytest.raises(ClbenchError, match="the grid has 10201 points"):
         plan_sweep(suite, "s.yaml", "lora", [f"methods.lora.params.rank=[{','.join(map(str, range(1, 102)))}]",

@@ -150,10 +150,10 @@ def test_a_run_finished_by_a_rerun_drops_the_error_of_the_failed_attempt(tmp_pat
 
     monkeypatch.setattr(loop, "train_task", crashes)
     with pytest.raises(RuntimeError):
-        runner.run_suite(suite, str(suite_path), progress=QUIET, checkpoint_dir=ck)
+        runner.run_suite(suite, str(suite_path), runner.RunOptions(progress=QUIET, checkpoint_dir=ck))
     assert all("clbench.error" in r.data.tags for r in mlflow_runs(mlflow_uri, "state"))
     monkeypatch.setattr(loop, "train_task", train_task)
-    runner.run_suite(suite, str(suite_path), progress=QUIET, checkpoint_dir=ck)
+    runner.run_suite(suite, str(suite_path), runner.RunOptions(progress=QUIET, checkpoint_dir=ck))
     runs = mlflow_runs(mlflow_uri, "state")
     assert len(runs) == 2 and {r.info.status for r in runs} == {"FINISHED"}
     assert [r.data.tags.get("clbench.error") for r in runs] == [None, None]
@@ -169,7 +169,7 @@ def test_a_run_that_another_process_trains_keeps_the_shared_parent_running(tmp_p
     suite, ck = load_suite(suite_path), str(tmp_path / "ck")
     monkeypatch.setattr(loop, "train_task", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
     with pytest.raises(KeyboardInterrupt):  # the first process: its parent and run exist ...
-        runner.run_suite(suite, str(suite_path), progress=QUIET, checkpoint_dir=ck)
+        runner.run_suite(suite, str(suite_path), runner.RunOptions(progress=QUIET, checkpoint_dir=ck))
     [parent] = mlflow_runs(mlflow_uri, "state", "parent")
     [planned] = runner.plan_runs(suite, str(suite_path), discover([]), None)
     sdir = checkpoint.suite_dir(ck, suite.protocol_hash(), suite.name, "state", mlflow_uri)
@@ -177,7 +177,8 @@ def test_a_run_that_another_process_trains_keeps_the_shared_parent_running(tmp_p
     assert first.lock()  # ... and it trains the run right now (it holds the run's lock)
     try:
         lines: list[str] = []
-        [record] = runner.run_suite(suite, str(suite_path), progress=lines.append, checkpoint_dir=ck)
+        [record] = runner.run_suite(suite, str(suite_path), runner.RunOptions(progress=lines.append,
+                                                                              checkpoint_dir=ck))
     finally:
         first.unlock()
     assert record.status == "BUSY"

@@ -96,18 +96,18 @@ def test_a_run_of_edited_code_is_refused_for_resume_and_for_skipping(tmp_path, m
 
     monkeypatch.setattr(loop, "train_task", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        runner.run_suite(suite, str(suite_path), **run)
+        runner.run_suite(suite, str(suite_path), runner.RunOptions(**run))
     monkeypatch.setattr(loop, "train_task", train_task)
     plugin.write_text(plugin.read_text() + "\n# an edit: another loss term would go here\n")
     with pytest.raises(ClbenchError) as err:
-        runner.run_suite(suite, str(suite_path), **run)
+        runner.run_suite(suite, str(suite_path), runner.RunOptions(**run))
     msg = str(err.value)
     assert "checkpoint.pt" in msg and "after 1 finished task" in msg and "method_code" in msg, msg
     assert "--restart" in msg and "new label" in msg and "\n" not in msg, msg
     [child] = mlflow_runs(mlflow_uri, "trust", "child")
     assert child.info.status == "KILLED"  # the refused rerun touched nothing
 
-    [rec] = runner.run_suite(suite, str(suite_path), restart=True, **run)
+    [rec] = runner.run_suite(suite, str(suite_path), runner.RunOptions(restart=True, **run))
     assert rec.status == "FINISHED"
     [child] = [r for r in mlflow_runs(mlflow_uri, "trust", "child") if r.info.run_id == rec.run_id]
     from clbench.methods.registry import discover

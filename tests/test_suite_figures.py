@@ -12,7 +12,7 @@ from scipy.stats import spearmanr
 from clbench import keys
 from clbench.analysis.leaderboard import aggregate
 from clbench.analysis.report import render_html
-from clbench.run.runner import run_suite
+from clbench.run.runner import RunOptions, run_suite
 from clbench.store.tracking import MlflowTracker, read_runs
 from clbench.suite import load_suite
 from clbench.testing import tiny_suite_yaml
@@ -33,10 +33,11 @@ def test_suite_figures_cover_earlier_runs_and_match_the_report(tmp_path, mlflow_
     suite = load_suite(path)
     quiet = dict(progress=lambda m: None, checkpoint_dir=str(tmp_path / "ck"))
     # first invocation: one method; second: the suite with a second method (the first's runs are skipped)
-    run_suite(suite, str(path), methods=["lora"], tracker=MlflowTracker("figures", mlflow_uri), **quiet)
+    run_suite(suite, str(path), RunOptions(methods=["lora"], tracker=MlflowTracker("figures", mlflow_uri),
+                                           **quiet))
     [parent] = _parents(mlflow_uri, "figures")
     assert parent.data.metrics[keys.SUITE_RUNS_FINISHED] == 2
-    records = run_suite(suite, str(path), tracker=MlflowTracker("figures", mlflow_uri), **quiet)
+    records = run_suite(suite, str(path), RunOptions(tracker=MlflowTracker("figures", mlflow_uri), **quiet))
     assert len(records) == 4
     [parent] = _parents(mlflow_uri, "figures")  # the suite's parent run, continued; its figures recomputed
     assert parent.data.metrics[keys.SUITE_RUNS_FINISHED] == 4  # this invocation trained two of them

@@ -16,7 +16,7 @@ from clbench.analysis.leaderboard import build, note_lines
 from clbench.cli import app
 from clbench.errors import ClbenchError
 from clbench.run.executors import LocalExecutor
-from clbench.run.sweep import Trial, best_line, plan_sweep, run_sweep, value_text
+from clbench.run.sweep import SweepOptions, Trial, best_line, plan_sweep, run_sweep, value_text
 from clbench.store.tracking import read_runs
 from clbench.suite import load_suite
 from clbench.testing import tiny_suite_yaml
@@ -124,15 +124,15 @@ def test_a_killed_sweep_continues_through_the_executor(suite_path, tmp_path, mlf
 def test_random_search_is_seeded_and_validated(suite_path):
     suite = load_suite(suite_path)
     grid = ["methods.lora.train.lr=loguniform(1.0e-4,1.0e-1)", "methods.lora.params.rank=int(1,4)"]
-    plan = plan_sweep(suite, str(suite_path), "lora", grid, random_n=5, seed=3)
+    plan = plan_sweep(suite, str(suite_path), "lora", grid, SweepOptions(random_n=5, seed=3))
     assert len(plan.trials) == 5
     for t in plan.trials:
         lr, rank = t.point["methods.lora.train.lr"], t.point["methods.lora.params.rank"]
         assert 1e-4 <= lr <= 1e-1 and 1 <= rank <= 4 and isinstance(rank, int)
         assert yaml.safe_load(value_text(lr)) == lr  # the printed value is the value that ran
         assert t.entry["train"]["lr"] == lr and t.entry["params"]["rank"] == rank
-    same = plan_sweep(suite, str(suite_path), "lora", grid, random_n=5, seed=3)
-    other = plan_sweep(suite, str(suite_path), "lora", grid, random_n=5, seed=4)
+    same = plan_sweep(suite, str(suite_path), "lora", grid, SweepOptions(random_n=5, seed=3))
+    other = plan_sweep(suite, str(suite_path), "lora", grid, SweepOptions(random_n=5, seed=4))
     assert [t.point for t in same.trials] == [t.point for t in plan.trials] and same.sweep_id == plan.sweep_id
     assert [t.point for t in other.trials] != [t.point for t in plan.trials]
     grid_plan = plan_sweep(suite, str(suite_path), "inclora", ["train.lr=[0.01, 1.0e-3]",

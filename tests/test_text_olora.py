@@ -190,3 +190,90 @@ def test_the_streams_are_registered_and_build_through_the_registry(tmp_path, mon
     pinned = splitfiles.pinned_sums()[text_olora.PINNED]
     assert shipped_split_sums("olora_long") == shipped_split_sums("olora_order1") == {text_olora.PINNED: pinned}
     assert text_olora.PINNED not in shipped_split_sums("imagenet_r")
+
+
+@pytest.mark.slow
+def test_an_olora_stream_trains_through_the_loop_on_a_tiny_t5(tmp_path, mlflow_uri, monkeypatch):
+    """The whole path: the fake CL_Benchmark read by the registered stream, tokenized by the tiny T5, trained by
+    olora and evaluated after every task, its identity (task list, data) tagged on the run. About 15 s of CPU
+    (slow); the default run covers the stream's build through the registry above."""
+    pytest.importorskip("transformers", reason="the language-model extra: pip install 'clbench[lm]'")
+    import yaml
+    from mlflow.tracking import MlflowClient
+    from typer.testing import CliRunner
+
+    from clbench.cli import app
+    from clbench.data.datasets import splitfiles
+
+    root, splits = fake_benchmark(tmp_path)
+    monkeypatch.setattr(splitfiles, "splits_dir", lambda: splits)
+    monkeypatch.chdir(tmp_path)
+    suite = {"name": "olora-tiny", "seeds": [0],
+             "stream": {"name": "olora_order1", "num_tasks": 4, "root": str(root)},
+             "backbone": {"name": "t5_tiny_clbench", "pretrained": False, "max_source_length": 24},
+             "train": {"epochs": 1, "batch_size": 4, "lr": 1e-2},
+             "runtime": {"device": "cpu", "cpu_threads": 1},
+             "methods": [{"name": "olora", "params": {"rank": 2, "alpha": 2, "targets": ["q", "v"]}}],
+             "tracking": {"experiment": "olora-tiny"}}
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(suite))
+    result = CliRunner().invoke(app, ["run", str(tmp_path / "s.yaml")])
+    assert result.exit_code == 0, result.output
+    client = MlflowClient(tracking_uri=mlflow_uri)
+    [child] = [r for r in client.search_runs([client.get_experiment_by_name("olora-tiny").experiment_id])
+               if r.data.tags.get("clbench.role") == "child"]
+    tags, metrics = child.data.tags, child.data.metrics
+    assert tags["clbench.stream.order"] == "dbpedia,amazon,yahoo,agnews"
+    assert tags["clbench.stream.task_list_sha256"] == text_olora.benchmark(splits).sha256
+    assert len(tags["clbench.stream.data_sha256"]) == 64
+    assert {"final/acc", "final/bwt", "eval/acc/task_03"} <= set(metrics)
+    assert sorted(h.step for h in client.get_metric_history(child.info.run_id, "eval/acc")) == [0, 1, 2, 3]
+
+
+def fake_checkout(tmp: Path) -> tuple[Path, dict]:
+    """An O-LoRA checkout in miniature: the scripts' --task_config_dir lines and input settings, the task configs,
+    the instruction file and the fake CL_Benchmark data; and the task list it should give."""
+    root, splits = fake_benchmark(tmp)
+    expected = json.loads((splits / text_olora.PINNED).read_text())
+    checkout = tmp / "O-LoRA"
+    checkout.mkdir()
+    (root / text_olora.FOLDER).rename(checkout / text_olora.FOLDER)
+    fmt = expected["format"]
+    settings = "".join(f"   --{k} {v} \\\n" for k, v in fmt.items())
+    for name, stream in expected["streams"].items():
+        folder = {"olora_long": "long_configs"}.get(name, name.replace("olora_", "") + "_configs")
+        text = "".join(f"deepspeed src/run_uie_lora.py \\\n   --task_config_dir configs/{folder}/{task} \\\n"
+                       + settings + "\nsleep 5\n\n" for task in stream["tasks"])
+        (checkout / stream["script"]).parent.mkdir(exist_ok=True)
+        (checkout / stream["script"]).write_text(text)
+        for task in stream["tasks"]:
+            config = checkout / "configs" / folder / task
+            config.mkdir(parents=True, exist_ok=True)
+            category = expected["datasets"][task]["category"]
+            (config / "train_tasks.json").write_text(json.dumps(
+                {"SC": [], "TC": [], category: [{"sampling strategy": "full", "dataset name": task}]}))
+    instructions = {cat: [{"instruction_type": "zero-shot", "instruction": text}]
+                    for cat, text in expected["instructions"].items()}
+    (checkout / "configs" / "instruction_config.json").write_text(json.dumps(instructions))
+    return checkout, expected
+
+
+def test_the_task_list_is_derived_from_a_checkout_and_checked_against_it(tmp_path, capsys):
+    from clbench.splits import make_olora
+
+    checkout, expected = fake_checkout(tmp_path)
+    commit = "07117e1fc4a5f5ad9308a815a42cee8f46502dc8"
+    derived = make_olora.derive(checkout, commit)
+    assert make_olora.differences(derived, expected) == []  # orders, categories, labels, counts, ids, settings
+    out = tmp_path / "out"
+    out.mkdir()
+    make_olora.main([str(checkout), "--commit", commit, "--out", str(out), "--write"])
+    bench = text_olora.benchmark(out)  # the written file passes its own SHA256SUMS line and reads back
+    assert bench.streams["olora_order3"] == ["yahoo", "amazon", "agnews", "dbpedia"]
+    make_olora.main([str(checkout), "--commit", commit, "--out", str(out)])
+    assert "the same task lists" in capsys.readouterr().out
+    labels = checkout / text_olora.FOLDER / "TC" / "agnews" / "labels.json"
+    labels.write_text(json.dumps(["World", "Sports", "Business", "Sci/Tech"]))
+    with pytest.raises(SystemExit) as stop:
+        make_olora.main([str(checkout), "--commit", commit, "--out", str(out)])
+    assert stop.value.code == 1
+    assert "datasets.agnews.git_blob.labels.json, datasets.agnews.labels" in capsys.readouterr().out

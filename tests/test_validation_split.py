@@ -14,7 +14,7 @@ import torch
 from clbench import keys
 from clbench.data import validation
 from clbench.errors import ClbenchError
-from clbench.run.runner import run_suite
+from clbench.run.runner import RunOptions, run_suite
 from clbench.store.tracking import MlflowTracker, read_runs
 from clbench.suite import load_suite
 from clbench.testing import tiny_stream, tiny_suite_yaml
@@ -103,8 +103,9 @@ def test_validation_run_never_touches_the_test_split_and_logs_under_val(tmp_path
     path.write_text(tiny_suite_yaml("v"))
     suite = load_suite(path).for_validation()
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    records = run_suite(suite, str(path), methods=["lora"], tracker=MlflowTracker("v", uri),
-                        checkpoint_dir=str(tmp_path / "ck"), progress=lambda s: None)
+    records = run_suite(suite, str(path), RunOptions(methods=["lora"], tracker=MlflowTracker("v", uri),
+                                                     checkpoint_dir=str(tmp_path / "ck"),
+                                                     progress=lambda s: None))
     assert calls == [False] and records[0].status == "FINISHED"
     [run] = read_runs("v", uri, validation=True)
     assert run.tags[keys.SPLIT] == keys.SPLIT_VALIDATION

@@ -31,6 +31,8 @@ def short(value, n: int = 60) -> str:
 
 
 def ours_of(key: str, p: dict):
+    if key in ("train_augment", "test_output") and p[key] is None:  # a text suite: no image path
+        return None
     if key == "train_augment":
         return {k: p["train_augment"][k] for k in ("scale", "ratio", "flip_p")}
     if key == "test_output":
@@ -67,7 +69,8 @@ def table(path: Path) -> list[str]:
 
 def section() -> str:
     out = [BEGIN, "", "Generated from `tests/conformance/*.json` (recorded by `benchmarks/conformance/generate.py` "
-           "running the official code) and clbench's effective protocol; `tests/test_conformance.py` fails on a "
+           "running the official code; O-LoRA's, which needs DeepSpeed and GPUs, read by hand from the cited "
+           "lines) and clbench's effective protocol; `tests/test_conformance.py` fails on a "
            "difference that the suite's reference notes do not declare. Lists show the first entries.", ""]
     for path in sorted((ROOT / "suites" / "repro").glob("*.yaml")):
         out += table(path)

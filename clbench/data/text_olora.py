@@ -117,7 +117,9 @@ def model_input(bench: Benchmark, dataset: Dataset, sentence: str) -> str:
 def locate(root: Path) -> Path:
     """The folder holding the category folders (TC/, SC/, ...): ``root/CL_Benchmark`` or ``root`` itself."""
     nested = root / FOLDER
-    return nested if nested.is_dir() else root
+    if nested.is_dir() or not any((root / category).is_dir() for category in ("TC", "SC", "NLI")):
+        return nested  # (when neither holds the data: the place a missing file is reported at)
+    return root
 
 
 def how_to(root: Path) -> str:

@@ -118,6 +118,9 @@ def build_run_stream(suite: Suite, seed: int) -> Stream:
     if suite.split != "validation":
         return build_stream(suite.stream, seed)
     stream = build_stream(suite.stream, seed, with_test=False)
+    if not hasattr(stream, "class_order"):  # a text stream (clbench.data.text): no held-out split of it yet
+        raise ClbenchError(f"stream.name: {suite.stream.name} is a text stream, and clbench cannot hold out a "
+                           "validation split of a text stream yet (clbench sweep); run it on its test split")
     for t, task in enumerate(stream.tasks):  # the placeholders: touching them is an error, not a leak
         task.test_x, task.test_y = Withheld(f"task {t} test_x"), Withheld(f"task {t} test_y")
     v = suite.validation

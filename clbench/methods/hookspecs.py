@@ -62,6 +62,7 @@ lists every change and what a plugin written to an earlier version does about it
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import pluggy
@@ -76,6 +77,29 @@ if TYPE_CHECKING:
 PROJECT = "clbench"
 hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+@dataclass(frozen=True)
+class StepBatch:
+    """One training step as ``loss_terms`` sees it, after the forward pass (``clbench.StepBatch``).
+
+    ``batch``: the step's own ``(images, labels)`` (preprocessed, labels within the task; empty when
+    ``training_set`` replaced the task's data). ``logits``: the current task's head outputs on ``batch``.
+    ``replayed``: the rows the rehearsal hooks added, with their logits over every seen class, or None.
+    ``aux``: what the model's ``features`` returned beside the features (empty for a plain ``CLModel`` and on
+    rehearsal steps). ``rows``: the stream index ``(task, row)`` of the step's training rows (CPU ``torch.long``,
+    ``N x 2``; see ``loss_terms``)."""
+
+    batch: tuple[torch.Tensor, torch.Tensor]
+    logits: torch.Tensor
+    replayed: Replayed | None
+    aux: dict[str, torch.Tensor]
+    rows: torch.Tensor
+
+
+# The parts of StepBatch that contract 3's loss_terms took as arguments of their own; an implementation that
+# still names them (and no ``step``) is called with them taken from the StepBatch (clbench.methods.registry).
+STEP_PARTS = ("batch", "logits", "replayed", "aux", "rows")
 
 
 class DiscoverySpec:
@@ -146,22 +170,23 @@ class MethodSpec:
         ``ctx.task`` so runs resume exactly."""
 
     @hookspec
-    def loss_terms(
-        self, model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor], logits: torch.Tensor,
-        ctx: TaskContext, replayed: Replayed | None, aux: dict[str, torch.Tensor], rows: torch.Tensor,
-    ) -> dict[str, torch.Tensor] | None:
+    def loss_terms(self, model: torch.nn.Module, ctx: TaskContext, step: StepBatch) -> dict[str, torch.Tensor] | None:
         """Each step after the forward pass: extra scalar loss terms by name; they are added to the task's
-        cross-entropy and logged as ``train/<name>``. ``logits`` are the current task's head outputs on
-        ``batch``. ``replayed`` holds the rows the rehearsal hooks added (with their logits over every seen
-        class), or None when there are none. ``aux`` holds what the model's ``features`` returned beside the
-        features (empty for a plain ``CLModel``, and on rehearsal steps).
+        cross-entropy and logged as ``train/<name>``. ``step`` (:class:`StepBatch`) holds the step: ``step.logits``
+        are the current task's head outputs on ``step.batch``; ``step.replayed`` holds the rows the rehearsal
+        hooks added (with their logits over every seen class), or None when there are none; ``step.aux`` what the
+        model's ``features`` returned beside the features (empty for a plain ``CLModel``, and on rehearsal steps).
 
-        ``rows`` (a CPU ``torch.long`` tensor, ``N x 2``) is the stream index ``(task, row)`` of the step's
+        ``step.rows`` (a CPU ``torch.long`` tensor, ``N x 2``) is the stream index ``(task, row)`` of the step's
         training rows, so a method can insert them into a buffer with this step's logits (DER):
-        ``ctx.stream_samples(rows)`` gives back their raw images and labels. They are ``batch``'s
+        ``ctx.stream_samples(step.rows)`` gives back their raw images and labels. They are ``batch``'s
         rows (``task`` is ``ctx.task``), or, when ``training_set`` replaced the task's data, the first
         ``len(rows)`` rows of ``replayed`` (``batch`` and ``logits`` are then empty; rows of a part without a
-        ``Samples.index`` read ``(-1, -1)``). Under torchrun, this rank's rows."""
+        ``Samples.index`` read ``(-1, -1)``). Under torchrun, this rank's rows.
+
+        An implementation may instead name the parts it uses as arguments of their own, as contract 3 wrote
+        the hook: ``loss_terms(self, model, batch, logits, ctx)`` (any of ``batch``, ``logits``, ``replayed``,
+        ``aux``, ``rows``, with ``model`` and ``ctx``); it is called with them taken from ``step``."""
 
     @hookspec
     def before_optimizer_step(self, model: torch.nn.Module, ctx: TaskContext, rows: torch.Tensor) -> None:

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from clbench.errors import ClbenchError
-from clbench.methods.hookspecs import hookimpl
+from clbench.methods.hookspecs import StepBatch, hookimpl
 from clbench.model.backbones import CLModel
 
 Prefix = tuple[torch.Tensor, torch.Tensor]  # (keys, values), each (B, L, dim) in the attention's q/k/v space
@@ -239,11 +239,11 @@ class PromptMethod:
         model.task = ctx.task
 
     @hookimpl
-    def loss_terms(self, aux: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+    def loss_terms(self, step: StepBatch) -> dict[str, torch.Tensor] | None:
         weight = getattr(self.params, "key_weight", 0.0)
-        if "key_match" not in aux or weight == 0:
+        if "key_match" not in step.aux or weight == 0:
             return None
-        return {"key_match": weight * aux["key_match"]}
+        return {"key_match": weight * step.aux["key_match"]}
 
     @hookimpl
     def task_updates(self, model, ctx) -> None:

@@ -254,11 +254,54 @@ def _import_file(path: Path, source: str):
     return module
 
 
+class MethodManager(pluggy.PluginManager):
+    """A pluggy manager of the method hooks (``hookspecs.MethodSpec``) that also takes a ``loss_terms``
+    implementation naming the step's parts one by one (``batch``, ``logits``, ``replayed``, ``aux``, ``rows``: the
+    hook's arguments up to contract 3, now the fields of ``clbench.StepBatch``): it registers, in its place and
+    right after its plugin, an adapter that calls it with those parts taken from ``step``. Plugins written either
+    way run unchanged."""
+
+    def __init__(self) -> None:
+        super().__init__(hookspecs.PROJECT)
+        self.add_hookspecs(hookspecs.MethodSpec)
+        self._by_part: list[tuple[Any, tuple[str, ...], dict]] = []
+
+    def parse_hookimpl_opts(self, plugin: Any, name: str) -> Any:
+        opts = super().parse_hookimpl_opts(plugin, name)
+        if opts is None or (opts.get("specname") or name) != "loss_terms":
+            return opts
+        fn = getattr(plugin, name)
+        names = tuple(p for p in inspect.signature(fn).parameters if p != "self")
+        if set(names) & set(hookspecs.STEP_PARTS) and set(names) <= {"model", "ctx", *hookspecs.STEP_PARTS}:
+            self._by_part.append((fn, names, opts))
+            return None  # called through the adapter registered below
+        return opts  # the new form, or argument names pluggy refuses with its own message
+
+    def register(self, plugin: Any, name: str | None = None) -> str | None:
+        self._by_part = []
+        registered = super().register(plugin, name)
+        found, self._by_part = self._by_part, []
+        for fn, names, opts in found:
+            super().register(_step_parts_adapter(fn, names, opts), name=f"{registered}:loss_terms")
+        return registered
+
+
+def _step_parts_adapter(fn: Any, names: tuple[str, ...], opts: dict) -> Any:
+    """A plugin whose ``loss_terms(model, ctx, step)`` calls ``fn`` with the arguments ``names``."""
+
+    def loss_terms(self: Any, model: Any, ctx: Any, step: hookspecs.StepBatch) -> Any:
+        given = {"model": model, "ctx": ctx, "batch": step.batch, "logits": step.logits, "replayed": step.replayed,
+                 "aux": step.aux, "rows": step.rows}
+        return fn(**{n: given[n] for n in names})
+
+    marked = hookspecs.hookimpl(tryfirst=bool(opts.get("tryfirst")), trylast=bool(opts.get("trylast")))(loss_terms)
+    return type("LossTermsByPart", (), {"loss_terms": marked, "__module__": getattr(fn, "__module__", None)})()
+
+
 def validate_hooks(cls: type, where: str) -> None:
     """Fail loudly on misspelled or mis-declared hooks: every ``@hookimpl`` must name a hook of the spec with
     known arguments, and a method named like a hook must carry ``@hookimpl``."""
-    pm = pluggy.PluginManager(hookspecs.PROJECT)
-    pm.add_hookspecs(hookspecs.MethodSpec)
+    pm = MethodManager()
     try:
         pm.register(cls, name="validate")
         pm.check_pending()
@@ -358,12 +401,12 @@ def plugins_dir_hint(name: str, given: Iterable[str | Path], root: Path | None =
     return "; a method in a plugins folder is loaded only with --plugins-dir DIR"
 
 
-class RunManager(pluggy.PluginManager):
+class RunManager(MethodManager):
     """The plugin manager of one run: it knows its method (``method``, ``method_name``), so the loop's checked
     caller (``clbench.methods.hookcheck``) needs no look-up. Built once per run by :func:`run_manager`."""
 
     def __init__(self, method: Any) -> None:
-        super().__init__(hookspecs.PROJECT)
+        super().__init__()
         self.method = method
         self.method_name = str(getattr(method, "name", type(method).__name__))
 
@@ -375,7 +418,6 @@ def run_manager(method: Any, probes: Iterable[Any] = ()) -> RunManager:
     from clbench.methods.probes import TaskUpdateProbe  # torch: loaded only when a run is set up
 
     pm = RunManager(method)
-    pm.add_hookspecs(hookspecs.MethodSpec)
     pm.register(method, name=f"method:{pm.method_name}")
     pm.register(TaskUpdateProbe(), name="harness:task_updates")
     for i, probe in enumerate(probes):

@@ -129,7 +129,7 @@ def gather(samples_of: Callable[[int], Samples], index: torch.Tensor) -> Samples
 
 @dataclass(frozen=True)
 class Replayed:
-    """The method-supplied rows of one step, after the forward pass (``loss_terms``' ``replayed`` argument).
+    """The method-supplied rows of one step, after the forward pass (``step.replayed`` in ``loss_terms``).
 
     ``x`` preprocessed (augmented, normalised) on the device; ``y`` stream-wide labels (the column of the
     sample's class in ``logits``); ``scope`` one code per row (its position in ``SCOPES``: ``SCOPE_TASK`` 0,

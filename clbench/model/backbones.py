@@ -16,8 +16,6 @@ from clbench.errors import ClbenchError
 from clbench.model.pretrain import TINY, tiny_checkpoint
 from clbench.weights import hub_id_of, hub_weights_file
 
-LM_NAMES = ("t5_tiny_clbench", "llama_tiny_clbench")  # clbench.model.lm.LM_TINY (that module imports this one)
-
 
 class CLModel(nn.Module):
     """A backbone returning pooled features plus one linear head per task.
@@ -139,11 +137,8 @@ class Arch:
 
 
 def model_from(bb) -> CLModel:
-    """The model a suite's ``backbone`` section (``clbench.suite.BackboneConfig``) describes."""
-    if bb.name in LM_NAMES or bb.name.startswith("hf:"):  # a language backbone (clbench.model.lm)
-        from clbench.model.lm import build_language_model
-
-        return build_language_model(bb.name, bb.pretrained, bb.lm_eval, bb.max_source_length, bb.max_target_length)
+    """The image model a suite's ``backbone`` section (``clbench.suite.BackboneConfig``) describes (any backbone,
+    language ones included: ``clbench.model.lm.model_for``)."""
     return build_model(bb.name, bb.image_size, bb.pretrained, bb.checkpoint, in_chans=bb.in_chans,
                        drop_path_rate=bb.drop_path_rate, normalize=bb.normalize)
 

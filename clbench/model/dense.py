@@ -24,8 +24,16 @@ def _linear(module: nn.Module) -> nn.Linear:
 
 
 def backbone_maps(backbone: nn.Module, maps: tuple[str, ...] = MAPS) -> dict[str, tuple[nn.Parameter, slice]]:
-    """Every linear map of every transformer block of a timm ViT: name -> (weight parameter, output rows)."""
+    """Every linear map of every transformer block of a timm ViT: name -> (weight parameter, output rows); of a
+    language backbone, its attention projections q, k, v, o (the names of their LoRA sites)."""
     out: dict[str, tuple[nn.Parameter, slice]] = {}
+    if hasattr(backbone, "attention_linears"):  # a language backbone (clbench.model.lm): its attention projections
+        for i in range(len(backbone.blocks)):
+            for m in ("q", "k", "v", "o"):
+                for name, parent, attr in backbone.attention_linears(i, m):
+                    w = _linear(getattr(parent, attr)).weight
+                    out[name] = (w, slice(0, w.shape[0]))
+        return out
     for i, block in enumerate(backbone.blocks):
         qkv = _linear(block.attn.qkv).weight
         d = qkv.shape[0] // 3

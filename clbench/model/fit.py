@@ -29,6 +29,7 @@ class BackboneFacts:
     depth: int  # transformer blocks, numbered 0..depth-1
     skeleton: Any = field(repr=False)  # the backbone's modules on the meta device (no weights)
     _narrow: dict = field(default_factory=dict, repr=False)
+    _targets: dict = field(default_factory=dict, repr=False)
 
     def narrowest_map(self, targets: list[str] | None = None,
                       blocks: list[int] | None = None) -> tuple[str, int, int] | None:
@@ -40,10 +41,21 @@ class BackboneFacts:
         targets = [t for t in (targets or ["q", "v"]) if t in TARGETS] or ["q", "v"]
         key = (tuple(targets), tuple(blocks) if isinstance(blocks, list) else None)
         if key not in self._narrow:
-            sites = inject(copy.deepcopy(self.skeleton), list(key[0]), list(key[1]) if key[1] is not None else None)
+            try:
+                sites = inject(copy.deepcopy(self.skeleton), list(key[0]),
+                               list(key[1]) if key[1] is not None else None)
+            except ValueError as exc:  # a target this backbone lacks: targets_problem says so
+                sites, self._targets[key] = {}, str(exc)
             narrow = min(sites.items(), key=lambda kv: min(kv[1].d_in, kv[1].d_out)) if sites else None
             self._narrow[key] = (narrow[0], narrow[1].d_out, narrow[1].d_in) if narrow else None
         return self._narrow[key]
+
+    def targets_problem(self, targets: list[str], blocks: Any = None, name: str = "targets") -> str | None:
+        """Every target names a map of this backbone (a ViT's ``proj``, ``fc1``, ``fc2`` and fused ``qkv``; a
+        language backbone's ``o``; both have ``q``, ``k``, ``v``); found by the same injection as the rank check."""
+        self.narrowest_map(targets, blocks if isinstance(blocks, list) else None)
+        key = (tuple(targets), tuple(blocks) if isinstance(blocks, list) else None)
+        return f"{name}: {self._targets[key]}" if self._targets.get(key) else None
 
     def blocks_problem(self, name: str, blocks: Any) -> str | None:
         """``blocks`` (the value of field ``name``; None = the default) names blocks the backbone has, each once."""
@@ -104,8 +116,11 @@ def backbone_facts(cfg: Any) -> BackboneFacts | None:
     try:
         with torch.device("meta"):
             from clbench.model.backbones import TINY
+            from clbench.model.lm import is_language_backbone, language_skeleton
 
-            if cfg.name in TINY:
+            if is_language_backbone(cfg.name):
+                skeleton = language_skeleton(cfg.name)
+            elif cfg.name in TINY:
                 from timm.models.vision_transformer import VisionTransformer
 
                 skeleton = VisionTransformer(img_size=cfg.image_size, in_chans=cfg.in_chans or 1, num_classes=0,

@@ -35,8 +35,9 @@ How a text task meets the loop (which stays one loop, ``clbench.run.loop``):
   ``blocks.{i}.attn.{t}`` (self-attention) and ``blocks.{i}.cross_attn.{t}`` (a T5 decoder block's attention over
   the encoder output, adapted as PEFT's ``target_modules=["q", "v"]`` adapts it).
 
-Every model computation goes through ``TextBackbone.forward`` (so a method's hooks on the backbone, as SD-LoRA's,
-see every pass), decoding included (greedy, no key-value cache: labels are a few tokens).
+Training and the covariance passes go through ``TextBackbone.forward``; decoding and candidate scoring of a T5 run
+its encoder once per batch (``TextBackbone.encode``) and then ``forward`` per step or candidate (greedy, no
+key-value cache: labels are a few tokens).
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ from torch import nn
 
 from clbench.data.streams import Stream, TaskData
 from clbench.errors import ClbenchError
-from clbench.model.backbones import CLModel
+from clbench.model.backbones import CLModel, model_from
 
 HF_PREFIX = "hf:"
 # the tiny language backbones: family and shape (2 blocks, width 64)
@@ -62,6 +63,9 @@ LM_TINY: dict[str, dict[str, Any]] = {
     "llama_tiny_clbench": {"family": "llama", "d_model": 64, "layers": 2, "heads": 4, "d_ff": 128},
 }
 LM_TARGETS = ("q", "k", "v", "o")
+# the tiny LLaMA's weight init std: at LLaMA's 0.02 the output layer's logits cannot exceed ~1.3 at width 64 (the
+# final RMSNorm caps the hidden norm at sqrt(64)), so no adapter could make an answer likely; 0.2 lets them
+INIT_RANGE = 0.2
 EXTRA = "pip install 'clbench[lm]'"
 
 
@@ -171,8 +175,10 @@ class TextBackbone(nn.Module):
             return out
         return [(f"blocks.{i}.attn.{target}", block.self_attn, f"{target}_proj")]
 
-    def forward(self, x: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits for the target tokens; ``target`` None: the packed rows' own (``x[:, source_len:]``)."""
+    def forward(self, x: torch.Tensor, target: torch.Tensor | None = None,
+                encoded: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits for the target tokens; ``target`` None: the packed rows' own (``x[:, source_len:]``). A T5 given
+        ``encoded`` (``encode(prompt)``'s output) runs its decoder only."""
         prompt = x[:, : self.source_len] if target is None or x.shape[1] > self.source_len else x
         if target is None:
             target = x[:, self.source_len:]
@@ -180,6 +186,9 @@ class TextBackbone(nn.Module):
         if self.family == "t5":
             start = torch.full_like(target[:, :1], self.hf.config.decoder_start_token_id)
             decoder_in = torch.cat([start, target[:, :-1]], 1)
+            if encoded is not None:
+                return self.hf(encoder_outputs=(encoded,), attention_mask=mask, decoder_input_ids=decoder_in,
+                               use_cache=False).logits
             return self.hf(input_ids=prompt, attention_mask=mask, decoder_input_ids=decoder_in,
                            use_cache=False).logits
         seq = torch.cat([prompt, target], 1)
@@ -188,6 +197,13 @@ class TextBackbone(nn.Module):
         logits = self.hf(input_ids=seq, attention_mask=full, position_ids=pos, use_cache=False).logits
         L = prompt.shape[1]
         return logits[:, L - 1: L - 1 + target.shape[1]]
+
+    def encode(self, prompt: torch.Tensor) -> torch.Tensor | None:
+        """A T5's encoder output for ``prompt`` (reused by every decoding step and candidate); None for a causal
+        LM, which has no separate encoder."""
+        if self.family != "t5":
+            return None
+        return self.hf.encoder(input_ids=prompt, attention_mask=(prompt != self.pad_id).long()).last_hidden_state
 
 
 def _tiny_hf(name: str, vocab: int, pad_id: int, eos_id: int) -> tuple[nn.Module, str]:
@@ -202,7 +218,8 @@ def _tiny_hf(name: str, vocab: int, pad_id: int, eos_id: int) -> tuple[nn.Module
     cfg = tf.LlamaConfig(vocab_size=vocab, hidden_size=spec["d_model"], intermediate_size=spec["d_ff"],
                          num_hidden_layers=spec["layers"], num_attention_heads=spec["heads"],
                          num_key_value_heads=spec["heads"], max_position_embeddings=256, pad_token_id=pad_id,
-                         eos_token_id=eos_id, bos_token_id=eos_id, tie_word_embeddings=False)
+                         eos_token_id=eos_id, bos_token_id=eos_id, tie_word_embeddings=False,
+                         initializer_range=INIT_RANGE)
     return tf.LlamaForCausalLM(cfg), "causal"
 
 
@@ -364,10 +381,11 @@ class LanguageModel(CLModel):
         """Summed log-likelihood of every candidate target (C x T) after each row's prompt: N x C."""
         prompt = x[:, : self.backbone.source_len]
         valid = target_ids != self.backbone.pad_id
+        encoded = self.backbone.encode(prompt)
         scores = []
         for c in range(len(target_ids)):
             target = target_ids[c].expand(len(prompt), -1)
-            logp = self.backbone(prompt, target).float().log_softmax(-1)
+            logp = self.backbone(prompt, target, encoded).float().log_softmax(-1)
             tok = logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)
             scores.append((tok * valid[c]).sum(1))
         return torch.stack(scores, 1)
@@ -387,8 +405,9 @@ class LanguageModel(CLModel):
         pad, eos = self.backbone.pad_id, self.tokenizer.eos_id
         out = torch.full((len(prompt), steps), pad, dtype=torch.long, device=prompt.device)
         done = torch.zeros(len(prompt), dtype=torch.bool, device=prompt.device)
+        encoded = self.backbone.encode(prompt)
         for s in range(steps):
-            logits = self.backbone(prompt, out[:, : s + 1])
+            logits = self.backbone(prompt, out[:, : s + 1], encoded)
             nxt = logits[:, s].argmax(-1)
             nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
             out[:, s] = nxt
@@ -418,6 +437,28 @@ class LanguageModel(CLModel):
         return pred, pred
 
 
+def language_skeleton(name: str) -> TextBackbone | None:
+    """The backbone's modules as the current default device builds them (the preflight: the meta device, no
+    weights): a tiny one from its config, a hub model from its cached config (None when the config is not cached:
+    the backbone check reports that)."""
+    if name in LM_TINY:
+        from clbench.data.lm_synthetic import VOCABULARY
+
+        tok = WordTokenizer(VOCABULARY)
+        hf, family = _tiny_hf(name, len(tok), tok.pad_id, tok.eos_id)
+        return TextBackbone(hf, family, tok.pad_id)
+    from huggingface_hub import try_to_load_from_cache
+
+    hub_id = name[len(HF_PREFIX):]
+    if not isinstance(try_to_load_from_cache(hub_id, "config.json"), str):
+        return None
+    tf = require_transformers(name)
+    config = tf.AutoConfig.from_pretrained(hub_id)
+    if getattr(config, "is_encoder_decoder", False):
+        return TextBackbone(tf.AutoModelForSeq2SeqLM.from_config(config), "t5", 0)
+    return TextBackbone(tf.AutoModelForCausalLM.from_config(config), "causal", 0)
+
+
 def build_language_model(name: str, pretrained: bool = False, eval_mode: str = "generate",
                          max_source_length: int = 512, max_target_length: int = 50) -> LanguageModel:
     """The language model a suite's backbone names (module docstring); random weights for the tiny ones."""
@@ -436,3 +477,11 @@ def build_language_model(name: str, pretrained: bool = False, eval_mode: str = "
         raise ClbenchError(f"backbone.name: '{name}' is no language backbone; use {sorted(LM_TINY)} or hf:<hub id>")
     backbone = TextBackbone(hf, family, tok.pad_id)
     return LanguageModel(backbone, tok, eval_mode, max_source_length, max_target_length)
+
+
+def model_for(bb: Any) -> CLModel:
+    """The model a suite's ``backbone`` section describes: a language model for a language backbone's name, else
+    the image model (``clbench.model.backbones.model_from``)."""
+    if is_language_backbone(bb.name):
+        return build_language_model(bb.name, bb.pretrained, bb.lm_eval, bb.max_source_length, bb.max_target_length)
+    return model_from(bb)

@@ -23,14 +23,11 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Annotated, Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
 import torch
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from torch import nn
-
-if TYPE_CHECKING:
-    from clbench.model.fit import BackboneFacts
 
 ATTN_SLICES = ("q", "k", "v")
 Target = Literal["q", "k", "v", "qkv", "proj", "fc1", "fc2", "o"]  # o: a language backbone's output projection
@@ -344,11 +341,13 @@ class AdapterParams(BaseModel):
     targets: list[Target] = Field(["q", "v"], min_length=1, description="adapted maps: " + ", ".join(TARGETS))
     blocks: BlockList | None = Field(None, description="adapted transformer blocks, counted from 0 (default: all)")
 
-    def check_against(self, backbone: BackboneFacts) -> list[str]:
+    def check_against(self, backbone: Any) -> list[str]:
         """``blocks`` names blocks the backbone has, and ``rank`` fits the narrowest map ``targets`` x ``blocks``
-        adapts (``clbench.model.fit``; the preflight calls this before any run exists). A subclass with more
+        adapts; ``backbone`` is a ``clbench.BackboneFacts`` (``clbench.model.fit``, which builds on this module's
+        sites; the preflight calls this before any run exists). A subclass with more
         block lists or ranks extends it."""
-        problems = (backbone.blocks_problem("blocks", self.blocks),
+        problems = (backbone.targets_problem(list(self.targets), self.blocks),
+                    backbone.blocks_problem("blocks", self.blocks),
                     backbone.rank_problem(self.rank, list(self.targets), self.blocks))
         return [p for p in problems if p]
 

@@ -41,6 +41,7 @@ from clbench.errors import ClbenchError
 from clbench.methods import rehearsal
 from clbench.methods.context import TaskContext
 from clbench.methods.hookcheck import CheckedHooks, checked_hooks
+from clbench.methods.hookspecs import StepBatch
 from clbench.model.backbones import CLModel
 from clbench.run.checkpoint import rng_state, set_rng_state
 from clbench.run.distributed import SINGLE_PROCESS, Communicator
@@ -557,11 +558,14 @@ def train_task(loop: Loop, ctx: TaskContext, optimizer: torch.optim.Optimizer, s
                         logits, aux = forward_with_aux(model, xb, t)
                     loss, replayed = F.cross_entropy(logits.float(), yb), None
                 else:  # rehearsal: one pass over own and added rows, every seen head, each row's loss per scope
+                    if model.generative:
+                        raise ClbenchError("rehearsal (training_set / replay_batch) is not defined for a language "
+                                           "model: its loss is the label word's, not a head's; use an adapter method")
                     logits, loss, replayed = data.forward(model, ctx, offsets)
                     aux = {}
                 total, names = loss, []
-                for terms in hook.loss_terms(model=model, batch=data.own, logits=logits, ctx=ctx, replayed=replayed,
-                                          aux=aux, rows=rows):
+                step_batch = StepBatch(batch=data.own, logits=logits, replayed=replayed, aux=aux, rows=rows)
+                for terms in hook.loss_terms(model=model, ctx=ctx, step=step_batch):
                     for name, value in (terms or {}).items():
                         total = total + value
                         names.append(name)

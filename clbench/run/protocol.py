@@ -163,19 +163,26 @@ def tensor_summary(x: torch.Tensor) -> dict[str, Any]:
 
 def effective_protocol(suite: Suite, entry: int = 0, image_seed: int = 0) -> dict[str, Any]:
     """The protocol of method entry ``entry`` of ``suite`` (its ``train`` overrides applied), as a dict."""
+    from clbench.model.lm import is_language_backbone
+
     cfg = suite.train_for(suite.methods[entry])
-    image = synthetic_image(image_seed)
-    stored = stream_spec(suite.stream.name).stored_size
-    if stored is not None:
-        image = image[:stored, :stored]  # CIFAR's images are 32 x 32: the synthetic image's top-left corner
-    tf = transforms_of(suite, image)
+    if is_language_backbone(suite.backbone.name):  # text: no image path (the language model tokenizes the rows)
+        tf = {"normalize": None, "train_augment": None, "test_transform": "text, tokenized by the language model",
+              "train": None, "test": None}
+    else:
+        image = synthetic_image(image_seed)
+        stored = stream_spec(suite.stream.name).stored_size
+        if stored is not None:
+            image = image[:stored, :stored]  # CIFAR's images are 32 x 32: the synthetic image's top-left corner
+        tf = transforms_of(suite, image)
     return {"suite": suite.name, "hash": suite.protocol_hash(), "method": suite.methods[entry].display,
             "stream": suite.stream.name, "num_tasks": suite.stream.num_tasks, "seeds": list(suite.seeds),
             "epochs": cfg.epochs, "lr_per_epoch": lr_per_epoch(cfg), "schedule": cfg.schedule,
             "optimizer": optimizer_settings(cfg), "batch_size": cfg.batch_size, "drop_last": cfg.drop_last,
             "precision": cfg.precision, "head_init": cfg.head_init, "normalize": tf["normalize"],
             "train_augment": tf["train_augment"], "test_transform": tf["test_transform"],
-            "train_output": tensor_summary(tf["train"]), "test_output": tensor_summary(tf["test"]),
+            "train_output": tensor_summary(tf["train"]) if tf["train"] is not None else None,
+            "test_output": tensor_summary(tf["test"]) if tf["test"] is not None else None,
             "class_order": class_orders(suite), "class_names": class_names(suite.stream.name)}
 
 
@@ -191,8 +198,11 @@ def protocol_lines(p: dict[str, Any], tasks_shown: int = 2) -> list[str]:
         shown = ", ".join(f"{v:.4g}" for v in lrs[:12]) + (", ..." if len(lrs) > 12 else "")
         lines.append(f"  lr[{name}] per epoch: {shown}")
     lines += [f"batch       {p['batch_size']}, drop_last {p['drop_last']}",
-              f"precision   {p['precision']}",
-              f"normalise   mean {_fmt(p['normalize']['mean'])}, std {_fmt(p['normalize']['std'])}"
+              f"precision   {p['precision']}"]
+    if p["normalize"] is None:  # a language model: text in, no image path
+        lines.append(f"input       {p['test_transform']}")
+        return lines
+    lines += [f"normalise   mean {_fmt(p['normalize']['mean'])}, std {_fmt(p['normalize']['std'])}"
               + ("  (inputs in [0, 1])" if set(p["normalize"]["mean"]) == {0.0} and
                  set(p["normalize"]["std"]) == {1.0} else ""),
               f"head init   {p['head_init']}"]

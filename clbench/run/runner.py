@@ -37,7 +37,8 @@ from clbench.data.validation import build_run_stream, stream_cache_key
 from clbench.errors import ClbenchError
 from clbench.methods.hookcheck import MethodHookError, ProcessExit, exit_text, no_process_exit
 from clbench.methods.registry import discover, plugin_dirs, run_manager
-from clbench.model.backbones import fetch_hub_weights, model_from
+from clbench.model.backbones import fetch_hub_weights
+from clbench.model.lm import model_for
 from clbench.run import checkpoint, distributed
 from clbench.run.loop import LoopState, resolve_device, resolved_precision, resume_state, run_stream
 from clbench.run.plan import PlannedRun, RunJob, RunRecord, plan_runs, run_identity, run_key
@@ -115,13 +116,14 @@ class SuitePlan:
         return [(run, seed) for seed in self.seeds for run in self.planned]
 
 
-def run_suite(suite: Suite, source: str, **options: Any) -> list[RunRecord]:
-    """Run every planned (method, seed); resume unfinished ones from their checkpoints, skip finished ones
-    (``restart=True`` forgets both and starts fresh runs). ``options``: :class:`RunOptions`' fields.
+def run_suite(suite: Suite, source: str, opts: RunOptions | None = None) -> list[RunRecord]:
+    """Run every planned (method, seed) as ``opts`` (:class:`RunOptions`; default: all of them, the suite's store)
+    says; resume unfinished ones from their checkpoints, skip finished ones (``opts.restart`` forgets both and
+    starts fresh runs).
 
     Under torchrun, ranks above 0 follow rank 0 (clbench.run.distributed): the same runs, nothing logged or
     checkpointed."""
-    plan = plan_suite(suite, source, RunOptions(**options))
+    plan = plan_suite(suite, source, opts or RunOptions())
     if plan.opts.dry_run:
         _dry_run(plan)
         return []
@@ -571,7 +573,7 @@ def run_one(run: Run, stream) -> RunRecord:
         _check_checkpoint(ck, run.store, len(stream.tasks))
     # The model is built before any MLflow run exists, so missing weights leave no FAILED run behind.
     torch.manual_seed(seed)
-    model = model_from(suite.backbone)
+    model = model_for(suite.backbone)  # an image or a language model (clbench.model.lm)
     if getattr(model, "generative", False) and not isinstance(stream, Stream):  # text: the model tokenizes it
         stream = model.encode(stream)
     pm = run_manager(_construct(entry))

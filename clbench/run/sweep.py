@@ -300,10 +300,12 @@ class SweepOptions:
     trust_suite_plugins: bool = False
 
 
-def plan_sweep(suite: Suite, source: str, label: str, grid: list[str], **options: Any) -> SweepPlan:
-    """Everything a sweep will run, checked: see the module docstring; ``options``: :class:`SweepOptions`'
-    fields. Raises one ClbenchError line."""
-    opts = SweepOptions(**options)
+def plan_sweep(suite: Suite, source: str, label: str, grid: list[str],
+               opts: SweepOptions | None = None) -> SweepPlan:
+    """Everything a sweep will run, checked (see the module docstring), sampled and sourced as ``opts``
+    (:class:`SweepOptions`; default: the full grid, the built-in and installed methods). Raises one ClbenchError
+    line."""
+    opts = opts or SweepOptions()
     random_n, seed = opts.random_n, opts.seed
     metric, higher = check_metric(opts.metric)
     if random_n is not None and random_n < 1:
@@ -369,7 +371,7 @@ def run_sweep(plan: SweepPlan, *, executor=None, checkpoint_dir: str | None = No
     """Run (or resume) every trial as a child of the sweep's parent run and pick the best finished one (on a
     tie, the first in the plan's order). ``restart``: forget the sweep's trials and run them afresh.
     ``tracking_uri``: ``--tracking-uri`` (clbench.tracking.results_store's precedence)."""
-    from clbench.run.runner import open_results_store, run_suite
+    from clbench.run.runner import RunOptions, open_results_store, run_suite
 
     suite = plan.suite
     experiment = suite.tracking.experiment
@@ -377,9 +379,10 @@ def run_sweep(plan: SweepPlan, *, executor=None, checkpoint_dir: str | None = No
     tags = {keys.SUITE: plan.base.name, keys.SWEEP: plan.sweep_id, keys.SEARCH_SPACE: plan.space,
             keys.SWEEP_METRIC: plan.metric}
     label_tags = {t.label: {keys.TRIAL: t.text()} for t in plan.trials}
-    records = run_suite(suite, plan.source, seeds=[plan.seed], plugins_dirs=plan.plugins_dirs, tracker=tracker,
-                        progress=progress, checkpoint_dir=checkpoint_dir, executor=executor, tags=tags,
-                        label_tags=label_tags, restart=restart)
+    opts = RunOptions(seeds=[plan.seed], plugins_dirs=plan.plugins_dirs, tracker=tracker, progress=progress,
+                      checkpoint_dir=checkpoint_dir, executor=executor, tags=tags, label_tags=label_tags,
+                      restart=restart)
+    records = run_suite(suite, plan.source, opts)
     busy = sum(r.status == "BUSY" for r in records)
     if busy:  # the same sweep started twice: only the one that trains every point picks the best
         raise ClbenchError(f"sweep {plan.sweep_id}: {busy} of its {len(records)} points are being trained by another "
@@ -440,7 +443,7 @@ def then_test(result: SweepResult, *, executor=None, checkpoint_dir: str | None 
               progress: Callable[[str], None] = print, tracking_uri: str | None = None) -> list[RunRecord]:
     """The best point on the test protocol with the suite's seeds: the entry ``LABEL-tuned`` appended to the
     suite, tagged as tuned with where its values came from (clbench.analysis.leaderboard marks it)."""
-    from clbench.run.runner import run_suite
+    from clbench.run.runner import RunOptions, run_suite
 
     plan, base = result.plan, result.plan.base
     label = tuned_label(plan)
@@ -451,6 +454,7 @@ def then_test(result: SweepResult, *, executor=None, checkpoint_dir: str | None 
     suite = Suite.model_validate(data)
     tags = {keys.TUNED: "true", keys.SWEEP: plan.sweep_id, keys.SWEEP_RUN: result.parent_run or "",
             keys.SEARCH_SPACE: plan.space, keys.SWEEP_METRIC: plan.metric, keys.SWEEP_BEST: result.best.text()}
-    return run_suite(suite, plan.source, methods=[label], plugins_dirs=plan.plugins_dirs, progress=progress,
-                     checkpoint_dir=checkpoint_dir, executor=executor, label_tags={label: tags},
-                     tracking_uri=tracking_uri)
+    opts = RunOptions(methods=[label], plugins_dirs=plan.plugins_dirs, progress=progress,
+                      checkpoint_dir=checkpoint_dir, executor=executor, label_tags={label: tags},
+                      tracking_uri=tracking_uri)
+    return run_suite(suite, plan.source, opts)

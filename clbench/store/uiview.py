@@ -13,9 +13,18 @@ its *global* workflow type (``useExperimentKind``: a feature flag that is always
 workflow type and ignores ``mlflow.experimentKind``), which is the URL's ``workflowType`` parameter, else the
 browser's localStorage ``mlflow.workflowType_v1`` (JSON), else ``genai``. A fresh browser therefore opens the base
 URL, every experiment link and every run in GenAI mode (traces overview, "Evaluations"). ``clbench ui`` serves
-MLflow's own app with one change (:mod:`clbench.store.uiserver`): the page sets that localStorage key to
-``machine_learning`` when the browser has none, so every way in lands on the model-training runs table; a user
-who switches to GenAI keeps the choice. The kind tag is still set for MLflow versions that read it.
+MLflow's own app with one change (:mod:`clbench.store.uiserver`): a script first in the page (:func:`page_script`)
+sets that localStorage key to ``machine_learning`` when the browser has none, so every way in lands on the
+model-training runs table; a user who switches to GenAI keeps the choice. The kind tag is still set for MLflow
+versions that read it.
+
+The same script makes the leaderboard view the runs table's own state for every clbench experiment of the served
+store (the state MLflow restores when an address names no sort or filter: the experiments list's link, MLflow's
+"View experiment at" line, a run page's breadcrumb), and shows the table's metric cells rounded: MLflow 3.17 prints
+logged values unrounded (``59.29666666666667``) and has no setting for it, so the script rewrites the text of the
+cells it draws (two decimals; three significant digits below 1, so shares and small losses keep their digits).
+The store, the cells' tooltips, the charts and the run pages keep the logged values. Column widths in the view
+state show every header whole.
 """
 
 from __future__ import annotations
@@ -45,15 +54,30 @@ def column_key(kind: str, key: str) -> str:
     return f"{kind}.`{key}`"
 
 
+def column_width(key: str) -> int:
+    """Pixels that show a column's whole header (its key, in the grid's 13 px font, with the sort arrow and the
+    header's padding): MLflow's 100 px default cuts every clbench key longer than ``final/acc``."""
+    return max(110, 7 * len(key) + 44)
+
+
+def view_columns() -> list[str]:
+    """The view's columns left to right: who (method, seed), the leaderboard's metrics, the protocol."""
+    return ([column_key("tags", keys.METHOD), column_key("tags", keys.SEED)]
+            + [column_key("metrics", k) for k in COLUMNS] + [column_key("tags", keys.SUITE_HASH)])
+
+
 def view_state() -> dict:
-    """Search facets and UI state of the leaderboard view: sorted by final/acc (best first), metric columns shown,
-    every run visible in the charts."""
+    """Search facets and UI state of the leaderboard view: sorted by final/acc (best first), metric columns shown
+    wide enough for their whole names, every run visible in the charts. (MLflow applies ``columnWidths`` only to
+    the columns ``columnOrder`` lists.)"""
+    columns = view_columns()
     return {
         "orderByKey": column_key("metrics", SORT_KEY),
         "orderByAsc": False,
         "searchFilter": SEARCH_FILTER,
-        "selectedColumns": [column_key("tags", "clbench.method"), column_key("tags", "clbench.seed")]
-        + [column_key("metrics", k) for k in COLUMNS] + [column_key("tags", "clbench.suite_hash")],
+        "selectedColumns": columns,
+        "columnOrder": columns,
+        "columnWidths": {c: column_width(c.split(".", 1)[1].strip("`")) for c in columns},
         "runsHiddenMode": "SHOW_ALL",
     }
 
@@ -70,12 +94,67 @@ def experiment_tags() -> dict[str, str]:
     return {KIND_TAG: KIND, VIEW_TAG: view_tag_value()}
 
 
-def storage_script() -> str:
-    """The ``<script>`` :mod:`clbench.store.uiserver` puts first in the UI's page: the model-training workflow as the
-    browser's default (kept when the browser already has a choice)."""
-    key, value = json.dumps(WORKFLOW_STORAGE_KEY), json.dumps(json.dumps(WORKFLOW))
-    return (f"<script>try{{if(localStorage.getItem({key})===null)localStorage.setItem({key},{value})}}"
-            "catch(e){}</script>")
+# The leaderboard view as a browser's own state of an experiment's runs table: MLflow's runs page restores the
+# facets (sort, filter) and UI state (columns, widths) it last showed from this localStorage entry (LocalStorageUtils
+# "ExperimentPage" store, keyed by the JSON list of the page's experiment ids) whenever the address carries none.
+PERSISTED_STATE_KEY = "MLflowLocalStorage-1.1-ExperimentPage-{ids}-ReactComponentState"
+SEED_MARK_KEY = "clbench.leaderboardView.{id}"  # which clbench view (and which experiment) was last written there
+# MLflow 3.17 opens its assistant panel over a third of the page on a browser's first visit; marked as already done
+ASSISTANT_KEY = "mlflow.assistant.fab.autoOpenedOnFirstLoad_v1"
+
+# The page script, first in the UI's <head> (before MLflow's app runs), in three parts:
+# 1. defaults the browser has no choice for yet: model-training mode, the assistant not opened on its own;
+# 2. each clbench experiment's runs table starts as the leaderboard view, once per (experiment, view version): a
+#    view the user changes afterwards is theirs, and a store served later on this address with other experiments
+#    under the same ids gets its own; the base URL itself opens the runs table of the suite that ran last (MLflow's
+#    home, a GenAI getting-started page, stays one click away in its sidebar, the experiments list in the
+#    breadcrumb);
+# 3. numbers in the runs table's metric cells are shown rounded (``fmt``) as the grid draws them: the store, the
+#    cell's tooltip, the charts and the run page keep the logged values.
+_PAGE_JS = """(function(){try{
+var S=window.localStorage,D=__DEFAULTS__,E=__SEEDS__,V=__STATE__,L=__LATEST__;
+Object.keys(D).forEach(function(k){if(S.getItem(k)===null)S.setItem(k,D[k])});
+E.forEach(function(e){if(S.getItem(e.mark_key)!==e.mark){S.setItem(e.state_key,V);S.setItem(e.mark_key,e.mark)}});
+if(L!==null&&/^#?\/?$/.test(location.hash))history.replaceState(null,"","#/experiments/"+L+"/runs");
+}catch(err){}
+var NUM=/^-?[0-9]+(\\.[0-9]+)?(e[-+]?[0-9]+)?$/i,CELL='.ag-cell[col-id^="metrics."]';
+function fmt(v){var a=Math.abs(v);if(a!==0&&a<1e-6)return v.toExponential(2);
+var d=a>=1||a===0?2:2-Math.floor(Math.log10(a)),r=a.toFixed(d),x=a.toFixed(d+20),i=x.indexOf(".")+d+1;
+if(/^50*$/.test(x.slice(i))&&x.charAt(i-1)%2===0)r=x.slice(0,i);
+return(v<0?"-":"")+r}
+function fix(t){var p=t.parentElement,s=t.data.trim();if(!p||!p.closest(CELL)||!NUM.test(s))return;
+var r=fmt(Number(s));if(r!==s)t.data=r}
+function scan(n){if(n.nodeType===3){fix(n);return}if(n.nodeType!==1)return;
+var w=document.createTreeWalker(n,NodeFilter.SHOW_TEXT),t;while((t=w.nextNode()))fix(t)}
+new MutationObserver(function(ms){ms.forEach(function(m){if(m.type==="characterData")fix(m.target);
+else m.addedNodes.forEach(scan)})}).observe(document.documentElement,{childList:true,subtree:true,characterData:true});
+})();"""
+
+
+def seed_mark(experiment_id: str, name: str, creation_time: int | None) -> str:
+    """Names one experiment of one store (ids repeat across stores served on one address) and this version's
+    view: the page rewrites an experiment's runs-table state when its mark in the browser differs."""
+    import hashlib
+
+    ident = json.dumps([experiment_id, name, creation_time, view_state()], sort_keys=True)
+    return hashlib.sha256(ident.encode()).hexdigest()[:16]
+
+
+def page_script(experiments: list[tuple[str, str, int | None]] = (), latest: str | None = None) -> str:
+    """The ``<script>`` :mod:`clbench.store.uiserver` puts first in the UI's page, for the store's clbench
+    experiments ``(id, name, creation_time)`` (those carrying the saved view); ``latest``: the id of the one whose
+    run started last, where the base URL opens."""
+    seeds = [{"state_key": PERSISTED_STATE_KEY.format(ids=json.dumps([eid])),
+              "mark_key": SEED_MARK_KEY.format(id=eid), "mark": seed_mark(eid, name, created)}
+             for eid, name, created in experiments]
+    defaults = {WORKFLOW_STORAGE_KEY: json.dumps(WORKFLOW), ASSISTANT_KEY: "true"}
+
+    def js(value) -> str:  # JSON inside a <script>: no "</" can close it early
+        return json.dumps(value, separators=(",", ":")).replace("</", "<\\/")
+
+    js_code = (_PAGE_JS.replace("__DEFAULTS__", js(defaults)).replace("__SEEDS__", js(seeds))
+               .replace("__STATE__", js(json.dumps(view_state()))).replace("__LATEST__", js(latest)))
+    return f"<script>{js_code}</script>"
 
 
 def view_url(base: str, experiment_id: str) -> str:

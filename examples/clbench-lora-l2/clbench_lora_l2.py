@@ -26,7 +26,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from clbench import LoRAParams, LoRASite, Method, TaskContext, hookimpl, inject
+from clbench import LoRAParams, LoRASite, Method, StepBatch, TaskContext, hookimpl, inject
 
 
 class LoRAL2Params(LoRAParams):
@@ -63,8 +63,7 @@ class LoRAL2(Method):
         self._anchor = [(q, q.detach().clone()) for q in factors] if ctx.task > 0 else []
 
     @hookimpl
-    def loss_terms(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], logits: torch.Tensor,
-                   ctx: TaskContext) -> dict[str, torch.Tensor] | None:
+    def loss_terms(self, model: nn.Module, ctx: TaskContext, step: StepBatch) -> dict[str, torch.Tensor] | None:
         if not self._anchor or self.params.strength == 0:
             return None  # nothing to pull towards on the first task
         pull = sum((q - q0).pow(2).sum() for q, q0 in self._anchor)

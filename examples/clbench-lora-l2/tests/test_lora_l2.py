@@ -23,11 +23,11 @@ def test_penalty_is_strength_times_squared_distance():
     method = run.method
     ctx = type("Ctx", (), {"task": 1})()
     method.before_task(run.model, ctx)  # anchor = the current factors
-    assert method.loss_terms(run.model, None, None, ctx)["l2"].item() == 0.0
+    assert method.loss_terms(run.model, ctx, None)["l2"].item() == 0.0
     q, _ = method._anchor[0]
     with torch.no_grad():
         q.add_(0.1)  # move one factor by 0.1 in every entry
-    got = method.loss_terms(run.model, None, None, ctx)["l2"].item()
+    got = method.loss_terms(run.model, ctx, None)["l2"].item()
     assert np.isclose(got, 0.5 * q.numel() * 0.1**2, rtol=1e-4)
 
 

@@ -36,6 +36,7 @@ from clbench import (
     Method,
     PromptMethod,
     PromptModel,
+    StepBatch,
     attach,
     fit_blocks,
     hookimpl,
@@ -151,8 +152,8 @@ class CodaPrompt(PromptMethod, Method):
                  "name": "prompts"}]
 
     @hookimpl
-    def loss_terms(self, aux):
-        return {"ortho": aux["ortho"]} if "ortho" in aux else None
+    def loss_terms(self, step: StepBatch):
+        return {"ortho": step.aux["ortho"]} if "ortho" in step.aux else None
 
 
 def register_methods(register):
