@@ -539,8 +539,8 @@ def ui(
     typer.echo(f"MLflow UI for {uri} on {base}", err=True)
     for name, exp_id in views:
         typer.echo(f"  {name}: {view_url(base, exp_id)}   (leaderboard: runs sorted by final/acc)", err=True)
-    typer.echo(f"  every page opens in MLflow's model-training mode (runs tables; {base} lists the experiments)",
-               err=True)
+    typer.echo(f"  every page opens in MLflow's model-training mode: {base} on the runs table of the suite that ran "
+               "last, and each clbench experiment's runs table as its leaderboard view", err=True)
     from clbench.store.uiserver import command
 
     argv = command(uri, host, port)  # MLflow's own server, opening in model-training mode (clbench.store.uiserver)
