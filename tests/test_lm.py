@@ -183,3 +183,25 @@ def test_rehearsal_on_a_language_model_is_refused_in_one_line():
     with pytest.raises(ClbenchError) as err:
         run_method(builtin_method("er")(), stream=tiny_text_case(2), max_steps_per_epoch=2)
     assert "\n" not in str(err.value) and "method 'er'" in str(err.value)
+
+
+@pytest.mark.parametrize("name", ["t5_tiny_clbench", "llama_tiny_clbench"])
+def test_a_rows_scores_do_not_depend_on_its_batchs_padding(name):
+    model, stream = model_and_stream(tiny_text_case(2, name))
+    for task in stream.tasks:
+        model.add_task_head(task)
+    x = torch.cat([stream.tasks[0].test_x, stream.tasks[1].test_x])
+    lengths = (x[:, : model.backbone.source_len] != model.backbone.pad_id).sum(1)
+    short = int(lengths.argmin())
+    model.eval()
+    with torch.no_grad():
+        alone, together = model(x[short:short + 1]), model(x)[short:short + 1]
+    assert torch.allclose(alone, together, atol=1e-4, rtol=1e-5)
+    assert model.backbone.trim(x[short:short + 1, : model.backbone.source_len]).shape[1] == int(lengths[short])
+
+
+def test_prompts_carry_olora_special_tokens_and_keep_them_when_cut():
+    model, _ = model_and_stream(tiny_text_case(1))
+    model.max_source_length = 5
+    ids = model.prompt_ids("what is the topic of the sentence ?")
+    assert len(ids) == 5 and ids[-1] == model.tokenizer.eos_id  # T5: the source ends with </s>, kept when cut

@@ -15,8 +15,9 @@ transformers is the optional extra ``clbench[lm]`` and is imported only inside t
 How a text task meets the loop (which stays one loop, ``clbench.run.loop``):
 
 * **rows**: ``LanguageModel.encode(TextStream)`` tokenizes a stream once into the loop's ``Stream`` of tensors:
-  every row is ``[prompt | target]`` token ids, the prompt (truncated to ``backbone.max_source_length``) padded to
-  the stream's longest prompt L, the target (the label word's tokens + end of sequence, padded to T) the gold
+  every row is ``[prompt | target]`` token ids, the prompt (``prompt_ids``: O-LoRA's special tokens, cut to
+  ``backbone.max_source_length``) padded to the stream's longest prompt L (each batch runs at its own longest:
+  ``TextBackbone.trim``), the target (the label word's tokens + end of sequence, padded to T) the gold
   answer on training rows and padding on test rows. Labels are global class ids as for images.
 * **heads**: task t's head (:class:`LabelHead`) holds the tokens of its label words (and a per-class offset that
   only a method's own probe trains); ``head(model.features(x))`` is the task's candidate scores: the summed
@@ -94,6 +95,7 @@ class WordTokenizer:
         self.vocab = ["<pad>", "</s>", "<unk>", *vocabulary]
         self.index = {w: i for i, w in enumerate(self.vocab)}
         self.pad_id, self.eos_id, self.unk_id = 0, 1, 2
+        self.bos_id = None  # no beginning-of-sequence token (as T5's)
 
     def __len__(self) -> int:
         return len(self.vocab)
@@ -113,7 +115,7 @@ class HubTokenizer:
 
     def __init__(self, tok: Any) -> None:
         self.tok = tok
-        self.eos_id = tok.eos_token_id
+        self.eos_id, self.bos_id = tok.eos_token_id, tok.bos_token_id
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.unk_token_id
         if pad is None or pad == self.eos_id:
             pad = 0 if self.eos_id != 0 else 1
@@ -182,6 +184,7 @@ class TextBackbone(nn.Module):
         prompt = x[:, : self.source_len] if target is None or x.shape[1] > self.source_len else x
         if target is None:
             target = x[:, self.source_len:]
+        prompt = self.trim(prompt)
         mask = (prompt != self.pad_id).long()
         if self.family == "t5":
             start = torch.full_like(target[:, :1], self.hf.config.decoder_start_token_id)
@@ -203,7 +206,17 @@ class TextBackbone(nn.Module):
         LM, which has no separate encoder."""
         if self.family != "t5":
             return None
+        prompt = self.trim(prompt)
         return self.hf.encoder(input_ids=prompt, attention_mask=(prompt != self.pad_id).long()).last_hidden_state
+
+    def trim(self, prompt: torch.Tensor) -> torch.Tensor:
+        """The batch's prompts without the columns that are padding in every row (a T5's trailing ones, a causal
+        LM's leading ones): each batch padded to its own longest prompt, as O-LoRA's collator pads, not to the
+        stream's. The rows' real tokens, their positions and their outputs are the same either way."""
+        real = (prompt != self.pad_id).any(0).nonzero()
+        if len(real) == 0:
+            return prompt[:, :1]
+        return prompt[:, : int(real[-1]) + 1] if self.family == "t5" else prompt[:, int(real[0]):]
 
 
 def _tiny_hf(name: str, vocab: int, pad_id: int, eos_id: int) -> tuple[nn.Module, str]:
@@ -320,7 +333,7 @@ class LanguageModel(CLModel):
                 raise ClbenchError(f"stream {stream.name}: task {task.name} has no label words")
             rows = [tok.encode(lab)[: self.max_target_length - 1] + [tok.eos_id] for lab in task.labels]
             targets.append(rows)
-            prompts.append([[tok.encode(e.text)[: self.max_source_length] for e in part]
+            prompts.append([[self.prompt_ids(e.text) for e in part]
                             for part in (task.train, task.test)])
         L = max((len(p) for parts in prompts for part in parts for p in part), default=1)
         T = max(len(r) for rows in targets for r in rows)
@@ -351,6 +364,17 @@ class LanguageModel(CLModel):
             offset += C
         meta = {**stream.meta, "prompt_tokens": str(L), "target_tokens": str(T)}
         return Stream(stream.name, tasks, list(range(offset)), meta)
+
+    def prompt_ids(self, text: str) -> list[int]:
+        """A prompt's tokens as O-LoRA's collator makes them (the tokenizer's special tokens, cut to
+        ``max_source_length`` with them kept): a T5's end with end of sequence, a causal LM's start with its
+        tokenizer's beginning of sequence when it has one."""
+        tok, n = self.tokenizer, self.max_source_length
+        ids = tok.encode(text)
+        if self.backbone.family == "t5":
+            return ids[: n - 1] + [tok.eos_id]
+        bos = getattr(tok, "bos_id", None)
+        return ids[:n] if bos is None else [bos] + ids[: n - 1]
 
     def preprocess(self, x: torch.Tensor) -> torch.Tensor:
         return x
