@@ -148,6 +148,10 @@ def test_every_report_and_claim_figure_draws_cleanly(checked, tmp_path):
     scores = np.array([[METHODS[m] + s for s in range(3)] for m in names])
     cd_diagram(rank_methods(scores, names, ["a", "b", "c"]), tmp_path / "cd.png", title="average rank")
     assert len(checked) == len(report.PLOTS) + 2
+    # the claim suite's arms: every one of them within a few parameters of the others (a narrow linear axis)
+    for i, row in enumerate(g.rows):
+        row.metrics[keys.COST_TRAINABLE_PARAMS] = lb.stat([4226.0 + 8 * (i % 2)] * 3)
+    assert report.plot_pareto(g)
     assert [(name, p) for name, p in checked if p] == []
 
 

@@ -65,11 +65,18 @@ def si_number(value: float) -> str:
 
 
 def plain_linear_axis(ax, which: str = "x") -> None:
-    """Literal tick labels in SI form (0, 20k, 40k) on a linear axis: matplotlib's plain ``100000 120000``
-    run into each other under the figure's widths."""
-    from matplotlib.ticker import FuncFormatter
+    """At most five literal tick labels on a linear axis, in SI form from 100k on (0, 50k, 100k): matplotlib's
+    plain ``100000 120000`` (or ``4226 4227 ... 4234`` on a narrow range) run into each other at the report's
+    figure widths."""
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
 
-    (ax.xaxis if which == "x" else ax.yaxis).set_major_formatter(FuncFormatter(lambda v, _pos: si_number(v)))
+    axis = ax.xaxis if which == "x" else ax.yaxis
+    axis.set_major_locator(MaxNLocator(nbins=5))
+
+    def label(v: float, _pos: int) -> str:
+        return si_number(v) if max(abs(t) for t in axis.get_view_interval()) >= 1e5 else f"{v:g}"
+
+    axis.set_major_formatter(FuncFormatter(label))
 
 
 def plain_symlog_axis(ax, which: str, values: list[float]) -> None:
