@@ -319,19 +319,22 @@ def check(
                                           help="also load method plugins from this folder"),
     set_: list[str] = typer.Option([], "--set", metavar="KEY=VALUE",
                                    help="a method param (value parsed as YAML), e.g. --set rank=2; repeatable"),
+    lm: list[str] = typer.Option([], "--lm", metavar="BACKBONE",
+                                 help="also run the contract on a tiny language model: t5_tiny_clbench or "
+                                      "llama_tiny_clbench (needs clbench[lm]); repeatable"),
 ) -> None:
-    """Run the plugin contract on one method (CPU, tiny ViT): one line per check, with what runs shown on stderr
-    as it goes, stop at the first failure (exit 1). The same checks as tests/test_contract.py, without a source
-    checkout of clbench."""
+    """Run the plugin contract on one method (CPU, tiny ViT; with --lm also a tiny language model): one line per
+    check, with what runs shown on stderr as it goes, stop at the first failure (exit 1). The same checks as
+    tests/test_contract.py (and tests/test_contract_lm.py), without a source checkout of clbench."""
     from clbench.methods.hookcheck import no_process_exit
 
     # guarded from before the plugins are imported: a plugin that takes its own reference at import
     # (`from os import _exit`) takes the guard's, so it cannot end `clbench check` with a silent exit 0
     with no_process_exit():
-        _check_method(name, plugins_dir, set_)
+        _check_method(name, plugins_dir, set_, lm)
 
 
-def _check_method(name: str, plugins_dir: list[str], set_: list[str]) -> None:
+def _check_method(name: str, plugins_dir: list[str], set_: list[str], lm: list[str]) -> None:
     import time
 
     from clbench.contract import ContractError, method_checks, method_params
@@ -354,9 +357,21 @@ def _check_method(name: str, plugins_dir: list[str], set_: list[str]) -> None:
         params = method_params(info.cls, set_) if set_ else None
     except ClbenchError as exc:
         _fail(str(exc))
+    steps = method_checks(info.cls, params, progress=lambda msg: typer.echo(f"      {msg}", err=True))
+    for backbone in lm:
+        from clbench.contract import language_checks
+        from clbench.model.lm import LM_TINY, require_transformers
+
+        if backbone not in LM_TINY:
+            _fail(f"--lm {backbone}: choose a tiny language backbone: {', '.join(sorted(LM_TINY))}")
+        try:
+            require_transformers(backbone)
+        except ClbenchError as exc:
+            _fail(f"--lm {backbone}: {exc}")
+        steps += language_checks(info.cls, params, backbone=backbone)
     shown = f" with {', '.join(set_)}" if set_ else ""
     typer.echo(f"contract of method '{info.name}' [{info.source}]{shown}")
-    for label, step in method_checks(info.cls, params, progress=lambda msg: typer.echo(f"      {msg}", err=True)):
+    for label, step in steps:
         typer.echo(f"..    {label}", err=True)
         tic = time.perf_counter()
         try:
@@ -524,8 +539,8 @@ def ui(
     typer.echo(f"MLflow UI for {uri} on {base}", err=True)
     for name, exp_id in views:
         typer.echo(f"  {name}: {view_url(base, exp_id)}   (leaderboard: runs sorted by final/acc)", err=True)
-    typer.echo(f"  every page opens in MLflow's model-training mode (runs tables; {base} lists the experiments)",
-               err=True)
+    typer.echo(f"  every page opens in MLflow's model-training mode: {base} on the runs table of the suite that ran "
+               "last, and each clbench experiment's runs table as its leaderboard view", err=True)
     from clbench.store.uiserver import command
 
     argv = command(uri, host, port)  # MLflow's own server, opening in model-training mode (clbench.store.uiserver)

@@ -314,15 +314,20 @@ CELLS_PAGE = """<!doctype html><html><head>{script}</head><body>
 <div class="ag-cell" col-id="metrics.`final/acc`"><span id="a">59.29666666666667</span></div>
 <div class="ag-cell" col-id="metrics.`final/avg_acc`"><span id="c">59.29666666666667</span></div>
 <div class="ag-cell" col-id="metrics.`final/forgetting`"><span id="f">-</span></div>
+<div class="ag-cell" col-id="metrics.`final/bwt`"><span id="tie">-37.625</span></div>
+<div class="ag-cell" col-id="metrics.`final/acc_til`"><span id="tie3">0.5625</span></div>
+<div class="ag-cell" col-id="metrics.`final/avg_acc`"><span id="up">5.135</span></div>
 <div class="ag-cell" col-id="metrics.`cost/trainable_params`"><span id="p">4226</span></div>
 <div class="ag-cell" col-id="tags.`clbench.seed`"><span id="t">0.123456</span></div>
 <div class="ag-header-cell" col-id="metrics.`final/avg_acc`"><span id="h">12.345678</span></div>
 <script>
+const USER_CHANGES = {user_changes};
 const text = id => document.getElementById(id).textContent;
-if (!sessionStorage.getItem("reloaded")) {{  // the user changes the table's state, and comes back later
-  sessionStorage.setItem("reloaded", "1");
+if (USER_CHANGES) {{  // the user changes the table's state, and the page (its script) loads again later
   localStorage.setItem({state_key}, '{{"orderByKey": "attributes.start_time"}}');
-  location.reload();
+  const again = document.createElement("script");
+  again.textContent = document.head.querySelector("script").textContent;
+  document.head.appendChild(again);
 }}
 setTimeout(() => {{  // the grid draws later: a new row, a cell whose value changes
   document.body.insertAdjacentHTML("beforeend", '<div class="ag-row"><div class="ag-cell" '
@@ -331,38 +336,45 @@ setTimeout(() => {{  // the grid draws later: a new row, a cell whose value chan
   document.getElementById("p").firstChild.data = "0";
 }}, 50);
 setTimeout(() => document.body.setAttribute("data-out", JSON.stringify({{
-  a: text("a"), b: text("b"), c: text("c"), f: text("f"), p: text("p"), t: text("t"), h: text("h"),
+  a: text("a"), b: text("b"), c: text("c"), f: text("f"), tie: text("tie"), tie3: text("tie3"), up: text("up"), p: text("p"), t: text("t"), h: text("h"),
   state: localStorage.getItem({state_key}), mark: localStorage.getItem({mark_key}),
-  workflow: localStorage.getItem("mlflow.workflowType_v1")}})), 400);
+  workflow: localStorage.getItem("mlflow.workflowType_v1"), hash: location.hash}})), 400);
 </script></body></html>"""
 
 
 def test_page_script_rounds_metric_cells_and_seeds_the_leaderboard_view(tmp_path):
     """The script `clbench ui` puts first in MLflow's page, run by Chromium on a page with grid-like cells: metric
     cells read rounded as they are drawn and redrawn (two decimals, three significant digits below 1), other
-    cells and headers keep their text, and the experiment's runs-table state is the leaderboard view on a first
-    visit, and the user's own after they change it."""
+    cells and headers keep their text, the experiment's runs-table state is the leaderboard view on a first
+    visit and the user's own after they change it, and the base URL (no other) opens the latest suite's table."""
     from clbench.store import uiview
 
-    script = uiview.page_script([("7", "bench", 123)])
+    script = uiview.page_script([("7", "bench", 123)], latest="7")
     state_key = uiview.PERSISTED_STATE_KEY.format(ids='["7"]')
     page = tmp_path / "cells.html"
-    page.write_text(CELLS_PAGE.format(script=script, state_key=json.dumps(state_key),
+    page.write_text(CELLS_PAGE.format(script=script, state_key=json.dumps(state_key), user_changes="true",
                                       mark_key=json.dumps(uiview.SEED_MARK_KEY.format(id="7"))))
     out = re.search(r'data-out="([^"]*)"', dump_dom(page.as_uri(), width=800))
     assert out, "the page's probe did not run"
     got = json.loads(html.unescape(out.group(1)))
     assert got["c"] == "59.30"
+    # the digits the terminal leaderboard prints (Python's format: an exact binary tie goes to the even digit;
+    # 5.135 is not a tie in binary)
+    assert [got["tie"], got["tie3"], got["up"]] == [f"{-37.625:.2f}", f"{0.5625:.3f}", f"{5.135:.2f}"] \
+        == ["-37.62", "0.562", "5.13"]
     assert (got["a"], got["b"], got["p"]) == ("-1.23e-7", "0.835", "0.00")  # redrawn / drawn late
     assert got["f"] == "-" and got["t"] == "0.123456" and got["h"] == "12.345678"  # not metric cells
     assert got["mark"] == uiview.seed_mark("7", "bench", 123)
     assert json.loads(got["state"]) == {"orderByKey": "attributes.start_time"}  # the user's change is kept
-    # a first visit (or a clbench view of another version) gets the leaderboard view
-    page.write_text(CELLS_PAGE.format(script=script, state_key=json.dumps(state_key), mark_key=json.dumps(
-        uiview.SEED_MARK_KEY.format(id="7"))).replace("!sessionStorage.getItem", "false && sessionStorage.getItem"))
-    got = json.loads(html.unescape(re.search(r'data-out="([^"]*)"', dump_dom(page.as_uri(), width=800)).group(1)))
-    assert json.loads(got["state"]) == uiview.view_state()
     assert json.loads(got["workflow"]) == "machine_learning"
+    assert got["hash"] == "#/experiments/7/runs"  # the base URL opens the latest suite's runs table
+    # a first visit (or a clbench view of another version) gets the leaderboard view
+    page.write_text(CELLS_PAGE.format(script=script, state_key=json.dumps(state_key), user_changes="false",
+                                      mark_key=json.dumps(uiview.SEED_MARK_KEY.format(id="7"))))
+    got = json.loads(html.unescape(re.search(r'data-out="([^"]*)"', dump_dom(page.as_uri() + "#/compare-runs",
+                                                                          width=800)).group(1)))
+    assert json.loads(got["state"]) == uiview.view_state()
+    assert got["hash"] == "#/compare-runs"  # any other address is left as it is
 
 
 def test_html_report_ranks_and_cd_diagram_render(tmp_path):
@@ -416,69 +428,51 @@ def run_link_names(browser) -> list[str]:
 
 @pytest.mark.slow  # one more Chromium session clicking through the UI (a minute or two under load)
 def test_every_way_in_lands_on_the_leaderboard_view(server):
-    """A fresh browser, as a new user: from the base URL the experiments list's link opens the experiment's runs
-    table as the leaderboard view (the finished test-split child runs, best final/acc first), not the GenAI
-    overview; the saved view's address `clbench ui` prints shows the same; a run clicked there opens its
-    Overview (not "Evaluations"); a run's own address (what `clbench run` prints against a server) leads back
-    through its breadcrumb to the leaderboard view, whose values read rounded under whole headers. A
-    screenshot of each page is checked for being drawn (non-trivial PNG)."""
+    """A fresh browser, as a new user: the base URL opens the runs table of the suite that ran last as its
+    leaderboard view (the finished test-split child runs, best final/acc first; not MLflow's GenAI home); the
+    breadcrumb's experiments list opens another suite's table as its leaderboard view too, whose values read
+    rounded under whole headers; the saved view's address `clbench ui` prints shows the same; a run clicked
+    there opens its Overview (not "Evaluations"); a run's own address (what `clbench run` prints against a
+    server) leads back through its breadcrumb to the leaderboard view. A screenshot of each page is checked for
+    being drawn (non-trivial PNG)."""
     from cdp import Browser
+    from mlflow.tracking import MlflowClient
 
     from clbench.store.tracking import ensure_ui_views
     from clbench.store.uiview import WORKFLOW, WORKFLOW_STORAGE_KEY, column_key, view_columns, view_url
 
     url, exps, folder = server
     ensure_ui_views(url)
-    exp = exps["bench"]
-    finished = sorted(((r[7][0], r[6], f"{r[2]}-s{r[4]}") for r in RUNS if r[0] == "bench" and r[5] == "FINISHED"),
-                      reverse=True)
-    link = f'a[href$="experiments/{exp}"]'
+    exp, floats = exps["bench"], exps["floats"]
+    client = MlflowClient(url)
+    latest = client.search_runs([exp, floats], max_results=1, order_by=["attributes.start_time DESC"])[0]
+    assert latest.info.experiment_id == exp  # the fixture's bench runs carry the later start times
+    finished = sorted(f"{r[2]}-s{r[4]}" for r in RUNS if r[0] == "bench" and r[5] == "FINISHED")
     browser = Browser(CHROMIUM)
     try:
         browser.goto(url + "/")
         try:
-            browser.wait_for(f"!!document.querySelector('{link}')", timeout=180)
+            landed = browser.wait_for(f"document.querySelectorAll('{ROWS}').length >= 12 && location.hash",
+                                      timeout=180)
         except TimeoutError:
             browser.screenshot(folder / "home.png")
-            hrefs = browser.js("[...document.querySelectorAll('a')].map(a => a.getAttribute('href'))")
-            pytest.fail(f"no link to experiment {exp} on the home page ({folder / 'home.png'}): {hrefs}")
+            pytest.fail(f"the base URL did not open a runs table ({folder / 'home.png'}): {browser.js('location.href')}")
+        assert f"/experiments/{exp}/runs" in landed and "genai" not in landed.lower(), landed
         assert json.loads(browser.js(f"localStorage.getItem('{WORKFLOW_STORAGE_KEY}')")) == WORKFLOW
-        browser.js(f"document.querySelector('{link}').click()")
-        landed = browser.wait_for(f"location.hash.includes('/experiments/{exp}/runs') && "
-                                  f"document.querySelectorAll('{ROWS}').length >= 12 && location.hash")
-        assert "genai" not in landed.lower() and "overview" not in landed, landed
         # the leaderboard view, not the plain table: only the finished children, best final/acc first (the two
         # lora-s0 runs of one protocol tie-break by MLflow's own order, so compare the sorted names too)
         names = run_link_names(browser)
-        assert sorted(names) == sorted(n for _, _, n in finished), names
-        assert names[:3] == ["inflora-s1", "inflora-s0", "lora-s2"], names
-        assert "Run Name" in browser.js("document.body.innerText") and "bench" not in names
+        assert sorted(names) == finished and names[:3] == ["inflora-s1", "inflora-s0", "lora-s2"], names
         browser.screenshot(folder / "runs.png")
-        browser.goto(view_url(url, exp))  # the address `clbench ui` and the README give
-        browser.wait_for(f"document.querySelectorAll('{ROWS}').length >= 12 && "
-                         "location.hash.includes('viewStateShareKey')")
-        assert sorted(run_link_names(browser)) == sorted(n for _, _, n in finished)
-        browser.screenshot(folder / "view.png")
-        browser.js(f"document.querySelector('{ROWS}').click()")
-        browser.wait_for("/runs\\/[0-9a-f]{32}/.test(location.hash) && document.body.innerText.includes('Overview')")
-        text = browser.js("document.body.innerText")
-        assert "Evaluations" not in text and "Model metrics" in text  # the model-training run page
-        browser.screenshot(folder / "run.png")
 
-        # a run's own address, typed or clicked in a terminal, and back to its experiment through the breadcrumb
-        from mlflow.tracking import MlflowClient
-
-        floats = exps["floats"]
-        run = MlflowClient(url).search_runs([floats], "tags.`clbench.method` = 'lora'")[0]
-        browser.goto(f"{url}/#/experiments/{floats}/runs/{run.info.run_id}")
-        browser.wait_for("document.body.innerText.includes('Overview') && document.body.innerText.includes('lora-s0')")
-        crumb = f'a[href$="experiments/{floats}"], a[href*="experiments/{floats}/runs?"], ' \
-                f'a[href$="experiments/{floats}/runs"]'
-        browser.wait_for(f"!!document.querySelector('{crumb}')")
-        browser.js(f"document.querySelector('{crumb}').click()")
+        # the experiments list (the breadcrumb's first link) and another suite in it
+        browser.js("document.querySelector('a[href$=\"#/experiments\"], a[href$=\"/experiments\"]').click()")
+        link = f'a[href$="experiments/{floats}"]'
+        browser.wait_for(f"!!document.querySelector('{link}')")
+        browser.js(f"document.querySelector('{link}').click()")
         browser.wait_for(f"location.hash.includes('/experiments/{floats}/runs') && "
-                         f"document.querySelectorAll('{ROWS}').length >= 3")
-        browser.wait_for(f"document.querySelectorAll('.ag-header-cell[col-id=\"{column_key('metrics', 'final/acc')}\"]')"
+                         f"document.querySelectorAll('{ROWS}').length >= 3 && "
+                         f"document.querySelectorAll('.ag-header-cell[col-id=\"{column_key('metrics', 'final/acc')}\"]')"
                          ".length")
         names = run_link_names(browser)
         assert names == [f"{m}-s0" for m, *_ in sorted(FLOATS, key=lambda f: -f[1])], names
@@ -496,6 +490,28 @@ def test_every_way_in_lands_on_the_leaderboard_view(server):
             name = col.split(".", 1)[1].strip("`")
             assert texts and texts[0][0] == name and texts[0][1] <= right, (col, texts, right)
         browser.screenshot(folder / "floats.png")
+
+        browser.goto(view_url(url, exp))  # the address `clbench ui` and the README give
+        browser.wait_for(f"document.querySelectorAll('{ROWS}').length >= 12 && "
+                         "location.hash.includes('viewStateShareKey')")
+        assert sorted(run_link_names(browser)) == finished
+        browser.screenshot(folder / "view.png")
+        browser.js(f"document.querySelector('{ROWS}').click()")
+        browser.wait_for("/runs\\/[0-9a-f]{32}/.test(location.hash) && document.body.innerText.includes('Overview')")
+        text = browser.js("document.body.innerText")
+        assert "Evaluations" not in text and "Model metrics" in text  # the model-training run page
+        browser.screenshot(folder / "run.png")
+
+        # a run's own address, typed or clicked in a terminal, and back to its experiment through the breadcrumb
+        run = client.search_runs([floats], "tags.`clbench.method` = 'lora'")[0]
+        browser.goto(f"{url}/#/experiments/{floats}/runs/{run.info.run_id}")
+        browser.wait_for("document.body.innerText.includes('Overview') && document.body.innerText.includes('lora-s0')")
+        crumb = f'a[href$="experiments/{floats}"], a[href$="experiments/{floats}/runs"]'
+        browser.wait_for(f"!!document.querySelector('{crumb}')")
+        browser.js(f"document.querySelector('{crumb}').click()")
+        browser.wait_for(f"location.hash.includes('/experiments/{floats}/runs') && "
+                         f"document.querySelectorAll('{ROWS}').length >= 3")
+        assert run_link_names(browser) == names and browser.js(CELLS_JS)["lora-s0"] == cells["lora-s0"]
     finally:
         browser.close()
     for shot in ("runs.png", "view.png", "run.png", "floats.png"):

@@ -188,7 +188,10 @@ def test_leaderboard_text_shows_the_claim_answer_from_claim_effects():
     eff = claim_effects(group)["flat"]["forgetting"]
     text = render([group], "table")
     [line] = [x for x in text.splitlines() if x.startswith("flat ")]
-    assert f"{eff.diff:+.2f} ± {eff.ci95:.2f} (p={eff.p:.2g}, n=4)" in line
+    from clbench.analysis.stats import fmt_p
+
+    assert 0.001 <= eff.p < 0.01 and f"{eff.diff:+.2f} ± {eff.ci95:.2f} (p={eff.p:.3f}, n=4)" in line
+    assert fmt_p(eff.p) in line
     assert "each arm minus keep, paired by seed" in text
     assert "each arm minus keep" in render([group], "markdown")
     assert "each arm minus keep" not in render([_group({"lora": keep, "flat": flat})], "table")

@@ -31,3 +31,15 @@ def test_adapter_method_keeps_the_contract_on_tiny_t5(name):
 def test_adapter_method_keeps_the_contract_on_tiny_causal_lm(name):
     for _, check in language_checks(builtin_method(name), backbone="llama_tiny_clbench"):
         check()
+
+
+def test_clbench_check_runs_the_contract_on_a_language_model_too():
+    from typer.testing import CliRunner
+
+    from clbench.cli import app
+
+    result = CliRunner().invoke(app, ["check", "lora", "--set", "rank=2", "--lm", "llama_tiny_clbench"])
+    assert result.exit_code == 0, result.output
+    assert "ok    two tasks on llama_tiny_clbench" in result.output and "ok    two tasks on the tiny ViT" in result.output
+    bad = CliRunner().invoke(app, ["check", "lora", "--lm", "gpt9"])
+    assert bad.exit_code == 1 and "--lm gpt9: choose a tiny language backbone" in bad.output

@@ -110,7 +110,7 @@ def test_vs_baseline_is_paired_by_seed(bench):
     col = header.index("final/acc vs lora")
     cells = {b[1]: b[col] for b in body}
     p = sps.ttest_rel([60, 66, 63], [70, 72, 74]).pvalue
-    assert cells["olora"] == f"-9.00 ± {t_half_width([-10, -6, -11]):.2f} (p={p:.2g})"
+    assert p >= 0.01 and cells["olora"] == f"-9.00 ± {t_half_width([-10, -6, -11]):.2f} (p={p:.2f})"
     assert cells["lora"] == "baseline" and cells["eblora"] == "-"
 
 
@@ -299,3 +299,11 @@ def test_all_flag_ranks_every_experiment(suites, monkeypatch):
     res = CliRunner().invoke(app, ["leaderboard", "--all", "--format", "json"])
     assert res.exit_code == 0, res.output
     assert sorted(json.loads(res.stdout)["ranking"]["suites"]) == ["s1", "s2", "s3", "s4"]
+
+
+def test_p_values_print_alike_in_every_table():
+    """Two decimals (a column of them lines up: 0.50, not 0.5), three below 0.01, and a floor at 0.001."""
+    from clbench.analysis.stats import fmt_p
+
+    assert [fmt_p(p) for p in (0.5, 0.123, 0.9, 0.0456, 0.004, 0.0004)] == [
+        "p=0.50", "p=0.12", "p=0.90", "p=0.05", "p=0.004", "p<0.001"]

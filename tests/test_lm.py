@@ -150,3 +150,58 @@ def test_params_that_do_not_fit_the_language_backbone_fail_before_any_run(backbo
     suite = load_suite(path)
     with pytest.raises(ClbenchError, match=problem):
         method_problems(suite, plan_runs(suite, str(path), discover([]), None), str(path))
+
+
+def test_t5_decoding_reuses_the_encoder_output_exactly():
+    model, stream = model_and_stream(tiny_text_case(2))
+    task = stream.tasks[1]
+    prompt = task.test_x[:, : model.backbone.source_len]
+    target = task.target_ids[task.test_y - task.classes[0]]
+    model.eval()
+    with torch.no_grad():
+        whole = model.backbone(prompt, target)
+        reused = model.backbone(prompt, target, model.backbone.encode(prompt))
+    assert torch.equal(whole, reused)
+
+
+def test_a_validation_split_of_a_text_stream_is_refused_in_one_line():
+    from pathlib import Path
+
+    from clbench.data.validation import build_run_stream
+    from clbench.errors import ClbenchError
+    from clbench.suite import load_suite
+
+    suite = load_suite(Path(__file__).resolve().parents[1] / "suites" / "lm-quickstart.yaml").for_validation()
+    with pytest.raises(ClbenchError, match="cannot hold out a validation split of a text stream"):
+        build_run_stream(suite, 0)
+
+
+def test_rehearsal_on_a_language_model_is_refused_in_one_line():
+    """ER's own buffer refuses token rows (its samples are images) before the loop's refusal of replayed rows."""
+    from clbench.errors import ClbenchError
+
+    with pytest.raises(ClbenchError) as err:
+        run_method(builtin_method("er")(), stream=tiny_text_case(2), max_steps_per_epoch=2)
+    assert "\n" not in str(err.value) and "method 'er'" in str(err.value)
+
+
+@pytest.mark.parametrize("name", ["t5_tiny_clbench", "llama_tiny_clbench"])
+def test_a_rows_scores_do_not_depend_on_its_batchs_padding(name):
+    model, stream = model_and_stream(tiny_text_case(2, name))
+    for task in stream.tasks:
+        model.add_task_head(task)
+    x = torch.cat([stream.tasks[0].test_x, stream.tasks[1].test_x])
+    lengths = (x[:, : model.backbone.source_len] != model.backbone.pad_id).sum(1)
+    short = int(lengths.argmin())
+    model.eval()
+    with torch.no_grad():
+        alone, together = model(x[short:short + 1]), model(x)[short:short + 1]
+    assert torch.allclose(alone, together, atol=1e-4, rtol=1e-5)
+    assert model.backbone.trim(x[short:short + 1, : model.backbone.source_len]).shape[1] == int(lengths[short])
+
+
+def test_prompts_carry_olora_special_tokens_and_keep_them_when_cut():
+    model, _ = model_and_stream(tiny_text_case(1))
+    model.max_source_length = 5
+    ids = model.prompt_ids("what is the topic of the sentence ?")
+    assert len(ids) == 5 and ids[-1] == model.tokenizer.eos_id  # T5: the source ends with </s>, kept when cut

@@ -58,7 +58,7 @@ def test_the_served_page_defaults_the_browser_to_model_training(monkeypatch, tmp
     mlflow.workflowType_v1 to "machine_learning" before the app's scripts, only where the browser has none."""
     app = _served_app(monkeypatch, f"sqlite:///{tmp_path / 'mlflow.db'}")
     page = app.test_client().get("/").get_data(as_text=True)
-    script = uiview.page_script([])
+    script = uiview.page_script([], None)
     assert script in page and page.index(script) < page.index("<script defer")
     defaults = json.loads(re.search(r"D=(\{.*?\}),E=", script).group(1))
     assert defaults[uiview.WORKFLOW_STORAGE_KEY] == '"machine_learning"'  # the hook's JSON value
@@ -92,8 +92,9 @@ def test_the_page_seeds_each_clbench_experiment_with_the_leaderboard_view(monkey
     assert [s["state_key"] for s in seeds] == [f'MLflowLocalStorage-1.1-ExperimentPage-["{exps["bench"]}"]'
                                                "-ReactComponentState"]
     assert plain not in seeds[0]["state_key"] and seeds[0]["mark_key"].endswith(exps["bench"])
-    state = json.loads(json.loads(re.search(r",V=(\".*?\");", page).group(1)))
+    state = json.loads(json.loads(re.search(r",V=(\".*?\"),L=", page).group(1)))
     assert state == uiview.view_state()
+    assert re.search(r",L=(.*?);", page).group(1) == json.dumps(exps["bench"])  # where the base URL opens
     assert state["columnOrder"] == state["selectedColumns"] and set(state["columnWidths"]) == set(state["columnOrder"])
     assert state["columnWidths"]["metrics.`spectra/mean_top1_share`"] > state["columnWidths"]["metrics.`final/acc`"]
     # another store with an experiment of the same id and name gets its own mark (and so the view again)

@@ -20,7 +20,7 @@ from clbench import keys
 from clbench.analysis.leaderboard import Group, fixed
 from clbench.analysis.metrics import per_task_forgetting
 from clbench.analysis.plots import _plt, labelled_png, plain_text, png_base64
-from clbench.analysis.stats import Paired, ci95, paired
+from clbench.analysis.stats import Paired, ci95, fmt_p, paired
 from clbench.store.tracking import artifact_downloader
 
 CLAIM_METRICS = {"forgetting": keys.FINAL_FORGETTING, "acc": keys.FINAL_ACC}
@@ -59,13 +59,13 @@ def claim_metrics(effects: dict[str, dict[str, Paired]]) -> dict[str, float]:
 
 
 def fmt_effect(eff: Paired) -> str:
-    """``-1.50 ± 5.60 (p=0.5, n=5)``: one arm's paired difference against ``keep`` as the terminal shows it."""
+    """``-1.50 ± 5.60 (p=0.50, n=5)``: one arm's paired difference against ``keep`` as the terminal shows it."""
     if eff.diff is None:
         return "- (no common seed)"
     text = fixed(eff.diff, "+.2f") + ("" if eff.ci95 is None else " ± " + fixed(eff.ci95, ".2f"))
     if eff.p is None:
         return text + (" (1 seed: no interval)" if eff.n == 1 else f" (n={eff.n})")
-    return text + f" (p={eff.p:.2g}, n={eff.n})"
+    return text + f" ({fmt_p(eff.p)}, n={eff.n})"
 
 
 def claim_lines(group: Group) -> list[str]:
@@ -96,7 +96,8 @@ def plot_forgetting_by_intervention(group: Group) -> str | None:
         return None
     effects = claim_effects(group)
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(6.5, 4))
+    # about 0.9 inch per arm (its name and "Δ -5.7 ± 8.0" under it), so a suite with more arms gets a wider figure
+    fig, ax = plt.subplots(figsize=(max(6.5, 0.9 * len(group.rows) + 1.0), 4))
     labels, ticks = [], []
     for i, row in enumerate(group.rows):
         vals = [r["values"].get(keys.FINAL_FORGETTING) for r in row.runs]
@@ -110,7 +111,7 @@ def plot_forgetting_by_intervention(group: Group) -> str | None:
         extra = ""
         if eff is not None and eff.diff is not None:
             extra = f"\nΔ {eff.diff:+.1f}" + (f" ± {eff.ci95:.1f}" if eff.ci95 is not None else "")
-            extra += f"\np={eff.p:.2g}" if eff.p is not None else ""
+            extra += f"\n{fmt_p(eff.p)}" if eff.p is not None else ""
         ticks.append(i)
         labels.append(f"{row.method}{extra}")
     ax.set_xticks(ticks, labels, fontsize=7)

@@ -479,7 +479,9 @@ def fmt_paired(row: Row, baseline: str, spec: MetricSpec) -> str:
 
         return f"{text} ({NO_TEST}, n={d['n']})"
     if d["p"] is not None:
-        return text + f" (p={d['p']:.2g})"
+        from clbench.analysis.stats import fmt_p
+
+        return text + f" ({fmt_p(d['p'])})"
     return text + (" (1 seed: no interval)" if d["n"] == 1 else f" (n={d['n']})")
 
 

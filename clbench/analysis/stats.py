@@ -61,6 +61,14 @@ class Paired:
 NO_TEST = "no t-test (zero variance)"
 
 
+def fmt_p(p: float) -> str:
+    """``p=0.50``, ``p=0.004``, ``p<0.001``: a p-value as every table prints it (two decimals, so a column of
+    them lines up; three below 0.01; the JSON and MLflow keep the exact value)."""
+    if p < 0.001:
+        return "p<0.001"
+    return f"p={p:.2f}" if p >= 0.01 else f"p={p:.3f}"
+
+
 def paired(a: Mapping[Hashable, float | None], b: Mapping[Hashable, float | None]) -> Paired:
     """Compare ``a`` with ``b`` (each seed -> value) over the seeds both ran; positive diff means a > b."""
     keys = [k for k in a if k in b and _finite([a[k], b[k]]).size == 2]

@@ -15,8 +15,9 @@ transformers is the optional extra ``clbench[lm]`` and is imported only inside t
 How a text task meets the loop (which stays one loop, ``clbench.run.loop``):
 
 * **rows**: ``LanguageModel.encode(TextStream)`` tokenizes a stream once into the loop's ``Stream`` of tensors:
-  every row is ``[prompt | target]`` token ids, the prompt (truncated to ``backbone.max_source_length``) padded to
-  the stream's longest prompt L, the target (the label word's tokens + end of sequence, padded to T) the gold
+  every row is ``[prompt | target]`` token ids, the prompt (``prompt_ids``: O-LoRA's special tokens, cut to
+  ``backbone.max_source_length``) padded to the stream's longest prompt L (each batch runs at its own longest:
+  ``TextBackbone.trim``), the target (the label word's tokens + end of sequence, padded to T) the gold
   answer on training rows and padding on test rows. Labels are global class ids as for images.
 * **heads**: task t's head (:class:`LabelHead`) holds the tokens of its label words (and a per-class offset that
   only a method's own probe trains); ``head(model.features(x))`` is the task's candidate scores: the summed
@@ -35,8 +36,9 @@ How a text task meets the loop (which stays one loop, ``clbench.run.loop``):
   ``blocks.{i}.attn.{t}`` (self-attention) and ``blocks.{i}.cross_attn.{t}`` (a T5 decoder block's attention over
   the encoder output, adapted as PEFT's ``target_modules=["q", "v"]`` adapts it).
 
-Every model computation goes through ``TextBackbone.forward`` (so a method's hooks on the backbone, as SD-LoRA's,
-see every pass), decoding included (greedy, no key-value cache: labels are a few tokens).
+Training and the covariance passes go through ``TextBackbone.forward``; decoding and candidate scoring of a T5 run
+its encoder once per batch (``TextBackbone.encode``) and then ``forward`` per step or candidate (greedy, no
+key-value cache: labels are a few tokens).
 """
 
 from __future__ import annotations
@@ -93,6 +95,7 @@ class WordTokenizer:
         self.vocab = ["<pad>", "</s>", "<unk>", *vocabulary]
         self.index = {w: i for i, w in enumerate(self.vocab)}
         self.pad_id, self.eos_id, self.unk_id = 0, 1, 2
+        self.bos_id = None  # no beginning-of-sequence token (as T5's)
 
     def __len__(self) -> int:
         return len(self.vocab)
@@ -112,7 +115,7 @@ class HubTokenizer:
 
     def __init__(self, tok: Any) -> None:
         self.tok = tok
-        self.eos_id = tok.eos_token_id
+        self.eos_id, self.bos_id = tok.eos_token_id, tok.bos_token_id
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.unk_token_id
         if pad is None or pad == self.eos_id:
             pad = 0 if self.eos_id != 0 else 1
@@ -174,15 +177,21 @@ class TextBackbone(nn.Module):
             return out
         return [(f"blocks.{i}.attn.{target}", block.self_attn, f"{target}_proj")]
 
-    def forward(self, x: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits for the target tokens; ``target`` None: the packed rows' own (``x[:, source_len:]``)."""
+    def forward(self, x: torch.Tensor, target: torch.Tensor | None = None,
+                encoded: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits for the target tokens; ``target`` None: the packed rows' own (``x[:, source_len:]``). A T5 given
+        ``encoded`` (``encode(prompt)``'s output) runs its decoder only."""
         prompt = x[:, : self.source_len] if target is None or x.shape[1] > self.source_len else x
         if target is None:
             target = x[:, self.source_len:]
+        prompt = self.trim(prompt)
         mask = (prompt != self.pad_id).long()
         if self.family == "t5":
             start = torch.full_like(target[:, :1], self.hf.config.decoder_start_token_id)
             decoder_in = torch.cat([start, target[:, :-1]], 1)
+            if encoded is not None:
+                return self.hf(encoder_outputs=(encoded,), attention_mask=mask, decoder_input_ids=decoder_in,
+                               use_cache=False).logits
             return self.hf(input_ids=prompt, attention_mask=mask, decoder_input_ids=decoder_in,
                            use_cache=False).logits
         seq = torch.cat([prompt, target], 1)
@@ -191,6 +200,23 @@ class TextBackbone(nn.Module):
         logits = self.hf(input_ids=seq, attention_mask=full, position_ids=pos, use_cache=False).logits
         L = prompt.shape[1]
         return logits[:, L - 1: L - 1 + target.shape[1]]
+
+    def encode(self, prompt: torch.Tensor) -> torch.Tensor | None:
+        """A T5's encoder output for ``prompt`` (reused by every decoding step and candidate); None for a causal
+        LM, which has no separate encoder."""
+        if self.family != "t5":
+            return None
+        prompt = self.trim(prompt)
+        return self.hf.encoder(input_ids=prompt, attention_mask=(prompt != self.pad_id).long()).last_hidden_state
+
+    def trim(self, prompt: torch.Tensor) -> torch.Tensor:
+        """The batch's prompts without the columns that are padding in every row (a T5's trailing ones, a causal
+        LM's leading ones): each batch padded to its own longest prompt, as O-LoRA's collator pads, not to the
+        stream's. The rows' real tokens, their positions and their outputs are the same either way."""
+        real = (prompt != self.pad_id).any(0).nonzero()
+        if len(real) == 0:
+            return prompt[:, :1]
+        return prompt[:, : int(real[-1]) + 1] if self.family == "t5" else prompt[:, int(real[0]):]
 
 
 def _tiny_hf(name: str, vocab: int, pad_id: int, eos_id: int) -> tuple[nn.Module, str]:
@@ -307,7 +333,7 @@ class LanguageModel(CLModel):
                 raise ClbenchError(f"stream {stream.name}: task {task.name} has no label words")
             rows = [tok.encode(lab)[: self.max_target_length - 1] + [tok.eos_id] for lab in task.labels]
             targets.append(rows)
-            prompts.append([[tok.encode(e.text)[: self.max_source_length] for e in part]
+            prompts.append([[self.prompt_ids(e.text) for e in part]
                             for part in (task.train, task.test)])
         L = max((len(p) for parts in prompts for part in parts for p in part), default=1)
         T = max(len(r) for rows in targets for r in rows)
@@ -339,6 +365,17 @@ class LanguageModel(CLModel):
         meta = {**stream.meta, "prompt_tokens": str(L), "target_tokens": str(T)}
         return Stream(stream.name, tasks, list(range(offset)), meta)
 
+    def prompt_ids(self, text: str) -> list[int]:
+        """A prompt's tokens as O-LoRA's collator makes them (the tokenizer's special tokens, cut to
+        ``max_source_length`` with them kept): a T5's end with end of sequence, a causal LM's start with its
+        tokenizer's beginning of sequence when it has one."""
+        tok, n = self.tokenizer, self.max_source_length
+        ids = tok.encode(text)
+        if self.backbone.family == "t5":
+            return ids[: n - 1] + [tok.eos_id]
+        bos = getattr(tok, "bos_id", None)
+        return ids[:n] if bos is None else [bos] + ids[: n - 1]
+
     def preprocess(self, x: torch.Tensor) -> torch.Tensor:
         return x
 
@@ -368,10 +405,11 @@ class LanguageModel(CLModel):
         """Summed log-likelihood of every candidate target (C x T) after each row's prompt: N x C."""
         prompt = x[:, : self.backbone.source_len]
         valid = target_ids != self.backbone.pad_id
+        encoded = self.backbone.encode(prompt)
         scores = []
         for c in range(len(target_ids)):
             target = target_ids[c].expand(len(prompt), -1)
-            logp = self.backbone(prompt, target).float().log_softmax(-1)
+            logp = self.backbone(prompt, target, encoded).float().log_softmax(-1)
             tok = logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)
             scores.append((tok * valid[c]).sum(1))
         return torch.stack(scores, 1)
@@ -391,8 +429,9 @@ class LanguageModel(CLModel):
         pad, eos = self.backbone.pad_id, self.tokenizer.eos_id
         out = torch.full((len(prompt), steps), pad, dtype=torch.long, device=prompt.device)
         done = torch.zeros(len(prompt), dtype=torch.bool, device=prompt.device)
+        encoded = self.backbone.encode(prompt)
         for s in range(steps):
-            logits = self.backbone(prompt, out[:, : s + 1])
+            logits = self.backbone(prompt, out[:, : s + 1], encoded)
             nxt = logits[:, s].argmax(-1)
             nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
             out[:, s] = nxt

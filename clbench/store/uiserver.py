@@ -4,7 +4,7 @@ MLflow 3's UI opens in GenAI mode unless the browser chose otherwise (see :mod:`
 MLflow's ASGI app (``mlflow.server.fastapi_app:app``, what ``mlflow ui`` runs under uvicorn) with two Flask
 hooks: the UI's HTML page (always sent whole, never cached) gets :func:`clbench.store.uiview.page_script` as the first thing in its
 ``<head>``, which makes ``machine_learning`` the browser's workflow type unless it already has one, opens every
-clbench experiment's runs table on the leaderboard view and rounds the table's metric cells. Nothing else
+clbench experiment's runs table (and the base URL) on the leaderboard view and rounds the table's metric cells. Nothing else
 changes: the same routes, API and store (the backend store URI comes from the environment ``mlflow ui`` sets).
 
 ``python -m clbench.store.uiserver --backend-store-uri URI --host H --port P`` starts it the way ``mlflow ui`` does
@@ -20,19 +20,24 @@ from clbench.store.uiview import page_script
 _HEAD = b"<head>"
 
 
-def _clbench_experiments() -> list[tuple[str, str, int | None]]:
+def _clbench_experiments() -> tuple[list[tuple[str, str, int | None]], str | None]:
     """(id, name, creation time) of the served store's experiments that carry clbench's saved view (``clbench ui``
-    tagged them before serving); none when the store cannot be read (the page then only sets the defaults)."""
+    tagged them before serving), and the id of the one whose latest run started last; none when the store cannot
+    be read (the page then only sets the defaults)."""
     from clbench.store.uiview import VIEW_TAG
 
     try:
         from mlflow.entities import ViewType
         from mlflow.server.handlers import _get_tracking_store
 
-        exps = _get_tracking_store().search_experiments(view_type=ViewType.ACTIVE_ONLY, max_results=50000)
-        return [(e.experiment_id, e.name, e.creation_time) for e in exps if VIEW_TAG in (e.tags or {})]
+        store = _get_tracking_store()
+        exps = store.search_experiments(view_type=ViewType.ACTIVE_ONLY, max_results=50000)
+        ours = [(e.experiment_id, e.name, e.creation_time) for e in exps if VIEW_TAG in (e.tags or {})]
+        last = store.search_runs([e[0] for e in ours], "", ViewType.ACTIVE_ONLY, max_results=1,
+                                 order_by=["attributes.start_time DESC"]) if ours else []
+        return ours, (last[0].info.experiment_id if last else None)
     except Exception:  # noqa: BLE001 - the page must load whatever the store says
-        return []
+        return [], None
 
 
 def _inject(response):
@@ -43,7 +48,7 @@ def _inject(response):
     response.direct_passthrough = False  # send_from_directory streams the file: read it to edit it
     body = response.get_data()
     if _HEAD in body and b"mlflow.workflowType_v1" not in body:
-        response.set_data(body.replace(_HEAD, _HEAD + page_script(_clbench_experiments()).encode(), 1))
+        response.set_data(body.replace(_HEAD, _HEAD + page_script(*_clbench_experiments()).encode(), 1))
         response.headers["Cache-Control"] = "no-store"  # the script lists the store's experiments of this moment
         for header in ("ETag", "Last-Modified"):
             response.headers.pop(header, None)

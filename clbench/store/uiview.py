@@ -106,16 +106,22 @@ ASSISTANT_KEY = "mlflow.assistant.fab.autoOpenedOnFirstLoad_v1"
 # 1. defaults the browser has no choice for yet: model-training mode, the assistant not opened on its own;
 # 2. each clbench experiment's runs table starts as the leaderboard view, once per (experiment, view version): a
 #    view the user changes afterwards is theirs, and a store served later on this address with other experiments
-#    under the same ids gets its own;
+#    under the same ids gets its own; the base URL itself opens the runs table of the suite that ran last (MLflow's
+#    home, a GenAI getting-started page, stays one click away in its sidebar, the experiments list in the
+#    breadcrumb);
 # 3. numbers in the runs table's metric cells are shown rounded (``fmt``) as the grid draws them: the store, the
 #    cell's tooltip, the charts and the run page keep the logged values.
 _PAGE_JS = """(function(){try{
-var S=window.localStorage,D=__DEFAULTS__,E=__SEEDS__,V=__STATE__;
+var S=window.localStorage,D=__DEFAULTS__,E=__SEEDS__,V=__STATE__,L=__LATEST__;
 Object.keys(D).forEach(function(k){if(S.getItem(k)===null)S.setItem(k,D[k])});
 E.forEach(function(e){if(S.getItem(e.mark_key)!==e.mark){S.setItem(e.state_key,V);S.setItem(e.mark_key,e.mark)}});
+if(L!==null&&/^#?\/?$/.test(location.hash))history.replaceState(null,"","#/experiments/"+L+"/runs");
 }catch(err){}
 var NUM=/^-?[0-9]+(\\.[0-9]+)?(e[-+]?[0-9]+)?$/i,CELL='.ag-cell[col-id^="metrics."]';
-function fmt(v){return v===0||Math.abs(v)>=1?v.toFixed(2):v.toPrecision(3)}
+function fmt(v){var a=Math.abs(v);if(a!==0&&a<1e-6)return v.toExponential(2);
+var d=a>=1||a===0?2:2-Math.floor(Math.log10(a)),r=a.toFixed(d),x=a.toFixed(d+20),i=x.indexOf(".")+d+1;
+if(/^50*$/.test(x.slice(i))&&x.charAt(i-1)%2===0)r=x.slice(0,i);
+return(v<0?"-":"")+r}
 function fix(t){var p=t.parentElement,s=t.data.trim();if(!p||!p.closest(CELL)||!NUM.test(s))return;
 var r=fmt(Number(s));if(r!==s)t.data=r}
 function scan(n){if(n.nodeType===3){fix(n);return}if(n.nodeType!==1)return;
@@ -134,9 +140,10 @@ def seed_mark(experiment_id: str, name: str, creation_time: int | None) -> str:
     return hashlib.sha256(ident.encode()).hexdigest()[:16]
 
 
-def page_script(experiments: list[tuple[str, str, int | None]] = ()) -> str:
+def page_script(experiments: list[tuple[str, str, int | None]] = (), latest: str | None = None) -> str:
     """The ``<script>`` :mod:`clbench.store.uiserver` puts first in the UI's page, for the store's clbench
-    experiments ``(id, name, creation_time)`` (those carrying the saved view)."""
+    experiments ``(id, name, creation_time)`` (those carrying the saved view); ``latest``: the id of the one whose
+    run started last, where the base URL opens."""
     seeds = [{"state_key": PERSISTED_STATE_KEY.format(ids=json.dumps([eid])),
               "mark_key": SEED_MARK_KEY.format(id=eid), "mark": seed_mark(eid, name, created)}
              for eid, name, created in experiments]
@@ -146,7 +153,7 @@ def page_script(experiments: list[tuple[str, str, int | None]] = ()) -> str:
         return json.dumps(value, separators=(",", ":")).replace("</", "<\\/")
 
     js_code = (_PAGE_JS.replace("__DEFAULTS__", js(defaults)).replace("__SEEDS__", js(seeds))
-               .replace("__STATE__", js(json.dumps(view_state()))))
+               .replace("__STATE__", js(json.dumps(view_state()))).replace("__LATEST__", js(latest)))
     return f"<script>{js_code}</script>"
 
 
