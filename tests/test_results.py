@@ -320,3 +320,12 @@ def test_reproduction_quotes_the_recorded_step_size_suite():
     quotes.append(f"differ by at most {spread:.1f} points of final accuracy at a seed, less than `lora`'s own "
                   f"difference between the two seeds ({seeds:.1f})")
     assert not missing_in("docs/REPRODUCTION.md", quotes), missing_in("docs/REPRODUCTION.md", quotes)
+
+
+def test_performance_quotes_the_recorded_eval_reruns():
+    e = [result(f"overhead-eval-{i}.json") for i in (1, 2)]
+    assert all(d["command"].endswith("--only b --repeats 9") for d in e)
+    f = [d["figures"] for d in e]
+    quote = (f"N = 1, 2) gave {f[0]['eval_ratio']:.3f} and {f[1]['eval_ratio']:.3f} (ratios of medians "
+             f"{f[0]['eval_ratio_of_medians']:.3f} and {f[1]['eval_ratio_of_medians']:.3f})")
+    assert not missing_in("docs/PERFORMANCE.md", [quote]), quote
