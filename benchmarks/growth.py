@@ -38,6 +38,7 @@ printed and stored. Results: ``name=value`` lines (``<method>.<figure>_slope``) 
 
 Usage: python benchmarks/growth.py [--tasks 20] [--methods lora,sdlora,...] [--steps 12]
        [--data quickstart|small|tiny] [--out benchmarks/results/growth-T20.json] [--no-save] [--verbose]
+       [--sdlora-unfolded] [--olora-merged]   # baselines: SD-LoRA's official forward, O-LoRA's merged option
        python benchmarks/growth.py --table benchmarks/results/growth-T20.json   # the PERFORMANCE.md table
 Not part of the test suite: timings only.
 """
@@ -244,6 +245,19 @@ def unfolded(sdlora: type) -> type:
     return Unfolded
 
 
+def olora_merged(olora: type) -> type:
+    """O-LoRA with ``merge_frozen: true``: each finished task's branch folded into the base weights (its A's kept
+    for the orthogonality term), against the default that keeps them as one concatenated frozen branch."""
+
+    class Merged(olora):
+        name = "olora_merged"
+
+        def __init__(self, params=None) -> None:
+            super().__init__({"merge_frozen": True} if params is None else params)
+
+    return Merged
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tasks", type=int, default=20)
@@ -257,6 +271,8 @@ def main() -> None:
     ap.add_argument("--verbose", action="store_true", help="a line per task")
     ap.add_argument("--sdlora-unfolded", action="store_true",
                     help="also run SD-LoRA with one branch per finished task (the official forward) as a baseline")
+    ap.add_argument("--olora-merged", action="store_true",
+                    help="also run O-LoRA with merge_frozen: true (finished branches folded into the weights)")
     ap.add_argument("--table", metavar="JSON", help="print a results file as a markdown table and exit")
     args = ap.parse_args()
     if args.table:
@@ -268,6 +284,8 @@ def main() -> None:
     classes = method_classes(args.methods.split(",") if args.methods else None)
     if args.sdlora_unfolded:
         classes["sdlora_unfolded"] = unfolded(method_classes(["sdlora"])["sdlora"])
+    if args.olora_merged:
+        classes["olora_merged"] = olora_merged(method_classes(["olora"])["olora"])
     torch.manual_seed(0)
     template = build_model(args.backbone, size, pretrained=False, checkpoint=None, in_chans=chans)
     stream = synthetic_stream(args.tasks, per_task, n_train, n_test, chans, size)

@@ -6,7 +6,8 @@ it has at task t (t - 1 finished, normalised pairs and the training pair, all wi
 forward). Then it times full training steps (preprocess, forward, cross-entropy, backward, Adam step over the
 method's parameter groups) of every model in turn, ``--repeats`` rounds, one torch thread, process CPU time.
 Interleaving makes every model see the same machine load, so the ratios are robust on a shared CPU where
-``growth.py``'s per-task figures are not. Prints ``<form>.step_ratio_t<T>`` = median step at t / median at 2.
+``growth.py``'s per-task figures are not. Prints ``<form>.step_ratio_t<T>`` = median step at t / median at 2, and
+the step by part, ``<form>.<forward|backward|optimizer>_ms_t<T>`` (medians), to see where a growth sits.
 
 Usage: python benchmarks/sdlora_fold.py [--tasks 2,5,20,50] [--repeats 15]
 """
@@ -22,6 +23,8 @@ from clbench_plugins.sdlora import SDLoRA
 
 from clbench.methods.context import TaskContext
 from clbench.model.backbones import build_model
+
+PARTS = ("forward", "backward", "optimizer")  # the loss's forward pass; backward; Adam step and zero_grad
 
 
 def build(T: int, folded: bool):
@@ -56,21 +59,29 @@ def main() -> None:
     x = torch.randint(0, 256, (64, 1, 16, 16), dtype=torch.uint8, generator=g)
     y = torch.arange(64) % 2
     times: dict[tuple[str, int], list[float]] = {k: [] for k in models}
+    parts: dict[tuple[str, int], dict[str, list[float]]] = {k: {p: [] for p in PARTS} for k in models}
     for r in range(args.repeats):
         for key in (list(models) if r % 2 == 0 else list(reversed(models))):
             model, opt = models[key]
             tic = time.process_time()
             loss = torch.nn.functional.cross_entropy(model(model.preprocess(x), head=0), y)
+            fwd = time.process_time()
             loss.backward()
+            bwd = time.process_time()
             opt.step()
             opt.zero_grad(set_to_none=True)
-            times[key].append(time.process_time() - tic)
+            toc = time.process_time()
+            times[key].append(toc - tic)
+            for p, v in zip(PARTS, (fwd - tic, bwd - fwd, toc - bwd)):
+                parts[key][p].append(v)
     for form in ("folded", "unfolded"):
         base = statistics.median(times[(form, tasks[0])])
         for T in tasks:
             med = statistics.median(times[(form, T)])
             print(f"{form}.step_ms_t{T}={1000 * med:.2f}")
             print(f"{form}.step_ratio_t{T}={med / base:.4f}")
+            for p in PARTS:
+                print(f"{form}.{p}_ms_t{T}={1000 * statistics.median(parts[(form, T)][p]):.2f}")
 
 
 if __name__ == "__main__":
