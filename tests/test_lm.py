@@ -205,3 +205,51 @@ def test_prompts_carry_olora_special_tokens_and_keep_them_when_cut():
     model.max_source_length = 5
     ids = model.prompt_ids("what is the topic of the sentence ?")
     assert len(ids) == 5 and ids[-1] == model.tokenizer.eos_id  # T5: the source ends with </s>, kept when cut
+
+
+def _saved_model(folder, family: str = "t5_tiny_clbench") -> None:
+    """A tiny model and a word-level tokenizer written as transformers writes a hub model's folder."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from clbench.data.lm_synthetic import VOCABULARY
+
+    vocab = {w: i for i, w in enumerate(["<pad>", "</s>", "<unk>", *VOCABULARY])}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.normalizer, tk.pre_tokenizer = normalizers.Lowercase(), pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="</s>",
+                            unk_token="<unk>").save_pretrained(folder)
+    torch.manual_seed(3)
+    build_language_model(family).backbone.hf.save_pretrained(folder)
+
+
+def test_a_local_transformers_folder_loads_with_its_own_tokenizer_and_trains(tmp_path):
+    from clbench.data.lm_synthetic import synthetic_text_stream
+    from clbench.weights import file_sha256, weights_identity
+
+    _saved_model(tmp_path / "t5")
+    name = f"hf:{tmp_path / 't5'}"
+    model = build_language_model(name, pretrained=True)
+    saved = build_language_model("t5_tiny_clbench")  # the same config, other weights
+    assert type(model.tokenizer).__name__ == "HubTokenizer" and model.backbone.family == "t5"
+    assert not torch.equal(model.backbone.hf.shared.weight, saved.backbone.hf.shared.weight)
+    assert weights_identity(name, 0, None, True, None) == file_sha256(tmp_path / "t5" / "model.safetensors")
+    stream = model.encode(synthetic_text_stream(1, 8, 4))
+    ids = model.prompt_ids("what is the topic of the sentence ?")
+    assert ids[-1] == model.tokenizer.eos_id and model.tokenizer.unk_id not in ids  # its tokenizer, its </s>
+    run = run_method(builtin_method("lora")({"rank": 2}), stream=stream, model=model, max_steps_per_epoch=2)
+    assert np.isfinite(run.results[0].loss) and run.R.shape == (1, 1)
+    with pytest.raises(Exception, match="holds no config.json"):
+        build_language_model(f"hf:{tmp_path}", pretrained=True)
+
+
+def test_the_tiny_tokenizer_knows_every_word_of_the_synthetic_tasks():
+    from clbench.data.lm_synthetic import VOCABULARY, synthetic_text_stream
+    from clbench.model.lm import WordTokenizer
+
+    tok = WordTokenizer(VOCABULARY)
+    stream = synthetic_text_stream(4, 5, 2)
+    for task in stream.tasks:
+        for e in task.train + task.test:
+            assert tok.unk_id not in tok.encode(e.text), e.text
+        assert all(tok.decode(tok.encode(w)) == w for w in task.labels)

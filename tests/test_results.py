@@ -4,7 +4,9 @@ uses. A rerun that moves a number means regenerating the file and the text toget
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import re
 import statistics
 from pathlib import Path
 
@@ -82,3 +84,214 @@ def test_performance_quotes_the_golden_quickstart_numbers():
     text = flat((ROOT / "docs" / "PERFORMANCE.md").read_text())
     accs = " / ".join(f"{golden[m]['final/acc']:.2f}" for m in ("lora", "inflora", "olora", "eblora"))
     assert f"final accuracies {accs} for lora / inflora / olora / eblora on the shipped weights" in text
+
+
+# -- every recorded run is of its suite as it is now ---------------------------------------------------------------
+
+def suite_results() -> list[Path]:
+    return sorted(p for p in RESULTS.glob("*.json") if json.loads(p.read_text()).get("command", "").startswith(
+        "clbench run "))
+
+
+def script_results() -> list[Path]:
+    return sorted(p for p in RESULTS.glob("*.json") if "figures" in json.loads(p.read_text()))
+
+
+def run_args(command: str) -> tuple[str, list[str], list[str]]:
+    """(suite path, --method labels, --set overrides) of a results file's `clbench run` command."""
+    words = command.split()
+    methods = [words[i + 1] for i, w in enumerate(words) if w == "--method"]
+    sets = [words[i + 1] for i, w in enumerate(words) if w == "--set"]
+    return words[2], methods, sets
+
+
+def test_the_results_files_are_found():
+    names = {p.name for p in suite_results()} | {p.name for p in script_results()}
+    assert {"claim.json", "quickstart.json", "quickstart-bounds.json", "quickstart-er-current-task.json",
+            "overhead.json", "spectra_speed.json", "eblora_step_size.json"} <= names
+
+
+def test_every_recorded_suite_run_is_of_its_suite_as_it_is_now():
+    for path in suite_results():
+        data = json.loads(path.read_text())
+        suite_path, methods, sets = run_args(data["command"])
+        suite = load_suite(ROOT / suite_path, sets)
+        how = f" ({path.name}; regenerate: {data['regenerate']}, then update the text from the file)"
+        assert data["suite_hash"] == suite.protocol_hash(), f"{suite_path} changed since the recorded run" + how
+        assert data["weights_sha256"] == suite.weights_identity(), "other backbone weights" + how
+        assert not data["dirty"], "recorded from a tree with uncommitted changes" + how
+        assert sorted(data["runs"]) == sorted(methods or [m.display for m in suite.methods]), how
+        assert all(sorted(map(int, v)) == suite.seeds for v in data["runs"].values()), "unfinished runs" + how
+
+
+def test_every_recorded_script_run_is_complete():
+    for path in script_results():
+        data = json.loads(path.read_text())
+        assert data["command"].startswith("python benchmarks/") and not data["dirty"], path.name
+        assert (ROOT / data["command"].split()[1]).is_file(), f"{path.name}: its script is gone"
+
+
+# -- the text quotes the files -------------------------------------------------------------------------------------
+
+def result(name: str) -> dict:
+    return json.loads((RESULTS / name).read_text())
+
+
+def missing_in(doc: str, quotes: list[str]) -> list[str]:
+    text = flat((ROOT / doc).read_text())
+    return [q for q in quotes if flat(q) not in text]
+
+
+def test_performance_quotes_the_recorded_overhead_run():
+    data = result("overhead.json")
+    f = data["figures"]
+    pct = lambda v: f"{100 * v:.2f}"  # noqa: E731
+    quotes = [f"python benchmarks/record.py --script benchmarks/overhead.py -- {data['command'].split(' ', 2)[2]}",
+              f"({data['cpu_seconds']:.0f} s of CPU, {data['wall_seconds']:.0f} s wall;",
+              f"load average {data['load']['loadavg_1min_before']:.1f} before, "
+              f"{data['load']['loadavg_1min_after']:.1f} after). Setting: the quickstart's",
+              f"**{f['overhead_ratio']:.3f}** (repeats {f['overhead_ratio_min']:.3f}-{f['overhead_ratio_max']:.3f}; "
+              f"ratio of medians {f['overhead_ratio_of_medians']:.3f})",
+              f"**{f['eval_ratio']:.3f}** (ratio of medians {f['eval_ratio_of_medians']:.3f})",
+              f"| `eval_ratio_unmerged` (SeqLoRA's live branches on q and v) | {f['eval_ratio_unmerged']:.3f} |",
+              f"{f['train_img_per_s_clbench']:,.0f} / {f['train_img_per_s_bare']:,.0f} img/s",
+              f"{f['eval_img_per_s_merged']:,.0f} / {f['eval_img_per_s_bare']:,.0f} img/s"]
+    for m in ("lora", "inflora", "olora", "eblora"):
+        h = lambda k: pct(f[f"hook_share/{m}/{k}"])  # noqa: E731,B023
+        quotes.append(f"| {m} | {f[f'step_cost/{m}']:.3f} | {f[f'step_ms/{m}']:.1f} | {pct(f[f'hook_share/{m}'])} % "
+                      f"| {h('before_task')} / {h('after_task')} / {h('merge_task')} % | "
+                      f"{pct(f[f'spectra_share/{m}'])} % |")
+    assert not missing_in("docs/PERFORMANCE.md", quotes), missing_in("docs/PERFORMANCE.md", quotes)
+
+
+def test_performance_quotes_the_recorded_spectra_run():
+    data = result("spectra_speed.json")
+    f = data["figures"]
+    quotes = [f"`benchmarks/results/spectra_speed.json`; 2026-12-07, load average "
+              f"{data['load']['loadavg_1min_before']:.1f};",
+              f"| {f['factor_seconds']:.4f} s |", f"| {f['dense_seconds']:.1f} s |", f"| `speedup` | {f['speedup']:.0f}x |",
+              f"| {f['max_rel_error']:.1e} |", f"| {f['tracker_seconds']:.4f} s |",
+              f"| {100 * f['share_of_epoch']:.3f} % / {100 * f['tracker_share_of_epoch']:.3f} % |"]
+    assert data["date"].startswith("2026-12-07")  # the date the text states; change both together
+    assert not missing_in("docs/PERFORMANCE.md", quotes), missing_in("docs/PERFORMANCE.md", quotes)
+
+
+def test_performance_quotes_the_recorded_quickstart_run():
+    data = result("quickstart.json")
+    accs = " / ".join(f"{data['runs'][m]['0']['final/acc']:.2f}" for m in ("lora", "inflora", "olora", "eblora"))
+    quotes = [f"**{minutes(data['wall_seconds'])}** wall, {data['cpu_seconds']:.0f} s of CPU",
+              f"(load average {data['load']['loadavg_1min_before']:.1f} before, "
+              f"{data['load']['loadavg_1min_after']:.1f} after), {data['date'][:10]}; final accuracies {accs} for "
+              f"lora / inflora / olora / eblora on the shipped weights"]
+    assert not missing_in("docs/PERFORMANCE.md", quotes), missing_in("docs/PERFORMANCE.md", quotes)
+
+
+def test_the_readme_quotes_the_recorded_reference_and_bounds_runs():
+    bounds, quick = result("quickstart-bounds.json")["runs"], result("quickstart.json")["runs"]
+    fin = lambda runs, m, k: runs[m]["0"][f"final/{k}"]  # noqa: E731
+    quotes = [f"they reach final accuracy {fin(bounds, 'simplecil', 'acc'):.2f} (forgetting "
+              f"{fin(bounds, 'simplecil', 'forgetting'):.2f}) and {fin(bounds, 'ranpac', 'acc'):.2f} (forgetting "
+              f"{fin(bounds, 'ranpac', 'forgetting'):.2f}), where `lora` reaches {fin(quick, 'lora', 'acc'):.2f} "
+              f"(forgetting {fin(quick, 'lora', 'forgetting'):.2f})",
+              f"(recorded: {result('quickstart-bounds.json')['cpu_seconds']:.0f} s of CPU for its six methods against "
+              f"{result('quickstart.json')['cpu_seconds']:.0f} s for the quickstart's four"]
+    assert not missing_in("README.md", quotes), missing_in("README.md", quotes)
+    b = lambda m: bounds[m]["0"]["cost/train_seconds"]  # noqa: E731
+    header = [f"(recorded: joint {b('joint'):.1f} s and er {b('er'):.1f} s of training against finetune's "
+              f"{b('finetune'):.1f} s in the same run, benchmarks/results/quickstart-bounds.json)"]
+    suite = " ".join(ln.lstrip("# ") for ln in (ROOT / "suites" / "quickstart-bounds.yaml").read_text().splitlines()
+                     if ln.startswith("#"))
+    assert flat(header[0]) in flat(suite)
+
+
+def test_methods_quotes_the_recorded_er_scope_run():
+    er = result("quickstart-er-current-task.json")["runs"]["er"]["0"]["eval/acc/by_task"]
+    lora = result("quickstart.json")["runs"]["lora"]["0"]["eval/acc/by_task"]
+    quote = f"after the second task below sequential LoRA's ({er[1]:.2f} vs {lora[1]:.2f};"
+    assert er[1] < lora[1] and not missing_in("docs/METHODS.md", [quote]), quote
+
+
+def test_reproduction_quotes_the_recorded_step_sizes():
+    rows = result("eblora_step_size.json")["rows"]
+    assert len(rows) == 11
+    text = (ROOT / "docs" / "REPRODUCTION.md").read_text()
+    for r in rows:
+        # | case | d | r | c | lr | measured | predicted |
+        assert any(cells[1:4] == [str(r["d"]), str(r["r"]), str(r["c"])]
+                   and float(cells[4]) == r["lr"] and cells[5:7] == [f"{r['rel_change']:.4f}", f"{r['predicted']:.4f}"]
+                   for cells in ([c.strip() for c in ln.strip("|").split("|")] for ln in text.splitlines()
+                                 if ln.startswith("| ") and ln.count("|") == 8)
+                   if len(cells) == 7 and cells[1].isdigit()), f"REPRODUCTION.md lacks the row {r}"
+    assert "`benchmarks/results/eblora_step_size.json`" in text
+    quick = result("quickstart.json")["runs"]["lora"]["0"]
+    lora_row = (f"| lora (reference) | - | - | {quick['final/acc']:.2f} | {quick['final/avg_acc']:.2f} | "
+                f"{quick['final/forgetting']:.2f} | {quick['final/acc_til']:.2f} |")
+    assert lora_row in text
+
+
+def test_the_conformance_tables_are_generated_from_their_files():
+    spec = importlib.util.spec_from_file_location("conformance_tables", ROOT / "benchmarks" / "conformance" /
+                                                  "tables.py")
+    tables = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tables)
+    text = (ROOT / "docs" / "REPRODUCTION.md").read_text()
+    assert tables.section() in text, "regenerate: python benchmarks/conformance/tables.py"
+
+
+# -- no figure silently looks recorded -----------------------------------------------------------------------------
+
+# What reads as a measured figure: a time with its clock, a throughput, a step time, "measured" with a number.
+MEASURED = re.compile(r"\b\d+(\.\d+)? s (wall|of CPU)\b|\b\d+ min \d+ s\b|\d img/s\b|ms/step|\(measured\b|"
+                      r"\bmeasured:|\bmeasured \d")
+# What backs it: a results file, the golden or conformance files, or the plain statement that nothing does.
+BACKED = ("benchmarks/results/", "tests/golden/", "tests/conformance/", "not recorded here", "not yet measured",
+          "not measured here")
+NOT_RECORDED = "not recorded here"
+# Sections other files own (their own tests hold them): cost growth, language models.
+AUDITED = {"README.md": ("## Language models",), "docs/PERFORMANCE.md": ("## 6.",),
+           "docs/REPRODUCTION.md": ("## Conformance",), "docs/METHODS.md": ("## 11.",)}
+
+
+def audited_blocks() -> list[tuple[str, str]]:
+    """(file, block) of every paragraph of the audited text; a table or code block joins the paragraph before it,
+    and a suite file's header comment is one block."""
+    out: list[tuple[str, str]] = []
+    for doc, skip in AUDITED.items():
+        kept, keep = [], True
+        for line in (ROOT / doc).read_text().splitlines():
+            if line.startswith("## "):
+                keep = not line.startswith(skip)
+            if keep:
+                kept.append(line)
+        blocks: list[str] = []
+        for block in re.split(r"\n\s*\n", "\n".join(kept)):
+            if block.lstrip().startswith(("|", "```")) and blocks:
+                blocks[-1] += "\n" + block
+            else:
+                blocks.append(block)
+        out += [(doc, b) for b in blocks]
+    for suite in sorted((ROOT / "suites").rglob("*.yaml")):
+        if not suite.name.startswith("lm-"):  # the language-model suites are another track's
+            header = "\n".join(ln for ln in suite.read_text().splitlines() if ln.startswith("#"))
+            out.append((str(suite.relative_to(ROOT)), header))
+    return out
+
+
+def test_every_measured_figure_names_its_results_file_or_says_it_has_none():
+    silent = [f"{doc}: {flat(block)[:160]}" for doc, block in audited_blocks()
+              if MEASURED.search(block) and not any(k in block for k in BACKED)]
+    assert not silent, ("a measured figure with no results file and no 'not recorded here' (record it with "
+                        "benchmarks/record.py and cite benchmarks/results/..., or say where, when and by which "
+                        "command it was measured and that it is not recorded here):\n" + "\n".join(silent))
+
+
+def test_every_unrecorded_figure_says_when_and_by_which_command():
+    vague = [f"{doc}: {flat(block)[:160]}" for doc, block in audited_blocks()
+             if NOT_RECORDED in block and f'"{NOT_RECORDED}"' not in block
+             and not (re.search(r"\b20\d\d-\d\d-\d\d\b|\bissue \d+\b", block) and "`" in block)]
+    assert not vague, "'not recorded here' without a date (or issue) and a command:\n" + "\n".join(vague)
+
+
+def test_the_measured_figure_check_finds_a_silent_figure():
+    block = "Quickstart: 1 min 13 s wall on 2 cores at load ~1."
+    assert MEASURED.search(block) and not any(k in block for k in BACKED)

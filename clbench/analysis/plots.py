@@ -64,6 +64,40 @@ def si_number(value: float) -> str:
     return f"{value:g}"
 
 
+def plain_linear_axis(ax, which: str = "x") -> None:
+    """At most five literal tick labels on a linear axis, in SI form from 100k on (0, 50k, 100k): matplotlib's
+    plain ``100000 120000`` (or ``4226 4227 ... 4234`` on a narrow range) run into each other at the report's
+    figure widths."""
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
+
+    axis = ax.xaxis if which == "x" else ax.yaxis
+    axis.set_major_locator(MaxNLocator(nbins=5))
+
+    def label(v: float, _pos: int) -> str:
+        return si_number(v) if max(abs(t) for t in axis.get_view_interval()) >= 1e5 else f"{v:g}"
+
+    axis.set_major_formatter(FuncFormatter(label))
+
+
+def plain_symlog_axis(ax, which: str, values: list[float]) -> None:
+    """Like :func:`plain_log_axis` for data that holds 0 as well (a method with no trainable parameters):
+    linear from 0 to the lowest decade of the positive ``values``, logarithmic above it; 0 and every decade
+    labelled as literal text."""
+    import math
+
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
+
+    positive = [v for v in values if v > 0]
+    low = 10.0 ** math.floor(math.log10(min(positive))) if positive else 1.0
+    high = max(positive) if positive else low
+    (ax.set_xscale if which == "x" else ax.set_yscale)("symlog", linthresh=low, linscale=0.5)
+    axis = ax.xaxis if which == "x" else ax.yaxis
+    axis.set_major_locator(FixedLocator([0.0] + [10.0 ** k for k in range(round(math.log10(low)),
+                                                                          math.floor(math.log10(high)) + 1)]))
+    axis.set_minor_locator(NullLocator())
+    axis.set_major_formatter(FuncFormatter(lambda v, _pos: si_number(v)))
+
+
 def plain_log_axis(ax, which: str = "x") -> None:
     """Log scale on ``ax``'s ``which`` axis with literal tick labels (100, 1k, 20k): matplotlib's own log labels
     are mathtext (``$\\mathdefault{10^{2}}$``), printed raw under :func:`plain_text`. Decades are labelled;

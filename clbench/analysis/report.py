@@ -37,7 +37,16 @@ from clbench.analysis.leaderboard import (
     table_cells,
 )
 from clbench.analysis.leaderboard import render as render_text
-from clbench.analysis.plots import _plt, labelled_png, plain_log_axis, plain_text, png_base64, spread_labels
+from clbench.analysis.plots import (
+    _plt,
+    labelled_png,
+    plain_linear_axis,
+    plain_log_axis,
+    plain_symlog_axis,
+    plain_text,
+    png_base64,
+    spread_labels,
+)
 from clbench.store.tracking import Tracker, read_runs
 
 CSS = """
@@ -71,9 +80,14 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
     return sorted(front, key=lambda i: points[i])
 
 
-def _colors(rows: list[Row]) -> dict[str, Any]:
+MARKERS = ("o", "s", "^", "D", "v", "P")
+
+
+def _styles(rows: list[Row]) -> dict[str, tuple[Any, str]]:
+    """Each method's (colour, marker): ten colours, then the same colours with the next marker, so that the 12
+    methods of the quickstart and its bounds suite never share a look in a legend."""
     cmap = _plt().get_cmap("tab10")
-    return {row.method: cmap(i % 10) for i, row in enumerate(rows)}
+    return {row.method: (cmap(i % 10), MARKERS[(i // 10) % len(MARKERS)]) for i, row in enumerate(rows)}
 
 
 @plain_text
@@ -82,7 +96,7 @@ def plot_pareto(g: Group) -> str | None:
     # the total: gradient training plus the method's own work (a closed-form solve), so no method looks free
     costs = [(keys.COST_TOTAL_SECONDS, "training + method time (s)"),
              (keys.COST_TRAINABLE_PARAMS, "trainable parameters")]
-    colors = _colors(g.rows)
+    styles = _styles(g.rows)
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     labels: dict[Any, list] = {ax: [] for ax in axes}
     drawn = False
@@ -90,7 +104,8 @@ def plot_pareto(g: Group) -> str | None:
         rows = [r for r in g.rows if r.metrics[ckey].mean is not None and r.metrics["final/acc"].mean is not None]
         pts = [(r.metrics[ckey].mean, r.metrics["final/acc"].mean) for r in rows]
         for r, (c, a) in zip(rows, pts):
-            ax.errorbar(c, a, yerr=r.metrics["final/acc"].std or 0, fmt="o", color=colors[r.method], capsize=3)
+            color, marker = styles[r.method]
+            ax.errorbar(c, a, yerr=r.metrics["final/acc"].std or 0, fmt=marker, color=color, capsize=3)
             labels[ax].append(ax.annotate(r.method, (c, a), fontsize=8, xytext=(4, 4), textcoords="offset points"))
         front = pareto_front(pts)
         if front:
@@ -98,8 +113,16 @@ def plot_pareto(g: Group) -> str | None:
             ax.step([pts[i][0] for i in front], [pts[i][1] for i in front], where="post", color="k", alpha=0.4,
                     linestyle="--", label="Pareto front")
             ax.set_title("dashed: Pareto front", fontsize=8)  # a legend box inside the axes hid points
-        if pts and min(p[0] for p in pts) > 0 and max(p[0] for p in pts) / min(p[0] for p in pts) > 50:
-            plain_log_axis(ax, "x")
+        positive = [p[0] for p in pts if p[0] > 0]
+        if positive and max(positive) / min(positive) > 50:
+            # a wide range (LoRA's thousands of parameters beside full fine-tuning's) on log ticks; a method that
+            # trains nothing (SimpleCIL, RanPAC: 0 parameters) keeps its 0 at the axis' start
+            if min(p[0] for p in pts) > 0:
+                plain_log_axis(ax, "x")
+            else:
+                plain_symlog_axis(ax, "x", [p[0] for p in pts])
+        else:
+            plain_linear_axis(ax, "x")
         ax.set_xlabel(clabel)
         ax.set_ylabel("final/acc (%)")
         ax.grid(alpha=0.3)
@@ -121,12 +144,13 @@ def plot_imbalance_forgetting(g: Group) -> str | None:
     if not ev.n:
         return None
     plt = _plt()
-    colors = _colors(g.rows)
+    styles = _styles(g.rows)
     fig, ax = plt.subplots(figsize=(5.5, 4))
     for row in g.rows:
         pts = [(x, y) for x, y, label in zip(ev.x, ev.y, ev.labels) if label.rpartition("/s")[0] == row.method]
         if pts:
-            ax.scatter([p[0] for p in pts], [p[1] for p in pts], color=colors[row.method], label=row.method)
+            color, marker = styles[row.method]
+            ax.scatter([p[0] for p in pts], [p[1] for p in pts], color=color, marker=marker, label=row.method)
     return labelled_png(fig, ax, f"spectral imbalance: {keys.SPECTRA_MEAN_TOP1}", f"{keys.FINAL_FORGETTING} (points)",
                         ev.title())
 
@@ -134,7 +158,7 @@ def plot_imbalance_forgetting(g: Group) -> str | None:
 @plain_text
 def plot_curves(g: Group) -> str | None:
     plt = _plt()
-    colors = _colors(g.rows)
+    styles = _styles(g.rows)
     fig, ax = plt.subplots(figsize=(5.5, 4))
     drawn = False
     for row in g.rows:
@@ -143,9 +167,10 @@ def plot_curves(g: Group) -> str | None:
             continue
         drawn = True
         x, m, sd = zip(*pts)
-        ax.plot(x, m, marker="o", color=colors[row.method], label=f"{row.method} (n={row.n})")
-        ax.fill_between(x, [a - b for a, b in zip(m, sd)], [a + b for a, b in zip(m, sd)],
-                        color=colors[row.method], alpha=0.15)
+        color, marker = styles[row.method]
+        ax.plot(x, m, marker=marker, color=color, linestyle="-" if marker == MARKERS[0] else "--",
+                label=f"{row.method} (n={row.n})")
+        ax.fill_between(x, [a - b for a, b in zip(m, sd)], [a + b for a, b in zip(m, sd)], color=color, alpha=0.15)
     if not drawn:
         plt.close(fig)
         return None

@@ -46,12 +46,12 @@ def words(text: str) -> list[str]:
 
 
 def _vocabulary() -> tuple[str, ...]:
-    vocab: set[str] = set(FILLER) | set(words(TEMPLATE.replace("{", " ").replace("}", " "))) | {","}
+    template = set(words(TEMPLATE.replace("{", " ").replace("}", " "))) - {"instruction", "options", "sentence"}
+    vocab: set[str] = set(FILLER) | template | {","}
     for _, instruction, labels in TASKS:
         vocab |= set(words(instruction)) | set(labels)
         for keys in labels.values():
             vocab |= set(keys)
-    vocab -= {"instruction", "options", "sentence"}
     return tuple(sorted(vocab))
 
 

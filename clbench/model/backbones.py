@@ -115,6 +115,8 @@ def fetch_hub_weights(name: str, pretrained: bool, checkpoint: str | None) -> bo
     True when it downloaded (a hash taken before covers ``hub:<repo>, not downloaded``: take it again)."""
     if not pretrained or checkpoint or name in TINY:
         return False
+    if name.startswith("hf:"):  # a language model (clbench.model.lm)
+        return fetch_language_weights(name[3:])
     hub_id = hub_id_of(name)
     if not hub_id or hub_weights_file(hub_id):
         return False
@@ -122,6 +124,26 @@ def fetch_hub_weights(name: str, pretrained: bool, checkpoint: str | None) -> bo
 
     _pretrained_available(name)
     timm.create_model(name, pretrained=True, num_classes=0)  # timm picks and downloads the file it loads
+    return True
+
+
+def fetch_language_weights(hub_id: str) -> bool:
+    """Download a hub language model (its config, tokenizer and weights: safetensors when the repo has them) into
+    the Hugging Face cache unless a local folder or the cache has it already; True when it downloaded."""
+    from clbench.weights import language_weights_files
+
+    if Path(hub_id).is_dir() or language_weights_files(hub_id):
+        return False
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+    if offline or not _hub_reachable():
+        raise ClbenchError(f"backbone.name: the language model '{hub_id}' is not in the Hugging Face cache and the "
+                           "hub cannot be reached; run once on a connected machine (it downloads into the cache) "
+                           "or name a local folder: hf:/path/to/model")
+    from huggingface_hub import list_repo_files, snapshot_download
+
+    files = list_repo_files(hub_id)
+    weights = ["*.safetensors"] if any(f.endswith(".safetensors") for f in files) else ["*.bin"]
+    snapshot_download(hub_id, allow_patterns=["*.json", "*.model", "*.txt", *weights])
     return True
 
 

@@ -6,9 +6,12 @@ Names (``backbone.name``):
 * ``t5_tiny_clbench``, ``llama_tiny_clbench``: tiny models built from a config (2 blocks, width 64; random
   weights from the run's seed) with a word-level tokenizer over ``clbench.data.lm_synthetic.VOCABULARY`` (no
   file, no hub): the offline quickstart (``suites/lm-quickstart*.yaml``) and the tests.
-* ``hf:<hub id>`` (``hf:t5-large``, ``hf:google-t5/t5-large``, ``hf:meta-llama/Llama-2-7b-hf``): the hub's model
-  and tokenizer (T5 family: encoder-decoder; any other ``AutoModelForCausalLM``: causal), downloaded into the
-  Hugging Face cache on a connected machine; offline without them it fails at once with one line.
+* ``hf:<hub id>`` (``hf:t5-large``, ``hf:google-t5/t5-large``, ``hf:meta-llama/Llama-2-7b-hf``) or
+  ``hf:<local folder>`` (a ``save_pretrained`` folder with its tokenizer, as O-LoRA's ``initial_model/t5-large``):
+  the model and its tokenizer (T5 family: encoder-decoder; any other ``AutoModelForCausalLM``: causal), a hub
+  model downloaded into the Hugging Face cache on a connected machine before the suite hash is taken (which covers
+  the weights' sha256, ``clbench.weights.language_weights_identity``); offline without them it fails at once
+  with one line.
 
 transformers is the optional extra ``clbench[lm]`` and is imported only inside this module's functions.
 
@@ -115,7 +118,7 @@ class HubTokenizer:
 
     def __init__(self, tok: Any) -> None:
         self.tok = tok
-        self.eos_id, self.bos_id = tok.eos_token_id, tok.bos_token_id
+        self.eos_id, self.bos_id, self.unk_id = tok.eos_token_id, tok.bos_token_id, tok.unk_token_id
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.unk_token_id
         if pad is None or pad == self.eos_id:
             pad = 0 if self.eos_id != 0 else 1
@@ -237,9 +240,17 @@ def _tiny_hf(name: str, vocab: int, pad_id: int, eos_id: int) -> tuple[nn.Module
 
 
 def hub_available(hub_id: str) -> None:
-    """Fail fast, with one line, when a hub model is neither in the Hugging Face cache nor downloadable now."""
+    """Fail fast, with one line, when a hub model is neither a local folder, nor in the Hugging Face cache, nor
+    downloadable now."""
+    from pathlib import Path
+
     from huggingface_hub import try_to_load_from_cache
 
+    if Path(hub_id).is_dir():
+        if not (Path(hub_id) / "config.json").is_file():
+            raise ClbenchError(f"backbone.name: {hub_id} holds no config.json; give a folder written by a "
+                               "transformers model's save_pretrained (with its tokenizer)")
+        return
     if isinstance(try_to_load_from_cache(hub_id, "config.json"), str):
         return
     offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
@@ -247,7 +258,8 @@ def hub_available(hub_id: str) -> None:
 
     if offline or not _hub_reachable():
         raise ClbenchError(f"backbone.name: the language model '{hub_id}' is not in the Hugging Face cache and the "
-                           "hub cannot be reached; run once on a connected machine (it downloads into the cache)")
+                           "hub cannot be reached; run once on a connected machine (it downloads into the cache) "
+                           "or name a local folder: hf:/path/to/model")
 
 
 def _hub_hf(name: str, pretrained: bool) -> tuple[nn.Module, Any, str]:
@@ -471,10 +483,13 @@ def language_skeleton(name: str) -> TextBackbone | None:
         tok = WordTokenizer(VOCABULARY)
         hf, family = _tiny_hf(name, len(tok), tok.pad_id, tok.eos_id)
         return TextBackbone(hf, family, tok.pad_id)
+    from pathlib import Path
+
     from huggingface_hub import try_to_load_from_cache
 
     hub_id = name[len(HF_PREFIX):]
-    if not isinstance(try_to_load_from_cache(hub_id, "config.json"), str):
+    if not (Path(hub_id) / "config.json").is_file() and not isinstance(
+            try_to_load_from_cache(hub_id, "config.json"), str):
         return None
     tf = require_transformers(name)
     config = tf.AutoConfig.from_pretrained(hub_id)

@@ -20,11 +20,12 @@ versions that read it.
 
 The same script makes the leaderboard view the runs table's own state for every clbench experiment of the served
 store (the state MLflow restores when an address names no sort or filter: the experiments list's link, MLflow's
-"View experiment at" line, a run page's breadcrumb), and shows the table's metric cells rounded: MLflow 3.17 prints
+"View experiment at" line, a run page's breadcrumb), opens the base URL on the runs table of the suite that ran
+last (instead of MLflow's GenAI getting-started home), and shows the table's metric cells rounded: MLflow 3.17 prints
 logged values unrounded (``59.29666666666667``) and has no setting for it, so the script rewrites the text of the
 cells it draws (two decimals; three significant digits below 1, so shares and small losses keep their digits).
-The store, the cells' tooltips, the charts and the run pages keep the logged values. Column widths in the view
-state show every header whole.
+The store, the charts and the run pages keep the logged values. Column widths in the view state show every header
+whole.
 """
 
 from __future__ import annotations
@@ -109,8 +110,10 @@ ASSISTANT_KEY = "mlflow.assistant.fab.autoOpenedOnFirstLoad_v1"
 #    under the same ids gets its own; the base URL itself opens the runs table of the suite that ran last (MLflow's
 #    home, a GenAI getting-started page, stays one click away in its sidebar, the experiments list in the
 #    breadcrumb);
-# 3. numbers in the runs table's metric cells are shown rounded (``fmt``) as the grid draws them: the store, the
-#    cell's tooltip, the charts and the run page keep the logged values.
+# 3. numbers in the runs table's metric cells are shown rounded (``fmt``) as the grid draws them: two decimals,
+#    three significant digits below 1 (exponent form below 1e-6), and an exact tie to the even digit as Python's
+#    format() rounds, so the table shows the digits the terminal leaderboard prints (JavaScript's toFixed rounds
+#    5.125 up to 5.13). The store, the charts and the run pages keep the logged values.
 _PAGE_JS = """(function(){try{
 var S=window.localStorage,D=__DEFAULTS__,E=__SEEDS__,V=__STATE__,L=__LATEST__;
 Object.keys(D).forEach(function(k){if(S.getItem(k)===null)S.setItem(k,D[k])});

@@ -127,9 +127,8 @@ def weights_identity(name: str, image_size: int, in_chans: int | None, pretraine
             return "missing:" + Path(checkpoint).name
     if not pretrained:
         return RANDOM_INIT
-    if name.startswith("hf:"):  # a language model from the hub (clbench.model.lm): its cached weights file
-        found = hub_weights_file(name[3:])
-        return hub_sha256(found) if found else f"hub:{name[3:]}, not downloaded"
+    if name.startswith("hf:"):  # a language model (clbench.model.lm): a hub repo or a local folder
+        return language_weights_identity(name[3:])
     if name.endswith("_clbench"):  # clbench's tiny ViTs: only the shipped weights are ever loaded
         fname = SHIPPED.get((name, image_size, in_chans or 1))
         return pinned_sums().get(fname, f"unshipped:{name}-{image_size}px-{in_chans or 1}ch")
@@ -138,6 +137,47 @@ def weights_identity(name: str, image_size: int, in_chans: int | None, pretraine
         return f"timm:{name}"
     found = hub_weights_file(hub_id)
     return hub_sha256(found) if found else f"hub:{hub_id}, not downloaded"
+
+
+def language_weights_files(hub_id: str) -> list[str] | None:
+    """The weights files a language model ``hf:<hub_id>`` loads (a local folder's or the Hugging Face cache's; one
+    file or every shard its index lists), or None when they are not all there."""
+    import json
+
+    folder = Path(hub_id)
+    if folder.is_dir():
+        for single, index in (("model.safetensors", "model.safetensors.index.json"),
+                              ("pytorch_model.bin", "pytorch_model.bin.index.json")):
+            if (folder / single).is_file():
+                return [str(folder / single)]
+            if (folder / index).is_file():
+                shards = sorted(set(json.loads((folder / index).read_text())["weight_map"].values()))
+                files = [folder / f for f in shards]
+                return [str(f) for f in files] if all(f.is_file() for f in files) else None
+        return None
+    from huggingface_hub import try_to_load_from_cache
+
+    for single, index in (("model.safetensors", "model.safetensors.index.json"),
+                          ("pytorch_model.bin", "pytorch_model.bin.index.json")):
+        found = try_to_load_from_cache(hub_id, single)
+        if isinstance(found, str):
+            return [found]
+        found = try_to_load_from_cache(hub_id, index)
+        if isinstance(found, str):
+            shards = sorted(set(json.loads(Path(found).read_text())["weight_map"].values()))
+            files = [try_to_load_from_cache(hub_id, f) for f in shards]
+            return [str(f) for f in files] if all(isinstance(f, str) for f in files) else None
+    return None
+
+
+def language_weights_identity(hub_id: str) -> str:
+    """The sha256 of a language model's weights (a sharded model's: of its shards' sha256s, in order), or
+    ``hub:<repo>, not downloaded`` / ``missing:<folder>``."""
+    files = language_weights_files(hub_id)
+    if files is None:
+        return f"missing:{Path(hub_id).name}" if Path(hub_id).is_dir() else f"hub:{hub_id}, not downloaded"
+    sums = [hub_sha256(f) for f in files]
+    return sums[0] if len(sums) == 1 else hashlib.sha256(" ".join(sums).encode()).hexdigest()
 
 
 def is_checksum(identity: str) -> bool:
