@@ -108,7 +108,7 @@ def run_args(command: str) -> tuple[str, list[str], list[str]]:
 def test_the_results_files_are_found():
     names = {p.name for p in suite_results()} | {p.name for p in script_results()}
     assert {"claim.json", "quickstart.json", "quickstart-bounds.json", "quickstart-er-current-task.json",
-            "overhead.json", "spectra_speed.json", "eblora_step_size.json"} <= names
+            "overhead.json", "spectra_speed.json", "eblora_step_size.json", "eblora-step-size.json"} <= names
 
 
 def test_every_recorded_suite_run_is_of_its_suite_as_it_is_now():
@@ -295,3 +295,37 @@ def test_every_unrecorded_figure_says_when_and_by_which_command():
 def test_the_measured_figure_check_finds_a_silent_figure():
     block = "Quickstart: 1 min 13 s wall on 2 cores at load ~1."
     assert MEASURED.search(block) and not any(k in block for k in BACKED)
+
+
+def test_reproduction_quotes_the_recorded_step_size_suite():
+    data = result("eblora-step-size.json")
+    runs = data["runs"]
+    entries = [("lora (reference)", "lora", "-"), ("eblora, default (official_step)", "eblora", "104.9"),
+               *[("eblora", f"eblora-c{c}", str(c)) for c in (64, 768, 4096, 21845)]]
+    quotes = [f"`benchmarks/results/eblora-step-size.json`, which `python benchmarks/record.py "
+              f"suites/eblora-step-size.yaml` regenerates, {data['cpu_seconds']:.0f} s of CPU, {data['date'][:10]})"]
+    for shown, label, c in entries:
+        r = runs[label]
+        mean = lambda k: statistics.mean(r[s][k] for s in ("0", "1"))  # noqa: E731,B023
+        quotes.append(f"| {shown} | {c} | {r['0']['final/acc']:.2f} / {r['1']['final/acc']:.2f} | "
+                      f"{mean('final/acc'):.2f} | {mean('final/forgetting'):.2f} | {mean('final/acc_til'):.2f} |")
+    acc = lambda label, s: runs[label][s]["final/acc"]  # noqa: E731
+    til = lambda label, s: runs[label][s]["final/acc_til"]  # noqa: E731
+    # what the text reads from the table
+    assert all(acc(c, s) < acc("eblora", s) and til(c, s) < til("eblora", s)
+               for c in ("eblora-c4096", "eblora-c21845") for s in ("0", "1"))
+    spread = max(abs(acc(c, s) - acc("eblora", s)) for c in ("eblora-c64", "eblora-c768") for s in ("0", "1"))
+    seeds = abs(acc("lora", "0") - acc("lora", "1"))
+    assert spread < seeds
+    quotes.append(f"differ by at most {spread:.1f} points of final accuracy at a seed, less than `lora`'s own "
+                  f"difference between the two seeds ({seeds:.1f})")
+    assert not missing_in("docs/REPRODUCTION.md", quotes), missing_in("docs/REPRODUCTION.md", quotes)
+
+
+def test_performance_quotes_the_recorded_eval_reruns():
+    e = [result(f"overhead-eval-{i}.json") for i in (1, 2)]
+    assert all(d["command"].endswith("--only b --repeats 9") for d in e)
+    f = [d["figures"] for d in e]
+    quote = (f"N = 1, 2) gave {f[0]['eval_ratio']:.3f} and {f[1]['eval_ratio']:.3f} (ratios of medians "
+             f"{f[0]['eval_ratio_of_medians']:.3f} and {f[1]['eval_ratio_of_medians']:.3f})")
+    assert not missing_in("docs/PERFORMANCE.md", [quote]), quote
