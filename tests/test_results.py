@@ -1,6 +1,8 @@
-"""Every number README.md and docs/ quote from a run is the number of a recorded run committed under
-benchmarks/results/ (written by benchmarks/record.py) or of tests/golden/quickstart.json, at the rounding the text
-uses. A rerun that moves a number means regenerating the file and the text together."""
+"""Every number README.md, docs/ and the suites' comments quote from a run is the number of a recorded run committed
+under benchmarks/results/ (written by benchmarks/record.py: a suite's run, or a benchmark script's name=value lines)
+or of tests/golden/quickstart.json, at the rounding the text uses. A rerun that moves a number means regenerating
+the file and the text together. A measured figure that no file backs must say so ("not recorded here") with when
+and by which command it was measured."""
 
 from __future__ import annotations
 
@@ -329,3 +331,13 @@ def test_performance_quotes_the_recorded_eval_reruns():
     quote = (f"N = 1, 2) gave {f[0]['eval_ratio']:.3f} and {f[1]['eval_ratio']:.3f} (ratios of medians "
              f"{f[0]['eval_ratio_of_medians']:.3f} and {f[1]['eval_ratio_of_medians']:.3f})")
     assert not missing_in("docs/PERFORMANCE.md", [quote]), quote
+
+
+def test_the_recorded_quickstart_is_the_golden_one():
+    """A behaviour change regenerates the golden numbers; the recorded quickstart the docs quote must follow."""
+    golden = json.loads((ROOT / "tests" / "golden" / "quickstart.json").read_text())
+    runs = result("quickstart.json")["runs"]
+    assert golden["quickstart"]["weights"] == result("quickstart.json")["weights_sha256"]
+    moved = [f"{m} {k}: golden {v}, recorded {runs[m]['0'][k]}" for m, pinned in golden["quickstart"]["metrics"].items()
+             for k, v in pinned.items() if abs(runs[m]["0"][k] - v) > golden["tolerance"][k]]
+    assert not moved, "re-record: python benchmarks/record.py suites/quickstart.yaml\n" + "\n".join(moved)
