@@ -22,19 +22,28 @@ only with ``first_session_adaptation``); ``configure_model`` returns :class:`RPM
 ``CLModel`` around the same frozen backbone whose features are ``h`` and whose heads are M-wide, so the loop's
 evaluation is the official inference; ``after_task`` recomputes and writes every seen task's head.
 
-Compact state: the method keeps the backbone features F (N x d, float32) and labels of every seen training image,
-not G: G and Q are sums over rows of ``ReLU(F W_rand)`` and are recomputed exactly when solving, and
-``W_rand`` is regenerated from the run's seed (a non-persistent buffer, not in the checkpoint). For ViT-B (d =
-768) and M = 10000, F is smaller than G (10000^2 float32 = 400 MB) below 130,000 training images (Split
-CIFAR-100: 50,000 images, 154 MB; ImageNet-R: 24,000, 74 MB). Fast solves: lambda's search diagonalises once
-(``eigh`` of the split's kernel ``H H^T`` when it has fewer rows than M, else of ``H^T H``) and evaluates every
-lambda from it; the final solve is a Cholesky factorisation of ``H H^T + lambda I`` (the dual form: ``W_o =
-H^T (H H^T + lambda I)^-1 Y``, the same solution) when fewer images than M have been seen, else of
-``G + lambda I`` with G built in row chunks.
+Compact state, bounded: the method keeps whichever is smaller, (a) the backbone features F (N x d, float32) and
+labels of every seen training image, or (b) G (its lower triangle, all a Cholesky factorisation reads:
+M (M + 1) / 2 float64) and Q (M x C) - never both in the checkpoint. It starts with (a) and switches for good
+to (b) after the task where F outweighs G and Q, so the state is at most the size of G and Q whatever the number
+of images seen (for ViT-B, d = 768, and M = 10000: F is smaller below about 130,000 training images; Split
+CIFAR-100 has 50,000, 154 MB; DomainNet about 410,000, kept as G and Q: 428 MB). ``W_rand`` is regenerated from
+the run's seed (a non-persistent buffer, not in the checkpoint). The current task's features serve lambda's
+search only (official: ``optimise_ridge_parameter`` on the current task), then are summed or kept as above.
+
+Solves and their cost per task: when the stream is expected to reach M images (the images seen so far per task
+times the number of tasks, decided from the first task on), every task is summed into G and Q once (``2 N_t
+M^2``) and the classifier is the Cholesky solve of ``G + lambda I`` (``M^3 / 3``): the official per-task cost,
+flat in the task index; nothing is recomputed from earlier tasks' features (after a resume from (a), G and Q are
+summed again from F once, in the same order, to the same bits). Otherwise (a short stream: N stays below M) the
+same W_o is solved in the dual form ``W_o = H^T (H H^T + lambda I)^-1 Y`` by Cholesky of the N x N kernel, whose
+task blocks are kept in memory, and no M x M matrix is ever formed. lambda's search diagonalises once (``eigh``
+of the split's kernel ``H H^T`` when it has fewer rows than M, else of ``H^T H``) and evaluates every lambda
+from it.
 
 Deviations: (1) solves run in float64 (the official ones in float32, where lambda = 1e-8 against a rank-deficient
 G is numerically meaningless); (2) lambda is searched by one eigendecomposition instead of 17 dense solves
-(the same minimiser up to rounding); (3) the dual form when N < M (the same solution); (4) ``W_rand`` is drawn from
+(the same minimiser up to rounding); (3) the dual form for a stream of fewer than M images (the same solution); (4) ``W_rand`` is drawn from
 a generator seeded by the run's seed, not from the global stream after first-session training; (5) the MSE of the
 lambda search is over the seen classes' one-hot columns, not all of the stream's (the unseen columns add zero
 error, so only the scale differs and the argmin is the same); (6) first-session adaptation (off by default, as in
@@ -146,30 +155,61 @@ def choose_ridge(H: torch.Tensor, Y: torch.Tensor, ridges: list[float], fraction
     return ridges[int(np.argmin(np.array(losses)))]
 
 
+def pack_lower(G: torch.Tensor) -> torch.Tensor:
+    """The lower triangle of ``G`` (rows in order, ``M (M + 1) / 2`` values) on the CPU: all the Cholesky
+    factorisation reads (``torch.linalg.cholesky`` uses the lower triangle only)."""
+    G = G.cpu()
+    return torch.cat([G[i, :i + 1] for i in range(G.shape[0])])
+
+
+def unpack_lower(v: torch.Tensor, M: int) -> torch.Tensor:
+    """The symmetric M x M matrix whose lower triangle :func:`pack_lower` wrote."""
+    G, start = torch.zeros(M, M, dtype=v.dtype), 0
+    for i in range(M):
+        G[i, :i + 1] = v[start:start + i + 1]
+        start += i + 1
+    return G + G.tril(-1).T
+
+
 class Gram:
-    """The ridge system over every stored task, kept in memory between tasks (never checkpointed): the kernel's
-    task blocks ``H_i H_j^T`` while fewer than M images are stored (the dual form), else ``G = sum H^T H`` and
-    ``Q = sum H^T Y``. Every value is computed task block by task block in task order, so a cached value and the
+    """The ridge system: ``G = sum H^T H`` and ``Q = sum H^T Y`` (float64) accumulated task by task in task
+    order (``tasks`` of them so far), and, for the dual form, the kernel's task blocks ``H_i H_j^T`` (in memory
+    only). Every value is computed task block by task block in task order, so an accumulated value and the
     recomputation of a resumed run are the same bits; a new task costs its own blocks only."""
 
     def __init__(self) -> None:
         self.blocks: dict[tuple[int, int], torch.Tensor] = {}
         self.G: torch.Tensor | None = None
         self.Q: torch.Tensor | None = None
-        self.primal_tasks = 0  # tasks summed into G and Q
+        self.tasks = 0  # tasks summed into G and Q
 
-    def solve(self, feats: list[torch.Tensor], labels: list[torch.Tensor], C: int, w_rand: torch.Tensor,
-              lam: float) -> torch.Tensor:
-        """``W_o^T = (G + lam I)^-1 Q`` (M x C, float64) over ``feats`` (per task, N_t x d, on the solve's device)
-        and their stream-wide ``labels``; by Cholesky, in the dual form ``H^T (H H^T + lam I)^-1 Y`` (the same
-        matrix) while N < M."""
-        Ys = [one_hot(y, C) for y in labels]
-        if sum(len(f) for f in feats) < w_rand.shape[1]:
-            return self._dual(feats, Ys, w_rand, lam)
-        self.blocks.clear()
-        return self._primal(feats, Ys, C, w_rand, lam)
+    def accumulate(self, feats: list[torch.Tensor], labels: list[torch.Tensor], C: int, w_rand: torch.Tensor) -> None:
+        """Add the tasks ``feats`` (N_t x d backbone features, on the solve's device; stream-wide ``labels``) to
+        G and Q, in row chunks; Q gains zero columns for classes new since the last call. A task's products have
+        its own shapes only, so summing it now or in a resumed run's catch-up gives the same bits."""
+        M, dev = w_rand.shape[1], w_rand.device
+        if self.G is None:
+            self.G = torch.zeros(M, M, dtype=torch.float64, device=dev)
+            self.Q = torch.zeros(M, 0, dtype=torch.float64, device=dev)
+        self.Q = torch.cat([self.Q, self.Q.new_zeros(M, C - self.Q.shape[1])], 1)  # new classes: zero so far
+        for F, y in zip(feats, labels):
+            lo, hi = int(y.min()), int(y.max()) + 1  # the task's own classes: the same products whatever C is
+            Y = one_hot(y - lo, hi - lo)
+            for i in range(0, len(F), CHUNK):
+                Hc = project(F[i:i + CHUNK], w_rand)
+                self.G += Hc.T @ Hc
+                self.Q[:, lo:hi] += Hc.T @ Y[i:i + CHUNK]
+            self.tasks += 1
 
-    def _dual(self, feats, Ys, w_rand, lam) -> torch.Tensor:
+    def solve_primal(self, lam: float) -> torch.Tensor:
+        """``W_o^T = (G + lam I)^-1 Q`` (M x C, float64) by Cholesky."""
+        A = self.G.clone()
+        A.diagonal().add_(lam)
+        return torch.cholesky_solve(self.Q, torch.linalg.cholesky(A))
+
+    def solve_dual(self, feats: list[torch.Tensor], labels: list[torch.Tensor], C: int, w_rand: torch.Tensor,
+                   lam: float) -> torch.Tensor:
+        """The same matrix in the dual form ``H^T (H H^T + lam I)^-1 Y`` over ``feats`` (per task, N_t x d)."""
         Hs = [project(f, w_rand) for f in feats]
         T = len(Hs)
         for i in range(T):
@@ -179,28 +219,12 @@ class Gram:
         K = torch.cat([torch.cat([self.blocks[(i, j)] if j <= i else self.blocks[(j, i)].T for j in range(T)], 1)
                        for i in range(T)])
         K.diagonal().add_(lam)
-        alpha = torch.cholesky_solve(torch.cat(Ys), torch.linalg.cholesky(K))
+        alpha = torch.cholesky_solve(torch.cat([one_hot(y, C) for y in labels]), torch.linalg.cholesky(K))
         W, start = torch.zeros(w_rand.shape[1], alpha.shape[1], dtype=torch.float64, device=alpha.device), 0
         for H in Hs:
             W += H.T @ alpha[start:start + len(H)]
             start += len(H)
         return W
-
-    def _primal(self, feats, Ys, C, w_rand, lam) -> torch.Tensor:
-        M, dev = w_rand.shape[1], w_rand.device
-        if self.G is None:
-            self.G = torch.zeros(M, M, dtype=torch.float64, device=dev)
-            self.Q = torch.zeros(M, 0, dtype=torch.float64, device=dev)
-        self.Q = torch.cat([self.Q, self.Q.new_zeros(M, C - self.Q.shape[1])], 1)  # new classes: zero so far
-        for t in range(self.primal_tasks, len(feats)):
-            for i in range(0, len(feats[t]), CHUNK):
-                Hc = project(feats[t][i:i + CHUNK], w_rand)
-                self.G += Hc.T @ Hc
-                self.Q += Hc.T @ Ys[t][i:i + CHUNK]
-        self.primal_tasks = len(feats)
-        A = self.G.clone()
-        A.diagonal().add_(lam)
-        return torch.cholesky_solve(self.Q, torch.linalg.cholesky(A))
 
 
 class RanPAC(Method):
@@ -213,10 +237,33 @@ class RanPAC(Method):
 
     def __init__(self, params=None) -> None:
         super().__init__(params)
-        self.features: list[torch.Tensor] = []  # per task: backbone features (N_t x d, float32), shuffled order
-        self.labels: list[torch.Tensor] = []  # per task: stream-wide labels (int64)
+        # the kept form, whichever is smaller: per task the backbone features (N_t x d, float32, in the CP
+        # loader's shuffled order) and stream-wide labels of every seen image; or, once those outweigh G and Q,
+        # None, and G and Q (self.gram) are the state
+        self.features: list[torch.Tensor] | None = []
+        self.labels: list[torch.Tensor] | None = []
         self.lambdas: list[float] = []  # the ridge chosen after each task
-        self.gram = Gram()  # in memory only: recomputed from the features after a resume
+        self.gram = Gram()  # G and Q are checkpointed only once the features are dropped; else recomputed on resume
+
+    def gram_bytes(self, C: int) -> int:
+        """The checkpointed size of G (its lower triangle) and Q, float64."""
+        M = self.params.M
+        return (M * (M + 1) // 2 + M * C) * 8
+
+    def primal(self, num_tasks: int) -> bool:
+        """Whether G and Q are accumulated and solved (the official M x M form, a flat cost per task): once the
+        features are dropped, or from the first task after which the stream is expected to reach M images (the
+        images seen so far per task times the number of tasks). Otherwise the N x N dual form, cheaper while
+        N < M (which the forecast guarantees), and no G at all. A function of the kept features' sizes, so a
+        resumed run decides every task as the uninterrupted one did."""
+        if self.features is None:
+            return True
+        seen = 0
+        for t, f in enumerate(self.features):
+            seen += len(f)
+            if seen * num_tasks >= self.params.M * (t + 1):
+                return True
+        return False
 
     def gradient_training(self, ctx) -> bool:
         """Only the first task trains, and only with first-session adaptation (clbench.run.loop.takes_gradient_steps)."""
@@ -253,12 +300,24 @@ class RanPAC(Method):
         y = y + ctx.class_offset
         C, dev = len(ctx.seen_classes), ctx.device  # the solves run where the model runs (float64 throughout)
         w_rand = model.w_rand
-        lam = choose_ridge(project(F.to(dev), w_rand), one_hot(y.to(dev), C), self.params.ridges,
-                           self.params.val_fraction)
-        self.features.append(F)
-        self.labels.append(y)
-        self.lambdas.append(lam)
-        W = self.gram.solve([f.to(dev) for f in self.features], [y.to(dev) for y in self.labels], C, w_rand, lam)
+        F_dev, y_dev = F.to(dev), y.to(dev)
+        lam = choose_ridge(project(F_dev, w_rand), one_hot(y_dev, C), self.params.ridges, self.params.val_fraction)
+        self.lambdas.append(lam)  # the current task's features serve lambda's search only (official)
+        if self.features is not None:
+            self.features.append(F)
+            self.labels.append(y)
+        if self.primal(ctx.num_tasks):  # accumulate, never recompute: each task is summed into G and Q once
+            self.gram.blocks.clear()
+            self._accumulate(F_dev, y_dev, C, w_rand)
+            W = self.gram.solve_primal(lam)
+        else:
+            W = self.gram.solve_dual([f.to(dev) for f in self.features], [y.to(dev) for y in self.labels], C,
+                                     w_rand, lam)
+        if self.features is not None and \
+                sum(f.numel() * 4 + y.numel() * 8 for f, y in zip(self.features, self.labels)) > self.gram_bytes(C):
+            self._accumulate(F_dev, y_dev, C, w_rand)  # G and Q are the smaller state from now on
+            self.features = self.labels = None
+            self.gram.blocks.clear()
         with torch.no_grad():
             start = 0
             for head in model.heads[: ctx.task + 1]:
@@ -267,19 +326,42 @@ class RanPAC(Method):
                 head.bias.zero_()
                 start += n
 
+    def _accumulate(self, F: torch.Tensor, y: torch.Tensor, C: int, w_rand: torch.Tensor) -> None:
+        """Bring G and Q up to the current task: the kept features of tasks not summed yet (all of them after a
+        resume), or the current task's alone once only G and Q are kept."""
+        if self.features is None:
+            self.gram.accumulate([F], [y], C, w_rand)
+        else:
+            dev = w_rand.device
+            todo = range(self.gram.tasks, len(self.features))
+            self.gram.accumulate([self.features[t].to(dev) for t in todo], [self.labels[t].to(dev) for t in todo],
+                                 C, w_rand)
+
     @hookimpl
     def method_state(self, ctx):
+        lambdas = torch.tensor(self.lambdas, dtype=torch.float64)
+        if self.features is None:
+            return {"gram": pack_lower(self.gram.G), "Q": self.gram.Q.cpu().clone(),
+                    "tasks": torch.tensor(self.gram.tasks), "lambdas": lambdas}
         return {"features": [f.clone() for f in self.features], "labels": [y.clone() for y in self.labels],
-                "lambdas": torch.tensor(self.lambdas, dtype=torch.float64)}
+                "lambdas": lambdas}
 
     @hookimpl
     def load_method_state(self, model, state, ctx):
         for site in self.sites.values():  # the first session is over once any task is
             site.requires_grad_(False)
         model.start_projecting()
-        self.features = [f.clone() for f in state["features"]]
-        self.labels = [y.clone() for y in state["labels"]]
         self.lambdas = [float(x) for x in state["lambdas"]]
+        self.gram = Gram()
+        if "gram" in state:
+            dev = model.w_rand.device
+            self.gram.G = unpack_lower(state["gram"], state["Q"].shape[0]).to(dev)
+            self.gram.Q = state["Q"].clone().to(dev)
+            self.gram.tasks = int(state["tasks"])
+            self.features = self.labels = None
+        else:
+            self.features = [f.clone() for f in state["features"]]
+            self.labels = [y.clone() for y in state["labels"]]
 
 
 def register_methods(register):

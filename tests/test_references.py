@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 import torch
-from clbench_plugins.ranpac import OFFICIAL_RIDGES, RanPAC, choose_ridge, random_projection
+from clbench_plugins.ranpac import OFFICIAL_RIDGES, RanPAC, choose_ridge, random_projection, unpack_lower
 from clbench_plugins.simplecil import SimpleCIL
 from typer.testing import CliRunner
 
@@ -101,7 +101,7 @@ def test_simplecil_old_prototypes_never_change():
 
 # -- RanPAC ---------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("M", [16, 64, 400])  # 48 images per task: primal (N >= M), dual then primal, dual
+@pytest.mark.parametrize("M", [16, 64, 400])  # 96 images: G and Q kept; G summed, features kept; dual
 def test_ranpac_heads_are_the_closed_form_ridge_solution(M):
     stream = tiny_stream(num_tasks=2, num_classes=4)
     run = run_method(RanPAC({"M": M}), stream)
@@ -151,6 +151,59 @@ def test_ranpac_checkpoint_state_is_compact():
     size = sum(f.numel() * f.element_size() for f in state["features"])
     assert size < 10000 * 10000 * 4 / 1000  # features, not the M x M Gram matrix
     assert "w_rand" not in run.model.state_dict()  # regenerated from the seed
+
+
+class _StateSizes(RanPAC):
+    """RanPAC recording, after every task, its checkpointed state's tensor bytes (lambdas aside), the images seen
+    and the size of its features and of G and Q at that point."""
+
+    def __init__(self, params=None) -> None:
+        super().__init__(params)
+        self.sizes: list[tuple[int, int, int, int]] = []
+        self.seen = self.feature_bytes = 0
+
+    @hookimpl
+    def after_task(self, model, ctx):
+        super().after_task(model, ctx)
+        n = sum(len(y) for _, y in ctx.loader())
+        self.seen += n
+        self.feature_bytes += n * (model.backbone.num_features * 4 + 8)
+        state = self.method_state(ctx)
+        kept = sum(v.numel() * v.element_size() for k, v in state.items() if k not in ("features", "labels", "lambdas"))
+        kept += sum(t.numel() * t.element_size() for k in ("features", "labels") for t in state.get(k, []))
+        self.sizes.append((kept, self.seen, self.feature_bytes, self.gram_bytes(len(ctx.seen_classes))))
+
+
+def test_ranpac_state_stops_growing_past_the_break_even_and_the_classifier_is_unchanged():
+    """The state is the smaller of the features and (G, Q): it grows with the images seen until the features
+    outweigh G and Q (here after task 2, 144 images for M = 56), then holds G's triangle and Q only, whose size no
+    longer depends on the images seen (Q gains its M x 2 columns per task of 2 new classes); and the classifier
+    summed task by task is the ridge solution over all the stream's features at once."""
+    M, stream = 56, tiny_stream(num_tasks=6, num_classes=12)  # 48 images per task, tiny ViT d = 32
+    run = run_method(_StateSizes({"M": M}), stream)
+    sizes = run.method.sizes
+    for kept, _seen, feature_bytes, gram_bytes in sizes:
+        assert kept == (feature_bytes if feature_bytes <= gram_bytes else gram_bytes + 8)  # + a task count
+    switch = next(t for t, (_, _, fb, gb) in enumerate(sizes) if fb > gb)
+    assert switch == 2 and sizes[switch][1] > M and run.method.features is None
+    q_bytes = M * 2 * 8  # two classes per task
+    assert all(sizes[t + 1][0] - sizes[t][0] == q_bytes for t in range(switch, len(sizes) - 1))
+    assert sizes[-1][0] < sizes[switch - 1][2] + 6 * q_bytes  # below the features it replaced, though 3x the images
+    feats = backbone_features(stream)
+    W_rand = random_projection(run.model.backbone.num_features, M, 0).double().numpy()
+    H = np.maximum(np.concatenate([f for f, _ in feats]) @ W_rand, 0)
+    Y = np.eye(12)[np.concatenate([y for _, y in feats])]
+    G, Q = H.T @ H, H.T @ Y
+    state = run.method.method_state(None)
+    np.testing.assert_allclose(unpack_lower(state["gram"], M).numpy(), G, rtol=1e-5, atol=1e-6 * np.abs(G).max())
+    np.testing.assert_allclose(state["Q"].numpy(), Q, rtol=1e-5, atol=1e-6 * np.abs(Q).max())
+    Wo = scipy.linalg.solve(G + run.method.lambdas[-1] * np.eye(M), Q, assume_a="pos").T
+    np.testing.assert_allclose(heads_matrix(run.model), Wo, rtol=2e-3, atol=1e-4 * np.abs(Wo).max())
+
+
+@pytest.mark.parametrize("after", [1, 3])  # 32 images per task, M = 40: G and Q replace the features after task 1
+def test_ranpac_resumes_bit_exactly_from_either_state(after):
+    assert_resumes(RanPAC, {"M": 40}, after=after, num_tasks=4)
 
 
 FIRST_SESSION = {"M": 64, "first_session_adaptation": True, "rank": 2}
