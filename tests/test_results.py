@@ -181,7 +181,8 @@ def test_performance_quotes_the_recorded_spectra_run():
 def test_performance_quotes_the_recorded_quickstart_run():
     data = result("quickstart.json")
     accs = " / ".join(f"{data['runs'][m]['0']['final/acc']:.2f}" for m in ("lora", "inflora", "olora", "eblora"))
-    quotes = [f"**{minutes(data['wall_seconds'])}** wall, {data['cpu_seconds']:.0f} s of CPU",
+    wall = f"{data['wall_seconds']:.0f} s" if data["wall_seconds"] < 59.5 else minutes(data["wall_seconds"])
+    quotes = [f"**{wall}** wall, {data['cpu_seconds']:.0f} s of CPU",
               f"(load average {data['load']['loadavg_1min_before']:.1f} before, "
               f"{data['load']['loadavg_1min_after']:.1f} after), {data['date'][:10]}; final accuracies {accs} for "
               f"lora / inflora / olora / eblora on the shipped weights"]
