@@ -39,6 +39,7 @@ printed and stored. Results: ``name=value`` lines (``<method>.<figure>_slope``) 
 Usage: python benchmarks/growth.py [--tasks 20] [--methods lora,sdlora,...] [--steps 12]
        [--data quickstart|small|tiny] [--out benchmarks/results/growth-T20.json] [--no-save] [--verbose]
        [--sdlora-unfolded] [--olora-merged]   # baselines: SD-LoRA's official forward, O-LoRA's merged option
+       [--ranpac-M 500]   # RanPAC at a small M: its state crosses from features to G and Q within the stream
        python benchmarks/growth.py --table benchmarks/results/growth-T20.json   # the PERFORMANCE.md table
 Not part of the test suite: timings only.
 """
@@ -258,6 +259,19 @@ def olora_merged(olora: type) -> type:
     return Merged
 
 
+def ranpac_with(ranpac: type, M: int) -> type:
+    """RanPAC with projection dimension ``M``: a small M puts the break-even, where G and Q (M (M + 1) / 2 + M C
+    float64) become smaller than the stored features (N d float32) and replace them, inside a short stream."""
+
+    class WithM(ranpac):
+        name = f"ranpac_M{M}"
+
+        def __init__(self, params=None) -> None:
+            super().__init__({"M": M} if params is None else params)
+
+    return WithM
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tasks", type=int, default=20)
@@ -273,6 +287,9 @@ def main() -> None:
                     help="also run SD-LoRA with one branch per finished task (the official forward) as a baseline")
     ap.add_argument("--olora-merged", action="store_true",
                     help="also run O-LoRA with merge_frozen: true (finished branches folded into the weights)")
+    ap.add_argument("--ranpac-M", type=int, default=None, metavar="M",
+                    help="run RanPAC with this projection dimension instead of the official 10000 (reported as "
+                         "ranpac_M<M>): a small M shows its state stop growing past the break-even")
     ap.add_argument("--table", metavar="JSON", help="print a results file as a markdown table and exit")
     args = ap.parse_args()
     if args.table:
@@ -286,6 +303,8 @@ def main() -> None:
         classes["sdlora_unfolded"] = unfolded(method_classes(["sdlora"])["sdlora"])
     if args.olora_merged:
         classes["olora_merged"] = olora_merged(method_classes(["olora"])["olora"])
+    if args.ranpac_M is not None and "ranpac" in classes:
+        classes[f"ranpac_M{args.ranpac_M}"] = ranpac_with(classes.pop("ranpac"), args.ranpac_M)
     torch.manual_seed(0)
     template = build_model(args.backbone, size, pretrained=False, checkpoint=None, in_chans=chans)
     stream = synthetic_stream(args.tasks, per_task, n_train, n_test, chans, size)

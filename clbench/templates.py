@@ -17,40 +17,71 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-LORA = '''"""{name}: TODO one line saying what the method does and why it should forget less.
+# The skeleton every template shares, in ``str.format`` form: the module's docstring, imports, params class,
+# method class (name / paper / code) and register_methods; the test file's contract, resume and property tests.
+# Each template below passes only its own parts.
+
+_DOCSTRING = """\
+\"\"\"{name}: TODO one line saying what the method does and why it should forget less.
 
 Paper: TODO authors, "title", venue year (arXiv id).
 Official code: TODO github.com/owner/repo (or "none").
 
 Deviations from the official code (every deliberate difference, or "none"):
 - TODO
+\"\"\"
 """
 
-from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+def _module(clbench_names: str, params_base: str, params: str, body: str, *, hooks: bool = True,
+            bases: str = "Method", preamble: str = "", helpers: str = "") -> str:
+    """A plugin module: ``clbench_names`` imported from clbench, ``class {cls}Params(params_base)`` with the field
+    lines ``params``, any ``helpers`` classes, then ``class {cls}(bases)``: ``preamble`` (comment lines), its
+    name / paper / code, then ``body``. ``hooks``: the module's hooks take ``nn.Module`` and ``dict[str, Any]``."""
+    typing, nn = ("from typing import Any\n", "from torch import nn\n") if hooks else ("", "")
+    return (f"{_DOCSTRING}\nfrom __future__ import annotations\n\nfrom collections.abc import Callable\n{typing}\n"
+            f"import torch\nfrom pydantic import Field\n{nn}\nfrom clbench import {clbench_names}\n\n\n"
+            f"class {{cls}}Params({params_base}):\n{params}\n\n{helpers}"
+            f"class {{cls}}({bases}):\n{preamble}"
+            '    name = "{name}"\n'
+            '    paper = "TODO authors, title, venue year"\n'
+            '    code = "TODO github.com/owner/repo"\n'
+            f"{body}\n\n"
+            "def register_methods(register: Callable[[type], None]) -> None:\n"
+            "    register({cls})\n")
 
-import torch
-from pydantic import Field
-from torch import nn
 
-from clbench import LoRAParams, Method, StepBatch, TaskContext, hookimpl, inject
+def _tests(checks: str, resume_params: str, prop: str, prop_body: str, *, contract_params: str = "",
+           resume_doc: str = "", todo_tail: str = ".") -> str:
+    """A test file's body: the contract (``checks`` in its docstring, ``contract_params`` if any), the resume
+    comparison with ``resume_params`` (``resume_doc``: its docstring lines, if any) and ``test_{prop}``, the
+    property test for the contributor to replace: a TODO line (ending in ``todo_tail``) then ``prop_body``."""
+    contract_args = f", {contract_params}" if contract_params else ""
+    return ("\n\ndef test_contract():\n"
+            f'    """Registration, a two-task run on a tiny ViT, {checks}."""\n'
+            f"    contract.check_method(METHOD{contract_args})\n\n\n"
+            f"def test_resume_matches_an_uninterrupted_run():\n{resume_doc}"
+            f"    assert_resumes(METHOD, {resume_params}, after=2, num_tasks=3)\n\n\n"
+            f"def test_{prop}():\n"
+            "    # TODO replace with the property that makes {name} that method (what its paper proves or claims)"
+            f"{todo_tail}\n{prop_body}")
 
 
-class {cls}Params(LoRAParams):
+_NO_STATE = """\
+    @hookimpl
+    def method_state(self, ctx: TaskContext) -> dict[str, Any] | None:
+        \"\"\"After each task, for the checkpoint: the method's own state outside the model. TODO if it keeps any.\"\"\"
+        return None
+"""
+
+LORA = _module("LoRAParams, Method, StepBatch, TaskContext, hookimpl, inject", "LoRAParams", """\
     # rank, alpha, targets, blocks and dropout come from LoRAParams; redeclare one only to change its default.
     # Defaults are the paper's settings; each description is shown by `clbench methods {name} --params`.
     # A suite sets them in methods: [{{name: {name}, params: {{rank: 8}}}}]; on the command line
     # --set methods.0.params.rank=8 overrides them. A typo in a suite's params fails with one line.
     rank: int = Field(4, ge=1, description="LoRA rank r")
     strength: float = Field(0.0, ge=0, description="TODO weight of the method's loss term")
-
-
-class {cls}(Method):
-    name = "{name}"
-    paper = "TODO authors, title, venue year"
-    code = "TODO github.com/owner/repo"
+""", """\
     trains_backbone = False  # True only if the method changes pre-trained weights by gradient
     Params = {cls}Params
 
@@ -60,14 +91,14 @@ class {cls}(Method):
 
     @hookimpl
     def configure_model(self, model: nn.Module, ctx: TaskContext) -> None:
-        """Once, before the first task: add adapters (inject freezes the backbone)."""
+        \"\"\"Once, before the first task: add adapters (inject freezes the backbone).\"\"\"
         p = self.params
         for site in inject(model.backbone, p.targets, p.blocks).values():
             site.add_branch(p.rank, scale=p.scale, dropout=p.dropout)
 
     @hookimpl
     def loss_terms(self, model: nn.Module, ctx: TaskContext, step: StepBatch) -> dict[str, torch.Tensor] | None:
-        """Each step: extra loss terms by name (logged as train/<name>). TODO: the method's regulariser."""
+        \"\"\"Each step: extra loss terms by name (logged as train/<name>). TODO: the method's regulariser.\"\"\"
         return None
 
     # Resume after a crash: the model's parameters are checkpointed for you; anything else the method keeps
@@ -76,36 +107,15 @@ class {cls}(Method):
     # when method_state returns state that nothing restores, or when a resumed run differs from an
     # uninterrupted one.
 
-    @hookimpl
-    def method_state(self, ctx: TaskContext) -> dict[str, Any] | None:
-        """After each task, for the checkpoint: the method's own state outside the model. TODO if it keeps any."""
-        return None
-
+""" + _NO_STATE + """
     @hookimpl
     def load_method_state(self, model: nn.Module, state: dict[str, Any], ctx: TaskContext) -> None:
-        """On resume, after configure_model: restore what method_state returned (``state``; empty when it
-        returned None) and rebuild adapters added after configure_model, so the checkpoint's weights load."""
+        \"\"\"On resume, after configure_model: restore what method_state returned (``state``; empty when it
+        returned None) and rebuild adapters added after configure_model, so the checkpoint's weights load.\"\"\"
+""")
 
-
-def register_methods(register: Callable[[type], None]) -> None:
-    register({cls})
-'''
-
-LORA_TESTS = '''
-
-def test_contract():
-    """Registration, a two-task run on a tiny ViT, frozen weights, well-formed updates, determinism, resume."""
-    contract.check_method(METHOD)
-
-
-def test_resume_matches_an_uninterrupted_run():
-    """Interrupted after task 2 of 3, checkpointed, reloaded (weights_only) into a fresh instance, continued:
-    bit-identical to the uninterrupted run. Use the params that change what method_state keeps."""
-    assert_resumes(METHOD, {{"rank": 2}}, after=2, num_tasks=3)
-
-
-def test_update_rank_is_bounded():
-    # TODO replace with the property that makes {name} that method (what its paper proves or claims), e.g.
+LORA_TESTS = _tests("frozen weights, well-formed updates, determinism, resume", '{{"rank": 2}}',
+                    "update_rank_is_bounded", """\
     # "the new update is orthogonal to the old ones" or "the penalty equals its formula on known factors".
     rank = 2
     run = run_method(METHOD({{"rank": rank}}), tiny_stream(samples_per_class=8), batch_size=8,
@@ -113,39 +123,16 @@ def test_update_rank_is_bounded():
     for name, update in run.results[1].updates.items():
         r = int(torch.linalg.matrix_rank(update.dense()))
         assert 0 < r <= 2 * rank, (name, r)  # B_t A_t - B_(t-1) A_(t-1) has rank at most 2r
-'''
+""", resume_doc="""\
+    \"\"\"Interrupted after task 2 of 3, checkpointed, reloaded (weights_only) into a fresh instance, continued:
+    bit-identical to the uninterrupted run. Use the params that change what method_state keeps.\"\"\"
+""", todo_tail=", e.g.")
 
-PLAIN = '''\"\"\"{name}: TODO one line saying what the method does and why it should forget less.
-
-Paper: TODO authors, "title", venue year (arXiv id).
-Official code: TODO github.com/owner/repo (or "none").
-
-Deviations from the official code (every deliberate difference, or "none"):
-- TODO
-\"\"\"
-
-from __future__ import annotations
-
-from collections.abc import Callable
-from typing import Any
-
-import torch
-from pydantic import Field
-from torch import nn
-
-from clbench import Method, NoParams, StepBatch, TaskContext, hookimpl
-
-
-class {cls}Params(NoParams):
+PLAIN = _module("Method, NoParams, StepBatch, TaskContext, hookimpl", "NoParams", """\
     # NoParams: the params base of a method without adapters (no fields of its own; unknown keys refused).
     # Defaults are the paper's settings; each description is shown by `clbench methods {name} --params`.
     strength: float = Field(0.0, ge=0, description="TODO weight of the method's loss term")
-
-
-class {cls}(Method):
-    name = "{name}"
-    paper = "TODO authors, title, venue year"
-    code = "TODO github.com/owner/repo"
+""", """\
     # No configure_model and no param_groups: clbench keeps the pre-trained backbone frozen and trains each
     # task's head. Set trains_backbone = True to fine-tune the whole backbone instead (then every backbone
     # parameter trains); add configure_model / param_groups for anything in between.
@@ -164,63 +151,34 @@ class {cls}(Method):
     # Anything the method keeps across tasks goes out through method_state and back through load_method_state
     # (detached tensors / numbers / lists / dicts); the contract's resume check holds it to that.
 
-    @hookimpl
-    def method_state(self, ctx: TaskContext) -> dict[str, Any] | None:
-        \"\"\"After each task, for the checkpoint: the method's own state outside the model. TODO if it keeps any.\"\"\"
-        return None
-
+""" + _NO_STATE + """
     @hookimpl
     def load_method_state(self, model: nn.Module, state: dict[str, Any], ctx: TaskContext) -> None:
         \"\"\"On resume, after configure_model: restore what method_state returned.\"\"\"
+""")
 
-
-def register_methods(register: Callable[[type], None]) -> None:
-    register({cls})
-'''
-
-PLAIN_TESTS = '''
-
-def test_contract():
-    \"\"\"Registration, a two-task run on a tiny ViT, frozen weights, determinism, resume.\"\"\"
-    contract.check_method(METHOD, {{"strength": 0.1}})
-
-
-def test_resume_matches_an_uninterrupted_run():
-    assert_resumes(METHOD, {{"strength": 0.1}}, after=2, num_tasks=3)
-
-
-def test_heads_train_on_the_frozen_backbone_with_the_penalty():
-    # TODO replace with the property that makes {name} that method (what its paper proves or claims).
+PLAIN_TESTS = _tests("frozen weights, determinism, resume", '{{"strength": 0.1}}',
+                     "heads_train_on_the_frozen_backbone_with_the_penalty", """\
     run = run_method(METHOD({{"strength": 0.1}}), tiny_stream(samples_per_class=8), batch_size=8,
                      max_steps_per_epoch=2)
     assert all(not p.requires_grad for p in run.model.backbone.parameters())
     assert run.results[0].trainable_params == sum(p.numel() for p in run.model.heads[0].parameters())
     assert all(r.loss_terms["l2"] > 0 for r in run.results) and torch.isfinite(run.model.heads[1].weight).all()
-'''
-PROMPT = '''\"\"\"{name}: TODO one line saying what the method does and why it should forget less.
+""", contract_params='{{"strength": 0.1}}')
 
-Paper: TODO authors, "title", venue year (arXiv id).
-Official code: TODO github.com/owner/repo (or "none").
-
-Deviations from the official code (every deliberate difference, or "none"):
-- TODO
-\"\"\"
-
-from __future__ import annotations
-
-from collections.abc import Callable
-
-import torch
-from pydantic import Field
-
-from clbench import CLModel, Method, NoParams, PromptMethod, PromptModel, TaskContext, attach, uniform_prompt
-
-
-class {cls}Params(NoParams):
+PROMPT = _module("CLModel, Method, NoParams, PromptMethod, PromptModel, TaskContext, attach, uniform_prompt",
+                 "NoParams", """\
     # Defaults are the paper's settings; each description is shown by `clbench methods {name} --params`.
     length: int = Field(4, ge=1, description="TODO prompt tokens inserted after [CLS]")
+""", """\
+    Params = {cls}Params
 
-
+    def build(self, model: CLModel, ctx: TaskContext) -> {cls}Model:
+        return {cls}Model(model, self.params.length)
+""", hooks=False, bases="PromptMethod, Method", preamble="""\
+    # PromptMethod: configure_model freezes the backbone and puts build()'s model in place; no low-rank update
+    # (spectra n/a); an aux value "key_match" from select is added to the loss times params.key_weight.
+""", helpers="""\
 class {cls}Model(PromptModel):
     \"\"\"The frozen backbone with learned prompt tokens after [CLS] on every image. ``features`` (from
     PromptModel) runs a prompt-free query pass, asks ``select`` for this batch's prompts, then the prompted pass.\"\"\"
@@ -235,35 +193,10 @@ class {cls}Model(PromptModel):
         return {{}}, self.prompt.expand(len(q), -1, -1), {{}}
 
 
-class {cls}(PromptMethod, Method):
-    # PromptMethod: configure_model freezes the backbone and puts build()'s model in place; no low-rank update
-    # (spectra n/a); an aux value "key_match" from select is added to the loss times params.key_weight.
-    name = "{name}"
-    paper = "TODO authors, title, venue year"
-    code = "TODO github.com/owner/repo"
-    Params = {cls}Params
+""")
 
-    def build(self, model: CLModel, ctx: TaskContext) -> {cls}Model:
-        return {cls}Model(model, self.params.length)
-
-
-def register_methods(register: Callable[[type], None]) -> None:
-    register({cls})
-'''
-
-PROMPT_TESTS = '''
-
-def test_contract():
-    \"\"\"Registration, a two-task run on a tiny ViT, frozen weights, batch-independent predictions, resume.\"\"\"
-    contract.check_method(METHOD)
-
-
-def test_resume_matches_an_uninterrupted_run():
-    assert_resumes(METHOD, {{"length": 2}}, after=2, num_tasks=3)
-
-
-def test_the_prompt_trains_and_the_backbone_does_not():
-    # TODO replace with the property that makes {name} that method (what its paper proves or claims).
+PROMPT_TESTS = _tests("frozen weights, batch-independent predictions, resume", '{{"length": 2}}',
+                      "the_prompt_trains_and_the_backbone_does_not", """\
     class Snapshot(METHOD):
         def build(self, model, ctx):
             built = super().build(model, ctx)
@@ -274,39 +207,14 @@ def test_the_prompt_trains_and_the_backbone_does_not():
     run = run_method(method, tiny_stream(samples_per_class=8), batch_size=8, max_steps_per_epoch=2)
     assert all(not p.requires_grad for p in run.model.backbone.parameters())
     assert not torch.equal(method.initial, run.model.prompt.detach())
-'''
-REHEARSAL = '''\"\"\"{name}: TODO one line saying what the method does and why it should forget less.
+""")
 
-Paper: TODO authors, "title", venue year (arXiv id).
-Official code: TODO github.com/owner/repo (or "none").
-
-Deviations from the official code (every deliberate difference, or "none"):
-- TODO
-\"\"\"
-
-from __future__ import annotations
-
-from collections.abc import Callable
-from typing import Any
-
-import torch
-from pydantic import Field
-from torch import nn
-
-from clbench import LoRAParams, LoRASite, Method, Samples, TaskContext, hookimpl, inject
-
-
-class {cls}Params(LoRAParams):
+REHEARSAL = _module("LoRAParams, LoRASite, Method, Samples, TaskContext, hookimpl, inject", "LoRAParams", """\
     # rank, alpha, targets, blocks and dropout come from LoRAParams; defaults are the paper's settings.
     rank: int = Field(4, ge=1, description="LoRA rank r")
     per_task: int = Field(20, ge=1, description="TODO samples of each finished task kept in the buffer")
     replay: int = Field(16, ge=1, description="TODO buffer samples added to every training step")
-
-
-class {cls}(Method):
-    name = "{name}"
-    paper = "TODO authors, title, venue year"
-    code = "TODO github.com/owner/repo"
+""", """\
     Params = {cls}Params
 
     def __init__(self, params: {cls}Params | dict[str, Any] | None = None) -> None:
@@ -365,31 +273,18 @@ class {cls}(Method):
     @hookimpl
     def load_method_state(self, model: nn.Module, state: dict[str, Any], ctx: TaskContext) -> None:
         self.index = state["index"].clone()
+""")
 
-
-def register_methods(register: Callable[[type], None]) -> None:
-    register({cls})
-'''
-
-REHEARSAL_TESTS = '''
-
-def test_contract():
-    \"\"\"Registration, a two-task run on a tiny ViT, frozen weights, well-formed updates, determinism, resume.\"\"\"
-    contract.check_method(METHOD, {{"rank": 2, "per_task": 6, "replay": 4}})
-
-
-def test_resume_matches_an_uninterrupted_run():
-    \"\"\"The buffer is method state: a resumed run replays the same samples.\"\"\"
-    assert_resumes(METHOD, {{"rank": 2, "per_task": 6, "replay": 4}}, after=2, num_tasks=3)
-
-
-def test_the_buffer_keeps_per_task_samples_of_every_finished_task():
-    # TODO replace with the property that makes {name} that method (what its paper proves or claims).
+REHEARSAL_TESTS = _tests("frozen weights, well-formed updates, determinism, resume",
+                         '{{"rank": 2, "per_task": 6, "replay": 4}}',
+                         "the_buffer_keeps_per_task_samples_of_every_finished_task", """\
     method = METHOD({{"rank": 2, "per_task": 4, "replay": 4}})
     run = run_method(method, tiny_stream(samples_per_class=8), batch_size=8, max_steps_per_epoch=2)
     assert [r.buffer_images for r in run.results] == [4, 8]
     assert torch.equal(method.index[:, 0], torch.tensor([0] * 4 + [1] * 4))
-'''
+""", contract_params='{{"rank": 2, "per_task": 6, "replay": 4}}', resume_doc="""\
+    \"\"\"The buffer is method state: a resumed run replays the same samples.\"\"\"
+""")
 
 
 @dataclass(frozen=True)
