@@ -1,11 +1,13 @@
 """Small, fast building blocks for tests, benchmarks and plugin authors: a synthetic stream, a micro ViT,
 a one-call run of a method through the real loop (no MLflow), the resume comparison (an interrupted run
 continued from its checkpoint against an uninterrupted one) that the contract's resume check is built on, and a
-tiny suite file with a reader of the MLflow runs it makes."""
+tiny suite file with a reader of the MLflow runs it makes, and a folder plugin written for a test."""
 
 from __future__ import annotations
 
+import importlib
 import tempfile
+import textwrap
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,10 +48,44 @@ def tiny_suite_yaml(name: str, experiment: str | None = None, one_method: bool =
     return template.format(name=name, experiment=experiment or name)
 
 
+def tiny_suite(folder: str | Path, name: str, experiment: str | None = None, one_method: bool = False) -> Path:
+    """Write :func:`tiny_suite_yaml` to ``folder/name.yaml`` (the folder made if missing) and return its path."""
+    path = Path(folder) / f"{name}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(tiny_suite_yaml(name, experiment, one_method))
+    return path
+
+
 def mlflow_runs(uri: str, experiment: str, role: str | None = None) -> list[Any]:
     """The MLflow runs of ``experiment`` in the store at ``uri`` (none when the experiment does not exist), only
     those whose ``clbench.role`` tag is ``role`` ("parent" or "child") when it is given."""
     return tracking.search_runs(uri, experiment, role)
+
+
+def write_plugin(folder: str | Path, module: str, source: str) -> Path:
+    """Write ``folder/module.py`` (``source`` dedented; the folder made if missing) and make it importable at once
+    (import caches invalidated: a file written after an import of its folder is found)."""
+    path = Path(folder) / f"{module}.py"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(textwrap.dedent(source))
+    importlib.invalidate_caches()
+    return path
+
+
+def lora_plugin(name: str, paper: str = "a folder plugin for tests") -> str:
+    """The source of a plugin module that registers method ``name``: the built-in naive LoRA under another name,
+    without its aliases, e.g. for ``write_plugin(folder, name, lora_plugin(name))`` and ``--plugins-dir folder``."""
+    return f'''
+from clbench_plugins.lora import NaiveLoRA
+
+class PluginLoRA(NaiveLoRA):
+    name = "{name}"
+    aliases = ()
+    paper = "{paper}"
+
+def register_methods(register):
+    register(PluginLoRA)
+'''
 
 
 def builtin_method(name: str) -> type:

@@ -27,6 +27,7 @@ from typer.testing import CliRunner
 from clbench.cli import app
 from clbench.errors import ClbenchError
 from clbench.methods.registry import discover
+from clbench.testing import lora_plugin, write_plugin
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "clbench-lora-l2"
 
@@ -67,25 +68,7 @@ def _dist_info(site: Path, dist: str, version: str, entry_points: str) -> None:
     (d / "entry_points.txt").write_text(entry_points)
 
 
-def _plugin(folder: Path, name: str, body: str) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{name}.py"
-    path.write_text(textwrap.dedent(body))
-    importlib.invalidate_caches()
-    return path
-
-
-GOOD = """
-    from clbench_plugins.lora import NaiveLoRA
-
-    class DirLoRA(NaiveLoRA):
-        name = "dirlora"
-        aliases = ()
-        paper = "a folder plugin for tests"
-
-    def register_methods(register):
-        register(DirLoRA)
-"""
+GOOD = lora_plugin("dirlora")
 
 HEADER = """
     from clbench.methods.hookspecs import hookimpl
@@ -137,7 +120,7 @@ def test_example_package_own_tests_pass(lora_l2):
 
 
 def test_plugins_dir_is_discovered_with_path_and_hash(tmp_path):
-    path = _plugin(tmp_path / "plugs", "dirlora", GOOD)
+    path = write_plugin(tmp_path / "plugs", "dirlora", GOOD)
     info = discover([tmp_path / "plugs"]).get("dirlora")
     assert info.provenance["kind"] == "file"
     assert info.provenance["path"] == str(path)
@@ -145,8 +128,8 @@ def test_plugins_dir_is_discovered_with_path_and_hash(tmp_path):
 
 
 def test_files_starting_with_underscore_are_not_plugins(tmp_path):
-    _plugin(tmp_path / "plugs", "_helpers", "raise RuntimeError('must not be imported')\n")
-    _plugin(tmp_path / "plugs", "dirlora", GOOD)
+    write_plugin(tmp_path / "plugs", "_helpers", "raise RuntimeError('must not be imported')\n")
+    write_plugin(tmp_path / "plugs", "dirlora", GOOD)
     reg = discover([tmp_path / "plugs"])
     assert reg.errors == [] and "dirlora" in reg.methods
 
@@ -155,7 +138,7 @@ def test_files_starting_with_underscore_are_not_plugins(tmp_path):
 
 
 def test_duplicate_name_names_both_sources(tmp_path):
-    _plugin(tmp_path / "plugs", "dup", GOOD.replace('name = "dirlora"', 'name = "lora"'))
+    write_plugin(tmp_path / "plugs", "dup", GOOD.replace('name = "dirlora"', 'name = "lora"'))
     with pytest.raises(ClbenchError) as err:
         discover([tmp_path / "plugs"])
     msg = str(err.value)
@@ -167,7 +150,7 @@ def test_duplicate_name_names_both_sources(tmp_path):
 
 def test_duplicate_alias_is_refused(tmp_path):
     # Subclassing lora inherits its alias 'seqlora': a clash the author may not see.
-    _plugin(tmp_path / "plugs", "alias", GOOD.replace("aliases = ()", ""))
+    write_plugin(tmp_path / "plugs", "alias", GOOD.replace("aliases = ()", ""))
     with pytest.raises(ClbenchError, match="'seqlora' is registered twice"):
         discover([tmp_path / "plugs"])
 
@@ -234,8 +217,8 @@ def test_hooks_of_a_base_class_count_as_the_method_s_own():
 
 
 def test_broken_import_in_plugins_dir_is_one_line_and_others_still_listed(tmp_path, lora_l2):
-    _plugin(tmp_path / "plugs", "broken", "import no_such_module_xyz\n")
-    _plugin(tmp_path / "plugs", "dirlora", GOOD)
+    write_plugin(tmp_path / "plugs", "broken", "import no_such_module_xyz\n")
+    write_plugin(tmp_path / "plugs", "dirlora", GOOD)
     with pytest.raises(ClbenchError, match=r"broken\.py: cannot be imported: ModuleNotFoundError"):
         discover([tmp_path / "plugs"])
     res = CliRunner().invoke(app, ["methods", "--plugins-dir", str(tmp_path / "plugs")])
@@ -267,7 +250,7 @@ def test_broken_entry_point_names_its_distribution(tmp_path, monkeypatch):
 
 def test_run_with_a_broken_plugins_dir_fails_with_one_line(tmp_path, mlflow_uri, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    _plugin(tmp_path / "plugs", "broken", "import no_such_module_xyz\n")
+    write_plugin(tmp_path / "plugs", "broken", "import no_such_module_xyz\n")
     suite = _suite(tmp_path, [{"name": "lora", "params": {"rank": 2}}], plugins_dir="plugs")
     res = CliRunner().invoke(app, ["run", str(suite), "--trust-suite-plugins"])
     assert res.exit_code == 1
@@ -277,20 +260,12 @@ def test_run_with_a_broken_plugins_dir_fails_with_one_line(tmp_path, mlflow_uri,
 MARKER_PLUGIN = """
 from pathlib import Path
 Path(__file__).with_name("ran.txt").write_text("imported")
-from clbench_plugins.lora import NaiveLoRA
-
-class MarkLoRA(NaiveLoRA):
-    name = "marklora"
-    aliases = ()
-
-def register_methods(register):
-    register(MarkLoRA)
-"""
+""" + lora_plugin("marklora")
 
 
 def test_suite_plugins_dir_runs_no_code_unless_the_command_line_allows_it(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    _plugin(tmp_path / "plugs", "marker", MARKER_PLUGIN)
+    write_plugin(tmp_path / "plugs", "marker", MARKER_PLUGIN)
     ran = tmp_path / "plugs" / "ran.txt"
     suite = _suite(tmp_path, [{"name": "marklora", "params": {"rank": 2}}], plugins_dir="plugs")
     folder = str((tmp_path / "plugs").resolve())
@@ -337,7 +312,7 @@ def test_suite_runs_external_and_folder_plugins_and_records_provenance(
     from mlflow.tracking import MlflowClient
 
     monkeypatch.chdir(tmp_path)  # MLflow's local artifact root is relative to the working directory
-    plugin = _plugin(tmp_path / "plugs", "dirlora", GOOD)
+    plugin = write_plugin(tmp_path / "plugs", "dirlora", GOOD)
     suite = _suite(
         tmp_path,
         [
@@ -392,10 +367,10 @@ def test_an_editable_install_records_source_digest_git_commit_and_dirty_state(tm
     from clbench.methods.registry import code_identity
 
     repo = tmp_path / "checkout"
-    _plugin(repo / "src" / "edit_pkg", "__init__", "from edit_pkg.helpers import scale\n")
-    _plugin(repo / "src" / "edit_pkg", "helpers", "def scale():\n    return 1.0\n")
-    _plugin(repo / "src" / "edit_pkg", "method", GOOD.replace("dirlora", "editlora") +
-            "\n    from edit_pkg.helpers import scale\n")
+    write_plugin(repo / "src" / "edit_pkg", "__init__", "from edit_pkg.helpers import scale\n")
+    write_plugin(repo / "src" / "edit_pkg", "helpers", "def scale():\n    return 1.0\n")
+    write_plugin(repo / "src" / "edit_pkg", "method", lora_plugin("editlora") +
+            "\nfrom edit_pkg.helpers import scale\n")
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(repo)]
     subprocess.run([*git[:5], "init", "-q", str(repo)], check=True)
     subprocess.run([*git, "add", "."], check=True)
@@ -428,7 +403,7 @@ def test_an_unreadable_plugin_file_is_one_line(tmp_path, monkeypatch):
     from clbench.errors import ClbenchError
     from clbench.methods.registry import Registry
 
-    path = _plugin(tmp_path / "plugs", "locked", GOOD)
+    path = write_plugin(tmp_path / "plugs", "locked", GOOD)
     real = Path.read_bytes
 
     def locked(self):

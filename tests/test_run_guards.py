@@ -11,7 +11,7 @@ function; no disk is filled).
 from __future__ import annotations
 
 import errno
-import textwrap
+import inspect
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +26,7 @@ from clbench.methods.hookspecs import hookimpl
 from clbench.methods.registry import discover
 from clbench.run.plan import plan_runs
 from clbench.suite import Suite
-from clbench.testing import mlflow_runs, run_method, tiny_stream
+from clbench.testing import mlflow_runs, run_method, tiny_stream, tiny_suite, write_plugin
 
 MICRO = {"name": "vit_micro_clbench", "image_size": 16, "pretrained": False}  # depth 2, width 32
 
@@ -162,8 +162,7 @@ OUTSIDE_PLUGIN = '''
 def _check_outside(tmp_path, entry: dict) -> None:
     from clbench.run.preflight import method_problems
 
-    (tmp_path / "outside").mkdir(exist_ok=True)
-    (tmp_path / "outside" / "outside_methods.py").write_text(textwrap.dedent(OUTSIDE_PLUGIN))
+    write_plugin(tmp_path / "outside", "outside_methods", OUTSIDE_PLUGIN)
     suite = Suite.model_validate({"name": "s", "stream": {"name": "synthetic", "num_tasks": 2, "num_classes": 4},
                                   "backbone": MICRO, "methods": [entry]})
     method_problems(suite, plan_runs(suite, "s.yaml", discover([tmp_path / "outside"]), None), "s.yaml")
@@ -246,24 +245,9 @@ def test_pre_trained_weights_in_the_groups_of_an_adapter_method_fail():
     assert run_method(declared, stream=_tiny(), max_steps_per_epoch=1).state.next_task == 2
 
 
-UNFROZEN_PLUGIN = '''
-    """A test method: naive LoRA that leaves a backbone norm trainable outside its groups."""
-    from clbench.methods.hookspecs import hookimpl
-    from clbench_plugins.lora import NaiveLoRA
-
-
-    class Unfrozen(NaiveLoRA):
-        name = "unfrozen"
-        aliases = ()
-
-        @hookimpl
-        def before_task(self, model, ctx):
-            super().before_task(model, ctx)
-            model.backbone.blocks[1].norm1.requires_grad_(True)
-
-    def register_methods(register):
-        register(Unfrozen)
-'''
+# The same class as a plugin file, for a run through the command line.
+UNFROZEN_PLUGIN = ("from clbench.methods.hookspecs import hookimpl\nfrom clbench_plugins.lora import NaiveLoRA\n\n\n"
+                   + inspect.getsource(Unfrozen) + "\n\ndef register_methods(register):\n    register(Unfrozen)\n")
 
 SUITE = """\
 name: {name}
@@ -285,32 +269,19 @@ def _suite(tmp_path: Path, name: str, methods: list[str], tasks: int = 2) -> Pat
     return path
 
 
-def _children(uri: str, experiment: str) -> list:
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(uri)
-    exp = client.get_experiment_by_name(experiment)
-    return [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("clbench.role") == "child"]
-
-
 def _statuses(uri: str, experiment: str) -> list[str]:
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(uri)
-    exp = client.get_experiment_by_name(experiment)
-    return [r.info.status for r in client.search_runs([exp.experiment_id])]
+    return [r.info.status for r in mlflow_runs(uri, experiment)]
 
 
 def test_the_run_with_an_undeclared_trainable_fails_and_the_suite_goes_on(tmp_path, mlflow_uri, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "plugs").mkdir()
-    (tmp_path / "plugs" / "unfrozen.py").write_text(textwrap.dedent(UNFROZEN_PLUGIN))
+    write_plugin(tmp_path / "plugs", "unfrozen", UNFROZEN_PLUGIN)
     suite = _suite(tmp_path, "trainable", ["{name: unfrozen, params: {rank: 2}}", "{name: lora, params: {rank: 2}}"])
     res = CliRunner().invoke(app, ["run", str(suite), "--plugins-dir", "plugs", "--checkpoint-dir", str(tmp_path / "ck")])
     assert res.exit_code == 1 and "Traceback" not in res.output, res.output
     [failed] = [ln for ln in res.stderr.splitlines() if "FAILED:" in ln]
     assert "unfrozen.py" in failed and "'backbone.blocks.1.norm1.weight'" in failed, failed
-    runs = {r.data.tags["clbench.method"]: r for r in _children(mlflow_uri, "trainable")}
+    runs = {r.data.tags["clbench.method"]: r for r in mlflow_runs(mlflow_uri, "trainable", "child")}
     assert runs["unfrozen"].info.status == "FAILED"
     assert "hook param_groups" in runs["unfrozen"].data.tags["clbench.error"]
     assert runs["lora"].info.status == "FINISHED" and "final/acc" in runs["lora"].data.metrics
@@ -398,10 +369,10 @@ def uninterrupted(tmp_path_factory) -> dict[str, float]:
         m.setenv("MLFLOW_TRACKING_URI", uri)
         m.setenv("CLBENCH_CACHE", str(tmp_path_factory.getbasetemp() / "clbench-cache"))
         m.setenv("HF_HUB_OFFLINE", "1")
-        suite = _suite(work, "clean", ["{name: lora, params: {rank: 2}}"], tasks=3)
+        suite = tiny_suite(work, "clean", one_method=True)
         res = CliRunner().invoke(app, ["run", str(suite), "--checkpoint-dir", str(work / "ck")])
         assert res.exit_code == 0, res.output
-        [ref] = _children(uri, "clean")
+        [ref] = mlflow_runs(uri, "clean", "child")
     return ref.data.metrics
 
 
@@ -411,7 +382,7 @@ def _resume_and_compare(tmp_path: Path, suite: Path, uri: str, name: str, expect
     res = CliRunner().invoke(app, ["run", str(suite), "--checkpoint-dir", str(tmp_path / "ck")])
     assert res.exit_code == 0, res.output
     assert expect_in_output in res.stderr, res.stderr
-    [child] = _children(uri, name)
+    [child] = mlflow_runs(uri, name, "child")
     assert child.info.status == "FINISHED"
     assert "RUNNING" not in _statuses(uri, name)
     for key in ("final/acc", "final/forgetting"):
@@ -423,7 +394,7 @@ def test_a_full_checkpoint_disk_names_the_checkpoint_and_the_rerun_resumes(tmp_p
     from clbench.run import checkpoint
 
     monkeypatch.chdir(tmp_path)
-    suite = _suite(tmp_path, "fullck", ["{name: lora, params: {rank: 2}}"], tasks=3)
+    suite = tiny_suite(tmp_path, "fullck", one_method=True)
     with monkeypatch.context() as m:
         m.setattr(checkpoint.RunStore, "save", _full_after(1, _enospc())(checkpoint.RunStore.save))
         err = _one_error(CliRunner().invoke(app, ["run", str(suite), "--checkpoint-dir", str(tmp_path / "ck")]))
@@ -437,7 +408,7 @@ def test_a_full_artifact_store_names_it_and_the_rerun_only_writes_them(tmp_path,
     from clbench.store.tracking import MlflowTracker
 
     monkeypatch.chdir(tmp_path)
-    suite = _suite(tmp_path, "fullart", ["{name: lora, params: {rank: 2}}"], tasks=3)
+    suite = tiny_suite(tmp_path, "fullart", one_method=True)
     with monkeypatch.context() as m:
         m.setattr(MlflowTracker, "log_artifacts", _full_after(0, _enospc())(MlflowTracker.log_artifacts))
         err = _one_error(CliRunner().invoke(app, ["run", str(suite), "--checkpoint-dir", str(tmp_path / "ck")]))
@@ -456,7 +427,7 @@ def test_a_full_tracking_database_names_it_and_the_rerun_resumes(tmp_path, mlflo
     from clbench.store.tracking import MlflowTracker
 
     monkeypatch.chdir(tmp_path)
-    suite = _suite(tmp_path, "fulldb", ["{name: lora, params: {rank: 2}}"], tasks=3)
+    suite = tiny_suite(tmp_path, "fulldb", one_method=True)
     full = []
     with monkeypatch.context() as m:
         for method in ("flush", "set_tags", "end_run"):

@@ -9,7 +9,6 @@ bad-input corpus (tests/bad_suites: store_memory, label_*).
 
 from __future__ import annotations
 
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -20,14 +19,11 @@ from clbench.errors import ClbenchError
 from clbench.run import runner
 from clbench.store import tracking
 from clbench.suite import load_suite
-from clbench.testing import mlflow_runs, tiny_suite_yaml
+from clbench.testing import lora_plugin, mlflow_runs, tiny_suite, write_plugin
 
 
-def one_method_suite(folder: Path, name: str = "trust", extra: str = "") -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{name}.yaml"
-    path.write_text(tiny_suite_yaml(name, one_method=True) + extra)
-    return path
+def one_method_suite(folder: Path, name: str = "trust") -> Path:
+    return tiny_suite(folder, name, one_method=True)
 
 
 def one_error(res) -> str:
@@ -59,19 +55,6 @@ def test_a_suite_naming_an_in_memory_store_is_refused_naming_the_key(tmp_path):
 
 
 # -- 2. a run's identity includes its code --------------------------------------------------------------------
-PLUGIN = """
-    from clbench_plugins.lora import NaiveLoRA
-
-    class EditLoRA(NaiveLoRA):
-        name = "editlora"
-        aliases = ()
-        paper = "a plugin edited between two runs"
-
-    def register_methods(register):
-        register(EditLoRA)
-"""
-
-
 def test_a_run_of_edited_code_is_refused_for_resume_and_for_skipping(tmp_path, mlflow_uri, monkeypatch):
     """Killed after task 0, the plugin edited, the rerun resumed the old run with the new code (and a finished
     run was skipped as 'already finished' after an edit): both are refused in one line naming --restart and a new
@@ -79,9 +62,7 @@ def test_a_run_of_edited_code_is_refused_for_resume_and_for_skipping(tmp_path, m
     from clbench.run import loop
 
     plugins = tmp_path / "plugs"
-    plugins.mkdir()
-    plugin = plugins / "editlora.py"
-    plugin.write_text(textwrap.dedent(PLUGIN))
+    plugin = write_plugin(plugins, "editlora", lora_plugin("editlora", paper="a plugin edited between two runs"))
     suite_path = one_method_suite(tmp_path).resolve()
     suite_path.write_text(suite_path.read_text().replace("{name: lora, params", "{name: editlora, params"))
     suite, ck, quiet = load_suite(suite_path), str(tmp_path / "ck"), (lambda s: None)
