@@ -77,7 +77,7 @@ def run_child(args) -> dict:
 
     from clbench.methods.registry import run_manager
     from clbench.model.backbones import build_model
-    from clbench.run.loop import autocast_for, run_stream
+    from clbench.run.loop import LoopOptions, autocast_for, run_stream
     from clbench.suite import RuntimeConfig, TrainConfig
 
     device = torch.device("cpu" if args.smoke else "cuda")
@@ -164,7 +164,7 @@ def run_child(args) -> dict:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         recorded = caught
-        run_stream(model, stream, pm, cfg, 0, device, on_task=on_task, runtime=runtime)
+        run_stream(model, stream, pm, cfg, 0, LoopOptions(device=device, on_task=on_task, runtime=runtime))
         n_sync = sum(1 for w in caught if "synchroniz" in str(w.message).lower())
     r = results[-1]
     out["train_img_per_s"] = r.images / r.train_seconds

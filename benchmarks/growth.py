@@ -68,7 +68,7 @@ from record import cpu_model  # noqa: E402  (one machine description for every r
 from clbench.methods.hookspecs import hookimpl  # noqa: E402
 from clbench.methods.registry import run_manager  # noqa: E402
 from clbench.model.backbones import build_model  # noqa: E402
-from clbench.run.loop import checkpoint_payload, run_stream  # noqa: E402
+from clbench.run.loop import LoopOptions, checkpoint_payload, run_stream  # noqa: E402
 
 FIGURES = ("train_step", "train_step_median", "eval", "eval_image", "hook", "state_mb", "checkpoint_mb")
 TIMES = ("train_step", "train_step_median", "eval", "eval_image", "hook")
@@ -176,8 +176,8 @@ def run_method(name: str, cls: type, args, template, stream, device, ref: Refere
                   flush=True)
 
     clock = StepClock()
-    run_stream(model, stream, run_manager(cls(), probes=[clock]), cfg, 0, device, on_task=on_task,
-               clock=time.process_time, runtime=RUNTIME)
+    run_stream(model, stream, run_manager(cls(), probes=[clock]), cfg, 0,
+               LoopOptions(device=device, on_task=on_task, clock=time.process_time, runtime=RUNTIME))
     return rows
 
 

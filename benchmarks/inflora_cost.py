@@ -32,7 +32,7 @@ from clbench_plugins.inflora import InfLoRA, design_down_projection, dualgpm_upd
 from clbench.data.streams import build_stream
 from clbench.methods.registry import run_manager
 from clbench.model.backbones import build_model
-from clbench.run.loop import TaskResult, resolve_device, run_stream
+from clbench.run.loop import LoopOptions, TaskResult, resolve_device, run_stream
 from clbench.suite import load_suite
 
 DEFAULT_SUITE = Path(__file__).resolve().parents[1] / "suites" / "quickstart.yaml"
@@ -82,8 +82,8 @@ def main() -> None:
                         drop_path_rate=suite.backbone.drop_path_rate)
     method = InfLoRA({"rank": args.rank})
     results: list[TaskResult] = []
-    run_stream(model, stream, run_manager(method), cfg, args.seed, device,
-               on_task=lambda res, state, model: results.append(res))
+    run_stream(model, stream, run_manager(method), cfg, args.seed,
+               LoopOptions(device=device, on_task=lambda res, state, model: results.append(res)))
 
     print(f"suite={suite.name}")
     print(f"backbone={suite.backbone.name}")

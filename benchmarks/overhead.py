@@ -129,7 +129,8 @@ def clbench_run(template: CLModel, stream: Stream, method: Any, cfg: TrainConfig
             spectra_s.append(now() - tic)
 
     pm = run_manager(method)
-    run_stream(model, stream, pm, cfg, 0, device, on_task=on_task, clock=now, runtime=RUNTIME)
+    run_stream(model, stream, pm, cfg, 0,
+               LoopOptions(device=device, on_task=on_task, clock=now, runtime=RUNTIME))
     return results, spectra_s, captured.get("model", model)
 
 
@@ -392,7 +393,7 @@ def measure_eval(template: CLModel, args, device: torch.device) -> dict[str, flo
         def f() -> float:
             sync(device)
             tic = now()
-            evaluate(Loop(model, stream, cfg, 0, device, LoopOptions(runtime=runtime)), T - 1)
+            evaluate(Loop(model, stream, cfg, 0, LoopOptions(device=device, runtime=runtime)), T - 1)
             sync(device)
             return (now() - tic) / n_imgs
         return f

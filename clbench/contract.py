@@ -100,7 +100,7 @@ def contract_run(
     """Run ``cls`` (default params unless given) through a two-task stream on the tiny ViT, on CPU; ``progress``
     gets the loop's progress lines (each finished task, the contract notices)."""
     from clbench.methods.registry import run_manager
-    from clbench.run.loop import run_stream
+    from clbench.run.loop import LoopOptions, run_stream
     from clbench.testing import model_and_stream, tiny_train
 
     model, stream = model_and_stream(stream or contract_stream(seed), seed)  # a TextCase: a tiny language model
@@ -126,10 +126,7 @@ def contract_run(
             stream,
             pm,
             tiny_train(max_steps_per_epoch=max_steps),
-            seed,
-            torch.device("cpu"),
-            on_task=on_task,
-            progress=progress or _quiet,
+            seed, LoopOptions(on_task=on_task, progress=progress or _quiet),
         )
     except MethodHookError as exc:  # a hook outside its contract, as the loop checks it in every run
         raise ContractError(str(exc)) from None

@@ -21,7 +21,7 @@ from clbench.errors import ClbenchError
 from clbench.methods.registry import run_manager
 from clbench.model.backbones import CLModel, build_model
 from clbench.run import checkpoint
-from clbench.run.loop import LoopState, TaskResult, checkpoint_payload, resume_state, run_stream
+from clbench.run.loop import LoopOptions, LoopState, TaskResult, checkpoint_payload, resume_state, run_stream
 from clbench.store import tracking
 from clbench.suite import StreamConfig, TrainConfig
 
@@ -166,8 +166,8 @@ def run_method(method: Any, stream: Stream | None = None, model: CLModel | None 
         results.append(result)
         trained[0] = model
 
-    state = run_stream(trained[0], stream, run_manager(method), tiny_train(**train), seed, torch.device("cpu"),
-                       on_task=on_task)
+    state = run_stream(trained[0], stream, run_manager(method), tiny_train(**train), seed,
+                       LoopOptions(on_task=on_task))
     return TinyRun(trained[0], method, state, results)
 
 
@@ -253,7 +253,7 @@ def interrupted_checkpoint(method: Any, stream: Stream, after: int, seed: int = 
         try:
             model, tensors = model_and_stream(stream, seed)
             run_stream(model, tensors, run_manager(method), tiny_train(**train), seed,
-                       torch.device("cpu"), on_task=save_and_stop, progress=progress)
+                       LoopOptions(on_task=save_and_stop, progress=progress))
         except _Stop:
             pass
         ck = store.load()
@@ -296,20 +296,21 @@ def compare_resume(method: Any, params: Any = None, *, after: int = 1,
     seed, train, num_tasks = setup.seed, setup.train, setup.num_tasks
     stream = setup.stream or tiny_stream(num_tasks=num_tasks, num_classes=2 * num_tasks, samples_per_class=16,
                                          seed=seed)
-    cfg, cpu = tiny_train(**train), torch.device("cpu")
+    cfg = tiny_train(**train)
     full, full_weights = [], []
     model, tensors = model_and_stream(stream, seed)
-    full_state = run_stream(model, tensors, run_manager(make()), cfg, seed, cpu,
-                            on_task=_recorder(full, full_weights), progress=lambda m: progress(f"uninterrupted: {m}"))
+    full_state = run_stream(model, tensors, run_manager(make()), cfg, seed,
+                            LoopOptions(on_task=_recorder(full, full_weights),
+                                        progress=lambda m: progress(f"uninterrupted: {m}")))
     ck = interrupted_checkpoint(make(), stream, after, seed, progress=lambda m: progress(f"interrupted: {m}"), **train)
     if inspect is not None:
         inspect(ck)
     resumed, resumed_weights = [], []
     try:  # a fresh model (another seed: every weight must come from the checkpoint), as the runner builds one
         model, tensors = model_and_stream(stream, seed + 1)
-        end = run_stream(model, tensors, run_manager(make()), cfg, seed, cpu,
-                         on_task=_recorder(resumed, resumed_weights), state=resume_state(ck),
-                         progress=lambda m: progress(f"resumed: {m}"))
+        end = run_stream(model, tensors, run_manager(make()), cfg, seed,
+                         LoopOptions(on_task=_recorder(resumed, resumed_weights), state=resume_state(ck),
+                                     progress=lambda m: progress(f"resumed: {m}")))
     except ClbenchError as exc:
         raise ClbenchError(f"resume after task {after - 1} failed: {exc}") from None
     return ResumeComparison(after, ck, full[after:], resumed, full_state, end, full_weights[0], resumed_weights[0])

@@ -25,7 +25,7 @@ from clbench.methods.method import Method
 from clbench.methods.registry import run_manager
 from clbench.methods.rehearsal import Samples
 from clbench.model.dense import backbone_maps
-from clbench.run.loop import run_stream
+from clbench.run.loop import LoopOptions, run_stream
 from clbench.testing import run_method, tiny_model, tiny_stream, tiny_train
 
 
@@ -45,7 +45,7 @@ def probed_run(method, stream, **train):
     probe = Rows()
     results = []
     state = run_stream(tiny_model(), stream, run_manager(method, probes=[probe]), tiny_train(**train), 0,
-                       torch.device("cpu"), on_task=lambda res, st, m: results.append(res))
+                       LoopOptions(on_task=lambda res, st, m: results.append(res)))
     return state, results, probe
 
 
@@ -203,7 +203,7 @@ def test_joint_trains_on_the_union_of_seen_tasks_over_every_seen_head():
         heads.append(m.heads[0].weight.detach().clone())
 
     run_stream(model, stream, run_manager(Joint({"trainable": "lora", "rank": 2}), probes=[probe]),
-               tiny_train(batch_size=8), 0, torch.device("cpu"), on_task=on_task)
+               tiny_train(batch_size=8), 0, LoopOptions(on_task=on_task))
     sizes = [len(t.train_y) for t in stream.tasks]
     for t in range(3):
         rows = probe.by_task[t]

@@ -30,7 +30,7 @@ from clbench_plugins.cllora import (
 
 from clbench.errors import ClbenchError
 from clbench.methods.registry import discover, run_manager
-from clbench.run.loop import LoopState, run_stream
+from clbench.run.loop import LoopOptions, LoopState, run_stream
 from clbench.testing import tiny_model, tiny_stream, tiny_train
 
 RANK = 4
@@ -57,8 +57,7 @@ def _run(params=None, snapshots: bool = False, tasks: int = T, **train):
                       "updates": results[-1].updates})
 
     cfg = tiny_train(**{**TRAIN, **train})
-    state = run_stream(tiny_model(seed=0), stream, run_manager(method), cfg, 0, torch.device("cpu"),
-                       on_task=on_task)
+    state = run_stream(tiny_model(seed=0), stream, run_manager(method), cfg, 0, LoopOptions(on_task=on_task))
     return {"method": method, "model": method.model, "state": state, "stream": stream, "cfg": cfg,
             "snaps": snaps, "results": results}
 
@@ -376,7 +375,7 @@ def test_resume_is_bit_exact(run):
     loop = LoopState(next_task=2, R=path_state["R"].copy(), R_til=path_state["R_til"].copy(),
                      method_state=path_state["method_state"], model_state=path_state["model"])
     state = run_stream(tiny_model(seed=0), run["stream"], run_manager(method), run["cfg"], 0,
-                       torch.device("cpu"), state=loop)
+                       LoopOptions(state=loop))
     np.testing.assert_array_equal(state.R, run["state"].R)
     np.testing.assert_array_equal(state.R_til, run["state"].R_til)
     final, resumed = run["model"].state_dict(), method.model.state_dict()

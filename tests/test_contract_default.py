@@ -112,11 +112,11 @@ def test_a_method_that_freezes_its_backbone_gets_no_notice():
     for cls in (Frozen, NaiveLoRA):
         lines = []
         from clbench.methods.registry import run_manager
-        from clbench.run.loop import run_stream
+        from clbench.run.loop import LoopOptions, run_stream
         from clbench.testing import tiny_stream, tiny_train
 
         run_stream(tiny_model(), tiny_stream(), run_manager(cls()), tiny_train(max_steps_per_epoch=1), 0,
-                   torch.device("cpu"), progress=lines.append)
+                   LoopOptions(progress=lines.append))
         assert not [ln for ln in lines if "contract" in ln], lines
 
 

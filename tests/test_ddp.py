@@ -41,13 +41,13 @@ def _uneven_batch_size(n: int) -> int:
 def _train(name: str, batch_size: int):
     from clbench.methods.registry import discover, run_manager
     from clbench.run.distributed import communicator
-    from clbench.run.loop import run_stream
+    from clbench.run.loop import LoopOptions, run_stream
     from clbench.testing import tiny_model
 
     stream, cfg = _setup(batch_size)
     model = tiny_model(seed=0)
     method = discover([], strict=False).get(name).cls()
-    state = run_stream(model, stream, run_manager(method), cfg, 0, torch.device("cpu"), comm=communicator())
+    state = run_stream(model, stream, run_manager(method), cfg, 0, LoopOptions(comm=communicator()))
     return state.R, {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 

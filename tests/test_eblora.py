@@ -221,7 +221,7 @@ def test_resumed_run_matches_an_uninterrupted_one():
     the accuracy matrix and the second task's update equal the uninterrupted run's."""
     from clbench.methods.registry import run_manager
     from clbench.run.checkpoint import rng_state
-    from clbench.run.loop import LoopState, run_stream
+    from clbench.run.loop import LoopOptions, LoopState, run_stream
     from clbench.testing import tiny_train
 
     stream, params, cfg = _stream(), {**FAST, "subspace_gradient": "pre"}, tiny_train(batch_size=8)
@@ -235,14 +235,13 @@ def test_resumed_run_matches_an_uninterrupted_one():
             saved["ck"], saved["R"], saved["R_til"] = buf.getvalue(), state.R.copy(), state.R_til.copy()
 
     ref_results = []
-    ref = run_stream(tiny_model(), stream, run_manager(EBLoRA(params)), cfg, 0, torch.device("cpu"),
-                     on_task=keep)
+    ref = run_stream(tiny_model(), stream, run_manager(EBLoRA(params)), cfg, 0, LoopOptions(on_task=keep))
     ck = torch.load(io.BytesIO(saved["ck"]), weights_only=True)
     resumed_results = []
     state = LoopState(next_task=1, R=saved["R"], R_til=saved["R_til"], method_state=ck["method"],
                       model_state=ck["model"], rng=ck["rng"])
-    out = run_stream(tiny_model(seed=5), stream, run_manager(EBLoRA(params)), cfg, 0, torch.device("cpu"),
-                     on_task=lambda res, s, m: resumed_results.append(res), state=state)
+    out = run_stream(tiny_model(seed=5), stream, run_manager(EBLoRA(params)), cfg, 0,
+                     LoopOptions(on_task=lambda res, s, m: resumed_results.append(res), state=state))
     np.testing.assert_array_equal(out.R, ref.R)
     for name, u in ref_results[-1].updates.items():
         v = resumed_results[-1].updates[name]

@@ -120,14 +120,14 @@ def test_grad_and_mode_in_every_hook_are_what_the_guide_says(tmp_path):
     from clbench.methods.hookspecs import MethodSpec
     from clbench.methods.registry import run_manager
     from clbench.run import checkpoint
-    from clbench.run.loop import checkpoint_payload, resume_state, run_stream
+    from clbench.run.loop import LoopOptions, checkpoint_payload, resume_state, run_stream
     from clbench.testing import tiny_model, tiny_train
 
     table = _guide_table()
     hooks = sorted(h for h in vars(MethodSpec) if not h.startswith("_"))
     assert sorted(table) == hooks, "the guide's table must list every hook of clbench/methods/hookspecs.py once"
     stream = tiny_stream(num_tasks=3, num_classes=6, samples_per_class=8)
-    cfg, cpu = tiny_train(max_steps_per_epoch=2), torch.device("cpu")
+    cfg = tiny_train(max_steps_per_epoch=2)
     store = checkpoint.RunStore(tmp_path, "guide")
 
     def save(result, state, model):
@@ -135,9 +135,10 @@ def test_grad_and_mode_in_every_hook_are_what_the_guide_says(tmp_path):
             store.save(checkpoint_payload(state, model))
 
     first = Recorder(Recorder.Params(rank=2))
-    run_stream(tiny_model(), stream, run_manager(first), cfg, 0, cpu, on_task=save)
+    run_stream(tiny_model(), stream, run_manager(first), cfg, 0, LoopOptions(on_task=save))
     resumed = Recorder(Recorder.Params(rank=2))  # a fresh instance continuing from task 0's checkpoint
-    run_stream(tiny_model(), stream, run_manager(resumed), cfg, 0, cpu, state=resume_state(store.load()))
+    run_stream(tiny_model(), stream, run_manager(resumed), cfg, 0,
+               LoopOptions(state=resume_state(store.load())))
     seen = {h: first.seen.get(h, set()) | resumed.seen.get(h, set()) for h in hooks}
     for hook in hooks:
         assert seen[hook] == {table[hook]}, (hook, seen[hook], table[hook])

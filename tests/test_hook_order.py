@@ -9,7 +9,7 @@ from pydantic import BaseModel
 from clbench import Method, hookimpl, inject
 from clbench.methods.registry import HOOK_NAMES, run_manager
 from clbench.run.checkpoint import rng_state
-from clbench.run.loop import LoopState, run_stream
+from clbench.run.loop import LoopOptions, LoopState, run_stream
 from clbench.testing import run_method, tiny_model, tiny_stream, tiny_train
 
 
@@ -109,7 +109,7 @@ def test_hook_order_over_two_tasks():
 
 
 def test_hook_order_on_resume_and_every_hook_exercised():
-    stream, cfg, cpu = tiny_stream(num_tasks=2), tiny_train(max_steps_per_epoch=2), torch.device("cpu")
+    stream, cfg = tiny_stream(num_tasks=2), tiny_train(max_steps_per_epoch=2)
     saved = {}
 
     def keep_after_first_task(result, state, model):
@@ -118,11 +118,11 @@ def test_hook_order_on_resume_and_every_hook_exercised():
                          R=state.R.copy(), R_til=state.R_til.copy())
 
     first = Recorder()
-    run_stream(tiny_model(), stream, run_manager(first), cfg, 0, cpu, on_task=keep_after_first_task)
+    run_stream(tiny_model(), stream, run_manager(first), cfg, 0, LoopOptions(on_task=keep_after_first_task))
     resumed = Recorder()
     state = LoopState(next_task=1, R=saved["R"], R_til=saved["R_til"], method_state=saved["method"],
                       model_state=saved["model"], rng=saved["rng"])
-    run_stream(tiny_model(), stream, run_manager(resumed), cfg, 0, cpu, state=state)
+    run_stream(tiny_model(), stream, run_manager(resumed), cfg, 0, LoopOptions(state=state))
     assert resumed.calls == ["configure_model", "load_method_state:0"] + [f"{h}:1" for h in PER_TASK]
     # The count guard (as tox asserts its hook count): every hook of the spec was called above.
     called = {c.split(":")[0] for c in first.calls + resumed.calls}

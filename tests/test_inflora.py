@@ -26,7 +26,7 @@ from clbench.methods.context import TaskContext
 from clbench.methods.hookspecs import hookimpl
 from clbench.methods.registry import discover, run_manager
 from clbench.model.lora import AdaptedLinear
-from clbench.run.loop import LoopState, run_stream
+from clbench.run.loop import LoopOptions, LoopState, run_stream
 from clbench.testing import tiny_model, tiny_stream, tiny_train
 
 RANK = 4
@@ -62,8 +62,8 @@ def _run(params: dict, num_tasks: int = 3, snapshot=None):
     model = tiny_model(seed=0)
     method = Recording({"rank": RANK, **params})
     cfg = tiny_train(epochs=2, lr=1e-2)
-    state = run_stream(model, stream, run_manager(method), cfg, 0, torch.device("cpu"),
-                       on_task=lambda res, s, m: snapshot and snapshot(res.task, m, method, s))
+    state = run_stream(model, stream, run_manager(method), cfg, 0,
+                       LoopOptions(on_task=lambda res, s, m: snapshot and snapshot(res.task, m, method, s)))
     return stream, model, method, state, cfg
 
 
@@ -361,6 +361,6 @@ def test_resume_from_method_state_matches_the_uninterrupted_run(kept_run, tmp_pa
     for k, m in method.memory.items():
         assert m.kind == old[k].kind and torch.equal(m.basis, old[k].basis)
     loop = snap["loop"]
-    state = run_stream(model, stream, run_manager(method), cfg, 0, torch.device("cpu"),
-                       state=LoopState(loop.next_task, loop.R.copy(), loop.R_til.copy()))
+    state = run_stream(model, stream, run_manager(method), cfg, 0,
+                       LoopOptions(state=LoopState(loop.next_task, loop.R.copy(), loop.R_til.copy())))
     np.testing.assert_array_equal(state.R, kept_run["state"].R)

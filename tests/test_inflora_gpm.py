@@ -226,7 +226,7 @@ def gpm_run():
     stream = tiny_stream(num_tasks=3, num_classes=6, samples_per_class=16, seed=0)
     model = tiny_model(seed=0)
     method = Recording({"rank": 4, "memory": "gpm", "lambda_b": 0.999, "lambda_e": 1.0})
-    run_stream(model, stream, run_manager(method), tiny_train(epochs=1, lr=1e-2), 0, torch.device("cpu"))
+    run_stream(model, stream, run_manager(method), tiny_train(epochs=1, lr=1e-2), 0)
     return method
 
 

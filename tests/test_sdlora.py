@@ -19,7 +19,7 @@ from clbench.methods.context import TaskContext
 from clbench.methods.hookspecs import hookimpl
 from clbench.methods.registry import run_manager
 from clbench.run import checkpoint
-from clbench.run.loop import LoopState, run_stream
+from clbench.run.loop import LoopOptions, LoopState, run_stream
 from clbench.testing import tiny_model, tiny_stream, tiny_train
 
 CPU = torch.device("cpu")
@@ -70,8 +70,8 @@ def _run(params: dict, num_tasks: int = 4, after=None):
         if after is not None:
             after(result.task, m, state)
 
-    state = run_stream(model, stream, run_manager(method), tiny_train(max_steps_per_epoch=3), 0, CPU,
-                       on_task=report)
+    state = run_stream(model, stream, run_manager(method), tiny_train(max_steps_per_epoch=3), 0,
+                       LoopOptions(on_task=report))
     return {"model": model, "method": method, "snaps": snaps, "results": results, "state": state,
             "stream": stream}
 
@@ -373,7 +373,7 @@ def test_variants_resume_bit_exactly(params, tmp_path):
     cfg = tiny_train(max_steps_per_epoch=2)
     params = {"rank": 3, **params}
     model = tiny_model(seed=0)
-    full = run_stream(model, stream, run_manager(SDLoRA(params)), cfg, 0, CPU)
+    full = run_stream(model, stream, run_manager(SDLoRA(params)), cfg, 0)
     store = checkpoint.RunStore(tmp_path, "k")
 
     class Stop(Exception):
@@ -387,12 +387,13 @@ def test_variants_resume_bit_exactly(params, tmp_path):
             raise Stop
 
     with pytest.raises(Stop):
-        run_stream(tiny_model(seed=0), stream, run_manager(SDLoRA(params)), cfg, 0, CPU, on_task=save_and_stop)
+        run_stream(tiny_model(seed=0), stream, run_manager(SDLoRA(params)), cfg, 0,
+                   LoopOptions(on_task=save_and_stop))
     ck = store.load()
     m3 = tiny_model(seed=0)
     state = LoopState(next_task=ck["next_task"], R=ck["R"].numpy(), R_til=ck["R_til"].numpy(),
                       method_state=ck["method"], model_state=ck["model"], rng=ck["rng"])
-    resumed = run_stream(m3, stream, run_manager(SDLoRA(params)), cfg, 0, CPU, state=state)
+    resumed = run_stream(m3, stream, run_manager(SDLoRA(params)), cfg, 0, LoopOptions(state=state))
     assert np.array_equal(full.R, resumed.R, equal_nan=True)
     want, got = model.state_dict(), m3.state_dict()
     assert sorted(want) == sorted(got)

@@ -43,7 +43,7 @@ def _optimizer(cfg: TrainConfig, steps_per_epoch: int = 3):
     model = tiny_model()
     stream = tiny_stream(num_tasks=2)
     model.add_head(len(stream.tasks[0].classes))
-    ctx = task_context(Loop(model, stream, cfg, 0, torch.device("cpu")), 0)
+    ctx = task_context(Loop(model, stream, cfg, 0), 0)
     ctx = type(ctx)(**{**ctx.__dict__, "steps_per_epoch": steps_per_epoch})
     groups = [{"params": [p for n, p in model.backbone.named_parameters() if n.endswith("qkv.weight")],
                "name": "adapters"}]
@@ -110,12 +110,12 @@ def test_train_task_reports_the_lr_of_each_epoch():
     cfg = TrainConfig(epochs=3, batch_size=8, lr=1e-2, schedule="inflora_cosine", max_steps_per_epoch=1)
     model, stream = tiny_model(), tiny_stream(num_tasks=2)
     pm = run_manager(NaiveLoRA({"rank": 2}))
-    ctx = task_context(Loop(model, stream, cfg, 0, torch.device("cpu")), 0)
+    ctx = task_context(Loop(model, stream, cfg, 0), 0)
     pm.hook.configure_model(model=model, ctx=ctx)
     model.add_head(len(stream.tasks[0].classes))
     optimizer, schedule = make_task_optimizer(model, model.heads[0], pm.hook.param_groups(model=model, ctx=ctx),
                                               cfg, ctx)
-    loop = Loop(model, stream, cfg, 0, torch.device("cpu"), LoopOptions(clock=lambda: 0.0), checked_hooks(pm))
+    loop = Loop(model, stream, cfg, 0, LoopOptions(clock=lambda: 0.0), checked_hooks(pm))
     trained = train_task(loop, ctx, optimizer, schedule)
     assert trained.epoch_lrs == pytest.approx([1e-2 * _official_cosine(e, 3) for e in range(3)], rel=1e-12)
 
@@ -330,13 +330,13 @@ def test_loader_gives_augmented_batches_on_request():
     stream.augment = AUGMENTS["rrc_flip"]
     model = tiny_model()
     cfg = TrainConfig(batch_size=8)
-    ctx = task_context(Loop(model, stream, cfg, 0, torch.device("cpu")), 0)
+    ctx = task_context(Loop(model, stream, cfg, 0), 0)
     plain = torch.cat([x for x, _ in ctx.loader()])
     again = torch.cat([x for x, _ in ctx.loader()])
     first = torch.cat([x for x, _ in ctx.loader(augmented=True)])
     second = torch.cat([x for x, _ in ctx.loader(augmented=True)])
     assert torch.equal(plain, again) and not torch.equal(first, plain) and not torch.equal(first, second)
-    ctx2 = task_context(Loop(model, stream, cfg, 0, torch.device("cpu")), 0)
+    ctx2 = task_context(Loop(model, stream, cfg, 0), 0)
     assert torch.equal(torch.cat([x for x, _ in ctx2.loader(augmented=True)]), first)  # seeded: a rerun repeats
     labels = torch.cat([y for _, y in ctx.loader(augmented=True)])
     assert torch.equal(labels, torch.cat([y for _, y in ctx.loader()]))  # same images, same order, augmented

@@ -165,57 +165,57 @@ def check_replacement(model: CLModel, replaced: Any) -> None:
                            "must wrap the same backbone (model.backbone), not a copy")
 
 
-@dataclass
+@dataclass(frozen=True, kw_only=True)
 class LoopOptions:
-    """How ``run_stream`` runs, not what it trains: ``on_task(result, state, model)`` after every task,
-    ``progress`` lines, the ``state`` to resume from, the ``comm`` of a torchrun process group, the ``clock`` of the
-    timers and the ``runtime`` settings (log interval, compile, evaluation batch)."""
+    """How ``run_stream`` runs, not what it trains: on which ``device`` (the CPU unless given), ``on_task(result,
+    state, model)`` after every task, ``progress`` lines, the ``state`` to resume from, the ``comm`` of a torchrun
+    process group, the ``clock`` of the timers and the ``runtime`` settings (log interval, compile, evaluation
+    batch). Built by keyword; frozen."""
 
+    device: torch.device = torch.device("cpu")
     on_task: OnTask = _ignore
     progress: Callable[[str], None] = _ignore
     state: LoopState | None = None
     comm: Communicator = SINGLE_PROCESS
     clock: Callable[[], float] = time.perf_counter
-    runtime: RuntimeConfig | None = None
-
-    def __post_init__(self) -> None:
-        self.runtime = self.runtime or RuntimeConfig()
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
 
 @dataclass
 class Loop:
     """One run's training as every phase sees it, built once by ``run_stream``: the model (a replacement from
-    ``configure_model`` once configured), the stream, the method's checked hook caller, the protocol, the seed,
-    the device and the options; the class offsets of the tasks (task j's logits start at ``offsets[j]``), the
-    test-set sizes and the autocast are derived once."""
+    ``configure_model`` once configured), the stream, the method's checked hook caller, the protocol, the seed
+    and the options; the device (``opts.device``), the class offsets of the tasks (task j's logits start at
+    ``offsets[j]``), the test-set sizes and the autocast are derived once."""
 
     model: CLModel
     stream: Stream
     cfg: TrainConfig
     seed: int
-    device: torch.device
     opts: LoopOptions = field(default_factory=LoopOptions)
     hook: CheckedHooks | None = None
+    device: torch.device = field(init=False)
     offsets: np.ndarray = field(init=False)
     sizes: np.ndarray = field(init=False)
     autocast: Callable[[], Any] = field(init=False)
 
     def __post_init__(self) -> None:
+        self.device = self.opts.device
         self.offsets = np.cumsum([0] + [len(s.classes) for s in self.stream.tasks])
         self.sizes = np.array([len(t.test_y) for t in self.stream.tasks])
         self.autocast = autocast_for(self.device, self.cfg.precision)
 
 
-def run_stream(model: CLModel, stream: Stream, pm, cfg: TrainConfig, seed: int, device: torch.device,
-               **options: Any) -> LoopState:
+def run_stream(model: CLModel, stream: Stream, pm, cfg: TrainConfig, seed: int,
+               opts: LoopOptions | None = None) -> LoopState:
     """Train ``model`` through ``stream`` with the method registered in ``pm``; return the final state.
 
-    ``cfg`` is the protocol; ``options`` are :class:`LoopOptions`' fields (how it runs here; the device is
-    ``device``). After every task, ``on_task(result, state, model)``: the task's figures, the state to checkpoint
-    (everything needed to continue at ``state.next_task``) and the trained model."""
-    opts = LoopOptions(**options)
+    ``cfg`` is the protocol; ``opts`` (:class:`LoopOptions`; default: on the CPU, no callbacks, a fresh run, one
+    process) is how it runs here. After every task, ``opts.on_task(result, state, model)``: the task's figures,
+    the state to checkpoint (everything needed to continue at ``state.next_task``) and the trained model."""
+    opts = opts or LoopOptions()
     # the method's hooks, checked: a hook's failure names the method and the hook (clbench.methods.hookcheck)
-    loop = Loop(model, stream, cfg, seed, device, opts, checked_hooks(pm))
+    loop = Loop(model, stream, cfg, seed, opts, checked_hooks(pm))
     state = opts.comm.broadcast(opts.state or LoopState())  # every rank starts from rank 0's state (a resumed run)
     if state.R is None:
         state.R, state.R_til = empty_matrix(len(stream.tasks)), empty_matrix(len(stream.tasks))

@@ -242,7 +242,7 @@ def trainable_params(suite: Suite, source: str, entry: int = 0, tasks: int = 2, 
     from clbench.data.streams import Stream, TaskData
     from clbench.methods.registry import discover, run_manager
     from clbench.model.backbones import build_model
-    from clbench.run.loop import run_stream
+    from clbench.run.loop import LoopOptions, run_stream
     from clbench.run.plan import plan_runs
 
     run = plan_runs(suite, source, discover([suite.plugins_dir] if suite.plugins_dir else []), None)[entry]
@@ -269,7 +269,7 @@ def trainable_params(suite: Suite, source: str, entry: int = 0, tasks: int = 2, 
 
     try:
         run_stream(model, Stream(suite.stream.name, tasks_data, list(range(n))), run_manager(run.info.cls(run.params)),
-                   cfg, suite.seeds[0], torch.device("cpu"), on_task=on_task)
+                   cfg, suite.seeds[0], LoopOptions(on_task=on_task))
     except _Enough:
         pass
     return counts

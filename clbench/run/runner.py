@@ -40,7 +40,14 @@ from clbench.methods.registry import discover, plugin_dirs, run_manager
 from clbench.model.backbones import fetch_hub_weights
 from clbench.model.lm import model_for
 from clbench.run import checkpoint, distributed
-from clbench.run.loop import LoopState, resolve_device, resolved_precision, resume_state, run_stream
+from clbench.run.loop import (
+    LoopOptions,
+    LoopState,
+    resolve_device,
+    resolved_precision,
+    resume_state,
+    run_stream,
+)
 from clbench.run.plan import PlannedRun, RunJob, RunRecord, plan_runs, run_identity, run_key
 from clbench.run.preflight import method_problems
 from clbench.run.progress import Progress, RunStarted, within
@@ -582,8 +589,9 @@ def run_one(run: Run, stream) -> RunRecord:
         if fresh:
             _record_run(run)
         try:
-            state = run_stream(model, stream, pm, cfg, seed, device, on_task=recorder.on_task, progress=run.say,
-                               state=state, comm=distributed.communicator(), runtime=rt)
+            opts = LoopOptions(device=device, on_task=recorder.on_task, progress=run.say, state=state,
+                               comm=distributed.communicator(), runtime=rt)
+            state = run_stream(model, stream, pm, cfg, seed, opts)
             record = recorder.finish(state, stream, device)
         except (FloatingPointError, MethodHookError) as exc:  # this run's failure, not the suite's
             life.ended = recorder.ended
