@@ -238,36 +238,35 @@ def pilot_data(repo: Path, name: str, cfg: dict, kind: str, seeds: list[int]) ->
                                 "synthetic image", src)}
 
 
+# The training module of each PILOT-based repository: where its optimizer, scheduler and DataLoader are built.
+PILOT_MODULES = {"SD-LoRA": "models/sdlora.py", "CL-LoRA": "models/cllora.py"}
+
+
 def sdlora_like(repo: Path, name: str, config: str, kind: str, seeds: list[int]) -> dict:
     cfg = json.loads((repo / config).read_text())
-    items: dict = {}
+    module = PILOT_MODULES[name]
     if name == "SD-LoRA":
-        opt = torch.optim.SGD(params(), lr=cfg["init_lr"], momentum=0.9)
-        s = torch.optim.lr_scheduler.MultiStepLR(optimizer=opt, milestones=cfg["init_milestones"],
-                                                 gamma=cfg["init_lr_decay"])
-        where = line_of(repo / "models/sdlora.py", "scheduler = optim.lr_scheduler.MultiStepLR(")
-        items["optimizer"] = item({"class": "SGD", "lr": cfg["init_lr"], "momentum": 0.9, "weight_decay": 0.0},
-                                  "read: models/sdlora.py's optim.SGD (weight decay commented out; the config's "
-                                  "optimizer key unread)", line_of(repo / "models/sdlora.py", "optim.SGD("))
-        epochs = cfg["init_epoch"]
+        decay, epochs, sgd_line = 0.0, cfg["init_epoch"], "optim.SGD("
+        sgd_how = f"read: {module}'s optim.SGD (weight decay commented out; the config's optimizer key unread)"
+        where = "scheduler = optim.lr_scheduler.MultiStepLR("
         how = "run+rule: torch MultiStepLR with the config's milestones/gamma, step() after every epoch"
     else:
-        opt = torch.optim.SGD(params(), lr=cfg["init_lr"], momentum=0.9, weight_decay=cfg["weight_decay"])
-        s = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer=opt, T_max=cfg["init_epochs"], eta_min=cfg["min_lr"])
-        where = line_of(repo / "models/cllora.py", "CosineAnnealingLR(optimizer=optimizer, T_max=epoch")
-        items["optimizer"] = item({"class": "SGD", "lr": cfg["init_lr"], "momentum": 0.9,
-                                   "weight_decay": cfg["weight_decay"]}, "read",
-                                  line_of(repo / "models/cllora.py", "optimizer = optim.SGD("))
-        epochs = cfg["init_epochs"]
+        decay, epochs, sgd_line, sgd_how = cfg["weight_decay"], cfg["init_epochs"], "optimizer = optim.SGD(", "read"
+        where = "CosineAnnealingLR(optimizer=optimizer, T_max=epoch"
         how = "run+rule: torch CosineAnnealingLR(T_max=epochs, eta_min=min_lr) as get_scheduler builds it, " \
               "step() after every epoch"
+    opt = torch.optim.SGD(params(), lr=cfg["init_lr"], momentum=0.9, weight_decay=decay)
+    s = (torch.optim.lr_scheduler.MultiStepLR(optimizer=opt, milestones=cfg["init_milestones"],
+                                              gamma=cfg["init_lr_decay"]) if name == "SD-LoRA" else
+         torch.optim.lr_scheduler.CosineAnnealingLR(optimizer=opt, T_max=epochs, eta_min=cfg["min_lr"]))
+    items: dict = {"optimizer": item({"class": "SGD", "lr": cfg["init_lr"], "momentum": 0.9, "weight_decay": decay},
+                                     sgd_how, line_of(repo / module, sgd_line))}
     lrs = lrs_stepped(opt, s.step, epochs, step_at_start=False)
-    items["lr_per_epoch"] = item({"all": lrs["0"]}, how, where)
+    items["lr_per_epoch"] = item({"all": lrs["0"]}, how, line_of(repo / module, where))
     items.update(pilot_data(repo, name, cfg, kind, seeds))
     items["batch_size"] = item(cfg["batch_size"], "read", config)
     items["drop_last"] = item(False, "read: the training DataLoader has no drop_last",
-                              line_of(repo / f"models/{'sdlora' if name == 'SD-LoRA' else 'cllora'}.py",
-                                      "DataLoader("))
+                              line_of(repo / module, "DataLoader("))
     items["precision"] = item("fp32", "read: no autocast / half() in the training code", "models/")
     if name == "SD-LoRA":
         lin = load_module("sdlora_linears", repo / "backbone/linears.py")
