@@ -67,7 +67,7 @@ from record import cpu_model  # noqa: E402  (one machine description for every r
 
 from clbench.methods.hookspecs import hookimpl  # noqa: E402
 from clbench.methods.registry import run_manager  # noqa: E402
-from clbench.model.backbones import build_model  # noqa: E402
+from clbench.model.backbones import Arch, build_model  # noqa: E402
 from clbench.run.loop import LoopOptions, checkpoint_payload, run_stream  # noqa: E402
 
 FIGURES = ("train_step", "train_step_median", "eval", "eval_image", "hook", "state_mb", "checkpoint_mb")
@@ -306,7 +306,7 @@ def main() -> None:
     if args.ranpac_M is not None and "ranpac" in classes:
         classes[f"ranpac_M{args.ranpac_M}"] = ranpac_with(classes.pop("ranpac"), args.ranpac_M)
     torch.manual_seed(0)
-    template = build_model(args.backbone, size, pretrained=False, checkpoint=None, in_chans=chans)
+    template = build_model(args.backbone, size, pretrained=False, checkpoint=None, arch=Arch(in_chans=chans))
     stream = synthetic_stream(args.tasks, per_task, n_train, n_test, chans, size)
     ref = Reference(template, stream.tasks[0].train_x[:args.batch_size])
     load_before, tic, commit = load_line(), time.perf_counter(), git_commit()  # the code measured, not later edits

@@ -31,7 +31,7 @@ from clbench_plugins.inflora import InfLoRA, design_down_projection, dualgpm_upd
 
 from clbench.data.streams import build_stream
 from clbench.methods.registry import run_manager
-from clbench.model.backbones import build_model
+from clbench.model.backbones import Arch, build_model
 from clbench.run.loop import LoopOptions, TaskResult, resolve_device, run_stream
 from clbench.suite import load_suite
 
@@ -77,9 +77,9 @@ def main() -> None:
     device = resolve_device(suite.runtime.device)
     stream = build_stream(suite.stream, args.seed)
     torch.manual_seed(args.seed)
-    model = build_model(suite.backbone.name, suite.backbone.image_size, suite.backbone.pretrained,
-                        suite.backbone.checkpoint, in_chans=suite.backbone.in_chans,
-                        drop_path_rate=suite.backbone.drop_path_rate)
+    bb = suite.backbone
+    model = build_model(bb.name, bb.image_size, bb.pretrained, bb.checkpoint,
+                        arch=Arch(in_chans=bb.in_chans, drop_path_rate=bb.drop_path_rate))
     method = InfLoRA({"rank": args.rank})
     results: list[TaskResult] = []
     run_stream(model, stream, run_manager(method), cfg, args.seed,

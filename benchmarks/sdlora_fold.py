@@ -22,14 +22,14 @@ import torch
 from clbench_plugins.sdlora import SDLoRA
 
 from clbench.methods.context import TaskContext
-from clbench.model.backbones import build_model
+from clbench.model.backbones import Arch, build_model
 
 PARTS = ("forward", "backward", "optimizer")  # the loss's forward pass; backward; Adam step and zero_grad
 
 
 def build(T: int, folded: bool):
     torch.manual_seed(0)
-    model = build_model("vit_tiny_clbench", 16, pretrained=False, checkpoint=None, in_chans=1)
+    model = build_model("vit_tiny_clbench", 16, pretrained=False, checkpoint=None, arch=Arch(in_chans=1))
     model.add_head(2)
     method = SDLoRA()
     method.configure_model(model, None)

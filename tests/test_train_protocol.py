@@ -314,10 +314,11 @@ def test_reference_block_is_checked():
 # -- inputs and the statistics loader ---------------------------------------------------------------------------
 
 def test_normalize_none_feeds_unit_range_inputs():
-    from clbench.model.backbones import build_model
+    from clbench.model.backbones import Arch, build_model
 
     x = torch.randint(0, 256, (2, 1, 16, 16), dtype=torch.uint8)
-    plain = build_model("vit_micro_clbench", 16, pretrained=False, checkpoint=None, normalize="none")
+    plain = build_model("vit_micro_clbench", 16, pretrained=False, checkpoint=None,
+                        arch=Arch(normalize="none"))
     timm = build_model("vit_micro_clbench", 16, pretrained=False, checkpoint=None)
     assert torch.equal(plain.preprocess(x), x.float() / 255)
     assert torch.allclose(timm.preprocess(x), (x.float() / 255 - 0.5) / 0.5)

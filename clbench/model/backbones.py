@@ -6,7 +6,6 @@ import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -161,18 +160,18 @@ class Arch:
 def model_from(bb) -> CLModel:
     """The image model a suite's ``backbone`` section (``clbench.suite.BackboneConfig``) describes (any backbone,
     language ones included: ``clbench.model.lm.model_for``)."""
-    return build_model(bb.name, bb.image_size, bb.pretrained, bb.checkpoint, in_chans=bb.in_chans,
-                       drop_path_rate=bb.drop_path_rate, normalize=bb.normalize)
+    arch = Arch(in_chans=bb.in_chans, drop_path_rate=bb.drop_path_rate, normalize=bb.normalize)
+    return build_model(bb.name, bb.image_size, bb.pretrained, bb.checkpoint, arch)
 
 
 def build_model(name: str, image_size: int, pretrained: bool = False, checkpoint: str | Path | None = None,
-                **arch: Any) -> CLModel:
-    """Create the backbone (timm) with pooled-feature output and wrap it in a :class:`CLModel`; ``arch``:
-    :class:`Arch`'s fields."""
+                arch: Arch | None = None) -> CLModel:
+    """Create the backbone (timm) with pooled-feature output and wrap it in a :class:`CLModel`, built as
+    ``arch`` (:class:`Arch`; default: the model's channels, no drop path, timm normalisation) says."""
     import timm
     from timm.models.vision_transformer import VisionTransformer
 
-    spec = Arch(**arch)
+    spec = arch or Arch()
     in_chans, drop_path_rate, normalize = spec.in_chans, spec.drop_path_rate, spec.normalize
     if name in TINY:
         chans = in_chans or 1

@@ -93,9 +93,10 @@ def _model(suite: Suite):
 def _built(name: str, image_size: int, in_chans: int | None, normalize: str):
     """The suite's model as the runner builds it (random weights: only ``preprocess`` is used), cached per
     backbone setting (a ViT-B takes seconds to initialise; the repro suites share three)."""
-    from clbench.model.backbones import build_model
+    from clbench.model.backbones import Arch, build_model
 
-    return build_model(name, image_size, pretrained=False, checkpoint=None, in_chans=in_chans, normalize=normalize)
+    return build_model(name, image_size, pretrained=False, checkpoint=None,
+                       arch=Arch(in_chans=in_chans, normalize=normalize))
 
 
 def _stream_transforms(suite: Suite):
@@ -241,7 +242,7 @@ def trainable_params(suite: Suite, source: str, entry: int = 0, tasks: int = 2, 
     (``images`` random 32 x 32 images per task), one step per task on the CPU."""
     from clbench.data.streams import Stream, TaskData
     from clbench.methods.registry import discover, run_manager
-    from clbench.model.backbones import build_model
+    from clbench.model.backbones import Arch, build_model
     from clbench.run.loop import LoopOptions, run_stream
     from clbench.run.plan import plan_runs
 
@@ -258,8 +259,8 @@ def trainable_params(suite: Suite, source: str, entry: int = 0, tasks: int = 2, 
         tasks_data.append(TaskData(tuple(range(t * per, (t + 1) * per)), x, y, x, y))
     bb = suite.backbone
     torch.manual_seed(0)
-    model = build_model(bb.name, bb.image_size, pretrained=False, checkpoint=None, in_chans=bb.in_chans,
-                        normalize=bb.normalize)
+    model = build_model(bb.name, bb.image_size, pretrained=False, checkpoint=None,
+                        arch=Arch(in_chans=bb.in_chans, normalize=bb.normalize))
     counts: list[int] = []
 
     def on_task(result, state, model) -> None:
