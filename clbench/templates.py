@@ -33,11 +33,33 @@ Deviations from the official code (every deliberate difference, or "none"):
 """
 
 
-def _module(clbench_names: str, params_base: str, params: str, body: str, *, hooks: bool = True,
-            bases: str = "Method", preamble: str = "", helpers: str = "") -> str:
+@dataclass(frozen=True)
+class _Shape:
+    """Where a template's module differs from the plain one. ``hooks``: its hooks take ``nn.Module`` and
+    ``dict[str, Any]``; ``bases`` of the method class; ``preamble``: comment lines opening that class;
+    ``helpers``: classes before it."""
+
+    hooks: bool = True
+    bases: str = "Method"
+    preamble: str = ""
+    helpers: str = ""
+
+
+@dataclass(frozen=True)
+class _TestParts:
+    """Where a template's test file differs from the plain one: ``contract_params`` for the contract check,
+    ``resume_doc`` (the resume test's docstring lines) and ``todo_tail`` (how the property test's TODO ends)."""
+
+    contract_params: str = ""
+    resume_doc: str = ""
+    todo_tail: str = "."
+
+
+def _module(clbench_names: str, params_base: str, params: str, body: str, shape: _Shape = _Shape()) -> str:
     """A plugin module: ``clbench_names`` imported from clbench, ``class {cls}Params(params_base)`` with the field
-    lines ``params``, any ``helpers`` classes, then ``class {cls}(bases)``: ``preamble`` (comment lines), its
-    name / paper / code, then ``body``. ``hooks``: the module's hooks take ``nn.Module`` and ``dict[str, Any]``."""
+    lines ``params``, ``shape.helpers`` classes, then ``class {cls}(shape.bases)``: ``shape.preamble``, its
+    name / paper / code, then ``body``."""
+    hooks, bases, preamble, helpers = shape.hooks, shape.bases, shape.preamble, shape.helpers
     typing, nn = ("from typing import Any\n", "from torch import nn\n") if hooks else ("", "")
     return (f"{_DOCSTRING}\nfrom __future__ import annotations\n\nfrom collections.abc import Callable\n{typing}\n"
             f"import torch\nfrom pydantic import Field\n{nn}\nfrom clbench import {clbench_names}\n\n\n"
@@ -51,11 +73,12 @@ def _module(clbench_names: str, params_base: str, params: str, body: str, *, hoo
             "    register({cls})\n")
 
 
-def _tests(checks: str, resume_params: str, prop: str, prop_body: str, *, contract_params: str = "",
-           resume_doc: str = "", todo_tail: str = ".") -> str:
-    """A test file's body: the contract (``checks`` in its docstring, ``contract_params`` if any), the resume
-    comparison with ``resume_params`` (``resume_doc``: its docstring lines, if any) and ``test_{prop}``, the
-    property test for the contributor to replace: a TODO line (ending in ``todo_tail``) then ``prop_body``."""
+def _tests(checks: str, resume_params: str, prop: str, prop_body: str, parts: _TestParts = _TestParts()) -> str:
+    """A test file's body: the contract (``checks`` in its docstring, ``parts.contract_params`` if any), the
+    resume comparison with ``resume_params`` (``parts.resume_doc``: its docstring lines, if any) and
+    ``test_{prop}``, the property test for the contributor to replace: a TODO line (ending in ``parts.todo_tail``)
+    then ``prop_body``."""
+    contract_params, resume_doc, todo_tail = parts.contract_params, parts.resume_doc, parts.todo_tail
     contract_args = f", {contract_params}" if contract_params else ""
     return ("\n\ndef test_contract():\n"
             f'    """Registration, a two-task run on a tiny ViT, {checks}."""\n'
@@ -123,10 +146,10 @@ LORA_TESTS = _tests("frozen weights, well-formed updates, determinism, resume", 
     for name, update in run.results[1].updates.items():
         r = int(torch.linalg.matrix_rank(update.dense()))
         assert 0 < r <= 2 * rank, (name, r)  # B_t A_t - B_(t-1) A_(t-1) has rank at most 2r
-""", resume_doc="""\
+""", _TestParts(resume_doc="""\
     \"\"\"Interrupted after task 2 of 3, checkpointed, reloaded (weights_only) into a fresh instance, continued:
     bit-identical to the uninterrupted run. Use the params that change what method_state keeps.\"\"\"
-""", todo_tail=", e.g.")
+""", todo_tail=", e.g."))
 
 PLAIN = _module("Method, NoParams, StepBatch, TaskContext, hookimpl", "NoParams", """\
     # NoParams: the params base of a method without adapters (no fields of its own; unknown keys refused).
@@ -164,7 +187,7 @@ PLAIN_TESTS = _tests("frozen weights, determinism, resume", '{{"strength": 0.1}}
     assert all(not p.requires_grad for p in run.model.backbone.parameters())
     assert run.results[0].trainable_params == sum(p.numel() for p in run.model.heads[0].parameters())
     assert all(r.loss_terms["l2"] > 0 for r in run.results) and torch.isfinite(run.model.heads[1].weight).all()
-""", contract_params='{{"strength": 0.1}}')
+""", _TestParts(contract_params='{{"strength": 0.1}}'))
 
 PROMPT = _module("CLModel, Method, NoParams, PromptMethod, PromptModel, TaskContext, attach, uniform_prompt",
                  "NoParams", """\
@@ -175,7 +198,7 @@ PROMPT = _module("CLModel, Method, NoParams, PromptMethod, PromptModel, TaskCont
 
     def build(self, model: CLModel, ctx: TaskContext) -> {cls}Model:
         return {cls}Model(model, self.params.length)
-""", hooks=False, bases="PromptMethod, Method", preamble="""\
+""", _Shape(hooks=False, bases="PromptMethod, Method", preamble="""\
     # PromptMethod: configure_model freezes the backbone and puts build()'s model in place; no low-rank update
     # (spectra n/a); an aux value "key_match" from select is added to the loss times params.key_weight.
 """, helpers="""\
@@ -193,7 +216,7 @@ class {cls}Model(PromptModel):
         return {{}}, self.prompt.expand(len(q), -1, -1), {{}}
 
 
-""")
+"""))
 
 PROMPT_TESTS = _tests("frozen weights, batch-independent predictions, resume", '{{"length": 2}}',
                       "the_prompt_trains_and_the_backbone_does_not", """\
@@ -282,9 +305,9 @@ REHEARSAL_TESTS = _tests("frozen weights, well-formed updates, determinism, resu
     run = run_method(method, tiny_stream(samples_per_class=8), batch_size=8, max_steps_per_epoch=2)
     assert [r.buffer_images for r in run.results] == [4, 8]
     assert torch.equal(method.index[:, 0], torch.tensor([0] * 4 + [1] * 4))
-""", contract_params='{{"rank": 2, "per_task": 6, "replay": 4}}', resume_doc="""\
+""", _TestParts(contract_params='{{"rank": 2, "per_task": 6, "replay": 4}}', resume_doc="""\
     \"\"\"The buffer is method state: a resumed run replays the same samples.\"\"\"
-""")
+"""))
 
 
 @dataclass(frozen=True)
