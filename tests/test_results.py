@@ -342,3 +342,32 @@ def test_the_recorded_quickstart_is_the_golden_one():
     moved = [f"{m} {k}: golden {v}, recorded {runs[m]['0'][k]}" for m, pinned in golden["quickstart"]["metrics"].items()
              for k, v in pinned.items() if abs(runs[m]["0"][k] - v) > golden["tolerance"][k]]
     assert not moved, "re-record: python benchmarks/record.py suites/quickstart.yaml\n" + "\n".join(moved)
+
+
+def test_the_readme_quotes_the_recorded_language_model_quickstarts():
+    """README's language-model section quotes both recorded quickstart runs (each method's final accuracy and
+    forgetting, best first, and the CPU time)."""
+    def line(name: str) -> str:
+        runs = result(f"{name}.json")["runs"]
+        order = sorted(runs, key=lambda m: -runs[m]["0"]["final/acc"])
+        return ", ".join(f"{m} {runs[m]['0']['final/acc']:.2f} / {runs[m]['0']['final/forgetting']:.2f}"
+                         for m in order)
+
+    quotes = [f"on the tiny T5: {line('lm-quickstart')};", f"on the tiny causal LM: {line('lm-quickstart-causal')}.",
+              f"one thread, {result('lm-quickstart.json')['cpu_seconds']:.0f} s and "
+              f"{result('lm-quickstart-causal.json')['cpu_seconds']:.0f} s of CPU"]
+    assert not missing_in("README.md", quotes), missing_in("README.md", quotes)
+
+
+def test_architecture_quotes_the_recorded_dispatch_measurement():
+    """docs/ARCHITECTURE.md's choice of the per-run pluggy manager over a typed base rests on part (e) of
+    benchmarks/overhead.py as recorded in benchmarks/results/overhead-dispatch.json."""
+    f = result("overhead-dispatch.json")["figures"]
+    quotes = [f"recorded {f['dispatch_us/pluggy/one_term']:.1f} us per step through pluggy against "
+              f"{f['dispatch_us/typed/one_term']:.1f} us through the typed adapter",
+              f"(`dispatch_ratio/one_term={f['dispatch_ratio/one_term']:.2f}`; {f['dispatch_us/pluggy/lora']:.1f} vs "
+              f"{f['dispatch_us/typed/lora']:.1f} us, ratio {f['dispatch_ratio/lora']:.2f}, for `lora`",
+              f"at {f['step_us_bare'] / 1000:.1f} ms: the dispatch is {100 * f['dispatch_share/pluggy']:.2f} % of a "
+              f"step through pluggy, {100 * f['dispatch_share/typed']:.2f} % through the typed adapter",
+              "benchmarks/results/overhead-dispatch.json"]
+    assert not missing_in("docs/ARCHITECTURE.md", quotes), missing_in("docs/ARCHITECTURE.md", quotes)
