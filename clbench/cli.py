@@ -26,6 +26,12 @@ def _fail(msg: str) -> None:
     """One line on stderr and exit code 1. Under torchrun every rank meets the same error: rank 0 says it once,
     the other ranks exit 1 silently (torchrun then prints its own summary of the failed ranks: ChildFailedError
     with a traceback of torchrun itself, which no child process can suppress)."""
+    _say_error(msg)
+    raise typer.Exit(1)
+
+
+def _say_error(msg: str) -> None:
+    """The line of :func:`_fail` without ending the command (a suite group runs its other suites)."""
     from clbench.run import distributed
 
     if not distributed.is_follower():
@@ -33,7 +39,6 @@ def _fail(msg: str) -> None:
     if distributed.active() and distributed.rank() == 0:
         typer.echo("(torchrun: the ChildFailedError report torchrun prints next is its own account of this exit "
                    "code; the error is the line above)", err=True)
-    raise typer.Exit(1)
 
 
 def _progress(msg: str) -> None:
@@ -84,17 +89,51 @@ def run(
     """Train every method of SUITE through its stream and log everything to MLflow.
 
     After every task a checkpoint is written; running the same command again after a crash or Ctrl-C
-    continues each unfinished (method, seed) in its MLflow run and skips finished ones."""
-    from clbench.run.executors import make_executor
-    from clbench.run.preflight import preflight
-    from clbench.run.runner import RunOptions, run_suite
-    from clbench.store.tracking import results_store
-    from clbench.suite import SEED_MAX, load_suite
+    continues each unfinished (method, seed) in its MLflow run and skips finished ones.
+
+    SUITE may be a suite group file ({group: NAME, suites: [files]}): every member suite runs in order with the
+    same options; the exit code is 1 if any of them failed, after the others ran."""
+    from clbench.suite import SEED_MAX, load_suite, suite_files
 
     try:
         bad_seeds = [x for x in seed if not 0 <= x <= SEED_MAX]
         if bad_seeds:
             raise ClbenchError(f"--seed {bad_seeds[0]}: a seed must be in 0..{SEED_MAX}")
+        members = suite_files(suite)
+        if len(members) > 1 or members[0] != suite:  # a group: every member valid before any of them runs
+            for member in members:
+                load_suite(member, set_, add_method)
+    except ClbenchError as exc:
+        _fail(str(exc))
+    options = dict(method=method, seed=seed, set_=set_, add_method=add_method, plugins_dir=plugins_dir,
+                   trust_suite_plugins=trust_suite_plugins, dry_run=dry_run, restart=restart,
+                   checkpoint_dir=checkpoint_dir, executor=executor, address=address,
+                   ray_gpus_per_run=ray_gpus_per_run, ray_cpus_per_run=ray_cpus_per_run,
+                   ray_max_retries=ray_max_retries, tracking_uri=tracking_uri)
+    if members == [suite]:
+        if not _run_one(suite, **options):
+            raise typer.Exit(1)
+        return
+    failed = []
+    for i, member in enumerate(members, 1):
+        _progress(f"suite {i}/{len(members)} of group {suite}: {member}")
+        if not _run_one(member, **options):
+            failed.append(str(member))
+    if failed:
+        _fail(f"{suite}: {len(failed)} of {len(members)} suites failed ({', '.join(failed)}); see their lines above")
+
+
+def _run_one(suite: Path, *, method, seed, set_, add_method, plugins_dir, trust_suite_plugins, dry_run, restart,
+             checkpoint_dir, executor, address, ray_gpus_per_run, ray_cpus_per_run, ray_max_retries,
+             tracking_uri) -> bool:
+    """``clbench run`` of one suite file: False when it failed (its error line printed) or a run did not finish."""
+    from clbench.run.executors import make_executor
+    from clbench.run.preflight import preflight
+    from clbench.run.runner import RunOptions, run_suite
+    from clbench.store.tracking import results_store
+    from clbench.suite import load_suite
+
+    try:
         s = load_suite(suite, set_, add_method)
         ex = make_executor(executor, address, ray_gpus_per_run, ray_cpus_per_run, ray_max_retries)
         if not dry_run:
@@ -106,11 +145,14 @@ def run(
                           tracking_uri=tracking_uri)
         records = run_suite(s, str(suite), opts)
     except ClbenchError as exc:
-        _fail(str(exc))
+        _say_error(str(exc))
+        return False
     except KeyboardInterrupt:
         _fail("interrupted; runs marked KILLED; run the same command again to resume from the last finished task")
     except SystemExit as exc:  # plugin code outside a hook (hooks' exits fail their run: clbench.hookcheck)
-        _fail(f"plugin code ended the process with SystemExit({exc.code!r}); the runs it left are marked FAILED")
+        _say_error(f"plugin code ended the process with SystemExit({exc.code!r}); the runs it left are marked "
+                   "FAILED")
+        return False
     if records:
         typer.echo(f"{'method':<24} {'seed':>4} {'status':<9} {keys.FINAL_ACC:>9} {'forgetting':>10}")
         for r in records:
@@ -119,8 +161,7 @@ def run(
             typer.echo(f"{r.method:<24} {r.seed:>4} {r.status:<9} {acc:>9.2f} {fgt:>10.2f}")
         for line in next_steps(s, suite, *store):
             typer.echo(line)
-        if any(r.status != "FINISHED" for r in records):
-            raise typer.Exit(1)
+    return all(r.status == "FINISHED" for r in records)
 
 
 @app.command()

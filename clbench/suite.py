@@ -608,11 +608,63 @@ def add_method(data: dict, raw: str) -> None:
     methods.append(entry)
 
 
+class SuiteGroup(Strict):
+    """A suite group file: ``{group: NAME, suites: [paths relative to the group file]}``. Each member stays one
+    suite (one backbone, one protocol hash, one leaderboard table); the group lets one ``clbench run`` or
+    ``clbench leaderboard`` take them all, in order."""
+
+    group: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
+    suites: list[str] = Field(min_length=1)
+
+
+def is_group(data: dict) -> bool:
+    """A YAML mapping is a group file when it has ``group`` and no suite's ``name``."""
+    return "group" in data and "name" not in data
+
+
+def group_members(path: str | Path) -> list[Path] | None:
+    """The member suite files of the group file ``path`` (resolved against its folder, in order), or None when
+    ``path`` is a suite (or not a YAML file at all: load_suite says what is wrong with it). A member that is
+    missing, a group itself, or listed twice is a ClbenchError naming the group file and the key."""
+    path = Path(path)
+    data = read_yaml(path)
+    if not is_group(data):
+        return None
+    try:
+        group = SuiteGroup.model_validate(data)
+    except ValidationError as err:
+        raise ClbenchError(format_validation_error(f"{path} (a suite group: group, suites)", err)) from None
+    members: list[Path] = []
+    for i, member in enumerate(group.suites):
+        q = Path(member).expanduser()
+        q = q if q.is_absolute() else path.parent / q
+        where = f"{path}: suites.{i}: {member}"
+        if not q.is_file():
+            raise ClbenchError(f"{where}: no such suite file (paths are relative to the group file's folder)")
+        if q.resolve() in {m.resolve() for m in members}:
+            raise ClbenchError(f"{where}: listed twice; list each suite once")
+        if is_group(read_yaml(q)):
+            raise ClbenchError(f"{where}: a suite group itself; groups do not nest: list its suites here")
+        members.append(q)
+    return members
+
+
+def suite_files(path: str | Path) -> list[Path]:
+    """``[path]`` for a suite file, its members for a group file."""
+    path = Path(path)
+    if path.suffix in (".yaml", ".yml") or path.is_file():
+        return group_members(path) or [path]
+    return [path]
+
+
 def load_suite(path: str | Path, overrides: list[str] | None = None, added: list[str] | None = None) -> Suite:
     """Read, override and validate a suite file, with ``added`` method entries (``--add-method``, flow YAML)
     appended to its methods; raise ClbenchError with one line on any problem."""
     path = Path(path)
     data = read_yaml(path)
+    if is_group(data):
+        raise ClbenchError(f"{path}: a suite group (group, suites): `clbench run` and `clbench leaderboard` take "
+                           f"it; give this command one of the suites it lists")
     set_paths: dict[tuple, str] = {}
     for assignment in overrides or []:
         set_paths[apply_override(data, assignment, str(path))] = assignment

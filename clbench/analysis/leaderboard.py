@@ -39,7 +39,7 @@ from typing import Any
 from clbench import keys
 from clbench.errors import ClbenchError
 from clbench.store.tracking import RunInfo, read_runs, results_store
-from clbench.suite import load_suite
+from clbench.suite import load_suite, suite_files
 
 
 @dataclass(frozen=True)
@@ -415,7 +415,10 @@ def load_runs(target: str | None, uri: str | None = None) -> list[RunInfo]:
 
 def build(target: str | list[str] | None, uri: str | None = None, sort: str = keys.FINAL_ACC,
           baseline: str | None = None) -> list[Group]:
-    """The groups of one target, of several (their runs pooled, each run once) or of every experiment (None)."""
+    """The groups of one target, of several (their runs pooled, each run once) or of every experiment (None). A
+    suite group file stands for its member suites (one group per protocol, as always)."""
+    if target:
+        target = [str(m) for t in ([target] if isinstance(target, str) else target) for m in suite_files(t)]
     if isinstance(target, list) and len(target) == 1:
         target = target[0]
     if isinstance(target, list) and target:
