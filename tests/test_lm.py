@@ -108,18 +108,23 @@ def test_resume_mid_stream_is_bit_exact():
                    stream=tiny_text_case(3, "llama_tiny_clbench"), max_steps_per_epoch=2)
 
 
-@pytest.mark.parametrize("suite", ["suites/lm-quickstart.yaml", "suites/lm-quickstart-causal.yaml"])
-def test_quickstart_suites_plan(suite, tmp_path, monkeypatch):
+def test_quickstart_group_plans_both_backbones(tmp_path, monkeypatch):
+    """`clbench run suites/lm-quickstart.yaml --dry-run`: the group plans the four methods on the tiny T5 suite,
+    then on the tiny causal LM suite (each one protocol of its own)."""
     from typer.testing import CliRunner
 
     from clbench.cli import app
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    path = str(pytest.importorskip("pathlib").Path(__file__).parent.parent / suite)
+    path = str(pytest.importorskip("pathlib").Path(__file__).parent.parent / "suites" / "lm-quickstart.yaml")
     result = CliRunner().invoke(app, ["run", path, "--dry-run"])
     assert result.exit_code == 0, result.output
-    planned = {ln.split()[1] for ln in result.output.splitlines() if ln.startswith("  run ")}
-    assert planned == {"lora", "inflora", "olora", "eblora"}
+    lines = result.output.splitlines()
+    heads = [i for i, ln in enumerate(lines) if ln.startswith("suite lm-quickstart")]
+    assert [lines[i].split(":")[0] for i in heads] == ["suite lm-quickstart", "suite lm-quickstart-causal"]
+    for start, end in zip(heads, [*heads[1:], len(lines)]):
+        planned = [ln.split()[1] for ln in lines[start:end] if ln.startswith("  run ")]
+        assert planned == ["lora", "inflora", "olora", "eblora"], result.output
 
 
 def test_hub_model_offline_fails_in_one_line(tmp_path, monkeypatch):
@@ -198,7 +203,7 @@ def test_a_validation_split_of_a_text_stream_is_refused_in_one_line():
     from clbench.errors import ClbenchError
     from clbench.suite import load_suite
 
-    suite = load_suite(Path(__file__).resolve().parents[1] / "suites" / "lm-quickstart.yaml").for_validation()
+    suite = load_suite(Path(__file__).resolve().parents[1] / "suites" / "lm-quickstart-t5.yaml").for_validation()
     with pytest.raises(ClbenchError, match="cannot hold out a validation split of a text stream"):
         build_run_stream(suite, 0)
 

@@ -151,6 +151,7 @@ class Group:
     imbalance_forgetting: Correlation = field(default_factory=lambda: Correlation([], [], []))
     baseline: str | None = None  # the row every other row's ``vs_baseline`` is paired against
     references: list[ReferenceRow] = field(default_factory=list)
+    backbone: str = ""  # the runs' backbone.name (in the suite hash: one per group)
 
 
 # --- per-run values ------------------------------------------------------------------------------------------
@@ -243,8 +244,9 @@ def _group(experiment: str, suite_hash: str, runs: list[RunInfo], sort: str) -> 
     suites = sorted({r.tags.get(keys.SUITE, "?") for r in runs})
     rows = sort_rows(rows, sort)
     mark_references(rows, gap_key(sort))
+    backbones = sorted({r.params.get("backbone.name", "") for r in runs} - {""})
     return Group(experiment, suites, suite_hash, rows, unfinished, sort, imbalance_forgetting(rows),
-                 references=reference_rows(rows, runs))
+                 references=reference_rows(rows, runs), backbone=", ".join(backbones))
 
 
 def reference_rows(rows: list[Row], runs: list[RunInfo]) -> list[ReferenceRow]:
@@ -669,7 +671,8 @@ def fmt_cell(row: Row, spec: MetricSpec) -> str:
 
 
 def group_title(g: Group) -> str:
-    return f"suite {', '.join(g.suites)} · suite hash {g.suite_hash} · experiment {g.experiment}"
+    backbone = f" · backbone {g.backbone}" if g.backbone else ""
+    return f"suite {', '.join(g.suites)}{backbone} · suite hash {g.suite_hash} · experiment {g.experiment}"
 
 
 def runtime_text(run: RunInfo) -> str:
