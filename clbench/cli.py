@@ -268,7 +268,7 @@ def methods(
     plugins_dir: list[str] = typer.Option([], "--plugins-dir"),
 ) -> None:
     """List the registered methods (and their params)."""
-    from clbench.methods.method import describe_params, training_summary
+    from clbench.methods.method import describe_params, supported_backbones, training_summary
     from clbench.methods.registry import discover
 
     try:
@@ -288,6 +288,8 @@ def methods(
             typer.echo(f"    paper: {info.cls.paper}")
         if pattern and len(names) == 1:
             typer.echo(f"    trains: {training_summary(info.cls)}")
+            note = getattr(info.cls, "backbones_note", "")
+            typer.echo(f"    backbones: {', '.join(supported_backbones(info.cls))}{f' ({note})' if note else ''}")
         if params or (pattern and len(names) == 1):
             for fname, _, default, description in describe_params(info.cls.Params):
                 typer.echo(f"    {fname} = {default!r}: {description}")
@@ -360,10 +362,14 @@ def _check_method(name: str, plugins_dir: list[str], set_: list[str], lm: list[s
     steps = method_checks(info.cls, params, progress=lambda msg: typer.echo(f"      {msg}", err=True))
     for backbone in lm:
         from clbench.contract import language_checks
+        from clbench.methods.method import backbone_refusal
         from clbench.model.lm import LM_TINY, require_transformers
 
         if backbone not in LM_TINY:
             _fail(f"--lm {backbone}: choose a tiny language backbone: {', '.join(sorted(LM_TINY))}")
+        refusal = backbone_refusal(info.cls, "language")
+        if refusal:  # what clbench run refuses too (Method.backbones): no contract to check on a language model
+            _fail(f"--lm {backbone}: method '{info.name}' {refusal}")
         try:
             require_transformers(backbone)
         except ClbenchError as exc:

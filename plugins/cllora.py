@@ -306,6 +306,9 @@ class CLLoRA(Method):
              "Learning, CVPR 2025")
     code = "github.com/JiangpengHe/CL-LoRA"
     Params = CLLoRAParams
+    backbones = ("image",)
+    backbones_note = ("its model replaces the ViT's forward (shared and task-specific blocks, then the class "
+                      "token's cosine head and prototypes); CL-LoRA has no language form")
 
     def __init__(self, params=None) -> None:
         super().__init__(params)

@@ -63,6 +63,9 @@ class ExperienceReplay(TrainedPart, Method):
              "Buzzega et al., DER, NeurIPS 2020")
     code = "github.com/aimagelab/mammoth (models/er.py)"
     Params = ERParams
+    backbones = ("image",)
+    backbones_note = ("its buffer stores and replays image samples (training_set, after_task), and the loop "
+                      "defines no rehearsal for a language model")
 
     def __init__(self, params=None) -> None:
         super().__init__(params)

@@ -23,6 +23,9 @@ class Frozen(Method):
     paper = ("linear-probe reference; cf. Zhou et al., Revisiting Class-Incremental Learning with Pre-Trained "
              "Models (SimpleCIL), IJCV 2024")
     code = "github.com/zhoudw-zdw/RevisitingCIL"
+    backbones = ("image",)
+    backbones_note = ("it trains only each task's linear head, and a language model's head (its label words) has no "
+                      "parameters: nothing would train")
 
     @hookimpl
     def configure_model(self, model, ctx):

@@ -42,6 +42,9 @@ class Joint(TrainedPart, Method):
     paper = "joint (cumulative) training upper bound; Lomonaco et al., Avalanche, CLVision 2021"
     code = "github.com/ContinualAI/avalanche (avalanche.training.Cumulative)"
     Params = JointParams
+    backbones = ("image",)
+    backbones_note = ("it trains on the union of the seen tasks' image samples (training_set), and the loop "
+                      "defines no rehearsal for a language model")
 
     def __init__(self, params=None) -> None:
         super().__init__(params)

@@ -234,6 +234,9 @@ class RanPAC(Method):
     code = "github.com/RanPAC/RanPAC (RanPAC.py)"
     low_rank_updates = False
     Params = RanPACParams
+    backbones = ("image",)
+    backbones_note = ("its random projection and ridge classifier replace the linear head over the ViT's pooled "
+                      "image features; a language model answers with label words, not a linear head")
 
     def __init__(self, params=None) -> None:
         super().__init__(params)

@@ -61,6 +61,9 @@ class SimpleCIL(Method):
     code = "github.com/sun-hailong/LAMDA-PILOT (models/simplecil.py)"
     gradient_training = False
     low_rank_updates = False  # no weight of the backbone changes
+    backbones = ("image",)
+    backbones_note = ("it sets each class's linear-head row to the mean of its image features; a language model's "
+                      "head holds label words, not rows")
 
     def __init__(self, params=None) -> None:
         super().__init__(params)

@@ -25,6 +25,40 @@ NAME_PATTERN = re.compile(r"[a-z][a-z0-9_-]*")
 NAME_RULE = "lowercase letters, digits, '_' and '-', starting with a letter (e.g. lora_l2, my_lora, my-lora)"
 
 
+# The backbone kinds a method can declare in ``backbones`` (``clbench.model.lm.backbone_kind`` names a suite's):
+# "image" a timm ViT (clbench.model.backbones), "language" a T5 or causal LM (clbench.model.lm).
+BACKBONE_KINDS = ("image", "language")
+
+
+def supported_backbones(cls: type) -> tuple[str, ...]:
+    """The backbone kinds ``cls`` declares (``backbones``); a class that declares none, subclass of
+    :class:`Method` or not, runs on every kind, as every plugin did before the declaration existed."""
+    return tuple(getattr(cls, "backbones", BACKBONE_KINDS))
+
+
+def backbones_declaration_problem(cls: type) -> str | None:
+    """None when ``cls.backbones`` (if set) is a non-empty tuple or list of :data:`BACKBONE_KINDS`, else what is
+    wrong (the registry refuses the plugin with it)."""
+    kinds = getattr(cls, "backbones", BACKBONE_KINDS)
+    if (not isinstance(kinds, (tuple, list)) or not kinds
+            or not all(isinstance(k, str) and k in BACKBONE_KINDS for k in kinds)):
+        return (f"backbones must be a non-empty tuple of {', '.join(map(repr, BACKBONE_KINDS))}; got {kinds!r:.60}")
+    note = getattr(cls, "backbones_note", "")
+    if not isinstance(note, str):
+        return f"backbones_note must be a string; got {type(note).__name__}"
+    return None
+
+
+def backbone_refusal(cls: type, kind: str) -> str | None:
+    """None when ``cls`` runs on a backbone of ``kind``, else why not: its ``backbones`` and ``backbones_note``."""
+    kinds = supported_backbones(cls)
+    if kind in kinds:
+        return None
+    note = getattr(cls, "backbones_note", "") or "its class declares backbones = " + repr(kinds)
+    article = "an" if kind[:1] in "aeiou" else "a"
+    return f"runs on {' and '.join(kinds)} backbones only, not on {article} {kind} backbone: {note}"
+
+
 def valid_method_name(name: object) -> bool:
     """Whether ``name`` follows :data:`NAME_RULE`."""
     return isinstance(name, str) and NAME_PATTERN.fullmatch(name) is not None
@@ -57,7 +91,10 @@ class Method:
     ``param_groups`` and the step hooks are not called, no loss is logged, ``cost/trainable_params`` is 0); the
     method sets the heads itself in ``before_task``/``after_task``, and that time is its ``cost/method_seconds``.
     A method deciding per task defines ``gradient_training(self, ctx) -> bool`` instead (``clbench.run.loop.
-    takes_gradient_steps``)."""
+    takes_gradient_steps``). ``backbones`` names the backbone kinds the method runs on (:data:`BACKBONE_KINDS`:
+    ``"image"``, a timm ViT; ``"language"``, a T5 or causal LM of ``clbench.model.lm``), both by default; a method
+    that needs one kind (its own image forward, stored images, a linear head) declares it and says why in
+    ``backbones_note``, and a suite pairing it with the other kind is refused before any run exists."""
 
     name: ClassVar[str] = ""
     aliases: ClassVar[tuple[str, ...]] = ()
@@ -66,6 +103,8 @@ class Method:
     trains_backbone: ClassVar[bool] = False
     low_rank_updates: ClassVar[bool] = True
     gradient_training: ClassVar[bool] = True
+    backbones: ClassVar[tuple[str, ...]] = ("image", "language")
+    backbones_note: ClassVar[str] = ""
     Params: ClassVar[type[BaseModel]] = NoParams
 
     def __init__(self, params: BaseModel | dict[str, Any] | None = None) -> None:

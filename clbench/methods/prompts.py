@@ -223,6 +223,9 @@ class PromptMethod:
     Every prompt tensor exists from ``configure_model`` on, so a checkpoint loads without rebuilding."""
 
     low_rank_updates = False
+    backbones = ("image",)
+    backbones_note = ("its prompts are prefixed into a timm ViT's attention and chosen by the ViT's class token "
+                      "(clbench.methods.prompts); the prompt methods have no language form")
     model: PromptModel | None = None
 
     def build(self, model: CLModel, ctx) -> PromptModel:

@@ -26,7 +26,7 @@ from pydantic import BaseModel
 
 from clbench.errors import ClbenchError
 from clbench.methods import hookspecs
-from clbench.methods.method import NAME_RULE, valid_method_name
+from clbench.methods.method import NAME_RULE, backbones_declaration_problem, valid_method_name
 
 BUILTIN_PACKAGE = "clbench_plugins"
 HOOK_NAMES = {n for n in dir(hookspecs.MethodSpec) if not n.startswith("_")}
@@ -109,6 +109,9 @@ class Registry:
         params = getattr(cls, "Params", None)
         if not (inspect.isclass(params) and issubclass(params, BaseModel)):
             raise ClbenchError(f"plugin {source}: method '{name}' needs a pydantic Params model")
+        problem = backbones_declaration_problem(cls)
+        if problem:
+            raise ClbenchError(f"plugin {source}: method '{name}': {problem}")
         validate_hooks(cls, f"plugin {source}: method '{name}'")
         for key in (name, *getattr(cls, "aliases", ())):
             owner = self.methods.get(key) or self.methods.get(self.aliases.get(key, ""))

@@ -77,6 +77,12 @@ def is_language_backbone(name: str) -> bool:
     return name in LM_TINY or name.startswith(HF_PREFIX)
 
 
+def backbone_kind(name: str) -> str:
+    """The kind of backbone a suite's ``backbone.name`` names, as methods declare what they run on
+    (``clbench.Method.backbones``): ``"language"`` or ``"image"``."""
+    return "language" if is_language_backbone(name) else "image"
+
+
 def require_transformers(name: str) -> Any:
     try:
         import transformers

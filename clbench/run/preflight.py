@@ -119,13 +119,25 @@ def device_problem(suite) -> str | None:
 
 
 def method_problems(suite, planned, source: str) -> None:
-    """Raise one :class:`ClbenchError` for the first method entry whose params do not fit the backbone, naming the
-    entry's key path; before any run exists. The params say what to check (``check_against``,
+    """Raise one :class:`ClbenchError` for the first method entry that cannot run on the suite's kind of backbone
+    (its class's ``backbones``, ``clbench.Method``) or whose params do not fit the backbone, naming the entry's key
+    path; before any run exists. The params say what to check (``check_against``,
     ``clbench.model.fit``): block indices the backbone lacks, a rank above its maps' width."""
     if not planned:
         return
+    from clbench.methods.method import backbone_refusal
     from clbench.model.fit import backbone_facts, check_params
+    from clbench.model.lm import backbone_kind
 
+    kind = backbone_kind(suite.backbone.name)
+    for run in planned:  # a method that cannot run on this kind of backbone (``Method.backbones``)
+        refusal = backbone_refusal(run.info.cls, kind)
+        if refusal:
+            entry = suite.methods[run.entry_index]
+            where, prefix = entry.source_and_prefix(source, run.entry_index)
+            raise ClbenchError(f"{where}: {prefix}name: method '{run.info.name}' {refusal} (backbone "
+                               f"{suite.backbone.name}); remove the entry or choose a method that runs on it "
+                               "(clbench methods NAME says which backbones; checked before creating any MLflow run)")
     backbone = backbone_facts(suite.backbone)
     if backbone is None:
         return
