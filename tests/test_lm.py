@@ -91,6 +91,8 @@ def test_generation_and_likelihood_scoring_agree_once_trained(name):
     model.eval()
     with torch.inference_mode():
         gen, _ = model.predict(x, 3, 0, 3)
+        texts = model.generate(x)
+        assert texts == model.generate(x, kv_cache=False) and any(texts)  # cached decoding: the same choices
         model.eval_mode = "likelihood"
         lik, lik_til = model.predict(x, 3, 0, 3)
     agree = float((gen == lik).float().mean())
@@ -162,6 +164,31 @@ def test_t5_decoding_reuses_the_encoder_output_exactly():
         whole = model.backbone(prompt, target)
         reused = model.backbone(prompt, target, model.backbone.encode(prompt))
     assert torch.equal(whole, reused)
+
+
+@pytest.mark.parametrize("name", ["t5_tiny_clbench", "llama_tiny_clbench"])
+def test_decoding_with_kept_keys_and_values_chooses_what_rerunning_every_token_chooses(name):
+    """``TextBackbone.next_logits`` runs one token per step on the kept keys and values; fed a target token by
+    token, it gives the logits ``forward`` gives for the whole target at once (up to float summation order, as
+    the shapes differ) and the same choice at every position of every row, padded prompts included; greedy
+    decoding of a random LLaMA (peaked logits, a dozen words per row) chooses the same text either way."""
+    model, stream = model_and_stream(tiny_text_case(2, name))
+    x = torch.cat([task.test_x for task in stream.tasks])
+    prompt = x[:, : model.backbone.source_len]
+    target = torch.randint(4, 40, (len(x), 6), generator=torch.Generator().manual_seed(0))
+    model.eval()
+    with torch.no_grad():
+        whole = model.backbone(prompt, target, model.backbone.encode(prompt))
+        encoded, cache = model.backbone.encode(prompt), {}
+        steps = [model.backbone.next_logits(prompt, target[:, s - 1: s] if s else None, encoded, cache)
+                 for s in range(target.shape[1])]
+    stepped = torch.stack(steps, 1)
+    assert torch.allclose(stepped, whole, atol=1e-5, rtol=1e-5), float((stepped - whole).abs().max())
+    assert torch.equal(stepped.argmax(-1), whole.argmax(-1))
+    if name == "llama_tiny_clbench":
+        texts = model.generate(x, max_tokens=12)
+        assert texts == model.generate(x, max_tokens=12, kv_cache=False)
+        assert sum(len(t.split()) for t in texts) > 5 * len(x)
 
 
 def test_a_validation_split_of_a_text_stream_is_refused_in_one_line():

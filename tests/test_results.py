@@ -371,3 +371,19 @@ def test_architecture_quotes_the_recorded_dispatch_measurement():
               f"step through pluggy, {100 * f['dispatch_share/typed']:.2f} % through the typed adapter",
               "benchmarks/results/overhead-dispatch.json"]
     assert not missing_in("docs/ARCHITECTURE.md", quotes), missing_in("docs/ARCHITECTURE.md", quotes)
+
+
+def test_performance_quotes_the_recorded_decoding_run():
+    """docs/PERFORMANCE.md's table of greedy decoding with kept keys and values against the rerun of every token."""
+    data = result("lm-decoding.json")
+    f = data["figures"]
+    quotes = ["python benchmarks/record.py --script benchmarks/lm_decoding.py -- --repeats 5",
+              f"`benchmarks/results/lm-decoding.json`; 2026-12-07, load average {data['load']['loadavg_1min_before']:.1f};"]
+    for name in ("t5_tiny_clbench", "llama_tiny_clbench"):
+        for tokens in (4, 16, 32):
+            key = f"{name}/tokens{tokens}"
+            assert f[f"same_texts/{key}"] == 1, key
+            quotes.append(f"| `{name}`, {tokens} | {f[f'decode_ms/{key}/cached']:.1f} ms | "
+                          f"{f[f'decode_ms/{key}/rerun']:.1f} ms | {f[f'decode_ratio/{key}']:.2f} |")
+    assert data["date"].startswith("2026-12-07")  # the date the text states; change both together
+    assert not missing_in("docs/PERFORMANCE.md", quotes), missing_in("docs/PERFORMANCE.md", quotes)

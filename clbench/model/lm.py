@@ -46,6 +46,7 @@ key-value cache: labels are a few tokens).
 
 from __future__ import annotations
 
+import inspect
 import os
 import re
 import string
@@ -209,6 +210,41 @@ class TextBackbone(nn.Module):
         logits = self.hf(input_ids=seq, attention_mask=full, position_ids=pos, use_cache=False).logits
         L = prompt.shape[1]
         return logits[:, L - 1: L - 1 + target.shape[1]]
+
+    def next_logits(self, prompt: torch.Tensor, last: torch.Tensor | None, encoded: torch.Tensor | None,
+                    cache: dict[str, Any]) -> torch.Tensor:
+        """Greedy decoding's next-token logits (N x vocabulary) with the keys and values of the tokens before kept in
+        ``cache`` (transformers' ``past_key_values``; an empty dict at the first step): only ``last``, the token
+        chosen at the step before (None at the first step), runs through the model, where ``forward`` would rerun
+        the prompt and every token generated so far. The same positions and masks as ``forward``'s."""
+        if self.family == "t5":
+            mask = (self.trim(prompt) != self.pad_id).long()
+            if last is None:
+                last = torch.full_like(prompt[:, :1], self.hf.config.decoder_start_token_id)
+            out = self.hf(encoder_outputs=(encoded,), attention_mask=mask, decoder_input_ids=last, use_cache=True,
+                          **self._past(cache))
+        elif last is None:  # the prompt, once
+            prompt = self.trim(prompt)
+            mask = (prompt != self.pad_id).long()
+            pos = (mask.cumsum(1) - 1).clamp(min=0)
+            cache["mask"], cache["pos"] = mask, pos[:, -1:]
+            out = self.hf(input_ids=prompt, attention_mask=mask, position_ids=pos, use_cache=True)
+        else:  # one token at the position after the last
+            cache["mask"] = torch.cat([cache["mask"], torch.ones_like(last)], 1)
+            cache["pos"] = cache["pos"] + 1
+            out = self.hf(input_ids=last, attention_mask=cache["mask"], position_ids=cache["pos"], use_cache=True,
+                          **self._past(cache))
+        cache["past"] = out["cache"] if "cache" in out else out.past_key_values
+        return out.logits[:, -1]
+
+    def _past(self, cache: dict[str, Any]) -> dict[str, Any]:
+        """The keys and values kept so far as the model's forward names them: ``cache`` since transformers 5.2x
+        (which warns on the older ``past_key_values``), ``past_key_values`` before."""
+        if "past" not in cache:
+            return {}
+        if "cache_kw" not in cache:
+            cache["cache_kw"] = "cache" if "cache" in inspect.signature(self.hf.forward).parameters else "past_key_values"
+        return {cache["cache_kw"]: cache["past"]}
 
     def encode(self, prompt: torch.Tensor) -> torch.Tensor | None:
         """A T5's encoder output for ``prompt`` (reused by every decoding step and candidate); None for a causal
@@ -439,18 +475,23 @@ class LanguageModel(CLModel):
         return (scores, {}) if with_aux else scores
 
     @torch.no_grad()
-    def generate(self, x: torch.Tensor, max_tokens: int | None = None) -> list[str]:
+    def generate(self, x: torch.Tensor, max_tokens: int | None = None, kv_cache: bool = True) -> list[str]:
         """Greedy decoding of at most ``max_tokens`` (default: the stream's target length) tokens per row, stopped
-        at end of sequence; the decoded texts."""
+        at end of sequence; the decoded texts. With ``kv_cache`` each step runs only the token chosen before
+        (``TextBackbone.next_logits``); without it each step reruns every token so far (``TextBackbone.forward``),
+        the reference ``tests/test_lm.py`` holds the cached decoding's choices to."""
         prompt = x[:, : self.backbone.source_len]
         steps = max_tokens or (x.shape[1] - self.backbone.source_len) or self.max_target_length
         pad, eos = self.backbone.pad_id, self.tokenizer.eos_id
         out = torch.full((len(prompt), steps), pad, dtype=torch.long, device=prompt.device)
         done = torch.zeros(len(prompt), dtype=torch.bool, device=prompt.device)
         encoded = self.backbone.encode(prompt)
+        cache: dict[str, Any] = {}
         for s in range(steps):
-            logits = self.backbone(prompt, out[:, : s + 1], encoded)
-            nxt = logits[:, s].argmax(-1)
+            if kv_cache:
+                nxt = self.backbone.next_logits(prompt, out[:, s - 1: s] if s else None, encoded, cache).argmax(-1)
+            else:
+                nxt = self.backbone(prompt, out[:, : s + 1], encoded)[:, s].argmax(-1)
             nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
             out[:, s] = nxt
             done |= nxt == eos
