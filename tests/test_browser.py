@@ -394,6 +394,79 @@ def test_page_script_rounds_metric_cells_and_seeds_the_leaderboard_view(tmp_path
     assert got["hash"] == "#/compare-runs"  # any other address is left as it is
 
 
+ROUTE_PAGE = """<!doctype html><html><head>{script}</head><body><script>
+const state = id => localStorage.getItem("MLflowLocalStorage-1.1-ExperimentPage-" + JSON.stringify([id])
+                                         + "-ReactComponentState");
+const mark = id => localStorage.getItem("clbench.leaderboardView." + id);
+const out = {{}};
+history.pushState(null, "", "#/experiments/{plain}/runs");  // an experiment without the saved view
+history.pushState(null, "", "#/experiments/{new}/runs?o=1");  // created after the page loaded (a router's push)
+out.pushed = [state("{new}"), mark("{new}"), state("{plain}")];
+localStorage.setItem("MLflowLocalStorage-1.1-ExperimentPage-" + JSON.stringify(["{new}"]) + "-ReactComponentState",
+                     "mine");  // the user changes the table; a later visit keeps it
+history.replaceState(null, "", "#/experiments/{new}");
+out.kept = state("{new}");
+window.addEventListener("hashchange", () => {{  // a typed address (or the back button): hashchange / popstate
+  out.typed = [state("{other}"), mark("{other}")];
+  document.body.setAttribute("data-out", JSON.stringify(out));
+}});
+location.hash = "#/experiments/{other}/runs";
+</script></body></html>"""
+
+
+def test_page_script_seeds_an_experiment_created_after_the_page_loaded(monkeypatch, tmp_path):
+    """An experiment the served page does not list (a suite run while the tab is open) gets the leaderboard view
+    as its runs-table state when the page's route first names it (a router's pushState, a typed address), from
+    MLflow's own REST answer: the same state and mark a fresh page load would write (so a reload does not write it
+    again), no state for an experiment without the saved view, and a change the user made afterwards is kept."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from mlflow.tracking import MlflowClient
+    from test_uiview import _served_app
+
+    from clbench.store import uiview
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    plain = client.create_experiment("plain")
+    new, other = (client.create_experiment(n, tags=uiview.experiment_tags()) for n in ("new-suite", "other-suite"))
+    api = _served_app(monkeypatch, uri).test_client()  # MLflow's REST API itself
+    page = ROUTE_PAGE.format(script=uiview.page_script([], None), plain=plain, new=new, other=other).encode()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's name
+            if self.path.startswith("/ajax-api/"):
+                res = api.get(self.path)
+                body, status, kind = res.get_data(), res.status_code, res.mimetype
+            else:
+                body, status, kind = page, 200, "text/html"
+            self.send_response(status)
+            self.send_header("Content-Type", kind)
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        dom = dump_dom(f"http://127.0.0.1:{httpd.server_address[1]}/", width=800)
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    found = re.search(r'data-out="([^"]*)"', dom)
+    assert found, "the page's probe did not run"
+    got = json.loads(html.unescape(found.group(1)))
+    view = json.dumps(uiview.view_state())
+    marks = {e.experiment_id: uiview.seed_mark(e.experiment_id, e.name, e.creation_time)
+             for e in map(client.get_experiment, (new, other))}
+    assert got["pushed"] == [view, marks[new], None]
+    assert got["kept"] == "mine"
+    assert got["typed"] == [view, marks[other]]
+
+
 def test_html_report_ranks_and_cd_diagram_render(tmp_path):
     """Three suites sharing three methods: the report (a static file, no server) shows the average ranks and
     the critical-difference diagram, and Chromium decodes the diagram."""
