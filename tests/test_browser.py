@@ -598,6 +598,7 @@ def test_every_way_in_lands_on_the_leaderboard_view(server):
         browser.wait_for("/runs\\/[0-9a-f]{32}/.test(location.hash) && document.body.innerText.includes('Overview')")
         text = browser.js("document.body.innerText")
         assert "Evaluations" not in text and "Model metrics" in text  # the model-training run page
+        assert "clbench.suite_hash" in text  # the protocol, not a column of the view, is among the run's tags
         browser.screenshot(folder / "run.png")
 
         # a run's own address, typed or clicked in a terminal, and back to its experiment through the breadcrumb
