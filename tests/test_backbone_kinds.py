@@ -77,7 +77,8 @@ def test_an_outside_plugins_declaration_is_honoured_and_no_declaration_means_bot
     assert supported_backbones(discover([str(plugins)]).get("kinds_lora").cls) == BACKBONE_KINDS
     res = dry_run(suite, plugins, monkeypatch, tmp_path)
     assert res.exit_code == 0, res.output
-    plugins = plugin(tmp_path, "kinds_image", '    backbones = ("image",)\n    backbones_note = "it reads the class token"')
+    plugins = plugin(tmp_path, "kinds_image",
+                     '    backbones = ("image",)\n    backbones_note = "it reads the class token"')
     res = dry_run(suite, plugins, monkeypatch, tmp_path)
     assert res.exit_code == 1 and "Traceback" not in res.output
     assert res.stderr.strip() == (
@@ -98,4 +99,5 @@ def test_a_language_only_plugin_is_refused_on_a_vit_and_a_bad_declaration_at_reg
     plugins = plugin(tmp_path, "kinds_text", '    backbones = ("text",)')
     res = dry_run(suite, plugins, monkeypatch, tmp_path)
     assert res.exit_code == 1, res.output
-    assert "method 'kinds_lora': backbones must be a non-empty tuple of 'image', 'language'; got ('text',)" in res.stderr
+    assert ("method 'kinds_lora': backbones must be a non-empty tuple of 'image', 'language'; got ('text',)"
+            in res.stderr)

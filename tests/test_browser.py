@@ -110,15 +110,16 @@ FLOATS = [("lora", 59.29666666666667, 66.81333333333333, 12.345678901, 0.8345678
           ("mymethod", 47.5, 50.25, -0.0000001234, 0.9)]
 
 
-def add_fractional_runs(url: str) -> str:
+def add_fractional_runs(url: str, name: str = "floats", tags: dict[str, str] | None = None) -> str:
     """A suite's experiment whose values have many digits (a mean of test accuracies): the parent and one
-    finished child per method, as `clbench run` logs them. Returns its id."""
+    finished child per method, as `clbench run` logs them (``tags``: the experiment's, as `clbench run` creates
+    it). Returns its id."""
     from mlflow.entities import Metric
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(url)
-    exp = client.create_experiment("floats")
-    parent = client.create_run(exp, run_name="floats", tags={"clbench.role": "parent"})
+    exp = client.create_experiment(name, tags=tags)
+    parent = client.create_run(exp, run_name=name, tags={"clbench.role": "parent"})
     for label, *values in FLOATS:
         run = client.create_run(exp, run_name=f"{label}-s0", tags={
             "clbench.role": "child", "clbench.method": label, "clbench.seed": "0",
@@ -224,24 +225,39 @@ class RunsGrid(HTMLParser):
         self._text.append(data)
 
 
-def screenshot(url: str, path: Path, width: int = 2400) -> None:
-    with tempfile.TemporaryDirectory() as profile:
-        subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-                        f"--user-data-dir={profile}", f"--window-size={width},1000", "--virtual-time-budget=20000",
-                        f"--screenshot={path}", url], capture_output=True, timeout=120, check=False)
-
-
 def test_clbench_ui_lands_on_the_leaderboard_view(server):
-    """The address `clbench ui` prints: model-training mode, every run a row (children un-nested), the final
-    metrics and the spectral summary as columns, best final/acc first. A screenshot is left beside the store."""
+    """The address `clbench ui` prints, in a 1600-pixel window: model-training mode, every run a row (children
+    un-nested), the final metrics and the spectral summary as columns, best final/acc first, the whole table in
+    the window (no horizontal scrolling), values rounded, and a metric cell's tooltip (MLflow's own, on hover)
+    showing the logged value. A screenshot is left beside the store."""
+    from cdp import Browser
+
     from clbench.store.tracking import ensure_ui_views
     from clbench.store.uiview import COLUMNS, column_key, view_url
 
     url, exps, folder = server
     assert ("bench", exps["bench"]) in ensure_ui_views(url)  # what `clbench ui` does before serving
     page_url = view_url(url, exps["bench"])
-    grid = RunsGrid()
-    grid.feed(dump_dom(page_url, width=2400))
+    browser = Browser(CHROMIUM, width=1600)
+    try:
+        browser.goto(page_url)
+        browser.wait_for(f"document.querySelectorAll('{ROWS}').length >= 12 && "
+                         "document.querySelectorAll('.ag-cell[col-id^=\"metrics.\"]').length >= 48")
+        grid = RunsGrid()
+        grid.feed(browser.js("document.documentElement.outerHTML"))
+        # the whole view in the window: the grid's scrolling part is no wider than what it shows
+        scroll = browser.js("[...document.querySelectorAll('.ag-center-cols-viewport')].map(e => [e.scrollWidth, "
+                            "e.clientWidth])")
+        assert scroll and all(0 < w <= c for w, c in scroll), scroll
+        cell = ".ag-row[row-index] .ag-cell[col-id=\"metrics.`final/avg_acc`\"]"
+        shown = browser.js(f"document.querySelector('{cell}').innerText.trim()")
+        x, y = browser.js(f"(() => {{const r = document.querySelector('{cell}').getBoundingClientRect(); "
+                          "return [r.left + r.width / 2, r.top + r.height / 2]})()")
+        browser.send("Input.dispatchMouseEvent", {"type": "mouseMoved", "x": x, "y": y}, browser.session)
+        tooltip = browser.wait_for("(document.querySelector('.ag-tooltip') || {}).innerText", timeout=30)
+        browser.screenshot(folder / "leaderboard-view.png")
+    finally:
+        browser.close()
     for key in COLUMNS:
         assert column_key("metrics", key) in grid.headers, grid.headers
     rows = [grid.rows[i] for i in sorted(grid.rows)]
@@ -251,16 +267,17 @@ def test_clbench_ui_lands_on_the_leaderboard_view(server):
     # the view's filter: finished children that logged final/acc (no failed, running or parent run)
     assert len(children) == sum(1 for r in RUNS if r[0] == "bench" and r[5] == "FINISHED"), [r.get(name_col)
                                                                                            for r in rows]
-    shown = [float(r[column_key("metrics", "final/acc")]) for _, r in children
-             if r[column_key("metrics", "final/acc")] not in ("", "-")]
-    assert shown == sorted(shown, reverse=True) and shown[0] == 84, shown
+    values = [float(r[column_key("metrics", "final/acc")]) for _, r in children
+              if r[column_key("metrics", "final/acc")] not in ("", "-")]
+    assert values == sorted(values, reverse=True) and values[0] == 84, values
     top = dict(children)["inflora-s1"]
     # shown rounded (clbench.store.uiview): two decimals, three significant digits below 1
     assert top[column_key("metrics", "final/forgetting")] == "5.00"
     assert top[column_key("metrics", "final/avg_acc")] == "85.00"
     best_lora = next(r for n, r in children if n == "lora-s2")  # the higher of two protocols' lora-s2
     assert best_lora[column_key("metrics", "spectra/mean_top1_share")] == "0.800"
-    screenshot(page_url, folder / "leaderboard-view.png")
+    # the top row's final/avg_acc: the cell rounded, MLflow's tooltip the value as logged (85.0, printed "85")
+    assert (shown, tooltip) == ("85.00", "85"), (shown, tooltip)
     if os.environ.get("CLBENCH_SCREENSHOT_DIR"):  # to look at it
         shutil.copy(folder / "leaderboard-view.png", os.environ["CLBENCH_SCREENSHOT_DIR"])
 
@@ -377,6 +394,79 @@ def test_page_script_rounds_metric_cells_and_seeds_the_leaderboard_view(tmp_path
     assert got["hash"] == "#/compare-runs"  # any other address is left as it is
 
 
+ROUTE_PAGE = """<!doctype html><html><head>{script}</head><body><script>
+const state = id => localStorage.getItem("MLflowLocalStorage-1.1-ExperimentPage-" + JSON.stringify([id])
+                                         + "-ReactComponentState");
+const mark = id => localStorage.getItem("clbench.leaderboardView." + id);
+const out = {{}};
+history.pushState(null, "", "#/experiments/{plain}/runs");  // an experiment without the saved view
+history.pushState(null, "", "#/experiments/{new}/runs?o=1");  // created after the page loaded (a router's push)
+out.pushed = [state("{new}"), mark("{new}"), state("{plain}")];
+localStorage.setItem("MLflowLocalStorage-1.1-ExperimentPage-" + JSON.stringify(["{new}"]) + "-ReactComponentState",
+                     "mine");  // the user changes the table; a later visit keeps it
+history.replaceState(null, "", "#/experiments/{new}");
+out.kept = state("{new}");
+window.addEventListener("hashchange", () => {{  // a typed address (or the back button): hashchange / popstate
+  out.typed = [state("{other}"), mark("{other}")];
+  document.body.setAttribute("data-out", JSON.stringify(out));
+}});
+location.hash = "#/experiments/{other}/runs";
+</script></body></html>"""
+
+
+def test_page_script_seeds_an_experiment_created_after_the_page_loaded(monkeypatch, tmp_path):
+    """An experiment the served page does not list (a suite run while the tab is open) gets the leaderboard view
+    as its runs-table state when the page's route first names it (a router's pushState, a typed address), from
+    MLflow's own REST answer: the same state and mark a fresh page load would write (so a reload does not write it
+    again), no state for an experiment without the saved view, and a change the user made afterwards is kept."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from mlflow.tracking import MlflowClient
+    from test_uiview import _served_app
+
+    from clbench.store import uiview
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    plain = client.create_experiment("plain")
+    new, other = (client.create_experiment(n, tags=uiview.experiment_tags()) for n in ("new-suite", "other-suite"))
+    api = _served_app(monkeypatch, uri).test_client()  # MLflow's REST API itself
+    page = ROUTE_PAGE.format(script=uiview.page_script([], None), plain=plain, new=new, other=other).encode()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's name
+            if self.path.startswith("/ajax-api/"):
+                res = api.get(self.path)
+                body, status, kind = res.get_data(), res.status_code, res.mimetype
+            else:
+                body, status, kind = page, 200, "text/html"
+            self.send_response(status)
+            self.send_header("Content-Type", kind)
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        dom = dump_dom(f"http://127.0.0.1:{httpd.server_address[1]}/", width=800)
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    found = re.search(r'data-out="([^"]*)"', dom)
+    assert found, "the page's probe did not run"
+    got = json.loads(html.unescape(found.group(1)))
+    view = json.dumps(uiview.view_state())
+    marks = {e.experiment_id: uiview.seed_mark(e.experiment_id, e.name, e.creation_time)
+             for e in map(client.get_experiment, (new, other))}
+    assert got["pushed"] == [view, marks[new], None]
+    assert got["kept"] == "mine"
+    assert got["typed"] == [view, marks[other]]
+
+
 def test_html_report_ranks_and_cd_diagram_render(tmp_path):
     """Three suites sharing three methods: the report (a static file, no server) shows the average ranks and
     the critical-difference diagram, and Chromium decodes the diagram."""
@@ -433,13 +523,21 @@ def test_every_way_in_lands_on_the_leaderboard_view(server):
     breadcrumb's experiments list opens another suite's table as its leaderboard view too, whose values read
     rounded under whole headers; the saved view's address `clbench ui` prints shows the same; a run clicked
     there opens its Overview (not "Evaluations"); a run's own address (what `clbench run` prints against a
-    server) leads back through its breadcrumb to the leaderboard view. A screenshot of each page is checked for
+    server) leads back through its breadcrumb to the leaderboard view; an experiment created while the tab is open
+    opens as its leaderboard view without a reload. A screenshot of each page is checked for
     being drawn (non-trivial PNG)."""
     from cdp import Browser
     from mlflow.tracking import MlflowClient
 
     from clbench.store.tracking import ensure_ui_views
-    from clbench.store.uiview import WORKFLOW, WORKFLOW_STORAGE_KEY, column_key, view_columns, view_url
+    from clbench.store.uiview import (
+        WORKFLOW,
+        WORKFLOW_STORAGE_KEY,
+        column_key,
+        experiment_tags,
+        view_columns,
+        view_url,
+    )
 
     url, exps, folder = server
     ensure_ui_views(url)
@@ -500,6 +598,7 @@ def test_every_way_in_lands_on_the_leaderboard_view(server):
         browser.wait_for("/runs\\/[0-9a-f]{32}/.test(location.hash) && document.body.innerText.includes('Overview')")
         text = browser.js("document.body.innerText")
         assert "Evaluations" not in text and "Model metrics" in text  # the model-training run page
+        assert "clbench.suite_hash" in text  # the protocol, not a column of the view, is among the run's tags
         browser.screenshot(folder / "run.png")
 
         # a run's own address, typed or clicked in a terminal, and back to its experiment through the breadcrumb
@@ -512,11 +611,26 @@ def test_every_way_in_lands_on_the_leaderboard_view(server):
         browser.wait_for(f"location.hash.includes('/experiments/{floats}/runs') && "
                          f"document.querySelectorAll('{ROWS}').length >= 3")
         assert run_link_names(browser) == names and browser.js(CELLS_JS)["lora-s0"] == cells["lora-s0"]
+
+        # a suite run while this tab is open creates its experiment (tagged as `clbench run` tags it): without a
+        # reload, the experiments list leads to its runs table as the leaderboard view (the page script looks the
+        # new experiment up when the route first names it)
+        later = add_fractional_runs(url, "later", experiment_tags())
+        browser.js("document.querySelector('a[href$=\"#/experiments\"], a[href$=\"/experiments\"]').click()")
+        link = f'a[href$="experiments/{later}"]'
+        browser.wait_for(f"!!document.querySelector('{link}')")
+        assert browser.js("performance.getEntriesByType('navigation').length") == 1  # still the first page load
+        browser.js(f"document.querySelector('{link}').click()")
+        browser.wait_for(f"location.hash.includes('/experiments/{later}/runs') && "
+                         f"document.querySelectorAll('{ROWS}').length >= 3")
+        assert run_link_names(browser) == names, run_link_names(browser)  # the children only, best first
+        assert browser.js(CELLS_JS)["lora-s0"] == cells["lora-s0"]  # the view's columns, rounded
+        browser.screenshot(folder / "later.png")
     finally:
         browser.close()
-    for shot in ("runs.png", "view.png", "run.png", "floats.png"):
+    for shot in ("runs.png", "view.png", "run.png", "floats.png", "later.png"):
         data = (folder / shot).read_bytes()
         assert data.startswith(b"\x89PNG") and len(data) > 20000, shot
     if os.environ.get("CLBENCH_SCREENSHOT_DIR"):  # to look at them
-        for shot in ("runs.png", "view.png", "run.png", "floats.png"):
+        for shot in ("runs.png", "view.png", "run.png", "floats.png", "later.png"):
             shutil.copy(folder / shot, os.environ["CLBENCH_SCREENSHOT_DIR"])

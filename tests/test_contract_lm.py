@@ -45,3 +45,11 @@ def test_clbench_check_runs_the_contract_on_a_language_model_too():
     assert "ok    two tasks on llama_tiny_clbench" in result.output and "ok    two tasks on the tiny ViT" in result.output
     bad = CliRunner().invoke(app, ["check", "lora", "--lm", "gpt9"])
     assert bad.exit_code == 1 and "--lm gpt9: choose a tiny language backbone" in bad.output
+    # a method declaring image backbones only (Method.backbones): refused with its reason, before any check runs
+    image_only = CliRunner().invoke(app, ["check", "er", "--lm", "llama_tiny_clbench"])
+    assert image_only.exit_code == 1 and image_only.stderr.strip() == (
+        "error: --lm llama_tiny_clbench: method 'er' runs on image backbones only, not on a language backbone: "
+        f"{builtin_method('er').backbones_note}")
+    shown = CliRunner().invoke(app, ["methods", "er"])
+    assert f"    backbones: image ({builtin_method('er').backbones_note})" in shown.output
+    assert "    backbones: image, language" in CliRunner().invoke(app, ["methods", "olora"]).output

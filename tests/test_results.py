@@ -378,7 +378,8 @@ def test_performance_quotes_the_recorded_decoding_run():
     data = result("lm-decoding.json")
     f = data["figures"]
     quotes = ["python benchmarks/record.py --script benchmarks/lm_decoding.py -- --repeats 5",
-              f"`benchmarks/results/lm-decoding.json`; 2026-12-07, load average {data['load']['loadavg_1min_before']:.1f};"]
+              "`benchmarks/results/lm-decoding.json`; 2026-12-07, load average "
+              f"{data['load']['loadavg_1min_before']:.1f};"]
     for name in ("t5_tiny_clbench", "llama_tiny_clbench"):
         for tokens in (4, 16, 32):
             key = f"{name}/tokens{tokens}"

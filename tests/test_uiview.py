@@ -94,7 +94,7 @@ def test_the_page_seeds_each_clbench_experiment_with_the_leaderboard_view(monkey
     assert plain not in seeds[0]["state_key"] and seeds[0]["mark_key"].endswith(exps["bench"])
     state = json.loads(json.loads(re.search(r",V=(\".*?\"),L=", page).group(1)))
     assert state == uiview.view_state()
-    assert re.search(r",L=(.*?);", page).group(1) == json.dumps(exps["bench"])  # where the base URL opens
+    assert re.search(r",L=(.*?),K=", page).group(1) == json.dumps(exps["bench"])  # where the base URL opens
     assert state["columnOrder"] == state["selectedColumns"] and set(state["columnWidths"]) == set(state["columnOrder"])
     assert state["columnWidths"]["metrics.`spectra/mean_top1_share`"] > state["columnWidths"]["metrics.`final/acc`"]
     # another store with an experiment of the same id and name gets its own mark (and so the view again)

@@ -243,7 +243,8 @@ class TextBackbone(nn.Module):
         if "past" not in cache:
             return {}
         if "cache_kw" not in cache:
-            cache["cache_kw"] = "cache" if "cache" in inspect.signature(self.hf.forward).parameters else "past_key_values"
+            names = inspect.signature(self.hf.forward).parameters
+            cache["cache_kw"] = "cache" if "cache" in names else "past_key_values"
         return {cache["cache_kw"]: cache["past"]}
 
     def encode(self, prompt: torch.Tensor) -> torch.Tensor | None:

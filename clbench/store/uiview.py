@@ -20,12 +20,13 @@ versions that read it.
 
 The same script makes the leaderboard view the runs table's own state for every clbench experiment of the served
 store (the state MLflow restores when an address names no sort or filter: the experiments list's link, MLflow's
-"View experiment at" line, a run page's breadcrumb), opens the base URL on the runs table of the suite that ran
+"View experiment at" line, a run page's breadcrumb), also for an experiment created after the page loaded (looked up
+when the page's route first names it), opens the base URL on the runs table of the suite that ran
 last (instead of MLflow's GenAI getting-started home), and shows the table's metric cells rounded: MLflow 3.17 prints
 logged values unrounded (``59.29666666666667``) and has no setting for it, so the script rewrites the text of the
 cells it draws (two decimals; three significant digits below 1, so shares and small losses keep their digits).
 The store, the charts and the run pages keep the logged values. Column widths in the view state show every header
-whole.
+whole, and the view fits a 1600-pixel window.
 """
 
 from __future__ import annotations
@@ -62,9 +63,11 @@ def column_width(key: str) -> int:
 
 
 def view_columns() -> list[str]:
-    """The view's columns left to right: who (method, seed), the leaderboard's metrics, the protocol."""
-    return ([column_key("tags", keys.METHOD), column_key("tags", keys.SEED)]
-            + [column_key("metrics", k) for k in COLUMNS] + [column_key("tags", keys.SUITE_HASH)])
+    """The view's columns left to right (after MLflow's own run name, created and duration columns): the method,
+    the leaderboard's metrics. The whole view fits a 1600-pixel window without horizontal scrolling: the run name
+    (``<label>-s<seed>``) already names the seed, and the suite hash stays a tag of every run (its page's Tags, or
+    the Columns menu) rather than a column 170 pixels wide that every row shares within a protocol."""
+    return [column_key("tags", keys.METHOD)] + [column_key("metrics", k) for k in COLUMNS]
 
 
 def view_state() -> dict:
@@ -103,11 +106,14 @@ SEED_MARK_KEY = "clbench.leaderboardView.{id}"  # which clbench view (and which 
 # MLflow 3.17 opens its assistant panel over a third of the page on a browser's first visit; marked as already done
 ASSISTANT_KEY = "mlflow.assistant.fab.autoOpenedOnFirstLoad_v1"
 
-# The page script, first in the UI's <head> (before MLflow's app runs), in three parts:
+# The page script, first in the UI's <head> (before MLflow's app runs, so its history hooks and listeners come
+# before the router's), in three parts:
 # 1. defaults the browser has no choice for yet: model-training mode, the assistant not opened on its own;
 # 2. each clbench experiment's runs table starts as the leaderboard view, once per (experiment, view version): a
 #    view the user changes afterwards is theirs, and a store served later on this address with other experiments
-#    under the same ids gets its own; the base URL itself opens the runs table of the suite that ran last (MLflow's
+#    under the same ids gets its own; an experiment the page does not list (created after it loaded: a suite run
+#    while the tab is open) is looked up through MLflow's REST API when the route first names it (history
+#    pushState/replaceState, hashchange, popstate), before MLflow's router draws its runs table; the base URL itself opens the runs table of the suite that ran last (MLflow's
 #    home, a GenAI getting-started page, stays one click away in its sidebar, the experiments list in the
 #    breadcrumb);
 # 3. numbers in the runs table's metric cells are shown rounded (``fmt``) as the grid draws them: two decimals,
@@ -115,10 +121,20 @@ ASSISTANT_KEY = "mlflow.assistant.fab.autoOpenedOnFirstLoad_v1"
 #    format() rounds, so the table shows the digits the terminal leaderboard prints (JavaScript's toFixed rounds
 #    5.125 up to 5.13). The store, the charts and the run pages keep the logged values.
 _PAGE_JS = """(function(){try{
-var S=window.localStorage,D=__DEFAULTS__,E=__SEEDS__,V=__STATE__,L=__LATEST__;
+var S=window.localStorage,D=__DEFAULTS__,E=__SEEDS__,V=__STATE__,L=__LATEST__,K=__KEYS__,H=window.history,seen={};
 Object.keys(D).forEach(function(k){if(S.getItem(k)===null)S.setItem(k,D[k])});
-E.forEach(function(e){if(S.getItem(e.mark_key)!==e.mark){S.setItem(e.state_key,V);S.setItem(e.mark_key,e.mark)}});
-if(L!==null&&/^#?\/?$/.test(location.hash))history.replaceState(null,"","#/experiments/"+L+"/runs");
+function seed(e){seen[e.id]=1;if(S.getItem(e.mark_key)!==e.mark){S.setItem(e.state_key,V);S.setItem(e.mark_key,e.mark)}}
+E.forEach(seed);
+function route(u){var m=/#\\/experiments\\/([0-9]+)(?=[\\/?]|$)/.exec(String(u||""));if(!m||seen[m[1]])return;seen[m[1]]=1;
+try{var x=new XMLHttpRequest();x.open("GET",K.api+m[1],false);x.send();if(x.status!==200)return;
+var ex=JSON.parse(x.responseText).experiment||{},t={};(ex.tags||[]).forEach(function(g){t[g.key]=g.value});
+if(!(K.view in t))return;var c=ex.creation_time==null?"":String(ex.creation_time);
+seed({id:m[1],state_key:K.state[0]+JSON.stringify([m[1]])+K.state[1],mark_key:K.mark+m[1],
+mark:[K.hash,m[1],c,ex.name].join("/")})}catch(err){}}
+["pushState","replaceState"].forEach(function(f){var o=H[f];H[f]=function(s,t,u){route(u);return o.apply(this,arguments)}});
+function here(){route(location.href)}
+window.addEventListener("hashchange",here);window.addEventListener("popstate",here);here();
+if(L!==null&&/^#?\\/?$/.test(location.hash))H.replaceState(null,"","#/experiments/"+L+"/runs");
 }catch(err){}
 var NUM=/^-?[0-9]+(\\.[0-9]+)?(e[-+]?[0-9]+)?$/i,CELL='.ag-cell[col-id^="metrics."]';
 function fmt(v){var a=Math.abs(v);if(a!==0&&a<1e-6)return v.toExponential(2);
@@ -134,29 +150,41 @@ else m.addedNodes.forEach(scan)})}).observe(document.documentElement,{childList:
 })();"""
 
 
-def seed_mark(experiment_id: str, name: str, creation_time: int | None) -> str:
-    """Names one experiment of one store (ids repeat across stores served on one address) and this version's
-    view: the page rewrites an experiment's runs-table state when its mark in the browser differs."""
+def view_hash() -> str:
+    """12 hex digits naming this version's view state (part of every seed mark)."""
     import hashlib
 
-    ident = json.dumps([experiment_id, name, creation_time, view_state()], sort_keys=True)
-    return hashlib.sha256(ident.encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps(view_state(), sort_keys=True).encode()).hexdigest()[:12]
+
+
+def seed_mark(experiment_id: str, name: str, creation_time: int | None) -> str:
+    """Names this version's view and one experiment of one store (ids repeat across stores served on one
+    address): the page rewrites an experiment's runs-table state when its mark in the browser differs. The page
+    script builds the same mark from MLflow's REST answer for an experiment created after the page loaded."""
+    return "/".join([view_hash(), experiment_id, "" if creation_time is None else str(creation_time), name])
 
 
 def page_script(experiments: list[tuple[str, str, int | None]] = (), latest: str | None = None) -> str:
     """The ``<script>`` :mod:`clbench.store.uiserver` puts first in the UI's page, for the store's clbench
     experiments ``(id, name, creation_time)`` (those carrying the saved view); ``latest``: the id of the one whose
-    run started last, where the base URL opens."""
-    seeds = [{"state_key": PERSISTED_STATE_KEY.format(ids=json.dumps([eid])),
+    run started last, where the base URL opens. An experiment created later (a suite run while the page is open)
+    is looked up when the page's route first names it (MLflow's REST ``experiments/get``, read synchronously so
+    that its runs-table state is in place before MLflow draws the table) and seeded the same way if it carries
+    the saved view."""
+    seeds = [{"id": eid, "state_key": PERSISTED_STATE_KEY.format(ids=json.dumps([eid])),
               "mark_key": SEED_MARK_KEY.format(id=eid), "mark": seed_mark(eid, name, created)}
              for eid, name, created in experiments]
     defaults = {WORKFLOW_STORAGE_KEY: json.dumps(WORKFLOW), ASSISTANT_KEY: "true"}
+    state_prefix, state_suffix = PERSISTED_STATE_KEY.split("{ids}")
+    lookup = {"api": "ajax-api/2.0/mlflow/experiments/get?experiment_id=", "view": VIEW_TAG,
+              "state": [state_prefix, state_suffix], "mark": SEED_MARK_KEY.format(id=""), "hash": view_hash()}
 
     def js(value) -> str:  # JSON inside a <script>: no "</" can close it early
         return json.dumps(value, separators=(",", ":")).replace("</", "<\\/")
 
     js_code = (_PAGE_JS.replace("__DEFAULTS__", js(defaults)).replace("__SEEDS__", js(seeds))
-               .replace("__STATE__", js(json.dumps(view_state()))).replace("__LATEST__", js(latest)))
+               .replace("__STATE__", js(json.dumps(view_state()))).replace("__LATEST__", js(latest))
+               .replace("__KEYS__", js(lookup)))
     return f"<script>{js_code}</script>"
 
 

@@ -83,6 +83,9 @@ class DERpp(Method):
              "NeurIPS 2020, arXiv 2004.07211")
     code = "github.com/aimagelab/mammoth (models/derpp.py, utils/buffer.py)"
     Params = DERppParams
+    backbones = ("image",)  # clbench refuses it on a language model before any run, with this reason
+    backbones_note = ("its buffer replays stored images and their logits; clbench defines no rehearsal for a "
+                      "language model")
 
     def __init__(self, params: DERppParams | dict[str, Any] | None = None) -> None:
         super().__init__(params)
