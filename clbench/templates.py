@@ -68,6 +68,7 @@ def _module(clbench_names: str, params_base: str, params: str, body: str, shape:
             '    name = "{name}"\n'
             '    paper = "TODO authors, title, venue year"\n'
             '    code = "TODO github.com/owner/repo"\n'
+            '    # backbones = ("image",)  # the kinds it runs on; default both ("image", "language"): CONTRIBUTING.md\n'
             f"{body}\n\n"
             "def register_methods(register: Callable[[type], None]) -> None:\n"
             "    register({cls})\n")
