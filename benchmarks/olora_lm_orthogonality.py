@@ -23,6 +23,8 @@ and after the last task, over every site and earlier task j:
   test prompts after the last task.
 
 Usage: python benchmarks/olora_lm_orthogonality.py [--lambda1 0.5] [--threads 1]   (about 10 s of CPU)
+Recorded: python benchmarks/record.py --script benchmarks/olora_lm_orthogonality.py (and with ``--out
+benchmarks/results/olora_lm_orthogonality-lambda0.json -- --lambda1 0``).
 """
 
 from __future__ import annotations
@@ -128,7 +130,7 @@ def main() -> None:
     with torch.no_grad():
         for j in range(last):
             print(f"generates/task{j}={','.join(model.generate(stream.tasks[j].test_x[:6]))} "
-                  f"(labels {','.join(stream.tasks[j].labels)})")
+                  f"# labels {','.join(stream.tasks[j].labels)}")
 
 
 if __name__ == "__main__":
