@@ -21,7 +21,8 @@ Per task t (0-based, T tasks):
 
 1. ``before_task``: stream the task's training data through the current model and accumulate, at every
    adapted linear map, the uncentred covariance of its input ``C = (1/N_tok) sum x x^T`` (d x d, never the
-   N x d feature matrix; float64 by default whatever the compute dtype). Project it with the memory of
+   N x d feature matrix; float64 by default whatever the compute dtype; on a language backbone over the real
+   token positions only, padding left out: ``TextBackbone.token_mask``). Project it with the memory of
    that input (``C - M M^T C`` for a "remove" basis M, ``Mbar Mbar^T C`` for a "retain" basis Mbar of the
    complement) and set ``B_t = U[:, :r]^T / sqrt(3)`` from its SVD. Sites reading the same input (q, k and v
    of a block read the fused qkv input) share ``B_t``, as the official k/v do. A new branch per site holds
@@ -304,10 +305,15 @@ def gpm_update(memory: Memory | None, C: torch.Tensor, eps: float) -> Memory:
 # ----------------------------------------------------------------------------------------------------
 
 class CovarianceCollector:
-    """Forward hooks that accumulate ``sum x x^T`` and the token count of each module's input (d x d each)."""
+    """Forward hooks that accumulate ``sum x x^T`` and the token count of each module's input (d x d each).
 
-    def __init__(self, modules: dict[str, nn.Module], dtype: torch.dtype = torch.float64) -> None:
-        self.modules, self.dtype = modules, dtype
+    ``token_mask(module)`` (a language backbone's ``TextBackbone.token_mask``), when given and not None for a
+    module, says which positions of its input are real tokens: padding positions are left out of the sum and the
+    count. A ViT has no padding: every token counts."""
+
+    def __init__(self, modules: dict[str, nn.Module], dtype: torch.dtype = torch.float64,
+                 token_mask: Callable[[nn.Module], torch.Tensor | None] | None = None) -> None:
+        self.modules, self.dtype, self.token_mask = modules, dtype, token_mask
         self.sums: dict[str, torch.Tensor] = {}
         self.counts: dict[str, int] = {}
         self._handles: list[Any] = []
@@ -315,6 +321,12 @@ class CovarianceCollector:
     def _hook(self, key: str):
         def hook(module: nn.Module, inputs: tuple, output: Any) -> None:
             x = inputs[0].detach()
+            mask = self.token_mask(module) if self.token_mask is not None else None
+            if mask is not None:
+                if mask.shape != x.shape[:-1]:
+                    raise ClbenchError(f"inflora: the input of {key} has positions {tuple(x.shape[:-1])} but "
+                                       f"the backbone's token mask {tuple(mask.shape)}")
+                x = x[mask.to(x.device)]
             x = x.reshape(-1, x.shape[-1])
             with torch.autocast(device_type=x.device.type, enabled=False):
                 x = x.to(self.dtype)
@@ -436,7 +448,7 @@ class InfLoRA(Method):
         backbone = getattr(model.backbone, "_orig_mod", model.backbone)  # hooks bypass torch.compile
         dtype = torch.float64 if self.params.cov_dtype == "float64" else torch.float32
         autocast = ctx.autocast if ctx.autocast is not None else None
-        with CovarianceCollector(self.inputs, dtype) as coll:
+        with CovarianceCollector(self.inputs, dtype, getattr(backbone, "token_mask", None)) as coll:
             for xb, _ in ctx.loader(fraction=self.params.cov_fraction,
                                     augmented=self.params.stats_data == "augmented"):
                 if autocast is not None:

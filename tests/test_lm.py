@@ -285,3 +285,37 @@ def test_the_tiny_tokenizer_knows_every_word_of_the_synthetic_tasks():
         for e in task.train + task.test:
             assert tok.unk_id not in tok.encode(e.text), e.text
         assert all(tok.decode(tok.encode(w)) == w for w in task.labels)
+
+
+@pytest.mark.parametrize("name", ["t5_tiny_clbench", "llama_tiny_clbench"])
+def test_inflora_covariance_counts_real_tokens_only(name):
+    """InfLoRA's covariance pass over a batch of prompts of different lengths sums and counts exactly what its rows
+    give one at a time (alone, a row has no padding): padding positions are neither summed nor counted. An encoder
+    site (and a cross-attention's k, v) counts the prompts' tokens, a decoder site the target's, a causal LM's site
+    both."""
+    from clbench_plugins.inflora import CovarianceCollector
+
+    model, stream = model_and_stream(tiny_text_case(1, name))
+    bb = model.backbone
+    owners = {n: s.owner for n, s in inject(bb, ["q", "k", "v", "o"]).items()}
+    task = stream.tasks[0]
+    x = task.train_x[:16]
+    prompt, target = x[:, : bb.source_len], x[:, bb.source_len:]
+    assert len(set((prompt != bb.pad_id).sum(1).tolist())) > 1  # the batch holds padding
+    with torch.no_grad():
+        with CovarianceCollector(owners, token_mask=bb.token_mask) as batched:
+            bb(x)
+        with CovarianceCollector(owners, token_mask=bb.token_mask) as single:
+            for row in x:
+                bb(row[None])
+    n_prompt, n_target = int((prompt != bb.pad_id).sum()), int((target != bb.pad_id).sum())
+    for key in owners:
+        assert batched.counts[key] == single.counts[key], key
+        both, alone = batched.sums[key], single.sums[key]  # float32 activations: equal up to rounding
+        assert float((both - alone).abs().max()) <= 1e-5 * float(alone.abs().max()), key
+    if name.startswith("t5"):
+        assert batched.counts["blocks.0.attn.q"] == n_prompt and batched.counts["blocks.2.attn.q"] == n_target
+        assert batched.counts["blocks.2.cross_attn.q"] == n_target
+        assert batched.counts["blocks.2.cross_attn.k"] == batched.counts["blocks.2.cross_attn.v"] == n_prompt
+    else:
+        assert batched.counts["blocks.0.attn.q"] == n_prompt + n_target

@@ -166,6 +166,8 @@ class TextBackbone(nn.Module):
         super().__init__()
         self.hf, self.family, self.pad_id = hf, family, pad_id
         self.source_len = 0  # set by LanguageModel.encode
+        self._masks: dict[str, torch.Tensor] = {}  # the last forward's real positions (token_mask)
+        self._parts: dict[int, str] = {}  # module id -> which positions its input holds (token_mask)
         cfg = hf.config
         self.num_features = self.embed_dim = int(getattr(cfg, "d_model", 0) or cfg.hidden_size)
         if family == "t5":
@@ -196,7 +198,9 @@ class TextBackbone(nn.Module):
             target = x[:, self.source_len:]
         prompt = self.trim(prompt)
         mask = (prompt != self.pad_id).long()
+        scored = target != self.pad_id  # the positions that read a label token (or its end of sequence)
         if self.family == "t5":
+            self._masks = {"source": mask.bool(), "target": scored}
             start = torch.full_like(target[:, :1], self.hf.config.decoder_start_token_id)
             decoder_in = torch.cat([start, target[:, :-1]], 1)
             if encoded is not None:
@@ -205,11 +209,35 @@ class TextBackbone(nn.Module):
             return self.hf(input_ids=prompt, attention_mask=mask, decoder_input_ids=decoder_in,
                            use_cache=False).logits
         seq = torch.cat([prompt, target], 1)
+        self._masks = {"all": torch.cat([mask.bool(), scored], 1)}
         full = torch.cat([mask, torch.ones_like(target)], 1)
         pos = (full.cumsum(1) - 1).clamp(min=0)
         logits = self.hf(input_ids=seq, attention_mask=full, position_ids=pos, use_cache=False).logits
         L = prompt.shape[1]
         return logits[:, L - 1: L - 1 + target.shape[1]]
+
+    def token_mask(self, module: nn.Module) -> torch.Tensor | None:
+        """The real positions (N x S, bool; padding False) of ``module``'s input in the last ``forward``: the
+        prompt's for a T5 encoder module and a cross-attention's ``k`` and ``v`` (they read the encoder output),
+        the target's for any other decoder module (position j reads the token before target token j; True where
+        target token j is a label token or its end of sequence, the positions the loss scores), the packed
+        ``[prompt | target]`` row's for a causal LM. InfLoRA's covariance pass counts these positions only, so a
+        row's share does not depend on how long the other prompts of its batch are. None: not a module of this
+        model."""
+        if id(module) not in self._parts:
+            self._parts = self._position_parts()
+        part = self._parts.get(id(module))
+        return None if part is None or part not in self._masks else self._masks[part]
+
+    def _position_parts(self) -> dict[int, str]:
+        if self.family != "t5":
+            return {id(m): "all" for m in self.hf.modules()}
+        parts = {id(m): "source" for m in self.hf.encoder.modules()}
+        parts.update({id(m): "target" for m in self.hf.decoder.modules()})
+        for block in self.hf.decoder.block:
+            for name in ("k", "v"):
+                parts.update({id(m): "source" for m in getattr(block.layer[1].EncDecAttention, name).modules()})
+        return parts
 
     def next_logits(self, prompt: torch.Tensor, last: torch.Tensor | None, encoded: torch.Tensor | None,
                     cache: dict[str, Any]) -> torch.Tensor:
