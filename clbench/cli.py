@@ -10,6 +10,7 @@ import os
 import sys
 import traceback
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import typer
@@ -105,27 +106,47 @@ def run(
                 load_suite(member, set_, add_method)
     except ClbenchError as exc:
         _fail(str(exc))
-    options = dict(method=method, seed=seed, set_=set_, add_method=add_method, plugins_dir=plugins_dir,
-                   trust_suite_plugins=trust_suite_plugins, dry_run=dry_run, restart=restart,
-                   checkpoint_dir=checkpoint_dir, executor=executor, address=address,
-                   ray_gpus_per_run=ray_gpus_per_run, ray_cpus_per_run=ray_cpus_per_run,
-                   ray_max_retries=ray_max_retries, tracking_uri=tracking_uri)
+    args = _RunArgs(method=method, seed=seed, set_=set_, add_method=add_method, plugins_dir=plugins_dir,
+                    trust_suite_plugins=trust_suite_plugins, dry_run=dry_run, restart=restart,
+                    checkpoint_dir=checkpoint_dir, executor=executor, address=address,
+                    ray_gpus_per_run=ray_gpus_per_run, ray_cpus_per_run=ray_cpus_per_run,
+                    ray_max_retries=ray_max_retries, tracking_uri=tracking_uri)
     if members == [suite]:
-        if not _run_one(suite, **options):
+        if not _run_one(suite, args):
             raise typer.Exit(1)
         return
     failed = []
     for i, member in enumerate(members, 1):
         _progress(f"suite {i}/{len(members)} of group {suite}: {member}")
-        if not _run_one(member, **options):
+        if not _run_one(member, args):
             failed.append(str(member))
     if failed:
         _fail(f"{suite}: {len(failed)} of {len(members)} suites failed ({', '.join(failed)}); see their lines above")
 
 
-def _run_one(suite: Path, *, method, seed, set_, add_method, plugins_dir, trust_suite_plugins, dry_run, restart,
-             checkpoint_dir, executor, address, ray_gpus_per_run, ray_cpus_per_run, ray_max_retries,
-             tracking_uri) -> bool:
+@dataclass(frozen=True, kw_only=True)
+class _RunArgs:
+    """The options of one ``clbench run`` command, as its typer signature names them (each member of a suite
+    group runs with the same)."""
+
+    method: list[str]
+    seed: list[int]
+    set_: list[str]
+    add_method: list[str]
+    plugins_dir: list[str]
+    trust_suite_plugins: bool
+    dry_run: bool
+    restart: bool
+    checkpoint_dir: str | None
+    executor: str
+    address: str | None
+    ray_gpus_per_run: float | None
+    ray_cpus_per_run: float
+    ray_max_retries: int
+    tracking_uri: str | None
+
+
+def _run_one(suite: Path, args: _RunArgs) -> bool:
     """``clbench run`` of one suite file: False when it failed (its error line printed) or a run did not finish."""
     from clbench.run.executors import make_executor
     from clbench.run.preflight import preflight
@@ -134,15 +155,16 @@ def _run_one(suite: Path, *, method, seed, set_, add_method, plugins_dir, trust_
     from clbench.suite import load_suite
 
     try:
-        s = load_suite(suite, set_, add_method)
-        ex = make_executor(executor, address, ray_gpus_per_run, ray_cpus_per_run, ray_max_retries)
-        if not dry_run:
+        s = load_suite(suite, args.set_, args.add_method)
+        ex = make_executor(args.executor, args.address, args.ray_gpus_per_run, args.ray_cpus_per_run,
+                           args.ray_max_retries)
+        if not args.dry_run:
             preflight(s)  # before any MLflow run exists: missing data or weights leave nothing behind
-        store = results_store(s, tracking_uri)  # before the tracker sets MLFLOW_TRACKING_URI (MLflow does)
-        opts = RunOptions(methods=method or None, seeds=seed or None, plugins_dirs=plugins_dir,
-                          progress=_explaining_progress(), dry_run=dry_run, restart=restart,
-                          checkpoint_dir=checkpoint_dir, executor=ex, trust_suite_plugins=trust_suite_plugins,
-                          tracking_uri=tracking_uri)
+        store = results_store(s, args.tracking_uri)  # before the tracker sets MLFLOW_TRACKING_URI (MLflow does)
+        opts = RunOptions(methods=args.method or None, seeds=args.seed or None, plugins_dirs=args.plugins_dir,
+                          progress=_explaining_progress(), dry_run=args.dry_run, restart=args.restart,
+                          checkpoint_dir=args.checkpoint_dir, executor=ex,
+                          trust_suite_plugins=args.trust_suite_plugins, tracking_uri=args.tracking_uri)
         records = run_suite(s, str(suite), opts)
     except ClbenchError as exc:
         _say_error(str(exc))
