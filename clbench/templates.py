@@ -43,6 +43,7 @@ class _Shape:
     bases: str = "Method"
     preamble: str = ""
     helpers: str = ""
+    image_only: str = ""  # why the method runs on image backbones only (declared), or "" (both kinds)
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,9 @@ def _module(clbench_names: str, params_base: str, params: str, body: str, shape:
     lines ``params``, ``shape.helpers`` classes, then ``class {cls}(shape.bases)``: ``shape.preamble``, its
     name / paper / code, then ``body``."""
     hooks, bases, preamble, helpers = shape.hooks, shape.bases, shape.preamble, shape.helpers
+    kinds = (f'    backbones = ("image",)  # {shape.image_only}; the kinds it runs on: CONTRIBUTING.md\n'
+             if shape.image_only else
+             '    # backbones = ("image",)  # the kinds it runs on; default both ("image", "language"): CONTRIBUTING.md\n')
     typing, nn = ("from typing import Any\n", "from torch import nn\n") if hooks else ("", "")
     return (f"{_DOCSTRING}\nfrom __future__ import annotations\n\nfrom collections.abc import Callable\n{typing}\n"
             f"import torch\nfrom pydantic import Field\n{nn}\nfrom clbench import {clbench_names}\n\n\n"
@@ -68,8 +72,7 @@ def _module(clbench_names: str, params_base: str, params: str, body: str, shape:
             '    name = "{name}"\n'
             '    paper = "TODO authors, title, venue year"\n'
             '    code = "TODO github.com/owner/repo"\n'
-            '    # backbones = ("image",)  # the kinds it runs on; default both ("image", "language"): CONTRIBUTING.md\n'
-            f"{body}\n\n"
+            f"{kinds}{body}\n\n"
             "def register_methods(register: Callable[[type], None]) -> None:\n"
             "    register({cls})\n")
 
@@ -199,7 +202,8 @@ PROMPT = _module("CLModel, Method, NoParams, PromptMethod, PromptModel, TaskCont
 
     def build(self, model: CLModel, ctx: TaskContext) -> {cls}Model:
         return {cls}Model(model, self.params.length)
-""", _Shape(hooks=False, bases="PromptMethod, Method", preamble="""\
+""", _Shape(hooks=False, bases="PromptMethod, Method", image_only="its prompts enter a ViT's own forward",
+            preamble="""\
     # PromptMethod: configure_model freezes the backbone and puts build()'s model in place; no low-rank update
     # (spectra n/a); an aux value "key_match" from select is added to the loss times params.key_weight.
 """, helpers="""\
@@ -297,7 +301,7 @@ REHEARSAL = _module("LoRAParams, LoRASite, Method, Samples, TaskContext, hookimp
     @hookimpl
     def load_method_state(self, model: nn.Module, state: dict[str, Any], ctx: TaskContext) -> None:
         self.index = state["index"].clone()
-""")
+""", _Shape(image_only="replayed rows train image heads"))
 
 REHEARSAL_TESTS = _tests("frozen weights, well-formed updates, determinism, resume",
                          '{{"rank": 2, "per_task": 6, "replay": 4}}',

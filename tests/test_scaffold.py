@@ -56,6 +56,13 @@ def test_every_template_generates_a_plugin_whose_tests_pass(tmp_path):
     assert f"{3 * len(TEMPLATES)} passed" in out.stdout
     res = CliRunner().invoke(app, ["methods", "--plugins-dir", str(tmp_path / "plugs")])
     assert all(f"t_{kind}" in res.stdout for kind in TEMPLATES) and "error" not in res.stderr
+    # the prompt and rehearsal methods have no language form: their templates declare image backbones only
+    from clbench.methods.registry import discover
+
+    reg = discover([str(tmp_path / "plugs")], strict=False)
+    kinds = {kind: tuple(reg.get(f"t_{kind}").cls.backbones) for kind in TEMPLATES}
+    assert kinds == {"lora": ("image", "language"), "plain": ("image", "language"), "prompt": ("image",),
+                     "rehearsal": ("image",)}, kinds
     res = CliRunner().invoke(app, ["new-method", "other", "--template", "lorra"])
     assert res.exit_code == 1 and res.stderr.strip() == ("error: new-method: --template lorra: choose one of "
                                                          "lora, plain, prompt, rehearsal")
